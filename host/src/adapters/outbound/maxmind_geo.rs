@@ -1,0 +1,131 @@
+//! GeoIP through a MaxMind-format database: MaxMind GeoIP2/GeoLite2 Country or City
+//! (`country.iso_code`) and ip-location-db country files (`country_code`) both work.
+//!
+//! With no file configured, the embedded database is used: ip-location-db's
+//! geo-whois-asn-country (CC BY 4.0 data from the NRO), see `host/data/README.md`.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::path::Path;
+
+use maxminddb::Reader;
+use serde::Deserialize;
+
+use crate::domain::CountryCode;
+use crate::domain::ports::GeoResolver;
+
+static EMBEDDED: &[u8] = include_bytes!("../../../data/geo-whois-asn-country.mmdb");
+
+#[derive(Debug, thiserror::Error)]
+#[error("GeoIP database {location}: {reason}")]
+pub struct GeoError {
+    pub location: String,
+    pub reason: String,
+}
+
+pub struct MaxMindGeo {
+    reader: Reader<Cow<'static, [u8]>>,
+    description: String,
+}
+
+#[derive(Deserialize)]
+struct Record<'a> {
+    #[serde(borrow)]
+    country: Option<Country<'a>>,
+    country_code: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct Country<'a> {
+    iso_code: Option<&'a str>,
+}
+
+impl MaxMindGeo {
+    pub fn embedded() -> Result<Self, GeoError> {
+        Self::from_bytes(Cow::Borrowed(EMBEDDED), "embedded")
+    }
+
+    pub fn open(path: &Path) -> Result<Self, GeoError> {
+        let bytes = std::fs::read(path).map_err(|e| GeoError {
+            location: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_bytes(Cow::Owned(bytes), &path.display().to_string())
+    }
+
+    fn from_bytes(bytes: Cow<'static, [u8]>, location: &str) -> Result<Self, GeoError> {
+        let err = |reason: String| GeoError {
+            location: location.to_owned(),
+            reason,
+        };
+        let reader =
+            Reader::from_source(bytes).map_err(|e| err(format!("not a MaxMind DB file ({e})")))?;
+        let description = format!(
+            "{} ({}, IPv{}, built {})",
+            location,
+            reader.metadata.database_type,
+            reader.metadata.ip_version,
+            reader.metadata.build_epoch
+        );
+        Ok(Self {
+            reader,
+            description,
+        })
+    }
+
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+}
+
+impl GeoResolver for MaxMindGeo {
+    fn country(&self, ip: IpAddr) -> Option<CountryCode> {
+        // IPv4 clients on a dual-stack socket arrive as ::ffff:a.b.c.d.
+        let ip = ip.to_canonical();
+        let record: Record<'_> = self.reader.lookup(ip).ok()??;
+        let code = record
+            .country
+            .and_then(|c| c.iso_code)
+            .or(record.country_code)?;
+        code.parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_database_knows_well_known_networks() {
+        let geo = MaxMindGeo::embedded().unwrap();
+        assert_eq!(
+            geo.country("200.147.3.157".parse().unwrap())
+                .unwrap()
+                .as_str(),
+            "BR"
+        );
+        assert_eq!(
+            geo.country("8.8.8.8".parse().unwrap()).unwrap().as_str(),
+            "US"
+        );
+        assert_eq!(
+            geo.country("::ffff:8.8.8.8".parse().unwrap())
+                .unwrap()
+                .as_str(),
+            "US"
+        );
+        assert_eq!(geo.country("127.0.0.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.mmdb");
+        std::fs::write(&path, b"definitely not maxmind").unwrap();
+        let err = MaxMindGeo::open(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("bad.mmdb") && err.contains("not a MaxMind DB"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! Outbound adapters: implementations of the domain's ports.
+
+pub mod binding_table;
+pub mod maxmind_geo;
+pub mod metrics;
+pub mod sqlite_routing;

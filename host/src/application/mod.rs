@@ -1,0 +1,6 @@
+//! Application services: the per-connection orchestration (`proxy_service`) and the
+//! background work that keeps the domain's inputs fresh (`routing`, `bindings_gc`).
+
+pub mod bindings_gc;
+pub mod proxy_service;
+pub mod routing;

@@ -1,0 +1,284 @@
+//! One connection, start to end: locate the client, follow its binding or ask the policy,
+//! connect (failing over to the next best backend), then copy bytes both ways until both
+//! sides are done. Every outcome ends here with one tracing event; nothing propagates to
+//! the accept loop.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::domain::ports::{
+    BindingKey, BindingRepository, GeoResolver, PickRequest, ScoringPolicy,
+};
+use crate::domain::services::{NativeScorer, RegionMap};
+use crate::domain::{Client, Region, RoutedBackend};
+
+use super::routing::Routing;
+
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub pop_region: Region,
+    pub connect_timeout: Duration,
+    pub connect_attempts: u32,
+    pub idle_timeout: Option<Duration>,
+}
+
+pub struct ProxyService {
+    pub routing: Arc<Routing>,
+    /// None when bindings are off (TTL 0).
+    pub bindings: Option<Arc<dyn BindingRepository>>,
+    pub geo: Arc<dyn GeoResolver>,
+    pub regions: RegionMap,
+    pub policy: Arc<dyn ScoringPolicy>,
+    pub settings: ProxySettings,
+}
+
+/// Where a connection came from, after PROXY protocol.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub client_ip: IpAddr,
+    pub via_proxy_protocol: bool,
+    pub app: Option<Arc<str>>,
+    /// Payload bytes already read (past a PROXY header), sent to the backend first.
+    pub early_data: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("no eligible backend")]
+    NoBackend,
+    #[error("all {0} connect attempts failed")]
+    ConnectFailed(u32),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ProxyService {
+    pub fn locate(&self, ip: IpAddr, via_proxy_protocol: bool) -> Client {
+        let country = self.geo.country(ip);
+        Client {
+            ip,
+            country,
+            region: country.map(|c| self.regions.region_of(c)),
+            via_proxy_protocol,
+        }
+    }
+
+    pub async fn handle(&self, mut stream: TcpStream, inbound: Inbound) {
+        let client = self.locate(inbound.client_ip, inbound.via_proxy_protocol);
+        match self.proxy(&mut stream, &client, &inbound).await {
+            Ok((backend, up, down)) => tracing::debug!(
+                client = %client.ip, %backend, bytes_up = up, bytes_down = down, "connection closed"
+            ),
+            Err(e) => {
+                tracing::warn!(client = %client.ip, app = ?inbound.app, error = %e, "connection failed")
+            }
+        }
+    }
+
+    /// Index of the bound backend if the binding may still be followed; a binding to a
+    /// backend that is gone, unhealthy, deleted or full is dropped.
+    fn bound(&self, key: &BindingKey, candidates: &[RoutedBackend]) -> Option<usize> {
+        let bindings = self.bindings.as_ref()?;
+        let id = bindings.get(key, Instant::now())?;
+        match candidates.binary_search_by(|c| c.backend.id.cmp(&id)) {
+            Ok(i) if candidates[i].is_eligible() => Some(i),
+            _ => {
+                bindings.remove(key);
+                None
+            }
+        }
+    }
+
+    /// The policy's pick, checked: an answer naming an ineligible or unknown candidate is
+    /// replaced by the native scorer's.
+    fn pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
+        match self.policy.pick(req, candidates) {
+            Some(i) if candidates.get(i).is_some_and(RoutedBackend::is_eligible) => Some(i),
+            None => None,
+            Some(bad) => {
+                tracing::warn!(
+                    policy = self.policy.name(),
+                    answer = bad,
+                    "policy chose an ineligible backend; using the native scorer"
+                );
+                NativeScorer.pick(req, candidates)
+            }
+        }
+    }
+
+    async fn proxy(
+        &self,
+        inbound_stream: &mut TcpStream,
+        client: &Client,
+        inbound: &Inbound,
+    ) -> Result<(String, u64, u64), ConnError> {
+        let table = self.routing.current();
+        let all = table.candidates(inbound.app.as_deref());
+        let key = BindingKey {
+            client: client.ip,
+            app: inbound.app.clone(),
+        };
+        let req = PickRequest {
+            pop_region: &self.settings.pop_region,
+            app: inbound.app.as_deref(),
+            client,
+        };
+
+        // Failed backends are left out of later attempts; the copy is only made on failure.
+        let mut remaining: Option<Vec<RoutedBackend>> = None;
+        let mut connected = None;
+        for attempt in 0..self.settings.connect_attempts {
+            let candidates = remaining.as_deref().unwrap_or(all);
+            let choice = if attempt == 0 {
+                self.bound(&key, candidates)
+                    .or_else(|| self.pick(&req, candidates))
+            } else {
+                self.pick(&req, candidates)
+            };
+            let Some(i) = choice else {
+                if attempt == 0 {
+                    return Err(ConnError::NoBackend);
+                }
+                break;
+            };
+            let target = candidates[i].clone();
+            let guard = target.stats.acquire();
+            let started = Instant::now();
+            let result = tokio::time::timeout(
+                self.settings.connect_timeout,
+                TcpStream::connect(target.backend.addr),
+            )
+            .await;
+            match result {
+                Ok(Ok(stream)) => {
+                    target
+                        .stats
+                        .record_rtt(started.elapsed().as_micros().try_into().unwrap_or(u64::MAX));
+                    if let Some(b) = &self.bindings {
+                        b.put(key.clone(), target.backend.id.clone(), Instant::now());
+                    }
+                    connected = Some((stream, target, guard));
+                    break;
+                }
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("timed out after {:?}", self.settings.connect_timeout),
+                    };
+                    tracing::warn!(backend = %target.backend.id, addr = %target.backend.addr, %error, attempt, "connect failed");
+                    target.stats.record_connect_failure();
+                    if let Some(b) = &self.bindings {
+                        b.remove(&key);
+                    }
+                    let left = remaining.get_or_insert_with(|| all.to_vec());
+                    left.retain(|c| c.backend.id != target.backend.id);
+                }
+            }
+        }
+        let Some((mut upstream, target, _guard)) = connected else {
+            return Err(ConnError::ConnectFailed(self.settings.connect_attempts));
+        };
+        let _ = upstream.set_nodelay(true);
+        if !inbound.early_data.is_empty() {
+            upstream.write_all(&inbound.early_data).await?;
+        }
+        let (up, down) =
+            copy_both_ways(inbound_stream, &mut upstream, self.settings.idle_timeout).await?;
+        Ok((target.backend.id.to_string(), up, down))
+    }
+}
+
+/// Copies both ways with half-close (each side's EOF becomes a shutdown of the other's
+/// write side) until both directions are done, or until neither side sent anything for
+/// `idle`.
+async fn copy_both_ways(
+    client: &mut TcpStream,
+    backend: &mut TcpStream,
+    idle: Option<Duration>,
+) -> std::io::Result<(u64, u64)> {
+    let Some(idle) = idle else {
+        return tokio::io::copy_bidirectional(client, backend).await;
+    };
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut client = Activity {
+        inner: client,
+        start,
+        last: Arc::clone(&last),
+    };
+    let mut backend = Activity {
+        inner: backend,
+        start,
+        last: Arc::clone(&last),
+    };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
+    tokio::pin!(copy);
+    let mut seen = 0;
+    loop {
+        let deadline = start + Duration::from_millis(seen) + idle;
+        tokio::select! {
+            r = &mut copy => return r,
+            _ = tokio::time::sleep_until(deadline) => {
+                let now = last.load(Ordering::Relaxed);
+                if now == seen {
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("idle for {idle:?}")));
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+/// Stamps the time of the last successful read (ms since `start`) for the idle timeout.
+struct Activity<'a> {
+    inner: &'a mut TcpStream,
+    start: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Activity<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            // Never 0, which stands for "no activity yet".
+            let ms = u64::try_from(self.start.elapsed().as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            self.last.store(ms, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Activity<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}

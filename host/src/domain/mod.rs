@@ -1,0 +1,13 @@
+//! The routing domain: what a backend, a client and a binding are, the ports the rest of the
+//! host plugs into, and the pure services (region map, native scorer) that decide.
+//!
+//! Nothing here does I/O or awaits; adapters feed it immutable snapshots and it answers
+//! synchronously, so everything in it is testable without a runtime.
+
+pub mod model;
+pub mod ports;
+pub mod routing_table;
+pub mod services;
+
+pub use model::{Backend, BackendId, BackendStats, Client, CountryCode, Region};
+pub use routing_table::{RoutedBackend, RoutingTable};

@@ -1,0 +1,90 @@
+//! The ports: what the domain and the proxy service need from the outside world.
+//!
+//! In-memory ports are synchronous; `BackendRepository::load` does blocking I/O and is
+//! called from a blocking thread by the reloader, never from the accept path.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::model::{Backend, BackendId, BackendStats, Client, CountryCode, Region};
+use super::routing_table::RoutedBackend;
+
+/// A row that could not become a `Backend`, with the reason, for the reload log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedRow {
+    pub id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Default)]
+pub struct LoadedBackends {
+    pub backends: Vec<Backend>,
+    pub skipped: Vec<SkippedRow>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("cannot read routing table {location}: {reason}")]
+    Unreadable { location: String, reason: String },
+    #[error("routing table {location} has the wrong schema: {reason}")]
+    Schema { location: String, reason: String },
+}
+
+/// Source of the routing table.
+pub trait BackendRepository: Send + Sync {
+    /// Reads the whole table (blocking). Bad rows are skipped and reported; an unreadable
+    /// source is an error and the caller keeps its last good snapshot.
+    fn load(&self) -> Result<LoadedBackends, RoutingError>;
+}
+
+/// Who a binding belongs to: one client IP on one app.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BindingKey {
+    pub client: IpAddr,
+    pub app: Option<Arc<str>>,
+}
+
+/// Sticky client -> backend bindings with a TTL refreshed on use.
+pub trait BindingRepository: Send + Sync {
+    /// The bound backend if the binding has not expired; refreshes its TTL.
+    fn get(&self, key: &BindingKey, now: Instant) -> Option<BackendId>;
+    fn put(&self, key: BindingKey, backend: BackendId, now: Instant);
+    fn remove(&self, key: &BindingKey);
+    /// Drops expired bindings; returns how many.
+    fn purge_expired(&self, now: Instant) -> usize;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Client IP -> country.
+pub trait GeoResolver: Send + Sync {
+    fn country(&self, ip: IpAddr) -> Option<CountryCode>;
+}
+
+/// Live per-backend state, kept across routing-table reloads.
+pub trait MetricsStore: Send + Sync {
+    /// The stats of `id`, created on first use. The same `Arc` for the same id.
+    fn backend_stats(&self, id: &BackendId) -> Arc<BackendStats>;
+    /// Forgets idle backends that `keep` rejects (called after a reload).
+    fn retain(&self, keep: &dyn Fn(&BackendId) -> bool);
+}
+
+/// What a policy knows about the decision besides the candidates.
+#[derive(Debug)]
+pub struct PickRequest<'a> {
+    pub pop_region: &'a Region,
+    pub app: Option<&'a str>,
+    pub client: &'a Client,
+}
+
+/// Chooses the backend for a new client.
+pub trait ScoringPolicy: Send + Sync {
+    fn name(&self) -> &str;
+    /// Index into `candidates` of the chosen backend, or None to refuse the connection.
+    /// Must never choose an ineligible candidate (unhealthy or at its hard limit).
+    fn pick(&self, request: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize>;
+}

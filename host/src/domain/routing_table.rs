@@ -1,0 +1,88 @@
+//! The immutable routing snapshot the hot path reads: backends joined with their live
+//! stats, grouped by app. Built off the hot path on every reload and swapped in whole.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::model::{Backend, BackendId, BackendStats};
+
+/// A backend together with the live counters shared across reloads.
+#[derive(Clone, Debug)]
+pub struct RoutedBackend {
+    pub backend: Backend,
+    pub stats: Arc<BackendStats>,
+}
+
+impl RoutedBackend {
+    /// May take a new connection: healthy and under its hard limit.
+    pub fn is_eligible(&self) -> bool {
+        self.backend.healthy && !self.backend.at_hard_limit(self.stats.active())
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    version: u64,
+    /// Sorted by id, so positions (and therefore tie-breaks) are deterministic.
+    all: Box<[RoutedBackend]>,
+    by_app: HashMap<Arc<str>, Box<[RoutedBackend]>>,
+}
+
+impl RoutingTable {
+    pub fn new(
+        version: u64,
+        mut backends: Vec<Backend>,
+        stats_for: impl Fn(&BackendId) -> Arc<BackendStats>,
+    ) -> Self {
+        backends.sort_by(|a, b| a.id.cmp(&b.id));
+        let all: Vec<RoutedBackend> = backends
+            .into_iter()
+            .map(|backend| RoutedBackend {
+                stats: stats_for(&backend.id),
+                backend,
+            })
+            .collect();
+        let mut by_app: HashMap<Arc<str>, Vec<RoutedBackend>> = HashMap::new();
+        for rb in &all {
+            by_app
+                .entry(Arc::clone(&rb.backend.app))
+                .or_default()
+                .push(rb.clone());
+        }
+        Self {
+            version,
+            all: all.into(),
+            by_app: by_app.into_iter().map(|(k, v)| (k, v.into())).collect(),
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Every backend, sorted by id.
+    pub fn backends(&self) -> &[RoutedBackend] {
+        &self.all
+    }
+
+    /// The backends a listener may use: those of its app, or all of them when the
+    /// listener serves every app.
+    pub fn candidates(&self, app: Option<&str>) -> &[RoutedBackend] {
+        match app {
+            None => &self.all,
+            Some(app) => self.by_app.get(app).map_or(&[], |v| &v[..]),
+        }
+    }
+
+    /// True when `backends` describe the same table as this snapshot (reloads that change
+    /// nothing keep the version).
+    pub fn same_rows(&self, backends: &[Backend]) -> bool {
+        let mut sorted: Vec<&Backend> = backends.iter().collect();
+        sorted.sort_by(|a, b| a.id.cmp(&b.id));
+        sorted.len() == self.all.len()
+            && sorted
+                .iter()
+                .zip(self.all.iter())
+                .all(|(a, b)| **a == b.backend)
+    }
+}

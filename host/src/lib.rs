@@ -1,0 +1,172 @@
+//! edgeproxy: a geo- and load-aware L4 (TCP) proxy for one edge POP.
+//!
+//! [`Host::build`] wires the adapters to the domain from a [`config::Config`];
+//! [`Host::run`] serves already-bound listeners until a shutdown token fires, then drains.
+//! Tests drive it exactly like `main` does, with listeners bound to `127.0.0.1:0`.
+
+#![forbid(unsafe_code)]
+
+pub mod adapters;
+pub mod application;
+pub mod config;
+pub mod demo;
+pub mod domain;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use adapters::outbound::binding_table::BindingTable;
+use adapters::outbound::maxmind_geo::MaxMindGeo;
+use adapters::outbound::metrics::LiveMetrics;
+use adapters::outbound::sqlite_routing::SqliteBackendRepository;
+use application::proxy_service::{ProxyService, ProxySettings};
+use application::routing::Routing;
+use config::{Config, ListenerConfig};
+use domain::ports::{BindingRepository, GeoResolver, ScoringPolicy};
+use domain::services::NativeScorer;
+
+/// The parts of one running POP, shared by the listeners and the background tasks.
+pub struct Host {
+    pub service: Arc<ProxyService>,
+    pub routing: Arc<Routing>,
+    pub bindings: Option<Arc<BindingTable>>,
+    pub metrics: Arc<LiveMetrics>,
+    db_path: std::path::PathBuf,
+    db_reload: Duration,
+    binding_gc_interval: Duration,
+    drain_timeout: Duration,
+}
+
+/// How a drain ended.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Drained {
+    /// Connections still open when the drain timeout cut them off.
+    pub cut_off: usize,
+}
+
+impl Host {
+    /// Opens the inputs (creating the routing database if missing), loads the routing table
+    /// once, and builds the proxy service with the native scorer.
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        Self::with_policy(config, Arc::new(NativeScorer)).await
+    }
+
+    pub async fn with_policy(
+        config: &Config,
+        policy: Arc<dyn ScoringPolicy>,
+    ) -> anyhow::Result<Self> {
+        let geo: Arc<dyn GeoResolver> = Arc::new(match &config.geoip_path {
+            Some(path) => MaxMindGeo::open(path)?,
+            None => MaxMindGeo::embedded()?,
+        });
+        let repo = SqliteBackendRepository::new(&config.db_path);
+        if repo.create_if_missing()? {
+            tracing::info!(path = %config.db_path.display(), "created empty routing database");
+        }
+        let metrics = Arc::new(LiveMetrics::default());
+        let routing = Arc::new(Routing::new(Arc::new(repo), metrics.clone()));
+        routing
+            .reload()
+            .await
+            .with_context(|| "loading the routing table at start-up")?;
+        let bindings = config
+            .binding_ttl
+            .map(|ttl| Arc::new(BindingTable::new(ttl)));
+        let service = Arc::new(ProxyService {
+            routing: Arc::clone(&routing),
+            bindings: bindings.clone().map(|b| b as Arc<dyn BindingRepository>),
+            geo,
+            regions: config.regions.clone(),
+            policy,
+            settings: ProxySettings {
+                pop_region: config.region.clone(),
+                connect_timeout: config.connect_timeout,
+                connect_attempts: config.connect_attempts,
+                idle_timeout: config.idle_timeout,
+            },
+        });
+        Ok(Self {
+            service,
+            routing,
+            bindings,
+            metrics,
+            db_path: config.db_path.clone(),
+            db_reload: config.db_reload,
+            binding_gc_interval: config.binding_gc_interval,
+            drain_timeout: config.drain_timeout,
+        })
+    }
+
+    /// Serves `listeners` and runs the reload and GC tasks until `shutdown` is cancelled;
+    /// then stops accepting and lets open connections finish for up to the drain timeout.
+    pub async fn run(
+        &self,
+        listeners: Vec<(TcpListener, ListenerConfig)>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Drained> {
+        let background = TaskTracker::new();
+        let stop_background = shutdown.child_token();
+
+        let db_changed = Arc::new(Notify::new());
+        let _watch = match adapters::inbound::file_watch::watch(
+            &self.db_path,
+            Arc::clone(&db_changed),
+        ) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the routing database; reloading on the timer only");
+                None
+            }
+        };
+        let routing = Arc::clone(&self.routing);
+        let (every, stop) = (self.db_reload, stop_background.clone());
+        background.spawn(async move { routing.run(every, db_changed, stop).await });
+        if let Some(bindings) = &self.bindings {
+            let bindings: Arc<dyn BindingRepository> = bindings.clone();
+            let (every, stop) = (self.binding_gc_interval, stop_background.clone());
+            background.spawn(application::bindings_gc::run(bindings, every, stop));
+        }
+
+        let connections = TaskTracker::new();
+        let kill = CancellationToken::new();
+        let acceptors = TaskTracker::new();
+        for (listener, config) in listeners {
+            tracing::info!(addr = %listener.local_addr()?, app = ?config.app, proxy_protocol = config.proxy_protocol, "listening");
+            acceptors.spawn(adapters::inbound::tcp_server::serve(
+                listener,
+                config,
+                Arc::clone(&self.service),
+                shutdown.clone(),
+                connections.clone(),
+                kill.clone(),
+            ));
+        }
+        acceptors.close();
+        shutdown.cancelled().await;
+        acceptors.wait().await; // listeners closed: no new connections from here on
+        connections.close();
+        let open = connections.len();
+        if open > 0 {
+            tracing::info!(open, timeout = ?self.drain_timeout, "draining connections");
+        }
+        let cut_off = match tokio::time::timeout(self.drain_timeout, connections.wait()).await {
+            Ok(()) => 0,
+            Err(_) => {
+                let left = connections.len();
+                tracing::warn!(left, "drain timeout; closing the remaining connections");
+                kill.cancel();
+                connections.wait().await;
+                left
+            }
+        };
+        background.close();
+        background.wait().await;
+        Ok(Drained { cut_off })
+    }
+}

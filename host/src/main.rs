@@ -1,0 +1,175 @@
+//! The composition root: parse the CLI, merge the configuration, set up logging, build the
+//! host, bind the listeners and run until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use edgeproxy::config::{Config, Layer, LogFormat};
+use edgeproxy::{Host, demo};
+
+#[derive(Parser)]
+#[command(
+    name = "edgeproxy",
+    version,
+    about = "Geo- and load-aware L4 edge proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start three local echo backends in different regions and show which one serves
+    /// clients from different countries.
+    Demo {
+        /// Keep the demo proxy running after the tour (Ctrl-C to stop).
+        #[arg(long)]
+        hold: bool,
+    },
+}
+
+/// Flags override `EDGEPROXY_*` variables, which override the file (see `config`).
+#[derive(Parser)]
+struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    listen_addr: Option<std::net::SocketAddr>,
+    #[arg(long)]
+    db_path: Option<PathBuf>,
+    #[arg(long)]
+    region: Option<String>,
+    #[arg(long)]
+    db_reload_secs: Option<u64>,
+    #[arg(long)]
+    geoip_path: Option<PathBuf>,
+    #[arg(long)]
+    binding_ttl_secs: Option<u64>,
+    #[arg(long)]
+    binding_gc_interval_secs: Option<u64>,
+    #[arg(long)]
+    connect_timeout_ms: Option<u64>,
+    #[arg(long)]
+    connect_attempts: Option<u32>,
+    #[arg(long)]
+    idle_timeout_secs: Option<u64>,
+    #[arg(long)]
+    drain_timeout_secs: Option<u64>,
+    #[arg(long)]
+    log_format: Option<LogFormat>,
+    #[arg(long)]
+    debug: bool,
+    #[arg(long)]
+    default_region: Option<String>,
+}
+
+impl RunArgs {
+    fn layer(&self) -> Layer {
+        Layer {
+            listen_addr: self.listen_addr,
+            db_path: self.db_path.clone(),
+            region: self.region.clone(),
+            db_reload_secs: self.db_reload_secs,
+            geoip_path: self.geoip_path.clone(),
+            binding_ttl_secs: self.binding_ttl_secs,
+            binding_gc_interval_secs: self.binding_gc_interval_secs,
+            connect_timeout_ms: self.connect_timeout_ms,
+            connect_attempts: self.connect_attempts,
+            idle_timeout_secs: self.idle_timeout_secs,
+            drain_timeout_secs: self.drain_timeout_secs,
+            log_format: self.log_format,
+            debug: self.debug.then_some(true),
+            default_region: self.default_region.clone(),
+            regions: None,
+            listener: None,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgeproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let file = match &cli.run.config {
+        Some(path) => Layer::from_file(path)?,
+        None => Layer::default(),
+    };
+    let env = Layer::from_env(|k| std::env::var(k).ok())?;
+    let config = Config::resolve(file, env, cli.run.layer())?;
+    init_tracing(&config);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        match cli.command {
+            Some(Command::Demo { hold }) => demo::run(hold, shutdown_signal()).await,
+            None => serve(config).await,
+        }
+    })
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let host = Host::build(&config).await?;
+    let mut listeners = Vec::new();
+    for lc in &config.listeners {
+        let listener = tokio::net::TcpListener::bind(lc.addr)
+            .await
+            .with_context(|| format!("binding listener {}", lc.addr))?;
+        listeners.push((listener, lc.clone()));
+    }
+    let drained = host.run(listeners, shutdown_signal()).await?;
+    tracing::info!(cut_off = drained.cut_off, "stopped");
+    Ok(())
+}
+
+/// Cancelled on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing the SIGTERM handler");
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let default = if config.debug { "debug" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
