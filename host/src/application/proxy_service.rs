@@ -81,18 +81,23 @@ impl ProxyService {
         }
     }
 
-    /// Index of the bound backend if the binding may still be followed; a binding to a
-    /// backend that is gone, unhealthy, deleted or full is dropped.
-    fn bound(&self, key: &BindingKey, candidates: &[RoutedBackend]) -> Option<usize> {
-        let bindings = self.bindings.as_ref()?;
-        let id = bindings.get(key, Instant::now())?;
-        match candidates.binary_search_by(|c| c.backend.id.cmp(&id)) {
-            Ok(i) if candidates[i].is_eligible() => Some(i),
-            _ => {
-                bindings.remove(key);
-                None
+    /// The backend a new connection goes to: the client's binding if it may still be
+    /// followed, else the policy's pick, which then becomes the binding (TTL from now). A
+    /// binding to a backend that is gone, unhealthy, deleted or full is dropped.
+    pub fn choose(&self, req: &PickRequest<'_>, key: &BindingKey, candidates: &[RoutedBackend]) -> Option<usize> {
+        let Some(bindings) = &self.bindings else {
+            return self.pick(req, candidates);
+        };
+        let now = Instant::now();
+        if let Some(id) = bindings.get(key, now) {
+            match candidates.binary_search_by(|c| c.backend.id.cmp(&id)) {
+                Ok(i) if candidates[i].is_eligible() => return Some(i),
+                _ => bindings.remove(key),
             }
         }
+        let i = self.pick(req, candidates)?;
+        bindings.put(key.clone(), candidates[i].backend.id.clone(), now);
+        Some(i)
     }
 
     /// The policy's pick, checked: an answer naming an ineligible or unknown candidate is
@@ -136,8 +141,7 @@ impl ProxyService {
         for attempt in 0..self.settings.connect_attempts {
             let candidates = remaining.as_deref().unwrap_or(all);
             let choice = if attempt == 0 {
-                self.bound(&key, candidates)
-                    .or_else(|| self.pick(&req, candidates))
+                self.choose(&req, &key, candidates)
             } else {
                 self.pick(&req, candidates)
             };
@@ -160,7 +164,7 @@ impl ProxyService {
                     target
                         .stats
                         .record_rtt(started.elapsed().as_micros().try_into().unwrap_or(u64::MAX));
-                    if let Some(b) = &self.bindings {
+                    if let (Some(b), true) = (&self.bindings, attempt > 0) {
                         b.put(key.clone(), target.backend.id.clone(), Instant::now());
                     }
                     connected = Some((stream, target, guard));

@@ -1,0 +1,281 @@
+//! Test fixtures: echo backends on 127.0.0.1:0, routing databases in temp dirs, generated
+//! GeoIP files, and a proxy running in-process on a port-0 listener.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use edgeproxy::Host;
+use edgeproxy::config::{Config, Layer, ListenerConfig};
+use maxminddb_writer::paths::IpAddrWithMask;
+use rusqlite::Connection;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// An echo server that greets with its name, counts connections and holds them open
+/// until the client closes its side.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let (n, count, s) = (name.to_owned(), accepted.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = listener.accept() => r.unwrap(),
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let greeting = format!("{n}\n");
+                tokio::spawn(async move {
+                    let _ = sock.write_all(greeting.as_bytes()).await;
+                    let (mut r, mut w) = sock.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        Self { addr, accepted, stop }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A port on which nothing listens (connections are refused).
+pub async fn refusing_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+pub struct Row<'a> {
+    pub id: &'a str,
+    pub app: &'a str,
+    pub region: &'a str,
+    pub country: &'a str,
+    pub addr: SocketAddr,
+    pub healthy: bool,
+    pub weight: i64,
+    pub soft_limit: i64,
+    pub hard_limit: i64,
+}
+
+impl<'a> Row<'a> {
+    pub fn new(id: &'a str, region: &'a str, country: &'a str, addr: SocketAddr) -> Self {
+        Self { id, app: "app", region, country, addr, healthy: true, weight: 1, soft_limit: 100, hard_limit: 0 }
+    }
+}
+
+/// A routing database in a temp dir, with the schema edgeproxy creates.
+pub struct Db {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl Db {
+    pub fn new(rows: &[Row<'_>]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute_batch(edgeproxy::adapters::outbound::sqlite_routing::SCHEMA).unwrap();
+        let db = Self { dir, path };
+        for r in rows {
+            db.insert(r);
+        }
+        db
+    }
+
+    pub fn insert(&self, r: &Row<'_>) {
+        self.exec(
+            "INSERT INTO backends (id, app, region, country, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0)",
+            rusqlite::params![r.id, r.app, r.region, r.country, r.addr.ip().to_string(), r.addr.port(), r.healthy, r.weight, r.soft_limit, r.hard_limit],
+        );
+    }
+
+    pub fn exec(&self, sql: &str, params: impl rusqlite::Params) {
+        let conn = Connection::open(&self.path).unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.execute(sql, params).unwrap();
+    }
+}
+
+/// Which record layout a generated GeoIP file uses.
+#[derive(Clone, Copy)]
+pub enum GeoFormat {
+    /// ip-location-db: `{country_code}`.
+    IpLocationDb,
+    /// MaxMind GeoIP2/GeoLite2 Country: `{country: {iso_code}}`.
+    MaxMind,
+}
+
+/// Writes a small IPv4 .mmdb mapping each network to a country.
+pub fn write_mmdb(path: &Path, format: GeoFormat, networks: &[(&str, &str)]) {
+    use std::collections::BTreeMap;
+    let mut db = maxminddb_writer::Database::default();
+    db.metadata.database_type = "edgeproxy-test".into();
+    db.metadata.binary_format_major_version = 2;
+    for (net, country) in networks {
+        let data = match format {
+            GeoFormat::IpLocationDb => {
+                db.insert_value(BTreeMap::from([("country_code", *country)])).unwrap()
+            }
+            GeoFormat::MaxMind => db
+                .insert_value(BTreeMap::from([(
+                    "country",
+                    BTreeMap::from([("iso_code", *country)]),
+                )]))
+                .unwrap(),
+        };
+        db.insert_node(net.parse::<IpAddrWithMask>().unwrap(), data);
+    }
+    let file = std::fs::File::create(path).unwrap();
+    db.write_to(std::io::BufWriter::new(file)).unwrap();
+}
+
+/// Loopback source addresses stand for clients in these countries in the test GeoIP file;
+/// the documentation ranges stand for PROXY-protocol clients.
+pub const TEST_GEO: &[(&str, &str)] = &[
+    ("127.0.0.2/32", "BR"),
+    ("127.0.0.3/32", "CL"),
+    ("127.0.0.4/32", "KE"),
+    ("127.0.0.5/32", "JP"),
+    ("127.0.0.6/32", "DE"),
+    ("198.51.100.0/24", "BR"),
+    ("203.0.113.0/24", "DE"),
+];
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub host: Arc<Host>,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<edgeproxy::Drained>>,
+    _geo_dir: tempfile::TempDir,
+}
+
+pub struct ProxyOptions {
+    pub file: Layer,
+    pub listener: Option<ListenerConfig>,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self { file: Layer::default(), listener: None }
+    }
+}
+
+impl Proxy {
+    pub async fn start(db: &Db, toml: &str) -> Self {
+        Self::start_with(db, ProxyOptions { file: Layer::from_toml(toml).unwrap(), listener: None }).await
+    }
+
+    pub async fn start_with(db: &Db, opts: ProxyOptions) -> Self {
+        let geo_dir = tempfile::tempdir().unwrap();
+        let geo = geo_dir.path().join("test.mmdb");
+        write_mmdb(&geo, GeoFormat::IpLocationDb, TEST_GEO);
+        let defaults = Layer {
+            db_path: Some(db.path.clone()),
+            geoip_path: Some(geo),
+            region: Some("eu".into()),
+            // Reloads in tests come from file notifications, not the timer.
+            db_reload_secs: Some(3600),
+            ..Layer::default()
+        };
+        let config = Config::resolve(opts.file.over(defaults), Layer::default(), Layer::default()).unwrap();
+        let host = Arc::new(Host::build(&config).await.unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let lc = match opts.listener {
+            Some(lc) => ListenerConfig { addr, ..lc },
+            None => ListenerConfig { addr, ..config.listeners[0].clone() },
+        };
+        let shutdown = CancellationToken::new();
+        let task = {
+            let (host, shutdown) = (host.clone(), shutdown.clone());
+            tokio::spawn(async move { host.run(vec![(listener, lc)], shutdown).await })
+        };
+        Self { addr, host, shutdown, task, _geo_dir: geo_dir }
+    }
+
+    /// Waits until the routing table version moves past `from`.
+    pub async fn wait_version_after(&self, from: u64) -> u64 {
+        let mut rx = self.host.routing.subscribe();
+        tokio::time::timeout(WAIT, rx.wait_for(|v| *v > from)).await.expect("routing reload").unwrap();
+        let v = *rx.borrow();
+        v
+    }
+
+    pub fn version(&self) -> u64 {
+        self.host.routing.current().version()
+    }
+
+    pub fn active(&self) -> u64 {
+        self.host.metrics.total_active()
+    }
+
+    pub async fn stop(self) -> edgeproxy::Drained {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.task).await.expect("drain").unwrap().unwrap()
+    }
+}
+
+/// A connection from `source` (a 127.0.0.0/8 address) to `addr`.
+pub async fn connect_from(source: IpAddr, addr: SocketAddr) -> TcpStream {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(source, 0)).unwrap();
+    sock.connect(addr).await.unwrap()
+}
+
+/// Opens a connection and returns it with the name of the backend that greeted it.
+pub async fn open(source: &str, addr: SocketAddr) -> (String, BufReader<TcpStream>) {
+    let stream = connect_from(source.parse().unwrap(), addr).await;
+    greeted(stream).await
+}
+
+pub async fn greeted(stream: TcpStream) -> (String, BufReader<TcpStream>) {
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    tokio::time::timeout(WAIT, r.read_line(&mut line)).await.expect("greeting").unwrap();
+    (line.trim().to_owned(), r)
+}
+
+/// One short connection: the name of the backend that served `source`.
+pub async fn served_by(source: &str, addr: SocketAddr) -> String {
+    let (name, mut conn) = open(source, addr).await;
+    conn.get_mut().shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, conn.read_to_end(&mut rest)).await.expect("close").unwrap();
+    name
+}
+
+/// True when the proxy closed the connection without any backend greeting.
+pub async fn refused(source: &str, addr: SocketAddr) -> bool {
+    let mut s = connect_from(source.parse().unwrap(), addr).await;
+    let _ = s.shutdown().await; // a backend that did answer then closes too
+    let mut buf = Vec::new();
+    match tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await.expect("close") {
+        Ok(_) => buf.is_empty(),
+        Err(_) => true, // reset
+    }
+}
