@@ -23,6 +23,10 @@
 //! | log_format | EDGEPROXY_LOG_FORMAT | human (or json) |
 //! | debug | DEBUG | false |
 //! | default_region | EDGEPROXY_DEFAULT_REGION | us (region of unlisted countries) |
+//! | policy_path | EDGEPROXY_POLICY_PATH | unset: the embedded geo-load component |
+//! | native_policy | EDGEPROXY_NATIVE_POLICY | false (true: the host's native scorer, no wasm) |
+//! | policy_timeout_ms | EDGEPROXY_POLICY_TIMEOUT_MS | 1 (time bound of one policy call) |
+//! | policy_memory_mib | EDGEPROXY_POLICY_MEMORY_MIB | 16 (memory bound of one policy instance) |
 //!
 //! When the file has `[[listener]]` tables they replace `listen_addr`.
 
@@ -125,6 +129,10 @@ pub struct Layer {
     pub log_format: Option<LogFormat>,
     pub debug: Option<bool>,
     pub default_region: Option<String>,
+    pub policy_path: Option<PathBuf>,
+    pub native_policy: Option<bool>,
+    pub policy_timeout_ms: Option<u64>,
+    pub policy_memory_mib: Option<u64>,
     /// File only: region name -> countries moved into it.
     pub regions: Option<BTreeMap<String, Vec<String>>>,
     /// File only.
@@ -182,6 +190,10 @@ impl Layer {
             // edgeProxy treats any non-empty DEBUG as on; "0" and "false" read as off.
             debug: lookup("DEBUG").map(|v| !matches!(v.as_str(), "" | "0" | "false")),
             default_region: var("EDGEPROXY_DEFAULT_REGION"),
+            policy_path: var("EDGEPROXY_POLICY_PATH").map(PathBuf::from),
+            native_policy: env!("EDGEPROXY_NATIVE_POLICY"),
+            policy_timeout_ms: env!("EDGEPROXY_POLICY_TIMEOUT_MS"),
+            policy_memory_mib: env!("EDGEPROXY_POLICY_MEMORY_MIB"),
             regions: None,
             listener: None,
         })
@@ -206,6 +218,10 @@ impl Layer {
             log_format: self.log_format.or(lower.log_format),
             debug: self.debug.or(lower.debug),
             default_region: self.default_region.or(lower.default_region),
+            policy_path: self.policy_path.or(lower.policy_path),
+            native_policy: self.native_policy.or(lower.native_policy),
+            policy_timeout_ms: self.policy_timeout_ms.or(lower.policy_timeout_ms),
+            policy_memory_mib: self.policy_memory_mib.or(lower.policy_memory_mib),
             regions: self.regions.or(lower.regions),
             listener: self.listener.or(lower.listener),
         }
@@ -230,6 +246,25 @@ pub struct Config {
     pub log_format: LogFormat,
     pub debug: bool,
     pub regions: RegionMap,
+    pub policy: PolicyConfig,
+}
+
+/// Which scoring policy decides, and its bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub source: PolicySource,
+    pub timeout: Duration,
+    pub memory_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// The default component compiled into the binary.
+    Embedded,
+    /// A component file, watched and swapped in live when it changes.
+    File(PathBuf),
+    /// The host's native scorer; no WebAssembly.
+    Native,
 }
 
 impl Config {
@@ -314,6 +349,31 @@ impl Config {
             log_format: l.log_format.unwrap_or_default(),
             debug: l.debug.unwrap_or(false),
             regions,
+            policy: PolicyConfig {
+                source: match (l.native_policy.unwrap_or(false), l.policy_path) {
+                    (true, Some(_)) => {
+                        return Err(invalid(
+                            "native_policy",
+                            "cannot be combined with policy_path",
+                        ));
+                    }
+                    (true, None) => PolicySource::Native,
+                    (false, Some(p)) => PolicySource::File(p),
+                    (false, None) => PolicySource::Embedded,
+                },
+                timeout: Duration::from_millis(positive(
+                    "policy_timeout_ms",
+                    l.policy_timeout_ms,
+                    1,
+                )?),
+                memory_bytes: match l.policy_memory_mib.unwrap_or(16) {
+                    0 => return Err(invalid("policy_memory_mib", "must be greater than 0")),
+                    n if n > 4096 => {
+                        return Err(invalid("policy_memory_mib", "must be at most 4096"));
+                    }
+                    n => (n as usize) << 20,
+                },
+            },
         })
     }
 }
@@ -345,6 +405,9 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_secs(3));
         assert_eq!(c.geoip_path, None);
         assert!(!c.debug);
+        assert_eq!(c.policy.source, PolicySource::Embedded);
+        assert_eq!(c.policy.timeout, Duration::from_millis(1));
+        assert_eq!(c.policy.memory_bytes, 16 << 20);
     }
 
     #[test]

@@ -25,9 +25,11 @@ use adapters::outbound::binding_table::BindingTable;
 use adapters::outbound::maxmind_geo::MaxMindGeo;
 use adapters::outbound::metrics::LiveMetrics;
 use adapters::outbound::sqlite_routing::SqliteBackendRepository;
+use adapters::outbound::wasm_policy::runtime::{Limits, Runtime};
+use adapters::outbound::wasm_policy::{self as wasm, LoadedPolicy, WasmPolicy};
 use application::proxy_service::{ProxyService, ProxySettings};
 use application::routing::Routing;
-use config::{Config, ListenerConfig};
+use config::{Config, ListenerConfig, PolicySource};
 use domain::ports::{BindingRepository, GeoResolver, ScoringPolicy};
 use domain::services::NativeScorer;
 
@@ -37,6 +39,9 @@ pub struct Host {
     pub routing: Arc<Routing>,
     pub bindings: Option<Arc<BindingTable>>,
     pub metrics: Arc<LiveMetrics>,
+    /// The WebAssembly policy, unless the native scorer was configured.
+    pub wasm_policy: Option<Arc<WasmPolicy>>,
+    policy_path: Option<std::path::PathBuf>,
     db_path: std::path::PathBuf,
     db_reload: Duration,
     binding_gc_interval: Duration,
@@ -52,11 +57,23 @@ pub struct Drained {
 
 impl Host {
     /// Opens the inputs (creating the routing database if missing), loads the routing table
-    /// once, and builds the proxy service with the native scorer.
+    /// and the policy once, and builds the proxy service.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        Self::with_policy(config, Arc::new(NativeScorer)).await
+        let wasm_policy = load_policy(config).await?;
+        let policy: Arc<dyn ScoringPolicy> = match &wasm_policy {
+            Some(w) => w.clone(),
+            None => Arc::new(NativeScorer),
+        };
+        let mut host = Self::with_policy(config, policy).await?;
+        host.wasm_policy = wasm_policy;
+        host.policy_path = match &config.policy.source {
+            PolicySource::File(p) => Some(p.clone()),
+            _ => None,
+        };
+        Ok(host)
     }
 
+    /// A host deciding with `policy`, which is not reloaded.
     pub async fn with_policy(
         config: &Config,
         policy: Arc<dyn ScoringPolicy>,
@@ -96,6 +113,8 @@ impl Host {
             routing,
             bindings,
             metrics,
+            wasm_policy: None,
+            policy_path: None,
             db_path: config.db_path.clone(),
             db_reload: config.db_reload,
             binding_gc_interval: config.binding_gc_interval,
@@ -131,6 +150,14 @@ impl Host {
             let bindings: Arc<dyn BindingRepository> = bindings.clone();
             let (every, stop) = (self.binding_gc_interval, stop_background.clone());
             background.spawn(application::bindings_gc::run(bindings, every, stop));
+        }
+
+        if let (Some(policy), Some(path)) = (&self.wasm_policy, &self.policy_path) {
+            background.spawn(wasm::reload::run(
+                Arc::clone(policy),
+                path.clone(),
+                stop_background.clone(),
+            ));
         }
 
         let connections = TaskTracker::new();
@@ -169,4 +196,32 @@ impl Host {
         background.wait().await;
         Ok(Drained { cut_off })
     }
+}
+
+/// The configured WebAssembly policy, compiled and self-tested on a blocking thread; None
+/// for the native scorer. A policy that fails to load stops start-up.
+async fn load_policy(config: &Config) -> anyhow::Result<Option<Arc<WasmPolicy>>> {
+    let source = config.policy.source.clone();
+    if source == PolicySource::Native {
+        return Ok(None);
+    }
+    let limits = Limits {
+        timeout: config.policy.timeout,
+        memory_bytes: config.policy.memory_bytes,
+    };
+    let mut client_regions: Vec<domain::Region> = config.regions.regions().cloned().collect();
+    client_regions.sort();
+    client_regions.dedup();
+    let policy = tokio::task::spawn_blocking(move || -> anyhow::Result<WasmPolicy> {
+        let runtime = Arc::new(Runtime::new(limits)?);
+        let loaded = match &source {
+            PolicySource::File(path) => wasm::reload::load_file(&runtime, path)?,
+            _ => LoadedPolicy::load(&runtime, wasm::DEFAULT_POLICY_NAME, wasm::DEFAULT_POLICY)
+                .context("the embedded default policy")?,
+        };
+        tracing::info!(policy = %loaded.name, hash = %loaded.hash, "policy loaded");
+        Ok(WasmPolicy::new(runtime, client_regions, loaded))
+    })
+    .await??;
+    Ok(Some(Arc::new(policy)))
 }

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use edgeproxy::adapters::inbound::policy_build;
 use edgeproxy::config::{Config, Layer, LogFormat};
 use edgeproxy::{Host, demo};
 
@@ -32,6 +33,22 @@ enum Command {
         /// Keep the demo proxy running after the tour (Ctrl-C to stop).
         #[arg(long)]
         hold: bool,
+    },
+    /// Work with policy components.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Build a policy crate into a component: `cargo build --profile policy --target
+    /// wasm32-unknown-unknown`, then wrap the module into a component.
+    Build {
+        /// The policy crate's directory.
+        dir: PathBuf,
+        /// Where to write the component (default: DIR/<crate>.wasm).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -69,6 +86,16 @@ struct RunArgs {
     debug: bool,
     #[arg(long)]
     default_region: Option<String>,
+    /// Policy component (.wasm) to load and watch; unset: the embedded default.
+    #[arg(long = "policy", visible_alias = "policy-path")]
+    policy_path: Option<PathBuf>,
+    /// Decide with the host's native scorer instead of a WebAssembly policy.
+    #[arg(long)]
+    native_policy: bool,
+    #[arg(long)]
+    policy_timeout_ms: Option<u64>,
+    #[arg(long)]
+    policy_memory_mib: Option<u64>,
 }
 
 impl RunArgs {
@@ -88,6 +115,10 @@ impl RunArgs {
             log_format: self.log_format,
             debug: self.debug.then_some(true),
             default_region: self.default_region.clone(),
+            policy_path: self.policy_path.clone(),
+            native_policy: self.native_policy.then_some(true),
+            policy_timeout_ms: self.policy_timeout_ms,
+            policy_memory_mib: self.policy_memory_mib,
             regions: None,
             listener: None,
         }
@@ -121,6 +152,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Some(Command::Demo { hold }) => demo::run(hold, shutdown_signal()).await,
+            Some(Command::Policy(PolicyCommand::Build { dir, out })) => {
+                let out =
+                    tokio::task::spawn_blocking(move || policy_build::build(&dir, out.as_deref()))
+                        .await??;
+                println!("{}", out.display());
+                Ok(())
+            }
             None => serve(config).await,
         }
     })

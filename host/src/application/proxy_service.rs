@@ -84,7 +84,12 @@ impl ProxyService {
     /// The backend a new connection goes to: the client's binding if it may still be
     /// followed, else the policy's pick, which then becomes the binding (TTL from now). A
     /// binding to a backend that is gone, unhealthy, deleted or full is dropped.
-    pub fn choose(&self, req: &PickRequest<'_>, key: &BindingKey, candidates: &[RoutedBackend]) -> Option<usize> {
+    pub fn choose(
+        &self,
+        req: &PickRequest<'_>,
+        key: &BindingKey,
+        candidates: &[RoutedBackend],
+    ) -> Option<usize> {
         let Some(bindings) = &self.bindings else {
             return self.pick(req, candidates);
         };
@@ -130,6 +135,7 @@ impl ProxyService {
             app: inbound.app.clone(),
         };
         let req = PickRequest {
+            table: &table,
             pop_region: &self.settings.pop_region,
             app: inbound.app.as_deref(),
             client,

@@ -54,6 +54,10 @@ impl FromStr for CountryCode {
 }
 
 impl CountryCode {
+    pub fn bytes(self) -> [u8; 2] {
+        self.0
+    }
+
     pub fn as_str(&self) -> &str {
         // Invariant: built only from two ASCII letters.
         std::str::from_utf8(&self.0).expect("country code is ASCII")

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::model::{Backend, BackendId, BackendStats, Client, CountryCode, Region};
-use super::routing_table::RoutedBackend;
+use super::routing_table::{RoutedBackend, RoutingTable};
 
 /// A row that could not become a `Backend`, with the reason, for the reload log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +76,8 @@ pub trait MetricsStore: Send + Sync {
 /// What a policy knows about the decision besides the candidates.
 #[derive(Debug)]
 pub struct PickRequest<'a> {
+    /// The snapshot the candidates come from (policies may look at every backend).
+    pub table: &'a RoutingTable,
     pub pop_region: &'a Region,
     pub app: Option<&'a str>,
     pub client: &'a Client,

@@ -9,6 +9,8 @@ use super::model::{Backend, BackendId, BackendStats};
 /// A backend together with the live counters shared across reloads.
 #[derive(Clone, Debug)]
 pub struct RoutedBackend {
+    /// Position in [`RoutingTable::backends`].
+    pub index: u32,
     pub backend: Backend,
     pub stats: Arc<BackendStats>,
 }
@@ -37,7 +39,11 @@ impl RoutingTable {
         backends.sort_by(|a, b| a.id.cmp(&b.id));
         let all: Vec<RoutedBackend> = backends
             .into_iter()
-            .map(|backend| RoutedBackend {
+            .enumerate()
+            .map(|(i, backend)| RoutedBackend {
+                // Invariant: a table never holds 2^32 backends (it comes from SQLite rows
+                // routed by one process).
+                index: u32::try_from(i).expect("fewer than 2^32 backends"),
                 stats: stats_for(&backend.id),
                 backend,
             })

@@ -8,7 +8,8 @@ use crate::support::*;
 
 fn edgeproxy() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_edgeproxy"));
-    c.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    c.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
     c
 }
 
@@ -40,7 +41,10 @@ fn env_only_start_creates_the_db_serves_and_stops_on_sigterm() {
     let mut child = Running(child);
     let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
     let addr = loop {
-        let line = lines.next().expect("proxy exited before listening").unwrap();
+        let line = lines
+            .next()
+            .expect("proxy exited before listening")
+            .unwrap();
         if line.contains("\"listening\"") {
             let start = line.find("\"addr\":\"").unwrap() + 8;
             let end = start + line[start..].find('"').unwrap();
@@ -50,7 +54,10 @@ fn env_only_start_creates_the_db_serves_and_stops_on_sigterm() {
     // Keep draining the log so the child never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
     // The database was created with the schema; add a backend and see it used.
-    let db = Db { path: db_path.clone(), dir: tempfile::tempdir().unwrap() };
+    let db = Db {
+        path: db_path.clone(),
+        dir: tempfile::tempdir().unwrap(),
+    };
     db.insert(&Row::new("only", "us", "US", backend.addr));
     let served = backend_rt.block_on(async {
         // The proxy reloads on the file change; until then it refuses. A separate
@@ -64,13 +71,19 @@ fn env_only_start_creates_the_db_serves_and_stops_on_sigterm() {
         panic!("routing change never picked up");
     });
     assert_eq!(served, "only");
-    Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
     let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
 
 fn start_error(cmd: &mut Command) -> String {
-    let out = cmd.env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0").output().unwrap();
+    let out = cmd
+        .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     String::from_utf8(out.stderr).unwrap()
 }
@@ -99,10 +112,17 @@ fn bad_configuration_fails_at_start_naming_the_key() {
 #[test]
 fn demo_shows_geo_routing() {
     let out = edgeproxy().arg("demo").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let served = |ip: &str| {
-        let line = stdout.lines().find(|l| l.trim_start().starts_with(ip)).unwrap();
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(ip))
+            .unwrap();
         line.rsplit("-> ").next().unwrap().trim().to_owned()
     };
     assert_eq!(served("200.147.3.157"), "sa-gru-1");

@@ -2,14 +2,12 @@
 //! GeoIP files. Clients in different countries are loopback source addresses that the test
 //! GeoIP file places (see `support::TEST_GEO`), or PROXY protocol headers.
 
-
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use edgeproxy::config::ListenerConfig;
 use edgeproxy::domain::ports::{BindingKey, BindingRepository, PickRequest};
-use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
@@ -38,11 +36,18 @@ async fn geo_preference_country_then_region_then_pop_region() {
 async fn maxmind_city_format_is_understood() {
     let br = Backend::start("br").await;
     let de = Backend::start("de").await;
-    let db = Db::new(&[Row::new("br", "sa", "BR", br.addr), Row::new("de", "eu", "DE", de.addr)]);
+    let db = Db::new(&[
+        Row::new("br", "sa", "BR", br.addr),
+        Row::new("de", "eu", "DE", de.addr),
+    ]);
     let dir = tempfile::tempdir().unwrap();
     let geo = dir.path().join("GeoLite2-Country.mmdb");
     write_mmdb(&geo, GeoFormat::MaxMind, &[("127.0.0.2/32", "BR")]);
-    let p = Proxy::start(&db, &format!("geoip_path = {:?}", geo.display().to_string())).await;
+    let p = Proxy::start(
+        &db,
+        &format!("geoip_path = {:?}", geo.display().to_string()),
+    )
+    .await;
     assert_eq!(served_by("127.0.0.2", p.addr).await, "br");
     assert_eq!(served_by("127.0.0.6", p.addr).await, "de"); // not in this file: POP region
     p.stop().await;
@@ -124,8 +129,17 @@ async fn bindings_stick_until_the_backend_becomes_unhealthy() {
     p.wait_version_after(v).await;
     assert_eq!(served_by("127.0.0.2", p.addr).await, "b");
     let bindings = p.host.bindings.as_ref().unwrap();
-    let key = BindingKey { client: "127.0.0.2".parse().unwrap(), app: None };
-    assert_eq!(bindings.get(&key, tokio::time::Instant::now()).unwrap().as_str(), "0-better");
+    let key = BindingKey {
+        client: "127.0.0.2".parse().unwrap(),
+        app: None,
+    };
+    assert_eq!(
+        bindings
+            .get(&key, tokio::time::Instant::now())
+            .unwrap()
+            .as_str(),
+        "0-better"
+    );
     p.stop().await;
 }
 
@@ -135,15 +149,28 @@ async fn binding_holds_until_ttl_then_repicks() {
     let p = Proxy::start(&db, "binding_ttl_secs = 60").await;
     let svc = &p.host.service;
     let client = svc.locate("127.0.0.2".parse().unwrap(), false);
-    let key = BindingKey { client: client.ip, app: None };
+    let key = BindingKey {
+        client: client.ip,
+        app: None,
+    };
     let region = edgeproxy::domain::Region::new("eu");
-    let req = PickRequest { pop_region: &region, app: None, client: &client };
     let pick = |table: &edgeproxy::domain::RoutingTable| {
+        let req = PickRequest {
+            table,
+            pop_region: &region,
+            app: None,
+            client: &client,
+        };
         let c = table.candidates(None);
         c[svc.choose(&req, &key, c).unwrap()].backend.id.to_string()
     };
     assert_eq!(pick(&p.host.routing.current()), "a");
-    db.insert(&Row::new("0-better", "sa", "BR", "127.0.0.1:2".parse().unwrap()));
+    db.insert(&Row::new(
+        "0-better",
+        "sa",
+        "BR",
+        "127.0.0.1:2".parse().unwrap(),
+    ));
     p.host.routing.reload().await.unwrap();
     let table = p.host.routing.current();
     tokio::time::advance(Duration::from_secs(59)).await;
@@ -158,11 +185,19 @@ async fn binding_holds_until_ttl_then_repicks() {
 async fn failover_when_a_backend_refuses() {
     let alive = Backend::start("alive").await;
     let dead = refusing_addr().await;
-    let db = Db::new(&[Row::new("dead", "sa", "BR", dead), Row::new("alive", "eu", "DE", alive.addr)]);
+    let db = Db::new(&[
+        Row::new("dead", "sa", "BR", dead),
+        Row::new("alive", "eu", "DE", alive.addr),
+    ]);
     let p = Proxy::start(&db, "").await;
     assert_eq!(served_by("127.0.0.2", p.addr).await, "alive");
     let table = p.host.routing.current();
-    let dead_stats = &table.backends().iter().find(|b| b.backend.id.as_str() == "dead").unwrap().stats;
+    let dead_stats = &table
+        .backends()
+        .iter()
+        .find(|b| b.backend.id.as_str() == "dead")
+        .unwrap()
+        .stats;
     assert_eq!(dead_stats.connect_failures(), 1);
     assert_eq!(dead_stats.active(), 0);
     // The binding went to the backend that answered, so the dead one is not retried.
@@ -216,7 +251,10 @@ async fn corrupt_or_wrong_db_keeps_the_last_good_table() {
     assert_eq!(served_by("127.0.0.2", p.addr).await, "a");
     // A database without the backends table.
     std::fs::remove_file(&db.path).unwrap();
-    rusqlite::Connection::open(&db.path).unwrap().execute_batch("CREATE TABLE other (x)").unwrap();
+    rusqlite::Connection::open(&db.path)
+        .unwrap()
+        .execute_batch("CREATE TABLE other (x)")
+        .unwrap();
     let err = p.host.routing.reload().await.unwrap_err().to_string();
     assert!(err.contains("wrong schema"), "{err}");
     assert_eq!(served_by("127.0.0.2", p.addr).await, "a");
@@ -252,7 +290,10 @@ async fn half_close_still_delivers_the_reply() {
     s.write_all(b"request body").await.unwrap();
     s.shutdown().await.unwrap(); // our write side is done; the read side stays open
     let mut reply = String::new();
-    tokio::time::timeout(WAIT, s.read_to_string(&mut reply)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(reply, "a\nrequest body");
     p.stop().await;
 }
@@ -266,9 +307,26 @@ async fn apps_are_served_by_their_own_listener() {
     let mut ra = Row::new("api-1", "sa", "BR", api.addr);
     ra.app = "api";
     let db = Db::new(&[rw, ra]);
-    let lc = |app: &str| ListenerConfig { app: Some(app.into()), ..ListenerConfig::plain("127.0.0.1:0".parse().unwrap()) };
-    let p_api = Proxy::start_with(&db, ProxyOptions { listener: Some(lc("api")), ..Default::default() }).await;
-    let p_web = Proxy::start_with(&db, ProxyOptions { listener: Some(lc("web")), ..Default::default() }).await;
+    let lc = |app: &str| ListenerConfig {
+        app: Some(app.into()),
+        ..ListenerConfig::plain("127.0.0.1:0".parse().unwrap())
+    };
+    let p_api = Proxy::start_with(
+        &db,
+        ProxyOptions {
+            listener: Some(lc("api")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let p_web = Proxy::start_with(
+        &db,
+        ProxyOptions {
+            listener: Some(lc("web")),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(served_by("127.0.0.2", p_api.addr).await, "api");
     assert_eq!(served_by("127.0.0.2", p_web.addr).await, "web");
     p_api.stop().await;
@@ -300,7 +358,9 @@ async fn proxy_protocol_from_trusted_sources_sets_the_client() {
 
     // v1, with payload in the same segment as the header.
     let mut s = connect_from("127.0.0.1".parse().unwrap(), p.addr).await;
-    s.write_all(b"PROXY TCP4 198.51.100.7 10.0.0.1 5555 80\r\nhello").await.unwrap();
+    s.write_all(b"PROXY TCP4 198.51.100.7 10.0.0.1 5555 80\r\nhello")
+        .await
+        .unwrap();
     s.shutdown().await.unwrap();
     let mut got = String::new();
     s.read_to_string(&mut got).await.unwrap();
@@ -310,7 +370,10 @@ async fn proxy_protocol_from_trusted_sources_sets_the_client() {
     let header = ppp::v2::Builder::with_addresses(
         ppp::v2::Version::Two | ppp::v2::Command::Proxy,
         ppp::v2::Protocol::Stream,
-        ("203.0.113.9:4000".parse::<std::net::SocketAddr>().unwrap(), "10.0.0.1:80".parse::<std::net::SocketAddr>().unwrap()),
+        (
+            "203.0.113.9:4000".parse::<std::net::SocketAddr>().unwrap(),
+            "10.0.0.1:80".parse::<std::net::SocketAddr>().unwrap(),
+        ),
     )
     .build()
     .unwrap();
@@ -322,17 +385,26 @@ async fn proxy_protocol_from_trusted_sources_sets_the_client() {
 
     // The binding belongs to the PROXY client, not the load balancer's address.
     let bindings = p.host.bindings.as_ref().unwrap();
-    let key = BindingKey { client: "203.0.113.9".parse().unwrap(), app: None };
+    let key = BindingKey {
+        client: "203.0.113.9".parse().unwrap(),
+        app: None,
+    };
     assert!(bindings.get(&key, tokio::time::Instant::now()).is_some());
 
     // A malformed header closes that connection only; the listener goes on.
     let mut bad = connect_from("127.0.0.1".parse().unwrap(), p.addr).await;
-    bad.write_all(b"PROXY TCP4 not-an-ip 10.0.0.1 1 2\r\n").await.unwrap();
+    bad.write_all(b"PROXY TCP4 not-an-ip 10.0.0.1 1 2\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(WAIT, bad.read_to_end(&mut buf)).await.unwrap();
+    let _ = tokio::time::timeout(WAIT, bad.read_to_end(&mut buf))
+        .await
+        .unwrap();
     assert!(buf.is_empty());
     let mut s = connect_from("127.0.0.1".parse().unwrap(), p.addr).await;
-    s.write_all(b"PROXY TCP4 198.51.100.7 10.0.0.1 5555 80\r\n").await.unwrap();
+    s.write_all(b"PROXY TCP4 198.51.100.7 10.0.0.1 5555 80\r\n")
+        .await
+        .unwrap();
     assert_eq!(greeted(s).await.0, "br");
     p.stop().await;
 }
@@ -341,11 +413,16 @@ async fn proxy_protocol_from_trusted_sources_sets_the_client() {
 async fn proxy_protocol_from_untrusted_sources_is_not_honoured() {
     let br = Backend::start("br").await;
     let de = Backend::start("de").await;
-    let db = Db::new(&[Row::new("br", "sa", "BR", br.addr), Row::new("de", "eu", "DE", de.addr)]);
+    let db = Db::new(&[
+        Row::new("br", "sa", "BR", br.addr),
+        Row::new("de", "eu", "DE", de.addr),
+    ]);
     let p = Proxy::start_with(&db, proxy_listener("10.0.0.0/8")).await;
     // 127.0.0.6 is DE in the test file; the header claims a BR client and must not count.
     let mut s = connect_from("127.0.0.6".parse().unwrap(), p.addr).await;
-    s.write_all(b"PROXY TCP4 198.51.100.7 10.0.0.1 5555 80\r\n").await.unwrap();
+    s.write_all(b"PROXY TCP4 198.51.100.7 10.0.0.1 5555 80\r\n")
+        .await
+        .unwrap();
     s.shutdown().await.unwrap();
     let mut got = String::new();
     s.read_to_string(&mut got).await.unwrap();
@@ -375,7 +452,11 @@ async fn shutdown_drains_open_connections() {
     let mut rest = String::new();
     conn.read_to_string(&mut rest).await.unwrap();
     assert_eq!(rest, "still here");
-    let drained = tokio::time::timeout(WAIT, p.task).await.unwrap().unwrap().unwrap();
+    let drained = tokio::time::timeout(WAIT, p.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(drained.cut_off, 0);
 }
 
@@ -400,7 +481,9 @@ async fn idle_connections_are_closed() {
     let (_, mut conn) = open("127.0.0.2", p.addr).await;
     let started = std::time::Instant::now();
     let mut rest = Vec::new();
-    let _ = tokio::time::timeout(WAIT, conn.read_to_end(&mut rest)).await.expect("idle close");
+    let _ = tokio::time::timeout(WAIT, conn.read_to_end(&mut rest))
+        .await
+        .expect("idle close");
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert_eq!(p.stop().await.cut_off, 0);
 }

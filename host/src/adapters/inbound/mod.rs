@@ -2,5 +2,6 @@
 //! file-change notifications that trigger reloads).
 
 pub mod file_watch;
+pub mod policy_build;
 pub mod proxy_protocol;
 pub mod tcp_server;

@@ -71,6 +71,13 @@ impl RegionMap {
         map
     }
 
+    /// Every region a client can be placed in.
+    pub fn regions(&self) -> impl Iterator<Item = &Region> {
+        self.by_country
+            .values()
+            .chain(std::iter::once(&self.fallback))
+    }
+
     pub fn region_of(&self, country: CountryCode) -> Region {
         self.by_country
             .get(&country)

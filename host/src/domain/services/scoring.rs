@@ -86,7 +86,11 @@ mod tests {
         for _ in 0..active {
             std::mem::forget(stats.acquire());
         }
-        RoutedBackend { backend: b, stats }
+        RoutedBackend {
+            index: 0,
+            backend: b,
+            stats,
+        }
     }
 
     fn client(country: Option<&str>, region: Option<&str>) -> Client {
@@ -102,6 +106,7 @@ mod tests {
         let pop = Region::new(pop);
         NativeScorer.pick(
             &PickRequest {
+                table: &Default::default(),
                 pop_region: &pop,
                 app: None,
                 client,

@@ -48,7 +48,11 @@ impl Backend {
                 });
             }
         });
-        Self { addr, accepted, stop }
+        Self {
+            addr,
+            accepted,
+            stop,
+        }
     }
 
     pub fn accepted(&self) -> usize {
@@ -82,7 +86,17 @@ pub struct Row<'a> {
 
 impl<'a> Row<'a> {
     pub fn new(id: &'a str, region: &'a str, country: &'a str, addr: SocketAddr) -> Self {
-        Self { id, app: "app", region, country, addr, healthy: true, weight: 1, soft_limit: 100, hard_limit: 0 }
+        Self {
+            id,
+            app: "app",
+            region,
+            country,
+            addr,
+            healthy: true,
+            weight: 1,
+            soft_limit: 100,
+            hard_limit: 0,
+        }
     }
 }
 
@@ -98,7 +112,8 @@ impl Db {
         let path = dir.path().join("routing.db");
         let conn = Connection::open(&path).unwrap();
         conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-        conn.execute_batch(edgeproxy::adapters::outbound::sqlite_routing::SCHEMA).unwrap();
+        conn.execute_batch(edgeproxy::adapters::outbound::sqlite_routing::SCHEMA)
+            .unwrap();
         let db = Self { dir, path };
         for r in rows {
             db.insert(r);
@@ -138,9 +153,9 @@ pub fn write_mmdb(path: &Path, format: GeoFormat, networks: &[(&str, &str)]) {
     db.metadata.binary_format_major_version = 2;
     for (net, country) in networks {
         let data = match format {
-            GeoFormat::IpLocationDb => {
-                db.insert_value(BTreeMap::from([("country_code", *country)])).unwrap()
-            }
+            GeoFormat::IpLocationDb => db
+                .insert_value(BTreeMap::from([("country_code", *country)]))
+                .unwrap(),
             GeoFormat::MaxMind => db
                 .insert_value(BTreeMap::from([(
                     "country",
@@ -181,13 +196,23 @@ pub struct ProxyOptions {
 
 impl Default for ProxyOptions {
     fn default() -> Self {
-        Self { file: Layer::default(), listener: None }
+        Self {
+            file: Layer::default(),
+            listener: None,
+        }
     }
 }
 
 impl Proxy {
     pub async fn start(db: &Db, toml: &str) -> Self {
-        Self::start_with(db, ProxyOptions { file: Layer::from_toml(toml).unwrap(), listener: None }).await
+        Self::start_with(
+            db,
+            ProxyOptions {
+                file: Layer::from_toml(toml).unwrap(),
+                listener: None,
+            },
+        )
+        .await
     }
 
     pub async fn start_with(db: &Db, opts: ProxyOptions) -> Self {
@@ -202,26 +227,39 @@ impl Proxy {
             db_reload_secs: Some(3600),
             ..Layer::default()
         };
-        let config = Config::resolve(opts.file.over(defaults), Layer::default(), Layer::default()).unwrap();
+        let config =
+            Config::resolve(opts.file.over(defaults), Layer::default(), Layer::default()).unwrap();
         let host = Arc::new(Host::build(&config).await.unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let lc = match opts.listener {
             Some(lc) => ListenerConfig { addr, ..lc },
-            None => ListenerConfig { addr, ..config.listeners[0].clone() },
+            None => ListenerConfig {
+                addr,
+                ..config.listeners[0].clone()
+            },
         };
         let shutdown = CancellationToken::new();
         let task = {
             let (host, shutdown) = (host.clone(), shutdown.clone());
             tokio::spawn(async move { host.run(vec![(listener, lc)], shutdown).await })
         };
-        Self { addr, host, shutdown, task, _geo_dir: geo_dir }
+        Self {
+            addr,
+            host,
+            shutdown,
+            task,
+            _geo_dir: geo_dir,
+        }
     }
 
     /// Waits until the routing table version moves past `from`.
     pub async fn wait_version_after(&self, from: u64) -> u64 {
         let mut rx = self.host.routing.subscribe();
-        tokio::time::timeout(WAIT, rx.wait_for(|v| *v > from)).await.expect("routing reload").unwrap();
+        tokio::time::timeout(WAIT, rx.wait_for(|v| *v > from))
+            .await
+            .expect("routing reload")
+            .unwrap();
         let v = *rx.borrow();
         v
     }
@@ -236,7 +274,11 @@ impl Proxy {
 
     pub async fn stop(self) -> edgeproxy::Drained {
         self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.task).await.expect("drain").unwrap().unwrap()
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("drain")
+            .unwrap()
+            .unwrap()
     }
 }
 
@@ -256,7 +298,10 @@ pub async fn open(source: &str, addr: SocketAddr) -> (String, BufReader<TcpStrea
 pub async fn greeted(stream: TcpStream) -> (String, BufReader<TcpStream>) {
     let mut r = BufReader::new(stream);
     let mut line = String::new();
-    tokio::time::timeout(WAIT, r.read_line(&mut line)).await.expect("greeting").unwrap();
+    tokio::time::timeout(WAIT, r.read_line(&mut line))
+        .await
+        .expect("greeting")
+        .unwrap();
     (line.trim().to_owned(), r)
 }
 
@@ -265,7 +310,10 @@ pub async fn served_by(source: &str, addr: SocketAddr) -> String {
     let (name, mut conn) = open(source, addr).await;
     conn.get_mut().shutdown().await.unwrap();
     let mut rest = Vec::new();
-    tokio::time::timeout(WAIT, conn.read_to_end(&mut rest)).await.expect("close").unwrap();
+    tokio::time::timeout(WAIT, conn.read_to_end(&mut rest))
+        .await
+        .expect("close")
+        .unwrap();
     name
 }
 
@@ -274,7 +322,10 @@ pub async fn refused(source: &str, addr: SocketAddr) -> bool {
     let mut s = connect_from(source.parse().unwrap(), addr).await;
     let _ = s.shutdown().await; // a backend that did answer then closes too
     let mut buf = Vec::new();
-    match tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await.expect("close") {
+    match tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("close")
+    {
         Ok(_) => buf.is_empty(),
         Err(_) => true, // reset
     }

@@ -1,0 +1,96 @@
+//! `edgeproxy policy build DIR`: a policy crate -> a component file.
+//!
+//! Runs `cargo build --profile policy --target wasm32-unknown-unknown` on the crate and
+//! wraps the module into a component. Paths are remapped so the same sources and
+//! toolchain give the same bytes on any machine (CI checks the committed default policy
+//! this way).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::adapters::outbound::wasm_policy::runtime::componentize;
+
+pub fn build(dir: &Path, out: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let manifest = dir.join("Cargo.toml");
+    anyhow::ensure!(manifest.is_file(), "{} has no Cargo.toml", dir.display());
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let located = Command::new(&cargo)
+        .args([
+            "locate-project",
+            "--workspace",
+            "--message-format",
+            "plain",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .output()
+        .context("running cargo")?;
+    anyhow::ensure!(
+        located.status.success(),
+        "cargo locate-project: {}",
+        String::from_utf8_lossy(&located.stderr)
+    );
+    let root = PathBuf::from(String::from_utf8(located.stdout)?.trim())
+        .parent()
+        .map(Path::to_path_buf)
+        .context("workspace root")?;
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_default();
+    let rustflags = format!(
+        "--remap-path-prefix={}=/policy --remap-path-prefix={}=/cargo",
+        root.display(),
+        cargo_home.display()
+    );
+    let output = Command::new(&cargo)
+        .args([
+            "build",
+            "--profile",
+            "policy",
+            "--target",
+            "wasm32-unknown-unknown",
+            "--message-format=json-render-diagnostics",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .env("RUSTFLAGS", rustflags)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo build")?;
+    if !output.status.success() {
+        bail!(
+            "cargo build failed for {} (is the target installed? rustup target add wasm32-unknown-unknown)",
+            dir.display()
+        );
+    }
+    let manifest_abs = manifest.canonicalize()?;
+    let module = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| {
+            m["reason"] == "compiler-artifact"
+                && m["manifest_path"].as_str() == manifest_abs.to_str()
+        })
+        .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
+        .filter_map(|f| f.as_str().map(PathBuf::from))
+        .find(|f| f.extension().is_some_and(|e| e == "wasm"))
+        .with_context(|| format!("{} produced no .wasm (is it a cdylib?)", dir.display()))?;
+    let bytes = std::fs::read(&module).with_context(|| format!("reading {}", module.display()))?;
+    let component = componentize(&bytes)?;
+    let out = match out {
+        Some(o) => o.to_path_buf(),
+        None => {
+            let stem = module
+                .file_stem()
+                .context("module name")?
+                .to_string_lossy()
+                .replace('_', "-");
+            dir.join(format!("{stem}.wasm"))
+        }
+    };
+    std::fs::write(&out, component).with_context(|| format!("writing {}", out.display()))?;
+    Ok(out)
+}

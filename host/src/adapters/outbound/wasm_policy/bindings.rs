@@ -1,0 +1,6 @@
+//! Host bindings generated from `wit/policy.wit`, and nothing else.
+
+wasmtime::component::bindgen!({
+    world: "policy",
+    path: "../wit",
+});

@@ -1,0 +1,76 @@
+//! Hot reload of a policy file: a file notification (or the periodic check, for
+//! filesystems without notifications) triggers a load once writes have settled; a file
+//! that fails to read, compile, link or pass its self-test is rejected with a log line
+//! and the running policy keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::runtime::Runtime;
+use super::{LoadedPolicy, WasmPolicy};
+use crate::adapters::inbound::file_watch;
+
+/// Periodic check, in case notifications are lost (network filesystems, some editors).
+const POLL: Duration = Duration::from_millis(500);
+/// Writes closer together than this are one change (editors, `cp` in place).
+const SETTLE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+#[error("policy {path}: {reason}")]
+pub struct PolicyFileError {
+    pub path: String,
+    pub reason: String,
+}
+
+/// Reads and loads a policy file (blocking).
+pub fn load_file(runtime: &Runtime, path: &Path) -> Result<LoadedPolicy, PolicyFileError> {
+    let err = |reason: String| PolicyFileError {
+        path: path.display().to_string(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    LoadedPolicy::load(runtime, &path.display().to_string(), &bytes).map_err(|e| err(e.to_string()))
+}
+
+/// What identifies one version of the file without reading it.
+fn signature(path: &Path) -> Option<(u64, SystemTime)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+/// Watches `path` and swaps each new good version in, until `shutdown`.
+pub async fn run(policy: Arc<WasmPolicy>, path: PathBuf, shutdown: CancellationToken) {
+    let changed = Arc::new(Notify::new());
+    let _watch = file_watch::watch(&path, Arc::clone(&changed))
+        .inspect_err(|e| tracing::warn!(path = %path.display(), error = %e, "cannot watch the policy file; polling only"))
+        .ok();
+    let mut last = signature(&path);
+    let mut poll = tokio::time::interval(POLL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = changed.notified() => {
+                // Wait until the writer has been quiet for SETTLE.
+                while tokio::time::timeout(SETTLE, changed.notified()).await.is_ok() {}
+            }
+            _ = poll.tick() => {}
+        }
+        let now = signature(&path);
+        if now == last || now.is_none() {
+            continue;
+        }
+        last = now;
+        let (p, file) = (Arc::clone(&policy), path.clone());
+        match tokio::task::spawn_blocking(move || load_file(p.runtime(), &file)).await {
+            Ok(Ok(loaded)) => policy.swap(loaded),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "policy rejected; the previous policy keeps serving")
+            }
+            Err(e) => tracing::error!(error = %e, "policy loader failed"),
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! The wasmtime side of a policy: the engine (with its epoch ticker), compiling bytes
+//! into a component (core modules made by `cargo build --target wasm32-unknown-unknown`
+//! are wrapped into components here), checking imports, and sandboxed instances.
+//!
+//! A policy gets no WASI at all: no filesystem, network, clock, environment or stdio.
+//! Its only imports are `host.log` and `host.random`. Each call is bounded in time by an
+//! epoch deadline and each instance in memory by `StoreLimits`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+
+use super::bindings::{Policy, PolicyPre};
+
+/// How often the epoch advances; call deadlines are whole ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest a call may run (rounded up to whole epoch ticks, plus at most one tick).
+    pub timeout: Duration,
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_millis(1),
+            memory_bytes: 16 << 20,
+        }
+    }
+}
+
+impl Limits {
+    fn deadline_ticks(&self) -> u64 {
+        let tick = EPOCH_TICK.as_micros().max(1);
+        // +1: the current tick may be about to end.
+        u64::try_from(self.timeout.as_micros().div_ceil(tick))
+            .unwrap_or(u64::MAX)
+            .max(1)
+            + 1
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("not a WebAssembly component or module: {0}")]
+    NotWasm(String),
+    #[error("cannot make a component from this core module: {0:#}")]
+    Componentize(anyhow::Error),
+    #[error("does not compile: {0:#}")]
+    Compile(wasmtime::Error),
+    #[error("imports {0}, which policies do not get (no WASI: build for wasm32-unknown-unknown)")]
+    ForbiddenImport(String),
+    #[error("does not implement the edgeproxy:policy world: {0:#}")]
+    WrongWorld(wasmtime::Error),
+    #[error("fails its self-test: {0}")]
+    SelfTest(String),
+}
+
+/// Data of one sandboxed instance.
+pub struct GuestState {
+    policy_name: Arc<str>,
+    limits: StoreLimits,
+}
+
+// The types interface has no functions; the trait only marks that it is provided.
+impl super::bindings::edgeproxy::policy::types::Host for GuestState {}
+
+impl super::bindings::edgeproxy::policy::host::Host for GuestState {
+    fn log(&mut self, message: String) {
+        tracing::debug!(policy = %self.policy_name, "{message}");
+    }
+
+    fn random(&mut self) -> u64 {
+        fastrand::u64(..)
+    }
+}
+
+/// Engine, linker and epoch ticker shared by every policy the host loads.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    limits: Limits,
+    _ticker: Ticker,
+}
+
+/// Advances the engine's epoch every tick until dropped.
+struct Ticker(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Runtime {
+    pub fn new(limits: Limits) -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (weak, flag) = (engine.weak(), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("policy-epoch".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => return,
+                    }
+                }
+            })?;
+        Ok(Self {
+            engine,
+            linker,
+            limits,
+            _ticker: Ticker(stop),
+        })
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Bytes (a component, or a core module with an embedded component type) -> a
+    /// pre-linked component. Compiles: call it on a blocking thread.
+    pub fn prepare(&self, bytes: &[u8]) -> Result<PolicyPre<GuestState>, LoadError> {
+        let component_bytes = match wasm_kind(bytes) {
+            Some(WasmKind::Component) => std::borrow::Cow::Borrowed(bytes),
+            Some(WasmKind::Module) => std::borrow::Cow::Owned(componentize(bytes)?),
+            None => {
+                return Err(LoadError::NotWasm(format!(
+                    "{} bytes starting {:02x?}",
+                    bytes.len(),
+                    &bytes[..bytes.len().min(8)]
+                )));
+            }
+        };
+        let component =
+            Component::new(&self.engine, &component_bytes).map_err(LoadError::Compile)?;
+        let ty = component.component_type();
+        if let Some((name, _)) = ty
+            .imports(&self.engine)
+            .find(|(name, _)| !name.starts_with("edgeproxy:policy/"))
+        {
+            return Err(LoadError::ForbiddenImport(name.to_owned()));
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(LoadError::WrongWorld)?;
+        PolicyPre::new(pre).map_err(LoadError::WrongWorld)
+    }
+
+    /// A fresh sandboxed instance.
+    pub fn instantiate(
+        &self,
+        pre: &PolicyPre<GuestState>,
+        policy_name: &Arc<str>,
+    ) -> wasmtime::Result<(Store<GuestState>, Policy)> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.memory_bytes)
+            .trap_on_grow_failure(true)
+            .instances(4)
+            .tables(4)
+            .memories(1)
+            .build();
+        let mut store = Store::new(
+            &self.engine,
+            GuestState {
+                policy_name: Arc::clone(policy_name),
+                limits,
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(self.limits.deadline_ticks());
+        let policy = pre.instantiate(&mut store)?;
+        Ok((store, policy))
+    }
+
+    /// Arms the time bound for the next call on `store`.
+    pub fn arm(&self, store: &mut Store<GuestState>) {
+        store.set_epoch_deadline(self.limits.deadline_ticks());
+    }
+}
+
+enum WasmKind {
+    Module,
+    Component,
+}
+
+fn wasm_kind(bytes: &[u8]) -> Option<WasmKind> {
+    match bytes.get(..8)? {
+        [0, b'a', b's', b'm', 1, 0, 0, 0] => Some(WasmKind::Module),
+        [0, b'a', b's', b'm', _, _, 1, 0] => Some(WasmKind::Component),
+        _ => None,
+    }
+}
+
+/// Wraps a core module built against the policy WIT (its `component-type` custom section
+/// comes from wit-bindgen) into a component, like `wasm-tools component new`.
+pub fn componentize(module: &[u8]) -> Result<Vec<u8>, LoadError> {
+    wit_component::ComponentEncoder::default()
+        .module(module)
+        .and_then(|e| e.validate(true).encode())
+        .map_err(LoadError::Componentize)
+}
