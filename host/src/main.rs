@@ -153,9 +153,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             Some(Command::Demo { hold }) => demo::run(hold, shutdown_signal()).await,
             Some(Command::Policy(PolicyCommand::Build { dir, out })) => {
-                let out =
-                    tokio::task::spawn_blocking(move || policy_build::build(&dir, out.as_deref()))
-                        .await??;
+                let out = tokio::task::spawn_blocking(move || {
+                    policy_build::build(&dir, out.as_deref(), None)
+                })
+                .await??;
                 println!("{}", out.display());
                 Ok(())
             }

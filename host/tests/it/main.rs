@@ -2,5 +2,6 @@
 //! `cli` runs the built `edgeproxy` binary as an operator would.
 
 mod cli;
+mod policy;
 mod proxy;
 mod support;

@@ -12,7 +12,8 @@ use anyhow::{Context as _, bail};
 
 use crate::adapters::outbound::wasm_policy::runtime::componentize;
 
-pub fn build(dir: &Path, out: Option<&Path>) -> anyhow::Result<PathBuf> {
+/// Builds the crate in `dir`; `target_dir` overrides cargo's target directory.
+pub fn build(dir: &Path, out: Option<&Path>, target_dir: Option<&Path>) -> anyhow::Result<PathBuf> {
     let manifest = dir.join("Cargo.toml");
     anyhow::ensure!(manifest.is_file(), "{} has no Cargo.toml", dir.display());
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -45,7 +46,11 @@ pub fn build(dir: &Path, out: Option<&Path>) -> anyhow::Result<PathBuf> {
         root.display(),
         cargo_home.display()
     );
-    let output = Command::new(&cargo)
+    let mut command = Command::new(&cargo);
+    if let Some(t) = target_dir {
+        command.env("CARGO_TARGET_DIR", t);
+    }
+    let output = command
         .args([
             "build",
             "--profile",

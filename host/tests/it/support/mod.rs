@@ -216,6 +216,11 @@ impl Proxy {
     }
 
     pub async fn start_with(db: &Db, opts: ProxyOptions) -> Self {
+        // Logs show with --nocapture (RUST_LOG to filter); harmless when already set.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let geo_dir = tempfile::tempdir().unwrap();
         let geo = geo_dir.path().join("test.mmdb");
         write_mmdb(&geo, GeoFormat::IpLocationDb, TEST_GEO);
@@ -329,4 +334,35 @@ pub async fn refused(source: &str, addr: SocketAddr) -> bool {
         Ok(_) => buf.is_empty(),
         Err(_) => true, // reset
     }
+}
+
+/// The chaos test policy (`tests/fixtures/chaos-policy`), built once per test run.
+pub fn chaos_component() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let out_dir = root.join("../target/test-fixtures");
+            std::fs::create_dir_all(&out_dir).unwrap();
+            let out = out_dir.join("chaos-policy.wasm");
+            edgeproxy::adapters::inbound::policy_build::build(
+                &root.join("tests/fixtures/chaos-policy"),
+                Some(&out),
+                Some(&out_dir.join("cargo")),
+            )
+            .expect("building the chaos policy (needs: rustup target add wasm32-unknown-unknown)")
+        })
+        .clone()
+}
+
+/// Waits until `policy` has finished `n` reload attempts in all.
+pub async fn wait_reload_attempts(
+    policy: &edgeproxy::adapters::outbound::wasm_policy::WasmPolicy,
+    n: u64,
+) {
+    let mut rx = policy.reload_events();
+    tokio::time::timeout(WAIT, rx.wait_for(|v| *v >= n))
+        .await
+        .expect("policy reload")
+        .unwrap();
 }

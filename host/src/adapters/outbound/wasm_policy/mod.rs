@@ -27,6 +27,9 @@ use crate::domain::ports::{PickRequest, ScoringPolicy};
 use crate::domain::services::NativeScorer;
 use crate::domain::{CountryCode, Region, RoutedBackend, RoutingTable};
 
+/// `set-table` copies the whole table in; it gets this many call budgets.
+const SET_TABLE_BUDGETS: u64 = 20;
+
 /// The default policy (`policies/geo-load`), built by `edgeproxy policy build`.
 pub static DEFAULT_POLICY: &[u8] = include_bytes!("../../../../../policies/geo-load/geo-load.wasm");
 pub const DEFAULT_POLICY_NAME: &str = "geo-load (embedded)";
@@ -104,6 +107,11 @@ pub struct WasmPolicy {
     /// Regions a client can be in (the country map's), so every client region has an id.
     client_regions: Vec<Region>,
     pub faults: FaultCounts,
+    /// Policy file reloads swapped in, and rejected.
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+    /// Bumped after every reload attempt, for whoever waits on one (tests, admin).
+    reload_events: tokio::sync::watch::Sender<u64>,
 }
 
 struct Fault {
@@ -152,7 +160,7 @@ impl LoadedPolicy {
                 backend("d-ap", 3, "JP"),
             ],
         };
-        runtime.arm(&mut store);
+        runtime.arm(&mut store, SET_TABLE_BUDGETS);
         policy.call_set_table(&mut store, &table).map_err(fail)?;
         let client = wit::Client {
             ip: wit::IpAddress::Ipv4((200, 147, 3, 157)),
@@ -167,7 +175,7 @@ impl LoadedPolicy {
                 rtt_us: 0,
             })
             .collect();
-        runtime.arm(&mut store);
+        runtime.arm(&mut store, 1);
         match policy.call_pick_backend(&mut store, Some(0), client, &candidates) {
             Ok(None) => Ok(()),
             Ok(Some(i)) if (i as usize) < candidates.len() => Ok(()),
@@ -185,6 +193,9 @@ impl WasmPolicy {
             table: ArcSwapOption::empty(),
             client_regions,
             faults: FaultCounts::default(),
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
+            reload_events: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -200,6 +211,19 @@ impl WasmPolicy {
     pub fn swap(&self, next: LoadedPolicy) {
         tracing::info!(policy = %next.name, hash = %next.hash, "policy swapped in");
         self.current.store(Arc::new(next));
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        self.reload_events.send_modify(|n| *n += 1);
+    }
+
+    /// A file that failed to become the policy.
+    pub fn rejected(&self) {
+        self.reload_failures.fetch_add(1, Ordering::Relaxed);
+        self.reload_events.send_modify(|n| *n += 1);
+    }
+
+    /// Changes after every reload attempt (swapped in or rejected).
+    pub fn reload_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reload_events.subscribe()
     }
 
     fn wit_table(&self, table: &RoutingTable, pop_region: &Region) -> Arc<WitTable> {
@@ -246,7 +270,7 @@ impl WasmPolicy {
             Fault { kind, cause }
         };
         if inst.table_version != Some(table.version) {
-            self.runtime.arm(&mut inst.store);
+            self.runtime.arm(&mut inst.store, SET_TABLE_BUDGETS);
             inst.policy
                 .call_set_table(&mut inst.store, &table.table)
                 .map_err(fault)?;
@@ -282,7 +306,7 @@ impl WasmPolicy {
             .app
             .and_then(|a| table.table.apps.iter().position(|x| x == a))
             .map(|i| i as u32);
-        self.runtime.arm(&mut inst.store);
+        self.runtime.arm(&mut inst.store, 1);
         let answer = inst
             .policy
             .call_pick_backend(&mut inst.store, app, client, &inst.candidates)
@@ -394,7 +418,7 @@ fn country_code(c: CountryCode) -> u16 {
 /// Fault kind and a one-line cause for a failed guest call.
 fn describe(e: &wasmtime::Error) -> (FaultKind, String) {
     match e.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => (FaultKind::Timeout, "ran past its time limit".into()),
+        Some(wasmtime::Trap::OutOfFuel) => (FaultKind::Timeout, "ran past its time budget".into()),
         Some(trap) => (FaultKind::Trap, format!("trapped: {trap}")),
         None => (FaultKind::Trap, format!("{:#}", e)),
     }

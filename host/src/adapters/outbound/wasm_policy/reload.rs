@@ -68,6 +68,7 @@ pub async fn run(policy: Arc<WasmPolicy>, path: PathBuf, shutdown: CancellationT
         match tokio::task::spawn_blocking(move || load_file(p.runtime(), &file)).await {
             Ok(Ok(loaded)) => policy.swap(loaded),
             Ok(Err(e)) => {
+                policy.rejected();
                 tracing::error!(error = %e, "policy rejected; the previous policy keeps serving")
             }
             Err(e) => tracing::error!(error = %e, "policy loader failed"),

@@ -1,10 +1,13 @@
-//! The wasmtime side of a policy: the engine (with its epoch ticker), compiling bytes
+//! The wasmtime side of a policy: the engine, compiling bytes
 //! into a component (core modules made by `cargo build --target wasm32-unknown-unknown`
 //! are wrapped into components here), checking imports, and sandboxed instances.
 //!
 //! A policy gets no WASI at all: no filesystem, network, clock, environment or stdio.
-//! Its only imports are `host.log` and `host.random`. Each call is bounded in time by an
-//! epoch deadline and each instance in memory by `StoreLimits`.
+//! Its only imports are `host.log` and `host.random`. Each call's time is bounded by fuel
+//! (an instruction budget), not by the wall clock: a policy is stopped after the same
+//! amount of work however busy or preempted the host thread is, so containment is
+//! deterministic and a healthy policy never "times out" because the machine was loaded.
+//! Each instance's memory is bounded by `StoreLimits`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +17,13 @@ use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 
 use super::bindings::{Policy, PolicyPre};
 
-/// How often the epoch advances; call deadlines are whole ticks.
-pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// Fuel per millisecond of `timeout`: measured here, 10^6 units of fuel take a tight wasm
+/// loop 0.2-1.5 ms, so a budget never allows much more than the configured time.
+pub const FUEL_PER_MS: u64 = 1_000_000;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Longest a call may run (rounded up to whole epoch ticks, plus at most one tick).
+    /// Time budget of a call, enforced as `FUEL_PER_MS` fuel per millisecond.
     pub timeout: Duration,
     pub memory_bytes: usize,
 }
@@ -34,13 +38,9 @@ impl Default for Limits {
 }
 
 impl Limits {
-    fn deadline_ticks(&self) -> u64 {
-        let tick = EPOCH_TICK.as_micros().max(1);
-        // +1: the current tick may be about to end.
-        u64::try_from(self.timeout.as_micros().div_ceil(tick))
-            .unwrap_or(u64::MAX)
-            .max(1)
-            + 1
+    pub fn fuel(&self) -> u64 {
+        let us = u64::try_from(self.timeout.as_micros()).unwrap_or(u64::MAX);
+        us.saturating_mul(FUEL_PER_MS / 1000).max(1)
     }
 }
 
@@ -79,50 +79,26 @@ impl super::bindings::edgeproxy::policy::host::Host for GuestState {
     }
 }
 
-/// Engine, linker and epoch ticker shared by every policy the host loads.
+/// Engine and linker shared by every policy the host loads.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<GuestState>,
     limits: Limits,
-    _ticker: Ticker,
-}
-
-/// Advances the engine's epoch every tick until dropped.
-struct Ticker(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
 }
 
 impl Runtime {
     pub fn new(limits: Limits) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config.wasm_component_model(true);
-        config.epoch_interruption(true);
+        config.consume_fuel(true);
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
 
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (weak, flag) = (engine.weak(), Arc::clone(&stop));
-        std::thread::Builder::new()
-            .name("policy-epoch".into())
-            .spawn(move || {
-                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    match weak.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => return,
-                    }
-                }
-            })?;
         Ok(Self {
             engine,
             linker,
             limits,
-            _ticker: Ticker(stop),
         })
     }
 
@@ -181,14 +157,17 @@ impl Runtime {
             },
         );
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(self.limits.deadline_ticks());
+        // Instantiation runs the guest's start-up code, which needs fuel too.
+        store.set_fuel(self.limits.fuel())?;
         let policy = pre.instantiate(&mut store)?;
         Ok((store, policy))
     }
 
-    /// Arms the time bound for the next call on `store`.
-    pub fn arm(&self, store: &mut Store<GuestState>) {
-        store.set_epoch_deadline(self.limits.deadline_ticks());
+    /// Arms the time bound for the next call on `store`: `scale` budgets (set-table does
+    /// more work than a decision).
+    pub fn arm(&self, store: &mut Store<GuestState>, scale: u64) {
+        // Invariant: fuel is enabled on this engine, so setting it cannot fail.
+        let _ = store.set_fuel(self.limits.fuel().saturating_mul(scale));
     }
 }
 

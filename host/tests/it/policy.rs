@@ -1,0 +1,275 @@
+//! WebAssembly policies in a running proxy: the default component agrees with the native
+//! scorer, a replaced policy file routes new clients differently without a restart, and
+//! faulty components are contained.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use edgeproxy::adapters::outbound::wasm_policy::runtime::{Limits, Runtime};
+use edgeproxy::adapters::outbound::wasm_policy::{DEFAULT_POLICY, LoadedPolicy, WasmPolicy};
+use edgeproxy::domain::ports::{PickRequest, ScoringPolicy};
+use edgeproxy::domain::services::{NativeScorer, RegionMap};
+use edgeproxy::domain::{
+    Backend as BackendRow, BackendId, BackendStats, Client, Region, RoutingTable,
+};
+use proptest::prelude::*;
+
+use crate::support::*;
+
+fn default_policy() -> WasmPolicy {
+    let runtime = Arc::new(Runtime::new(Limits::default()).unwrap());
+    let loaded = LoadedPolicy::load(&runtime, "default", DEFAULT_POLICY).unwrap();
+    let regions = ["sa", "us", "eu", "ap"].map(Region::new).to_vec();
+    WasmPolicy::new(runtime, regions, loaded)
+}
+
+#[derive(Debug, Clone)]
+struct Spec {
+    app: &'static str,
+    region: &'static str,
+    country: &'static str,
+    healthy: bool,
+    weight: u32,
+    soft: u32,
+    hard: u32,
+    active: u32,
+}
+
+fn spec() -> impl Strategy<Value = Spec> {
+    (
+        prop::sample::select(vec!["a", "b"]),
+        prop::sample::select(vec!["sa", "us", "eu", "ap", "af"]),
+        prop::sample::select(vec!["BR", "AR", "US", "DE", "JP", "ZA"]),
+        prop::bool::weighted(0.8),
+        0u32..4,
+        0u32..20,
+        0u32..8,
+        0u32..30,
+    )
+        .prop_map(
+            |(app, region, country, healthy, weight, soft, hard, active)| Spec {
+                app,
+                region,
+                country,
+                healthy,
+                weight,
+                soft,
+                hard,
+                active,
+            },
+        )
+}
+
+fn table(version: u64, specs: &[Spec]) -> RoutingTable {
+    let backends: Vec<BackendRow> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| BackendRow {
+            id: BackendId::new(&format!("b{i:03}")),
+            app: s.app.into(),
+            region: Region::new(s.region),
+            country: s.country.parse().unwrap(),
+            addr: "10.50.0.1:80".parse().unwrap(),
+            healthy: s.healthy,
+            weight: s.weight,
+            soft_limit: s.soft,
+            hard_limit: s.hard,
+        })
+        .collect();
+    let active: std::collections::HashMap<String, u32> = backends
+        .iter()
+        .zip(specs)
+        .map(|(b, s)| (b.id.to_string(), s.active))
+        .collect();
+    RoutingTable::new(version, backends, |id| {
+        let stats = Arc::new(BackendStats::default());
+        for _ in 0..active[id.as_str()] {
+            std::mem::forget(stats.acquire());
+        }
+        stats
+    })
+}
+
+#[test]
+fn wasm_default_policy_agrees_with_the_native_scorer() {
+    let wasm = default_policy();
+    let regions = RegionMap::default();
+    let version = std::cell::Cell::new(0);
+    let config = ProptestConfig {
+        cases: 3000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(
+        specs in prop::collection::vec(spec(), 0..40),
+        country in prop::option::of(prop::sample::select(vec!["BR", "US", "DE", "KE", "JP", "ZA"])),
+        pop in prop::sample::select(vec!["sa", "us", "eu", "ap"]),
+        app in prop::option::of(prop::sample::select(vec!["a", "b"])),
+        v6 in any::<bool>(),
+    )| {
+        version.set(version.get() + 1);
+        let t = table(version.get(), &specs);
+        let country = country.map(|c: &str| c.parse().unwrap());
+        let client = Client {
+            ip: if v6 { "2001:db8::7".parse().unwrap() } else { "203.0.113.7".parse().unwrap() },
+            country,
+            region: country.map(|c| regions.region_of(c)),
+            via_proxy_protocol: v6,
+        };
+        let pop = Region::new(pop);
+        let req = PickRequest { table: &t, pop_region: &pop, app, client: &client };
+        let candidates = t.candidates(app);
+        prop_assert_eq!(wasm.pick(&req, candidates), NativeScorer.pick(&req, candidates));
+        prop_assert_eq!(wasm.faults.total(), 0);
+    });
+}
+
+fn rows_for(app: &'static str, near: &Backend, far: &Backend) -> Vec<Row<'static>> {
+    let mut a = Row::new("a", "sa", "BR", near.addr);
+    let mut m = Row::new("m", "sa", "BR", near.addr);
+    let mut z = Row::new("z", "eu", "DE", far.addr);
+    m.healthy = false;
+    for r in [&mut a, &mut m, &mut z] {
+        r.app = app;
+    }
+    vec![a, m, z]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faulty_policies_are_contained() {
+    let chaos = chaos_component();
+    let near = Backend::start("a").await;
+    let far = Backend::start("z").await;
+    for app in [
+        "trap",
+        "loop",
+        "grow",
+        "garbage",
+        "unhealthy",
+        "refuse",
+        "healthy",
+    ] {
+        let db = Db::new(&rows_for(app, &near, &far));
+        let opts = ProxyOptions {
+            file: edgeproxy::config::Layer::from_toml(&format!(
+                "binding_ttl_secs = 0\npolicy_path = {:?}",
+                chaos.display().to_string()
+            ))
+            .unwrap(),
+            listener: Some(edgeproxy::config::ListenerConfig {
+                app: Some(app.into()),
+                ..edgeproxy::config::ListenerConfig::plain("127.0.0.1:0".parse().unwrap())
+            }),
+        };
+        let p = Proxy::start_with(&db, opts).await;
+        let wasm = p.host.wasm_policy.clone().unwrap();
+        let f = &wasm.faults;
+        for round in 1..=2u64 {
+            match app {
+                // No answer is a refusal, not a fault.
+                "refuse" => assert!(refused("127.0.0.2", p.addr).await),
+                // The chaos policy's own choice: the last eligible backend.
+                "healthy" => assert_eq!(served_by("127.0.0.2", p.addr).await, "z"),
+                // A fault: the native scorer decides (BR client -> "a"), a fresh
+                // instance is used next time.
+                _ => assert_eq!(served_by("127.0.0.2", p.addr).await, "a", "{app}"),
+            }
+            let (traps, timeouts, bad) = (
+                f.traps.load(Ordering::Relaxed),
+                f.timeouts.load(Ordering::Relaxed),
+                f.bad_answers.load(Ordering::Relaxed),
+            );
+            let expected = match app {
+                "trap" | "grow" => (round, 0, 0),
+                "loop" => (0, round, 0),
+                "garbage" | "unhealthy" => (0, 0, round),
+                _ => (0, 0, 0),
+            };
+            assert_eq!((traps, timeouts, bad), expected, "{app}");
+        }
+        assert_eq!(p.stop().await.cut_off, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_the_policy_file_reroutes_new_clients_live() {
+    let chaos = std::fs::read(chaos_component()).unwrap();
+    let near = Backend::start("a").await;
+    let far = Backend::start("z").await;
+    let db = Db::new(&[
+        Row::new("a", "sa", "BR", near.addr),
+        Row::new("z", "eu", "DE", far.addr),
+    ]);
+    let policy_path = db.dir.path().join("policy.wasm");
+    std::fs::write(&policy_path, DEFAULT_POLICY).unwrap();
+    let p = Proxy::start(
+        &db,
+        &format!(
+            "binding_ttl_secs = 0\npolicy_path = {:?}",
+            policy_path.display().to_string()
+        ),
+    )
+    .await;
+    let wasm = p.host.wasm_policy.clone().unwrap();
+    assert_eq!(served_by("127.0.0.2", p.addr).await, "a");
+
+    // A burst runs across every swap below; none of its connections may fail.
+    let addr = p.addr;
+    let burst = tokio::spawn(async move {
+        let mut served = Vec::new();
+        for _ in 0..300 {
+            served.push(served_by("127.0.0.2", addr).await);
+        }
+        served
+    });
+
+    // `cp` over the file: written in place.
+    std::fs::write(&policy_path, &chaos).unwrap();
+    wait_reload_attempts(&wasm, 1).await;
+    assert_eq!(wasm.reloads.load(Ordering::Relaxed), 1);
+    assert_eq!(served_by("127.0.0.2", p.addr).await, "z");
+
+    // Not a component: rejected, the chaos policy keeps serving.
+    std::fs::write(&policy_path, b"\0asm garbage").unwrap();
+    wait_reload_attempts(&wasm, 2).await;
+    assert_eq!(wasm.reload_failures.load(Ordering::Relaxed), 1);
+    assert_eq!(served_by("127.0.0.2", p.addr).await, "z");
+
+    // An atomic rename of the default back into place.
+    let staged = db.dir.path().join("policy.wasm.new");
+    std::fs::write(&staged, DEFAULT_POLICY).unwrap();
+    std::fs::rename(&staged, &policy_path).unwrap();
+    wait_reload_attempts(&wasm, 3).await;
+    assert_eq!(wasm.reloads.load(Ordering::Relaxed), 2);
+    assert_eq!(served_by("127.0.0.2", p.addr).await, "a");
+
+    let served = burst.await.unwrap();
+    assert_eq!(served.len(), 300);
+    assert!(served.iter().all(|s| s == "a" || s == "z"));
+    assert_eq!(wasm.faults.total(), 0);
+    assert_eq!(p.stop().await.cut_off, 0);
+}
+
+#[tokio::test]
+async fn a_policy_that_does_not_load_stops_start_up() {
+    let db = Db::new(&[]);
+    let bad = db.dir.path().join("bad.wasm");
+    std::fs::write(&bad, b"definitely not wasm").unwrap();
+    let missing = db.dir.path().join("missing.wasm");
+    for (path, cause) in [(&bad, "not a WebAssembly"), (&missing, "No such file")] {
+        let file = edgeproxy::config::Layer::from_toml(&format!(
+            "db_path = {:?}\npolicy_path = {:?}",
+            db.path.display().to_string(),
+            path.display().to_string()
+        ))
+        .unwrap();
+        let config =
+            edgeproxy::config::Config::resolve(file, Default::default(), Default::default())
+                .unwrap();
+        let err = format!("{:#}", edgeproxy::Host::build(&config).await.err().unwrap());
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains(cause),
+            "{err}"
+        );
+    }
+}
