@@ -2,7 +2,8 @@
 # Runs edgeproxy for ../shared/bench/run.sh: one listener, one backend.
 #   edgeproxy-cmd.sh LISTEN_ADDR BACKEND_ADDR WORKDIR
 # Env: EDGEPROXY (binary, default target/release/edgeproxy), BINDINGS=0 turns bindings off,
-# and any EDGEPROXY_* setting passes through.
+# POLICY=native decides with the native scorer instead of the embedded wasm policy, and any
+# EDGEPROXY_* setting passes through.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 listen=$1 backend=$2 work=$3
@@ -21,4 +22,5 @@ c.commit()
 PY
 export EDGEPROXY_LISTEN_ADDR=$listen EDGEPROXY_DB_PATH=$db EDGEPROXY_REGION=sa
 [ "${BINDINGS:-1}" = 0 ] && export EDGEPROXY_BINDING_TTL_SECS=0
+[ "${POLICY:-wasm}" = native ] && export EDGEPROXY_NATIVE_POLICY=true
 exec "${EDGEPROXY:-$here/../target/release/edgeproxy}" 2>>"$work/edgeproxy.log"

@@ -191,7 +191,16 @@ impl Layer {
             debug: lookup("DEBUG").map(|v| !matches!(v.as_str(), "" | "0" | "false")),
             default_region: var("EDGEPROXY_DEFAULT_REGION"),
             policy_path: var("EDGEPROXY_POLICY_PATH").map(PathBuf::from),
-            native_policy: env!("EDGEPROXY_NATIVE_POLICY"),
+            native_policy: var("EDGEPROXY_NATIVE_POLICY")
+                .map(|v| match v.to_ascii_lowercase().as_str() {
+                    "1" | "true" | "yes" | "on" => Ok(true),
+                    "0" | "false" | "no" | "off" => Ok(false),
+                    _ => Err(invalid(
+                        "EDGEPROXY_NATIVE_POLICY",
+                        format!("bad value {v:?}: expected true or false"),
+                    )),
+                })
+                .transpose()?,
             policy_timeout_ms: env!("EDGEPROXY_POLICY_TIMEOUT_MS"),
             policy_memory_mib: env!("EDGEPROXY_POLICY_MEMORY_MIB"),
             regions: None,
@@ -453,6 +462,11 @@ mod tests {
         let err = Layer::from_env(|k| (k == "EDGEPROXY_LISTEN_ADDR").then(|| "nowhere".into()))
             .unwrap_err();
         assert!(err.to_string().contains("EDGEPROXY_LISTEN_ADDR"), "{err}");
+        let on = Layer::from_env(|k| (k == "EDGEPROXY_NATIVE_POLICY").then(|| "1".into())).unwrap();
+        assert_eq!(on.native_policy, Some(true));
+        let err = Layer::from_env(|k| (k == "EDGEPROXY_NATIVE_POLICY").then(|| "maybe".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("EDGEPROXY_NATIVE_POLICY"), "{err}");
     }
 
     #[test]

@@ -130,7 +130,11 @@ async fn tour(
         tokio::spawn(async move { host.run(vec![(listener, listener_config)], stop).await })
     };
 
-    println!("edgeproxy demo: POP region \"sa\", proxy on {proxy}, backends:");
+    let policy = host.wasm_policy.as_ref().map_or_else(
+        || "native scorer".to_owned(),
+        |w| format!("{} (WebAssembly)", w.current().name),
+    );
+    println!("edgeproxy demo: POP region \"sa\", proxy on {proxy}, policy {policy}, backends:");
     for b in &BACKENDS {
         println!(
             "  {:<9} region {:<2}  country {}",

@@ -40,17 +40,7 @@ fn env_only_start_creates_the_db_serves_and_stops_on_sigterm() {
         .unwrap();
     let mut child = Running(child);
     let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("proxy exited before listening")
-            .unwrap();
-        if line.contains("\"listening\"") {
-            let start = line.find("\"addr\":\"").unwrap() + 8;
-            let end = start + line[start..].find('"').unwrap();
-            break line[start..end].parse::<std::net::SocketAddr>().unwrap();
-        }
-    };
+    let addr = listening_addr(&mut lines);
     // Keep draining the log so the child never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
     // The database was created with the schema; add a backend and see it used.
@@ -77,6 +67,23 @@ fn env_only_start_creates_the_db_serves_and_stops_on_sigterm() {
         .unwrap();
     let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Reads the JSON log until the "listening" event and returns its address.
+fn listening_addr(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+) -> std::net::SocketAddr {
+    loop {
+        let line = lines
+            .next()
+            .expect("proxy exited before listening")
+            .unwrap();
+        if line.contains("\"listening\"") {
+            let start = line.find("\"addr\":\"").unwrap() + 8;
+            let end = start + line[start..].find('"').unwrap();
+            return line[start..end].parse().unwrap();
+        }
+    }
 }
 
 fn start_error(cmd: &mut Command) -> String {
@@ -128,4 +135,70 @@ fn demo_shows_geo_routing() {
     assert_eq!(served("200.147.3.157"), "sa-gru-1");
     assert_eq!(served("85.214.132.117"), "eu-fra-1");
     assert_eq!(served("8.8.8.8"), "us-iad-1");
+}
+
+#[test]
+fn accept_loop_survives_running_out_of_descriptors() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let backend = rt.block_on(Backend::start("b"));
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::new(&[Row::new("b", "sa", "BR", backend.addr)]);
+    // 64 descriptors: enough to start, far too few for 100 proxied connections (2 each).
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 64 && exec {}",
+            env!("CARGO_BIN_EXE_edgeproxy")
+        ))
+        .env_clear()
+        .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
+        .env("EDGEPROXY_DB_PATH", &db.path)
+        .env("EDGEPROXY_LOG_FORMAT", "json")
+        .env("EDGEPROXY_NATIVE_POLICY", "1")
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let addr = listening_addr(&mut lines);
+    let (log_tx, log_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = log_tx.send(line);
+        }
+    });
+    rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            // Connects succeed at the kernel's backlog whether or not the proxy accepts.
+            if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+                held.push(s);
+            }
+        }
+        // The proxy reports exhaustion instead of dying ...
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let line = log_rx
+                .recv_timeout(WAIT)
+                .expect("an accept error in the log");
+            if line.contains("out of resources") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline);
+        }
+        drop(held);
+        // ... and serves again once descriptors are free.
+        let mut served = None;
+        for _ in 0..500 {
+            if !refused("127.0.0.1", addr).await {
+                served = Some(served_by("127.0.0.1", addr).await);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(served.as_deref(), Some("b"));
+    });
+    assert!(child.0.try_wait().unwrap().is_none(), "edgeproxy exited");
 }
