@@ -11,6 +11,8 @@ use crate::{Backend, Candidate, Client, Context, Country, Policy, RegionId, Tabl
 thread_local! {
     // A component instance runs on one thread; this is its table.
     static TABLE: RefCell<Option<Table>> = const { RefCell::new(None) };
+    // Candidate views, kept empty between calls so a decision does not allocate them.
+    static VIEWS: RefCell<Vec<Candidate<'static>>> = const { RefCell::new(Vec::new()) };
 }
 
 pub fn set_table(t: bindings::RoutingTable) {
@@ -40,9 +42,9 @@ pub fn set_table(t: bindings::RoutingTable) {
 fn client(c: bindings::Client) -> Client {
     Client {
         ip: match c.ip {
-            IpAddress::Ipv4((a, b, c, d)) => IpAddr::V4(Ipv4Addr::new(a, b, c, d)),
-            IpAddress::Ipv6((a, b, c, d, e, f, g, h)) => {
-                IpAddr::V6(Ipv6Addr::new(a, b, c, d, e, f, g, h))
+            IpAddress::Ipv4(v4) => IpAddr::V4(Ipv4Addr::from_bits(v4)),
+            IpAddress::Ipv6((hi, lo)) => {
+                IpAddr::V6(Ipv6Addr::from_bits(u128::from(hi) << 64 | u128::from(lo)))
             }
         },
         country: c.country.map(Country),
@@ -51,30 +53,39 @@ fn client(c: bindings::Client) -> Client {
     }
 }
 
-pub fn pick<P: Policy>(
-    app: Option<u32>,
-    c: bindings::Client,
-    candidates: Vec<bindings::Candidate>,
-) -> Option<u32> {
+pub fn pick<P: Policy>(app: Option<u32>, c: bindings::Client, candidates: Vec<u32>) -> Option<u32> {
     let client = client(c);
     TABLE.with(|t| {
         let guard = t.borrow();
         // The host always sends a table first; without one there is nothing to choose from.
         let table = guard.as_ref()?;
-        let views = candidates
-            .iter()
-            .map(|c| {
-                Some(Candidate {
-                    backend: table.backends.get(c.backend as usize)?,
-                    active: c.active,
-                    rtt_us: c.rtt_us,
-                })
-            })
-            .collect::<Option<Vec<_>>>()?;
-        let app = app
-            .and_then(|a| table.apps.get(a as usize))
-            .map(String::as_str);
-        let answer = P::pick(&Context { table, app }, &client, &views)?;
-        u32::try_from(answer).ok()
+        VIEWS.with(|v| {
+            // An empty Vec holds no borrows: collecting it in place only changes the
+            // lifetime and keeps the allocation.
+            let mut views: Vec<Candidate<'_>> =
+                v.take().into_iter().map(|_| unreachable!()).collect();
+            let mut valid = true;
+            for c in candidates.chunks_exact(3) {
+                match table.backends.get(c[0] as usize) {
+                    Some(backend) => views.push(Candidate {
+                        backend,
+                        active: c[1],
+                        rtt_us: c[2],
+                    }),
+                    None => valid = false,
+                }
+            }
+            let app = app
+                .and_then(|a| table.apps.get(a as usize))
+                .map(String::as_str);
+            let answer = if valid {
+                P::pick(&Context { table, app }, &client, &views)
+            } else {
+                None
+            };
+            views.clear();
+            v.replace(views.into_iter().map(|_| unreachable!()).collect());
+            u32::try_from(answer?).ok()
+        })
     })
 }

@@ -235,7 +235,7 @@ macro_rules! export_policy {
             fn pick_backend(
                 app: ::std::option::Option<u32>,
                 client: $crate::bindings::Client,
-                candidates: ::std::vec::Vec<$crate::bindings::Candidate>,
+                candidates: ::std::vec::Vec<u32>,
             ) -> ::std::option::Option<u32> {
                 $crate::glue::pick::<$policy>(app, client, candidates)
             }

@@ -49,8 +49,9 @@ struct Instance {
     policy: Policy,
     /// Version of the routing table this instance was last given.
     table_version: Option<u64>,
-    /// Reused per call so a decision allocates nothing once warm.
-    candidates: Vec<wit::Candidate>,
+    /// Reused per call so a decision allocates nothing once warm: (backend index,
+    /// active, rtt) per candidate, flattened as the contract passes them.
+    candidates: Vec<u32>,
 }
 
 /// The routing table in its WIT form, built once per version and shared by all instances.
@@ -163,22 +164,16 @@ impl LoadedPolicy {
         runtime.arm(&mut store, SET_TABLE_BUDGETS);
         policy.call_set_table(&mut store, &table).map_err(fail)?;
         let client = wit::Client {
-            ip: wit::IpAddress::Ipv4((200, 147, 3, 157)),
+            ip: wit::IpAddress::Ipv4(u32::from_be_bytes([200, 147, 3, 157])),
             country: Some(country_code("BR".parse().expect("valid test country"))),
             region: Some(0),
             via_proxy_protocol: false,
         };
-        let candidates: Vec<wit::Candidate> = (0..4)
-            .map(|i| wit::Candidate {
-                backend: i,
-                active: i,
-                rtt_us: 0,
-            })
-            .collect();
+        let candidates: Vec<u32> = (0..4).flat_map(|i| [i, i, 0]).collect();
         runtime.arm(&mut store, 1);
         match policy.call_pick_backend(&mut store, Some(0), client, &candidates) {
             Ok(None) => Ok(()),
-            Ok(Some(i)) if (i as usize) < candidates.len() => Ok(()),
+            Ok(Some(i)) if i < 4 => Ok(()),
             Ok(Some(i)) => Err(LoadError::SelfTest(format!("answered {i} of 4 candidates"))),
             Err(e) => Err(fail(e)),
         }
@@ -277,21 +272,17 @@ impl WasmPolicy {
             inst.table_version = Some(table.version);
         }
         inst.candidates.clear();
-        inst.candidates
-            .extend(candidates.iter().map(|c| wit::Candidate {
-                backend: c.index,
-                active: c.stats.active(),
-                rtt_us: u32::try_from(c.stats.rtt_us()).unwrap_or(u32::MAX),
-            }));
+        for c in candidates {
+            let rtt = u32::try_from(c.stats.rtt_us()).unwrap_or(u32::MAX);
+            inst.candidates
+                .extend_from_slice(&[c.index, c.stats.active(), rtt]);
+        }
         let client = wit::Client {
             ip: match req.client.ip {
-                std::net::IpAddr::V4(v4) => {
-                    let [a, b, c, d] = v4.octets();
-                    wit::IpAddress::Ipv4((a, b, c, d))
-                }
+                std::net::IpAddr::V4(v4) => wit::IpAddress::Ipv4(v4.to_bits()),
                 std::net::IpAddr::V6(v6) => {
-                    let [a, b, c, d, e, f, g, h] = v6.segments();
-                    wit::IpAddress::Ipv6((a, b, c, d, e, f, g, h))
+                    let bits = v6.to_bits();
+                    wit::IpAddress::Ipv6(((bits >> 64) as u64, bits as u64))
                 }
             },
             country: req.client.country.map(country_code),
