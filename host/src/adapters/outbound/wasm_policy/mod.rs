@@ -40,6 +40,8 @@ pub struct LoadedPolicy {
     /// Content fingerprint (hex), to tell versions apart in logs and status.
     pub hash: String,
     pub loaded_at: SystemTime,
+    /// (length, mtime) of the file it was read from, so the watcher knows what it has.
+    source: Option<(u64, SystemTime)>,
     pre: PolicyPre<GuestState>,
     idle: Mutex<Vec<Instance>>,
 }
@@ -128,6 +130,7 @@ impl LoadedPolicy {
             name: Arc::from(name),
             hash: fingerprint(bytes),
             loaded_at: SystemTime::now(),
+            source: None,
             pre,
             idle: Mutex::new(Vec::new()),
         };

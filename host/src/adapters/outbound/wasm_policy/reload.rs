@@ -32,8 +32,14 @@ pub fn load_file(runtime: &Runtime, path: &Path) -> Result<LoadedPolicy, PolicyF
         path: path.display().to_string(),
         reason,
     };
+    // Taken before reading: if the file changes in between, the watcher sees a change
+    // and loads again, rather than missing one.
+    let source = signature(path);
     let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    LoadedPolicy::load(runtime, &path.display().to_string(), &bytes).map_err(|e| err(e.to_string()))
+    let mut loaded = LoadedPolicy::load(runtime, &path.display().to_string(), &bytes)
+        .map_err(|e| err(e.to_string()))?;
+    loaded.source = source;
+    Ok(loaded)
 }
 
 /// What identifies one version of the file without reading it.
@@ -48,7 +54,9 @@ pub async fn run(policy: Arc<WasmPolicy>, path: PathBuf, shutdown: CancellationT
     let _watch = file_watch::watch(&path, Arc::clone(&changed))
         .inspect_err(|e| tracing::warn!(path = %path.display(), error = %e, "cannot watch the policy file; polling only"))
         .ok();
-    let mut last = signature(&path);
+    // What is serving now, not what the file is now: a write that landed before this
+    // task started is still a change.
+    let mut last = policy.current().source;
     let mut poll = tokio::time::interval(POLL);
     loop {
         tokio::select! {
@@ -61,6 +69,11 @@ pub async fn run(policy: Arc<WasmPolicy>, path: PathBuf, shutdown: CancellationT
         }
         let now = signature(&path);
         if now == last || now.is_none() {
+            continue;
+        }
+        // Load only a file that stayed the same for SETTLE (a write may be in progress).
+        tokio::time::sleep(SETTLE).await;
+        if signature(&path) != now {
             continue;
         }
         last = now;
