@@ -273,3 +273,18 @@ async fn a_policy_that_does_not_load_stops_start_up() {
         );
     }
 }
+
+#[test]
+fn a_plain_core_module_from_cargo_build_loads_too() {
+    // `chaos_component()` ran `cargo build --profile policy --target wasm32-unknown-unknown`;
+    // its raw output is a core module, which the host wraps into a component itself.
+    let component = chaos_component();
+    let module = component
+        .parent()
+        .unwrap()
+        .join("cargo/wasm32-unknown-unknown/policy/chaos_policy.wasm");
+    let bytes = std::fs::read(&module).unwrap();
+    assert_eq!(&bytes[..8], b"\0asm\x01\0\0\0", "expected a core module");
+    let runtime = Runtime::new(Limits::default()).unwrap();
+    LoadedPolicy::load(&runtime, "core module", &bytes).unwrap();
+}
