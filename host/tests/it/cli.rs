@@ -29,20 +29,11 @@ fn env_only_start_creates_the_db_serves_and_stops_on_sigterm() {
     let backend = backend_rt.block_on(Backend::start("only"));
     let dir = tempfile::tempdir().unwrap();
     let db_path = dir.path().join("fresh.db");
-    let child = edgeproxy()
-        .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
-        .env("EDGEPROXY_DB_PATH", &db_path)
-        .env("EDGEPROXY_REGION", "us")
-        .env("EDGEPROXY_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Running(child);
-    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let addr = listening_addr(&mut lines);
-    // Keep draining the log so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
+    let (mut child, addr, _log) = start_logged(
+        edgeproxy()
+            .env("EDGEPROXY_DB_PATH", &db_path)
+            .env("EDGEPROXY_REGION", "us"),
+    );
     // The database was created with the schema; add a backend and see it used.
     let db = Db {
         path: db_path.clone(),
@@ -67,6 +58,35 @@ fn env_only_start_creates_the_db_serves_and_stops_on_sigterm() {
         .unwrap();
     let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Starts `cmd` (a proxy listening on 127.0.0.1:0 with JSON logs) and waits until it
+/// listens. Returns the process, its address, and its log lines from then on (a thread
+/// keeps draining them, so the child never blocks on a full pipe).
+fn start_logged(
+    cmd: &mut Command,
+) -> (
+    Running,
+    std::net::SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let child = cmd
+        .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
+        .env("EDGEPROXY_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let addr = listening_addr(&mut lines);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, addr, rx)
 }
 
 /// Reads the JSON log until the "listening" event and returns its address.
@@ -144,31 +164,18 @@ fn accept_loop_survives_running_out_of_descriptors() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::new(&[Row::new("b", "sa", "BR", backend.addr)]);
     // 64 descriptors: enough to start, far too few for 100 proxied connections (2 each).
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -n 64 && exec {}",
-            env!("CARGO_BIN_EXE_edgeproxy")
-        ))
-        .env_clear()
-        .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
-        .env("EDGEPROXY_DB_PATH", &db.path)
-        .env("EDGEPROXY_LOG_FORMAT", "json")
-        .env("EDGEPROXY_NATIVE_POLICY", "1")
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Running(child);
-    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let addr = listening_addr(&mut lines);
-    let (log_tx, log_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            let _ = log_tx.send(line);
-        }
-    });
+    let (mut child, addr, log_rx) = start_logged(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n 64 && exec {}",
+                env!("CARGO_BIN_EXE_edgeproxy")
+            ))
+            .env_clear()
+            .env("EDGEPROXY_DB_PATH", &db.path)
+            .env("EDGEPROXY_NATIVE_POLICY", "1")
+            .current_dir(dir.path()),
+    );
     rt.block_on(async {
         let mut held = Vec::new();
         for _ in 0..100 {
