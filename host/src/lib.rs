@@ -107,6 +107,7 @@ impl Host {
                 connect_attempts: config.connect_attempts,
                 idle_timeout: config.idle_timeout,
             },
+            buffers: application::relay::BufferPool::new(64),
         });
         Ok(Self {
             service,

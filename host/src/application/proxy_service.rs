@@ -5,10 +5,9 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -18,6 +17,7 @@ use crate::domain::ports::{
 use crate::domain::services::{NativeScorer, RegionMap};
 use crate::domain::{Client, Region, RoutedBackend};
 
+use super::relay::{self, BufferPool};
 use super::routing::Routing;
 
 #[derive(Debug, Clone)]
@@ -36,6 +36,7 @@ pub struct ProxyService {
     pub regions: RegionMap,
     pub policy: Arc<dyn ScoringPolicy>,
     pub settings: ProxySettings,
+    pub buffers: BufferPool,
 }
 
 /// Where a connection came from, after PROXY protocol.
@@ -198,97 +199,13 @@ impl ProxyService {
         if !inbound.early_data.is_empty() {
             upstream.write_all(&inbound.early_data).await?;
         }
-        let (up, down) =
-            copy_both_ways(inbound_stream, &mut upstream, self.settings.idle_timeout).await?;
+        let (up, down) = relay::relay(
+            inbound_stream,
+            &upstream,
+            &self.buffers,
+            self.settings.idle_timeout,
+        )
+        .await?;
         Ok((target.backend.id.to_string(), up, down))
-    }
-}
-
-/// Copies both ways with half-close (each side's EOF becomes a shutdown of the other's
-/// write side) until both directions are done, or until neither side sent anything for
-/// `idle`.
-async fn copy_both_ways(
-    client: &mut TcpStream,
-    backend: &mut TcpStream,
-    idle: Option<Duration>,
-) -> std::io::Result<(u64, u64)> {
-    let Some(idle) = idle else {
-        return tokio::io::copy_bidirectional(client, backend).await;
-    };
-    let start = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
-    let mut client = Activity {
-        inner: client,
-        start,
-        last: Arc::clone(&last),
-    };
-    let mut backend = Activity {
-        inner: backend,
-        start,
-        last: Arc::clone(&last),
-    };
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
-    tokio::pin!(copy);
-    let mut seen = 0;
-    loop {
-        let deadline = start + Duration::from_millis(seen) + idle;
-        tokio::select! {
-            r = &mut copy => return r,
-            _ = tokio::time::sleep_until(deadline) => {
-                let now = last.load(Ordering::Relaxed);
-                if now == seen {
-                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("idle for {idle:?}")));
-                }
-                seen = now;
-            }
-        }
-    }
-}
-
-/// Stamps the time of the last successful read (ms since `start`) for the idle timeout.
-struct Activity<'a> {
-    inner: &'a mut TcpStream,
-    start: Instant,
-    last: Arc<AtomicU64>,
-}
-
-impl AsyncRead for Activity<'_> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            // Never 0, which stands for "no activity yet".
-            let ms = u64::try_from(self.start.elapsed().as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1);
-            self.last.store(ms, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Activity<'_> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
