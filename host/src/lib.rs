@@ -33,6 +33,10 @@ use config::{Config, ListenerConfig, PolicySource};
 use domain::ports::{BindingRepository, GeoResolver, ScoringPolicy};
 use domain::services::NativeScorer;
 
+/// Pipes for splice(2) that may exist at once (two descriptors each). Idle connections
+/// hold none, so this only bounds chunks in flight; past it, chunks go through buffers.
+const MAX_PIPES: usize = 1024;
+
 /// The parts of one running POP, shared by the listeners and the background tasks.
 pub struct Host {
     pub service: Arc<ProxyService>,
@@ -107,7 +111,7 @@ impl Host {
                 connect_attempts: config.connect_attempts,
                 idle_timeout: config.idle_timeout,
             },
-            buffers: application::relay::BufferPool::new(64),
+            buffers: application::relay::BufferPool::new(64, MAX_PIPES),
         });
         Ok(Self {
             service,
