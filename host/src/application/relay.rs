@@ -22,6 +22,9 @@ use tokio::time::Instant;
 
 pub const BUFFER_SIZE: usize = 64 * 1024;
 
+/// Whether this platform moves bulk with splice(2).
+const SPLICE: bool = cfg!(target_os = "linux");
+
 /// Buffers (and on Linux pipes) shared by every connection; only those in use exist
 /// beyond `keep` of each.
 pub struct BufferPool {
@@ -94,7 +97,44 @@ pub async fn relay(
 }
 
 /// One direction until EOF, then a shutdown of `to`'s write half.
+///
+/// Small exchanges are cheaper with read/write; splice pays off once a direction carries
+/// bulk (a read that fills a quarter of a buffer). So a direction starts buffered and
+/// switches for good at its first bulk read. The splice phase is boxed: its state then
+/// exists only for directions that carry bulk, not in every (mostly idle) connection.
 async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    pool: &BufferPool,
+    start: Instant,
+    last: &AtomicU64,
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut bulk = false;
+    while !bulk {
+        from.readable().await?;
+        match chunk_buffered(from, to, pool).await? {
+            Moved::WouldBlock => continue,
+            Moved::Eof => break,
+            Moved::Bytes(n) => {
+                touch(start, last);
+                total += n as u64;
+                bulk = SPLICE && n >= BUFFER_SIZE / 4;
+            }
+        }
+    }
+    if bulk {
+        total += Box::pin(pump_spliced(from, to, pool, start, last)).await?;
+    }
+    match SockRef::from(to).shutdown(Shutdown::Write) {
+        // The peer may have closed already; nothing is left to tell it.
+        Err(e) if e.kind() != ErrorKind::NotConnected => Err(e),
+        _ => Ok(total),
+    }
+}
+
+/// The rest of a direction after its first bulk read, spliced where a pipe can be had.
+async fn pump_spliced(
     from: &TcpStream,
     to: &TcpStream,
     pool: &BufferPool,
@@ -110,28 +150,22 @@ async fn pump(
         };
         match moved {
             Moved::WouldBlock => continue,
-            Moved::Eof => break,
+            Moved::Eof => return Ok(total),
             Moved::Bytes(n) => {
-                // Milliseconds since start, never 0 (0 stands for "no activity yet").
-                let ms = u64::try_from(start.elapsed().as_millis())
-                    .unwrap_or(u64::MAX)
-                    .max(1);
-                last.store(ms, Ordering::Relaxed);
+                touch(start, last);
                 total += n as u64;
             }
         }
     }
-    match SockRef::from(to).shutdown(Shutdown::Write) {
-        // The peer may have closed already; nothing is left to tell it.
-        Err(e) if e.kind() != ErrorKind::NotConnected => Err(e),
-        _ => Ok(total),
-    }
 }
 
-enum Moved {
-    Bytes(usize),
-    Eof,
-    WouldBlock,
+/// Records activity for the idle timeout: milliseconds since `start`, never 0 (which
+/// stands for "no activity yet").
+fn touch(start: Instant, last: &AtomicU64) {
+    let ms = u64::try_from(start.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    last.store(ms, Ordering::Relaxed);
 }
 
 /// One read from `from` written whole to `to`, through a pooled buffer.
@@ -145,6 +179,12 @@ async fn chunk_buffered(from: &TcpStream, to: &TcpStream, pool: &BufferPool) -> 
     };
     pool.put(buf);
     result
+}
+
+enum Moved {
+    Bytes(usize),
+    Eof,
+    WouldBlock,
 }
 
 /// One splice from `from` into a pooled pipe and out to `to` until the pipe is empty.
