@@ -523,3 +523,29 @@ async fn counts_return_to_zero_after_a_burst_of_1000() {
         assert_eq!(rb.stats.active(), 0, "{}", rb.backend.id);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_transfers_arrive_intact_both_ways() {
+    // Large enough that both directions switch to splice (on Linux) after the first reads.
+    const LEN: usize = 8 << 20;
+    let a = Backend::start("a").await;
+    let db = Db::new(&[Row::new("a", "sa", "BR", a.addr)]);
+    let p = Proxy::start(&db, "").await;
+    let s = connect_from("127.0.0.2".parse().unwrap(), p.addr).await;
+    let (mut r, mut w) = s.into_split();
+    let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::with_capacity(LEN + 2);
+    tokio::time::timeout(WAIT, r.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(&got[..2], b"a\n");
+    assert!(got[2..] == data[..], "echoed bytes differ");
+    assert_eq!(p.stop().await.cut_off, 0);
+}
