@@ -21,6 +21,8 @@ c.execute("INSERT INTO backends VALUES ('bench-1','bench','sa','BR',?,?,1,1,1000
 c.commit()
 PY
 export EDGEPROXY_LISTEN_ADDR=$listen EDGEPROXY_DB_PATH=$db EDGEPROXY_REGION=sa
+# The harness's THREADS (1 by default: one worker per proxy core, as the peers run).
+export EDGEPROXY_WORKER_THREADS=${EDGEPROXY_WORKER_THREADS:-${THREADS:-0}}
 [ "${BINDINGS:-1}" = 0 ] && export EDGEPROXY_BINDING_TTL_SECS=0
 [ "${POLICY:-wasm}" = native ] && export EDGEPROXY_NATIVE_POLICY=true
 exec "${EDGEPROXY:-$here/../target/release/edgeproxy}" 2>>"$work/edgeproxy.log"

@@ -27,6 +27,7 @@
 //! | native_policy | EDGEPROXY_NATIVE_POLICY | false (true: the host's native scorer, no wasm) |
 //! | policy_timeout_ms | EDGEPROXY_POLICY_TIMEOUT_MS | 1 (time bound of one policy call) |
 //! | policy_memory_mib | EDGEPROXY_POLICY_MEMORY_MIB | 16 (memory bound of one policy instance) |
+//! | worker_threads | EDGEPROXY_WORKER_THREADS | 0 (one per core; 1 runs a single-threaded runtime) |
 //!
 //! When the file has `[[listener]]` tables they replace `listen_addr`.
 
@@ -133,6 +134,7 @@ pub struct Layer {
     pub native_policy: Option<bool>,
     pub policy_timeout_ms: Option<u64>,
     pub policy_memory_mib: Option<u64>,
+    pub worker_threads: Option<usize>,
     /// File only: region name -> countries moved into it.
     pub regions: Option<BTreeMap<String, Vec<String>>>,
     /// File only.
@@ -203,6 +205,7 @@ impl Layer {
                 .transpose()?,
             policy_timeout_ms: env!("EDGEPROXY_POLICY_TIMEOUT_MS"),
             policy_memory_mib: env!("EDGEPROXY_POLICY_MEMORY_MIB"),
+            worker_threads: env!("EDGEPROXY_WORKER_THREADS"),
             regions: None,
             listener: None,
         })
@@ -231,6 +234,7 @@ impl Layer {
             native_policy: self.native_policy.or(lower.native_policy),
             policy_timeout_ms: self.policy_timeout_ms.or(lower.policy_timeout_ms),
             policy_memory_mib: self.policy_memory_mib.or(lower.policy_memory_mib),
+            worker_threads: self.worker_threads.or(lower.worker_threads),
             regions: self.regions.or(lower.regions),
             listener: self.listener.or(lower.listener),
         }
@@ -256,6 +260,8 @@ pub struct Config {
     pub debug: bool,
     pub regions: RegionMap,
     pub policy: PolicyConfig,
+    /// Runtime worker threads; 0 means one per core.
+    pub worker_threads: usize,
 }
 
 /// Which scoring policy decides, and its bounds.
@@ -383,6 +389,7 @@ impl Config {
                     n => (n as usize) << 20,
                 },
             },
+            worker_threads: l.worker_threads.unwrap_or(0),
         })
     }
 }

@@ -96,6 +96,9 @@ struct RunArgs {
     policy_timeout_ms: Option<u64>,
     #[arg(long)]
     policy_memory_mib: Option<u64>,
+    /// Runtime worker threads (0: one per core; 1: a single-threaded runtime).
+    #[arg(long)]
+    worker_threads: Option<usize>,
 }
 
 impl RunArgs {
@@ -119,6 +122,7 @@ impl RunArgs {
             native_policy: self.native_policy.then_some(true),
             policy_timeout_ms: self.policy_timeout_ms,
             policy_memory_mib: self.policy_memory_mib,
+            worker_threads: self.worker_threads,
             regions: None,
             listener: None,
         }
@@ -145,10 +149,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     let config = Config::resolve(file, env, cli.run.layer())?;
     init_tracing(&config);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    // One worker: a current-thread runtime, which skips the work-stealing scheduler's
+    // cross-thread bookkeeping on every wake-up.
+    let runtime = match config.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+    .context("starting the runtime")?;
     runtime.block_on(async {
         match cli.command {
             Some(Command::Demo { hold }) => demo::run(hold, shutdown_signal()).await,

@@ -13,7 +13,7 @@
 use std::io::{self, ErrorKind};
 use std::net::Shutdown;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -70,10 +70,11 @@ pub async fn relay(
 ) -> io::Result<(u64, u64)> {
     let start = Instant::now();
     let last = AtomicU64::new(0);
+    let one_done = AtomicBool::new(false);
     let both = async {
         tokio::try_join!(
-            pump(client, backend, pool, start, &last),
-            pump(backend, client, pool, start, &last)
+            pump(client, backend, pool, start, &last, &one_done),
+            pump(backend, client, pool, start, &last, &one_done)
         )
     };
     let Some(idle) = idle else {
@@ -108,6 +109,7 @@ async fn pump(
     pool: &BufferPool,
     start: Instant,
     last: &AtomicU64,
+    one_done: &AtomicBool,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut bulk = false;
@@ -125,6 +127,11 @@ async fn pump(
     }
     if bulk {
         total += Box::pin(pump_spliced(from, to, pool, start, last)).await?;
+    }
+    // The second direction to finish leaves the shutdown to the close that follows at
+    // once (both sockets are read to EOF, so the close sends a FIN, not a reset).
+    if one_done.swap(true, Ordering::AcqRel) {
+        return Ok(total);
     }
     match SockRef::from(to).shutdown(Shutdown::Write) {
         // The peer may have closed already; nothing is left to tell it.

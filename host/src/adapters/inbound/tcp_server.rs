@@ -32,14 +32,14 @@ pub async fn serve(
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 let (service, config, app) =
                     (Arc::clone(&service), Arc::clone(&config), app.clone());
                 let kill = kill.clone();
                 connections.spawn(async move {
                     // `kill` fires only when a drain times out.
                     tokio::select! {
-                        _ = connection(stream, &config, app, &service) => {}
+                        _ = connection(stream, peer, &config, app, &service) => {}
                         _ = kill.cancelled() => {}
                     }
                 });
@@ -61,14 +61,11 @@ fn is_resource_exhaustion(e: &std::io::Error) -> bool {
 
 async fn connection(
     mut stream: TcpStream,
+    peer: std::net::SocketAddr,
     config: &ListenerConfig,
     app: Option<Arc<str>>,
     service: &ProxyService,
 ) {
-    let peer = match stream.peer_addr() {
-        Ok(p) => p,
-        Err(e) => return tracing::debug!(error = %e, "client gone before routing"),
-    };
     let _ = stream.set_nodelay(true);
     let mut inbound = Inbound {
         client_ip: peer.ip().to_canonical(),
