@@ -101,8 +101,7 @@ pub async fn relay(
 ///
 /// Small exchanges are cheaper with read/write; splice pays off once a direction carries
 /// bulk (a read that fills a quarter of a buffer). So a direction starts buffered and
-/// switches for good at its first bulk read. The splice phase is boxed: its state then
-/// exists only for directions that carry bulk, not in every (mostly idle) connection.
+/// switches to splice for good at its first bulk read.
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
@@ -112,21 +111,27 @@ async fn pump(
     one_done: &AtomicBool,
 ) -> io::Result<u64> {
     let mut total = 0u64;
-    let mut bulk = false;
-    while !bulk {
+    let mut spliced = false;
+    loop {
         from.readable().await?;
-        match chunk_buffered(from, to, pool).await? {
+        let spliced_chunk = if spliced {
+            chunk_spliced(from, to, pool).await
+        } else {
+            None
+        };
+        let moved = match spliced_chunk {
+            Some(r) => r?,
+            None => chunk_buffered(from, to, pool).await?,
+        };
+        match moved {
             Moved::WouldBlock => continue,
             Moved::Eof => break,
             Moved::Bytes(n) => {
                 touch(start, last);
                 total += n as u64;
-                bulk = SPLICE && n >= BUFFER_SIZE / 4;
+                spliced |= SPLICE && n >= BUFFER_SIZE / 4;
             }
         }
-    }
-    if bulk {
-        total += Box::pin(pump_spliced(from, to, pool, start, last)).await?;
     }
     // The second direction to finish leaves the shutdown to the close that follows at
     // once (both sockets are read to EOF, so the close sends a FIN, not a reset).
@@ -137,32 +142,6 @@ async fn pump(
         // The peer may have closed already; nothing is left to tell it.
         Err(e) if e.kind() != ErrorKind::NotConnected => Err(e),
         _ => Ok(total),
-    }
-}
-
-/// The rest of a direction after its first bulk read, spliced where a pipe can be had.
-async fn pump_spliced(
-    from: &TcpStream,
-    to: &TcpStream,
-    pool: &BufferPool,
-    start: Instant,
-    last: &AtomicU64,
-) -> io::Result<u64> {
-    let mut total = 0u64;
-    loop {
-        from.readable().await?;
-        let moved = match chunk_spliced(from, to, pool).await {
-            Some(r) => r?,
-            None => chunk_buffered(from, to, pool).await?,
-        };
-        match moved {
-            Moved::WouldBlock => continue,
-            Moved::Eof => return Ok(total),
-            Moved::Bytes(n) => {
-                touch(start, last);
-                total += n as u64;
-            }
-        }
     }
 }
 
