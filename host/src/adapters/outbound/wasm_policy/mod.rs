@@ -305,25 +305,29 @@ impl WasmPolicy {
             .policy
             .call_pick_backend(&mut inst.store, app, client, &inst.candidates)
             .map_err(fault)?;
-        // The instance is healthy: back to the pool for the next decision.
-        loaded.idle.lock().expect("policy pool lock").push(inst);
-        match answer {
-            None => Ok(None),
+        let bad = |cause: String| {
+            Err(Fault {
+                kind: FaultKind::BadAnswer,
+                cause,
+            })
+        };
+        let decision = match answer {
+            None => None,
             Some(i) => match candidates.get(i as usize) {
-                Some(c) if c.is_eligible() => Ok(Some(i as usize)),
-                Some(c) => Err(Fault {
-                    kind: FaultKind::BadAnswer,
-                    cause: format!(
+                Some(c) if c.is_eligible() => Some(i as usize),
+                Some(c) => {
+                    return bad(format!(
                         "chose {} which is unhealthy or at its hard limit",
                         c.backend.id
-                    ),
-                }),
-                None => Err(Fault {
-                    kind: FaultKind::BadAnswer,
-                    cause: format!("answered {i} of {} candidates", candidates.len()),
-                }),
+                    ));
+                }
+                None => return bad(format!("answered {i} of {} candidates", candidates.len())),
             },
-        }
+        };
+        // A sound answer: the instance goes back to the pool (after a fault it is dropped,
+        // so the next decision gets a fresh one).
+        loaded.idle.lock().expect("policy pool lock").push(inst);
+        Ok(decision)
     }
 }
 
