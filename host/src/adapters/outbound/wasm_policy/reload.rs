@@ -16,7 +16,8 @@ use crate::adapters::inbound::file_watch;
 
 /// Periodic check, in case notifications are lost (network filesystems, some editors).
 const POLL: Duration = Duration::from_millis(500);
-/// Writes closer together than this are one change (editors, `cp` in place).
+/// A file must stay unchanged this long before it is loaded (editors and `cp` in place
+/// write in several steps; a write still going on is caught on the next wake-up).
 const SETTLE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
@@ -61,10 +62,7 @@ pub async fn run(policy: Arc<WasmPolicy>, path: PathBuf, shutdown: CancellationT
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = changed.notified() => {
-                // Wait until the writer has been quiet for SETTLE.
-                while tokio::time::timeout(SETTLE, changed.notified()).await.is_ok() {}
-            }
+            _ = changed.notified() => {}
             _ = poll.tick() => {}
         }
         let now = signature(&path);
