@@ -331,10 +331,7 @@ impl Config {
             overrides.iter().map(|(r, c)| (r, &c[..])),
             l.default_region.as_deref().map(Region::new),
         );
-        let attempts = l.connect_attempts.unwrap_or(3);
-        if attempts == 0 {
-            return Err(invalid("connect_attempts", "must be greater than 0"));
-        }
+        let attempts = positive("connect_attempts", l.connect_attempts.map(u64::from), 3)?;
         Ok(Self {
             listeners,
             db_path: l.db_path.unwrap_or_else(|| "routing.db".into()),
@@ -355,7 +352,8 @@ impl Config {
                 l.connect_timeout_ms,
                 3000,
             )?),
-            connect_attempts: attempts,
+            // Invariant: `attempts` came from a u32 (or the default 3).
+            connect_attempts: u32::try_from(attempts).expect("connect_attempts fits u32"),
             idle_timeout: l
                 .idle_timeout_secs
                 .filter(|s| *s > 0)
@@ -381,8 +379,7 @@ impl Config {
                     l.policy_timeout_ms,
                     1,
                 )?),
-                memory_bytes: match l.policy_memory_mib.unwrap_or(16) {
-                    0 => return Err(invalid("policy_memory_mib", "must be greater than 0")),
+                memory_bytes: match positive("policy_memory_mib", l.policy_memory_mib, 16)? {
                     n if n > 4096 => {
                         return Err(invalid("policy_memory_mib", "must be at most 4096"));
                     }
