@@ -28,6 +28,9 @@
 //! | policy_timeout_ms | EDGEPROXY_POLICY_TIMEOUT_MS | 1 (time bound of one policy call) |
 //! | policy_memory_mib | EDGEPROXY_POLICY_MEMORY_MIB | 16 (memory bound of one policy instance) |
 //! | worker_threads | EDGEPROXY_WORKER_THREADS | 0 (one per core; 1 runs a single-threaded runtime) |
+//! | admin_addr | EDGEPROXY_ADMIN_ADDR | 127.0.0.1:9090 (admin HTTP and /metrics; empty turns it off) |
+//! | admin_token | EDGEPROXY_ADMIN_TOKEN | unset (set: every admin request needs `Authorization: Bearer <token>`) |
+//! | admin_allow_remote | EDGEPROXY_ADMIN_ALLOW_REMOTE | false (a non-loopback admin_addr needs a token or this) |
 //!
 //! When the file has `[[listener]]` tables they replace `listen_addr`.
 
@@ -135,6 +138,10 @@ pub struct Layer {
     pub policy_timeout_ms: Option<u64>,
     pub policy_memory_mib: Option<u64>,
     pub worker_threads: Option<usize>,
+    /// An address, or "" for no admin listener.
+    pub admin_addr: Option<String>,
+    pub admin_token: Option<String>,
+    pub admin_allow_remote: Option<bool>,
     /// File only: region name -> countries moved into it.
     pub regions: Option<BTreeMap<String, Vec<String>>>,
     /// File only.
@@ -171,6 +178,17 @@ impl Layer {
             })
             .transpose()
         }
+        fn flag(name: &str, v: Option<String>) -> Result<Option<bool>, ConfigError> {
+            v.map(|v| match v.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" => Ok(false),
+                _ => Err(invalid(
+                    name,
+                    format!("bad value {v:?}: expected true or false"),
+                )),
+            })
+            .transpose()
+        }
         macro_rules! env {
             ($name:literal) => {
                 parse($name, var($name))?
@@ -193,19 +211,17 @@ impl Layer {
             debug: lookup("DEBUG").map(|v| !matches!(v.as_str(), "" | "0" | "false")),
             default_region: var("EDGEPROXY_DEFAULT_REGION"),
             policy_path: var("EDGEPROXY_POLICY_PATH").map(PathBuf::from),
-            native_policy: var("EDGEPROXY_NATIVE_POLICY")
-                .map(|v| match v.to_ascii_lowercase().as_str() {
-                    "1" | "true" | "yes" | "on" => Ok(true),
-                    "0" | "false" | "no" | "off" => Ok(false),
-                    _ => Err(invalid(
-                        "EDGEPROXY_NATIVE_POLICY",
-                        format!("bad value {v:?}: expected true or false"),
-                    )),
-                })
-                .transpose()?,
+            native_policy: flag("EDGEPROXY_NATIVE_POLICY", var("EDGEPROXY_NATIVE_POLICY"))?,
             policy_timeout_ms: env!("EDGEPROXY_POLICY_TIMEOUT_MS"),
             policy_memory_mib: env!("EDGEPROXY_POLICY_MEMORY_MIB"),
             worker_threads: env!("EDGEPROXY_WORKER_THREADS"),
+            // Set but empty means "off", so it is read unfiltered.
+            admin_addr: lookup("EDGEPROXY_ADMIN_ADDR"),
+            admin_token: var("EDGEPROXY_ADMIN_TOKEN"),
+            admin_allow_remote: flag(
+                "EDGEPROXY_ADMIN_ALLOW_REMOTE",
+                var("EDGEPROXY_ADMIN_ALLOW_REMOTE"),
+            )?,
             regions: None,
             listener: None,
         })
@@ -235,6 +251,9 @@ impl Layer {
             policy_timeout_ms: self.policy_timeout_ms.or(lower.policy_timeout_ms),
             policy_memory_mib: self.policy_memory_mib.or(lower.policy_memory_mib),
             worker_threads: self.worker_threads.or(lower.worker_threads),
+            admin_addr: self.admin_addr.or(lower.admin_addr),
+            admin_token: self.admin_token.or(lower.admin_token),
+            admin_allow_remote: self.admin_allow_remote.or(lower.admin_allow_remote),
             regions: self.regions.or(lower.regions),
             listener: self.listener.or(lower.listener),
         }
@@ -262,6 +281,16 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Runtime worker threads; 0 means one per core.
     pub worker_threads: usize,
+    /// None: no admin listener.
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin HTTP listener (JSON API and `/metrics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    /// Required as `Authorization: Bearer <token>` on every request when set.
+    pub token: Option<String>,
 }
 
 /// Which scoring policy decides, and its bounds.
@@ -387,8 +416,35 @@ impl Config {
                 },
             },
             worker_threads: l.worker_threads.unwrap_or(0),
+            admin: admin_config(l.admin_addr, l.admin_token, l.admin_allow_remote)?,
         })
     }
+}
+
+fn admin_config(
+    addr: Option<String>,
+    token: Option<String>,
+    allow_remote: Option<bool>,
+) -> Result<Option<AdminConfig>, ConfigError> {
+    let addr = match addr.as_deref().map(str::trim) {
+        Some("") => return Ok(None),
+        None => SocketAddr::from(([127, 0, 0, 1], 9090)),
+        Some(a) => a
+            .parse()
+            .map_err(|e| invalid("admin_addr", format!("bad address {a:?}: {e}")))?,
+    };
+    let token = token.filter(|t| !t.is_empty());
+    // The admin API can drop bindings and trigger reloads: off loopback it needs a token
+    // unless the operator says the network is trusted.
+    if !addr.ip().is_loopback() && token.is_none() && !allow_remote.unwrap_or(false) {
+        return Err(invalid(
+            "admin_addr",
+            format!(
+                "{addr} is not a loopback address; set admin_token, or admin_allow_remote = true to serve it without one"
+            ),
+        ));
+    }
+    Ok(Some(AdminConfig { addr, token }))
 }
 
 #[cfg(test)]
@@ -485,6 +541,45 @@ mod tests {
         let bad = Layer::from_toml("[regions]\naf = [\"ZAF\"]").unwrap();
         let err = Config::resolve(bad, Layer::default(), Layer::default()).unwrap_err();
         assert!(err.to_string().contains("regions.af"), "{err}");
+    }
+
+    #[test]
+    fn admin_listener_defaults_to_loopback_and_guards_remote_binds() {
+        let resolve = |file: &str, e: &[(&str, &str)]| {
+            Config::resolve(Layer::from_toml(file).unwrap(), env(e), Layer::default())
+        };
+        let c = resolve("", &[]).unwrap();
+        assert_eq!(
+            c.admin,
+            Some(AdminConfig {
+                addr: "127.0.0.1:9090".parse().unwrap(),
+                token: None
+            })
+        );
+        // Set but empty in the environment turns it off, over the file.
+        let c = resolve(
+            "admin_addr = \"127.0.0.1:9999\"",
+            &[("EDGEPROXY_ADMIN_ADDR", "")],
+        );
+        assert_eq!(c.unwrap().admin, None);
+        let err = resolve("admin_addr = \"0.0.0.0:9090\"", &[]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("admin_addr") && err.to_string().contains("admin_token"),
+            "{err}"
+        );
+        let c = resolve(
+            "admin_addr = \"0.0.0.0:9090\"",
+            &[("EDGEPROXY_ADMIN_TOKEN", "s3cret")],
+        )
+        .unwrap();
+        assert_eq!(c.admin.unwrap().token.as_deref(), Some("s3cret"));
+        let c = resolve(
+            "admin_addr = \"0.0.0.0:9090\"\nadmin_allow_remote = true",
+            &[],
+        );
+        assert_eq!(c.unwrap().admin.unwrap().token, None);
+        let err = resolve("admin_addr = \"localhost\"", &[]).unwrap_err();
+        assert!(err.to_string().contains("bad address"), "{err}");
     }
 
     #[test]

@@ -127,7 +127,10 @@ async fn tour(
     let proxy_stop = CancellationToken::new();
     let running = {
         let (host, stop) = (Arc::clone(&host), proxy_stop.clone());
-        tokio::spawn(async move { host.run(vec![(listener, listener_config)], stop).await })
+        tokio::spawn(async move {
+            host.run(vec![(listener, listener_config)], None, stop)
+                .await
+        })
     };
 
     let policy = host.wasm_policy.as_ref().map_or_else(

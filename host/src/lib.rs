@@ -27,8 +27,10 @@ use adapters::outbound::metrics::LiveMetrics;
 use adapters::outbound::sqlite_routing::SqliteBackendRepository;
 use adapters::outbound::wasm_policy::runtime::{Limits, Runtime};
 use adapters::outbound::wasm_policy::{self as wasm, LoadedPolicy, WasmPolicy};
+use application::admin::{Admin, PolicyControl};
 use application::proxy_service::{ProxyService, ProxySettings};
 use application::routing::Routing;
+use application::telemetry::{ListenerStats, Telemetry};
 use config::{Config, ListenerConfig, PolicySource};
 use domain::ports::{BindingRepository, GeoResolver, ScoringPolicy};
 use domain::services::NativeScorer;
@@ -45,7 +47,9 @@ pub struct Host {
     pub metrics: Arc<LiveMetrics>,
     /// The WebAssembly policy, unless the native scorer was configured.
     pub wasm_policy: Option<Arc<WasmPolicy>>,
-    policy_path: Option<std::path::PathBuf>,
+    pub telemetry: Arc<Telemetry>,
+    pub admin: Arc<Admin>,
+    admin_token: Option<String>,
     db_path: std::path::PathBuf,
     db_reload: Duration,
     binding_gc_interval: Duration,
@@ -68,12 +72,12 @@ impl Host {
             Some(w) => w.clone(),
             None => Arc::new(NativeScorer),
         };
-        let mut host = Self::with_policy(config, policy).await?;
-        host.wasm_policy = wasm_policy;
-        host.policy_path = match &config.policy.source {
-            PolicySource::File(p) => Some(p.clone()),
-            _ => None,
+        let control: Arc<dyn PolicyControl> = match &wasm_policy {
+            Some(w) => w.clone(),
+            None => Arc::new(NativeScorer),
         };
+        let mut host = Self::assemble(config, policy, control).await?;
+        host.wasm_policy = wasm_policy;
         Ok(host)
     }
 
@@ -81,6 +85,14 @@ impl Host {
     pub async fn with_policy(
         config: &Config,
         policy: Arc<dyn ScoringPolicy>,
+    ) -> anyhow::Result<Self> {
+        Self::assemble(config, policy, Arc::new(NativeScorer)).await
+    }
+
+    async fn assemble(
+        config: &Config,
+        policy: Arc<dyn ScoringPolicy>,
+        control: Arc<dyn PolicyControl>,
     ) -> anyhow::Result<Self> {
         let geo: Arc<dyn GeoResolver> = Arc::new(match &config.geoip_path {
             Some(path) => MaxMindGeo::open(path)?,
@@ -99,6 +111,15 @@ impl Host {
         let bindings = config
             .binding_ttl
             .map(|ttl| Arc::new(BindingTable::new(ttl)));
+        let telemetry = Arc::new(Telemetry::default());
+        let admin = Arc::new(Admin {
+            region: config.region.clone(),
+            routing: Arc::clone(&routing),
+            bindings: bindings.clone().map(|b| b as Arc<dyn BindingRepository>),
+            geo: Arc::clone(&geo),
+            policy: control,
+            telemetry: Arc::clone(&telemetry),
+        });
         let service = Arc::new(ProxyService {
             routing: Arc::clone(&routing),
             bindings: bindings.clone().map(|b| b as Arc<dyn BindingRepository>),
@@ -112,6 +133,7 @@ impl Host {
                 idle_timeout: config.idle_timeout,
             },
             buffers: application::relay::BufferPool::new(64, MAX_PIPES),
+            telemetry: Arc::clone(&telemetry),
         });
         Ok(Self {
             service,
@@ -119,7 +141,9 @@ impl Host {
             bindings,
             metrics,
             wasm_policy: None,
-            policy_path: None,
+            telemetry,
+            admin,
+            admin_token: config.admin.as_ref().and_then(|a| a.token.clone()),
             db_path: config.db_path.clone(),
             db_reload: config.db_reload,
             binding_gc_interval: config.binding_gc_interval,
@@ -127,11 +151,13 @@ impl Host {
         })
     }
 
-    /// Serves `listeners` and runs the reload and GC tasks until `shutdown` is cancelled;
-    /// then stops accepting and lets open connections finish for up to the drain timeout.
+    /// Serves `listeners` (and the admin API on `admin`) and runs the reload and GC tasks
+    /// until `shutdown` is cancelled; then stops accepting and lets open connections
+    /// finish for up to the drain timeout.
     pub async fn run(
         &self,
         listeners: Vec<(TcpListener, ListenerConfig)>,
+        admin: Option<TcpListener>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Drained> {
         let background = TaskTracker::new();
@@ -157,10 +183,21 @@ impl Host {
             background.spawn(application::bindings_gc::run(bindings, every, stop));
         }
 
-        if let (Some(policy), Some(path)) = (&self.wasm_policy, &self.policy_path) {
+        if let Some(policy) = &self.wasm_policy
+            && let Some(path) = policy.path()
+        {
             background.spawn(wasm::reload::run(
                 Arc::clone(policy),
-                path.clone(),
+                path.to_owned(),
+                stop_background.clone(),
+            ));
+        }
+        if let Some(listener) = admin {
+            tracing::info!(addr = %listener.local_addr()?, "admin API listening");
+            background.spawn(adapters::inbound::admin_http::serve(
+                listener,
+                Arc::clone(&self.admin),
+                self.admin_token.clone(),
                 stop_background.clone(),
             ));
         }
@@ -169,7 +206,14 @@ impl Host {
         let kill = CancellationToken::new();
         let acceptors = TaskTracker::new();
         for (listener, config) in listeners {
-            tracing::info!(addr = %listener.local_addr()?, app = ?config.app, proxy_protocol = config.proxy_protocol, "listening");
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, app = ?config.app, proxy_protocol = config.proxy_protocol, "listening");
+            let stats = Arc::new(ListenerStats::new(
+                addr,
+                config.app.clone(),
+                config.proxy_protocol,
+            ));
+            self.telemetry.add_listener(Arc::clone(&stats));
             acceptors.spawn(adapters::inbound::tcp_server::serve(
                 listener,
                 config,
@@ -177,6 +221,7 @@ impl Host {
                 shutdown.clone(),
                 connections.clone(),
                 kill.clone(),
+                stats,
             ));
         }
         acceptors.close();
@@ -225,7 +270,11 @@ async fn load_policy(config: &Config) -> anyhow::Result<Option<Arc<WasmPolicy>>>
                 .context("the embedded default policy")?,
         };
         tracing::info!(policy = %loaded.name, hash = %loaded.hash, "policy loaded");
-        Ok(WasmPolicy::new(runtime, client_regions, loaded))
+        let policy = WasmPolicy::new(runtime, client_regions, loaded);
+        Ok(match source {
+            PolicySource::File(path) => policy.with_path(path),
+            _ => policy,
+        })
     })
     .await??;
     Ok(Some(Arc::new(policy)))

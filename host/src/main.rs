@@ -99,6 +99,15 @@ struct RunArgs {
     /// Runtime worker threads (0: one per core; 1: a single-threaded runtime).
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// Admin API and /metrics address ("" turns it off).
+    #[arg(long)]
+    admin_addr: Option<String>,
+    /// Bearer token the admin API requires (prefer EDGEPROXY_ADMIN_TOKEN: flags show in ps).
+    #[arg(long)]
+    admin_token: Option<String>,
+    /// Serve the admin API off loopback without a token.
+    #[arg(long)]
+    admin_allow_remote: bool,
 }
 
 impl RunArgs {
@@ -123,6 +132,9 @@ impl RunArgs {
             policy_timeout_ms: self.policy_timeout_ms,
             policy_memory_mib: self.policy_memory_mib,
             worker_threads: self.worker_threads,
+            admin_addr: self.admin_addr.clone(),
+            admin_token: self.admin_token.clone(),
+            admin_allow_remote: self.admin_allow_remote.then_some(true),
             regions: None,
             listener: None,
         }
@@ -189,7 +201,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("binding listener {}", lc.addr))?;
         listeners.push((listener, lc.clone()));
     }
-    let drained = host.run(listeners, shutdown_signal()).await?;
+    let admin = match &config.admin {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a.addr)
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding the admin listener {} (admin_addr; set it empty to turn the admin API off)",
+                        a.addr
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let drained = host.run(listeners, admin, shutdown_signal()).await?;
     tracing::info!(cut_off = drained.cut_off, "stopped");
     Ok(())
 }

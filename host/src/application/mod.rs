@@ -2,7 +2,9 @@
 //! byte copying in `relay`) and the
 //! background work that keeps the domain's inputs fresh (`routing`, `bindings_gc`).
 
+pub mod admin;
 pub mod bindings_gc;
 pub mod proxy_service;
 pub mod relay;
 pub mod routing;
+pub mod telemetry;

@@ -5,6 +5,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -19,6 +20,7 @@ use crate::domain::{Client, Region, RoutedBackend};
 
 use super::relay::{self, BufferPool};
 use super::routing::Routing;
+use super::telemetry::{Decision, Telemetry};
 
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -37,6 +39,7 @@ pub struct ProxyService {
     pub policy: Arc<dyn ScoringPolicy>,
     pub settings: ProxySettings,
     pub buffers: BufferPool,
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// Where a connection came from, after PROXY protocol.
@@ -91,16 +94,32 @@ impl ProxyService {
         key: &BindingKey,
         candidates: &[RoutedBackend],
     ) -> Option<usize> {
+        let started = Instant::now();
+        let choice = self.follow_or_pick(req, key, candidates, started);
+        self.telemetry.decision_time.observe(started.elapsed());
+        choice
+    }
+
+    fn follow_or_pick(
+        &self,
+        req: &PickRequest<'_>,
+        key: &BindingKey,
+        candidates: &[RoutedBackend],
+        now: Instant,
+    ) -> Option<usize> {
         let Some(bindings) = &self.bindings else {
             return self.pick(req, candidates);
         };
-        let now = Instant::now();
         if let Some(id) = bindings.get(key, now) {
             match candidates.binary_search_by(|c| c.backend.id.cmp(&id)) {
-                Ok(i) if candidates[i].is_eligible() => return Some(i),
+                Ok(i) if candidates[i].is_eligible() => {
+                    self.telemetry.binding_hits.fetch_add(1, Relaxed);
+                    return Some(i);
+                }
                 _ => bindings.remove(key),
             }
         }
+        self.telemetry.binding_misses.fetch_add(1, Relaxed);
         let i = self.pick(req, candidates)?;
         bindings.put(key.clone(), candidates[i].backend.id.clone(), now);
         Some(i)
@@ -110,9 +129,16 @@ impl ProxyService {
     /// replaced by the native scorer's.
     fn pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
         match self.policy.pick(req, candidates) {
-            Some(i) if candidates.get(i).is_some_and(RoutedBackend::is_eligible) => Some(i),
-            None => None,
+            Some(i) if candidates.get(i).is_some_and(RoutedBackend::is_eligible) => {
+                self.telemetry.decided(Decision::Picked);
+                Some(i)
+            }
+            None => {
+                self.telemetry.decided(Decision::Refused);
+                None
+            }
             Some(bad) => {
+                self.telemetry.decided(Decision::Overridden);
                 tracing::warn!(
                     policy = self.policy.name(),
                     answer = bad,
@@ -154,12 +180,14 @@ impl ProxyService {
             };
             let Some(i) = choice else {
                 if attempt == 0 {
+                    self.telemetry.no_backend.fetch_add(1, Relaxed);
                     return Err(ConnError::NoBackend);
                 }
                 break;
             };
             let target = candidates[i].clone();
             let guard = target.stats.acquire();
+            target.stats.record_connect_attempt();
             let started = Instant::now();
             let result = tokio::time::timeout(
                 self.settings.connect_timeout,
@@ -168,9 +196,11 @@ impl ProxyService {
             .await;
             match result {
                 Ok(Ok(stream)) => {
+                    let took = started.elapsed();
+                    self.telemetry.connect_time.observe(took);
                     target
                         .stats
-                        .record_rtt(started.elapsed().as_micros().try_into().unwrap_or(u64::MAX));
+                        .record_rtt(took.as_micros().try_into().unwrap_or(u64::MAX));
                     if let (Some(b), true) = (&self.bindings, attempt > 0) {
                         b.put(key.clone(), target.backend.id.clone(), Instant::now());
                     }
@@ -193,17 +223,21 @@ impl ProxyService {
             }
         }
         let Some((mut upstream, target, _guard)) = connected else {
+            self.telemetry.no_backend.fetch_add(1, Relaxed);
             return Err(ConnError::ConnectFailed(self.settings.connect_attempts));
         };
         let _ = upstream.set_nodelay(true);
         if !inbound.early_data.is_empty() {
             upstream.write_all(&inbound.early_data).await?;
+            let n = inbound.early_data.len() as u64;
+            target.stats.traffic.up.fetch_add(n, Relaxed);
         }
         let (up, down) = relay::relay(
             inbound_stream,
             &upstream,
             &self.buffers,
             self.settings.idle_timeout,
+            &target.stats.traffic,
         )
         .await?;
         Ok((target.backend.id.to_string(), up, down))

@@ -20,6 +20,8 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::domain::model::Traffic;
+
 pub const BUFFER_SIZE: usize = 64 * 1024;
 
 /// Whether this platform moves bulk with splice(2).
@@ -61,20 +63,29 @@ impl BufferPool {
     }
 }
 
-/// Bytes copied client -> backend and backend -> client.
+/// Bytes copied client -> backend and backend -> client; `traffic` sees them as they go.
 pub async fn relay(
     client: &TcpStream,
     backend: &TcpStream,
     pool: &BufferPool,
     idle: Option<Duration>,
+    traffic: &Traffic,
 ) -> io::Result<(u64, u64)> {
     let start = Instant::now();
     let last = AtomicU64::new(0);
     let one_done = AtomicBool::new(false);
     let both = async {
         tokio::try_join!(
-            pump(client, backend, pool, start, &last, &one_done),
-            pump(backend, client, pool, start, &last, &one_done)
+            pump(client, backend, pool, start, &last, &one_done, &traffic.up),
+            pump(
+                backend,
+                client,
+                pool,
+                start,
+                &last,
+                &one_done,
+                &traffic.down
+            )
         )
     };
     let Some(idle) = idle else {
@@ -109,6 +120,7 @@ async fn pump(
     start: Instant,
     last: &AtomicU64,
     one_done: &AtomicBool,
+    counted: &AtomicU64,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut spliced = false;
@@ -129,6 +141,7 @@ async fn pump(
             Moved::Bytes(n) => {
                 touch(start, last);
                 total += n as u64;
+                counted.fetch_add(n as u64, Ordering::Relaxed);
                 spliced |= SPLICE && n >= BUFFER_SIZE / 4;
             }
         }

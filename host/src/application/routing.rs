@@ -2,8 +2,9 @@
 //! joins it with live stats and swaps it in atomically. A failed load keeps the last good
 //! snapshot serving and is logged on every attempt.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
@@ -19,6 +20,16 @@ pub struct Routing {
     version: watch::Sender<u64>,
     /// Skipped rows of the last load, so each bad row is reported once, not every period.
     skipped: Mutex<Vec<SkippedRow>>,
+    history: Mutex<History>,
+    /// Reload attempts by outcome: changed, unchanged, failed.
+    outcomes: [AtomicU64; 3],
+}
+
+/// When the table last changed and the last failure, for `/status`.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    pub loaded_at: Option<SystemTime>,
+    pub last_error: Option<(SystemTime, String)>,
 }
 
 /// Why a wake-up of the reloader found nothing to do, or what it did.
@@ -36,7 +47,23 @@ impl Routing {
             metrics,
             version: watch::Sender::new(0),
             skipped: Mutex::default(),
+            history: Mutex::default(),
+            outcomes: Default::default(),
         }
+    }
+
+    pub fn history(&self) -> History {
+        self.history.lock().expect("routing history lock").clone()
+    }
+
+    /// Rows of the last load that were skipped as invalid.
+    pub fn skipped(&self) -> Vec<SkippedRow> {
+        self.skipped.lock().expect("skipped-rows lock").clone()
+    }
+
+    /// Reload attempts that changed the table, found it unchanged, and failed.
+    pub fn reload_counts(&self) -> [u64; 3] {
+        self.outcomes.each_ref().map(|c| c.load(Ordering::Relaxed))
     }
 
     /// The snapshot to route one connection with.
@@ -49,7 +76,25 @@ impl Routing {
         self.version.subscribe()
     }
 
+    /// Loads the table once and swaps it in if it changed; counts and records the outcome.
     pub async fn reload(&self) -> Result<Reloaded, RoutingError> {
+        let result = self.load_and_swap().await;
+        let outcome = match &result {
+            Ok(Reloaded::Changed { .. }) => 0,
+            Ok(Reloaded::Unchanged) => 1,
+            Err(_) => 2,
+        };
+        self.outcomes[outcome].fetch_add(1, Ordering::Relaxed);
+        let mut history = self.history.lock().expect("routing history lock");
+        match &result {
+            Ok(Reloaded::Changed { .. }) => history.loaded_at = Some(SystemTime::now()),
+            Ok(Reloaded::Unchanged) => {}
+            Err(e) => history.last_error = Some((SystemTime::now(), e.to_string())),
+        }
+        result
+    }
+
+    async fn load_and_swap(&self) -> Result<Reloaded, RoutingError> {
         let repo = Arc::clone(&self.repo);
         let loaded = tokio::task::spawn_blocking(move || repo.load())
             .await

@@ -139,7 +139,17 @@ pub struct BackendStats {
     active: AtomicU32,
     /// Connect round-trip time EWMA in microseconds; 0 until the first connect.
     rtt_us: AtomicU64,
+    connect_attempts: AtomicU64,
     connect_failures: AtomicU64,
+    /// Bytes relayed through this backend, counted per chunk so long connections show.
+    pub traffic: Traffic,
+}
+
+/// Bytes relayed client -> backend (`up`) and backend -> client (`down`).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub up: AtomicU64,
+    pub down: AtomicU64,
 }
 
 impl BackendStats {
@@ -153,6 +163,14 @@ impl BackendStats {
 
     pub fn connect_failures(&self) -> u64 {
         self.connect_failures.load(Ordering::Relaxed)
+    }
+
+    pub fn connect_attempts(&self) -> u64 {
+        self.connect_attempts.load(Ordering::Relaxed)
+    }
+
+    pub fn record_connect_attempt(&self) {
+        self.connect_attempts.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a connection to this backend until the returned guard drops, whatever path

@@ -46,6 +46,13 @@ pub struct BindingKey {
     pub app: Option<Arc<str>>,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindingEntry {
+    pub key: BindingKey,
+    pub backend: BackendId,
+    pub expires_in: std::time::Duration,
+}
+
 /// Sticky client -> backend bindings with a TTL refreshed on use.
 pub trait BindingRepository: Send + Sync {
     /// The bound backend if the binding has not expired; refreshes its TTL.
@@ -54,6 +61,11 @@ pub trait BindingRepository: Send + Sync {
     fn remove(&self, key: &BindingKey);
     /// Drops expired bindings; returns how many.
     fn purge_expired(&self, now: Instant) -> usize;
+    /// Live bindings ordered by client then app, `limit` of them from `offset`, and how
+    /// many there are in all.
+    fn page(&self, offset: usize, limit: usize, now: Instant) -> (usize, Vec<BindingEntry>);
+    /// Drops every binding of `client` (all apps); returns how many.
+    fn remove_client(&self, client: IpAddr) -> usize;
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -63,6 +75,19 @@ pub trait BindingRepository: Send + Sync {
 /// Client IP -> country.
 pub trait GeoResolver: Send + Sync {
     fn country(&self, ip: IpAddr) -> Option<CountryCode>;
+    /// Lookups so far, by outcome.
+    fn lookups(&self) -> GeoLookups;
+    /// Which database answers, for status pages.
+    fn describe(&self) -> String;
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GeoLookups {
+    pub found: u64,
+    /// No record, or a record without a country (private and reserved ranges).
+    pub not_found: u64,
+    /// A record that would not decode or named no valid country code.
+    pub failed: u64,
 }
 
 /// Live per-backend state, kept across routing-table reloads.

@@ -72,6 +72,7 @@ fn start_logged(
 ) {
     let child = cmd
         .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
+        .env("EDGEPROXY_ADMIN_ADDR", "127.0.0.1:0")
         .env("EDGEPROXY_LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -109,6 +110,7 @@ fn listening_addr(
 fn start_error(cmd: &mut Command) -> String {
     let out = cmd
         .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
+        .env("EDGEPROXY_ADMIN_ADDR", "127.0.0.1:0")
         .output()
         .unwrap();
     assert!(!out.status.success());

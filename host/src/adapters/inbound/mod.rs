@@ -1,7 +1,10 @@
-//! Inbound adapters: what drives the host (TCP accept loops, PROXY protocol on them, and
-//! file-change notifications that trigger reloads).
+//! Inbound adapters: what drives the host (TCP accept loops, PROXY protocol on them,
+//! file-change notifications that trigger reloads, the admin HTTP listener with its
+//! Prometheus exposition, and the operator commands of the CLI).
 
+pub mod admin_http;
 pub mod file_watch;
 pub mod policy_build;
+pub mod prometheus;
 pub mod proxy_protocol;
 pub mod tcp_server;

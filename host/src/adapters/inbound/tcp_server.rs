@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use super::proxy_protocol;
 use crate::application::proxy_service::{Inbound, ProxyService};
+use crate::application::telemetry::ListenerStats;
 use crate::config::ListenerConfig;
 
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -23,6 +24,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     connections: TaskTracker,
     kill: CancellationToken,
+    stats: Arc<ListenerStats>,
 ) {
     let config = Arc::new(config);
     let app: Option<Arc<str>> = config.app.as_deref().map(Arc::from);
@@ -36,7 +38,9 @@ pub async fn serve(
                 let (service, config, app) =
                     (Arc::clone(&service), Arc::clone(&config), app.clone());
                 let kill = kill.clone();
+                let open = stats.opened();
                 connections.spawn(async move {
+                    let _open = open;
                     // `kill` fires only when a drain times out.
                     tokio::select! {
                         _ = connection(stream, peer, &config, app, &service) => {}

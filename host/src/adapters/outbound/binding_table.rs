@@ -2,13 +2,14 @@
 //! Expiry is lazy on read and swept by the GC task; time comes from the caller so tests
 //! drive it with paused tokio time.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::time::Instant;
 
 use crate::domain::BackendId;
-use crate::domain::ports::{BindingKey, BindingRepository};
+use crate::domain::ports::{BindingEntry, BindingKey, BindingRepository};
 
 #[derive(Debug)]
 struct Binding {
@@ -28,15 +29,6 @@ impl BindingTable {
             ttl,
             map: DashMap::new(),
         }
-    }
-
-    /// (key, backend, time to expiry) of every live binding, for the admin view and tests.
-    pub fn entries(&self, now: Instant) -> Vec<(BindingKey, BackendId, Duration)> {
-        self.map
-            .iter()
-            .filter(|e| e.expires > now)
-            .map(|e| (e.key().clone(), e.backend.clone(), e.expires - now))
-            .collect()
     }
 }
 
@@ -70,6 +62,28 @@ impl BindingRepository for BindingTable {
     fn purge_expired(&self, now: Instant) -> usize {
         let before = self.map.len();
         self.map.retain(|_, b| b.expires > now);
+        before.saturating_sub(self.map.len())
+    }
+
+    fn page(&self, offset: usize, limit: usize, now: Instant) -> (usize, Vec<BindingEntry>) {
+        let mut live: Vec<BindingEntry> = self
+            .map
+            .iter()
+            .filter(|e| e.expires > now)
+            .map(|e| BindingEntry {
+                key: e.key().clone(),
+                backend: e.backend.clone(),
+                expires_in: e.expires - now,
+            })
+            .collect();
+        live.sort_unstable_by(|a, b| (a.key.client, &a.key.app).cmp(&(b.key.client, &b.key.app)));
+        let total = live.len();
+        (total, live.into_iter().skip(offset).take(limit).collect())
+    }
+
+    fn remove_client(&self, client: IpAddr) -> usize {
+        let before = self.map.len();
+        self.map.retain(|k, _| k.client != client);
         before.saturating_sub(self.map.len())
     }
 

@@ -7,12 +7,13 @@
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use maxminddb::Reader;
 use serde::Deserialize;
 
 use crate::domain::CountryCode;
-use crate::domain::ports::GeoResolver;
+use crate::domain::ports::{GeoLookups, GeoResolver};
 
 static EMBEDDED: &[u8] = include_bytes!("../../../data/geo-whois-asn-country.mmdb");
 
@@ -26,6 +27,8 @@ pub struct GeoError {
 pub struct MaxMindGeo {
     reader: Reader<Cow<'static, [u8]>>,
     description: String,
+    /// Lookups by outcome: found, not found, failed (a record that would not decode).
+    outcomes: [AtomicU64; 3],
 }
 
 #[derive(Deserialize)]
@@ -70,6 +73,7 @@ impl MaxMindGeo {
         Ok(Self {
             reader,
             description,
+            outcomes: Default::default(),
         })
     }
 
@@ -82,12 +86,36 @@ impl GeoResolver for MaxMindGeo {
     fn country(&self, ip: IpAddr) -> Option<CountryCode> {
         // IPv4 clients on a dual-stack socket arrive as ::ffff:a.b.c.d.
         let ip = ip.to_canonical();
-        let record: Record<'_> = self.reader.lookup(ip).ok()??;
-        let code = record
-            .country
-            .and_then(|c| c.iso_code)
-            .or(record.country_code)?;
-        code.parse().ok()
+        let (outcome, country) = match self.reader.lookup::<Record<'_>>(ip) {
+            Ok(Some(record)) => match record
+                .country
+                .and_then(|c| c.iso_code)
+                .or(record.country_code)
+                .map(str::parse::<CountryCode>)
+            {
+                Some(Ok(code)) => (0, Some(code)),
+                None => (1, None),
+                Some(Err(_)) => (2, None),
+            },
+            Ok(None) => (1, None),
+            Err(_) => (2, None),
+        };
+        self.outcomes[outcome].fetch_add(1, Ordering::Relaxed);
+        country
+    }
+
+    fn lookups(&self) -> GeoLookups {
+        let [found, not_found, failed] =
+            self.outcomes.each_ref().map(|c| c.load(Ordering::Relaxed));
+        GeoLookups {
+            found,
+            not_found,
+            failed,
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
     }
 }
 

@@ -183,24 +183,18 @@ pub const TEST_GEO: &[(&str, &str)] = &[
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin API (and /metrics).
+    pub admin: SocketAddr,
     pub host: Arc<Host>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<edgeproxy::Drained>>,
     _geo_dir: tempfile::TempDir,
 }
 
+#[derive(Default)]
 pub struct ProxyOptions {
     pub file: Layer,
     pub listener: Option<ListenerConfig>,
-}
-
-impl Default for ProxyOptions {
-    fn default() -> Self {
-        Self {
-            file: Layer::default(),
-            listener: None,
-        }
-    }
 }
 
 impl Proxy {
@@ -244,13 +238,17 @@ impl Proxy {
                 ..config.listeners[0].clone()
             },
         };
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin_listener.local_addr().unwrap();
+        let admin = Some(admin_listener);
         let shutdown = CancellationToken::new();
         let task = {
             let (host, shutdown) = (host.clone(), shutdown.clone());
-            tokio::spawn(async move { host.run(vec![(listener, lc)], shutdown).await })
+            tokio::spawn(async move { host.run(vec![(listener, lc)], admin, shutdown).await })
         };
         Self {
             addr,
+            admin: admin_addr,
             host,
             shutdown,
             task,
@@ -265,8 +263,7 @@ impl Proxy {
             .await
             .expect("routing reload")
             .unwrap();
-        let v = *rx.borrow();
-        v
+        *rx.borrow()
     }
 
     pub fn version(&self) -> u64 {
@@ -365,4 +362,45 @@ pub async fn wait_reload_attempts(
         .await
         .expect("policy reload")
         .unwrap();
+}
+
+/// One HTTP/1.1 request to `addr`; the status code and the body.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: edgeproxy\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("Content-Length: 0\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .expect("admin answer")
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, body.to_owned())
+}
+
+/// GET `path` from the admin API as JSON, expecting 200.
+pub async fn admin_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let (code, body) = http(addr, "GET", path, &[]).await;
+    assert_eq!(code, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Polls `cond` until it holds, for state that changes with no signal to wait on (the
+/// moment a connection task ends after its client saw EOF). Bounded by [`WAIT`].
+pub async fn wait_until(cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not met within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

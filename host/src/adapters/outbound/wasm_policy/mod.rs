@@ -13,6 +13,7 @@ mod bindings;
 pub mod reload;
 pub mod runtime;
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -23,6 +24,7 @@ use wasmtime::Store;
 use self::bindings::edgeproxy::policy::types as wit;
 use self::bindings::{Policy, PolicyPre};
 use self::runtime::{GuestState, LoadError, Runtime};
+use crate::application::admin::{ErrorAt, PolicyControl, PolicyFaults, PolicyStatus, timestamp};
 use crate::domain::ports::{PickRequest, ScoringPolicy};
 use crate::domain::services::NativeScorer;
 use crate::domain::{CountryCode, Region, RoutedBackend, RoutingTable};
@@ -42,6 +44,8 @@ pub struct LoadedPolicy {
     pub loaded_at: SystemTime,
     /// (length, mtime) of the file it was read from, so the watcher knows what it has.
     source: Option<(u64, SystemTime)>,
+    /// Decisions this policy made (faults excluded).
+    pub decisions: AtomicU64,
     pre: PolicyPre<GuestState>,
     idle: Mutex<Vec<Instance>>,
 }
@@ -115,6 +119,9 @@ pub struct WasmPolicy {
     pub reload_failures: AtomicU64,
     /// Bumped after every reload attempt, for whoever waits on one (tests, admin).
     reload_events: tokio::sync::watch::Sender<u64>,
+    /// The file it was loaded from and is reloaded from; None for the embedded default.
+    path: Option<PathBuf>,
+    last_error: Mutex<Option<(SystemTime, String)>>,
 }
 
 struct Fault {
@@ -131,6 +138,7 @@ impl LoadedPolicy {
             hash: fingerprint(bytes),
             loaded_at: SystemTime::now(),
             source: None,
+            decisions: AtomicU64::new(0),
             pre,
             idle: Mutex::new(Vec::new()),
         };
@@ -194,7 +202,24 @@ impl WasmPolicy {
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             reload_events: tokio::sync::watch::Sender::new(0),
+            path: None,
+            last_error: Mutex::new(None),
         }
+    }
+
+    /// Marks the policy as loaded from `path`, which reloads re-read.
+    pub fn with_path(mut self, path: PathBuf) -> Self {
+        self.path = Some(path);
+        self
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// When and why the last rejected reload failed.
+    pub fn last_error(&self) -> Option<(SystemTime, String)> {
+        self.last_error.lock().expect("policy error lock").clone()
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -205,17 +230,37 @@ impl WasmPolicy {
         self.current.load_full()
     }
 
+    /// Swaps in a freshly loaded file, or records why it was rejected. Ok(false) when the
+    /// file holds the policy already serving (it is kept, with its instances).
+    pub fn apply(
+        &self,
+        loaded: Result<LoadedPolicy, reload::PolicyFileError>,
+    ) -> Result<bool, String> {
+        match loaded {
+            Ok(next) if next.hash == self.current.load().hash => {
+                self.reload_events.send_modify(|n| *n += 1);
+                Ok(false)
+            }
+            Ok(next) => {
+                self.swap(next);
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy rejected; the previous policy keeps serving");
+                *self.last_error.lock().expect("policy error lock") =
+                    Some((SystemTime::now(), e.to_string()));
+                self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                self.reload_events.send_modify(|n| *n += 1);
+                Err(e.to_string())
+            }
+        }
+    }
+
     /// Makes `next` serve new decisions; decisions in flight finish on the old policy.
     pub fn swap(&self, next: LoadedPolicy) {
         tracing::info!(policy = %next.name, hash = %next.hash, "policy swapped in");
         self.current.store(Arc::new(next));
         self.reloads.fetch_add(1, Ordering::Relaxed);
-        self.reload_events.send_modify(|n| *n += 1);
-    }
-
-    /// A file that failed to become the policy.
-    pub fn rejected(&self) {
-        self.reload_failures.fetch_add(1, Ordering::Relaxed);
         self.reload_events.send_modify(|n| *n += 1);
     }
 
@@ -331,6 +376,37 @@ impl WasmPolicy {
     }
 }
 
+impl PolicyControl for WasmPolicy {
+    fn status(&self) -> PolicyStatus {
+        let current = self.current();
+        let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PolicyStatus {
+            kind: "wasm",
+            name: current.name.to_string(),
+            hash: Some(current.hash.clone()),
+            path: self.path.as_ref().map(|p| p.display().to_string()),
+            loaded_at: Some(timestamp(current.loaded_at)),
+            reloads: count(&self.reloads),
+            reload_failures: count(&self.reload_failures),
+            last_error: self.last_error().map(|(at, m)| ErrorAt::new(at, m)),
+            faults: PolicyFaults {
+                traps: count(&self.faults.traps),
+                timeouts: count(&self.faults.timeouts),
+                bad_answers: count(&self.faults.bad_answers),
+                instantiate_failures: count(&self.faults.instantiate_failures),
+            },
+            decisions: count(&current.decisions),
+        }
+    }
+
+    fn reload(&self) -> Result<bool, String> {
+        match &self.path {
+            Some(path) => self.apply(reload::load_file(&self.runtime, path)),
+            None => Ok(false),
+        }
+    }
+}
+
 impl ScoringPolicy for WasmPolicy {
     fn name(&self) -> &str {
         "wasm"
@@ -339,7 +415,10 @@ impl ScoringPolicy for WasmPolicy {
     fn pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
         let loaded = self.current.load();
         match self.decide(&loaded, req, candidates) {
-            Ok(answer) => answer,
+            Ok(answer) => {
+                loaded.decisions.fetch_add(1, Ordering::Relaxed);
+                answer
+            }
             Err(f) => {
                 self.faults.count(f.kind);
                 tracing::warn!(policy = %loaded.name, fault = ?f.kind, cause = %f.cause, "policy fault; native scorer decides this connection");

@@ -76,13 +76,10 @@ pub async fn run(policy: Arc<WasmPolicy>, path: PathBuf, shutdown: CancellationT
         }
         last = now;
         let (p, file) = (Arc::clone(&policy), path.clone());
-        match tokio::task::spawn_blocking(move || load_file(p.runtime(), &file)).await {
-            Ok(Ok(loaded)) => policy.swap(loaded),
-            Ok(Err(e)) => {
-                policy.rejected();
-                tracing::error!(error = %e, "policy rejected; the previous policy keeps serving")
-            }
-            Err(e) => tracing::error!(error = %e, "policy loader failed"),
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || p.apply(load_file(p.runtime(), &file))).await
+        {
+            tracing::error!(error = %e, "policy loader failed");
         }
     }
 }

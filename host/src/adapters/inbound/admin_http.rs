@@ -1,0 +1,232 @@
+//! The admin listener: HTTP/1.1 (hyper) with a JSON API and Prometheus `/metrics`.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /status` | version, region, uptime, listeners, policy, routing table, GeoIP, bindings |
+//! | `GET /backends` | the routing table joined with live state |
+//! | `GET /bindings?offset=0&limit=100` | one page of bindings, ordered by client |
+//! | `DELETE /bindings/{client-ip}` | drops the client's bindings (every app) |
+//! | `POST /reload` | reloads the routing table and the policy now |
+//!
+//! With a token configured, every route needs `Authorization: Bearer <token>`. The
+//! listener only reads and formats; what it answers comes from [`Admin`].
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::prometheus;
+use crate::application::admin::Admin;
+
+/// A client has this long to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_PAGE: usize = 100;
+
+struct State {
+    admin: Arc<Admin>,
+    registry: Registry,
+    token: Option<String>,
+}
+
+/// Serves admin requests on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    token: Option<String>,
+    shutdown: CancellationToken,
+) {
+    let state = Arc::new(State {
+        registry: prometheus::registry(Arc::clone(&admin)),
+        admin,
+        token,
+    });
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    // Out of descriptors: let the proxy's own connections close first.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (state, shutdown) = (Arc::clone(&state), shutdown.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(state.handle(req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+impl State {
+    async fn handle(&self, req: Request<Incoming>) -> Reply {
+        if !self.authorized(&req) {
+            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            r.headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+        let path = req.uri().path();
+        let method = req.method();
+        match (path, method) {
+            ("/metrics", &Method::GET) => {
+                let text = prometheus::render(&self.registry);
+                reply(StatusCode::OK, prometheus::CONTENT_TYPE, text)
+            }
+            ("/status", &Method::GET) => json(StatusCode::OK, &self.admin.status()),
+            ("/backends", &Method::GET) => json(StatusCode::OK, &self.admin.backends()),
+            ("/bindings", &Method::GET) => match page(req.uri().query()) {
+                Ok((offset, limit)) => json(StatusCode::OK, &self.admin.bindings(offset, limit)),
+                Err(e) => error(StatusCode::BAD_REQUEST, &e),
+            },
+            ("/reload", &Method::POST) => {
+                let report = self.admin.reload().await;
+                let code = if report.ok() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                };
+                json(code, &report)
+            }
+            (p, &Method::DELETE) if p.starts_with("/bindings/") => {
+                self.unbind(&p["/bindings/".len()..])
+            }
+            ("/metrics" | "/status" | "/backends" | "/bindings", _) => not_allowed("GET"),
+            ("/reload", _) => not_allowed("POST"),
+            (p, _) if p.starts_with("/bindings/") => not_allowed("DELETE"),
+            _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+        }
+    }
+
+    fn unbind(&self, client: &str) -> Reply {
+        // IPv6 clients may arrive percent-encoded.
+        let client = client.replace("%3A", ":").replace("%3a", ":");
+        let Ok(ip) = client.parse::<IpAddr>() else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("not an IP address: {client:?}"),
+            );
+        };
+        match self.admin.unbind(ip) {
+            0 => error(StatusCode::NOT_FOUND, &format!("no binding for {ip}")),
+            removed => json(StatusCode::OK, &serde_json::json!({ "removed": removed })),
+        }
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let given = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        // Compared in full whatever the first difference, so timing tells nothing.
+        given.is_some_and(|g| {
+            g.len() == token.len()
+                && g.iter()
+                    .zip(token.as_bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+        })
+    }
+}
+
+/// `offset` and `limit` from a query string.
+fn page(query: Option<&str>) -> Result<(usize, usize), String> {
+    let (mut offset, mut limit) = (0, DEFAULT_PAGE);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let n = || {
+            value
+                .parse::<usize>()
+                .map_err(|_| format!("{key} must be a non-negative integer, got {value:?}"))
+        };
+        match key {
+            "offset" => offset = n()?,
+            "limit" => limit = n()?,
+            _ => return Err(format!("unknown query parameter {key:?}")),
+        }
+    }
+    Ok((offset, limit))
+}
+
+fn reply(code: StatusCode, content_type: &'static str, body: String) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json(code: StatusCode, value: &impl Serialize) -> Reply {
+    match serde_json::to_string_pretty(value) {
+        Ok(mut body) => {
+            body.push('\n');
+            reply(code, "application/json", body)
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("encoding the answer: {e}"),
+        ),
+    }
+}
+
+fn error(code: StatusCode, message: &str) -> Reply {
+    let body = serde_json::json!({ "error": message }).to_string() + "\n";
+    reply(code, "application/json", body)
+}
+
+fn not_allowed(allow: &'static str) -> Reply {
+    let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_parse_and_bad_ones_are_named() {
+        assert_eq!(page(None), Ok((0, DEFAULT_PAGE)));
+        assert_eq!(page(Some("offset=20&limit=5")), Ok((20, 5)));
+        assert!(page(Some("limit=-1")).unwrap_err().contains("limit"));
+        assert!(page(Some("cursor=x")).unwrap_err().contains("cursor"));
+    }
+}

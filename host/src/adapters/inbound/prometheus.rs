@@ -1,0 +1,356 @@
+//! `/metrics` in the Prometheus text format (0.0.4), written by `prometheus-client` from
+//! the live counters at scrape time: the hot path only bumps atomics, and every number
+//! here is read through [`Admin`], the same source as `/status` and `/backends`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::application::admin::Admin;
+use crate::application::telemetry::{Decision, HistogramSnapshot};
+
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+pub fn registry(admin: Arc<Admin>) -> Registry {
+    let mut registry = Registry::with_prefix("edgeproxy");
+    registry.register_collector(Box::new(HostCollector(admin)));
+    registry
+}
+
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
+        .expect("encoding into a String");
+    out
+}
+
+struct HostCollector(Arc<Admin>);
+
+impl std::fmt::Debug for HostCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostCollector")
+    }
+}
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+/// One metric family: a descriptor, then a sample per label set.
+fn family<'l, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels<'l>, M)>,
+) -> std::fmt::Result {
+    let mut samples = samples.into_iter().peekable();
+    let Some((_, first)) = samples.peek() else {
+        return Ok(());
+    };
+    let mut m = enc.encode_descriptor(name, help, None, first.metric_type())?;
+    for (labels, value) in samples {
+        value.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter(v: u64) -> ConstCounter<u64> {
+    ConstCounter::new(v)
+}
+
+fn gauge(v: i64) -> ConstGauge<i64> {
+    ConstGauge::new(v)
+}
+
+fn histogram(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    h: &HistogramSnapshot,
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+        h.sum_seconds,
+        h.count,
+        &h.buckets,
+        None,
+    )
+}
+
+fn gauges(v: Vec<(Labels<'_>, u64)>) -> impl Iterator<Item = (Labels<'_>, ConstGauge<i64>)> {
+    v.into_iter().map(|(l, v)| (l, gauge(int(v))))
+}
+
+fn counters(v: Vec<(Labels<'_>, u64)>) -> impl Iterator<Item = (Labels<'_>, ConstCounter<u64>)> {
+    v.into_iter().map(|(l, v)| (l, counter(v)))
+}
+
+fn int(v: impl TryInto<i64>) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
+}
+
+impl Collector for HostCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let admin = &self.0;
+        let status = admin.status();
+        let telemetry = &admin.telemetry;
+        let e = &mut enc;
+
+        family(
+            e,
+            "build",
+            "Build information",
+            [(vec![("version", status.version)], gauge(1))],
+        )?;
+        family(
+            e,
+            "uptime_seconds",
+            "Seconds since start",
+            [(vec![], gauge(int(status.uptime_seconds)))],
+        )?;
+
+        let listeners = telemetry.listeners();
+        let addrs: Vec<String> = listeners.iter().map(|l| l.addr.to_string()).collect();
+        let per_listener = |f: &dyn Fn(usize) -> u64| {
+            addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (vec![("listener", a.as_str())], f(i)))
+                .collect::<Vec<_>>()
+        };
+        family(
+            e,
+            "connections_accepted",
+            "Client connections accepted",
+            counters(per_listener(&|i| listeners[i].accepted())),
+        )?;
+        family(
+            e,
+            "connections_closed",
+            "Client connections closed",
+            counters(per_listener(&|i| listeners[i].closed())),
+        )?;
+        family(
+            e,
+            "connections_active",
+            "Client connections open now",
+            gauges(per_listener(&|i| listeners[i].active())),
+        )?;
+        family(
+            e,
+            "connections_no_backend",
+            "Client connections closed because no backend was eligible or every connect failed",
+            [(vec![], counter(telemetry.no_backend.load(Relaxed)))],
+        )?;
+
+        let backends = admin.backends();
+        let per_backend = |f: &dyn Fn(usize) -> u64| {
+            backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let labels = vec![
+                        ("backend", b.id.as_str()),
+                        ("app", b.app.as_str()),
+                        ("region", b.region.as_str()),
+                    ];
+                    (labels, f(i))
+                })
+                .collect::<Vec<_>>()
+        };
+        family(
+            e,
+            "backend_active_connections",
+            "Connections open to the backend now",
+            gauges(per_backend(&|i| u64::from(backends[i].active))),
+        )?;
+        family(
+            e,
+            "backend_healthy",
+            "1 when the routing table marks the backend healthy",
+            gauges(per_backend(&|i| u64::from(backends[i].healthy))),
+        )?;
+        family(
+            e,
+            "backend_connect_attempts",
+            "Connects tried to the backend",
+            counters(per_backend(&|i| backends[i].connect_attempts)),
+        )?;
+        family(
+            e,
+            "backend_connect_failures",
+            "Connects to the backend that failed or timed out",
+            counters(per_backend(&|i| backends[i].connect_failures)),
+        )?;
+        enc_rtt(e, &backends)?;
+        family(
+            e,
+            "backend_bytes_up",
+            "Bytes relayed from clients to the backend",
+            counters(per_backend(&|i| backends[i].bytes_up)),
+        )?;
+        family(
+            e,
+            "backend_bytes_down",
+            "Bytes relayed from the backend to clients",
+            counters(per_backend(&|i| backends[i].bytes_down)),
+        )?;
+        histogram(
+            e,
+            "backend_connect_seconds",
+            "Time to connect to the chosen backend",
+            &telemetry.connect_time.snapshot(),
+        )?;
+
+        family(
+            e,
+            "bindings",
+            "Sticky client bindings held",
+            [(vec![], gauge(int(status.bindings.count)))],
+        )?;
+        family(
+            e,
+            "binding_lookups",
+            "New connections by whether a live binding decided them",
+            [
+                (vec![("result", "hit")], counter(status.bindings.hits)),
+                (vec![("result", "miss")], counter(status.bindings.misses)),
+            ],
+        )?;
+
+        histogram(
+            e,
+            "decision_seconds",
+            "Time to choose a backend for a new connection (binding or policy)",
+            &telemetry.decision_time.snapshot(),
+        )?;
+        family(
+            e,
+            "decisions",
+            "Policy decisions by outcome (overridden: the policy named an ineligible backend)",
+            [
+                ("picked", Decision::Picked),
+                ("refused", Decision::Refused),
+                ("overridden", Decision::Overridden),
+            ]
+            .map(|(name, d)| (vec![("outcome", name)], counter(telemetry.decisions(d)))),
+        )?;
+        let p = &status.policy;
+        let hash = p.hash.as_deref().unwrap_or("");
+        family(
+            e,
+            "policy",
+            "The policy deciding now",
+            [(
+                vec![("kind", p.kind), ("name", p.name.as_str()), ("hash", hash)],
+                gauge(1),
+            )],
+        )?;
+        family(
+            e,
+            "policy_decisions",
+            "Decisions made by the policy serving now, since it was loaded",
+            [(
+                vec![("name", p.name.as_str()), ("hash", hash)],
+                counter(p.decisions),
+            )],
+        )?;
+        let f = p.faults;
+        family(
+            e,
+            "policy_faults",
+            "Policy calls that failed; the native scorer decided each of them",
+            [
+                ("trap", f.traps),
+                ("timeout", f.timeouts),
+                ("bad_answer", f.bad_answers),
+                ("instantiate", f.instantiate_failures),
+            ]
+            .map(|(kind, n)| (vec![("kind", kind)], counter(n))),
+        )?;
+        let fallbacks = f.traps
+            + f.timeouts
+            + f.bad_answers
+            + f.instantiate_failures
+            + telemetry.decisions(Decision::Overridden);
+        family(
+            e,
+            "policy_fallbacks",
+            "Decisions the native scorer made in the policy's place",
+            [(vec![], counter(fallbacks))],
+        )?;
+        family(
+            e,
+            "policy_reloads",
+            "Policy file reloads by result",
+            [
+                (vec![("result", "ok")], counter(p.reloads)),
+                (vec![("result", "failed")], counter(p.reload_failures)),
+            ],
+        )?;
+
+        let r = &status.routing;
+        family(
+            e,
+            "routing_reloads",
+            "Routing table loads by result",
+            [
+                (vec![("result", "changed")], counter(r.reloads.changed)),
+                (vec![("result", "unchanged")], counter(r.reloads.unchanged)),
+                (vec![("result", "failed")], counter(r.reloads.failed)),
+            ],
+        )?;
+        family(
+            e,
+            "routing_table_version",
+            "Version of the routing table serving now (bumped on every change)",
+            [(vec![], gauge(int(r.version)))],
+        )?;
+        family(
+            e,
+            "routing_backends",
+            "Backends in the routing table serving now",
+            [(vec![], gauge(int(r.backends)))],
+        )?;
+        family(
+            e,
+            "routing_skipped_rows",
+            "Rows of the last load skipped as invalid",
+            [(vec![], gauge(int(r.skipped_rows.len())))],
+        )?;
+
+        let g = status.geoip.lookups;
+        family(
+            e,
+            "geoip_lookups",
+            "Client GeoIP lookups by result",
+            [
+                ("found", g.found),
+                ("not_found", g.not_found),
+                ("failed", g.failed),
+            ]
+            .map(|(result, n)| (vec![("result", result)], counter(n))),
+        )
+    }
+}
+
+/// The connect RTT moving average per backend, for backends connected at least once.
+fn enc_rtt(
+    e: &mut DescriptorEncoder,
+    backends: &[crate::application::admin::BackendStatus],
+) -> std::fmt::Result {
+    family(
+        e,
+        "backend_connect_rtt_seconds",
+        "Connect round-trip time to the backend, moving average",
+        backends.iter().filter_map(|b| {
+            let rtt = b.rtt_us? as f64 / 1e6;
+            Some((vec![("backend", b.id.as_str())], ConstGauge::new(rtt)))
+        }),
+    )
+}

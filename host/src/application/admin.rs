@@ -1,0 +1,391 @@
+//! What an operator can ask a running POP and tell it: status, the routing table joined
+//! with live state, bindings, and reloads. The admin HTTP adapter and the Prometheus
+//! collector both read through here, so `/status`, `/backends` and `/metrics` agree.
+//! Answers are plain serializable values; formats belong to the adapters.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::domain::ports::{BindingRepository, GeoLookups, GeoResolver};
+use crate::domain::services::NativeScorer;
+use crate::domain::{Region, RoutedBackend};
+
+use super::routing::{Reloaded, Routing};
+use super::telemetry::{Decision, Telemetry};
+
+/// The policy side of the admin API: what is deciding, and a way to re-read it.
+pub trait PolicyControl: Send + Sync {
+    fn status(&self) -> PolicyStatus;
+    /// Re-reads the policy from its source now (blocking). Ok(true) when a different
+    /// policy was swapped in, Ok(false) when nothing changed or there is nothing to read.
+    fn reload(&self) -> Result<bool, String>;
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyStatus {
+    /// "wasm" or "native".
+    pub kind: &'static str,
+    pub name: String,
+    pub hash: Option<String>,
+    pub path: Option<String>,
+    pub loaded_at: Option<String>,
+    pub reloads: u64,
+    pub reload_failures: u64,
+    pub last_error: Option<ErrorAt>,
+    pub faults: PolicyFaults,
+    /// Decisions the serving policy made since it was loaded.
+    pub decisions: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PolicyFaults {
+    pub traps: u64,
+    pub timeouts: u64,
+    pub bad_answers: u64,
+    pub instantiate_failures: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorAt {
+    pub at: String,
+    pub message: String,
+}
+
+impl ErrorAt {
+    pub fn new(at: SystemTime, message: String) -> Self {
+        Self {
+            at: timestamp(at),
+            message,
+        }
+    }
+}
+
+/// RFC 3339, UTC, whole seconds.
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl PolicyControl for NativeScorer {
+    fn status(&self) -> PolicyStatus {
+        PolicyStatus {
+            kind: "native",
+            name: "native".into(),
+            hash: None,
+            path: None,
+            loaded_at: None,
+            reloads: 0,
+            reload_failures: 0,
+            last_error: None,
+            faults: PolicyFaults::default(),
+            decisions: 0,
+        }
+    }
+
+    fn reload(&self) -> Result<bool, String> {
+        Ok(false)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    pub region: String,
+    pub started_at: String,
+    pub uptime_seconds: u64,
+    pub listeners: Vec<ListenerStatus>,
+    pub policy: PolicyStatus,
+    pub routing: RoutingStatus,
+    pub geoip: GeoStatus,
+    pub bindings: BindingsStatus,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerStatus {
+    pub addr: SocketAddr,
+    pub app: Option<String>,
+    pub proxy_protocol: bool,
+    pub accepted: u64,
+    pub active: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoutingStatus {
+    pub version: u64,
+    pub backends: usize,
+    pub loaded_at: Option<String>,
+    pub skipped_rows: Vec<SkippedRowStatus>,
+    pub reloads: ReloadCounts,
+    pub last_error: Option<ErrorAt>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SkippedRowStatus {
+    pub id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ReloadCounts {
+    pub changed: u64,
+    pub unchanged: u64,
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GeoStatus {
+    pub database: String,
+    pub lookups: GeoLookupCounts,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct GeoLookupCounts {
+    pub found: u64,
+    pub not_found: u64,
+    pub failed: u64,
+}
+
+impl From<GeoLookups> for GeoLookupCounts {
+    fn from(l: GeoLookups) -> Self {
+        Self {
+            found: l.found,
+            not_found: l.not_found,
+            failed: l.failed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BindingsStatus {
+    pub enabled: bool,
+    pub count: usize,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// One routing-table row with its live state.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStatus {
+    pub id: String,
+    pub app: String,
+    pub region: String,
+    pub country: String,
+    pub addr: SocketAddr,
+    pub healthy: bool,
+    pub weight: u32,
+    pub soft_limit: u32,
+    pub hard_limit: u32,
+    /// Healthy and under its hard limit right now.
+    pub eligible: bool,
+    pub active: u32,
+    pub connect_attempts: u64,
+    pub connect_failures: u64,
+    /// Connect round-trip time, moving average; None before the first connect.
+    pub rtt_us: Option<u64>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+impl From<&RoutedBackend> for BackendStatus {
+    fn from(rb: &RoutedBackend) -> Self {
+        let (b, s) = (&rb.backend, &rb.stats);
+        Self {
+            id: b.id.to_string(),
+            app: b.app.to_string(),
+            region: b.region.to_string(),
+            country: b.country.to_string(),
+            addr: b.addr,
+            healthy: b.healthy,
+            weight: b.weight,
+            soft_limit: b.soft_limit,
+            hard_limit: b.hard_limit,
+            eligible: rb.is_eligible(),
+            active: s.active(),
+            connect_attempts: s.connect_attempts(),
+            connect_failures: s.connect_failures(),
+            rtt_us: Some(s.rtt_us()).filter(|&r| r > 0),
+            bytes_up: s.traffic.up.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_down: s.traffic.down.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BindingsPage {
+    pub total: usize,
+    pub offset: usize,
+    pub limit: usize,
+    pub bindings: Vec<BindingStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BindingStatus {
+    pub client: IpAddr,
+    pub app: Option<String>,
+    pub backend: String,
+    pub expires_in_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadReport {
+    pub routing: ReloadResult,
+    pub policy: ReloadResult,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadResult {
+    Changed,
+    Unchanged,
+    Failed(String),
+}
+
+impl ReloadReport {
+    pub fn ok(&self) -> bool {
+        !matches!(self.routing, ReloadResult::Failed(_))
+            && !matches!(self.policy, ReloadResult::Failed(_))
+    }
+}
+
+/// The most bindings one page returns.
+pub const MAX_PAGE: usize = 1000;
+
+pub struct Admin {
+    pub region: Region,
+    pub routing: Arc<Routing>,
+    pub bindings: Option<Arc<dyn BindingRepository>>,
+    pub geo: Arc<dyn GeoResolver>,
+    pub policy: Arc<dyn PolicyControl>,
+    pub telemetry: Arc<Telemetry>,
+}
+
+impl Admin {
+    pub fn status(&self) -> Status {
+        let table = self.routing.current();
+        let history = self.routing.history();
+        let [changed, unchanged, failed] = self.routing.reload_counts();
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            region: self.region.to_string(),
+            started_at: timestamp(self.telemetry.started),
+            uptime_seconds: self.telemetry.uptime().as_secs(),
+            listeners: self
+                .telemetry
+                .listeners()
+                .iter()
+                .map(|l| ListenerStatus {
+                    addr: l.addr,
+                    app: l.app.clone(),
+                    proxy_protocol: l.proxy_protocol,
+                    accepted: l.accepted(),
+                    active: l.active(),
+                })
+                .collect(),
+            policy: {
+                let mut p = self.policy.status();
+                if p.kind == "native" {
+                    p.decisions = [Decision::Picked, Decision::Refused, Decision::Overridden]
+                        .map(|d| self.telemetry.decisions(d))
+                        .iter()
+                        .sum();
+                }
+                p
+            },
+            routing: RoutingStatus {
+                version: table.version(),
+                backends: table.backends().len(),
+                loaded_at: history.loaded_at.map(timestamp),
+                skipped_rows: self
+                    .routing
+                    .skipped()
+                    .into_iter()
+                    .map(|r| SkippedRowStatus {
+                        id: r.id,
+                        reason: r.reason,
+                    })
+                    .collect(),
+                reloads: ReloadCounts {
+                    changed,
+                    unchanged,
+                    failed,
+                },
+                last_error: history.last_error.map(|(at, m)| ErrorAt::new(at, m)),
+            },
+            geoip: GeoStatus {
+                database: self.geo.describe(),
+                lookups: self.geo.lookups().into(),
+            },
+            bindings: BindingsStatus {
+                enabled: self.bindings.is_some(),
+                count: self.bindings.as_ref().map_or(0, |b| b.len()),
+                hits: self
+                    .telemetry
+                    .binding_hits
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                misses: self
+                    .telemetry
+                    .binding_misses
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            },
+        }
+    }
+
+    pub fn backends(&self) -> Vec<BackendStatus> {
+        self.routing
+            .current()
+            .backends()
+            .iter()
+            .map(BackendStatus::from)
+            .collect()
+    }
+
+    /// Up to `limit` (at most [`MAX_PAGE`]) bindings from `offset`, ordered by client.
+    pub fn bindings(&self, offset: usize, limit: usize) -> BindingsPage {
+        let limit = limit.min(MAX_PAGE);
+        let (total, entries) = match &self.bindings {
+            Some(b) => b.page(offset, limit, Instant::now()),
+            None => (0, Vec::new()),
+        };
+        BindingsPage {
+            total,
+            offset,
+            limit,
+            bindings: entries
+                .into_iter()
+                .map(|e| BindingStatus {
+                    client: e.key.client,
+                    app: e.key.app.map(|a| a.to_string()),
+                    backend: e.backend.to_string(),
+                    expires_in_seconds: e.expires_in.as_secs(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Forgets every binding of `client`, so its next connection is decided afresh.
+    pub fn unbind(&self, client: IpAddr) -> usize {
+        self.bindings
+            .as_ref()
+            .map_or(0, |b| b.remove_client(client.to_canonical()))
+    }
+
+    /// Reloads the routing table and the policy now, whatever the timers say.
+    pub async fn reload(&self) -> ReloadReport {
+        let routing = match self.routing.reload().await {
+            Ok(Reloaded::Changed { .. }) => ReloadResult::Changed,
+            Ok(Reloaded::Unchanged) => ReloadResult::Unchanged,
+            Err(e) => ReloadResult::Failed(e.to_string()),
+        };
+        let policy = Arc::clone(&self.policy);
+        let policy = match tokio::task::spawn_blocking(move || policy.reload()).await {
+            Ok(Ok(true)) => ReloadResult::Changed,
+            Ok(Ok(false)) => ReloadResult::Unchanged,
+            Ok(Err(e)) => ReloadResult::Failed(e),
+            Err(e) => ReloadResult::Failed(format!("policy loader failed: {e}")),
+        };
+        ReloadReport { routing, policy }
+    }
+}

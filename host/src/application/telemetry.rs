@@ -1,0 +1,217 @@
+//! Counters the proxy service and the accept loops bump on the hot path: plain relaxed
+//! atomics, read only when someone asks (a `/metrics` scrape, `/status`). Exposition
+//! formats live in the admin adapter; nothing here formats or allocates per event.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// A fixed-bucket latency histogram, lock-free: one bucket increment, the sum and the
+/// count per observation.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Upper bounds in seconds, ascending; a last, implicit bucket is +Inf.
+    bounds: &'static [f64],
+    buckets: Box<[AtomicU64]>,
+    sum_ns: AtomicU64,
+}
+
+/// A histogram read at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    pub sum_seconds: f64,
+    pub count: u64,
+    /// (upper bound, observations in this bucket only), ending with +Inf. Per bucket,
+    /// not cumulative, as exposition libraries take them.
+    pub buckets: Vec<(f64, u64)>,
+}
+
+/// Decisions take from tens of nanoseconds (a binding hit) to a policy's whole budget.
+pub const DECISION_BUCKETS: &[f64] = &[
+    250e-9, 500e-9, 1e-6, 2.5e-6, 5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 1e-3, 10e-3,
+];
+/// Backend connects: loopback to intercontinental overlay links.
+pub const CONNECT_BUCKETS: &[f64] = &[
+    100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,
+];
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self.bounds.partition_point(|&b| b < secs);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let buckets: Vec<(f64, u64)> = self
+            .bounds
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(self.buckets.iter())
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect();
+        HistogramSnapshot {
+            sum_seconds: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            count: buckets.iter().map(|(_, n)| n).sum(),
+            buckets,
+        }
+    }
+}
+
+/// One listener's connection counts.
+#[derive(Debug)]
+pub struct ListenerStats {
+    pub addr: SocketAddr,
+    pub app: Option<String>,
+    pub proxy_protocol: bool,
+    accepted: AtomicU64,
+    closed: AtomicU64,
+}
+
+impl ListenerStats {
+    pub fn new(addr: SocketAddr, app: Option<String>, proxy_protocol: bool) -> Self {
+        Self {
+            addr,
+            app,
+            proxy_protocol,
+            accepted: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts an accepted connection as open until the guard drops, however it ends.
+    pub fn opened(self: &Arc<Self>) -> OpenConnection {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(Arc::clone(self))
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub fn closed(&self) -> u64 {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    pub fn active(&self) -> u64 {
+        self.accepted().saturating_sub(self.closed())
+    }
+}
+
+/// One open connection of a listener.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<ListenerStats>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.closed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How a new connection's backend was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The policy picked a backend.
+    Picked,
+    /// The policy refused (no eligible backend, or by design).
+    Refused,
+    /// The policy named an ineligible backend and the native scorer decided instead.
+    Overridden,
+}
+
+/// Everything the proxy service counts that is not per backend.
+#[derive(Debug)]
+pub struct Telemetry {
+    pub started: SystemTime,
+    listeners: Mutex<Vec<Arc<ListenerStats>>>,
+    /// Time to choose a backend for a new client (binding lookup or policy call).
+    pub decision_time: Histogram,
+    decisions: [AtomicU64; 3],
+    pub binding_hits: AtomicU64,
+    pub binding_misses: AtomicU64,
+    /// Connections refused because no backend was eligible or every connect failed.
+    pub no_backend: AtomicU64,
+    pub connect_time: Histogram,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self {
+            started: SystemTime::now(),
+            listeners: Mutex::default(),
+            decision_time: Histogram::new(DECISION_BUCKETS),
+            decisions: Default::default(),
+            binding_hits: AtomicU64::new(0),
+            binding_misses: AtomicU64::new(0),
+            no_backend: AtomicU64::new(0),
+            connect_time: Histogram::new(CONNECT_BUCKETS),
+        }
+    }
+}
+
+impl Telemetry {
+    pub fn add_listener(&self, stats: Arc<ListenerStats>) {
+        self.listeners.lock().expect("listeners lock").push(stats);
+    }
+
+    pub fn listeners(&self) -> Vec<Arc<ListenerStats>> {
+        self.listeners.lock().expect("listeners lock").clone()
+    }
+
+    pub fn decided(&self, how: Decision) {
+        self.decisions[how as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn decisions(&self, how: Decision) -> u64 {
+        self.decisions[how as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_counts_each_bucket_and_ends_at_inf() {
+        let h = Histogram::new(&[1e-3, 1e-2]);
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(1)); // on the bound: le="0.001"
+        h.observe(Duration::from_millis(5));
+        h.observe(Duration::from_secs(1));
+        let s = h.snapshot();
+        assert_eq!(s.count, 4);
+        assert_eq!(s.buckets, vec![(1e-3, 2), (1e-2, 1), (f64::INFINITY, 1)]);
+        assert!((s.sum_seconds - 1.0065).abs() < 1e-9);
+    }
+
+    #[test]
+    fn listener_counts_a_connection_closed_however_it_ends() {
+        let l = Arc::new(ListenerStats::new(
+            "127.0.0.1:1".parse().unwrap(),
+            None,
+            false,
+        ));
+        let a = l.opened();
+        let b = l.opened();
+        assert_eq!((l.accepted(), l.active()), (2, 2));
+        drop(a);
+        drop(b);
+        assert_eq!((l.accepted(), l.closed(), l.active()), (2, 2, 0));
+    }
+}
