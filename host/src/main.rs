@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use edgeproxy::adapters::inbound::policy_build;
+use edgeproxy::adapters::inbound::{policy_build, routing_cli};
 use edgeproxy::config::{Config, Layer, LogFormat};
 use edgeproxy::{Host, demo};
 
@@ -37,6 +37,31 @@ enum Command {
     /// Work with policy components.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Edit the routing table (safe while the proxy runs; it reloads by itself).
+    Backend {
+        #[command(subcommand)]
+        command: routing_cli::BackendCommand,
+        #[command(flatten)]
+        target: DbTarget,
+    },
+    /// Create or bulk-load the routing database.
+    Db {
+        #[command(subcommand)]
+        command: routing_cli::DbCommand,
+        #[command(flatten)]
+        target: DbTarget,
+    },
+}
+
+/// Which routing database a `backend`/`db` command edits, and how it answers.
+#[derive(clap::Args)]
+struct DbTarget {
+    /// Routing database (default: db_path from --config, EDGEPROXY_DB_PATH, or routing.db).
+    #[arg(long, global = true)]
+    db: Option<PathBuf>,
+    /// Answer in JSON.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -159,6 +184,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     };
     let env = Layer::from_env(|k| std::env::var(k).ok())?;
     let config = Config::resolve(file, env, cli.run.layer())?;
+    let db_path = |target: &DbTarget| target.db.clone().unwrap_or(config.db_path.clone());
+    match cli.command {
+        Some(Command::Backend { command, target }) => {
+            return routing_cli::backend(&db_path(&target), command, target.json);
+        }
+        Some(Command::Db { command, target }) => {
+            return routing_cli::db(&db_path(&target), command, target.json);
+        }
+        _ => {}
+    }
     init_tracing(&config);
 
     // One worker: a current-thread runtime, which skips the work-stealing scheduler's
@@ -188,6 +223,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             None => serve(config).await,
+            Some(Command::Backend { .. } | Command::Db { .. }) => unreachable!("handled above"),
         }
     })
 }

@@ -7,4 +7,5 @@ pub mod file_watch;
 pub mod policy_build;
 pub mod prometheus;
 pub mod proxy_protocol;
+pub mod routing_cli;
 pub mod tcp_server;

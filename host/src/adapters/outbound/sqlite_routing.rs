@@ -30,7 +30,7 @@ pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS backends (
     deleted     INTEGER NOT NULL DEFAULT 0
 )";
 
-const COLUMNS: [&str; 11] = [
+pub(crate) const COLUMNS: [&str; 11] = [
     "id",
     "app",
     "region",
@@ -177,7 +177,7 @@ fn ranged<T: TryFrom<i64>>(col: &str, v: &Value, min: i64) -> Result<T, String> 
 }
 
 /// One row -> a backend; `Ok(None)` for a soft-deleted row. The error names the column.
-fn parse_row(v: &[Value]) -> Result<Option<Backend>, String> {
+pub(crate) fn parse_row(v: &[Value]) -> Result<Option<Backend>, String> {
     // A NULL `deleted` reads as 0, the column's default in edgeProxy's schema.
     let deleted = match &v[10] {
         Value::Null => false,

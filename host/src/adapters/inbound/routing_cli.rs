@@ -1,0 +1,245 @@
+//! `edgeproxy backend …` and `edgeproxy db …`: the routing table from the command line,
+//! on the same SQLite file a running proxy reads (it picks each change up by itself).
+//! Output is an aligned table, or JSON with `--json`.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use crate::adapters::outbound::sqlite_editor::{BackendRow, RoutingEditor, RowChanges};
+
+#[derive(Debug, Subcommand)]
+pub enum BackendCommand {
+    /// List backends (live ones; --all adds removed ones).
+    List {
+        #[arg(long)]
+        app: Option<String>,
+        /// Include removed (soft-deleted) backends.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Add a backend.
+    Add(AddArgs),
+    /// Change fields of a backend.
+    Update {
+        id: String,
+        #[command(flatten)]
+        changes: ChangeArgs,
+    },
+    /// Remove a backend (soft delete: `deleted = 1`, the row stays).
+    Remove { id: String },
+    /// Stop sending new clients to a backend (`healthy = 0`); open connections stay.
+    Drain { id: String },
+    /// Undo a drain (`healthy = 1`).
+    Undrain { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    pub id: String,
+    #[arg(long)]
+    pub app: String,
+    #[arg(long)]
+    pub region: String,
+    /// ISO 3166-1 alpha-2 country code.
+    #[arg(long)]
+    pub country: String,
+    /// The backend's WireGuard overlay IP.
+    #[arg(long = "wg-ip", visible_alias = "ip")]
+    pub wg_ip: String,
+    #[arg(long)]
+    pub port: u16,
+    #[arg(long, default_value_t = 1)]
+    pub weight: u32,
+    #[arg(long, default_value_t = 100)]
+    pub soft_limit: u32,
+    /// 0: unlimited.
+    #[arg(long, default_value_t = 0)]
+    pub hard_limit: u32,
+    /// Add it drained (`healthy = 0`).
+    #[arg(long)]
+    pub drained: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ChangeArgs {
+    #[arg(long)]
+    pub app: Option<String>,
+    #[arg(long)]
+    pub region: Option<String>,
+    #[arg(long)]
+    pub country: Option<String>,
+    #[arg(long = "wg-ip", visible_alias = "ip")]
+    pub wg_ip: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[arg(long)]
+    pub weight: Option<u32>,
+    #[arg(long)]
+    pub soft_limit: Option<u32>,
+    #[arg(long)]
+    pub hard_limit: Option<u32>,
+    #[arg(long)]
+    pub healthy: Option<bool>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Create the routing database with the schema (nothing happens to an existing one).
+    Init,
+    /// Load backends from FILE.sql (statements) or FILE.csv (with a header line) in one
+    /// transaction; one bad row rejects the whole file.
+    Import { file: PathBuf },
+}
+
+/// Runs one `backend` command on the database at `db`.
+pub fn backend(db: &Path, command: BackendCommand, json: bool) -> anyhow::Result<()> {
+    let mut editor = RoutingEditor::open(db)?;
+    let row = match command {
+        BackendCommand::List { app, all } => {
+            let rows = editor.list(app.as_deref(), all)?;
+            return print_rows(&rows, all, json);
+        }
+        BackendCommand::Add(a) => editor.add(&BackendRow {
+            id: a.id,
+            app: a.app,
+            region: a.region,
+            country: a.country,
+            wg_ip: a.wg_ip,
+            port: a.port,
+            healthy: !a.drained,
+            weight: a.weight,
+            soft_limit: a.soft_limit,
+            hard_limit: a.hard_limit,
+            deleted: false,
+        })?,
+        BackendCommand::Update { id, changes: c } => editor.update(
+            &id,
+            &RowChanges {
+                app: c.app,
+                region: c.region,
+                country: c.country,
+                wg_ip: c.wg_ip,
+                port: c.port,
+                healthy: c.healthy,
+                weight: c.weight,
+                soft_limit: c.soft_limit,
+                hard_limit: c.hard_limit,
+            },
+        )?,
+        BackendCommand::Remove { id } => editor.remove(&id)?,
+        BackendCommand::Drain { id } => editor.set_healthy(&id, false)?,
+        BackendCommand::Undrain { id } => editor.set_healthy(&id, true)?,
+    };
+    print_rows(std::slice::from_ref(&row), true, json)
+}
+
+/// Runs one `db` command on the database at `db`.
+pub fn db(db: &Path, command: DbCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        DbCommand::Init => {
+            let (_, created) = RoutingEditor::init(db)?;
+            let message = if created {
+                "created"
+            } else {
+                "already initialised"
+            };
+            print(
+                json,
+                &serde_json::json!({ "db": db.display().to_string(), "created": created }),
+                || format!("{}: {message}", db.display()),
+            )
+        }
+        DbCommand::Import { file } => {
+            let imported = RoutingEditor::open(db)?.import(&file)?;
+            print(json, &imported, || {
+                format!(
+                    "{}: {} row(s) written; live backends {} -> {}",
+                    file.display(),
+                    imported.rows,
+                    imported.before,
+                    imported.after
+                )
+            })
+        }
+    }
+}
+
+fn print(json: bool, value: &impl Serialize, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        println!("{}", text());
+    }
+    Ok(())
+}
+
+fn print_rows(rows: &[BackendRow], with_deleted: bool, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+        return Ok(());
+    }
+    print!("{}", table(rows, with_deleted));
+    Ok(())
+}
+
+/// Rows as left-aligned columns under a header.
+fn table(rows: &[BackendRow], with_deleted: bool) -> String {
+    let mut header = vec![
+        "ID", "APP", "REGION", "COUNTRY", "ADDRESS", "HEALTHY", "WEIGHT", "SOFT", "HARD",
+    ];
+    if with_deleted {
+        header.push("DELETED");
+    }
+    let yes_no = |b: bool| if b { "yes" } else { "no" }.to_owned();
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let addr = match r.wg_ip.parse::<std::net::IpAddr>() {
+                Ok(ip) => std::net::SocketAddr::new(ip, r.port).to_string(),
+                Err(_) => format!("{}:{}", r.wg_ip, r.port),
+            };
+            let mut row = vec![
+                r.id.clone(),
+                r.app.clone(),
+                r.region.clone(),
+                r.country.clone(),
+                addr,
+                yes_no(r.healthy),
+                r.weight.to_string(),
+                r.soft_limit.to_string(),
+                r.hard_limit.to_string(),
+            ];
+            if with_deleted {
+                row.push(yes_no(r.deleted));
+            }
+            row
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|row| row[i].chars().count())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |fields: Vec<&str>| {
+        let mut out = fields
+            .iter()
+            .zip(&widths)
+            .map(|(f, w)| format!("{f:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        out.truncate(out.trim_end().len());
+        out + "\n"
+    };
+    let mut out = line(header);
+    for row in &cells {
+        out += &line(row.iter().map(String::as_str).collect());
+    }
+    out
+}

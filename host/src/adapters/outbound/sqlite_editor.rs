@@ -1,0 +1,574 @@
+//! Writes to the routing table for operators (`edgeproxy backend …`, `edgeproxy db …`),
+//! safe while a proxy reads the same file: WAL mode, a busy timeout, and one immediate
+//! transaction per command, so the proxy sees each change whole or not at all.
+//!
+//! Every row written goes through the same validation the proxy's loader applies (a
+//! temporary trigger calls it), so nothing the proxy would skip can be written here, and
+//! an import with one bad row is rolled back whole, naming the line.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::fallible_iterator::FallibleIterator as _;
+use rusqlite::functions::FunctionFlags;
+use rusqlite::types::Value;
+use rusqlite::{Connection, TransactionBehavior, params};
+use serde::Serialize;
+
+use super::sqlite_routing::{COLUMNS, SCHEMA, parse_row};
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    #[error("routing table {path}: {message}")]
+    Db { path: String, message: String },
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// One `backends` row as stored, deleted rows included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackendRow {
+    pub id: String,
+    pub app: String,
+    pub region: String,
+    pub country: String,
+    pub wg_ip: String,
+    pub port: u16,
+    pub healthy: bool,
+    pub weight: u32,
+    pub soft_limit: u32,
+    pub hard_limit: u32,
+    pub deleted: bool,
+}
+
+impl BackendRow {
+    fn values(&self) -> [Value; 11] {
+        [
+            Value::Text(self.id.clone()),
+            Value::Text(self.app.clone()),
+            Value::Text(self.region.clone()),
+            Value::Text(self.country.clone()),
+            Value::Text(self.wg_ip.clone()),
+            Value::Integer(self.port.into()),
+            Value::Integer(self.healthy.into()),
+            Value::Integer(self.weight.into()),
+            Value::Integer(self.soft_limit.into()),
+            Value::Integer(self.hard_limit.into()),
+            Value::Integer(self.deleted.into()),
+        ]
+    }
+}
+
+/// Changes `update` makes; unset fields stay as they are.
+#[derive(Debug, Clone, Default)]
+pub struct RowChanges {
+    pub app: Option<String>,
+    pub region: Option<String>,
+    pub country: Option<String>,
+    pub wg_ip: Option<String>,
+    pub port: Option<u16>,
+    pub healthy: Option<bool>,
+    pub weight: Option<u32>,
+    pub soft_limit: Option<u32>,
+    pub hard_limit: Option<u32>,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Imported {
+    /// Rows the file wrote (inserted or replaced).
+    pub rows: usize,
+    /// Live (not deleted) backends before and after.
+    pub before: usize,
+    pub after: usize,
+}
+
+pub struct RoutingEditor {
+    path: PathBuf,
+    conn: Connection,
+}
+
+impl RoutingEditor {
+    /// Opens an existing routing database for writing.
+    pub fn open(path: &Path) -> Result<Self, EditError> {
+        if !path.exists() {
+            return Err(EditError::Db {
+                path: path.display().to_string(),
+                message: "file does not exist (create it with `edgeproxy db init`)".into(),
+            });
+        }
+        let editor = Self::connect(path)?;
+        editor.check_schema()?;
+        Ok(editor)
+    }
+
+    /// Creates the database (WAL mode) with the schema if it is missing; an existing
+    /// table must have every column. Returns true when the table was created.
+    pub fn init(path: &Path) -> Result<(Self, bool), EditError> {
+        let editor = Self::connect(path)?;
+        let existed = editor.has_table()?;
+        if !existed {
+            editor
+                .conn
+                .pragma_update(None, "journal_mode", "WAL")
+                .and_then(|_| editor.conn.execute_batch(SCHEMA))
+                .map_err(|e| editor.err(e))?;
+        }
+        editor.check_schema()?;
+        Ok((editor, !existed))
+    }
+
+    fn connect(path: &Path) -> Result<Self, EditError> {
+        let db_err = |e: rusqlite::Error| EditError::Db {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let conn = Connection::open(path).map_err(db_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+        let editor = Self {
+            path: path.to_owned(),
+            conn,
+        };
+        editor.install_checks()?;
+        Ok(editor)
+    }
+
+    fn err(&self, e: rusqlite::Error) -> EditError {
+        EditError::Db {
+            path: self.path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// A row the proxy would skip cannot be written: inserts and updates call the
+    /// loader's own validation, and its message becomes the statement's error.
+    fn install_checks(&self) -> Result<(), EditError> {
+        self.conn
+            .create_scalar_function(
+                "edgeproxy_check_row",
+                COLUMNS.len() as i32,
+                FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+                |ctx| {
+                    let values: Vec<Value> = (0..ctx.len())
+                        .map(|i| ctx.get::<Value>(i))
+                        .collect::<Result<_, _>>()?;
+                    let id = match &values[0] {
+                        Value::Text(id) => id.clone(),
+                        other => format!("{other:?}"),
+                    };
+                    // A deleted row is checked as if live: undeleting it must not bring
+                    // back a row the proxy would skip.
+                    let mut live = values;
+                    live[10] = Value::Integer(0);
+                    match parse_row(&live) {
+                        Ok(_) => Ok(1),
+                        Err(reason) => Err(rusqlite::Error::UserFunctionError(
+                            format!("backend {id:?}: {reason}").into(),
+                        )),
+                    }
+                },
+            )
+            .map_err(|e| self.err(e))?;
+        let new_cols = COLUMNS
+            .iter()
+            .map(|c| format!("NEW.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = ["INSERT", "UPDATE"]
+            .map(|op| {
+                format!(
+                    "CREATE TEMP TRIGGER IF NOT EXISTS edgeproxy_check_{op} BEFORE {op} ON main.backends
+                     BEGIN SELECT edgeproxy_check_row({new_cols}); END;"
+                )
+            })
+            .join("\n");
+        // Without a table (a database to be initialised) there is nothing to guard yet.
+        if self.has_table()? {
+            self.conn.execute_batch(&sql).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    fn has_table(&self) -> Result<bool, EditError> {
+        self.conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'backends'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))
+    }
+
+    fn check_schema(&self) -> Result<(), EditError> {
+        let present: Vec<String> = self
+            .conn
+            .prepare("SELECT name FROM pragma_table_info('backends')")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| self.err(e))?;
+        let missing: Vec<&str> = COLUMNS
+            .iter()
+            .copied()
+            .filter(|c| !present.iter().any(|p| p.eq_ignore_ascii_case(c)))
+            .collect();
+        match (present.is_empty(), missing.is_empty()) {
+            (true, _) => Err(self.rejected("no table named backends")),
+            (false, false) => Err(self.rejected(&format!(
+                "table backends lacks column(s) {}",
+                missing.join(", ")
+            ))),
+            (false, true) => {
+                // The table may have been created after `connect`.
+                self.install_checks_if_missing()
+            }
+        }
+    }
+
+    fn install_checks_if_missing(&self) -> Result<(), EditError> {
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_temp_master WHERE type = 'trigger'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        if n == 0 {
+            self.install_checks()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn rejected(&self, message: &str) -> EditError {
+        EditError::Db {
+            path: self.path.display().to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// Every row, ordered by id; soft-deleted ones only with `deleted`.
+    pub fn list(&self, app: Option<&str>, deleted: bool) -> Result<Vec<BackendRow>, EditError> {
+        let sql = format!(
+            "SELECT {} FROM backends WHERE (?1 IS NULL OR app = ?1) AND (?2 OR deleted = 0) ORDER BY id",
+            COLUMNS.join(", ")
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![app, deleted], |r| {
+                Ok(BackendRow {
+                    id: r.get(0)?,
+                    app: r.get(1)?,
+                    region: r.get(2)?,
+                    country: r.get(3)?,
+                    wg_ip: r.get(4)?,
+                    port: r.get(5)?,
+                    healthy: r.get::<_, i64>(6)? != 0,
+                    weight: r.get(7)?,
+                    soft_limit: r.get(8)?,
+                    hard_limit: r.get(9)?,
+                    deleted: r.get::<_, Option<i64>>(10)?.unwrap_or(0) != 0,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<BackendRow>, EditError> {
+        Ok(self.list(None, true)?.into_iter().find(|r| r.id == id))
+    }
+
+    /// Adds a backend; an id already in use is refused unless that row was removed
+    /// (soft-deleted), which `add` then replaces.
+    pub fn add(&mut self, row: &BackendRow) -> Result<BackendRow, EditError> {
+        let path = self.path.clone();
+        let tx = self.begin()?;
+        let existing: Option<i64> = tx
+            .query_row(
+                "SELECT deleted FROM backends WHERE id = ?1",
+                [&row.id],
+                |r| r.get(0),
+            )
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })
+            .map_err(|e| err_at(&path, e))?;
+        if existing.is_some_and(|d| d == 0) {
+            return Err(EditError::Rejected(format!(
+                "backend {:?} exists; change it with `edgeproxy backend update`",
+                row.id
+            )));
+        }
+        let placeholders = (1..=COLUMNS.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        tx.execute(
+            &format!(
+                "INSERT OR REPLACE INTO backends ({}) VALUES ({placeholders})",
+                COLUMNS.join(", ")
+            ),
+            rusqlite::params_from_iter(row.values()),
+        )
+        .map_err(rejected)?;
+        tx.commit().map_err(|e| err_at(&path, e))?;
+        self.expect_row(&row.id)
+    }
+
+    /// Applies `changes` to one existing backend.
+    pub fn update(&mut self, id: &str, changes: &RowChanges) -> Result<BackendRow, EditError> {
+        let sets: Vec<(&str, Value)> = [
+            ("app", changes.app.clone().map(Value::Text)),
+            ("region", changes.region.clone().map(Value::Text)),
+            ("country", changes.country.clone().map(Value::Text)),
+            ("wg_ip", changes.wg_ip.clone().map(Value::Text)),
+            ("port", changes.port.map(|p| Value::Integer(p.into()))),
+            ("healthy", changes.healthy.map(|h| Value::Integer(h.into()))),
+            ("weight", changes.weight.map(|w| Value::Integer(w.into()))),
+            (
+                "soft_limit",
+                changes.soft_limit.map(|w| Value::Integer(w.into())),
+            ),
+            (
+                "hard_limit",
+                changes.hard_limit.map(|w| Value::Integer(w.into())),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(col, v)| v.map(|v| (col, v)))
+        .collect();
+        if sets.is_empty() {
+            return Err(EditError::Rejected("nothing to change".into()));
+        }
+        self.set(id, &sets)
+    }
+
+    /// Sets `deleted = 1`: the proxy stops routing to it, the row stays for the record.
+    pub fn remove(&mut self, id: &str) -> Result<BackendRow, EditError> {
+        self.set(id, &[("deleted", Value::Integer(1))])
+    }
+
+    /// Sets `healthy` (drain: 0, undrain: 1).
+    pub fn set_healthy(&mut self, id: &str, healthy: bool) -> Result<BackendRow, EditError> {
+        self.set(id, &[("healthy", Value::Integer(healthy.into()))])
+    }
+
+    fn set(&mut self, id: &str, sets: &[(&str, Value)]) -> Result<BackendRow, EditError> {
+        let assignments = sets
+            .iter()
+            .enumerate()
+            .map(|(i, (col, _))| format!("{col} = ?{}", i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut values = vec![Value::Text(id.to_owned())];
+        values.extend(sets.iter().map(|(_, v)| v.clone()));
+        let path = self.path.clone();
+        let tx = self.begin()?;
+        let changed = tx
+            .execute(
+                &format!("UPDATE backends SET {assignments} WHERE id = ?1"),
+                rusqlite::params_from_iter(values),
+            )
+            .map_err(rejected)?;
+        if changed == 0 {
+            return Err(EditError::Rejected(format!("no backend with id {id:?}")));
+        }
+        tx.commit().map_err(|e| err_at(&path, e))?;
+        self.expect_row(id)
+    }
+
+    fn expect_row(&self, id: &str) -> Result<BackendRow, EditError> {
+        self.get(id)?
+            .ok_or_else(|| EditError::Rejected(format!("backend {id:?} vanished after writing")))
+    }
+
+    fn begin(&mut self) -> Result<rusqlite::Transaction<'_>, EditError> {
+        let path = self.path.clone();
+        self.conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| err_at(&path, e))
+    }
+
+    fn live_count(conn: &Connection) -> rusqlite::Result<usize> {
+        conn.query_row("SELECT count(*) FROM backends WHERE deleted = 0", [], |r| {
+            r.get(0)
+        })
+    }
+
+    /// Loads `file` (`.sql` statements or `.csv` with a header) in one transaction: any
+    /// bad statement or row rejects the whole file, named by line, and leaves the table
+    /// as it was.
+    pub fn import(&mut self, file: &Path) -> Result<Imported, EditError> {
+        let name = file.display().to_string();
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| EditError::Rejected(format!("{name}: {e}")))?;
+        let kind = file
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        let path = self.path.clone();
+        let tx = self.begin()?;
+        let before = Self::live_count(&tx).map_err(|e| err_at(&path, e))?;
+        let rows = match kind.as_deref() {
+            Some("sql") => import_sql(&tx, &text),
+            Some("csv") => import_csv(&tx, &text),
+            _ => Err("expected a .sql or .csv file".into()),
+        }
+        .map_err(|e| EditError::Rejected(format!("{name}: {e}; nothing was imported")))?;
+        let after = Self::live_count(&tx).map_err(|e| {
+            EditError::Rejected(format!(
+                "{name}: the backends table is unusable after the import ({e}); nothing was imported"
+            ))
+        })?;
+        tx.commit().map_err(|e| err_at(&path, e))?;
+        self.check_schema()?;
+        Ok(Imported {
+            rows,
+            before,
+            after,
+        })
+    }
+}
+
+fn err_at(path: &Path, e: rusqlite::Error) -> EditError {
+    EditError::Db {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// A write the validation refused: its message is the reason.
+fn rejected(e: rusqlite::Error) -> EditError {
+    match e {
+        rusqlite::Error::SqliteFailure(_, Some(msg)) => EditError::Rejected(msg),
+        other => EditError::Rejected(other.to_string()),
+    }
+}
+
+/// Runs each statement in turn; an error names the line its statement starts on.
+fn import_sql(conn: &Connection, text: &str) -> Result<usize, String> {
+    let mut batch = rusqlite::Batch::new(conn, text);
+    let mut cursor = 0;
+    let mut rows = 0;
+    loop {
+        let line_of = |at: usize| text[..at].matches('\n').count() + 1;
+        let mut stmt = match batch.next() {
+            Ok(Some(s)) => s,
+            Ok(None) => return Ok(rows),
+            Err(e) => return Err(format!("after line {}: {}", line_of(cursor), message(e))),
+        };
+        // The statement's own text is a slice of the file: find where it starts.
+        let sql = stmt.expanded_sql().unwrap_or_default();
+        let sql = skip_trivia(&sql).trim_end();
+        let start = match text[cursor..].find(sql) {
+            Some(i) if !sql.is_empty() => cursor + i,
+            _ => cursor,
+        };
+        cursor = start + sql.len();
+        let changed = stmt
+            .raw_execute()
+            .map_err(|e| format!("line {}: {}", line_of(start), message(e)))?;
+        if !stmt.readonly() {
+            rows += changed;
+        }
+    }
+}
+
+/// `sql` from its first token on: past whitespace and `--`/`/* */` comments.
+fn skip_trivia(mut sql: &str) -> &str {
+    loop {
+        sql = sql.trim_start();
+        if let Some(rest) = sql.strip_prefix("--") {
+            sql = rest.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(rest) = sql.strip_prefix("/*") {
+            sql = rest.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            return sql;
+        }
+    }
+}
+
+fn message(e: rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::SqliteFailure(_, Some(msg)) => msg,
+        other => other.to_string(),
+    }
+}
+
+/// A header line names the columns: id, app, region, country, wg_ip and port are
+/// required; healthy, weight, soft_limit, hard_limit and deleted take the schema's
+/// defaults when absent. Rows replace rows with the same id.
+fn import_csv(conn: &Connection, text: &str) -> Result<usize, String> {
+    const REQUIRED: [&str; 6] = ["id", "app", "region", "country", "wg_ip", "port"];
+    const DEFAULTS: [(&str, i64); 5] = [
+        ("healthy", 1),
+        ("weight", 1),
+        ("soft_limit", 100),
+        ("hard_limit", 0),
+        ("deleted", 0),
+    ];
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(text.as_bytes());
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| format!("line 1: {e}"))?
+        .iter()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    if let Some(unknown) = header.iter().find(|h| !COLUMNS.contains(&h.as_str())) {
+        return Err(format!(
+            "line 1: unknown column {unknown:?} (columns: {})",
+            COLUMNS.join(", ")
+        ));
+    }
+    if let Some(missing) = REQUIRED.iter().find(|c| !header.iter().any(|h| h == *c)) {
+        return Err(format!("line 1: the header lacks the column {missing:?}"));
+    }
+    let position = |col: &str| header.iter().position(|h| h == col);
+    let placeholders = (1..=COLUMNS.len())
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut insert = conn
+        .prepare(&format!(
+            "INSERT OR REPLACE INTO backends ({}) VALUES ({placeholders})",
+            COLUMNS.join(", ")
+        ))
+        .map_err(message)?;
+    let mut rows = 0;
+    for record in reader.records() {
+        let record = record.map_err(|e| e.to_string())?;
+        let line = record.position().map_or(0, |p| p.line());
+        let values: Vec<Value> = COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(i, col)| {
+                let field = position(col).and_then(|p| record.get(p));
+                match (field, i) {
+                    // Numbers as integers, so the check sees what SQLite would store.
+                    (Some(f), 5..) => f
+                        .parse::<i64>()
+                        .map_or_else(|_| Value::Text(f.to_owned()), Value::Integer),
+                    (Some(f), _) => Value::Text(f.to_owned()),
+                    (None, _) => Value::Integer(
+                        DEFAULTS
+                            .iter()
+                            .find(|(c, _)| c == col)
+                            .map_or(0, |(_, d)| *d),
+                    ),
+                }
+            })
+            .collect();
+        insert
+            .execute(rusqlite::params_from_iter(values))
+            .map_err(|e| format!("line {line}: {}", message(e)))?;
+        rows += 1;
+    }
+    Ok(rows)
+}
