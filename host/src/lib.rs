@@ -248,6 +248,14 @@ impl Host {
     }
 }
 
+/// The bounds every policy call and instance gets, from the configuration.
+pub fn policy_limits(config: &Config) -> Limits {
+    Limits {
+        timeout: config.policy.timeout,
+        memory_bytes: config.policy.memory_bytes,
+    }
+}
+
 /// The configured WebAssembly policy, compiled and self-tested on a blocking thread; None
 /// for the native scorer. A policy that fails to load stops start-up.
 async fn load_policy(config: &Config) -> anyhow::Result<Option<Arc<WasmPolicy>>> {
@@ -255,10 +263,7 @@ async fn load_policy(config: &Config) -> anyhow::Result<Option<Arc<WasmPolicy>>>
     if source == PolicySource::Native {
         return Ok(None);
     }
-    let limits = Limits {
-        timeout: config.policy.timeout,
-        memory_bytes: config.policy.memory_bytes,
-    };
+    let limits = policy_limits(config);
     let mut client_regions: Vec<domain::Region> = config.regions.regions().cloned().collect();
     client_regions.sort();
     client_regions.dedup();

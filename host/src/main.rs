@@ -8,9 +8,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use edgeproxy::adapters::inbound::{policy_build, routing_cli};
-use edgeproxy::config::{Config, Layer, LogFormat};
-use edgeproxy::{Host, demo};
+use edgeproxy::adapters::inbound::{policy_build, policy_tools, routing_cli};
+use edgeproxy::config::{Config, Layer, LogFormat, PolicySource};
+use edgeproxy::domain::Region;
+use edgeproxy::{Host, demo, policy_limits};
 
 #[derive(Parser)]
 #[command(
@@ -75,6 +76,46 @@ enum PolicyCommand {
         #[arg(long, short)]
         out: Option<PathBuf>,
     },
+    /// Load a component as the proxy would, run sample decisions, print its imports and a
+    /// verdict; exits non-zero when the proxy would reject it.
+    Check {
+        file: PathBuf,
+        /// The app the sample decisions are for (as a listener for that app passes it).
+        #[arg(long, default_value = "web")]
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decide one client on a real routing table: every candidate with its fields, the
+    /// client's GeoIP data, the policy's pick and the native scorer's.
+    Simulate {
+        /// Component to try (default: the embedded geo-load policy).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Routing database (default: db_path from the configuration).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// The client's IP address.
+        #[arg(long)]
+        client: std::net::IpAddr,
+        /// The POP's region (default: region from the configuration).
+        #[arg(long = "pop-region", visible_alias = "region")]
+        pop_region: Option<String>,
+        /// Decide among this app's backends only.
+        #[arg(long)]
+        app: Option<String>,
+        /// Simulated open connections, as ID=N (repeatable).
+        #[arg(long, value_parser = parse_load)]
+        load: Vec<(String, u32)>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_load(s: &str) -> Result<(String, u32), String> {
+    let (id, n) = s.split_once('=').ok_or("expected ID=N")?;
+    let n = n.parse().map_err(|_| format!("{n:?} is not a count"))?;
+    Ok((id.to_owned(), n))
 }
 
 /// Flags override `EDGEPROXY_*` variables, which override the file (see `config`).
@@ -192,6 +233,50 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Db { command, target }) => {
             return routing_cli::db(&db_path(&target), command, target.json);
         }
+        Some(Command::Policy(PolicyCommand::Check { file, app, json })) => {
+            let report = policy_tools::check(&file, policy_limits(&config), &app)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                policy_tools::print_check(&report);
+            }
+            return match report.rejected {
+                None => Ok(()),
+                Some(_) => Err(anyhow::anyhow!("{} would be rejected", file.display())),
+            };
+        }
+        Some(Command::Policy(PolicyCommand::Simulate {
+            policy,
+            db,
+            client,
+            pop_region,
+            app,
+            load,
+            json,
+        })) => {
+            let simulation = policy_tools::simulate(policy_tools::SimulateInput {
+                policy: policy.or_else(|| match &config.policy.source {
+                    PolicySource::File(p) => Some(p.clone()),
+                    _ => None,
+                }),
+                db: db.unwrap_or(config.db_path.clone()),
+                geoip: config.geoip_path.clone(),
+                client,
+                pop_region: pop_region
+                    .map(|r| Region::new(&r))
+                    .unwrap_or(config.region.clone()),
+                app,
+                regions: config.regions.clone(),
+                limits: policy_limits(&config),
+                load,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&simulation)?);
+            } else {
+                policy_tools::print_simulation(&simulation);
+            }
+            return Ok(());
+        }
         _ => {}
     }
     init_tracing(&config);
@@ -223,7 +308,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             None => serve(config).await,
-            Some(Command::Backend { .. } | Command::Db { .. }) => unreachable!("handled above"),
+            Some(
+                Command::Backend { .. }
+                | Command::Db { .. }
+                | Command::Policy(PolicyCommand::Check { .. } | PolicyCommand::Simulate { .. }),
+            ) => unreachable!("handled above"),
         }
     })
 }

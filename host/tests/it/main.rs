@@ -5,6 +5,7 @@
 mod admin;
 mod cli;
 mod policy;
+mod policy_tools;
 mod proxy;
 mod routing_cli;
 mod support;

@@ -5,7 +5,9 @@
 pub mod admin_http;
 pub mod file_watch;
 pub mod policy_build;
+pub mod policy_tools;
 pub mod prometheus;
 pub mod proxy_protocol;
 pub mod routing_cli;
 pub mod tcp_server;
+pub mod text_table;

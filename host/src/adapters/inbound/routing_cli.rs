@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
+use super::text_table;
 use crate::adapters::outbound::sqlite_editor::{BackendRow, RoutingEditor, RowChanges};
 
 #[derive(Debug, Subcommand)]
@@ -184,7 +185,7 @@ fn print_rows(rows: &[BackendRow], with_deleted: bool, json: bool) -> anyhow::Re
     Ok(())
 }
 
-/// Rows as left-aligned columns under a header.
+/// Rows as a table, the DELETED column only when asked for.
 fn table(rows: &[BackendRow], with_deleted: bool) -> String {
     let mut header = vec![
         "ID", "APP", "REGION", "COUNTRY", "ADDRESS", "HEALTHY", "WEIGHT", "SOFT", "HARD",
@@ -217,29 +218,5 @@ fn table(rows: &[BackendRow], with_deleted: bool) -> String {
             row
         })
         .collect();
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            cells
-                .iter()
-                .map(|row| row[i].chars().count())
-                .chain([header[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |fields: Vec<&str>| {
-        let mut out = fields
-            .iter()
-            .zip(&widths)
-            .map(|(f, w)| format!("{f:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        out.truncate(out.trim_end().len());
-        out + "\n"
-    };
-    let mut out = line(header);
-    for row in &cells {
-        out += &line(row.iter().map(String::as_str).collect());
-    }
-    out
+    text_table::render(&header, &cells)
 }

@@ -75,6 +75,17 @@ pub enum FaultKind {
     Instantiate,
 }
 
+impl std::fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FaultKind::Trap => "trap",
+            FaultKind::Timeout => "timeout",
+            FaultKind::BadAnswer => "bad answer",
+            FaultKind::Instantiate => "instantiation failed",
+        })
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct FaultCounts {
     pub traps: AtomicU64,
@@ -267,6 +278,18 @@ impl WasmPolicy {
     /// Changes after every reload attempt (swapped in or rejected).
     pub fn reload_events(&self) -> tokio::sync::watch::Receiver<u64> {
         self.reload_events.subscribe()
+    }
+
+    /// One decision with no native fallback: a fault comes back described (for
+    /// `policy check` and `policy simulate`).
+    pub fn try_pick(
+        &self,
+        req: &PickRequest<'_>,
+        candidates: &[RoutedBackend],
+    ) -> Result<Option<usize>, String> {
+        let loaded = self.current.load();
+        self.decide(&loaded, req, candidates)
+            .map_err(|f| format!("{}: {}", f.kind, f.cause))
     }
 
     fn wit_table(&self, table: &RoutingTable, pop_region: &Region) -> Arc<WitTable> {

@@ -106,9 +106,30 @@ impl Runtime {
         self.limits
     }
 
-    /// Bytes (a component, or a core module with an embedded component type) -> a
-    /// pre-linked component. Compiles: call it on a blocking thread.
-    pub fn prepare(&self, bytes: &[u8]) -> Result<PolicyPre<GuestState>, LoadError> {
+    /// What a file holds: its kind, and the imports and exports of the component it is
+    /// (or becomes). Compiles: call it on a blocking thread.
+    pub fn inspect(&self, bytes: &[u8]) -> Result<Inspection, LoadError> {
+        let kind = match wasm_kind(bytes) {
+            Some(WasmKind::Component) => "component",
+            Some(WasmKind::Module) => "core module (wrapped into a component on load)",
+            None => "not WebAssembly",
+        };
+        let component = self.compile(bytes)?;
+        let ty = component.component_type();
+        Ok(Inspection {
+            kind,
+            imports: ty
+                .imports(&self.engine)
+                .map(|(n, _)| n.to_owned())
+                .collect(),
+            exports: ty
+                .exports(&self.engine)
+                .map(|(n, _)| n.to_owned())
+                .collect(),
+        })
+    }
+
+    fn compile(&self, bytes: &[u8]) -> Result<Component, LoadError> {
         let component_bytes = match wasm_kind(bytes) {
             Some(WasmKind::Component) => std::borrow::Cow::Borrowed(bytes),
             Some(WasmKind::Module) => std::borrow::Cow::Owned(componentize(bytes)?),
@@ -120,8 +141,13 @@ impl Runtime {
                 )));
             }
         };
-        let component =
-            Component::new(&self.engine, &component_bytes).map_err(LoadError::Compile)?;
+        Component::new(&self.engine, &component_bytes).map_err(LoadError::Compile)
+    }
+
+    /// Bytes (a component, or a core module with an embedded component type) -> a
+    /// pre-linked component. Compiles: call it on a blocking thread.
+    pub fn prepare(&self, bytes: &[u8]) -> Result<PolicyPre<GuestState>, LoadError> {
+        let component = self.compile(bytes)?;
         let ty = component.component_type();
         if let Some((name, _)) = ty
             .imports(&self.engine)
@@ -169,6 +195,14 @@ impl Runtime {
         // Invariant: fuel is enabled on this engine, so setting it cannot fail.
         let _ = store.set_fuel(self.limits.fuel().saturating_mul(scale));
     }
+}
+
+/// The outside of a policy file, for `edgeproxy policy check`.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    pub kind: &'static str,
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
 }
 
 enum WasmKind {

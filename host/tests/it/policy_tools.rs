@@ -1,0 +1,150 @@
+//! `edgeproxy policy check` and `edgeproxy policy simulate`, run as the built binary on
+//! real components, a real routing database and a generated GeoIP file.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::support::*;
+
+/// `edgeproxy ARGS` with only `env`; (success, stdout, stderr).
+fn run(args: &[&str], env: &[(&str, &Path)]) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgeproxy"));
+    cmd.env_clear().args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn geo_load() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../policies/geo-load/geo-load.wasm")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn check_passes_a_sound_component_and_rejects_broken_ones() {
+    let (ok, out, err) = run(&["policy", "check", &geo_load()], &[]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("imports:   edgeproxy:policy/types@0.1.0"),
+        "{out}"
+    );
+    assert!(out.contains("exports:   set-table, pick-backend"), "{out}");
+    assert!(
+        out.contains("every backend unhealthy") && out.contains("-> refused"),
+        "{out}"
+    );
+    assert!(out.contains("verdict:   OK"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"not wasm at all").unwrap();
+    let (ok, out, _) = run(&["policy", "check", garbage.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(out.contains("REJECTED: not a WebAssembly"), "{out}");
+
+    // An empty core module wraps into a component that exports nothing.
+    let empty = dir.path().join("empty.wasm");
+    std::fs::write(&empty, b"\0asm\x01\0\0\0").unwrap();
+    let (ok, out, _) = run(&["policy", "check", empty.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(
+        out.contains("REJECTED: does not implement the edgeproxy:policy world"),
+        "{out}"
+    );
+
+    // A component that loads but faults on the sample decisions (the chaos fixture traps
+    // for app "trap"): each fault is shown and the verdict names the first.
+    let chaos = chaos_component();
+    let (ok, out, _) = run(
+        &[
+            "policy",
+            "check",
+            chaos.to_str().unwrap(),
+            "--app",
+            "trap",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(!ok);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["kind"], "component");
+    let decisions = report["decisions"].as_array().unwrap();
+    assert_eq!(decisions.len(), 5);
+    assert!(decisions.iter().all(|d| d["ok"] == false));
+    let rejected = report["rejected"].as_str().unwrap();
+    assert!(rejected.contains("trap"), "{rejected}");
+}
+
+#[test]
+fn simulate_shows_candidates_geo_data_and_both_picks() {
+    let dir = tempfile::tempdir().unwrap();
+    let geo = dir.path().join("geo.mmdb");
+    write_mmdb(&geo, GeoFormat::MaxMind, &[("203.0.113.0/24", "DE")]);
+    let addr = |port: u16| std::net::SocketAddr::from(([10, 0, 0, 1], port));
+    let db = Db::new(&[
+        Row {
+            hard_limit: 100,
+            ..Row::new("eu-fra-1", "eu", "DE", addr(1))
+        },
+        Row::new("sa-gru-1", "sa", "BR", addr(2)),
+        Row::new("us-iad-1", "us", "US", addr(3)),
+    ]);
+    let env = [("EDGEPROXY_GEOIP_PATH", geo.as_path())];
+    let base = [
+        "policy",
+        "simulate",
+        "--db",
+        db.path.to_str().unwrap(),
+        "--client",
+        "203.0.113.7",
+        "--pop-region",
+        "us",
+    ];
+
+    // The embedded default: the client's own country wins, the native scorer agrees.
+    let (ok, out, err) = run(&base, &env);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("client:     203.0.113.7 (country DE, region eu)"),
+        "{out}"
+    );
+    assert!(out.contains("geo.mmdb"), "{out}");
+    let row = out.lines().find(|l| l.starts_with("eu-fra-1")).unwrap();
+    assert!(row.contains(&addr(1).to_string()), "{row}");
+    assert!(out.contains("policy pick: eu-fra-1"), "{out}");
+    assert!(out.contains("native pick: eu-fra-1"), "{out}");
+
+    // The DE backend at its hard limit: both move on, to the POP's region.
+    let (ok, out, err) = run(
+        &[&base[..], &["--load", "eu-fra-1=100", "--json"]].concat(),
+        &env,
+    );
+    assert!(ok, "{err}");
+    let sim: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(sim["client"]["country"], "DE");
+    assert_eq!(sim["candidates"].as_array().unwrap().len(), 3);
+    assert_eq!(sim["candidates"][0]["active"], 100);
+    assert_eq!(sim["candidates"][0]["geo_score"], 0);
+    assert_eq!(sim["native_pick"], "us-iad-1");
+    assert_eq!(sim["policy_pick"]["Ok"], "us-iad-1");
+
+    // Another policy: the chaos fixture picks the last eligible candidate, and the
+    // output shows it beside the native pick.
+    let chaos = chaos_component();
+    let (ok, out, err) = run(
+        &[&base[..], &["--policy", chaos.to_str().unwrap()]].concat(),
+        &env,
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("policy pick: us-iad-1"), "{out}");
+    assert!(out.contains("native pick: eu-fra-1"), "{out}");
+}
