@@ -29,6 +29,7 @@ use std::net::IpAddr;
 
 #[doc(hidden)]
 pub mod glue;
+pub mod testing;
 
 /// What `wit-bindgen` generates from `wit/policy.wit`; used by [`export_policy!`].
 #[doc(hidden)]

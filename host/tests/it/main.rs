@@ -4,6 +4,7 @@
 
 mod admin;
 mod cli;
+mod examples;
 mod policy;
 mod policy_tools;
 mod proxy;

@@ -335,21 +335,31 @@ pub async fn refused(source: &str, addr: SocketAddr) -> bool {
 
 /// The chaos test policy (`tests/fixtures/chaos-policy`), built once per test run.
 pub fn chaos_component() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let out_dir = root.join("../target/test-fixtures");
-            std::fs::create_dir_all(&out_dir).unwrap();
-            let out = out_dir.join("chaos-policy.wasm");
-            edgeproxy::adapters::inbound::policy_build::build(
-                &root.join("tests/fixtures/chaos-policy"),
-                Some(&out),
-                Some(&out_dir.join("cargo")),
-            )
-            .expect("building the chaos policy (needs: rustup target add wasm32-unknown-unknown)")
-        })
-        .clone()
+    policy_component("host/tests/fixtures/chaos-policy")
+}
+
+/// The policy crate at `dir` (relative to the workspace root) built into a component by
+/// `edgeproxy policy build`, once per test run, under `target/test-fixtures`.
+pub fn policy_component(dir: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    // Held while building: cargo serialises builds in one target dir anyway.
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, path)) = built.iter().find(|(d, _)| d == dir) {
+        return path.clone();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out_dir = root.join("target/test-fixtures");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let name = Path::new(dir).file_name().unwrap().to_str().unwrap();
+    let out = out_dir.join(format!("{name}.wasm"));
+    let path = edgeproxy::adapters::inbound::policy_build::build(
+        &root.join(dir),
+        Some(&out),
+        Some(&out_dir.join("cargo")),
+    )
+    .expect("building a policy (needs: rustup target add wasm32-unknown-unknown)");
+    built.push((dir.to_owned(), path.clone()));
+    path
 }
 
 /// Waits until `policy` has finished `n` reload attempts in all.

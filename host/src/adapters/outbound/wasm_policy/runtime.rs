@@ -218,11 +218,41 @@ fn wasm_kind(bytes: &[u8]) -> Option<WasmKind> {
     }
 }
 
-/// Wraps a core module built against the policy WIT (its `component-type` custom section
-/// comes from wit-bindgen) into a component, like `wasm-tools component new`.
+/// The contract, for core modules that do not carry it.
+static POLICY_WIT: &str = include_str!("../../../../../wit/policy.wit");
+
+/// Wraps a core module into a component, like `wasm-tools component new`. A module from
+/// wit-bindgen carries the WIT world in a `component-type` custom section; one without
+/// (C, Zig or anything else that exports the canonical-ABI functions by hand) is given
+/// the policy world first, so any language that makes a core module can write policies.
 pub fn componentize(module: &[u8]) -> Result<Vec<u8>, LoadError> {
+    let mut module = module.to_vec();
+    if !has_component_type(&module) {
+        embed_policy_world(&mut module).map_err(LoadError::Componentize)?;
+    }
     wit_component::ComponentEncoder::default()
-        .module(module)
+        .module(&module)
         .and_then(|e| e.validate(true).encode())
         .map_err(LoadError::Componentize)
+}
+
+fn has_component_type(module: &[u8]) -> bool {
+    wasmparser::Parser::new(0)
+        .parse_all(module)
+        .any(|p| match p {
+            Ok(wasmparser::Payload::CustomSection(s)) => s.name().starts_with("component-type"),
+            _ => false,
+        })
+}
+
+fn embed_policy_world(module: &mut Vec<u8>) -> anyhow::Result<()> {
+    let mut resolve = wit_parser::Resolve::default();
+    let package = resolve.push_source("policy.wit", POLICY_WIT)?;
+    let world = resolve.select_world(&[package], Some("policy"))?;
+    wit_component::embed_component_metadata(
+        module,
+        &resolve,
+        world,
+        wit_component::StringEncoding::UTF8,
+    )
 }
