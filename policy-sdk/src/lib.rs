@@ -33,6 +33,7 @@ pub mod testing;
 
 /// What `wit-bindgen` generates from `wit/policy.wit`; used by [`export_policy!`].
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)] // generated: the flattened canonical ABI signatures
 pub mod bindings {
     wit_bindgen::generate!({
         world: "policy",
@@ -77,7 +78,7 @@ impl fmt::Display for Country {
 }
 
 /// A region, as an index into [`Table::regions`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RegionId(pub u32);
 
 /// One routing-table row.
@@ -104,12 +105,6 @@ pub struct Table {
     pub regions: Vec<String>,
     pub apps: Vec<String>,
     pub backends: Vec<Backend>,
-}
-
-impl Default for RegionId {
-    fn default() -> Self {
-        Self(0)
-    }
 }
 
 impl Table {
