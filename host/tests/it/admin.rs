@@ -118,7 +118,7 @@ async fn metrics_scrape_matches_the_traffic_sent() {
         0.0
     );
     assert_eq!(value(&s, "edgeproxy_policy_decisions_total", &[]), 3.0);
-    assert_eq!(value(&s, "edgeproxy_policy", &[("kind", "wasm")]), 1.0);
+    assert_eq!(value(&s, "edgeproxy_policy_info", &[("kind", "wasm")]), 1.0);
     assert_eq!(value(&s, "edgeproxy_policy_fallbacks_total", &[]), 0.0);
     assert_eq!(
         value(&s, "edgeproxy_geoip_lookups_total", &[("result", "found")]),

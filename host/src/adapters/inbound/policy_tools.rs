@@ -13,7 +13,7 @@ use super::text_table;
 use crate::adapters::outbound::maxmind_geo::MaxMindGeo;
 use crate::adapters::outbound::sqlite_routing::SqliteBackendRepository;
 use crate::adapters::outbound::wasm_policy::reload::load_file;
-use crate::adapters::outbound::wasm_policy::runtime::{Limits, Runtime};
+use crate::adapters::outbound::wasm_policy::runtime::{Limits, Runtime, describe_kind};
 use crate::adapters::outbound::wasm_policy::{self as wasm, LoadedPolicy, WasmPolicy};
 use crate::domain::ports::{BackendRepository, GeoResolver, PickRequest, ScoringPolicy};
 use crate::domain::services::{NativeScorer, RegionMap, scoring};
@@ -50,7 +50,7 @@ pub fn check(file: &Path, limits: Limits, app: &str) -> anyhow::Result<CheckRepo
     let mut report = CheckReport {
         file: file.display().to_string(),
         bytes: bytes.len(),
-        kind: "not WebAssembly",
+        kind: describe_kind(&bytes),
         imports: Vec::new(),
         exports: Vec::new(),
         hash: None,
@@ -59,7 +59,6 @@ pub fn check(file: &Path, limits: Limits, app: &str) -> anyhow::Result<CheckRepo
     };
     match runtime.inspect(&bytes) {
         Ok(i) => {
-            report.kind = i.kind;
             report.imports = i.imports;
             report.exports = i.exports;
         }

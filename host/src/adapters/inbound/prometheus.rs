@@ -103,8 +103,8 @@ impl Collector for HostCollector {
 
         family(
             e,
-            "build",
-            "Build information",
+            "build_info",
+            "Build information (always 1)",
             [(vec![("version", status.version)], gauge(1))],
         )?;
         family(
@@ -244,8 +244,8 @@ impl Collector for HostCollector {
         let hash = p.hash.as_deref().unwrap_or("");
         family(
             e,
-            "policy",
-            "The policy deciding now",
+            "policy_info",
+            "The policy deciding now (always 1)",
             [(
                 vec![("kind", p.kind), ("name", p.name.as_str()), ("hash", hash)],
                 gauge(1),

@@ -109,15 +109,9 @@ impl Runtime {
     /// What a file holds: its kind, and the imports and exports of the component it is
     /// (or becomes). Compiles: call it on a blocking thread.
     pub fn inspect(&self, bytes: &[u8]) -> Result<Inspection, LoadError> {
-        let kind = match wasm_kind(bytes) {
-            Some(WasmKind::Component) => "component",
-            Some(WasmKind::Module) => "core module (wrapped into a component on load)",
-            None => "not WebAssembly",
-        };
         let component = self.compile(bytes)?;
         let ty = component.component_type();
         Ok(Inspection {
-            kind,
             imports: ty
                 .imports(&self.engine)
                 .map(|(n, _)| n.to_owned())
@@ -197,10 +191,18 @@ impl Runtime {
     }
 }
 
+/// What kind of file `bytes` is, in words.
+pub fn describe_kind(bytes: &[u8]) -> &'static str {
+    match wasm_kind(bytes) {
+        Some(WasmKind::Component) => "component",
+        Some(WasmKind::Module) => "core module (wrapped into a component on load)",
+        None => "not WebAssembly",
+    }
+}
+
 /// The outside of a policy file, for `edgeproxy policy check`.
 #[derive(Debug, Clone)]
 pub struct Inspection {
-    pub kind: &'static str,
     pub imports: Vec<String>,
     pub exports: Vec<String>,
 }
