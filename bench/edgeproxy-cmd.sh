@@ -9,20 +9,15 @@ here=$(cd "$(dirname "$0")" && pwd)
 listen=$1 backend=$2 work=$3
 db="$work/routing.db"
 rm -f "$db" "$db-wal" "$db-shm"
-python3 - "$db" "${backend%:*}" "${backend##*:}" <<'PY'
-import sqlite3, sys
-db, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-c = sqlite3.connect(db)
-c.execute("""CREATE TABLE backends (id TEXT PRIMARY KEY, app TEXT NOT NULL, region TEXT NOT NULL,
-  country TEXT NOT NULL, wg_ip TEXT NOT NULL, port INTEGER NOT NULL, healthy INTEGER NOT NULL DEFAULT 1,
-  weight INTEGER NOT NULL DEFAULT 1, soft_limit INTEGER NOT NULL DEFAULT 100,
-  hard_limit INTEGER NOT NULL DEFAULT 0, deleted INTEGER NOT NULL DEFAULT 0)""")
-c.execute("INSERT INTO backends VALUES ('bench-1','bench','sa','BR',?,?,1,1,1000,0,0)", (ip, port))
-c.commit()
-PY
+bin=${EDGEPROXY:-$here/../target/release/edgeproxy}
+"$bin" db init --db "$db" >/dev/null
+"$bin" backend add bench-1 --db "$db" --app bench --region sa --country BR \
+  --wg-ip "${backend%:*}" --port "${backend##*:}" --soft-limit 1000 >/dev/null
 export EDGEPROXY_LISTEN_ADDR=$listen EDGEPROXY_DB_PATH=$db EDGEPROXY_REGION=sa
+# The harness runs several proxies side by side: no admin listener unless asked for.
+export EDGEPROXY_ADMIN_ADDR=${EDGEPROXY_ADMIN_ADDR:-}
 # The harness's THREADS (1 by default: one worker per proxy core, as the peers run).
 export EDGEPROXY_WORKER_THREADS=${EDGEPROXY_WORKER_THREADS:-${THREADS:-0}}
 [ "${BINDINGS:-1}" = 0 ] && export EDGEPROXY_BINDING_TTL_SECS=0
 [ "${POLICY:-wasm}" = native ] && export EDGEPROXY_NATIVE_POLICY=true
-exec "${EDGEPROXY:-$here/../target/release/edgeproxy}" 2>>"$work/edgeproxy.log"
+exec "$bin" 2>>"$work/edgeproxy.log"

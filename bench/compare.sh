@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# edgeproxy against HAProxy and nginx stream, side by side in one run, per proxy core.
+#
+#   bench/compare.sh                      # all proxies, all tests
+#   PROXIES="edgeproxy haproxy-splice" TESTS="rate bulk1" bench/compare.sh
+#
+# Installs HAProxy and nginx (Debian packages) when missing, builds edgeproxy and the
+# project's load generator (bench/loadgen) in release mode, then for each proxy and test
+# starts a fresh proxy pinned to CPU $PROXY_CPU with one worker, runs the load from CPU
+# $LOAD_CPU (backends there too), and prints one markdown table with ratios to edgeproxy.
+# Loopback only; every load is bounded in time and count; it stops only the processes it
+# started, by PID.
+#
+# Tests: rate (new connections/s: 64 concurrent connect + 64 B echo + close, p50/p99
+# latency, proxy CPU per connection), bulk1 and bulk8 (Gbit/s through 1 and 8 streams,
+# proxy CPU seconds per GB), idle (proxy RSS per idle connection, both legs live).
+# edgeproxy runs with the embedded wasm policy deciding and bindings on, as deployed.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+PROXIES=${PROXIES:-"edgeproxy haproxy haproxy-splice nginx"}
+TESTS=${TESTS:-"rate bulk1 bulk8 idle"}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-3}
+IDLE_CONNS=${IDLE_CONNS:-5000}
+PROXY_CPU=${PROXY_CPU:-1}
+LOAD_CPU=${LOAD_CPU:-0}
+WORK=${WORK:-$(mktemp -d /tmp/edgeproxy-bench.XXXXXX)}
+LISTEN=127.0.0.1:18000 ECHO=127.0.0.1:18100 SINK=127.0.0.1:18101
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need haproxy || ! need nginx || [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then
+  echo "installing haproxy and nginx (Debian packages)" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx libnginx-mod-stream >/dev/null
+fi
+(cd "$root" && cargo build --release --locked -q -p edgeproxy -p loadgen)
+bin=$root/target/release
+ulimit -n 40000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+on() { local cpu=$1; shift; taskset -c "$cpu" "$@"; }
+load() { on "$LOAD_CPU" "$bin/edgeproxy-loadgen" "$@"; }
+
+on "$LOAD_CPU" "$bin/edgeproxy-loadgen" echo --listen $ECHO & pids+=($!)
+on "$LOAD_CPU" "$bin/edgeproxy-loadgen" sink --listen $SINK & pids+=($!)
+
+render() { # TEMPLATE OUT BACKEND SPLICE
+  sed -e "s|@LISTEN@|$LISTEN|; s|@BACKEND@|$3|; s|@WORK@|$WORK|g; s|@SPLICE@|$4|" "$1" > "$2"
+}
+
+# Starts proxy $1 towards backend $2 on CPU $PROXY_CPU; sets $proxy_pid.
+start_proxy() {
+  local name=$1 backend=$2 cmd
+  case $name in
+    edgeproxy)
+      rm -f "$WORK"/routing.db*
+      "$bin/edgeproxy" db init --db "$WORK/routing.db" >/dev/null
+      "$bin/edgeproxy" backend add b1 --db "$WORK/routing.db" --app bench --region sa \
+        --country BR --wg-ip "${backend%:*}" --port "${backend##*:}" --soft-limit 1000 >/dev/null
+      cmd=(env EDGEPROXY_LISTEN_ADDR=$LISTEN EDGEPROXY_DB_PATH="$WORK/routing.db" EDGEPROXY_REGION=sa
+           EDGEPROXY_WORKER_THREADS=1 EDGEPROXY_ADMIN_ADDR= "$bin/edgeproxy") ;;
+    haproxy) render "$here/peers/haproxy.cfg" "$WORK/haproxy.cfg" "$backend" ""
+      cmd=(haproxy -db -f "$WORK/haproxy.cfg") ;;
+    haproxy-splice) render "$here/peers/haproxy.cfg" "$WORK/haproxy.cfg" "$backend" "option splice-auto"
+      cmd=(haproxy -db -f "$WORK/haproxy.cfg") ;;
+    nginx) render "$here/peers/nginx.conf" "$WORK/nginx.conf" "$backend" ""
+      cmd=(nginx -c "$WORK/nginx.conf") ;;
+    *) echo "unknown proxy $name" >&2; exit 2 ;;
+  esac
+  on "$PROXY_CPU" "${cmd[@]}" >"$WORK/$name.log" 2>&1 & proxy_pid=$!
+  pids+=("$proxy_pid")
+  for _ in $(seq 100); do  # up to 5 s for the listener
+    (exec 3<>/dev/tcp/127.0.0.1/18000) 2>/dev/null && break
+    sleep 0.05
+  done
+  # nginx and haproxy fork nothing with these configs, but report the worker if any.
+  local child; child=$(pgrep -P "$proxy_pid" | head -1 || true)
+  [ -n "$child" ] && proxy_pid=$child
+}
+
+stop_proxy() {
+  local p=${pids[-1]}
+  kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true
+  unset 'pids[-1]'
+}
+
+results=$WORK/results.jsonl
+: > "$results"
+for test in $TESTS; do
+  for name in $PROXIES; do
+    case $test in
+      rate)  start_proxy "$name" $ECHO
+             out=$(load rate --target $LISTEN --warmup "$WARMUP" --duration "$DURATION" --pid "$proxy_pid") ;;
+      bulk1) start_proxy "$name" $SINK
+             out=$(load bulk --target $LISTEN --streams 1 --duration "$DURATION" --pid "$proxy_pid") ;;
+      bulk8) start_proxy "$name" $SINK
+             out=$(load bulk --target $LISTEN --streams 8 --duration "$DURATION" --pid "$proxy_pid") ;;
+      idle)  start_proxy "$name" $ECHO
+             out=$(load idle --target $LISTEN --count "$IDLE_CONNS" --pid "$proxy_pid") ;;
+      *) echo "unknown test $test" >&2; exit 2 ;;
+    esac
+    stop_proxy
+    echo "{\"proxy\":\"$name\",\"test\":\"$test\",\"result\":$out}" | tee -a "$results" >&2
+  done
+done
+
+python3 - "$results" "$PROXIES" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+proxies = sys.argv[2].split()
+metrics = [("rate", "cps", "connections/s", True), ("rate", "p99_us", "p99 connect+echo (us)", False),
+           ("rate", "proxy_cpu_us_per_conn", "proxy CPU per connection (us)", False),
+           ("bulk1", "gbps", "bulk, 1 stream (Gbit/s)", True), ("bulk1", "proxy_cpu_s_per_gb", "proxy CPU per GB, 1 stream (s)", False),
+           ("bulk8", "gbps", "bulk, 8 streams (Gbit/s)", True), ("idle", "bytes_per_conn", "RSS per idle connection (B)", False)]
+get = lambda p, t, m: next((r["result"].get(m) for r in rows if r["proxy"] == p and r["test"] == t), None)
+print("| metric | " + " | ".join(proxies) + " | edgeproxy vs best peer |")
+print("|---|" + "---|" * (len(proxies) + 1))
+for test, key, label, higher in metrics:
+    vals = [get(p, test, key) for p in proxies]
+    if all(v is None for v in vals):
+        continue
+    cells = ["-" if v is None else f"{v:.3g}" if v < 100 else f"{v:.0f}" for v in vals]
+    ours = get("edgeproxy", test, key)
+    peers = [v for p, v in zip(proxies, vals) if p != "edgeproxy" and v is not None]
+    ratio = "-"
+    if ours is not None and peers:
+        best = max(peers) if higher else min(peers)
+        ratio = f"{ours / best:.2f}x" if best else "-"
+    print(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+PY
