@@ -12,6 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::domain::model::ActiveGuard;
 use crate::domain::ports::{
     BindingKey, BindingRepository, GeoResolver, PickRequest, ScoringPolicy,
 };
@@ -155,6 +156,33 @@ impl ProxyService {
         client: &Client,
         inbound: &Inbound,
     ) -> Result<(String, u64, u64), ConnError> {
+        // Boxed: the decision and connect state exists only until connected, and the
+        // connection's task then holds just what the relay needs, for as long as it lasts.
+        let (mut upstream, target, _guard) = Box::pin(self.connect(client, inbound)).await?;
+        let _ = upstream.set_nodelay(true);
+        if !inbound.early_data.is_empty() {
+            upstream.write_all(&inbound.early_data).await?;
+            let n = inbound.early_data.len() as u64;
+            target.stats.traffic.up.fetch_add(n, Relaxed);
+        }
+        let (up, down) = relay::relay(
+            inbound_stream,
+            &upstream,
+            &self.buffers,
+            self.settings.idle_timeout,
+            &target.stats.traffic,
+        )
+        .await?;
+        Ok((target.backend.id.to_string(), up, down))
+    }
+
+    /// Decides and connects, failing over to the next best backend: the upstream stream,
+    /// the backend, and its active-connection count held for the connection's life.
+    async fn connect(
+        &self,
+        client: &Client,
+        inbound: &Inbound,
+    ) -> Result<(TcpStream, RoutedBackend, ActiveGuard), ConnError> {
         let table = self.routing.current();
         let all = table.candidates(inbound.app.as_deref());
         let key = BindingKey {
@@ -222,24 +250,9 @@ impl ProxyService {
                 }
             }
         }
-        let Some((mut upstream, target, _guard)) = connected else {
+        connected.ok_or_else(|| {
             self.telemetry.no_backend.fetch_add(1, Relaxed);
-            return Err(ConnError::ConnectFailed(self.settings.connect_attempts));
-        };
-        let _ = upstream.set_nodelay(true);
-        if !inbound.early_data.is_empty() {
-            upstream.write_all(&inbound.early_data).await?;
-            let n = inbound.early_data.len() as u64;
-            target.stats.traffic.up.fetch_add(n, Relaxed);
-        }
-        let (up, down) = relay::relay(
-            inbound_stream,
-            &upstream,
-            &self.buffers,
-            self.settings.idle_timeout,
-            &target.stats.traffic,
-        )
-        .await?;
-        Ok((target.backend.id.to_string(), up, down))
+            ConnError::ConnectFailed(self.settings.connect_attempts)
+        })
     }
 }

@@ -7,13 +7,19 @@
 //! had (the pool is at its cap, or descriptors ran out), through a 64 KiB buffer. Idle
 //! connections thus cost only their task and two sockets, never a pipe's descriptors.
 //!
+//! The copy is one hand-written poll loop over two small direction states rather than
+//! nested async functions: an idle connection's task is its memory, and the state machine
+//! of `async` code holding readiness futures for both directions was over a kilobyte.
+//!
 //! Half-close: when one side ends its sending (EOF), the other side's write half is shut
 //! down, and the opposite direction keeps flowing until it ends too.
 
+use std::future::{Future, poll_fn};
 use std::io::{self, ErrorKind};
 use std::net::Shutdown;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -71,179 +77,250 @@ pub async fn relay(
     idle: Option<Duration>,
     traffic: &Traffic,
 ) -> io::Result<(u64, u64)> {
-    let start = Instant::now();
-    let last = AtomicU64::new(0);
-    let one_done = AtomicBool::new(false);
-    let both = async {
-        tokio::try_join!(
-            pump(client, backend, pool, start, &last, &one_done, &traffic.up),
-            pump(
-                backend,
-                client,
-                pool,
-                start,
-                &last,
-                &one_done,
-                &traffic.down
-            )
-        )
+    let mut dirs = Directions {
+        up: Direction::default(),
+        down: Direction::default(),
+        pool,
     };
-    let Some(idle) = idle else {
-        return both.await;
-    };
-    tokio::pin!(both);
-    let mut seen = 0;
-    loop {
-        let deadline = start + Duration::from_millis(seen) + idle;
-        tokio::select! {
-            r = &mut both => return r,
-            _ = tokio::time::sleep_until(deadline) => {
-                let now = last.load(Ordering::Relaxed);
-                if now == seen {
-                    return Err(io::Error::new(ErrorKind::TimedOut, format!("idle for {idle:?}")));
-                }
-                seen = now;
+    // A timer only with an idle timeout, boxed so connections without one carry none.
+    let mut idle = idle.map(|limit| (limit, Box::pin(tokio::time::sleep(limit))));
+    poll_fn(|cx| {
+        let Directions { up, down, pool } = &mut dirs;
+        let up_done = up.poll(cx, client, backend, pool, &traffic.up, down.is_done())?;
+        let down_done = down.poll(cx, backend, client, pool, &traffic.down, up.is_done())?;
+        if up_done.is_ready() && down_done.is_ready() {
+            return Poll::Ready(Ok((up.total, down.total)));
+        }
+        if let Some((limit, timer)) = &mut idle {
+            if up.take_moved() | down.take_moved() {
+                timer.as_mut().reset(Instant::now() + *limit);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                let e = io::Error::new(ErrorKind::TimedOut, format!("idle for {limit:?}"));
+                return Poll::Ready(Err(e));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Both directions and the pool their chunks come from; a chunk still in flight when
+/// the relay is dropped (an error, or a drain cut-off) goes back or is accounted for.
+struct Directions<'a> {
+    up: Direction,
+    down: Direction,
+    pool: &'a BufferPool,
+}
+
+impl Drop for Directions<'_> {
+    fn drop(&mut self) {
+        for d in [&mut self.up, &mut self.down] {
+            if let State::Writing(chunk) = std::mem::take(&mut d.state) {
+                chunk.discard(self.pool);
             }
         }
     }
 }
 
-/// One direction until EOF, then a shutdown of `to`'s write half.
-///
-/// Small exchanges are cheaper with read/write; splice pays off once a direction carries
-/// bulk (a read that fills a quarter of a buffer). So a direction starts buffered and
-/// switches to splice for good at its first bulk read.
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    pool: &BufferPool,
-    start: Instant,
-    last: &AtomicU64,
-    one_done: &AtomicBool,
-    counted: &AtomicU64,
-) -> io::Result<u64> {
-    let mut total = 0u64;
-    let mut spliced = false;
-    loop {
-        from.readable().await?;
-        let spliced_chunk = if spliced {
-            chunk_spliced(from, to, pool).await
-        } else {
-            None
-        };
-        let moved = match spliced_chunk {
-            Some(r) => r?,
-            None => chunk_buffered(from, to, pool).await?,
-        };
-        match moved {
-            Moved::WouldBlock => continue,
-            Moved::Eof => break,
-            Moved::Bytes(n) => {
-                touch(start, last);
-                total += n as u64;
-                counted.fetch_add(n as u64, Ordering::Relaxed);
-                spliced |= SPLICE && n >= BUFFER_SIZE / 4;
+#[derive(Default)]
+struct Direction {
+    state: State,
+    total: u64,
+    /// Switched on for good at the first bulk read: small exchanges are cheaper with
+    /// read/write, bulk with splice.
+    spliced: bool,
+    /// Bytes moved since the idle timer last looked.
+    moved: bool,
+}
+
+#[derive(Default)]
+enum State {
+    #[default]
+    Reading,
+    Writing(Chunk),
+    Done,
+}
+
+/// Bytes read and not yet written.
+enum Chunk {
+    Buffer {
+        buf: Box<[u8]>,
+        start: usize,
+        end: usize,
+    },
+    #[cfg(target_os = "linux")]
+    Pipe { pipe: pipes::Pipe, left: usize },
+}
+
+impl Direction {
+    fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn take_moved(&mut self) -> bool {
+        std::mem::take(&mut self.moved)
+    }
+
+    /// Moves chunks from `from` to `to` until both would block (Pending) or `from` ends
+    /// (Ready, after shutting down `to`'s write half unless the other direction already
+    /// ended: the close that follows then sends the FIN).
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        pool: &BufferPool,
+        counted: &AtomicU64,
+        other_done: bool,
+    ) -> io::Result<Poll<()>> {
+        loop {
+            match &mut self.state {
+                State::Done => return Ok(Poll::Ready(())),
+                State::Reading => {
+                    if ready_or_pending(from.poll_read_ready(cx))?.is_pending() {
+                        return Ok(Poll::Pending);
+                    }
+                    match self.read(from, pool) {
+                        Ok(Some(chunk)) => self.state = State::Writing(chunk),
+                        Ok(None) => {
+                            self.state = State::Done;
+                            if !other_done {
+                                shutdown_write(to)?;
+                            }
+                            return Ok(Poll::Ready(()));
+                        }
+                        // Readiness was cleared; polling again registers for the next.
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                State::Writing(chunk) => {
+                    if ready_or_pending(to.poll_write_ready(cx))?.is_pending() {
+                        return Ok(Poll::Pending);
+                    }
+                    match chunk.write_to(to) {
+                        Ok(0) => {
+                            let State::Writing(chunk) = std::mem::take(&mut self.state) else {
+                                unreachable!("matched Writing above");
+                            };
+                            chunk.release(pool);
+                        }
+                        Ok(n) => {
+                            self.total += n as u64;
+                            counted.fetch_add(n as u64, Ordering::Relaxed);
+                            self.moved = true;
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         }
     }
-    // The second direction to finish leaves the shutdown to the close that follows at
-    // once (both sockets are read to EOF, so the close sends a FIN, not a reset).
-    if one_done.swap(true, Ordering::AcqRel) {
-        return Ok(total);
+
+    /// One read into a pooled pipe (splicing) or buffer. None at EOF.
+    fn read(&mut self, from: &TcpStream, pool: &BufferPool) -> io::Result<Option<Chunk>> {
+        #[cfg(target_os = "linux")]
+        if self.spliced
+            && let Some(pipe) = pool.pipes.take()
+        {
+            return match from.try_io(tokio::io::Interest::READABLE, || pipe.fill(from)) {
+                Ok(0) => {
+                    pool.pipes.put(pipe);
+                    Ok(None)
+                }
+                Ok(n) => Ok(Some(Chunk::Pipe { pipe, left: n })),
+                Err(e) => {
+                    pool.pipes.put(pipe); // nothing entered it
+                    Err(e)
+                }
+            };
+        }
+        let mut buf = pool.take();
+        match from.try_read(&mut buf) {
+            Ok(0) => {
+                pool.put(buf);
+                Ok(None)
+            }
+            Ok(n) => {
+                self.spliced |= SPLICE && n >= BUFFER_SIZE / 4;
+                Ok(Some(Chunk::Buffer {
+                    buf,
+                    start: 0,
+                    end: n,
+                }))
+            }
+            Err(e) => {
+                pool.put(buf);
+                Err(e)
+            }
+        }
     }
+}
+
+impl Chunk {
+    /// Writes what it can: the bytes written, 0 once nothing is left.
+    fn write_to(&mut self, to: &TcpStream) -> io::Result<usize> {
+        match self {
+            Chunk::Buffer { buf, start, end } => {
+                if start == end {
+                    return Ok(0);
+                }
+                let n = to.try_write(&buf[*start..*end])?;
+                if n == 0 {
+                    return Err(ErrorKind::WriteZero.into());
+                }
+                *start += n;
+                Ok(n)
+            }
+            #[cfg(target_os = "linux")]
+            Chunk::Pipe { pipe, left } => {
+                if *left == 0 {
+                    return Ok(0);
+                }
+                let n = to.try_io(tokio::io::Interest::WRITABLE, || pipe.drain(to, *left))?;
+                if n == 0 {
+                    return Err(ErrorKind::WriteZero.into());
+                }
+                *left -= n;
+                Ok(n)
+            }
+        }
+    }
+
+    /// Back to the pool, written out.
+    fn release(self, pool: &BufferPool) {
+        match self {
+            Chunk::Buffer { buf, .. } => pool.put(buf),
+            #[cfg(target_os = "linux")]
+            Chunk::Pipe { pipe, .. } => pool.pipes.put(pipe),
+        }
+    }
+
+    /// Given up half-written: a pipe that may hold bytes is never reused.
+    fn discard(self, pool: &BufferPool) {
+        match self {
+            Chunk::Buffer { buf, .. } => pool.put(buf),
+            #[cfg(target_os = "linux")]
+            Chunk::Pipe { pipe, .. } => pool.pipes.discard(pipe),
+        }
+    }
+}
+
+fn ready_or_pending(p: Poll<io::Result<()>>) -> io::Result<Poll<()>> {
+    match p {
+        Poll::Ready(r) => r.map(Poll::Ready),
+        Poll::Pending => Ok(Poll::Pending),
+    }
+}
+
+fn shutdown_write(to: &TcpStream) -> io::Result<()> {
     match SockRef::from(to).shutdown(Shutdown::Write) {
         // The peer may have closed already; nothing is left to tell it.
         Err(e) if e.kind() != ErrorKind::NotConnected => Err(e),
-        _ => Ok(total),
+        _ => Ok(()),
     }
-}
-
-/// Records activity for the idle timeout: milliseconds since `start`, never 0 (which
-/// stands for "no activity yet").
-fn touch(start: Instant, last: &AtomicU64) {
-    let ms = u64::try_from(start.elapsed().as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    last.store(ms, Ordering::Relaxed);
-}
-
-/// One read from `from` written whole to `to`, through a pooled buffer.
-async fn chunk_buffered(from: &TcpStream, to: &TcpStream, pool: &BufferPool) -> io::Result<Moved> {
-    let mut buf = pool.take();
-    let result = match from.try_read(&mut buf) {
-        Ok(0) => Ok(Moved::Eof),
-        Ok(n) => write_all(to, &buf[..n]).await.map(|()| Moved::Bytes(n)),
-        Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(Moved::WouldBlock),
-        Err(e) => Err(e),
-    };
-    pool.put(buf);
-    result
-}
-
-enum Moved {
-    Bytes(usize),
-    Eof,
-    WouldBlock,
-}
-
-/// One splice from `from` into a pooled pipe and out to `to` until the pipe is empty.
-/// None when no pipe is available: the caller copies this chunk through a buffer.
-#[cfg(target_os = "linux")]
-async fn chunk_spliced(
-    from: &TcpStream,
-    to: &TcpStream,
-    pool: &BufferPool,
-) -> Option<io::Result<Moved>> {
-    let pipe = pool.pipes.take()?;
-    let n = match from.try_io(tokio::io::Interest::READABLE, || pipe.fill(from)) {
-        Ok(0) => {
-            pool.pipes.put(pipe);
-            return Some(Ok(Moved::Eof));
-        }
-        Ok(n) => n,
-        Err(e) => {
-            pool.pipes.put(pipe); // nothing entered it
-            return Some(if e.kind() == ErrorKind::WouldBlock {
-                Ok(Moved::WouldBlock)
-            } else {
-                Err(e)
-            });
-        }
-    };
-    let mut left = n;
-    while left > 0 {
-        match to.try_io(tokio::io::Interest::WRITABLE, || pipe.drain(to, left)) {
-            Ok(k) => left -= k,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if let Err(e) = to.writable().await {
-                    pool.pipes.discard(pipe);
-                    return Some(Err(e));
-                }
-            }
-            Err(e) => {
-                pool.pipes.discard(pipe);
-                return Some(Err(e));
-            }
-        }
-    }
-    pool.pipes.put(pipe);
-    Some(Ok(Moved::Bytes(n)))
-}
-
-#[cfg(not(target_os = "linux"))]
-async fn chunk_spliced(_: &TcpStream, _: &TcpStream, _: &BufferPool) -> Option<io::Result<Moved>> {
-    None
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match to.try_write(data) {
-            Ok(k) => data = &data[k..],
-            Err(e) if e.kind() == ErrorKind::WouldBlock => to.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Pipes for splice(2), pooled: a pipe is two descriptors, so only chunks in flight
