@@ -207,13 +207,22 @@ impl Host {
         let acceptors = TaskTracker::new();
         for (listener, config) in listeners {
             let addr = listener.local_addr()?;
-            tracing::info!(%addr, app = ?config.app, proxy_protocol = config.proxy_protocol, "listening");
-            let stats = Arc::new(ListenerStats::new(
-                addr,
-                config.app.clone(),
-                config.proxy_protocol,
-            ));
-            self.telemetry.add_listener(Arc::clone(&stats));
+            // SO_REUSEPORT copies of one listener share its counts.
+            let known = self
+                .telemetry
+                .listeners()
+                .into_iter()
+                .find(|l| l.addr == addr);
+            let stats = known.unwrap_or_else(|| {
+                tracing::info!(%addr, app = ?config.app, proxy_protocol = config.proxy_protocol, "listening");
+                let s = Arc::new(ListenerStats::new(
+                    addr,
+                    config.app.clone(),
+                    config.proxy_protocol,
+                ));
+                self.telemetry.add_listener(Arc::clone(&s));
+                s
+            });
             acceptors.spawn(adapters::inbound::tcp_server::serve(
                 listener,
                 config,

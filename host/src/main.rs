@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use edgeproxy::adapters::inbound::{policy_build, policy_tools, routing_cli};
+use edgeproxy::adapters::inbound::{policy_build, policy_tools, routing_cli, tcp_server};
 use edgeproxy::config::{Config, Layer, LogFormat, PolicySource};
 use edgeproxy::domain::Region;
 use edgeproxy::{Host, demo, policy_limits};
@@ -319,12 +319,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let host = Host::build(&config).await?;
+    // One accept loop per worker thread, each on its own SO_REUSEPORT socket.
+    let copies = match config.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     let mut listeners = Vec::new();
     for lc in &config.listeners {
-        let listener = tokio::net::TcpListener::bind(lc.addr)
-            .await
+        let bound = tcp_server::bind(lc.addr, copies)
             .with_context(|| format!("binding listener {}", lc.addr))?;
-        listeners.push((listener, lc.clone()));
+        listeners.extend(bound.into_iter().map(|l| (l, lc.clone())));
     }
     let admin = match &config.admin {
         Some(a) => Some(

@@ -230,7 +230,12 @@ impl Direction {
                     pool.pipes.put(pipe);
                     Ok(None)
                 }
-                Ok(n) => Ok(Some(Chunk::Pipe { pipe, left: n })),
+                Ok(n) => {
+                    if n < pipes::CHUNK {
+                        drained(from);
+                    }
+                    Ok(Some(Chunk::Pipe { pipe, left: n }))
+                }
                 Err(e) => {
                     pool.pipes.put(pipe); // nothing entered it
                     Err(e)
@@ -245,6 +250,9 @@ impl Direction {
             }
             Ok(n) => {
                 self.spliced |= SPLICE && n >= BUFFER_SIZE / 4;
+                if n < buf.len() {
+                    drained(from);
+                }
                 Ok(Some(Chunk::Buffer {
                     buf,
                     start: 0,
@@ -308,6 +316,16 @@ impl Chunk {
     }
 }
 
+/// Marks `from` as read out after a short read: the kernel hands over everything queued,
+/// so the next read would only say EAGAIN (one wasted syscall per burst, per direction).
+/// Safe against races: tokio clears readiness only if no new event arrived since it was
+/// observed, and never clears a seen EOF.
+fn drained(from: &TcpStream) {
+    let _ = from.try_io(tokio::io::Interest::READABLE, || {
+        Err::<(), _>(ErrorKind::WouldBlock.into())
+    });
+}
+
 fn ready_or_pending(p: Poll<io::Result<()>>) -> io::Result<Poll<()>> {
     match p {
         Poll::Ready(r) => r.map(Poll::Ready),
@@ -335,7 +353,7 @@ mod pipes {
     use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
 
     /// What one splice moves at most: the default pipe capacity.
-    const CHUNK: usize = 64 * 1024;
+    pub const CHUNK: usize = 64 * 1024;
 
     pub struct Pipe {
         read: OwnedFd,

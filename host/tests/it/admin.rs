@@ -280,6 +280,7 @@ async fn a_token_guards_every_endpoint() {
                 ..Layer::default()
             },
             listener: None,
+            listener_copies: 0,
         },
     )
     .await;
@@ -298,5 +299,28 @@ async fn a_token_guards_every_endpoint() {
     }
     let (code, _) = http(p.admin, "GET", "/status", &["Authorization: Bearer s3cret"]).await;
     assert_eq!(code, 200);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuseport_copies_of_a_listener_serve_and_count_as_one() {
+    let b = Backend::start("b").await;
+    let db = Db::new(&[Row::new("b", "sa", "BR", b.addr)]);
+    let p = Proxy::start_with(
+        &db,
+        ProxyOptions {
+            listener_copies: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    for _ in 0..40 {
+        assert_eq!(served_by("127.0.0.2", p.addr).await, "b");
+    }
+    wait_until(|| p.host.telemetry.listeners()[0].active() == 0).await;
+    let status = admin_json(p.admin, "/status").await;
+    let listeners = status["listeners"].as_array().unwrap();
+    assert_eq!(listeners.len(), 1, "{listeners:?}");
+    assert_eq!(listeners[0]["accepted"], 40);
     p.stop().await;
 }

@@ -17,6 +17,7 @@ async fn proxy_with(db: &Db, policy: &Path, extra: &str) -> Proxy {
         ProxyOptions {
             file: Layer::from_toml(&toml).unwrap(),
             listener: None,
+            listener_copies: 0,
         },
     )
     .await

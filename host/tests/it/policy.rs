@@ -160,6 +160,7 @@ async fn faulty_policies_are_contained() {
                 app: Some(app.into()),
                 ..edgeproxy::config::ListenerConfig::plain("127.0.0.1:0".parse().unwrap())
             }),
+            listener_copies: 0,
         };
         let p = Proxy::start_with(&db, opts).await;
         let wasm = p.host.wasm_policy.clone().unwrap();

@@ -2,6 +2,7 @@
 //! connection to the proxy service on its own task; it survives every per-connection error
 //! and backs off on descriptor exhaustion instead of exiting.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,34 @@ use crate::application::telemetry::ListenerStats;
 use crate::config::ListenerConfig;
 
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pending connections the kernel queues per listening socket.
+const BACKLOG: i32 = 4096;
+
+/// Binds `addr` `copies` times with SO_REUSEPORT (where there is one), so each worker
+/// thread can run its own accept loop and the kernel spreads new connections across
+/// them instead of one loop accepting for all. With port 0 every copy gets the port the
+/// first one was given.
+pub fn bind(addr: SocketAddr, copies: usize) -> std::io::Result<Vec<TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    let copies = if cfg!(unix) { copies.max(1) } else { 1 };
+    let mut bound = Vec::with_capacity(copies);
+    let mut at = addr;
+    for _ in 0..copies {
+        let socket = Socket::new(Domain::for_address(at), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        #[cfg(unix)]
+        if copies > 1 {
+            socket.set_reuse_port(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&at.into())?;
+        socket.listen(BACKLOG)?;
+        let listener = TcpListener::from_std(socket.into())?;
+        at = listener.local_addr()?;
+        bound.push(listener);
+    }
+    Ok(bound)
+}
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 pub async fn serve(
@@ -28,6 +57,12 @@ pub async fn serve(
 ) {
     let config = Arc::new(config);
     let app: Option<Arc<str>> = config.app.as_deref().map(Arc::from);
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt
+    // here instead of one per connection. Elsewhere each connection sets it.
+    let inherited_nodelay = cfg!(target_os = "linux")
+        && socket2::SockRef::from(&listener)
+            .set_tcp_nodelay(true)
+            .is_ok();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -42,6 +77,9 @@ pub async fn serve(
                 connections.spawn(async move {
                     let _open = open;
                     // `kill` fires only when a drain times out.
+                    if !inherited_nodelay {
+                        let _ = stream.set_nodelay(true);
+                    }
                     tokio::select! {
                         _ = connection(stream, peer, &config, app, &service) => {}
                         _ = kill.cancelled() => {}
@@ -65,12 +103,11 @@ fn is_resource_exhaustion(e: &std::io::Error) -> bool {
 
 async fn connection(
     mut stream: TcpStream,
-    peer: std::net::SocketAddr,
+    peer: SocketAddr,
     config: &ListenerConfig,
     app: Option<Arc<str>>,
     service: &ProxyService,
 ) {
-    let _ = stream.set_nodelay(true);
     let mut inbound = Inbound {
         client_ip: peer.ip().to_canonical(),
         via_proxy_protocol: false,
@@ -92,4 +129,46 @@ async fn connection(
         }
     }
     service.handle(stream, inbound).await;
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    /// The accept path relies on it (see `serve`).
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        socket2::SockRef::from(&listener)
+            .set_tcp_nodelay(true)
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
+
+    #[tokio::test]
+    async fn reuseport_copies_share_one_port_and_all_accept() {
+        let copies = super::bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = copies[0].local_addr().unwrap();
+        assert_eq!(copies[1].local_addr().unwrap(), addr);
+        // The kernel spreads connections by their source port: with 64 both get some.
+        let mut clients = Vec::new();
+        for _ in 0..64 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut accepted = [0; 2];
+        let all = async {
+            for _ in 0..64 {
+                tokio::select! {
+                    r = copies[0].accept() => { r.unwrap(); accepted[0] += 1 }
+                    r = copies[1].accept() => { r.unwrap(); accepted[1] += 1 }
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), all)
+            .await
+            .expect("64 accepts");
+        assert_eq!(accepted[0] + accepted[1], 64);
+        assert!(accepted[0] > 0 && accepted[1] > 0, "{accepted:?}");
+    }
 }

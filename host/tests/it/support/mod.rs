@@ -195,6 +195,8 @@ pub struct Proxy {
 pub struct ProxyOptions {
     pub file: Layer,
     pub listener: Option<ListenerConfig>,
+    /// SO_REUSEPORT copies of the listener, as one per worker thread (0 or 1: one).
+    pub listener_copies: usize,
 }
 
 impl Proxy {
@@ -204,6 +206,7 @@ impl Proxy {
             ProxyOptions {
                 file: Layer::from_toml(toml).unwrap(),
                 listener: None,
+                listener_copies: 0,
             },
         )
         .await
@@ -229,8 +232,12 @@ impl Proxy {
         let config =
             Config::resolve(opts.file.over(defaults), Layer::default(), Layer::default()).unwrap();
         let host = Arc::new(Host::build(&config).await.unwrap());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let copies = edgeproxy::adapters::inbound::tcp_server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            opts.listener_copies,
+        )
+        .unwrap();
+        let addr = copies[0].local_addr().unwrap();
         let lc = match opts.listener {
             Some(lc) => ListenerConfig { addr, ..lc },
             None => ListenerConfig {
@@ -244,7 +251,8 @@ impl Proxy {
         let shutdown = CancellationToken::new();
         let task = {
             let (host, shutdown) = (host.clone(), shutdown.clone());
-            tokio::spawn(async move { host.run(vec![(listener, lc)], admin, shutdown).await })
+            let listeners = copies.into_iter().map(|l| (l, lc.clone())).collect();
+            tokio::spawn(async move { host.run(listeners, admin, shutdown).await })
         };
         Self {
             addr,
