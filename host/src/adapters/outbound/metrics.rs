@@ -1,4 +1,5 @@
-//! In-memory live metrics: per-backend stats shared with the routing table. Exposition (Prometheus) is a later adapter reading these.
+//! In-memory live metrics: per-backend stats shared with the routing table, kept across
+//! reloads. The admin adapter exposes them (`/backends`, Prometheus `/metrics`).
 
 use std::sync::Arc;
 
