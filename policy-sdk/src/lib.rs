@@ -161,6 +161,26 @@ pub struct Context<'a> {
     pub app: Option<&'a str>,
 }
 
+/// The eligible candidate with the lowest key, skipping those whose key is None; of
+/// equal keys the first wins (candidates come sorted by id, so decisions reproduce).
+/// The loop most policies are.
+pub fn lowest<K: PartialOrd>(
+    candidates: &[Candidate<'_>],
+    key: impl Fn(&Candidate<'_>) -> Option<K>,
+) -> Option<usize> {
+    let mut best: Option<(usize, K)> = None;
+    for (i, c) in candidates.iter().enumerate() {
+        if !c.is_eligible() {
+            continue;
+        }
+        let Some(k) = key(c) else { continue };
+        if best.as_ref().is_none_or(|(_, b)| k < *b) {
+            best = Some((i, k));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
 /// 0: the client's country; 1: the client's region; 2: the POP's region; 3: elsewhere.
 pub fn geo_score(backend: &Backend, client: &Client, pop_region: RegionId) -> u32 {
     if client.country == Some(backend.country) {

@@ -95,53 +95,36 @@ async fn metrics_scrape_matches_the_traffic_sent() {
         assert_eq!(value(&s, "edgeproxy_backend_active_connections", &b), 0.0);
         assert!(value(&s, "edgeproxy_backend_connect_rtt_seconds", &b) > 0.0);
     }
-    assert_eq!(
-        value(&s, "edgeproxy_binding_lookups_total", &[("result", "hit")]),
-        3.0
-    );
-    assert_eq!(
-        value(&s, "edgeproxy_binding_lookups_total", &[("result", "miss")]),
-        3.0
-    );
-    assert_eq!(value(&s, "edgeproxy_bindings", &[]), 3.0);
-    assert_eq!(value(&s, "edgeproxy_decision_seconds_count", &[]), 6.0);
-    assert_eq!(
-        value(&s, "edgeproxy_backend_connect_seconds_count", &[]),
-        6.0
-    );
-    assert_eq!(
-        value(&s, "edgeproxy_decisions_total", &[("outcome", "picked")]),
-        3.0
-    );
-    assert_eq!(
-        value(&s, "edgeproxy_decisions_total", &[("outcome", "refused")]),
-        0.0
-    );
-    assert_eq!(value(&s, "edgeproxy_policy_decisions_total", &[]), 3.0);
-    assert_eq!(value(&s, "edgeproxy_policy_info", &[("kind", "wasm")]), 1.0);
-    assert_eq!(value(&s, "edgeproxy_policy_fallbacks_total", &[]), 0.0);
-    assert_eq!(
-        value(&s, "edgeproxy_geoip_lookups_total", &[("result", "found")]),
-        5.0
-    );
-    assert_eq!(
-        value(
-            &s,
-            "edgeproxy_geoip_lookups_total",
-            &[("result", "not_found")]
-        ),
-        1.0
-    );
-    assert_eq!(value(&s, "edgeproxy_routing_table_version", &[]), 1.0);
-    assert_eq!(value(&s, "edgeproxy_routing_backends", &[]), 2.0);
-    assert_eq!(
-        value(
-            &s,
-            "edgeproxy_routing_reloads_total",
-            &[("result", "changed")]
-        ),
-        1.0
-    );
+    let hit = [("result", "hit")];
+    let miss = [("result", "miss")];
+    let picked = [("outcome", "picked")];
+    let refused_ = [("outcome", "refused")];
+    let wasm = [("kind", "wasm")];
+    let found = [("result", "found")];
+    let not_found = [("result", "not_found")];
+    let changed = [("result", "changed")];
+    type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+    let expected: [Expected<'_>; 16] = [
+        ("edgeproxy_binding_lookups_total", &hit, 3.0),
+        ("edgeproxy_binding_lookups_total", &miss, 3.0),
+        ("edgeproxy_bindings", &[], 3.0),
+        ("edgeproxy_decision_seconds_count", &[], 6.0),
+        ("edgeproxy_backend_connect_seconds_count", &[], 6.0),
+        ("edgeproxy_decisions_total", &picked, 3.0),
+        ("edgeproxy_decisions_total", &refused_, 0.0),
+        ("edgeproxy_policy_decisions_total", &[], 3.0),
+        ("edgeproxy_policy_info", &wasm, 1.0),
+        ("edgeproxy_policy_fallbacks_total", &[], 0.0),
+        ("edgeproxy_geoip_lookups_total", &found, 5.0),
+        ("edgeproxy_geoip_lookups_total", &not_found, 1.0),
+        ("edgeproxy_routing_table_version", &[], 1.0),
+        ("edgeproxy_routing_backends", &[], 2.0),
+        ("edgeproxy_routing_reloads_total", &changed, 1.0),
+        ("edgeproxy_connections_no_backend_total", &[], 0.0),
+    ];
+    for (name, labels, want) in expected {
+        assert_eq!(value(&s, name, labels), want, "{name} {labels:?}");
+    }
 
     // A refused client counts too.
     db.exec("UPDATE backends SET healthy = 0", []);

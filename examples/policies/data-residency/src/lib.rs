@@ -2,7 +2,7 @@
 //! EU member state; when none is eligible the connection is refused rather than leave
 //! the EU. Other clients get the default geo + load choice.
 
-use policy_sdk::{Candidate, Client, Context, Country, Policy, geo_score};
+use policy_sdk::{Candidate, Client, Context, Country, Policy, geo_score, lowest};
 
 pub struct DataResidency;
 
@@ -20,17 +20,10 @@ impl Policy for DataResidency {
     fn pick(ctx: &Context<'_>, client: &Client, candidates: &[Candidate<'_>]) -> Option<usize> {
         let resident = client.country.is_some_and(in_eu);
         let pop = ctx.table.pop_region;
-        let mut best: Option<(usize, f64)> = None;
-        for (i, c) in candidates.iter().enumerate() {
-            if !c.is_eligible() || (resident && !in_eu(c.backend.country)) {
-                continue;
-            }
-            let score = f64::from(geo_score(c.backend, client, pop)) * 100.0 + c.load();
-            if best.is_none_or(|(_, b)| score < b) {
-                best = Some((i, score));
-            }
-        }
-        best.map(|(i, _)| i)
+        lowest(candidates, |c| {
+            let allowed = !resident || in_eu(c.backend.country);
+            allowed.then(|| f64::from(geo_score(c.backend, client, pop)) * 100.0 + c.load())
+        })
     }
 }
 

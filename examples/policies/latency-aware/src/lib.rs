@@ -3,7 +3,7 @@
 //! then load. A backend not measured yet (RTT 0) comes first, so a new backend gets
 //! measured instead of being ignored forever.
 
-use policy_sdk::{Candidate, Client, Context, Policy, geo_score};
+use policy_sdk::{Candidate, Client, Context, Policy, geo_score, lowest};
 
 pub struct LatencyAware;
 
@@ -14,29 +14,14 @@ pub const RTT_BUCKET_US: u32 = 500;
 impl Policy for LatencyAware {
     fn pick(ctx: &Context<'_>, client: &Client, candidates: &[Candidate<'_>]) -> Option<usize> {
         let pop = ctx.table.pop_region;
-        let key = |c: &Candidate<'_>| {
-            (
-                // 0 for "not measured", so it sorts before every measured backend.
-                if c.rtt_us == 0 {
-                    0
-                } else {
-                    1 + c.rtt_us / RTT_BUCKET_US
-                },
-                geo_score(c.backend, client, pop),
-                c.load(),
-            )
-        };
-        let mut best: Option<(usize, (u32, u32, f64))> = None;
-        for (i, c) in candidates.iter().enumerate() {
-            if !c.is_eligible() {
-                continue;
-            }
-            let k = key(c);
-            if best.is_none_or(|(_, b)| k < b) {
-                best = Some((i, k));
-            }
-        }
-        best.map(|(i, _)| i)
+        lowest(candidates, |c| {
+            // 0 for "not measured", so it sorts before every measured backend.
+            let rtt = match c.rtt_us {
+                0 => 0,
+                us => 1 + us / RTT_BUCKET_US,
+            };
+            Some((rtt, geo_score(c.backend, client, pop), c.load()))
+        })
     }
 }
 

@@ -2,7 +2,7 @@
 //! fewest open connections per unit of weight wins; ties go to the earlier candidate
 //! (the host sends them sorted by id).
 
-use policy_sdk::{Candidate, Client, Context, Policy};
+use policy_sdk::{Candidate, Client, Context, Policy, lowest};
 
 pub struct LeastConnections;
 
@@ -13,14 +13,7 @@ fn per_weight(c: &Candidate<'_>) -> f64 {
 
 impl Policy for LeastConnections {
     fn pick(_ctx: &Context<'_>, _client: &Client, candidates: &[Candidate<'_>]) -> Option<usize> {
-        let mut best: Option<(usize, f64)> = None;
-        for (i, c) in candidates.iter().enumerate() {
-            let load = per_weight(c);
-            if c.is_eligible() && best.is_none_or(|(_, b)| load < b) {
-                best = Some((i, load));
-            }
-        }
-        best.map(|(i, _)| i)
+        lowest(candidates, |c| Some(per_weight(c)))
     }
 }
 

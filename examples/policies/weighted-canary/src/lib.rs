@@ -3,7 +3,7 @@
 //! load score. The roll uses the host's randomness; bindings then keep each client on
 //! the side it landed on. With no eligible backend on its side a client takes the other.
 
-use policy_sdk::{Candidate, Client, Context, Policy, geo_score};
+use policy_sdk::{Candidate, Client, Context, Policy, geo_score, lowest};
 
 pub struct WeightedCanary;
 
@@ -34,17 +34,9 @@ fn best(
     side: impl Fn(&Candidate<'_>) -> bool,
 ) -> Option<usize> {
     let pop = ctx.table.pop_region;
-    let mut best: Option<(usize, f64)> = None;
-    for (i, c) in candidates.iter().enumerate() {
-        if !c.is_eligible() || !side(c) {
-            continue;
-        }
-        let score = f64::from(geo_score(c.backend, client, pop)) * 100.0 + c.load();
-        if best.is_none_or(|(_, b)| score < b) {
-            best = Some((i, score));
-        }
-    }
-    best.map(|(i, _)| i)
+    lowest(candidates, |c| {
+        side(c).then(|| f64::from(geo_score(c.backend, client, pop)) * 100.0 + c.load())
+    })
 }
 
 impl Policy for WeightedCanary {
