@@ -140,11 +140,14 @@ impl ProxyService {
             }
             Some(bad) => {
                 self.telemetry.decided(Decision::Overridden);
-                tracing::warn!(
-                    policy = self.policy.name(),
-                    answer = bad,
-                    "policy chose an ineligible backend; using the native scorer"
-                );
+                if let Some(suppressed) = self.telemetry.override_log.allow() {
+                    tracing::warn!(
+                        policy = self.policy.name(),
+                        answer = bad,
+                        suppressed,
+                        "policy chose an ineligible backend; using the native scorer"
+                    );
+                }
                 NativeScorer.pick(req, candidates)
             }
         }

@@ -25,6 +25,7 @@ use self::bindings::edgeproxy::policy::types as wit;
 use self::bindings::{Policy, PolicyPre};
 use self::runtime::{GuestState, LoadError, Runtime};
 use crate::application::admin::{ErrorAt, PolicyControl, PolicyFaults, PolicyStatus, timestamp};
+use crate::application::telemetry::LogThrottle;
 use crate::domain::ports::{PickRequest, ScoringPolicy};
 use crate::domain::services::NativeScorer;
 use crate::domain::{CountryCode, Region, RoutedBackend, RoutingTable};
@@ -133,6 +134,8 @@ pub struct WasmPolicy {
     /// The file it was loaded from and is reloaded from; None for the embedded default.
     path: Option<PathBuf>,
     last_error: Mutex<Option<(SystemTime, String)>>,
+    /// Fault warnings, at most one a second (`suppressed` says how many were not logged).
+    fault_log: LogThrottle,
 }
 
 struct Fault {
@@ -215,6 +218,7 @@ impl WasmPolicy {
             reload_events: tokio::sync::watch::Sender::new(0),
             path: None,
             last_error: Mutex::new(None),
+            fault_log: LogThrottle::new(std::time::Duration::from_secs(1)),
         }
     }
 
@@ -444,7 +448,9 @@ impl ScoringPolicy for WasmPolicy {
             }
             Err(f) => {
                 self.faults.count(f.kind);
-                tracing::warn!(policy = %loaded.name, fault = ?f.kind, cause = %f.cause, "policy fault; native scorer decides this connection");
+                if let Some(suppressed) = self.fault_log.allow() {
+                    tracing::warn!(policy = %loaded.name, fault = ?f.kind, cause = %f.cause, suppressed, "policy fault; native scorer decides this connection");
+                }
                 NativeScorer.pick(req, candidates)
             }
         }
