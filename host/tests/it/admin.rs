@@ -42,8 +42,8 @@ fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_scrape_matches_the_traffic_sent() {
+/// A POP in eu with a backend in BR (region sa) and one in DE (eu), bindings on.
+async fn br_de_pop() -> (Backend, Backend, Db, Proxy) {
     let br = Backend::start("br").await;
     let de = Backend::start("de").await;
     let db = Db::new(&[
@@ -51,6 +51,12 @@ async fn metrics_scrape_matches_the_traffic_sent() {
         Row::new("de", "eu", "DE", de.addr),
     ]);
     let p = Proxy::start(&db, "").await;
+    (br, de, db, p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_scrape_matches_the_traffic_sent() {
+    let (_br, _de, db, p) = br_de_pop().await;
     let line = "hello\n"; // 6 bytes up; 3 (greeting) + 6 (echo) down
     // BR client three times (1 policy decision, then 2 binding hits), DE twice, and one
     // client the GeoIP file does not know (the POP's region, eu, wins).
@@ -149,13 +155,7 @@ async fn metrics_scrape_matches_the_traffic_sent() {
 
 #[tokio::test]
 async fn status_backends_and_bindings_describe_the_live_state() {
-    let br = Backend::start("br").await;
-    let de = Backend::start("de").await;
-    let db = Db::new(&[
-        Row::new("br", "sa", "BR", br.addr),
-        Row::new("de", "eu", "DE", de.addr),
-    ]);
-    let p = Proxy::start(&db, "").await;
+    let (br, _de, db, p) = br_de_pop().await;
     assert_eq!(served_by("127.0.0.2", p.addr).await, "br");
     assert_eq!(served_by("127.0.0.6", p.addr).await, "de");
     assert_eq!(served_by("127.0.0.3", p.addr).await, "br"); // CL: same region as br
