@@ -12,10 +12,10 @@ use std::time::Duration;
 use rusqlite::fallible_iterator::FallibleIterator as _;
 use rusqlite::functions::FunctionFlags;
 use rusqlite::types::Value;
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 use serde::Serialize;
 
-use super::sqlite_routing::{COLUMNS, SCHEMA, parse_row};
+use super::sqlite_routing::{COLUMNS, SCHEMA, parse_row, schema_problem, upsert_sql};
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -121,29 +121,22 @@ impl RoutingEditor {
     }
 
     fn connect(path: &Path) -> Result<Self, EditError> {
-        let db_err = |e: rusqlite::Error| EditError::Db {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        };
-        let conn = Connection::open(path).map_err(db_err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
-        let editor = Self {
+        let conn = Connection::open(path).map_err(|e| err_at(path, e))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| err_at(path, e))?;
+        Ok(Self {
             path: path.to_owned(),
             conn,
-        };
-        editor.install_checks()?;
-        Ok(editor)
+        })
     }
 
     fn err(&self, e: rusqlite::Error) -> EditError {
-        EditError::Db {
-            path: self.path.display().to_string(),
-            message: e.to_string(),
-        }
+        err_at(&self.path, e)
     }
 
     /// A row the proxy would skip cannot be written: inserts and updates call the
-    /// loader's own validation, and its message becomes the statement's error.
+    /// loader's own validation, and its message becomes the statement's error. The
+    /// triggers are temporary (this connection's own), so the file is not changed.
     fn install_checks(&self) -> Result<(), EditError> {
         self.conn
             .create_scalar_function(
@@ -184,11 +177,7 @@ impl RoutingEditor {
                 )
             })
             .join("\n");
-        // Without a table (a database to be initialised) there is nothing to guard yet.
-        if self.has_table()? {
-            self.conn.execute_batch(&sql).map_err(|e| self.err(e))?;
-        }
-        Ok(())
+        self.conn.execute_batch(&sql).map_err(|e| self.err(e))
     }
 
     fn has_table(&self) -> Result<bool, EditError> {
@@ -202,43 +191,12 @@ impl RoutingEditor {
             .map_err(|e| self.err(e))
     }
 
+    /// The table must have every column; then writes to it are guarded (again after an
+    /// import, which may have recreated the table and with it dropped the triggers).
     fn check_schema(&self) -> Result<(), EditError> {
-        let present: Vec<String> = self
-            .conn
-            .prepare("SELECT name FROM pragma_table_info('backends')")
-            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-            .map_err(|e| self.err(e))?;
-        let missing: Vec<&str> = COLUMNS
-            .iter()
-            .copied()
-            .filter(|c| !present.iter().any(|p| p.eq_ignore_ascii_case(c)))
-            .collect();
-        match (present.is_empty(), missing.is_empty()) {
-            (true, _) => Err(self.rejected("no table named backends")),
-            (false, false) => Err(self.rejected(&format!(
-                "table backends lacks column(s) {}",
-                missing.join(", ")
-            ))),
-            (false, true) => {
-                // The table may have been created after `connect`.
-                self.install_checks_if_missing()
-            }
-        }
-    }
-
-    fn install_checks_if_missing(&self) -> Result<(), EditError> {
-        let n: i64 = self
-            .conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_temp_master WHERE type = 'trigger'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(|e| self.err(e))?;
-        if n == 0 {
-            self.install_checks()
-        } else {
-            Ok(())
+        match schema_problem(&self.conn).map_err(|e| self.err(e))? {
+            Some(reason) => Err(self.rejected(&reason)),
+            None => self.install_checks(),
         }
     }
 
@@ -292,11 +250,7 @@ impl RoutingEditor {
                 [&row.id],
                 |r| r.get(0),
             )
-            .map(Some)
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(e),
-            })
+            .optional()
             .map_err(|e| err_at(&path, e))?;
         if existing.is_some_and(|d| d == 0) {
             return Err(EditError::Rejected(format!(
@@ -304,18 +258,8 @@ impl RoutingEditor {
                 row.id
             )));
         }
-        let placeholders = (1..=COLUMNS.len())
-            .map(|i| format!("?{i}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        tx.execute(
-            &format!(
-                "INSERT OR REPLACE INTO backends ({}) VALUES ({placeholders})",
-                COLUMNS.join(", ")
-            ),
-            rusqlite::params_from_iter(row.values()),
-        )
-        .map_err(rejected)?;
+        tx.execute(&upsert_sql(), rusqlite::params_from_iter(row.values()))
+            .map_err(rejected)?;
         tx.commit().map_err(|e| err_at(&path, e))?;
         self.expect_row(&row.id)
     }
@@ -444,10 +388,7 @@ fn err_at(path: &Path, e: rusqlite::Error) -> EditError {
 
 /// A write the validation refused: its message is the reason.
 fn rejected(e: rusqlite::Error) -> EditError {
-    match e {
-        rusqlite::Error::SqliteFailure(_, Some(msg)) => EditError::Rejected(msg),
-        other => EditError::Rejected(other.to_string()),
-    }
+    EditError::Rejected(message(e))
 }
 
 /// Runs each statement in turn; an error names the line its statement starts on.
@@ -493,6 +434,7 @@ fn skip_trivia(mut sql: &str) -> &str {
     }
 }
 
+/// SQLite's own message (a failed check's reason) without rusqlite's wrapping.
 fn message(e: rusqlite::Error) -> String {
     match e {
         rusqlite::Error::SqliteFailure(_, Some(msg)) => msg,
@@ -531,16 +473,7 @@ fn import_csv(conn: &Connection, text: &str) -> Result<usize, String> {
         return Err(format!("line 1: the header lacks the column {missing:?}"));
     }
     let position = |col: &str| header.iter().position(|h| h == col);
-    let placeholders = (1..=COLUMNS.len())
-        .map(|i| format!("?{i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut insert = conn
-        .prepare(&format!(
-            "INSERT OR REPLACE INTO backends ({}) VALUES ({placeholders})",
-            COLUMNS.join(", ")
-        ))
-        .map_err(message)?;
+    let mut insert = conn.prepare(&upsert_sql()).map_err(message)?;
     let mut rows = 0;
     for record in reader.records() {
         let record = record.map_err(|e| e.to_string())?;

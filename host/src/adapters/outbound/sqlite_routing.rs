@@ -94,25 +94,10 @@ impl SqliteBackendRepository {
         conn.busy_timeout(Duration::from_secs(2))
             .map_err(unreadable)?;
 
-        let present: Vec<String> = conn
-            .prepare("SELECT name FROM pragma_table_info('backends')")
-            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-            .map_err(unreadable)?;
-        if present.is_empty() {
+        if let Some(reason) = schema_problem(&conn).map_err(unreadable)? {
             return Err(RoutingError::Schema {
                 location: location(),
-                reason: "no table named backends".into(),
-            });
-        }
-        let missing: Vec<&str> = COLUMNS
-            .iter()
-            .copied()
-            .filter(|c| !present.iter().any(|p| p.eq_ignore_ascii_case(c)))
-            .collect();
-        if !missing.is_empty() {
-            return Err(RoutingError::Schema {
-                location: location(),
-                reason: format!("table backends lacks column(s) {}", missing.join(", ")),
+                reason,
             });
         }
 
@@ -140,6 +125,36 @@ impl SqliteBackendRepository {
         }
         Ok(out)
     }
+}
+
+/// Why the `backends` table of `conn` cannot be routed from (missing, or lacking a
+/// column), or None when it has every column.
+pub(crate) fn schema_problem(conn: &Connection) -> rusqlite::Result<Option<String>> {
+    let present: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('backends')")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())?;
+    if present.is_empty() {
+        return Ok(Some("no table named backends".into()));
+    }
+    let missing: Vec<&str> = COLUMNS
+        .iter()
+        .copied()
+        .filter(|c| !present.iter().any(|p| p.eq_ignore_ascii_case(c)))
+        .collect();
+    Ok((!missing.is_empty())
+        .then(|| format!("table backends lacks column(s) {}", missing.join(", "))))
+}
+
+/// `INSERT OR REPLACE INTO backends (…every column…) VALUES (?1, …)`.
+pub(crate) fn upsert_sql() -> String {
+    let placeholders = (1..=COLUMNS.len())
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT OR REPLACE INTO backends ({}) VALUES ({placeholders})",
+        COLUMNS.join(", ")
+    )
 }
 
 impl BackendRepository for SqliteBackendRepository {
