@@ -57,20 +57,21 @@ pub fn check(file: &Path, limits: Limits, app: &str) -> anyhow::Result<CheckRepo
         decisions: Vec::new(),
         rejected: None,
     };
-    match runtime.inspect(&bytes) {
-        Ok(i) => {
-            report.imports = i.imports;
-            report.exports = i.exports;
-        }
+    // Compiled once: inspected, then linked and self-tested as the proxy would.
+    let component = match runtime.compile(&bytes) {
+        Ok(c) => c,
         Err(e) => {
             report.rejected = Some(e.to_string());
             return Ok(report);
         }
-    }
-    let loaded = match load_file(&runtime, file) {
+    };
+    let inspection = runtime.inspect(&component);
+    (report.imports, report.exports) = (inspection.imports, inspection.exports);
+    let name = file.display().to_string();
+    let loaded = match LoadedPolicy::from_compiled(&runtime, &name, &bytes, &component) {
         Ok(l) => l,
         Err(e) => {
-            report.rejected = Some(e.reason);
+            report.rejected = Some(e.to_string());
             return Ok(report);
         }
     };

@@ -23,7 +23,7 @@ use wasmtime::Store;
 
 use self::bindings::edgeproxy::policy::types as wit;
 use self::bindings::{Policy, PolicyPre};
-use self::runtime::{GuestState, LoadError, Runtime};
+use self::runtime::{Component, GuestState, LoadError, Runtime};
 use crate::application::admin::{ErrorAt, PolicyControl, PolicyFaults, PolicyStatus, timestamp};
 use crate::application::telemetry::LogThrottle;
 use crate::domain::ports::{PickRequest, ScoringPolicy};
@@ -146,7 +146,17 @@ struct Fault {
 impl LoadedPolicy {
     /// Compiles `bytes`, instantiates them and runs a self-test decision. Blocking.
     pub fn load(runtime: &Runtime, name: &str, bytes: &[u8]) -> Result<Self, LoadError> {
-        let pre = runtime.prepare(bytes)?;
+        Self::from_compiled(runtime, name, bytes, &runtime.compile(bytes)?)
+    }
+
+    /// As [`Self::load`], for a component already compiled from `bytes`.
+    pub fn from_compiled(
+        runtime: &Runtime,
+        name: &str,
+        bytes: &[u8],
+        component: &Component,
+    ) -> Result<Self, LoadError> {
+        let pre = runtime.link(component)?;
         let loaded = Self {
             name: Arc::from(name),
             hash: fingerprint(bytes),

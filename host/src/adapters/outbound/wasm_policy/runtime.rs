@@ -12,7 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::component::{Component, HasSelf, Linker};
+pub use wasmtime::component::Component;
+use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 
 use super::bindings::{Policy, PolicyPre};
@@ -106,24 +107,19 @@ impl Runtime {
         self.limits
     }
 
-    /// What a file holds: its kind, and the imports and exports of the component it is
-    /// (or becomes). Compiles: call it on a blocking thread.
-    pub fn inspect(&self, bytes: &[u8]) -> Result<Inspection, LoadError> {
-        let component = self.compile(bytes)?;
+    /// The imports and exports of a compiled component, for `edgeproxy policy check`.
+    pub fn inspect(&self, component: &Component) -> Inspection {
         let ty = component.component_type();
-        Ok(Inspection {
-            imports: ty
-                .imports(&self.engine)
-                .map(|(n, _)| n.to_owned())
-                .collect(),
-            exports: ty
-                .exports(&self.engine)
-                .map(|(n, _)| n.to_owned())
-                .collect(),
-        })
+        let names = |it: &mut dyn Iterator<Item = &str>| it.map(str::to_owned).collect();
+        Inspection {
+            imports: names(&mut ty.imports(&self.engine).map(|(n, _)| n)),
+            exports: names(&mut ty.exports(&self.engine).map(|(n, _)| n)),
+        }
     }
 
-    fn compile(&self, bytes: &[u8]) -> Result<Component, LoadError> {
+    /// Bytes (a component, or a core module, wrapped here) -> a compiled component.
+    /// Compiles: call it on a blocking thread.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Component, LoadError> {
         let component_bytes = match wasm_kind(bytes) {
             Some(WasmKind::Component) => std::borrow::Cow::Borrowed(bytes),
             Some(WasmKind::Module) => std::borrow::Cow::Owned(componentize(bytes)?),
@@ -138,10 +134,9 @@ impl Runtime {
         Component::new(&self.engine, &component_bytes).map_err(LoadError::Compile)
     }
 
-    /// Bytes (a component, or a core module with an embedded component type) -> a
-    /// pre-linked component. Compiles: call it on a blocking thread.
-    pub fn prepare(&self, bytes: &[u8]) -> Result<PolicyPre<GuestState>, LoadError> {
-        let component = self.compile(bytes)?;
+    /// A compiled component -> pre-linked against the policy world, refusing any import
+    /// beyond it (WASI above all).
+    pub fn link(&self, component: &Component) -> Result<PolicyPre<GuestState>, LoadError> {
         let ty = component.component_type();
         if let Some((name, _)) = ty
             .imports(&self.engine)
@@ -151,7 +146,7 @@ impl Runtime {
         }
         let pre = self
             .linker
-            .instantiate_pre(&component)
+            .instantiate_pre(component)
             .map_err(LoadError::WrongWorld)?;
         PolicyPre::new(pre).map_err(LoadError::WrongWorld)
     }
