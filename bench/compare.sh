@@ -55,13 +55,8 @@ render() { # TEMPLATE OUT BACKEND [SPLICE]
 start_proxy() {
   local name=$1 backend=$2 cmd
   case $name in
-    edgeproxy)
-      rm -f "$WORK"/routing.db*
-      "$bin/edgeproxy" db init --db "$WORK/routing.db" >/dev/null
-      "$bin/edgeproxy" backend add b1 --db "$WORK/routing.db" --app bench --region sa \
-        --country BR --wg-ip "${backend%:*}" --port "${backend##*:}" --soft-limit 1000 >/dev/null
-      cmd=(env EDGEPROXY_LISTEN_ADDR=$LISTEN EDGEPROXY_DB_PATH="$WORK/routing.db" EDGEPROXY_REGION=sa
-           EDGEPROXY_WORKER_THREADS=1 EDGEPROXY_ADMIN_ADDR= "$bin/edgeproxy") ;;
+    edgeproxy)  # the same adapter the shared harness uses; it execs edgeproxy
+      cmd=(env EDGEPROXY="$bin/edgeproxy" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     haproxy) render "$here/peers/haproxy.cfg" "$WORK/haproxy.cfg" "$backend"
       cmd=(haproxy -db -f "$WORK/haproxy.cfg") ;;
     haproxy-splice) render "$here/peers/haproxy.cfg" "$WORK/haproxy.cfg" "$backend" splice
