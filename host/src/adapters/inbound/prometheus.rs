@@ -12,8 +12,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::application::admin::Admin;
-use crate::application::telemetry::{Decision, HistogramSnapshot};
+use crate::application::admin::{Admin, BackendStatus};
+use crate::application::telemetry::{Decision, HistogramSnapshot, ListenerStats};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -116,30 +116,30 @@ impl Collector for HostCollector {
 
         let listeners = telemetry.listeners();
         let addrs: Vec<String> = listeners.iter().map(|l| l.addr.to_string()).collect();
-        let per_listener = |f: &dyn Fn(usize) -> u64| {
-            addrs
+        let per_listener = |f: fn(&ListenerStats) -> u64| {
+            listeners
                 .iter()
-                .enumerate()
-                .map(|(i, a)| (vec![("listener", a.as_str())], f(i)))
+                .zip(&addrs)
+                .map(|(l, a)| (vec![("listener", a.as_str())], f(l)))
                 .collect::<Vec<_>>()
         };
         family(
             e,
             "connections_accepted",
             "Client connections accepted",
-            counters(per_listener(&|i| listeners[i].accepted())),
+            counters(per_listener(ListenerStats::accepted)),
         )?;
         family(
             e,
             "connections_closed",
             "Client connections closed",
-            counters(per_listener(&|i| listeners[i].closed())),
+            counters(per_listener(ListenerStats::closed)),
         )?;
         family(
             e,
             "connections_active",
             "Client connections open now",
-            gauges(per_listener(&|i| listeners[i].active())),
+            gauges(per_listener(ListenerStats::active)),
         )?;
         family(
             e,
@@ -149,17 +149,16 @@ impl Collector for HostCollector {
         )?;
 
         let backends = admin.backends();
-        let per_backend = |f: &dyn Fn(usize) -> u64| {
+        let per_backend = |f: fn(&BackendStatus) -> u64| {
             backends
                 .iter()
-                .enumerate()
-                .map(|(i, b)| {
+                .map(|b| {
                     let labels = vec![
                         ("backend", b.id.as_str()),
                         ("app", b.app.as_str()),
                         ("region", b.region.as_str()),
                     ];
-                    (labels, f(i))
+                    (labels, f(b))
                 })
                 .collect::<Vec<_>>()
         };
@@ -167,38 +166,38 @@ impl Collector for HostCollector {
             e,
             "backend_active_connections",
             "Connections open to the backend now",
-            gauges(per_backend(&|i| u64::from(backends[i].active))),
+            gauges(per_backend(|b| u64::from(b.active))),
         )?;
         family(
             e,
             "backend_healthy",
             "1 when the routing table marks the backend healthy",
-            gauges(per_backend(&|i| u64::from(backends[i].healthy))),
+            gauges(per_backend(|b| u64::from(b.healthy))),
         )?;
         family(
             e,
             "backend_connect_attempts",
             "Connects tried to the backend",
-            counters(per_backend(&|i| backends[i].connect_attempts)),
+            counters(per_backend(|b| b.connect_attempts)),
         )?;
         family(
             e,
             "backend_connect_failures",
             "Connects to the backend that failed or timed out",
-            counters(per_backend(&|i| backends[i].connect_failures)),
+            counters(per_backend(|b| b.connect_failures)),
         )?;
         enc_rtt(e, &backends)?;
         family(
             e,
             "backend_bytes_up",
             "Bytes relayed from clients to the backend",
-            counters(per_backend(&|i| backends[i].bytes_up)),
+            counters(per_backend(|b| b.bytes_up)),
         )?;
         family(
             e,
             "backend_bytes_down",
             "Bytes relayed from the backend to clients",
-            counters(per_backend(&|i| backends[i].bytes_down)),
+            counters(per_backend(|b| b.bytes_down)),
         )?;
         histogram(
             e,
@@ -340,10 +339,7 @@ impl Collector for HostCollector {
 }
 
 /// The connect RTT moving average per backend, for backends connected at least once.
-fn enc_rtt(
-    e: &mut DescriptorEncoder,
-    backends: &[crate::application::admin::BackendStatus],
-) -> std::fmt::Result {
+fn enc_rtt(e: &mut DescriptorEncoder, backends: &[BackendStatus]) -> std::fmt::Result {
     family(
         e,
         "backend_connect_rtt_seconds",
