@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use edgeproxy::adapters::inbound::cli_output::emit;
 use edgeproxy::adapters::inbound::{policy_build, policy_tools, routing_cli, tcp_server};
 use edgeproxy::config::{Config, Layer, LogFormat, PolicySource};
 use edgeproxy::domain::Region;
@@ -235,11 +236,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Policy(PolicyCommand::Check { file, app, json })) => {
             let report = policy_tools::check(&file, policy_limits(&config), &app)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                policy_tools::print_check(&report);
-            }
+            emit(json, &report, || policy_tools::render_check(&report))?;
             return match report.rejected {
                 None => Ok(()),
                 Some(_) => Err(anyhow::anyhow!("{} would be rejected", file.display())),
@@ -270,12 +267,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 limits: policy_limits(&config),
                 load,
             })?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&simulation)?);
-            } else {
-                policy_tools::print_simulation(&simulation);
-            }
-            return Ok(());
+            return emit(json, &simulation, || {
+                policy_tools::render_simulation(&simulation)
+            });
         }
         _ => {}
     }

@@ -3,6 +3,7 @@
 //! Prometheus exposition, and the operator commands of the CLI).
 
 pub mod admin_http;
+pub mod cli_output;
 pub mod file_watch;
 pub mod policy_build;
 pub mod policy_tools;
@@ -10,4 +11,3 @@ pub mod prometheus;
 pub mod proxy_protocol;
 pub mod routing_cli;
 pub mod tcp_server;
-pub mod text_table;

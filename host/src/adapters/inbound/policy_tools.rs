@@ -9,7 +9,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::text_table;
+use std::fmt::Write as _;
+
+use super::cli_output::{self, yes_no};
 use crate::adapters::outbound::maxmind_geo::MaxMindGeo;
 use crate::adapters::outbound::sqlite_routing::SqliteBackendRepository;
 use crate::adapters::outbound::wasm_policy::reload::load_file;
@@ -185,15 +187,18 @@ fn scenarios(policy: &WasmPolicy, app: &str) -> Vec<CheckedDecision> {
         .collect()
 }
 
-pub fn print_check(r: &CheckReport) {
-    println!("file:      {} ({} bytes, {})", r.file, r.bytes, r.kind);
+/// The check report as text.
+pub fn render_check(r: &CheckReport) -> String {
+    let mut out = String::new();
+    // `let _ =` below: writing to a String cannot fail.
+    let _ = writeln!(out, "file:      {} ({} bytes, {})", r.file, r.bytes, r.kind);
     if let Some(hash) = &r.hash {
-        println!("hash:      {hash}");
+        let _ = writeln!(out, "hash:      {hash}");
     }
-    println!("imports:   {}", list(&r.imports));
-    println!("exports:   {}", list(&r.exports));
+    let _ = writeln!(out, "imports:   {}", list(&r.imports));
+    let _ = writeln!(out, "exports:   {}", list(&r.exports));
     if !r.decisions.is_empty() {
-        println!("decisions:");
+        let _ = writeln!(out, "decisions:");
         let width = r
             .decisions
             .iter()
@@ -202,16 +207,18 @@ pub fn print_check(r: &CheckReport) {
             .unwrap_or(0);
         for d in &r.decisions {
             let mark = if d.ok { "" } else { "  <- FAULT" };
-            println!("  {:<width$}  -> {}{mark}", d.scenario, d.answer);
+            let _ = writeln!(out, "  {:<width$}  -> {}{mark}", d.scenario, d.answer);
         }
     }
-    match &r.rejected {
-        None => println!(
+    let _ = match &r.rejected {
+        None => writeln!(
+            out,
             "verdict:   OK, ready to deploy (policy_path = {:?})",
             r.file
         ),
-        Some(why) => println!("verdict:   REJECTED: {why}"),
-    }
+        Some(why) => writeln!(out, "verdict:   REJECTED: {why}"),
+    };
+    out
 }
 
 fn list(items: &[String]) -> String {
@@ -368,30 +375,34 @@ fn view(c: &RoutedBackend, client: &Client, pop: &Region) -> CandidateView {
     }
 }
 
-pub fn print_simulation(s: &Simulation) {
+/// The simulation as text.
+pub fn render_simulation(s: &Simulation) -> String {
+    let mut out = String::new();
+    // `let _ =` below: writing to a String cannot fail.
     let or_unknown = |v: &Option<String>| v.clone().unwrap_or_else(|| "unknown".into());
-    println!(
+    let _ = writeln!(
+        out,
         "client:     {} (country {}, region {})",
         s.client.ip,
         or_unknown(&s.client.country),
         or_unknown(&s.client.region)
     );
-    println!("geoip:      {}", s.geoip);
-    println!(
+    let _ = writeln!(out, "geoip:      {}", s.geoip);
+    let _ = writeln!(
+        out,
         "pop region: {}; app: {}",
         s.pop_region,
         s.app.as_deref().unwrap_or("(any)")
     );
-    println!("policy:     {}", s.policy);
+    let _ = writeln!(out, "policy:     {}", s.policy);
     for row in &s.skipped_rows {
-        println!("skipped:    {row}");
+        let _ = writeln!(out, "skipped:    {row}");
     }
-    println!();
+    out.push('\n');
     let header = [
         "ID", "APP", "REGION", "COUNTRY", "ADDRESS", "HEALTHY", "WEIGHT", "SOFT", "HARD", "ACTIVE",
         "ELIGIBLE", "GEO", "SCORE",
     ];
-    let yes_no = |b: bool| if b { "yes" } else { "no" }.to_owned();
     let rows: Vec<Vec<String>> = s
         .candidates
         .iter()
@@ -413,19 +424,21 @@ pub fn print_simulation(s: &Simulation) {
             ]
         })
         .collect();
-    print!("{}", text_table::render(&header, &rows));
+    out += &cli_output::render(&header, &rows);
     if s.candidates.is_empty() {
-        println!("(no backends for this app)");
+        let _ = writeln!(out, "(no backends for this app)");
     }
-    println!();
+    out.push('\n');
     let pick = match &s.policy_pick {
         Ok(Some(id)) => id.clone(),
         Ok(None) => "refused".into(),
         Err(fault) => format!("FAULT ({fault}); the proxy would use the native pick"),
     };
-    println!("policy pick: {pick}");
-    println!(
+    let _ = writeln!(out, "policy pick: {pick}");
+    let _ = writeln!(
+        out,
         "native pick: {}",
         s.native_pick.as_deref().unwrap_or("refused")
     );
+    out
 }

@@ -5,9 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
-use serde::Serialize;
 
-use super::text_table;
+use super::cli_output::{self, emit, yes_no};
 use crate::adapters::outbound::sqlite_editor::{BackendRow, RoutingEditor, RowChanges};
 
 #[derive(Debug, Subcommand)]
@@ -146,17 +145,17 @@ pub fn db(db: &Path, command: DbCommand, json: bool) -> anyhow::Result<()> {
             } else {
                 "already initialised"
             };
-            print(
+            emit(
                 json,
                 &serde_json::json!({ "db": db.display().to_string(), "created": created }),
-                || format!("{}: {message}", db.display()),
+                || format!("{}: {message}\n", db.display()),
             )
         }
         DbCommand::Import { file } => {
             let imported = RoutingEditor::open(db)?.import(&file)?;
-            print(json, &imported, || {
+            emit(json, &imported, || {
                 format!(
-                    "{}: {} row(s) written; live backends {} -> {}",
+                    "{}: {} row(s) written; live backends {} -> {}\n",
                     file.display(),
                     imported.rows,
                     imported.before,
@@ -167,22 +166,8 @@ pub fn db(db: &Path, command: DbCommand, json: bool) -> anyhow::Result<()> {
     }
 }
 
-fn print(json: bool, value: &impl Serialize, text: impl FnOnce() -> String) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(value)?);
-    } else {
-        println!("{}", text());
-    }
-    Ok(())
-}
-
 fn print_rows(rows: &[BackendRow], with_deleted: bool, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(rows)?);
-        return Ok(());
-    }
-    print!("{}", table(rows, with_deleted));
-    Ok(())
+    emit(json, &rows, || table(rows, with_deleted))
 }
 
 /// Rows as a table, the DELETED column only when asked for.
@@ -193,7 +178,6 @@ fn table(rows: &[BackendRow], with_deleted: bool) -> String {
     if with_deleted {
         header.push("DELETED");
     }
-    let yes_no = |b: bool| if b { "yes" } else { "no" }.to_owned();
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -218,5 +202,5 @@ fn table(rows: &[BackendRow], with_deleted: bool) -> String {
             row
         })
         .collect();
-    text_table::render(&header, &cells)
+    cli_output::render(&header, &cells)
 }

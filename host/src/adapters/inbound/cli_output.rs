@@ -1,4 +1,24 @@
-//! Aligned plain-text tables for the CLI's default (non-JSON) output.
+//! What the operator commands print: aligned plain text by default, JSON with `--json`.
+
+use serde::Serialize;
+
+/// `value` as pretty JSON when `json`, else `text()`, to standard output.
+pub fn emit(
+    json: bool,
+    value: &impl Serialize,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", text());
+    }
+    Ok(())
+}
+
+pub fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_owned()
+}
 
 /// `rows` under `header`, each column as wide as its widest cell, two spaces apart.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
