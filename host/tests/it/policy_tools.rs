@@ -138,6 +138,10 @@ fn simulate_shows_candidates_geo_data_and_both_picks() {
     assert_eq!(sim["native_pick"], "us-iad-1");
     assert_eq!(sim["policy_pick"]["Ok"], "us-iad-1");
 
+    // Simulated load on a backend that is not in the table is named, not ignored.
+    let (ok, _, err) = run(&[&base[..], &["--load", "ghost-1=5"]].concat(), &env);
+    assert!(!ok && err.contains("ghost-1"), "{err}");
+
     // Another policy: the chaos fixture picks the last eligible candidate, and the
     // output shows it beside the native pick.
     let chaos = chaos_component();
