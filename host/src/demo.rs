@@ -117,11 +117,9 @@ async fn tour(
         trusted_proxies: vec!["127.0.0.0/8".parse()?],
         ..ListenerConfig::plain(proxy)
     };
-    let file = Layer {
-        db_path: Some(db.clone()),
-        region: Some("sa".into()),
-        ..Layer::default()
-    };
+    let file = Layer::default()
+        .with("db_path", db.display().to_string())
+        .with("region", "sa");
     let config = Config::resolve(file, Layer::default(), Layer::default())?;
     let host = Arc::new(Host::build(&config).await?);
     let proxy_stop = CancellationToken::new();

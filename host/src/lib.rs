@@ -94,13 +94,14 @@ impl Host {
         policy: Arc<dyn ScoringPolicy>,
         control: Arc<dyn PolicyControl>,
     ) -> anyhow::Result<Self> {
-        let geo: Arc<dyn GeoResolver> = Arc::new(match &config.geoip_path {
+        let s = &config.settings;
+        let geo: Arc<dyn GeoResolver> = Arc::new(match &s.geoip_path {
             Some(path) => MaxMindGeo::open(path)?,
             None => MaxMindGeo::embedded()?,
         });
-        let repo = SqliteBackendRepository::new(&config.db_path);
+        let repo = SqliteBackendRepository::new(&s.db_path);
         if repo.create_if_missing()? {
-            tracing::info!(path = %config.db_path.display(), "created empty routing database");
+            tracing::info!(path = %s.db_path.display(), "created empty routing database");
         }
         let metrics = Arc::new(LiveMetrics::default());
         let routing = Arc::new(Routing::new(Arc::new(repo), metrics.clone()));
@@ -109,7 +110,7 @@ impl Host {
             .await
             .with_context(|| "loading the routing table at start-up")?;
         let bindings = config
-            .binding_ttl
+            .binding_ttl()
             .map(|ttl| Arc::new(BindingTable::new(ttl)));
         let telemetry = Arc::new(Telemetry::default());
         let admin = Arc::new(Admin {
@@ -128,9 +129,9 @@ impl Host {
             policy,
             settings: ProxySettings {
                 pop_region: config.region.clone(),
-                connect_timeout: config.connect_timeout,
-                connect_attempts: config.connect_attempts,
-                idle_timeout: config.idle_timeout,
+                connect_timeout: Duration::from_millis(s.connect_timeout_ms),
+                connect_attempts: s.connect_attempts,
+                idle_timeout: config.idle_timeout(),
             },
             buffers: application::relay::BufferPool::new(64, MAX_PIPES),
             telemetry: Arc::clone(&telemetry),
@@ -144,10 +145,10 @@ impl Host {
             telemetry,
             admin,
             admin_token: config.admin.as_ref().and_then(|a| a.token.clone()),
-            db_path: config.db_path.clone(),
-            db_reload: config.db_reload,
-            binding_gc_interval: config.binding_gc_interval,
-            drain_timeout: config.drain_timeout,
+            db_path: s.db_path.clone(),
+            db_reload: Duration::from_secs(s.db_reload_secs),
+            binding_gc_interval: Duration::from_secs(s.binding_gc_interval_secs),
+            drain_timeout: Duration::from_secs(s.drain_timeout_secs),
         })
     }
 

@@ -1,5 +1,5 @@
 //! The composition root: parse the CLI, merge the configuration, set up logging, build the
-//! host, bind the listeners and run until SIGTERM/SIGINT.
+//! host, bind the listeners and run until SIGTERM/SIGINT; or run one operator command.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,8 +9,10 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use edgeproxy::adapters::inbound::cli_output::emit;
-use edgeproxy::adapters::inbound::{policy_build, policy_tools, routing_cli, tcp_server};
-use edgeproxy::config::{Config, Layer, LogFormat, PolicySource};
+use edgeproxy::adapters::inbound::{
+    config_cli, policy_build, policy_tools, routing_cli, tcp_server,
+};
+use edgeproxy::config::{Config, Flags, Layer, LogFormat, PolicySource, Scope};
 use edgeproxy::domain::Region;
 use edgeproxy::{Host, demo, policy_limits};
 
@@ -23,8 +25,11 @@ use edgeproxy::{Host, demo, policy_limits};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// TOML configuration file; flags override `EDGEPROXY_*` variables, which override it.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
     #[command(flatten)]
-    run: RunArgs,
+    flags: Flags,
 }
 
 #[derive(Subcommand)]
@@ -52,6 +57,21 @@ enum Command {
         command: routing_cli::DbCommand,
         #[command(flatten)]
         target: DbTarget,
+    },
+    /// Validate or print the configuration without starting the proxy.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration; exits non-zero naming every bad key.
+    Check,
+    /// Print every setting's effective value and where it came from (flag, environment,
+    /// file, default); secrets are masked.
+    Show {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -119,95 +139,6 @@ fn parse_load(s: &str) -> Result<(String, u32), String> {
     Ok((id.to_owned(), n))
 }
 
-/// Flags override `EDGEPROXY_*` variables, which override the file (see `config`).
-#[derive(Parser)]
-struct RunArgs {
-    /// TOML configuration file.
-    #[arg(long, short, global = true)]
-    config: Option<PathBuf>,
-    #[arg(long)]
-    listen_addr: Option<std::net::SocketAddr>,
-    #[arg(long)]
-    db_path: Option<PathBuf>,
-    #[arg(long)]
-    region: Option<String>,
-    #[arg(long)]
-    db_reload_secs: Option<u64>,
-    #[arg(long)]
-    geoip_path: Option<PathBuf>,
-    #[arg(long)]
-    binding_ttl_secs: Option<u64>,
-    #[arg(long)]
-    binding_gc_interval_secs: Option<u64>,
-    #[arg(long)]
-    connect_timeout_ms: Option<u64>,
-    #[arg(long)]
-    connect_attempts: Option<u32>,
-    #[arg(long)]
-    idle_timeout_secs: Option<u64>,
-    #[arg(long)]
-    drain_timeout_secs: Option<u64>,
-    #[arg(long)]
-    log_format: Option<LogFormat>,
-    #[arg(long)]
-    debug: bool,
-    #[arg(long)]
-    default_region: Option<String>,
-    /// Policy component (.wasm) to load and watch; unset: the embedded default.
-    #[arg(long = "policy", visible_alias = "policy-path")]
-    policy_path: Option<PathBuf>,
-    /// Decide with the host's native scorer instead of a WebAssembly policy.
-    #[arg(long)]
-    native_policy: bool,
-    #[arg(long)]
-    policy_timeout_ms: Option<u64>,
-    #[arg(long)]
-    policy_memory_mib: Option<u64>,
-    /// Runtime worker threads (0: one per core; 1: a single-threaded runtime).
-    #[arg(long)]
-    worker_threads: Option<usize>,
-    /// Admin API and /metrics address ("" turns it off).
-    #[arg(long)]
-    admin_addr: Option<String>,
-    /// Bearer token the admin API requires (prefer EDGEPROXY_ADMIN_TOKEN: flags show in ps).
-    #[arg(long)]
-    admin_token: Option<String>,
-    /// Serve the admin API off loopback without a token.
-    #[arg(long)]
-    admin_allow_remote: bool,
-}
-
-impl RunArgs {
-    fn layer(&self) -> Layer {
-        Layer {
-            listen_addr: self.listen_addr,
-            db_path: self.db_path.clone(),
-            region: self.region.clone(),
-            db_reload_secs: self.db_reload_secs,
-            geoip_path: self.geoip_path.clone(),
-            binding_ttl_secs: self.binding_ttl_secs,
-            binding_gc_interval_secs: self.binding_gc_interval_secs,
-            connect_timeout_ms: self.connect_timeout_ms,
-            connect_attempts: self.connect_attempts,
-            idle_timeout_secs: self.idle_timeout_secs,
-            drain_timeout_secs: self.drain_timeout_secs,
-            log_format: self.log_format,
-            debug: self.debug.then_some(true),
-            default_region: self.default_region.clone(),
-            policy_path: self.policy_path.clone(),
-            native_policy: self.native_policy.then_some(true),
-            policy_timeout_ms: self.policy_timeout_ms,
-            policy_memory_mib: self.policy_memory_mib,
-            worker_threads: self.worker_threads,
-            admin_addr: self.admin_addr.clone(),
-            admin_token: self.admin_token.clone(),
-            admin_allow_remote: self.admin_allow_remote.then_some(true),
-            regions: None,
-            listener: None,
-        }
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match real_main(cli) {
@@ -219,28 +150,96 @@ fn main() -> ExitCode {
     }
 }
 
+/// The configuration sources, read once; resolved for what each command needs.
+struct Sources {
+    file: Layer,
+    env: Layer,
+    flags: Layer,
+    /// `EDGEPROXY_*` variables edgeproxy does not read.
+    warnings: Vec<String>,
+}
+
+impl Sources {
+    fn read(cli: &Cli) -> anyhow::Result<Self> {
+        let file = match &cli.config {
+            Some(path) => Layer::from_file(path)?,
+            None => Layer::default(),
+        };
+        let (env, warnings) = Layer::from_env(std::env::vars());
+        Ok(Self {
+            file,
+            env,
+            flags: cli.flags.0.clone(),
+            warnings,
+        })
+    }
+
+    fn resolve(&self, scope: Scope) -> anyhow::Result<Config> {
+        Config::resolve_for(
+            scope,
+            self.file.clone(),
+            self.env.clone(),
+            self.flags.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))
+    }
+}
+
 fn real_main(cli: Cli) -> anyhow::Result<()> {
-    let file = match &cli.run.config {
-        Some(path) => Layer::from_file(path)?,
-        None => Layer::default(),
-    };
-    let env = Layer::from_env(|k| std::env::var(k).ok())?;
-    let config = Config::resolve(file, env, cli.run.layer())?;
-    let db_path = |target: &DbTarget| target.db.clone().unwrap_or(config.db_path.clone());
+    let sources = Sources::read(&cli)?;
+    let tools = || sources.resolve(Scope::Tools);
     match cli.command {
+        None => {
+            let config = sources.resolve(Scope::Serve)?;
+            init_tracing(config.settings.debug, config.settings.log_format);
+            for w in &sources.warnings {
+                tracing::warn!("{w}");
+            }
+            runtime(config.settings.worker_threads)?.block_on(serve(config))
+        }
+        Some(Command::Demo { hold }) => {
+            runtime(0)?.block_on(async { demo::run(hold, shutdown_signal()).await })
+        }
+        Some(Command::Config(command)) => {
+            let config = sources.resolve(Scope::Serve);
+            eprint!("{}", config_cli::render_warnings(&sources.warnings));
+            let config = config?;
+            match command {
+                ConfigCommand::Check => {
+                    println!("configuration OK");
+                    Ok(())
+                }
+                ConfigCommand::Show { json } => {
+                    let file = cli.config.as_ref().map(|p| p.display().to_string());
+                    let shown = config_cli::show(&config, file, sources.warnings.clone());
+                    emit(json, &shown, || config_cli::render_show(&shown))
+                }
+            }
+        }
         Some(Command::Backend { command, target }) => {
-            return routing_cli::backend(&db_path(&target), command, target.json);
+            let db = target
+                .db
+                .map_or_else(|| tools().map(|c| c.settings.db_path), Ok)?;
+            routing_cli::backend(&db, command, target.json)
         }
         Some(Command::Db { command, target }) => {
-            return routing_cli::db(&db_path(&target), command, target.json);
+            let db = target
+                .db
+                .map_or_else(|| tools().map(|c| c.settings.db_path), Ok)?;
+            routing_cli::db(&db, command, target.json)
+        }
+        Some(Command::Policy(PolicyCommand::Build { dir, out })) => {
+            let out = policy_build::build(&dir, out.as_deref(), None)?;
+            println!("{}", out.display());
+            Ok(())
         }
         Some(Command::Policy(PolicyCommand::Check { file, app, json })) => {
-            let report = policy_tools::check(&file, policy_limits(&config), &app)?;
+            let report = policy_tools::check(&file, policy_limits(&tools()?), &app)?;
             emit(json, &report, || policy_tools::render_check(&report))?;
-            return match report.rejected {
+            match report.rejected {
                 None => Ok(()),
                 Some(_) => Err(anyhow::anyhow!("{} would be rejected", file.display())),
-            };
+            }
         }
         Some(Command::Policy(PolicyCommand::Simulate {
             policy,
@@ -251,13 +250,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             load,
             json,
         })) => {
+            let config = tools()?;
             let simulation = policy_tools::simulate(policy_tools::SimulateInput {
                 policy: policy.or_else(|| match &config.policy.source {
                     PolicySource::File(p) => Some(p.clone()),
                     _ => None,
                 }),
-                db: db.unwrap_or(config.db_path.clone()),
-                geoip: config.geoip_path.clone(),
+                db: db.unwrap_or(config.settings.db_path.clone()),
+                geoip: config.settings.geoip_path.clone(),
                 client,
                 pop_region: pop_region
                     .map(|r| Region::new(&r))
@@ -267,54 +267,30 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 limits: policy_limits(&config),
                 load,
             })?;
-            return emit(json, &simulation, || {
+            emit(json, &simulation, || {
                 policy_tools::render_simulation(&simulation)
-            });
+            })
         }
-        _ => {}
     }
-    init_tracing(&config);
+}
 
-    // One worker: a current-thread runtime, which skips the work-stealing scheduler's
-    // cross-thread bookkeeping on every wake-up.
-    let runtime = match config.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
+/// One worker: a current-thread runtime, which skips the work-stealing scheduler's
+/// cross-thread bookkeeping on every wake-up. 0: one per core.
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if workers > 1 {
+        builder.worker_threads(workers);
     }
-    .context("starting the runtime")?;
-    runtime.block_on(async {
-        match cli.command {
-            Some(Command::Demo { hold }) => demo::run(hold, shutdown_signal()).await,
-            Some(Command::Policy(PolicyCommand::Build { dir, out })) => {
-                let out = tokio::task::spawn_blocking(move || {
-                    policy_build::build(&dir, out.as_deref(), None)
-                })
-                .await??;
-                println!("{}", out.display());
-                Ok(())
-            }
-            None => serve(config).await,
-            Some(
-                Command::Backend { .. }
-                | Command::Db { .. }
-                | Command::Policy(PolicyCommand::Check { .. } | PolicyCommand::Simulate { .. }),
-            ) => unreachable!("handled above"),
-        }
-    })
+    builder.enable_all().build().context("starting the runtime")
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let host = Host::build(&config).await?;
     // One accept loop per worker thread, each on its own SO_REUSEPORT socket.
-    let copies = match config.worker_threads {
+    let copies = match config.settings.worker_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
@@ -363,14 +339,14 @@ fn shutdown_signal() -> CancellationToken {
     token
 }
 
-fn init_tracing(config: &Config) {
+fn init_tracing(debug: bool, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let default = if config.debug { "debug" } else { "info" };
+    let default = if debug { "debug" } else { "info" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match config.log_format {
+    match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
     }

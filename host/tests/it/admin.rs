@@ -258,10 +258,7 @@ async fn a_token_guards_every_endpoint() {
     let p = Proxy::start_with(
         &db,
         ProxyOptions {
-            file: Layer {
-                admin_token: Some("s3cret".into()),
-                ..Layer::default()
-            },
+            file: Layer::default().with("admin_token", "s3cret"),
             listener: None,
             listener_copies: 0,
         },

@@ -211,3 +211,129 @@ fn accept_loop_survives_running_out_of_descriptors() {
     });
     assert!(child.0.try_wait().unwrap().is_none(), "edgeproxy exited");
 }
+
+#[test]
+fn config_check_names_every_bad_key_and_show_says_where_values_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("edgeproxy.toml");
+    std::fs::write(&cfg, "db_reload_secs = 0\nregion = \"eu\"\n").unwrap();
+    let out = edgeproxy()
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .env("EDGEPROXY_CONNECT_ATTEMPTS", "several")
+        .env("EDGEPROXY_BINDING_TTL", "60")
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("db_reload_secs: must be greater than 0"),
+        "{err}"
+    );
+    assert!(
+        err.contains("EDGEPROXY_CONNECT_ATTEMPTS: bad value \"several\""),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "EDGEPROXY_BINDING_TTL is not a setting (did you mean EDGEPROXY_BINDING_TTL_SECS?)"
+        ),
+        "{err}"
+    );
+
+    std::fs::write(&cfg, "db_reload_secs = 9\nregion = \"eu\"\n").unwrap();
+    let out = edgeproxy()
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = edgeproxy()
+        // Setting flags come before the command (`backend add --region` is another flag).
+        .args(["--region", "ap", "config", "show", "--json", "--config"])
+        .arg(&cfg)
+        .env("EDGEPROXY_ADMIN_TOKEN", "s3cret")
+        .env("EDGEPROXY_TLS_ENABLED", "true")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let setting = |key: &str| {
+        let s = shown["settings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["key"] == key)
+            .unwrap();
+        (s["value"].clone(), s["origin"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(setting("region"), ("ap".into(), "flag".into()));
+    assert_eq!(setting("db_reload_secs"), (9.into(), "file".into()));
+    assert_eq!(setting("admin_token"), ("********".into(), "env".into()));
+    assert_eq!(setting("connect_attempts"), (3.into(), "default".into()));
+    let warnings = shown["warnings"].to_string();
+    assert!(
+        warnings.contains("TLS IS NOT TERMINATED HERE"),
+        "{warnings}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret"));
+}
+
+#[test]
+fn routing_commands_ignore_settings_they_do_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("r.db");
+    for args in [&["db", "init"][..], &["backend", "list"]] {
+        let out = edgeproxy()
+            .args(args)
+            .env("EDGEPROXY_DB_PATH", &db)
+            // Would stop the proxy (remote admin without a token), not a routing command.
+            .env("EDGEPROXY_ADMIN_ADDR", "0.0.0.0:9090")
+            .env("EDGEPROXY_IDLE_TIMEOUT_SECS", "forever")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(db.exists());
+}
+
+#[test]
+fn start_up_warns_about_unknown_and_unsupported_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = edgeproxy()
+        .env("EDGEPROXY_DB_PATH", dir.path().join("r.db"))
+        .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
+        .env("EDGEPROXY_ADMIN_ADDR", "127.0.0.1:0")
+        .env("EDGEPROXY_LOG_FORMAT", "json")
+        .env("EDGEPROXY_TLS_ENABLED", "true")
+        .env("EDGEPROXY_BINDNIG_TTL_SECS", "5")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    let lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let before: Vec<String> = lines
+        .map_while(Result::ok)
+        .take_while(|l| !l.contains("\"listening\""))
+        .collect();
+    let log = before.join("\n");
+    assert!(log.contains("TLS IS NOT TERMINATED HERE"), "{log}");
+    assert!(
+        log.contains("did you mean EDGEPROXY_BINDING_TTL_SECS"),
+        "{log}"
+    );
+}

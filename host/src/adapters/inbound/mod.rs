@@ -4,6 +4,7 @@
 
 pub mod admin_http;
 pub mod cli_output;
+pub mod config_cli;
 pub mod file_watch;
 pub mod policy_build;
 pub mod policy_tools;

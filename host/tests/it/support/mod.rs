@@ -221,14 +221,12 @@ impl Proxy {
         let geo_dir = tempfile::tempdir().unwrap();
         let geo = geo_dir.path().join("test.mmdb");
         write_mmdb(&geo, GeoFormat::IpLocationDb, TEST_GEO);
-        let defaults = Layer {
-            db_path: Some(db.path.clone()),
-            geoip_path: Some(geo),
-            region: Some("eu".into()),
+        let defaults = Layer::default()
+            .with("db_path", db.path.display().to_string())
+            .with("geoip_path", geo.display().to_string())
+            .with("region", "eu")
             // Reloads in tests come from file notifications, not the timer.
-            db_reload_secs: Some(3600),
-            ..Layer::default()
-        };
+            .with("db_reload_secs", 3600);
         let config =
             Config::resolve(opts.file.over(defaults), Layer::default(), Layer::default()).unwrap();
         let host = Arc::new(Host::build(&config).await.unwrap());

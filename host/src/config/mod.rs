@@ -1,0 +1,600 @@
+//! Configuration: a TOML file, `EDGEPROXY_*` environment variables and CLI flags, merged
+//! into one validated [`Config`].
+//!
+//! Precedence, highest first: flags > environment > file > defaults. Each scalar setting is
+//! declared once in `settings.rs` (file key, variable, flag, default, check, help); `layer`
+//! holds the generic machinery (sources, typing, merge with origins); this module adds
+//! what spans several settings: `[[listener]]` and `[regions]` (file only), the policy
+//! source, the admin listener's guard. The variables and defaults are edgeProxy's, so a
+//! deployment that only sets `EDGEPROXY_*` runs unchanged.
+
+mod layer;
+mod settings;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::services::RegionMap;
+use crate::domain::{CountryCode, Region};
+
+#[doc(hidden)]
+pub use layer::pick;
+pub use layer::{Flags, Info, Layer, LogFormat, Origin, SettingValue, markdown_table};
+pub use settings::{SETTINGS, Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Every problem found in one resolve, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+/// One `[[listener]]` table of the file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    /// Serve only backends of this app; unset serves every app.
+    #[serde(default)]
+    pub app: Option<String>,
+    /// Expect a PROXY protocol v1/v2 header from peers in `trusted_proxies`.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl ListenerConfig {
+    pub fn plain(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            app: None,
+            proxy_protocol: false,
+            trusted_proxies: Vec::new(),
+        }
+    }
+
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&peer))
+    }
+}
+
+/// The validated settings the host runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Every scalar setting, merged and checked.
+    pub settings: Settings,
+    /// Where each setting came from, in [`SETTINGS`] order.
+    pub origins: Vec<Origin>,
+    pub listeners: Vec<ListenerConfig>,
+    pub region: Region,
+    pub regions: RegionMap,
+    /// `[regions]` as the file wrote it.
+    pub region_overrides: BTreeMap<String, Vec<String>>,
+    pub policy: PolicyConfig,
+    /// None: no admin listener.
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin HTTP listener (JSON API and `/metrics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    /// Required as `Authorization: Bearer <token>` on every request when set.
+    pub token: Option<String>,
+}
+
+/// Which scoring policy decides, and its bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub source: PolicySource,
+    pub timeout: Duration,
+    pub memory_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// The default component compiled into the binary.
+    Embedded,
+    /// A component file, watched and swapped in live when it changes.
+    File(PathBuf),
+    /// The host's native scorer; no WebAssembly.
+    Native,
+}
+
+/// What a command needs of the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Running the proxy: everything must be valid.
+    Serve,
+    /// The routing-table and policy tools: only the settings they read must be valid, so
+    /// a bad listener or admin setting does not block `edgeproxy backend list`.
+    Tools,
+}
+
+/// What the tools read.
+const TOOL_KEYS: &[&str] = &[
+    "db_path",
+    "region",
+    "default_region",
+    "geoip_path",
+    "policy_path",
+    "native_policy",
+    "policy_timeout_ms",
+    "policy_memory_mib",
+    "log_format",
+    "debug",
+];
+
+impl Config {
+    /// Merges the sources by precedence and validates the result for running the proxy.
+    pub fn resolve(file: Layer, env: Layer, flags: Layer) -> Result<Self, ConfigErrors> {
+        Self::resolve_for(Scope::Serve, file, env, flags)
+    }
+
+    pub fn resolve_for(
+        scope: Scope,
+        file: Layer,
+        env: Layer,
+        flags: Layer,
+    ) -> Result<Self, ConfigErrors> {
+        let mut errors = Vec::new();
+        let (s, origins) = Settings::merge(&[&flags, &env, &file], &mut errors);
+        let l = flags.over(env).over(file);
+        let listeners = match l.listener {
+            Some(list) if list.is_empty() => {
+                errors.push(invalid("listener", "at least one [[listener]] is needed"));
+                Vec::new()
+            }
+            Some(list) => list,
+            None => vec![ListenerConfig::plain(s.listen_addr)],
+        };
+        for (i, lc) in listeners.iter().enumerate() {
+            if lc.proxy_protocol && lc.trusted_proxies.is_empty() {
+                errors.push(invalid(
+                    format!("listener[{i}].trusted_proxies"),
+                    "proxy_protocol = true needs at least one trusted CIDR",
+                ));
+            }
+            if listeners[..i].iter().any(|o| o.addr == lc.addr) {
+                errors.push(invalid(
+                    format!("listener[{i}].addr"),
+                    format!("{} is listed twice", lc.addr),
+                ));
+            }
+        }
+        let region_overrides = l.regions.unwrap_or_default();
+        let mut overrides = Vec::new();
+        for (name, countries) in &region_overrides {
+            if name.trim().is_empty() {
+                errors.push(invalid("regions", "a region name must not be empty"));
+                continue;
+            }
+            match countries.iter().map(|c| c.parse::<CountryCode>()).collect() {
+                Ok(codes) => overrides.push((Region::new(name), codes)),
+                Err(e) => errors.push(invalid(format!("regions.{name}"), e.to_string())),
+            }
+        }
+        let regions = RegionMap::with_overrides(
+            overrides
+                .iter()
+                .map(|(r, c): &(Region, Vec<CountryCode>)| (r, &c[..])),
+            Some(Region::new(&s.default_region)),
+        );
+        let policy = PolicyConfig {
+            source: match (s.native_policy, &s.policy_path) {
+                (true, Some(_)) => {
+                    errors.push(invalid(
+                        "native_policy",
+                        "cannot be combined with policy_path",
+                    ));
+                    PolicySource::Native
+                }
+                (true, None) => PolicySource::Native,
+                (false, Some(p)) => PolicySource::File(p.clone()),
+                (false, None) => PolicySource::Embedded,
+            },
+            timeout: Duration::from_millis(s.policy_timeout_ms),
+            // Checked: at most 4096 MiB.
+            memory_bytes: (s.policy_memory_mib as usize) << 20,
+        };
+        let admin = match admin_config(&s) {
+            Ok(a) => a,
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        };
+        if scope == Scope::Tools {
+            // Only the settings the tools read may stop them.
+            let read: Vec<String> = SETTINGS
+                .iter()
+                .filter(|i| TOOL_KEYS.contains(&i.key))
+                .flat_map(|i| {
+                    [
+                        i.key.to_owned(),
+                        i.env.to_owned(),
+                        format!("--{}", i.flag()),
+                    ]
+                })
+                .collect();
+            errors.retain(|e| matches!(e, ConfigError::Invalid { key, .. } if read.contains(key)));
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Ok(Self {
+            region: Region::new(&s.region),
+            settings: s,
+            origins,
+            listeners,
+            regions,
+            region_overrides,
+            policy,
+            admin,
+        })
+    }
+
+    /// None: bindings off, every connection is a fresh decision.
+    pub fn binding_ttl(&self) -> Option<Duration> {
+        Some(self.settings.binding_ttl_secs)
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs)
+    }
+
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        Some(self.settings.idle_timeout_secs)
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs)
+    }
+
+    /// Each setting with its value (secrets masked) and origin, in declaration order.
+    pub fn show(&self) -> Vec<(&'static Info, serde_json::Value, Origin)> {
+        SETTINGS
+            .iter()
+            .zip(self.settings.values())
+            .zip(&self.origins)
+            .map(|((info, value), origin)| {
+                let value = match (info.secret, &value) {
+                    (true, v) if !v.is_null() => serde_json::json!("********"),
+                    _ => value,
+                };
+                (info, value, *origin)
+            })
+            .collect()
+    }
+}
+
+fn admin_config(s: &Settings) -> Result<Option<AdminConfig>, ConfigError> {
+    let Some(addr) = s.admin_addr else {
+        return Ok(None);
+    };
+    let token = s.admin_token.clone().filter(|t| !t.is_empty());
+    // The admin API can drop bindings and trigger reloads: off loopback it needs a token
+    // unless the operator says the network is trusted.
+    if !addr.ip().is_loopback() && token.is_none() && !s.admin_allow_remote {
+        return Err(invalid(
+            "admin_addr",
+            format!(
+                "{addr} is not a loopback address; set admin_token, or admin_allow_remote = true to serve it without one"
+            ),
+        ));
+    }
+    Ok(Some(AdminConfig { addr, token }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Layer {
+        let vars = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Layer::from_env(vars).0
+    }
+
+    fn resolve(file: &str, e: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        Config::resolve(Layer::from_toml(file).unwrap(), env(e), Layer::default())
+    }
+
+    #[test]
+    fn defaults_are_edgeproxys_and_pass_their_checks() {
+        assert_eq!(Settings::check_defaults(), Vec::<String>::new());
+        let c = resolve("", &[]).unwrap();
+        assert_eq!(
+            c.listeners,
+            vec![ListenerConfig::plain("0.0.0.0:8080".parse().unwrap())]
+        );
+        assert_eq!(c.settings.db_path, PathBuf::from("routing.db"));
+        assert_eq!(c.region.as_str(), "sa");
+        assert_eq!(c.settings.db_reload_secs, 5);
+        assert_eq!(c.binding_ttl(), Some(Duration::from_secs(600)));
+        assert_eq!(c.settings.binding_gc_interval_secs, 60);
+        assert_eq!(c.settings.connect_timeout_ms, 3000);
+        assert_eq!(c.settings.geoip_path, None);
+        assert!(!c.settings.debug);
+        assert_eq!(c.policy.source, PolicySource::Embedded);
+        assert_eq!(c.policy.timeout, Duration::from_millis(1));
+        assert_eq!(c.policy.memory_bytes, 16 << 20);
+        assert!(c.origins.iter().all(|o| *o == Origin::Default));
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file_beat_defaults() {
+        let file = Layer::from_toml(
+            "region = \"eu\"\ndb_path = \"file.db\"\nbinding_ttl_secs = 10\ndb_reload_secs = 7",
+        )
+        .unwrap();
+        let env = env(&[
+            ("EDGEPROXY_REGION", "us"),
+            ("EDGEPROXY_DB_PATH", "env.db"),
+            ("DEBUG", "1"),
+        ]);
+        let flags = {
+            use clap::{Args, Command, FromArgMatches};
+            let cmd = Flags::augment_args(Command::new("t"));
+            let m = cmd.get_matches_from(["t", "--region", "ap"]);
+            Flags::from_arg_matches(&m).unwrap().0
+        };
+        let c = Config::resolve(file, env, flags).unwrap();
+        assert_eq!(c.region.as_str(), "ap"); // flag
+        assert_eq!(c.settings.db_path, PathBuf::from("env.db")); // env over file
+        assert_eq!(c.binding_ttl(), Some(Duration::from_secs(10))); // file over default
+        assert_eq!(c.settings.db_reload_secs, 7);
+        assert_eq!(c.settings.binding_gc_interval_secs, 60); // default
+        assert!(c.settings.debug);
+        let origin = |key: &str| {
+            let i = SETTINGS.iter().position(|i| i.key == key).unwrap();
+            c.origins[i]
+        };
+        assert_eq!(origin("region"), Origin::Flag);
+        assert_eq!(origin("db_path"), Origin::Env);
+        assert_eq!(origin("db_reload_secs"), Origin::File);
+        assert_eq!(origin("connect_attempts"), Origin::Default);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_named_with_the_nearest_known_one() {
+        let err = Layer::from_toml("regoin = \"eu\"").unwrap_err();
+        assert!(
+            err.contains("\"regoin\" (did you mean \"region\"?)"),
+            "{err}"
+        );
+        let err = Layer::from_toml("[[listener]]\naddr = \"127.0.0.1:1\"\nap = \"x\"").unwrap_err();
+        assert!(err.contains("ap"), "{err}");
+    }
+
+    #[test]
+    fn bad_env_values_name_the_variable() {
+        let err = resolve("", &[("EDGEPROXY_DB_RELOAD_SECS", "soon")]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("EDGEPROXY_DB_RELOAD_SECS: bad value \"soon\""),
+            "{err}"
+        );
+        let err = resolve("", &[("EDGEPROXY_LISTEN_ADDR", "nowhere")]).unwrap_err();
+        assert!(err.to_string().contains("EDGEPROXY_LISTEN_ADDR"), "{err}");
+        let on = resolve("", &[("EDGEPROXY_NATIVE_POLICY", "1")]).unwrap();
+        assert!(on.settings.native_policy);
+        let err = resolve("", &[("EDGEPROXY_NATIVE_POLICY", "maybe")]).unwrap_err();
+        assert!(err.to_string().contains("EDGEPROXY_NATIVE_POLICY"), "{err}");
+        // edgeProxy's DEBUG: any value but 0/false turns it on; empty is unset.
+        for (v, on) in [
+            ("yes please", true),
+            ("0", false),
+            ("false", false),
+            ("", false),
+        ] {
+            assert_eq!(
+                resolve("", &[("DEBUG", v)]).unwrap().settings.debug,
+                on,
+                "{v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_bad_key_is_named_at_once() {
+        let err = resolve(
+            "db_reload_secs = 0\nconnect_attempts = -1\nregion = \" \"",
+            &[("EDGEPROXY_WORKER_THREADS", "many")],
+        )
+        .unwrap_err();
+        let lines: Vec<String> = err.0.iter().map(ToString::to_string).collect();
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("db_reload_secs: must be greater than 0")),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("connect_attempts: bad value -1")),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("region: must not be empty")),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("EDGEPROXY_WORKER_THREADS")),
+            "{lines:#?}"
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let err = resolve("db_reload_secs = 0", &[]).unwrap_err();
+        assert!(err.to_string().starts_with("db_reload_secs"), "{err}");
+        let err = resolve(
+            "[[listener]]\naddr = \"127.0.0.1:1\"\nproxy_protocol = true",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("trusted_proxies"), "{err}");
+        let err = resolve("[regions]\naf = [\"ZAF\"]", &[]).unwrap_err();
+        assert!(err.to_string().contains("regions.af"), "{err}");
+        let err = resolve("policy_memory_mib = 5000", &[]).unwrap_err();
+        assert!(err.to_string().contains("at most 4096"), "{err}");
+    }
+
+    #[test]
+    fn unknown_and_unsupported_variables_are_reported() {
+        let vars = [
+            ("EDGEPROXY_BINDING_TTL", "60"),
+            ("EDGEPROXY_TLS_ENABLED", "true"),
+            ("EDGEPROXY_DNS_DOMAIN", "internal"),
+            ("EDGEPROXY_REGION", "eu"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let (layer, warnings) = Layer::from_env(vars);
+        assert_eq!(warnings.len(), 3, "{warnings:#?}");
+        assert!(
+            warnings[0].contains("did you mean EDGEPROXY_BINDING_TTL_SECS"),
+            "{warnings:#?}"
+        );
+        assert!(
+            warnings[1].starts_with("EDGEPROXY_DNS_DOMAIN is ignored"),
+            "{warnings:#?}"
+        );
+        assert!(
+            warnings[2].starts_with("EDGEPROXY_TLS_ENABLED is ignored")
+                && warnings[2].contains("TLS IS NOT TERMINATED HERE"),
+            "{warnings:#?}"
+        );
+        let c = Config::resolve(Layer::default(), layer, Layer::default()).unwrap();
+        assert_eq!(c.region.as_str(), "eu");
+    }
+
+    #[test]
+    fn tools_are_not_stopped_by_settings_they_do_not_read() {
+        let bad_admin = || {
+            env(&[
+                ("EDGEPROXY_ADMIN_ADDR", "0.0.0.0:9090"),
+                ("EDGEPROXY_IDLE_TIMEOUT_SECS", "x"),
+            ])
+        };
+        assert!(Config::resolve(Layer::default(), bad_admin(), Layer::default()).is_err());
+        let c = Config::resolve_for(
+            Scope::Tools,
+            Layer::default(),
+            bad_admin(),
+            Layer::default(),
+        )
+        .unwrap();
+        assert_eq!(c.settings.db_path, PathBuf::from("routing.db"));
+        let bad_db = env(&[("EDGEPROXY_POLICY_MEMORY_MIB", "0")]);
+        assert!(
+            Config::resolve_for(Scope::Tools, Layer::default(), bad_db, Layer::default()).is_err()
+        );
+    }
+
+    #[test]
+    fn admin_listener_defaults_to_loopback_and_guards_remote_binds() {
+        let c = resolve("", &[]).unwrap();
+        assert_eq!(
+            c.admin,
+            Some(AdminConfig {
+                addr: "127.0.0.1:9090".parse().unwrap(),
+                token: None
+            })
+        );
+        // Set but empty in the environment turns it off, over the file.
+        let c = resolve(
+            "admin_addr = \"127.0.0.1:9999\"",
+            &[("EDGEPROXY_ADMIN_ADDR", "")],
+        );
+        assert_eq!(c.unwrap().admin, None);
+        let err = resolve("admin_addr = \"0.0.0.0:9090\"", &[]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("admin_addr") && err.to_string().contains("admin_token"),
+            "{err}"
+        );
+        let c = resolve(
+            "admin_addr = \"0.0.0.0:9090\"",
+            &[("EDGEPROXY_ADMIN_TOKEN", "s3cret")],
+        )
+        .unwrap();
+        assert_eq!(c.admin.as_ref().unwrap().token.as_deref(), Some("s3cret"));
+        let token = c
+            .show()
+            .into_iter()
+            .find(|(i, ..)| i.key == "admin_token")
+            .unwrap();
+        assert_eq!(token.1, serde_json::json!("********"));
+        assert_eq!(token.2, Origin::Env);
+        let c = resolve(
+            "admin_addr = \"0.0.0.0:9090\"\nadmin_allow_remote = true",
+            &[],
+        );
+        assert_eq!(c.unwrap().admin.unwrap().token, None);
+        let err = resolve("admin_addr = \"localhost\"", &[]).unwrap_err();
+        assert!(err.to_string().contains("bad value"), "{err}");
+    }
+
+    #[test]
+    fn listeners_and_regions_from_file() {
+        let c = resolve(
+            r#"
+            default_region = "eu"
+            [regions]
+            af = ["ZA", "NG"]
+            [[listener]]
+            addr = "127.0.0.1:9000"
+            app = "web"
+            [[listener]]
+            addr = "127.0.0.1:9001"
+            proxy_protocol = true
+            trusted_proxies = ["10.0.0.0/8"]
+            "#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners[0].app.as_deref(), Some("web"));
+        assert!(c.listeners[1].trusts("10.1.2.3".parse().unwrap()));
+        assert!(!c.listeners[1].trusts("127.0.0.1".parse().unwrap()));
+        assert_eq!(c.regions.region_of("ZA".parse().unwrap()).as_str(), "af");
+        assert_eq!(c.regions.region_of("KE".parse().unwrap()).as_str(), "eu");
+    }
+
+    #[test]
+    fn the_readme_table_is_the_declarations() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let table = markdown_table();
+        assert!(
+            readme.contains(&table),
+            "README.md's configuration table differs from config/settings.rs; replace it with:\n\n{table}"
+        );
+    }
+}

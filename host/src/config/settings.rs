@@ -1,0 +1,62 @@
+//! Every scalar setting, declared once: file key (the field name), `EDGEPROXY_*` variable
+//! (edgeProxy's names), flag (`--` and the key in kebab case unless given), default, check
+//! and one line of help (the doc comment). The [`settings!`](super::layer) macro turns this
+//! list into [`Settings`], the flags, the environment reader, `config show` and the
+//! README's configuration table, so a new setting is one entry here plus the code that
+//! uses it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use super::layer::{LogFormat, at_most, not_blank, positive};
+
+crate::settings! {
+    /// the listener when no `[[listener]]` is given; serves every app
+    listen_addr: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8080)), env "EDGEPROXY_LISTEN_ADDR";
+    /// routing table (created with the schema if missing)
+    db_path: PathBuf = PathBuf::from("routing.db"), env "EDGEPROXY_DB_PATH";
+    /// this POP's region
+    region: String = "sa".to_owned(), env "EDGEPROXY_REGION", check not_blank;
+    /// reload period; file changes also reload at once
+    db_reload_secs: u64 = 5, env "EDGEPROXY_DB_RELOAD_SECS", check positive;
+    /// MaxMind-format database (GeoIP2/GeoLite2 Country or City, or ip-location-db
+    /// country); unset: the embedded one
+    geoip_path: Option<PathBuf> = None, env "EDGEPROXY_GEOIP_PATH";
+    /// binding lifetime after last use; `0` turns bindings off
+    binding_ttl_secs: u64 = 600, env "EDGEPROXY_BINDING_TTL_SECS";
+    /// how often expired bindings are swept
+    binding_gc_interval_secs: u64 = 60, env "EDGEPROXY_BINDING_GC_INTERVAL_SECS", check positive;
+    /// per backend connect attempt
+    connect_timeout_ms: u64 = 3000, env "EDGEPROXY_CONNECT_TIMEOUT_MS", check positive;
+    /// backends tried per connection
+    connect_attempts: u32 = 3, env "EDGEPROXY_CONNECT_ATTEMPTS", check positive;
+    /// close a connection when neither side sent anything for this long; `0`: never
+    idle_timeout_secs: u64 = 0, env "EDGEPROXY_IDLE_TIMEOUT_SECS";
+    /// on SIGTERM/SIGINT, how long open connections may finish
+    drain_timeout_secs: u64 = 30, env "EDGEPROXY_DRAIN_TIMEOUT_SECS";
+    /// `human` or `json` (to stderr)
+    log_format: LogFormat = LogFormat::Human, env "EDGEPROXY_LOG_FORMAT";
+    /// verbose logs (`RUST_LOG` overrides the filter); edgeProxy's `DEBUG` is on when set
+    /// to anything but `0` or `false`
+    debug: bool = false, env "DEBUG";
+    /// region of countries no region lists
+    default_region: String = "us".to_owned(), env "EDGEPROXY_DEFAULT_REGION", check not_blank;
+    /// policy component (`.wasm`), watched and swapped in live; unset: the embedded geo-load
+    policy_path: Option<PathBuf> = None, env "EDGEPROXY_POLICY_PATH", flag "policy";
+    /// decide with the host's native scorer (no WebAssembly)
+    native_policy: bool = false, env "EDGEPROXY_NATIVE_POLICY";
+    /// budget of one policy call (10^6 wasm instructions per ms)
+    policy_timeout_ms: u64 = 1, env "EDGEPROXY_POLICY_TIMEOUT_MS", check positive;
+    /// memory of one policy instance, at most 4096
+    policy_memory_mib: u64 = 16, env "EDGEPROXY_POLICY_MEMORY_MIB", check |v| positive(v).and(at_most(v, 4096));
+    /// runtime threads, each accepting on its own `SO_REUSEPORT` socket; `0`: one per core;
+    /// `1` runs a single-threaded runtime
+    worker_threads: usize = 0, env "EDGEPROXY_WORKER_THREADS", check |v| at_most(v, 1024);
+    /// admin JSON API and Prometheus `/metrics`; empty turns it off
+    admin_addr: Option<SocketAddr> = Some(SocketAddr::from(([127, 0, 0, 1], 9090))), env "EDGEPROXY_ADMIN_ADDR";
+    /// when set, every admin request needs `Authorization: Bearer <token>` (prefer the
+    /// variable: flags show in `ps`)
+    admin_token: Option<String> = None, env "EDGEPROXY_ADMIN_TOKEN", secret true;
+    /// serve a non-loopback `admin_addr` without a token (otherwise refused at start-up)
+    admin_allow_remote: bool = false, env "EDGEPROXY_ADMIN_ALLOW_REMOTE";
+}
