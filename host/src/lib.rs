@@ -11,6 +11,7 @@ pub mod application;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod log_throttle;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,12 +28,12 @@ use adapters::outbound::metrics::LiveMetrics;
 use adapters::outbound::sqlite_routing::SqliteBackendRepository;
 use adapters::outbound::wasm_policy::runtime::{Limits, Runtime};
 use adapters::outbound::wasm_policy::{self as wasm, LoadedPolicy, WasmPolicy};
-use application::admin::{Admin, PolicyControl};
+use application::admin::Admin;
 use application::proxy_service::{ProxyService, ProxySettings};
 use application::routing::Routing;
 use application::telemetry::{ListenerStats, Telemetry};
 use config::{Config, ListenerConfig, PolicySource};
-use domain::ports::{BindingRepository, GeoResolver, ScoringPolicy};
+use domain::ports::{BindingRepository, GeoResolver, PolicyControl, ScoringPolicy};
 use domain::services::NativeScorer;
 
 /// Pipes for splice(2) that may exist at once (two descriptors each). Idle connections
@@ -133,7 +134,7 @@ impl Host {
                 connect_attempts: s.connect_attempts,
                 idle_timeout: config.idle_timeout(),
             },
-            buffers: application::relay::BufferPool::new(64, MAX_PIPES),
+            buffers: adapters::net::BufferPool::new(64, MAX_PIPES),
             telemetry: Arc::clone(&telemetry),
         });
         Ok(Self {

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use edgeproxy::adapters::inbound::cli_output::emit;
 use edgeproxy::adapters::inbound::{
-    config_cli, policy_build, policy_tools, routing_cli, tcp_server,
+    config_cli, policy_build, policy_check, policy_simulate, routing_cli, tcp_server,
 };
 use edgeproxy::config::{Config, Flags, Layer, LogFormat, PolicySource, Scope};
 use edgeproxy::domain::Region;
@@ -234,8 +234,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Policy(PolicyCommand::Check { file, app, json })) => {
-            let report = policy_tools::check(&file, policy_limits(&tools()?), &app)?;
-            emit(json, &report, || policy_tools::render_check(&report))?;
+            let report = policy_check::check(&file, policy_limits(&tools()?), &app)?;
+            emit(json, &report, || policy_check::render_check(&report))?;
             match report.rejected {
                 None => Ok(()),
                 Some(_) => Err(anyhow::anyhow!("{} would be rejected", file.display())),
@@ -251,7 +251,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             json,
         })) => {
             let config = tools()?;
-            let simulation = policy_tools::simulate(policy_tools::SimulateInput {
+            let simulation = policy_simulate::simulate(policy_simulate::SimulateInput {
                 policy: policy.or_else(|| match &config.policy.source {
                     PolicySource::File(p) => Some(p.clone()),
                     _ => None,
@@ -268,7 +268,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 load,
             })?;
             emit(json, &simulation, || {
-                policy_tools::render_simulation(&simulation)
+                policy_simulate::render_simulation(&simulation)
             })
         }
     }

@@ -2,4 +2,5 @@
 //! outbound: SQLite, DashMap, MaxMind, in-memory metrics).
 
 pub mod inbound;
+pub mod net;
 pub mod outbound;

@@ -5,90 +5,17 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::domain::ports::{BindingRepository, GeoLookups, GeoResolver};
-use crate::domain::services::NativeScorer;
+use crate::domain::ports::{
+    BindingRepository, ErrorAt, GeoLookups, GeoResolver, PolicyControl, PolicyStatus, timestamp,
+};
 use crate::domain::{Region, RoutedBackend};
 
 use super::routing::{Reloaded, Routing};
 use super::telemetry::{Decision, Telemetry};
-
-/// The policy side of the admin API: what is deciding, and a way to re-read it.
-pub trait PolicyControl: Send + Sync {
-    fn status(&self) -> PolicyStatus;
-    /// Re-reads the policy from its source now (blocking). Ok(true) when a different
-    /// policy was swapped in, Ok(false) when nothing changed or there is nothing to read.
-    fn reload(&self) -> Result<bool, String>;
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct PolicyStatus {
-    /// "wasm" or "native".
-    pub kind: &'static str,
-    pub name: String,
-    pub hash: Option<String>,
-    pub path: Option<String>,
-    pub loaded_at: Option<String>,
-    pub reloads: u64,
-    pub reload_failures: u64,
-    pub last_error: Option<ErrorAt>,
-    pub faults: PolicyFaults,
-    /// Decisions the serving policy made since it was loaded.
-    pub decisions: u64,
-}
-
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct PolicyFaults {
-    pub traps: u64,
-    pub timeouts: u64,
-    pub bad_answers: u64,
-    pub instantiate_failures: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ErrorAt {
-    pub at: String,
-    pub message: String,
-}
-
-impl ErrorAt {
-    pub fn new(at: SystemTime, message: String) -> Self {
-        Self {
-            at: timestamp(at),
-            message,
-        }
-    }
-}
-
-/// RFC 3339, UTC, whole seconds.
-pub fn timestamp(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-impl PolicyControl for NativeScorer {
-    fn status(&self) -> PolicyStatus {
-        PolicyStatus {
-            kind: "native",
-            name: "native".into(),
-            hash: None,
-            path: None,
-            loaded_at: None,
-            reloads: 0,
-            reload_failures: 0,
-            last_error: None,
-            faults: PolicyFaults::default(),
-            decisions: 0,
-        }
-    }
-
-    fn reload(&self) -> Result<bool, String> {
-        Ok(false)
-    }
-}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {

@@ -5,6 +5,5 @@
 pub mod admin;
 pub mod bindings_gc;
 pub mod proxy_service;
-pub mod relay;
 pub mod routing;
 pub mod telemetry;

@@ -19,9 +19,9 @@ use crate::domain::ports::{
 use crate::domain::services::{NativeScorer, RegionMap};
 use crate::domain::{Client, Region, RoutedBackend};
 
-use super::relay::{self, BufferPool};
 use super::routing::Routing;
 use super::telemetry::{Decision, Telemetry};
+use crate::adapters::net::{BufferPool, relay};
 
 #[derive(Debug, Clone)]
 pub struct ProxySettings {

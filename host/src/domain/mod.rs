@@ -7,6 +7,7 @@
 pub mod model;
 pub mod ports;
 pub mod routing_table;
+pub mod sample;
 pub mod services;
 
 pub use model::{Backend, BackendId, BackendStats, Client, CountryCode, Region};

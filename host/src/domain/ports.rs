@@ -5,6 +5,9 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Serialize;
 
 use tokio::time::Instant;
 
@@ -114,4 +117,56 @@ pub trait ScoringPolicy: Send + Sync {
     /// Index into `candidates` of the chosen backend, or None to refuse the connection.
     /// Must never choose an ineligible candidate (unhealthy or at its hard limit).
     fn pick(&self, request: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize>;
+}
+
+/// The policy side of the admin API: what is deciding, and a way to re-read it.
+pub trait PolicyControl: Send + Sync {
+    fn status(&self) -> PolicyStatus;
+    /// Re-reads the policy from its source now (blocking). Ok(true) when a different
+    /// policy was swapped in, Ok(false) when nothing changed or there is nothing to read.
+    fn reload(&self) -> Result<bool, String>;
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyStatus {
+    /// "wasm" or "native".
+    pub kind: &'static str,
+    pub name: String,
+    pub hash: Option<String>,
+    pub path: Option<String>,
+    pub loaded_at: Option<String>,
+    pub reloads: u64,
+    pub reload_failures: u64,
+    pub last_error: Option<ErrorAt>,
+    pub faults: PolicyFaults,
+    /// Decisions the serving policy made since it was loaded.
+    pub decisions: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PolicyFaults {
+    pub traps: u64,
+    pub timeouts: u64,
+    pub bad_answers: u64,
+    pub instantiate_failures: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorAt {
+    pub at: String,
+    pub message: String,
+}
+
+impl ErrorAt {
+    pub fn new(at: SystemTime, message: String) -> Self {
+        Self {
+            at: timestamp(at),
+            message,
+        }
+    }
+}
+
+/// RFC 3339, UTC, whole seconds.
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
 }

@@ -7,7 +7,7 @@
 //! routing table is sorted by id), so the same inputs always give the same pick.
 
 use crate::domain::model::{Backend, Client, Region};
-use crate::domain::ports::{PickRequest, ScoringPolicy};
+use crate::domain::ports::{PickRequest, PolicyControl, PolicyFaults, PolicyStatus, ScoringPolicy};
 use crate::domain::routing_table::RoutedBackend;
 
 pub fn geo_score(backend: &Backend, client: &Client, pop_region: &Region) -> u32 {
@@ -58,6 +58,27 @@ impl ScoringPolicy for NativeScorer {
     }
 }
 
+impl PolicyControl for NativeScorer {
+    fn status(&self) -> PolicyStatus {
+        PolicyStatus {
+            kind: "native",
+            name: "native".into(),
+            hash: None,
+            path: None,
+            loaded_at: None,
+            reloads: 0,
+            reload_failures: 0,
+            last_error: None,
+            faults: PolicyFaults::default(),
+            decisions: 0,
+        }
+    }
+
+    fn reload(&self) -> Result<bool, String> {
+        Ok(false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -65,20 +86,10 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::domain::model::{BackendId, BackendStats, CountryCode};
+    use crate::domain::model::{BackendStats, CountryCode};
 
     fn backend(id: &str, region: &str, country: &str) -> Backend {
-        Backend {
-            id: BackendId::new(id),
-            app: Arc::from("app"),
-            region: Region::new(region),
-            country: country.parse().unwrap(),
-            addr: "10.50.0.1:8080".parse().unwrap(),
-            healthy: true,
-            weight: 1,
-            soft_limit: 10,
-            hard_limit: 0,
-        }
+        crate::domain::sample::backend("app", id, region, country, 8080)
     }
 
     fn routed(b: Backend, active: u32) -> RoutedBackend {

@@ -1,17 +1,19 @@
 //! The scoring port implemented by a WebAssembly component (`wit/policy.wit`).
 //!
-//! Each loaded policy keeps a small pool of instances, one per thread deciding at the
-//! same moment, so a `Store` is never shared and a policy may keep state between calls.
-//! The routing table crosses into an instance once per table version; a decision passes
-//! only integers. A trap, a timeout, or an answer that is out of range or names an
+//! Children: `loaded` (one compiled, self-tested policy and its instance pool), `wit_table`
+//! (the table and client in the contract's form), `runtime` (engine and sandbox limits),
+//! `reload` (the file watcher), `bindings` (generated). The routing table crosses into an
+//! instance once per table version; a decision passes only integers. A trap, a timeout, or an answer that is out of range or names an
 //! ineligible backend is a fault: the instance is dropped (the next call gets a fresh
 //! one), the fault is counted and logged, and the native scorer decides that connection.
 //! Swapping in a new policy is one atomic pointer store; calls in flight finish on the
 //! old one.
 
 mod bindings;
+mod loaded;
 pub mod reload;
 pub mod runtime;
+mod wit_table;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,54 +21,22 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use wasmtime::Store;
 
-use self::bindings::edgeproxy::policy::types as wit;
-use self::bindings::{Policy, PolicyPre};
-use self::runtime::{Component, GuestState, LoadError, Runtime};
-use crate::application::admin::{ErrorAt, PolicyControl, PolicyFaults, PolicyStatus, timestamp};
-use crate::application::telemetry::LogThrottle;
+pub use self::loaded::LoadedPolicy;
+use self::runtime::Runtime;
+use self::wit_table::WitTable;
+use crate::domain::ports::{ErrorAt, PolicyControl, PolicyFaults, PolicyStatus, timestamp};
 use crate::domain::ports::{PickRequest, ScoringPolicy};
 use crate::domain::services::NativeScorer;
-use crate::domain::{CountryCode, Region, RoutedBackend, RoutingTable};
+use crate::domain::{Region, RoutedBackend, RoutingTable};
+use crate::log_throttle::LogThrottle;
 
 /// `set-table` copies the whole table in; it gets this many call budgets.
-const SET_TABLE_BUDGETS: u64 = 20;
+pub(crate) const SET_TABLE_BUDGETS: u64 = 20;
 
 /// The default policy (`policies/geo-load`), built by `edgeproxy policy build`.
 pub static DEFAULT_POLICY: &[u8] = include_bytes!("../../../../../policies/geo-load/geo-load.wasm");
 pub const DEFAULT_POLICY_NAME: &str = "geo-load (embedded)";
-
-/// A compiled, self-tested policy and its instances.
-pub struct LoadedPolicy {
-    pub name: Arc<str>,
-    /// Content fingerprint (hex), to tell versions apart in logs and status.
-    pub hash: String,
-    pub loaded_at: SystemTime,
-    /// (length, mtime) of the file it was read from, so the watcher knows what it has.
-    source: Option<(u64, SystemTime)>,
-    /// Decisions this policy made (faults excluded).
-    pub decisions: AtomicU64,
-    pre: PolicyPre<GuestState>,
-    idle: Mutex<Vec<Instance>>,
-}
-
-struct Instance {
-    store: Store<GuestState>,
-    policy: Policy,
-    /// Version of the routing table this instance was last given.
-    table_version: Option<u64>,
-    /// Reused per call so a decision allocates nothing once warm: (backend index,
-    /// active, rtt) per candidate, flattened as the contract passes them.
-    candidates: Vec<u32>,
-}
-
-/// The routing table in its WIT form, built once per version and shared by all instances.
-struct WitTable {
-    version: u64,
-    table: wit::RoutingTable,
-    regions: Vec<Region>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultKind {
@@ -141,78 +111,6 @@ pub struct WasmPolicy {
 struct Fault {
     kind: FaultKind,
     cause: String,
-}
-
-impl LoadedPolicy {
-    /// Compiles `bytes`, instantiates them and runs a self-test decision. Blocking.
-    pub fn load(runtime: &Runtime, name: &str, bytes: &[u8]) -> Result<Self, LoadError> {
-        Self::from_compiled(runtime, name, bytes, &runtime.compile(bytes)?)
-    }
-
-    /// As [`Self::load`], for a component already compiled from `bytes`.
-    pub fn from_compiled(
-        runtime: &Runtime,
-        name: &str,
-        bytes: &[u8],
-        component: &Component,
-    ) -> Result<Self, LoadError> {
-        let pre = runtime.link(component)?;
-        let loaded = Self {
-            name: Arc::from(name),
-            hash: fingerprint(bytes),
-            loaded_at: SystemTime::now(),
-            source: None,
-            decisions: AtomicU64::new(0),
-            pre,
-            idle: Mutex::new(Vec::new()),
-        };
-        loaded.self_test(runtime)?;
-        Ok(loaded)
-    }
-
-    /// One decision on a synthetic table: the policy must answer in range, in time.
-    fn self_test(&self, runtime: &Runtime) -> Result<(), LoadError> {
-        let fail = |e: wasmtime::Error| LoadError::SelfTest(describe(&e).1);
-        let (mut store, policy) = runtime.instantiate(&self.pre, &self.name).map_err(fail)?;
-        let backend = |id: &str, region: u32, country: &str| wit::Backend {
-            id: id.into(),
-            app: 0,
-            region,
-            country: country_code(country.parse().expect("valid test country")),
-            weight: 1,
-            soft_limit: 100,
-            hard_limit: 0,
-            healthy: true,
-        };
-        let table = wit::RoutingTable {
-            version: 1,
-            pop_region: 0,
-            regions: vec!["sa".into(), "eu".into(), "us".into(), "ap".into()],
-            apps: vec!["selftest".into()],
-            backends: vec![
-                backend("a-sa", 0, "BR"),
-                backend("b-eu", 1, "DE"),
-                backend("c-us", 2, "US"),
-                backend("d-ap", 3, "JP"),
-            ],
-        };
-        runtime.arm(&mut store, SET_TABLE_BUDGETS);
-        policy.call_set_table(&mut store, &table).map_err(fail)?;
-        let client = wit::Client {
-            ip: wit::IpAddress::Ipv4(u32::from_be_bytes([200, 147, 3, 157])),
-            country: Some(country_code("BR".parse().expect("valid test country"))),
-            region: Some(0),
-            via_proxy_protocol: false,
-        };
-        let candidates: Vec<u32> = (0..4).flat_map(|i| [i, i, 0]).collect();
-        runtime.arm(&mut store, 1);
-        match policy.call_pick_backend(&mut store, Some(0), client, &candidates) {
-            Ok(None) => Ok(()),
-            Ok(Some(i)) if i < 4 => Ok(()),
-            Ok(Some(i)) => Err(LoadError::SelfTest(format!("answered {i} of 4 candidates"))),
-            Err(e) => Err(fail(e)),
-        }
-    }
 }
 
 impl WasmPolicy {
@@ -314,7 +212,7 @@ impl WasmPolicy {
         {
             return t;
         }
-        let built = Arc::new(build_wit_table(table, pop_region, &self.client_regions));
+        let built = Arc::new(wit_table::build(table, pop_region, &self.client_regions));
         self.table.store(Some(Arc::clone(&built)));
         built
     }
@@ -326,25 +224,10 @@ impl WasmPolicy {
         candidates: &[RoutedBackend],
     ) -> Result<Option<usize>, Fault> {
         let table = self.wit_table(req.table, req.pop_region);
-        let idle = loaded.idle.lock().expect("policy pool lock").pop();
-        let mut inst = match idle {
-            Some(i) => i,
-            None => {
-                let (store, policy) = self
-                    .runtime
-                    .instantiate(&loaded.pre, &loaded.name)
-                    .map_err(|e| Fault {
-                        kind: FaultKind::Instantiate,
-                        cause: describe(&e).1,
-                    })?;
-                Instance {
-                    store,
-                    policy,
-                    table_version: None,
-                    candidates: Vec::new(),
-                }
-            }
-        };
+        let mut inst = loaded.instance(&self.runtime).map_err(|e| Fault {
+            kind: FaultKind::Instantiate,
+            cause: describe(&e).1,
+        })?;
         let fault = |e: wasmtime::Error| {
             let (kind, cause) = describe(&e);
             Fault { kind, cause }
@@ -362,26 +245,8 @@ impl WasmPolicy {
             inst.candidates
                 .extend_from_slice(&[c.index, c.stats.active(), rtt]);
         }
-        let client = wit::Client {
-            ip: match req.client.ip {
-                std::net::IpAddr::V4(v4) => wit::IpAddress::Ipv4(v4.to_bits()),
-                std::net::IpAddr::V6(v6) => {
-                    let bits = v6.to_bits();
-                    wit::IpAddress::Ipv6(((bits >> 64) as u64, bits as u64))
-                }
-            },
-            country: req.client.country.map(country_code),
-            region: req
-                .client
-                .region
-                .as_ref()
-                .and_then(|r| index_of(&table.regions, r)),
-            via_proxy_protocol: req.client.via_proxy_protocol,
-        };
-        let app = req
-            .app
-            .and_then(|a| table.table.apps.iter().position(|x| x == a))
-            .map(|i| i as u32);
+        let client = table.client(req.client);
+        let app = table.app(req.app);
         self.runtime.arm(&mut inst.store, 1);
         let answer = inst
             .policy
@@ -408,7 +273,7 @@ impl WasmPolicy {
         };
         // A sound answer: the instance goes back to the pool (after a fault it is dropped,
         // so the next decision gets a fresh one).
-        loaded.idle.lock().expect("policy pool lock").push(inst);
+        loaded.put_back(inst);
         Ok(decision)
     }
 }
@@ -467,70 +332,6 @@ impl ScoringPolicy for WasmPolicy {
     }
 }
 
-fn build_wit_table(
-    table: &RoutingTable,
-    pop_region: &Region,
-    client_regions: &[Region],
-) -> WitTable {
-    let mut regions: Vec<Region> = Vec::new();
-    let intern = |r: &Region, regions: &mut Vec<Region>| match index_of(regions, r) {
-        Some(i) => i,
-        None => {
-            regions.push(r.clone());
-            (regions.len() - 1) as u32
-        }
-    };
-    let pop = intern(pop_region, &mut regions);
-    for r in client_regions {
-        intern(r, &mut regions);
-    }
-    let mut apps: Vec<String> = Vec::new();
-    let backends = table
-        .backends()
-        .iter()
-        .map(|rb| {
-            let b = &rb.backend;
-            let app = match apps.iter().position(|a| **a == *b.app) {
-                Some(i) => i,
-                None => {
-                    apps.push(b.app.to_string());
-                    apps.len() - 1
-                }
-            };
-            wit::Backend {
-                id: b.id.to_string(),
-                app: app as u32,
-                region: intern(&b.region, &mut regions),
-                country: country_code(b.country),
-                weight: b.weight,
-                soft_limit: b.soft_limit,
-                hard_limit: b.hard_limit,
-                healthy: b.healthy,
-            }
-        })
-        .collect();
-    WitTable {
-        version: table.version(),
-        table: wit::RoutingTable {
-            version: table.version(),
-            pop_region: pop,
-            regions: regions.iter().map(|r| r.as_str().to_owned()).collect(),
-            apps,
-            backends,
-        },
-        regions,
-    }
-}
-
-fn index_of(regions: &[Region], r: &Region) -> Option<u32> {
-    regions.iter().position(|x| x == r).map(|i| i as u32)
-}
-
-/// "BR" -> 0x4252, as the WIT contract packs countries.
-fn country_code(c: CountryCode) -> u16 {
-    u16::from_be_bytes(c.bytes())
-}
-
 /// Fault kind and a one-line cause for a failed guest call.
 fn describe(e: &wasmtime::Error) -> (FaultKind, String) {
     match e.downcast_ref::<wasmtime::Trap>() {
@@ -538,11 +339,4 @@ fn describe(e: &wasmtime::Error) -> (FaultKind, String) {
         Some(trap) => (FaultKind::Trap, format!("trapped: {trap}")),
         None => (FaultKind::Trap, format!("{:#}", e)),
     }
-}
-
-fn fingerprint(bytes: &[u8]) -> String {
-    use std::hash::{DefaultHasher, Hasher};
-    let mut h = DefaultHasher::new();
-    h.write(bytes);
-    format!("{:016x}", h.finish())
 }

@@ -1,0 +1,128 @@
+//! One compiled, linked and self-tested policy, and its pool of idle instances: one per
+//! thread deciding at the same moment, so a `Store` is never shared and a policy may keep
+//! state between calls.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use wasmtime::Store;
+
+use super::SET_TABLE_BUDGETS;
+use super::bindings::{Policy, PolicyPre};
+use super::runtime::{Component, GuestState, LoadError, Runtime};
+use super::wit_table;
+use crate::domain::{BackendStats, Region, RoutingTable, sample};
+
+/// A compiled, self-tested policy and its instances.
+pub struct LoadedPolicy {
+    pub name: Arc<str>,
+    /// Content fingerprint (hex), to tell versions apart in logs and status.
+    pub hash: String,
+    pub loaded_at: SystemTime,
+    /// (length, mtime) of the file it was read from, so the watcher knows what it has.
+    pub(super) source: Option<(u64, SystemTime)>,
+    /// Decisions this policy made (faults excluded).
+    pub decisions: AtomicU64,
+    pre: PolicyPre<GuestState>,
+    idle: Mutex<Vec<Instance>>,
+}
+
+pub(super) struct Instance {
+    pub store: Store<GuestState>,
+    pub policy: Policy,
+    /// Version of the routing table this instance was last given.
+    pub table_version: Option<u64>,
+    /// Reused per call so a decision allocates nothing once warm: (backend index,
+    /// active, rtt) per candidate, flattened as the contract passes them.
+    pub candidates: Vec<u32>,
+}
+
+impl LoadedPolicy {
+    /// Compiles `bytes`, instantiates them and runs a self-test decision. Blocking.
+    pub fn load(runtime: &Runtime, name: &str, bytes: &[u8]) -> Result<Self, LoadError> {
+        Self::from_compiled(runtime, name, bytes, &runtime.compile(bytes)?)
+    }
+
+    /// As [`Self::load`], for a component already compiled from `bytes`.
+    pub fn from_compiled(
+        runtime: &Runtime,
+        name: &str,
+        bytes: &[u8],
+        component: &Component,
+    ) -> Result<Self, LoadError> {
+        let pre = runtime.link(component)?;
+        let loaded = Self {
+            name: Arc::from(name),
+            hash: fingerprint(bytes),
+            loaded_at: SystemTime::now(),
+            source: None,
+            decisions: AtomicU64::new(0),
+            pre,
+            idle: Mutex::new(Vec::new()),
+        };
+        loaded.self_test(runtime)?;
+        Ok(loaded)
+    }
+
+    /// One decision on the sample table: the policy must answer in range, in time.
+    fn self_test(&self, runtime: &Runtime) -> Result<(), LoadError> {
+        let fail = |e: wasmtime::Error| LoadError::SelfTest(super::describe(&e).1);
+        let (mut store, policy) = runtime.instantiate(&self.pre, &self.name).map_err(fail)?;
+        let table = RoutingTable::new(1, sample::backends("selftest"), |_| {
+            Arc::new(BackendStats::default())
+        });
+        let wit = wit_table::build(&table, &Region::new("sa"), &[]);
+        runtime.arm(&mut store, SET_TABLE_BUDGETS);
+        policy
+            .call_set_table(&mut store, &wit.table)
+            .map_err(fail)?;
+        let n = table.backends().len() as u32;
+        let candidates: Vec<u32> = (0..n).flat_map(|i| [i, i, 0]).collect();
+        let client = wit.client(&sample::client_in_brazil());
+        runtime.arm(&mut store, 1);
+        match policy.call_pick_backend(&mut store, wit.app(Some("selftest")), client, &candidates) {
+            Ok(None) => Ok(()),
+            Ok(Some(i)) if i < n => Ok(()),
+            Ok(Some(i)) => Err(LoadError::SelfTest(format!(
+                "answered {i} of {n} candidates"
+            ))),
+            Err(e) => Err(fail(e)),
+        }
+    }
+
+    /// An idle instance, or a new one.
+    pub(super) fn instance(&self, runtime: &Runtime) -> wasmtime::Result<Instance> {
+        // Poisoning cannot leave the Vec half-changed (push and pop only).
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        if let Some(i) = idle {
+            return Ok(i);
+        }
+        let (store, policy) = runtime.instantiate(&self.pre, &self.name)?;
+        Ok(Instance {
+            store,
+            policy,
+            table_version: None,
+            candidates: Vec::new(),
+        })
+    }
+
+    /// Back to the pool after a sound answer (after a fault an instance is dropped).
+    pub(super) fn put_back(&self, instance: Instance) {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(instance);
+    }
+}
+
+fn fingerprint(bytes: &[u8]) -> String {
+    use std::hash::{DefaultHasher, Hasher};
+    let mut h = DefaultHasher::new();
+    h.write(bytes);
+    format!("{:016x}", h.finish())
+}

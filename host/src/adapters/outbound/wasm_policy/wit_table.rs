@@ -1,0 +1,103 @@
+//! The routing table and the client in their WIT form (`wit/policy.wit`): regions and
+//! apps interned as indices, countries packed as two bytes. A table is converted once per
+//! version and shared by every instance.
+
+use std::net::IpAddr;
+
+use super::bindings::edgeproxy::policy::types as wit;
+use crate::domain::{Client, CountryCode, Region, RoutingTable};
+
+/// The routing table in its WIT form, built once per version and shared by all instances.
+pub struct WitTable {
+    pub version: u64,
+    pub table: wit::RoutingTable,
+    pub regions: Vec<Region>,
+}
+
+/// `pop_region` first, then the client regions, then any other region a backend names.
+pub fn build(table: &RoutingTable, pop_region: &Region, client_regions: &[Region]) -> WitTable {
+    let mut regions: Vec<Region> = Vec::new();
+    let intern = |r: &Region, regions: &mut Vec<Region>| match index_of(regions, r) {
+        Some(i) => i,
+        None => {
+            regions.push(r.clone());
+            (regions.len() - 1) as u32
+        }
+    };
+    let pop = intern(pop_region, &mut regions);
+    for r in client_regions {
+        intern(r, &mut regions);
+    }
+    let mut apps: Vec<String> = Vec::new();
+    let backends = table
+        .backends()
+        .iter()
+        .map(|rb| {
+            let b = &rb.backend;
+            let app = match apps.iter().position(|a| **a == *b.app) {
+                Some(i) => i,
+                None => {
+                    apps.push(b.app.to_string());
+                    apps.len() - 1
+                }
+            };
+            wit::Backend {
+                id: b.id.to_string(),
+                app: app as u32,
+                region: intern(&b.region, &mut regions),
+                country: country_code(b.country),
+                weight: b.weight,
+                soft_limit: b.soft_limit,
+                hard_limit: b.hard_limit,
+                healthy: b.healthy,
+            }
+        })
+        .collect();
+    WitTable {
+        version: table.version(),
+        table: wit::RoutingTable {
+            version: table.version(),
+            pop_region: pop,
+            regions: regions.iter().map(|r| r.as_str().to_owned()).collect(),
+            apps,
+            backends,
+        },
+        regions,
+    }
+}
+
+fn index_of(regions: &[Region], r: &Region) -> Option<u32> {
+    regions.iter().position(|x| x == r).map(|i| i as u32)
+}
+
+/// "BR" -> 0x4252, as the WIT contract packs countries.
+pub fn country_code(c: CountryCode) -> u16 {
+    u16::from_be_bytes(c.bytes())
+}
+
+impl WitTable {
+    /// The client as the contract passes it.
+    pub fn client(&self, client: &Client) -> wit::Client {
+        wit::Client {
+            ip: match client.ip {
+                IpAddr::V4(v4) => wit::IpAddress::Ipv4(v4.to_bits()),
+                IpAddr::V6(v6) => {
+                    let bits = v6.to_bits();
+                    wit::IpAddress::Ipv6(((bits >> 64) as u64, bits as u64))
+                }
+            },
+            country: client.country.map(country_code),
+            region: client
+                .region
+                .as_ref()
+                .and_then(|r| index_of(&self.regions, r)),
+            via_proxy_protocol: client.via_proxy_protocol,
+        }
+    }
+
+    /// The index of `app` in the table's app list.
+    pub fn app(&self, app: Option<&str>) -> Option<u32> {
+        app.and_then(|a| self.table.apps.iter().position(|x| x == a))
+            .map(|i| i as u32)
+    }
+}
