@@ -24,7 +24,6 @@ use tokio_util::task::TaskTracker;
 
 use adapters::outbound::binding_table::BindingTable;
 use adapters::outbound::maxmind_geo::MaxMindGeo;
-use adapters::outbound::metrics::LiveMetrics;
 use adapters::outbound::sqlite_routing::SqliteBackendRepository;
 use adapters::outbound::wasm_policy::runtime::{Limits, Runtime};
 use adapters::outbound::wasm_policy::{self as wasm, LoadedPolicy, WasmPolicy};
@@ -45,7 +44,7 @@ pub struct Host {
     pub service: Arc<ProxyService>,
     pub routing: Arc<Routing>,
     pub bindings: Option<Arc<BindingTable>>,
-    pub metrics: Arc<LiveMetrics>,
+    pub metrics: Arc<domain::live_stats::LiveStats>,
     /// The WebAssembly policy, unless the native scorer was configured.
     pub wasm_policy: Option<Arc<WasmPolicy>>,
     pub telemetry: Arc<Telemetry>,
@@ -104,7 +103,7 @@ impl Host {
         if repo.create_if_missing()? {
             tracing::info!(path = %s.db_path.display(), "created empty routing database");
         }
-        let metrics = Arc::new(LiveMetrics::default());
+        let metrics = Arc::new(domain::live_stats::LiveStats::default());
         let routing = Arc::new(Routing::new(Arc::new(repo), metrics.clone()));
         routing
             .reload()

@@ -9,7 +9,7 @@ use std::time::Duration;
 /// times. The counters keep the full count either way.
 #[derive(Debug)]
 pub struct LogThrottle {
-    start: std::time::Instant,
+    start: tokio::time::Instant,
     period_ms: u64,
     /// Milliseconds since `start` before which nothing more is logged.
     next_ms: AtomicU64,
@@ -19,7 +19,7 @@ pub struct LogThrottle {
 impl LogThrottle {
     pub fn new(period: Duration) -> Self {
         Self {
-            start: std::time::Instant::now(),
+            start: tokio::time::Instant::now(),
             period_ms: u64::try_from(period.as_millis()).unwrap_or(u64::MAX),
             next_ms: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),

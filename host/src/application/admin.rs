@@ -10,7 +10,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::domain::ports::{
-    BindingRepository, ErrorAt, GeoLookups, GeoResolver, PolicyControl, PolicyStatus, timestamp,
+    BindingRepository, ErrorAt, GeoLookups, GeoResolver, PolicyControl, PolicyStatus, SkippedRow,
+    timestamp,
 };
 use crate::domain::{Region, RoutedBackend};
 
@@ -44,15 +45,9 @@ pub struct RoutingStatus {
     pub version: u64,
     pub backends: usize,
     pub loaded_at: Option<String>,
-    pub skipped_rows: Vec<SkippedRowStatus>,
+    pub skipped_rows: Vec<SkippedRow>,
     pub reloads: ReloadCounts,
     pub last_error: Option<ErrorAt>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SkippedRowStatus {
-    pub id: String,
-    pub reason: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -65,24 +60,7 @@ pub struct ReloadCounts {
 #[derive(Debug, Clone, Serialize)]
 pub struct GeoStatus {
     pub database: String,
-    pub lookups: GeoLookupCounts,
-}
-
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct GeoLookupCounts {
-    pub found: u64,
-    pub not_found: u64,
-    pub failed: u64,
-}
-
-impl From<GeoLookups> for GeoLookupCounts {
-    fn from(l: GeoLookups) -> Self {
-        Self {
-            found: l.found,
-            not_found: l.not_found,
-            failed: l.failed,
-        }
-    }
+    pub lookups: GeoLookups,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -225,15 +203,7 @@ impl Admin {
                 version: table.version(),
                 backends: table.backends().len(),
                 loaded_at: history.loaded_at.map(timestamp),
-                skipped_rows: self
-                    .routing
-                    .skipped()
-                    .into_iter()
-                    .map(|r| SkippedRowStatus {
-                        id: r.id,
-                        reason: r.reason,
-                    })
-                    .collect(),
+                skipped_rows: self.routing.skipped(),
                 reloads: ReloadCounts {
                     changed,
                     unchanged,
@@ -243,7 +213,7 @@ impl Admin {
             },
             geoip: GeoStatus {
                 database: self.geo.describe(),
-                lookups: self.geo.lookups().into(),
+                lookups: self.geo.lookups(),
             },
             bindings: BindingsStatus {
                 enabled: self.bindings.is_some(),

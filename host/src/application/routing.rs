@@ -3,7 +3,9 @@
 //! snapshot serving and is logged on every attempt.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+// Locks hold plain values replaced whole: a panic elsewhere cannot leave them half-set,
+// so a poisoned lock is recovered.
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -11,12 +13,13 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::RoutingTable;
-use crate::domain::ports::{BackendRepository, MetricsStore, RoutingError, SkippedRow};
+use crate::domain::live_stats::LiveStats;
+use crate::domain::ports::{BackendRepository, RoutingError, SkippedRow};
 
 pub struct Routing {
     table: ArcSwap<RoutingTable>,
     repo: Arc<dyn BackendRepository>,
-    metrics: Arc<dyn MetricsStore>,
+    metrics: Arc<LiveStats>,
     version: watch::Sender<u64>,
     /// Skipped rows of the last load, so each bad row is reported once, not every period.
     skipped: Mutex<Vec<SkippedRow>>,
@@ -40,7 +43,7 @@ pub enum Reloaded {
 }
 
 impl Routing {
-    pub fn new(repo: Arc<dyn BackendRepository>, metrics: Arc<dyn MetricsStore>) -> Self {
+    pub fn new(repo: Arc<dyn BackendRepository>, metrics: Arc<LiveStats>) -> Self {
         Self {
             table: ArcSwap::from_pointee(RoutingTable::default()),
             repo,
@@ -53,12 +56,18 @@ impl Routing {
     }
 
     pub fn history(&self) -> History {
-        self.history.lock().expect("routing history lock").clone()
+        self.history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Rows of the last load that were skipped as invalid.
     pub fn skipped(&self) -> Vec<SkippedRow> {
-        self.skipped.lock().expect("skipped-rows lock").clone()
+        self.skipped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Reload attempts that changed the table, found it unchanged, and failed.
@@ -85,7 +94,7 @@ impl Routing {
             Err(_) => 2,
         };
         self.outcomes[outcome].fetch_add(1, Ordering::Relaxed);
-        let mut history = self.history.lock().expect("routing history lock");
+        let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
         match &result {
             Ok(Reloaded::Changed { .. }) => history.loaded_at = Some(SystemTime::now()),
             Ok(Reloaded::Unchanged) => {}
@@ -104,7 +113,7 @@ impl Routing {
             })??;
         {
             // Invariant: the lock is never held across a panic-prone call.
-            let mut last = self.skipped.lock().expect("skipped-rows lock");
+            let mut last = self.skipped.lock().unwrap_or_else(PoisonError::into_inner);
             for row in loaded.skipped.iter().filter(|r| !last.contains(r)) {
                 tracing::warn!(backend = %row.id, reason = %row.reason, "skipping routing row");
             }

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use crate::log_throttle::LogThrottle;
@@ -168,11 +168,17 @@ impl Default for Telemetry {
 
 impl Telemetry {
     pub fn add_listener(&self, stats: Arc<ListenerStats>) {
-        self.listeners.lock().expect("listeners lock").push(stats);
+        self.listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(stats);
     }
 
     pub fn listeners(&self) -> Vec<Arc<ListenerStats>> {
-        self.listeners.lock().expect("listeners lock").clone()
+        self.listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn decided(&self, how: Decision) {

@@ -507,7 +507,7 @@ pub fn at_most<T: Copy + TryInto<u64>>(v: &T, max: u64) -> Result<(), String> {
     }
 }
 
-pub fn not_blank(v: &String) -> Result<(), String> {
+pub fn not_blank(v: &str) -> Result<(), String> {
     match v.trim().is_empty() {
         true => Err("must not be empty".into()),
         false => Ok(()),

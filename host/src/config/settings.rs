@@ -16,7 +16,7 @@ crate::settings! {
     /// routing table (created with the schema if missing)
     db_path: PathBuf = PathBuf::from("routing.db"), env "EDGEPROXY_DB_PATH";
     /// this POP's region
-    region: String = "sa".to_owned(), env "EDGEPROXY_REGION", check not_blank;
+    region: String = "sa".to_owned(), env "EDGEPROXY_REGION", check |v| not_blank(v);
     /// reload period; file changes also reload at once
     db_reload_secs: u64 = 5, env "EDGEPROXY_DB_RELOAD_SECS", check positive;
     /// MaxMind-format database (GeoIP2/GeoLite2 Country or City, or ip-location-db
@@ -40,7 +40,7 @@ crate::settings! {
     /// to anything but `0` or `false`
     debug: bool = false, env "DEBUG";
     /// region of countries no region lists
-    default_region: String = "us".to_owned(), env "EDGEPROXY_DEFAULT_REGION", check not_blank;
+    default_region: String = "us".to_owned(), env "EDGEPROXY_DEFAULT_REGION", check |v| not_blank(v);
     /// policy component (`.wasm`), watched and swapped in live; unset: the embedded geo-load
     policy_path: Option<PathBuf> = None, env "EDGEPROXY_POLICY_PATH", flag "policy";
     /// decide with the host's native scorer (no WebAssembly)

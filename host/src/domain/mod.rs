@@ -4,6 +4,7 @@
 //! Nothing here does I/O or awaits; adapters feed it immutable snapshots and it answers
 //! synchronously, so everything in it is testable without a runtime.
 
+pub mod live_stats;
 pub mod model;
 pub mod ports;
 pub mod routing_table;

@@ -11,11 +11,11 @@ use serde::Serialize;
 
 use tokio::time::Instant;
 
-use super::model::{Backend, BackendId, BackendStats, Client, CountryCode, Region};
+use super::model::{Backend, BackendId, Client, CountryCode, Region};
 use super::routing_table::{RoutedBackend, RoutingTable};
 
 /// A row that could not become a `Backend`, with the reason, for the reload log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SkippedRow {
     pub id: String,
     pub reason: String,
@@ -84,21 +84,13 @@ pub trait GeoResolver: Send + Sync {
     fn describe(&self) -> String;
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct GeoLookups {
     pub found: u64,
     /// No record, or a record without a country (private and reserved ranges).
     pub not_found: u64,
     /// A record that would not decode or named no valid country code.
     pub failed: u64,
-}
-
-/// Live per-backend state, kept across routing-table reloads.
-pub trait MetricsStore: Send + Sync {
-    /// The stats of `id`, created on first use. The same `Arc` for the same id.
-    fn backend_stats(&self, id: &BackendId) -> Arc<BackendStats>;
-    /// Forgets idle backends that `keep` rejects (called after a reload).
-    fn retain(&self, keep: &dyn Fn(&BackendId) -> bool);
 }
 
 /// What a policy knows about the decision besides the candidates.

@@ -187,7 +187,7 @@ fn accept_loop_survives_running_out_of_descriptors() {
             }
         }
         // The proxy reports exhaustion instead of dying ...
-        let deadline = std::time::Instant::now() + WAIT;
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let line = log_rx
                 .recv_timeout(WAIT)
@@ -195,7 +195,7 @@ fn accept_loop_survives_running_out_of_descriptors() {
             if line.contains("out of resources") {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline);
+            assert!(tokio::time::Instant::now() < deadline);
         }
         drop(held);
         // ... and serves again once descriptors are free.

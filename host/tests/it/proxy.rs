@@ -479,7 +479,7 @@ async fn idle_connections_are_closed() {
     let db = Db::new(&[Row::new("a", "sa", "BR", a.addr)]);
     let p = Proxy::start(&db, "idle_timeout_secs = 1").await;
     let (_, mut conn) = open("127.0.0.2", p.addr).await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(WAIT, conn.read_to_end(&mut rest))
         .await

@@ -2,7 +2,8 @@
 //! hold one, so an idle connection costs no buffer and no pipe descriptors; up to `keep`
 //! of each are kept for reuse, and pipes are capped (two descriptors each).
 
-use std::sync::Mutex;
+// The pools only push and pop whole values, so a poisoned lock is recovered.
+use std::sync::{Mutex, PoisonError};
 
 #[cfg(target_os = "linux")]
 pub use pipes::Pipe;
@@ -33,12 +34,16 @@ impl BufferPool {
     }
 
     pub(super) fn take(&self) -> Box<[u8]> {
-        let reused = self.free.lock().expect("buffer pool lock").pop();
+        let reused = self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
         reused.unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice())
     }
 
     pub(super) fn put(&self, buf: Box<[u8]>) {
-        let mut free = self.free.lock().expect("buffer pool lock");
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
         if free.len() < self.keep {
             free.push(buf);
         }
@@ -51,8 +56,8 @@ impl BufferPool {
 mod pipes {
     use std::io;
     use std::os::fd::{AsFd, OwnedFd};
-    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Mutex, PoisonError};
 
     use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
 
@@ -114,7 +119,12 @@ mod pipes {
 
         /// An empty pipe, or None at the cap or when the system has no descriptors left.
         pub fn take(&self) -> Option<Pipe> {
-            if let Some(p) = self.free.lock().expect("pipe pool lock").pop() {
+            if let Some(p) = self
+                .free
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop()
+            {
                 return Some(p);
             }
             if self.live.fetch_add(1, Ordering::Relaxed) >= self.max {
@@ -137,7 +147,7 @@ mod pipes {
 
         /// Returns an empty pipe for reuse.
         pub fn put(&self, pipe: Pipe) {
-            let mut free = self.free.lock().expect("pipe pool lock");
+            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
             if free.len() < self.keep {
                 free.push(pipe);
             } else {

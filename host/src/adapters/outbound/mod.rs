@@ -2,7 +2,6 @@
 
 pub mod binding_table;
 pub mod maxmind_geo;
-pub mod metrics;
 pub mod sqlite_editor;
 pub mod sqlite_routing;
 pub mod wasm_policy;

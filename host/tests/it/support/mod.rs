@@ -411,10 +411,10 @@ pub async fn admin_json(addr: SocketAddr, path: &str) -> serde_json::Value {
 /// Polls `cond` until it holds, for state that changes with no signal to wait on (the
 /// moment a connection task ends after its client saw EOF). Bounded by [`WAIT`].
 pub async fn wait_until(cond: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + WAIT;
+    let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "condition not met within {WAIT:?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -17,7 +17,7 @@ mod wit_table;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -142,7 +142,10 @@ impl WasmPolicy {
 
     /// When and why the last rejected reload failed.
     pub fn last_error(&self) -> Option<(SystemTime, String)> {
-        self.last_error.lock().expect("policy error lock").clone()
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -170,7 +173,10 @@ impl WasmPolicy {
             }
             Err(e) => {
                 tracing::error!(error = %e, "policy rejected; the previous policy keeps serving");
-                *self.last_error.lock().expect("policy error lock") =
+                *self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) =
                     Some((SystemTime::now(), e.to_string()));
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
                 self.reload_events.send_modify(|n| *n += 1);

@@ -9,11 +9,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::fallible_iterator::FallibleIterator as _;
 use rusqlite::functions::FunctionFlags;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 use serde::Serialize;
+
+mod import;
 
 use super::sqlite_routing::{COLUMNS, SCHEMA, parse_row, schema_problem, upsert_sql};
 
@@ -193,7 +194,7 @@ impl RoutingEditor {
 
     /// The table must have every column; then writes to it are guarded (again after an
     /// import, which may have recreated the table and with it dropped the triggers).
-    fn check_schema(&self) -> Result<(), EditError> {
+    pub(super) fn check_schema(&self) -> Result<(), EditError> {
         match schema_problem(&self.conn).map_err(|e| self.err(e))? {
             Some(reason) => Err(self.rejected(&reason)),
             None => self.install_checks(),
@@ -331,55 +332,15 @@ impl RoutingEditor {
             .ok_or_else(|| EditError::Rejected(format!("backend {id:?} vanished after writing")))
     }
 
-    fn begin(&mut self) -> Result<rusqlite::Transaction<'_>, EditError> {
+    pub(super) fn begin(&mut self) -> Result<rusqlite::Transaction<'_>, EditError> {
         let path = self.path.clone();
         self.conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| err_at(&path, e))
     }
-
-    fn live_count(conn: &Connection) -> rusqlite::Result<usize> {
-        conn.query_row("SELECT count(*) FROM backends WHERE deleted = 0", [], |r| {
-            r.get(0)
-        })
-    }
-
-    /// Loads `file` (`.sql` statements or `.csv` with a header) in one transaction: any
-    /// bad statement or row rejects the whole file, named by line, and leaves the table
-    /// as it was.
-    pub fn import(&mut self, file: &Path) -> Result<Imported, EditError> {
-        let name = file.display().to_string();
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| EditError::Rejected(format!("{name}: {e}")))?;
-        let kind = file
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
-        let path = self.path.clone();
-        let tx = self.begin()?;
-        let before = Self::live_count(&tx).map_err(|e| err_at(&path, e))?;
-        let rows = match kind.as_deref() {
-            Some("sql") => import_sql(&tx, &text),
-            Some("csv") => import_csv(&tx, &text),
-            _ => Err("expected a .sql or .csv file".into()),
-        }
-        .map_err(|e| EditError::Rejected(format!("{name}: {e}; nothing was imported")))?;
-        let after = Self::live_count(&tx).map_err(|e| {
-            EditError::Rejected(format!(
-                "{name}: the backends table is unusable after the import ({e}); nothing was imported"
-            ))
-        })?;
-        tx.commit().map_err(|e| err_at(&path, e))?;
-        self.check_schema()?;
-        Ok(Imported {
-            rows,
-            before,
-            after,
-        })
-    }
 }
 
-fn err_at(path: &Path, e: rusqlite::Error) -> EditError {
+pub(super) fn err_at(path: &Path, e: rusqlite::Error) -> EditError {
     EditError::Db {
         path: path.display().to_string(),
         message: e.to_string(),
@@ -391,117 +352,10 @@ fn rejected(e: rusqlite::Error) -> EditError {
     EditError::Rejected(message(e))
 }
 
-/// Runs each statement in turn; an error names the line its statement starts on.
-fn import_sql(conn: &Connection, text: &str) -> Result<usize, String> {
-    let mut batch = rusqlite::Batch::new(conn, text);
-    let mut cursor = 0;
-    let mut rows = 0;
-    loop {
-        let line_of = |at: usize| text[..at].matches('\n').count() + 1;
-        let mut stmt = match batch.next() {
-            Ok(Some(s)) => s,
-            Ok(None) => return Ok(rows),
-            Err(e) => return Err(format!("after line {}: {}", line_of(cursor), message(e))),
-        };
-        // The statement's own text is a slice of the file: find where it starts.
-        let sql = stmt.expanded_sql().unwrap_or_default();
-        let sql = skip_trivia(&sql).trim_end();
-        let start = match text[cursor..].find(sql) {
-            Some(i) if !sql.is_empty() => cursor + i,
-            _ => cursor,
-        };
-        cursor = start + sql.len();
-        let changed = stmt
-            .raw_execute()
-            .map_err(|e| format!("line {}: {}", line_of(start), message(e)))?;
-        if !stmt.readonly() {
-            rows += changed;
-        }
-    }
-}
-
-/// `sql` from its first token on: past whitespace and `--`/`/* */` comments.
-fn skip_trivia(mut sql: &str) -> &str {
-    loop {
-        sql = sql.trim_start();
-        if let Some(rest) = sql.strip_prefix("--") {
-            sql = rest.split_once('\n').map_or("", |(_, after)| after);
-        } else if let Some(rest) = sql.strip_prefix("/*") {
-            sql = rest.split_once("*/").map_or("", |(_, after)| after);
-        } else {
-            return sql;
-        }
-    }
-}
-
 /// SQLite's own message (a failed check's reason) without rusqlite's wrapping.
-fn message(e: rusqlite::Error) -> String {
+pub(super) fn message(e: rusqlite::Error) -> String {
     match e {
         rusqlite::Error::SqliteFailure(_, Some(msg)) => msg,
         other => other.to_string(),
     }
-}
-
-/// A header line names the columns: id, app, region, country, wg_ip and port are
-/// required; healthy, weight, soft_limit, hard_limit and deleted take the schema's
-/// defaults when absent. Rows replace rows with the same id.
-fn import_csv(conn: &Connection, text: &str) -> Result<usize, String> {
-    const REQUIRED: [&str; 6] = ["id", "app", "region", "country", "wg_ip", "port"];
-    const DEFAULTS: [(&str, i64); 5] = [
-        ("healthy", 1),
-        ("weight", 1),
-        ("soft_limit", 100),
-        ("hard_limit", 0),
-        ("deleted", 0),
-    ];
-    let mut reader = csv::ReaderBuilder::new()
-        .trim(csv::Trim::All)
-        .from_reader(text.as_bytes());
-    let header: Vec<String> = reader
-        .headers()
-        .map_err(|e| format!("line 1: {e}"))?
-        .iter()
-        .map(str::to_ascii_lowercase)
-        .collect();
-    if let Some(unknown) = header.iter().find(|h| !COLUMNS.contains(&h.as_str())) {
-        return Err(format!(
-            "line 1: unknown column {unknown:?} (columns: {})",
-            COLUMNS.join(", ")
-        ));
-    }
-    if let Some(missing) = REQUIRED.iter().find(|c| !header.iter().any(|h| h == *c)) {
-        return Err(format!("line 1: the header lacks the column {missing:?}"));
-    }
-    let position = |col: &str| header.iter().position(|h| h == col);
-    let mut insert = conn.prepare(&upsert_sql()).map_err(message)?;
-    let mut rows = 0;
-    for record in reader.records() {
-        let record = record.map_err(|e| e.to_string())?;
-        let line = record.position().map_or(0, |p| p.line());
-        let values: Vec<Value> = COLUMNS
-            .iter()
-            .enumerate()
-            .map(|(i, col)| {
-                let field = position(col).and_then(|p| record.get(p));
-                match (field, i) {
-                    // Numbers as integers, so the check sees what SQLite would store.
-                    (Some(f), 5..) => f
-                        .parse::<i64>()
-                        .map_or_else(|_| Value::Text(f.to_owned()), Value::Integer),
-                    (Some(f), _) => Value::Text(f.to_owned()),
-                    (None, _) => Value::Integer(
-                        DEFAULTS
-                            .iter()
-                            .find(|(c, _)| c == col)
-                            .map_or(0, |(_, d)| *d),
-                    ),
-                }
-            })
-            .collect();
-        insert
-            .execute(rusqlite::params_from_iter(values))
-            .map_err(|e| format!("line {line}: {}", message(e)))?;
-        rows += 1;
-    }
-    Ok(rows)
 }

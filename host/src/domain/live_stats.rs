@@ -1,19 +1,19 @@
-//! In-memory live metrics: per-backend stats shared with the routing table, kept across
-//! reloads. The admin adapter exposes them (`/backends`, Prometheus `/metrics`).
+//! The live per-backend stats (active connections, connect RTT, traffic), by backend id,
+//! kept across routing reloads so counts never reset or drift. The routing snapshot joins
+//! each backend with its entry; the admin API and `/metrics` read them.
 
 use std::sync::Arc;
 
 use dashmap::DashMap;
 
-use crate::domain::ports::MetricsStore;
-use crate::domain::{BackendId, BackendStats};
+use super::{BackendId, BackendStats};
 
 #[derive(Debug, Default)]
-pub struct LiveMetrics {
+pub struct LiveStats {
     backends: DashMap<BackendId, Arc<BackendStats>>,
 }
 
-impl LiveMetrics {
+impl LiveStats {
     /// Active connections summed over every backend known.
     pub fn total_active(&self) -> u64 {
         self.backends
@@ -21,17 +21,17 @@ impl LiveMetrics {
             .map(|e| u64::from(e.value().active()))
             .sum()
     }
-}
 
-impl MetricsStore for LiveMetrics {
-    fn backend_stats(&self, id: &BackendId) -> Arc<BackendStats> {
+    /// The stats of `id`, created on first use; the same `Arc` for the same id.
+    pub fn backend_stats(&self, id: &BackendId) -> Arc<BackendStats> {
         if let Some(s) = self.backends.get(id) {
             return Arc::clone(&s);
         }
         Arc::clone(&self.backends.entry(id.clone()).or_default())
     }
 
-    fn retain(&self, keep: &dyn Fn(&BackendId) -> bool) {
+    /// Forgets idle backends that `keep` rejects (called after a reload).
+    pub fn retain(&self, keep: &dyn Fn(&BackendId) -> bool) {
         // Backends still serving connections stay, so their counts never drift.
         self.backends
             .retain(|id, s| keep(id) || s.active() > 0 || Arc::strong_count(s) > 1);
