@@ -3,6 +3,7 @@
 #
 #   bench/compare.sh                      # all proxies, all tests
 #   PROXIES="edgeproxy haproxy-splice" TESTS="rate bulk1" bench/compare.sh
+#   BASELINE=/tmp/edgeproxy-old PROXIES="baseline edgeproxy" TESTS="rate idle" bench/compare.sh
 #
 # Installs HAProxy and nginx (Debian packages) when missing, builds edgeproxy and the
 # project's load generator (bench/loadgen) in release mode, then for each proxy and test
@@ -57,6 +58,8 @@ start_proxy() {
   case $name in
     edgeproxy)  # the same adapter the shared harness uses; it execs edgeproxy
       cmd=(env EDGEPROXY="$bin/edgeproxy" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
+    baseline)  # another edgeproxy build (BASELINE=path), for before/after runs
+      cmd=(env EDGEPROXY="${BASELINE:?set BASELINE to an edgeproxy binary}" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     haproxy) render "$here/peers/haproxy.cfg" "$WORK/haproxy.cfg" "$backend"
       cmd=(haproxy -db -f "$WORK/haproxy.cfg") ;;
     haproxy-splice) render "$here/peers/haproxy.cfg" "$WORK/haproxy.cfg" "$backend" splice

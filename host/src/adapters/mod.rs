@@ -1,5 +1,9 @@
-//! Adapters: the technology behind each port (inbound: sockets and file watching;
-//! outbound: SQLite, DashMap, MaxMind, in-memory metrics).
+//! Adapters: the technology behind each port.
+//!
+//! - `inbound`: what drives the host (accept loops, PROXY protocol, admin HTTP, file
+//!   watching, the CLI's operator commands).
+//! - `outbound`: what the host drives (SQLite routing table, bindings, GeoIP, wasm policy).
+//! - `net`: socket technology shared by the data path (relay, buffer and pipe pools).
 
 pub mod inbound;
 pub mod net;

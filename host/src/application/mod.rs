@@ -1,6 +1,11 @@
-//! Application services: the per-connection orchestration (`proxy_service`, with the
-//! byte copying in `relay`) and the
-//! background work that keeps the domain's inputs fresh (`routing`, `bindings_gc`).
+//! Application services: what a connection, a reload and an operator's question mean,
+//! with no socket code of their own (bytes move in `adapters::net`).
+//!
+//! - `proxy_service`: one connection, from decision to close, with failover.
+//! - `routing`: loads the routing table off the hot path and swaps the snapshot in.
+//! - `bindings_gc`: the periodic sweep of expired bindings.
+//! - `telemetry`: hot-path counters and histograms, read at scrape time.
+//! - `admin`: what the admin API and `/metrics` answer.
 
 pub mod admin;
 pub mod bindings_gc;

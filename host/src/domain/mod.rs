@@ -1,6 +1,11 @@
 //! The routing domain: what a backend, a client and a binding are, the ports the rest of the
 //! host plugs into, and the pure services (region map, native scorer) that decide.
 //!
+//! - `model`: entities and value objects; `routing_table`: the snapshot the hot path reads;
+//!   `live_stats`: per-backend counters kept across reloads.
+//! - `ports`: the traits adapters implement; `services`: region map and native scorer.
+//! - `sample`: the synthetic table the policy self-test, `policy check` and tests share.
+//!
 //! Nothing here does I/O or awaits; adapters feed it immutable snapshots and it answers
 //! synchronously, so everything in it is testable without a runtime.
 

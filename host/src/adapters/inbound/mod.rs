@@ -1,6 +1,10 @@
-//! Inbound adapters: what drives the host (TCP accept loops, PROXY protocol on them,
-//! file-change notifications that trigger reloads, the admin HTTP listener with its
-//! Prometheus exposition, and the operator commands of the CLI).
+//! Inbound adapters: what drives the host.
+//!
+//! - `tcp_server` (accept loops) and `proxy_protocol` (the PROXY v1/v2 header on them).
+//! - `file_watch`: file-change notifications that trigger reloads.
+//! - `admin_http` (the admin JSON API) and `prometheus` (its `/metrics` exposition).
+//! - CLI commands: `routing_cli` (backend, db), `config_cli` (config check, show),
+//!   `policy_build`, `policy_check`, `policy_simulate`; `cli_output` formats their answers.
 
 pub mod admin_http;
 pub mod cli_output;

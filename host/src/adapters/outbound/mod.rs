@@ -1,4 +1,10 @@
 //! Outbound adapters: implementations of the domain's ports.
+//!
+//! - `sqlite_routing`: the routing table reader (`BackendRepository`), schema and row checks.
+//! - `sqlite_editor`: operators' writes to the same file (rows, and `import` of SQL/CSV).
+//! - `binding_table`: sticky bindings in a DashMap (`BindingRepository`).
+//! - `maxmind_geo`: GeoIP lookups (`GeoResolver`), embedded database or a file.
+//! - `wasm_policy`: the policy component (`ScoringPolicy`, `PolicyControl`).
 
 pub mod binding_table;
 pub mod maxmind_geo;

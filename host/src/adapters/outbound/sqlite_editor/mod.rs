@@ -4,7 +4,7 @@
 //!
 //! Every row written goes through the same validation the proxy's loader applies (a
 //! temporary trigger calls it), so nothing the proxy would skip can be written here, and
-//! an import with one bad row is rolled back whole, naming the line.
+//! an import with one bad row is rolled back whole, naming the line (`import`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
