@@ -21,7 +21,7 @@ use crate::domain::{Client, Region, RoutedBackend};
 
 use super::routing::Routing;
 use super::telemetry::{Decision, Telemetry};
-use crate::adapters::net::{BufferPool, relay};
+use crate::adapters::net::{BufferPool, is_local_resource_error, relay};
 
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -59,6 +59,8 @@ enum ConnError {
     NoBackend,
     #[error("all {0} connect attempts failed")]
     ConnectFailed(u32),
+    #[error("this POP is out of resources: {0}")]
+    Local(std::io::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -81,7 +83,9 @@ impl ProxyService {
                 client = %client.ip, %backend, bytes_up = up, bytes_down = down, "connection closed"
             ),
             Err(e) => {
-                tracing::warn!(client = %client.ip, app = ?inbound.app, error = %e, "connection failed")
+                if let Some(suppressed) = self.telemetry.connection_log.allow() {
+                    tracing::warn!(client = %client.ip, app = ?inbound.app, error = %e, suppressed, "connection failed");
+                }
             }
         }
     }
@@ -201,23 +205,32 @@ impl ProxyService {
 
         // Failed backends are left out of later attempts; the copy is only made on failure.
         let mut remaining: Option<Vec<RoutedBackend>> = None;
+        let mut attempts = 0;
         let mut connected = None;
-        for attempt in 0..self.settings.connect_attempts {
+        let mut first = true;
+        while attempts < self.settings.connect_attempts {
             let candidates = remaining.as_deref().unwrap_or(all);
-            let choice = if attempt == 0 {
-                self.choose(&req, &key, candidates)
-            } else {
-                self.pick(&req, candidates)
+            let choice = match first {
+                true => self.choose(&req, &key, candidates),
+                false => self.pick(&req, candidates),
             };
-            let Some(i) = choice else {
-                if attempt == 0 {
-                    self.telemetry.no_backend.fetch_add(1, Relaxed);
-                    return Err(ConnError::NoBackend);
-                }
-                break;
-            };
+            let Some(i) = choice else { break };
             let target = candidates[i].clone();
-            let guard = target.stats.acquire();
+            let mut exclude = || {
+                let left = remaining.get_or_insert_with(|| all.to_vec());
+                left.retain(|c| c.backend.id != target.backend.id);
+            };
+            // The slot is taken in one atomic step: another connection may have taken the
+            // last one since the decision, and then the next best backend is tried.
+            let Some(guard) = target.stats.try_acquire(target.backend.hard_limit) else {
+                if let Some(b) = &self.bindings {
+                    b.remove(&key);
+                }
+                exclude();
+                first = false;
+                continue;
+            };
+            attempts += 1;
             target.stats.record_connect_attempt();
             let started = Instant::now();
             let result = tokio::time::timeout(
@@ -232,30 +245,41 @@ impl ProxyService {
                     target
                         .stats
                         .record_rtt(took.as_micros().try_into().unwrap_or(u64::MAX));
-                    if let (Some(b), true) = (&self.bindings, attempt > 0) {
+                    if let (Some(b), false) = (&self.bindings, first) {
                         b.put(key.clone(), target.backend.id.clone(), Instant::now());
                     }
                     connected = Some((stream, target, guard));
                     break;
+                }
+                // Out of descriptors or ports here: the backend is not to blame, its
+                // binding stands, and another backend would fail the same way.
+                Ok(Err(e)) if is_local_resource_error(&e) => {
+                    self.telemetry.local_connect_failures.fetch_add(1, Relaxed);
+                    return Err(ConnError::Local(e));
                 }
                 failed => {
                     let error = match failed {
                         Ok(Err(e)) => e.to_string(),
                         _ => format!("timed out after {:?}", self.settings.connect_timeout),
                     };
-                    tracing::warn!(backend = %target.backend.id, addr = %target.backend.addr, %error, attempt, "connect failed");
+                    if let Some(suppressed) = self.telemetry.connection_log.allow() {
+                        tracing::warn!(backend = %target.backend.id, addr = %target.backend.addr, %error, attempts, suppressed, "connect failed");
+                    }
                     target.stats.record_connect_failure();
                     if let Some(b) = &self.bindings {
                         b.remove(&key);
                     }
-                    let left = remaining.get_or_insert_with(|| all.to_vec());
-                    left.retain(|c| c.backend.id != target.backend.id);
+                    exclude();
+                    first = false;
                 }
             }
         }
         connected.ok_or_else(|| {
             self.telemetry.no_backend.fetch_add(1, Relaxed);
-            ConnError::ConnectFailed(self.settings.connect_attempts)
+            match attempts {
+                0 => ConnError::NoBackend,
+                n => ConnError::ConnectFailed(n),
+            }
         })
     }
 }

@@ -145,9 +145,15 @@ pub struct Telemetry {
     pub binding_misses: AtomicU64,
     /// Connections refused because no backend was eligible or every connect failed.
     pub no_backend: AtomicU64,
+    /// Connect attempts that failed for this POP's own want of descriptors, buffers or
+    /// ports (EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL): not the backend's fault.
+    pub local_connect_failures: AtomicU64,
     pub connect_time: Histogram,
     /// Warnings for overridden policy answers, at most one a second.
     pub override_log: LogThrottle,
+    /// Per-connection warnings (failed connects, relay errors, bad PROXY headers), at most
+    /// one a second: during an outage every client would otherwise write several lines.
+    pub connection_log: LogThrottle,
 }
 
 impl Default for Telemetry {
@@ -160,8 +166,10 @@ impl Default for Telemetry {
             binding_hits: AtomicU64::new(0),
             binding_misses: AtomicU64::new(0),
             no_backend: AtomicU64::new(0),
+            local_connect_failures: AtomicU64::new(0),
             connect_time: Histogram::new(CONNECT_BUCKETS),
             override_log: LogThrottle::new(Duration::from_secs(1)),
+            connection_log: LogThrottle::new(Duration::from_secs(1)),
         }
     }
 }

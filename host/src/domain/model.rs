@@ -175,6 +175,18 @@ impl BackendStats {
 
     /// Counts a connection to this backend until the returned guard drops, whatever path
     /// the connection ends on.
+    /// Takes a connection slot if one is free under `hard_limit` (0: unlimited), in one
+    /// atomic step: a check of `active` followed by an add lets two threads take the last
+    /// slot together.
+    pub fn try_acquire(self: &Arc<Self>, hard_limit: u32) -> Option<ActiveGuard> {
+        self.active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (hard_limit == 0 || n < hard_limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ActiveGuard(Arc::clone(self)))
+    }
+
     pub fn acquire(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(Arc::clone(self))
@@ -240,6 +252,33 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(stats.active(), 0);
+    }
+
+    /// Eight threads race for two slots: never more than two are held. The same loop with
+    /// `if !at_hard_limit(active()) { acquire() }` (what the proxy did) overshoots.
+    #[test]
+    fn try_acquire_never_exceeds_the_hard_limit() {
+        let stats = Arc::new(BackendStats::default());
+        let over = std::sync::atomic::AtomicBool::new(false);
+        let start = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    start.wait();
+                    for _ in 0..20_000 {
+                        if let Some(g) = stats.try_acquire(2) {
+                            if stats.active() > 2 {
+                                over.store(true, Ordering::Relaxed);
+                            }
+                            drop(g);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(!over.load(Ordering::Relaxed));
+        assert_eq!(stats.active(), 0);
+        assert!(stats.try_acquire(0).is_some(), "0 is unlimited");
     }
 
     #[test]

@@ -261,6 +261,7 @@ async fn a_token_guards_every_endpoint() {
             file: Layer::default().with("admin_token", "s3cret"),
             listener: None,
             listener_copies: 0,
+            ..ProxyOptions::default()
         },
     )
     .await;

@@ -337,3 +337,67 @@ fn start_up_warns_about_unknown_and_unsupported_variables() {
         "{log}"
     );
 }
+
+/// When this POP runs out of descriptors between accepting a client and connecting to
+/// its backend, the backend is not blamed (no "connect failed", no failover) and the
+/// failure is named as the POP's own. Which descriptor runs out first (the accept's or
+/// the connect's) depends on how many the process holds at start, so two limits of
+/// different parity are tried; one of them ends on the connect.
+#[test]
+fn connects_that_fail_for_want_of_descriptors_blame_no_backend() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let backend = rt.block_on(Backend::start("b"));
+    let db = Db::new(&[Row::new("b", "sa", "BR", backend.addr)]);
+    for limit in [64, 65] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_child, addr, log_rx) = start_logged(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "ulimit -n {limit} && exec {}",
+                    env!("CARGO_BIN_EXE_edgeproxy")
+                ))
+                .env_clear()
+                .env("EDGEPROXY_DB_PATH", &db.path)
+                .env("EDGEPROXY_NATIVE_POLICY", "1")
+                .current_dir(dir.path()),
+        );
+        let closed_early = rt.block_on(async {
+            let mut held = Vec::new();
+            for _ in 0..limit {
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let mut greeting = [0u8; 2];
+                let read = tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    tokio::io::AsyncReadExt::read(&mut c, &mut greeting),
+                )
+                .await;
+                match read {
+                    Ok(Ok(n)) if n > 0 => held.push(c),
+                    // Accepted, then closed: the connect to the backend failed.
+                    Ok(_) => return true,
+                    // Not accepted: the accept ran out first.
+                    Err(_) => return false,
+                }
+            }
+            panic!("{limit} descriptors held {} connections", held.len());
+        });
+        if !closed_early {
+            continue;
+        }
+        let mut log = String::new();
+        while !log.contains("connection failed") {
+            log += &log_rx
+                .recv_timeout(WAIT)
+                .expect("a connection failure in the log");
+            log += "\n";
+        }
+        assert!(
+            !log.contains("connect failed"),
+            "a backend was blamed:\n{log}"
+        );
+        assert!(log.contains("this POP is out of resources"), "{log}");
+        return;
+    }
+    panic!("neither limit ran out on a connect");
+}

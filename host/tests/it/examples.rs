@@ -18,6 +18,7 @@ async fn proxy_with(db: &Db, policy: &Path, extra: &str) -> Proxy {
             file: Layer::from_toml(&toml).unwrap(),
             listener: None,
             listener_copies: 0,
+            ..ProxyOptions::default()
         },
     )
     .await

@@ -161,6 +161,7 @@ async fn faulty_policies_are_contained() {
                 ..edgeproxy::config::ListenerConfig::plain("127.0.0.1:0".parse().unwrap())
             }),
             listener_copies: 0,
+            ..ProxyOptions::default()
         };
         let p = Proxy::start_with(&db, opts).await;
         let wasm = p.host.wasm_policy.clone().unwrap();

@@ -147,6 +147,15 @@ impl Collector for HostCollector {
             "Client connections closed because no backend was eligible or every connect failed",
             [(vec![], counter(telemetry.no_backend.load(Relaxed)))],
         )?;
+        family(
+            e,
+            "connect_local_failures",
+            "Backend connects that failed for this POP's own want of descriptors, buffers or ports (no backend blamed)",
+            [(
+                vec![],
+                counter(telemetry.local_connect_failures.load(Relaxed)),
+            )],
+        )?;
 
         let backends = admin.backends();
         let per_backend = |f: fn(&BackendStatus) -> u64| {

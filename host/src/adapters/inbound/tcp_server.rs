@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::proxy_protocol;
+use crate::adapters::net::is_local_resource_error;
 use crate::application::proxy_service::{Inbound, ProxyService};
 use crate::application::telemetry::ListenerStats;
 use crate::config::ListenerConfig;
@@ -86,7 +87,7 @@ pub async fn serve(
                     }
                 });
             }
-            Err(e) if is_resource_exhaustion(&e) => {
+            Err(e) if is_local_resource_error(&e) => {
                 tracing::error!(listener = %config.addr, error = %e, "accept failed: out of resources; backing off");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
@@ -94,11 +95,6 @@ pub async fn serve(
             Err(e) => tracing::debug!(listener = %config.addr, error = %e, "accept failed"),
         }
     }
-}
-
-fn is_resource_exhaustion(e: &std::io::Error) -> bool {
-    // EMFILE, ENFILE, ENOBUFS, ENOMEM on Linux.
-    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
 async fn connection(
@@ -124,7 +120,10 @@ async fn connection(
                 inbound.early_data = header.rest;
             }
             Err(e) => {
-                return tracing::warn!(listener = %config.addr, %peer, error = %e, "closing connection: bad PROXY header");
+                if let Some(suppressed) = service.telemetry.connection_log.allow() {
+                    tracing::warn!(listener = %config.addr, %peer, error = %e, suppressed, "closing connection: bad PROXY header");
+                }
+                return;
             }
         }
     }

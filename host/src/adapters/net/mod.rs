@@ -6,3 +6,10 @@ pub mod pool;
 pub mod relay;
 
 pub use pool::BufferPool;
+
+/// A socket error that is this host's problem, not the peer's: out of descriptors (EMFILE,
+/// ENFILE), buffers or memory (ENOBUFS, ENOMEM), or local ports (EADDRNOTAVAIL). Another
+/// backend would fail the same way, so such a connect failure blames no backend.
+pub fn is_local_resource_error(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12 | 99))
+}

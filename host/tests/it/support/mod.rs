@@ -197,6 +197,8 @@ pub struct ProxyOptions {
     pub listener: Option<ListenerConfig>,
     /// SO_REUSEPORT copies of the listener, as one per worker thread (0 or 1: one).
     pub listener_copies: usize,
+    /// Decide with this instead of the configured policy.
+    pub policy: Option<Arc<dyn edgeproxy::domain::ports::ScoringPolicy>>,
 }
 
 impl Proxy {
@@ -205,8 +207,7 @@ impl Proxy {
             db,
             ProxyOptions {
                 file: Layer::from_toml(toml).unwrap(),
-                listener: None,
-                listener_copies: 0,
+                ..ProxyOptions::default()
             },
         )
         .await
@@ -229,7 +230,10 @@ impl Proxy {
             .with("db_reload_secs", 3600);
         let config =
             Config::resolve(opts.file.over(defaults), Layer::default(), Layer::default()).unwrap();
-        let host = Arc::new(Host::build(&config).await.unwrap());
+        let host = Arc::new(match opts.policy {
+            Some(policy) => Host::with_policy(&config, policy).await.unwrap(),
+            None => Host::build(&config).await.unwrap(),
+        });
         let copies = edgeproxy::adapters::inbound::tcp_server::bind(
             "127.0.0.1:0".parse().unwrap(),
             opts.listener_copies,
