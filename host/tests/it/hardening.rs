@@ -86,3 +86,46 @@ async fn the_hard_limit_holds_under_simultaneous_clients() {
     assert!(served.load(Ordering::SeqCst) >= 2);
     p.stop().await;
 }
+
+/// Many small exchanges in both directions on 4 worker threads, each bounded in time: a
+/// direction whose wake-up was lost would hang its exchange. The race the relay guards
+/// against (an event arriving between a short read and the readiness clear) is a window
+/// of a few instructions, so this is a guard, not a reproduction: with readiness cleared
+/// from a snapshot taken after the read it passed here too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn small_exchanges_on_many_threads_never_stall() {
+    let backend = Backend::start("echo").await;
+    let db = Db::new(&[Row::new("echo", "sa", "BR", backend.addr)]);
+    let p = Proxy::start_with(
+        &db,
+        ProxyOptions {
+            file: edgeproxy::config::Layer::from_toml("binding_ttl_secs = 0").unwrap(),
+            listener_copies: 4,
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let clients: Vec<_> = (0..48)
+        .map(|c| {
+            let addr = p.addr;
+            tokio::spawn(async move {
+                let (_, mut conn) = open("127.0.0.2", addr).await;
+                let mut back = vec![0u8; 200];
+                for round in 0..200usize {
+                    let len = 1 + (round * 7 + c) % 150;
+                    let msg: Vec<u8> = (0..len).map(|i| (i + round) as u8).collect();
+                    conn.get_mut().write_all(&msg).await.unwrap();
+                    tokio::time::timeout(WAIT, conn.read_exact(&mut back[..len]))
+                        .await
+                        .unwrap_or_else(|_| panic!("client {c} stalled in round {round}"))
+                        .unwrap();
+                    assert_eq!(back[..len], msg[..]);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    p.stop().await;
+}
