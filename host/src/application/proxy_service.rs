@@ -21,7 +21,7 @@ use crate::domain::{Client, Region, RoutedBackend};
 
 use super::routing::Routing;
 use super::telemetry::{Decision, Telemetry};
-use crate::adapters::net::{BufferPool, is_local_resource_error, relay};
+use crate::adapters::net::{BufferPool, is_local_resource_error, relay, reset_on_close};
 
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -172,14 +172,20 @@ impl ProxyService {
             let n = inbound.early_data.len() as u64;
             target.stats.traffic.up.fetch_add(n, Relaxed);
         }
-        let (up, down) = relay::relay(
+        let relayed = relay::relay(
             inbound_stream,
             &upstream,
             &self.buffers,
             self.settings.idle_timeout,
             &target.stats.traffic,
         )
-        .await?;
+        .await;
+        // An abort on one side (or the idle timeout) is an abort on both.
+        if relayed.is_err() {
+            reset_on_close(inbound_stream);
+            reset_on_close(&upstream);
+        }
+        let (up, down) = relayed?;
         Ok((target.backend.id.to_string(), up, down))
     }
 

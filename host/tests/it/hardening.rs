@@ -129,3 +129,50 @@ async fn small_exchanges_on_many_threads_never_stall() {
     }
     p.stop().await;
 }
+
+/// A backend that answers part of a response and then resets: the client sees the reset
+/// too, not a FIN that would make the truncated answer look complete.
+#[tokio::test]
+async fn a_backend_reset_reaches_the_client_as_a_reset() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        sock.write_all(b"partial\n").await.unwrap();
+        // Wait for the client's request, then abort.
+        let mut b = [0u8; 1];
+        let _ = sock.read(&mut b).await;
+        sock.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(sock);
+    });
+    let db = Db::new(&[Row::new("resets", "sa", "BR", addr)]);
+    let p = Proxy::start(&db, "").await;
+    let (greeting, mut conn) = open("127.0.0.2", p.addr).await;
+    assert_eq!(greeting, "partial");
+    conn.get_mut().write_all(b"?").await.unwrap();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(WAIT, conn.read_to_end(&mut rest))
+        .await
+        .expect("the proxy closes the client");
+    let err = end.expect_err("a clean end (FIN) after the backend's reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    p.stop().await;
+}
+
+/// The idle timeout aborts: the client sees a reset, not a FIN.
+#[tokio::test]
+async fn the_idle_timeout_resets_the_client() {
+    let a = Backend::start("a").await;
+    let db = Db::new(&[Row::new("a", "sa", "BR", a.addr)]);
+    let p = Proxy::start(&db, "idle_timeout_secs = 1").await;
+    let (_, mut conn) = open("127.0.0.2", p.addr).await;
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(WAIT, conn.read_to_end(&mut rest))
+        .await
+        .expect("idle close");
+    assert_eq!(
+        end.expect_err("a FIN after the idle timeout").kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
+    p.stop().await;
+}

@@ -13,3 +13,10 @@ pub use pool::BufferPool;
 pub fn is_local_resource_error(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12 | 99))
 }
+
+/// Makes the close of `stream` send a reset instead of a FIN (SO_LINGER 0): after an abort
+/// (a reset, an error, the idle timeout), a FIN would tell a close-delimited protocol that
+/// a truncated answer is complete.
+pub fn reset_on_close(stream: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
