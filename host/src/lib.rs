@@ -112,7 +112,9 @@ impl Host {
         let bindings = config
             .binding_ttl()
             .map(|ttl| Arc::new(BindingTable::new(ttl)));
-        let telemetry = Arc::new(Telemetry::default());
+        let telemetry = Arc::new(Telemetry::with_connection_limit(
+            Some(s.max_connections).filter(|n| *n > 0),
+        ));
         let admin = Arc::new(Admin {
             region: config.region.clone(),
             routing: Arc::clone(&routing),
@@ -132,6 +134,9 @@ impl Host {
                 connect_timeout: Duration::from_millis(s.connect_timeout_ms),
                 connect_attempts: s.connect_attempts,
                 idle_timeout: config.idle_timeout(),
+                keepalive: Some(s.tcp_keepalive_secs)
+                    .filter(|t| *t > 0)
+                    .map(Duration::from_secs),
             },
             buffers: adapters::net::BufferPool::new(64, MAX_PIPES),
             telemetry: Arc::clone(&telemetry),
@@ -206,6 +211,16 @@ impl Host {
         let connections = TaskTracker::new();
         let kill = CancellationToken::new();
         let acceptors = TaskTracker::new();
+        let acceptor = adapters::inbound::tcp_server::Acceptor {
+            service: Arc::clone(&self.service),
+            shutdown: shutdown.clone(),
+            connections: connections.clone(),
+            kill: kill.clone(),
+            slots: self
+                .telemetry
+                .connection_limit
+                .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+        };
         for (listener, config) in listeners {
             let addr = listener.local_addr()?;
             // SO_REUSEPORT copies of one listener share its counts.
@@ -227,11 +242,8 @@ impl Host {
             acceptors.spawn(adapters::inbound::tcp_server::serve(
                 listener,
                 config,
-                Arc::clone(&self.service),
-                shutdown.clone(),
-                connections.clone(),
-                kill.clone(),
                 stats,
+                acceptor.clone(),
             ));
         }
         acceptors.close();

@@ -288,6 +288,7 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    raise_fd_limit(config.settings.max_connections);
     let host = Host::build(&config).await?;
     // One accept loop per worker thread, each on its own SO_REUSEPORT socket.
     let copies = match config.settings.worker_threads {
@@ -316,6 +317,33 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let drained = host.run(listeners, admin, shutdown_signal()).await?;
     tracing::info!(cut_off = drained.cut_off, "stopped");
     Ok(())
+}
+
+/// Raises the soft descriptor limit to the hard one, and says when even that cannot hold
+/// `max_connections` (two descriptors each, plus a reserve for listeners, files, pipes).
+fn raise_fd_limit(max_connections: usize) {
+    #[cfg(target_os = "linux")]
+    match edgeproxy::adapters::net::raise_fd_limit() {
+        Ok((soft, hard)) => {
+            let needed = (max_connections as u64)
+                .saturating_mul(2)
+                .saturating_add(1024);
+            if max_connections > 0 && soft < needed {
+                tracing::warn!(
+                    soft,
+                    hard,
+                    max_connections,
+                    needed,
+                    "the open-file limit cannot hold max_connections; raise LimitNOFILE (systemd) or ulimit -Hn, or lower max_connections"
+                );
+            } else {
+                tracing::info!(soft, hard, "open-file limit");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = max_connections;
 }
 
 /// Cancelled on the first SIGTERM or SIGINT.

@@ -21,7 +21,9 @@ use crate::domain::{Client, Region, RoutedBackend};
 
 use super::routing::Routing;
 use super::telemetry::{Decision, Telemetry};
-use crate::adapters::net::{BufferPool, is_local_resource_error, relay, reset_on_close};
+use crate::adapters::net::{
+    BufferPool, is_local_resource_error, relay, reset_on_close, set_keepalive,
+};
 
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -29,6 +31,8 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     pub connect_attempts: u32,
     pub idle_timeout: Option<Duration>,
+    /// TCP keepalive idle time on both sockets; None: off.
+    pub keepalive: Option<Duration>,
 }
 
 pub struct ProxyService {
@@ -167,6 +171,9 @@ impl ProxyService {
         // connection's task then holds just what the relay needs, for as long as it lasts.
         let (mut upstream, target, _guard) = Box::pin(self.connect(client, inbound)).await?;
         let _ = upstream.set_nodelay(true);
+        if let Some(idle) = self.settings.keepalive {
+            set_keepalive(&upstream, idle);
+        }
         if !inbound.early_data.is_empty() {
             upstream.write_all(&inbound.early_data).await?;
             let n = inbound.early_data.len() as u64;

@@ -148,6 +148,10 @@ pub struct Telemetry {
     /// Connect attempts that failed for this POP's own want of descriptors, buffers or
     /// ports (EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL): not the backend's fault.
     pub local_connect_failures: AtomicU64,
+    /// Times an accept loop waited for a free slot under `max_connections`.
+    pub accept_pauses: AtomicU64,
+    /// `max_connections`; None: no cap.
+    pub connection_limit: Option<usize>,
     pub connect_time: Histogram,
     /// Warnings for overridden policy answers, at most one a second.
     pub override_log: LogThrottle,
@@ -167,6 +171,8 @@ impl Default for Telemetry {
             binding_misses: AtomicU64::new(0),
             no_backend: AtomicU64::new(0),
             local_connect_failures: AtomicU64::new(0),
+            accept_pauses: AtomicU64::new(0),
+            connection_limit: None,
             connect_time: Histogram::new(CONNECT_BUCKETS),
             override_log: LogThrottle::new(Duration::from_secs(1)),
             connection_log: LogThrottle::new(Duration::from_secs(1)),
@@ -175,6 +181,13 @@ impl Default for Telemetry {
 }
 
 impl Telemetry {
+    pub fn with_connection_limit(limit: Option<usize>) -> Self {
+        Self {
+            connection_limit: limit,
+            ..Self::default()
+        }
+    }
+
     pub fn add_listener(&self, stats: Arc<ListenerStats>) {
         self.listeners
             .lock()

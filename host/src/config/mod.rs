@@ -338,6 +338,10 @@ mod tests {
         assert_eq!(c.policy.source, PolicySource::Embedded);
         assert_eq!(c.policy.timeout, Duration::from_millis(1));
         assert_eq!(c.policy.memory_bytes, 16 << 20);
+        // What a production proxy ships with: no connection lives forever by default.
+        assert_eq!(c.idle_timeout(), Some(Duration::from_secs(600)));
+        assert_eq!(c.settings.tcp_keepalive_secs, 60);
+        assert_eq!(c.settings.max_connections, 50_000);
         assert!(c.origins.iter().all(|o| *o == Origin::Default));
     }
 
@@ -464,6 +468,20 @@ mod tests {
         assert!(err.to_string().contains("regions.af"), "{err}");
         let err = resolve("policy_memory_mib = 5000", &[]).unwrap_err();
         assert!(err.to_string().contains("at most 4096"), "{err}");
+        // Durations near u64::MAX would overflow `Instant + Duration` on the hot path.
+        for key in [
+            "idle_timeout_secs",
+            "binding_ttl_secs",
+            "drain_timeout_secs",
+            "db_reload_secs",
+        ] {
+            let err = resolve(&format!("{key} = {}", i64::MAX), &[]).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("{key}: must be at most")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -10,6 +10,10 @@ use std::path::PathBuf;
 
 use super::layer::{LogFormat, at_most, not_blank, positive};
 
+// Upper bounds keep every `Instant + Duration` on the hot path far from overflow.
+const DAY: u64 = 86_400;
+const YEAR: u64 = 365 * DAY;
+
 crate::settings! {
     /// the listener when no `[[listener]]` is given; serves every app
     listen_addr: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8080)), env "EDGEPROXY_LISTEN_ADDR";
@@ -18,22 +22,29 @@ crate::settings! {
     /// this POP's region
     region: String = "sa".to_owned(), env "EDGEPROXY_REGION", check |v| not_blank(v);
     /// reload period; file changes also reload at once
-    db_reload_secs: u64 = 5, env "EDGEPROXY_DB_RELOAD_SECS", check positive;
+    db_reload_secs: u64 = 5, env "EDGEPROXY_DB_RELOAD_SECS", check |v| positive(v).and(at_most(v, DAY));
     /// MaxMind-format database (GeoIP2/GeoLite2 Country or City, or ip-location-db
     /// country); unset: the embedded one
     geoip_path: Option<PathBuf> = None, env "EDGEPROXY_GEOIP_PATH";
     /// binding lifetime after last use; `0` turns bindings off
-    binding_ttl_secs: u64 = 600, env "EDGEPROXY_BINDING_TTL_SECS";
+    binding_ttl_secs: u64 = 600, env "EDGEPROXY_BINDING_TTL_SECS", check |v| at_most(v, YEAR);
     /// how often expired bindings are swept
-    binding_gc_interval_secs: u64 = 60, env "EDGEPROXY_BINDING_GC_INTERVAL_SECS", check positive;
+    binding_gc_interval_secs: u64 = 60, env "EDGEPROXY_BINDING_GC_INTERVAL_SECS", check |v| positive(v).and(at_most(v, DAY));
     /// per backend connect attempt
-    connect_timeout_ms: u64 = 3000, env "EDGEPROXY_CONNECT_TIMEOUT_MS", check positive;
+    connect_timeout_ms: u64 = 3000, env "EDGEPROXY_CONNECT_TIMEOUT_MS", check |v| positive(v).and(at_most(v, 600_000));
     /// backends tried per connection
-    connect_attempts: u32 = 3, env "EDGEPROXY_CONNECT_ATTEMPTS", check positive;
-    /// close a connection when neither side sent anything for this long; `0`: never
-    idle_timeout_secs: u64 = 0, env "EDGEPROXY_IDLE_TIMEOUT_SECS";
+    connect_attempts: u32 = 3, env "EDGEPROXY_CONNECT_ATTEMPTS", check |v| positive(v).and(at_most(v, 100));
+    /// close a connection (with a reset) when neither side sent anything for this long, as
+    /// nginx's `proxy_timeout`; `0`: never
+    idle_timeout_secs: u64 = 600, env "EDGEPROXY_IDLE_TIMEOUT_SECS", check |v| at_most(v, YEAR);
+    /// TCP keepalive on client and backend sockets: idle seconds before the first probe
+    /// (then every 10 s, the system's count); `0` turns it off
+    tcp_keepalive_secs: u64 = 60, env "EDGEPROXY_TCP_KEEPALIVE_SECS", check |v| at_most(v, 32767);
+    /// client connections open at once in this POP; at the cap accepting pauses (clients
+    /// wait in the kernel's backlog) until one closes; `0`: no cap
+    max_connections: usize = 50_000, env "EDGEPROXY_MAX_CONNECTIONS", check |v| at_most(v, 10_000_000);
     /// on SIGTERM/SIGINT, how long open connections may finish
-    drain_timeout_secs: u64 = 30, env "EDGEPROXY_DRAIN_TIMEOUT_SECS";
+    drain_timeout_secs: u64 = 30, env "EDGEPROXY_DRAIN_TIMEOUT_SECS", check |v| at_most(v, DAY);
     /// `human` or `json` (to stderr)
     log_format: LogFormat = LogFormat::Human, env "EDGEPROXY_LOG_FORMAT";
     /// verbose logs (`RUST_LOG` overrides the filter); edgeProxy's `DEBUG` is on when set
@@ -45,8 +56,8 @@ crate::settings! {
     policy_path: Option<PathBuf> = None, env "EDGEPROXY_POLICY_PATH", flag "policy";
     /// decide with the host's native scorer (no WebAssembly)
     native_policy: bool = false, env "EDGEPROXY_NATIVE_POLICY";
-    /// budget of one policy call (10^6 wasm instructions per ms)
-    policy_timeout_ms: u64 = 1, env "EDGEPROXY_POLICY_TIMEOUT_MS", check positive;
+    /// budget of one policy call (10^6 wasm instructions per ms), at most 1000
+    policy_timeout_ms: u64 = 1, env "EDGEPROXY_POLICY_TIMEOUT_MS", check |v| positive(v).and(at_most(v, 1000));
     /// memory of one policy instance, at most 4096
     policy_memory_mib: u64 = 16, env "EDGEPROXY_POLICY_MEMORY_MIB", check |v| positive(v).and(at_most(v, 4096));
     /// runtime threads, each accepting on its own `SO_REUSEPORT` socket; `0`: one per core;

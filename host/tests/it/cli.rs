@@ -401,3 +401,36 @@ fn connects_that_fail_for_want_of_descriptors_blame_no_backend() {
     }
     panic!("neither limit ran out on a connect");
 }
+
+/// A soft descriptor limit below the hard one (1024 under a default systemd unit) is
+/// raised to the hard one at start, and the result logged.
+#[test]
+fn start_up_raises_the_soft_descriptor_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -S -n 256 && exec {}",
+            env!("CARGO_BIN_EXE_edgeproxy")
+        ))
+        .env_clear()
+        .env("EDGEPROXY_DB_PATH", dir.path().join("r.db"))
+        .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
+        .env("EDGEPROXY_ADMIN_ADDR", "127.0.0.1:0")
+        .env("EDGEPROXY_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    let lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let line = lines
+        .map_while(Result::ok)
+        .take_while(|l| !l.contains("\"listening\""))
+        .find(|l| l.contains("open-file limit"))
+        .expect("the limit in the start-up log");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let (soft, hard) = (&v["fields"]["soft"], &v["fields"]["hard"]);
+    assert_eq!(soft, hard, "{line}");
+    assert!(soft.as_u64().unwrap() > 256, "{line}");
+}

@@ -142,7 +142,9 @@ async fn a_backend_reset_reaches_the_client_as_a_reset() {
         // Wait for the client's request, then abort.
         let mut b = [0u8; 1];
         let _ = sock.read(&mut b).await;
-        sock.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        socket2::SockRef::from(&sock)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
         drop(sock);
     });
     let db = Db::new(&[Row::new("resets", "sa", "BR", addr)]);
@@ -174,5 +176,57 @@ async fn the_idle_timeout_resets_the_client() {
         end.expect_err("a FIN after the idle timeout").kind(),
         std::io::ErrorKind::ConnectionReset
     );
+    p.stop().await;
+}
+
+/// At `max_connections` accepting pauses (once, not in a loop) and resumes when a
+/// connection closes; the client waiting meanwhile is served then.
+#[tokio::test]
+async fn accepting_pauses_at_max_connections() {
+    let a = Backend::start("a").await;
+    let db = Db::new(&[Row::new("a", "sa", "BR", a.addr)]);
+    let p = Proxy::start(&db, "max_connections = 2\nbinding_ttl_secs = 0").await;
+    let first = open("127.0.0.2", p.addr).await;
+    let second = open("127.0.0.2", p.addr).await;
+    let pauses = || p.host.telemetry.accept_pauses.load(Ordering::Relaxed);
+    wait_until(|| pauses() >= 1).await;
+    // The third client waits in the backlog, not accepted, until a slot frees.
+    let third = tokio::spawn(greeted(
+        connect_from("127.0.0.2".parse().unwrap(), p.addr).await,
+    ));
+    drop(first);
+    let (name, third) = tokio::time::timeout(WAIT, third).await.unwrap().unwrap();
+    assert_eq!(name, "a");
+    // One pause per time the cap was reached, not a spinning loop.
+    assert!(pauses() <= 2, "{} pauses", pauses());
+    drop((second, third));
+    p.stop().await;
+}
+
+/// A client that stops reading while its backend streams: the relay holds one buffer or
+/// pipe, the socket buffers fill, nothing moves, and the idle timeout ends it.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_by_the_idle_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streamed = Arc::new(AtomicUsize::new(0));
+    let counted = streamed.clone();
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        sock.write_all(b"stream\n").await.unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        while sock.write_all(&chunk).await.is_ok() {
+            counted.fetch_add(chunk.len(), Ordering::Relaxed);
+        }
+    });
+    let db = Db::new(&[Row::new("stream", "sa", "BR", addr)]);
+    let p = Proxy::start(&db, "idle_timeout_secs = 1").await;
+    let (_, conn) = open("127.0.0.2", p.addr).await;
+    // The proxy's connection ends (the backend sees its write fail) while the client
+    // still reads nothing.
+    wait_until(|| p.active() == 0).await;
+    let held = streamed.load(Ordering::Relaxed);
+    assert!(held < 64 << 20, "{held} bytes were taken from the backend");
+    drop(conn);
     p.stop().await;
 }

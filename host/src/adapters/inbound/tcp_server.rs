@@ -1,17 +1,20 @@
 //! The accept loop of one listener. It only accepts, applies PROXY protocol and hands the
-//! connection to the proxy service on its own task; it survives every per-connection error
-//! and backs off on descriptor exhaustion instead of exiting.
+//! connection to the proxy service on its own task; it survives every per-connection error,
+//! backs off on descriptor exhaustion instead of exiting, and pauses (without spinning) while
+//! the POP holds `max_connections`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::proxy_protocol;
-use crate::adapters::net::is_local_resource_error;
+use crate::adapters::net::{is_local_resource_error, set_keepalive};
 use crate::application::proxy_service::{Inbound, ProxyService};
 use crate::application::telemetry::ListenerStats;
 use crate::config::ListenerConfig;
@@ -46,25 +49,68 @@ pub fn bind(addr: SocketAddr, copies: usize) -> std::io::Result<Vec<TcpListener>
     Ok(bound)
 }
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// After any other accept error: enough to stop a tight loop, too short to notice.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(1);
+
+/// What every accept loop of a POP shares.
+#[derive(Clone)]
+pub struct Acceptor {
+    pub service: Arc<ProxyService>,
+    /// Stops accepting.
+    pub shutdown: CancellationToken,
+    /// Tracks connection tasks, for the drain.
+    pub connections: TaskTracker,
+    /// Fires only when a drain times out: ends the connections left.
+    pub kill: CancellationToken,
+    /// One permit per open client connection, across listeners (`max_connections`);
+    /// None: no cap.
+    pub slots: Option<Arc<Semaphore>>,
+}
 
 pub async fn serve(
     listener: TcpListener,
     config: ListenerConfig,
-    service: Arc<ProxyService>,
-    shutdown: CancellationToken,
-    connections: TaskTracker,
-    kill: CancellationToken,
     stats: Arc<ListenerStats>,
+    acceptor: Acceptor,
 ) {
+    let Acceptor {
+        service,
+        shutdown,
+        connections,
+        kill,
+        slots,
+    } = acceptor;
     let config = Arc::new(config);
     let app: Option<Arc<str>> = config.app.as_deref().map(Arc::from);
-    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt
-    // here instead of one per connection. Elsewhere each connection sets it.
-    let inherited_nodelay = cfg!(target_os = "linux")
-        && socket2::SockRef::from(&listener)
-            .set_tcp_nodelay(true)
-            .is_ok();
+    // Accepted sockets inherit TCP_NODELAY and the keepalive settings from the listener
+    // on Linux: setsockopt calls here instead of per connection. Elsewhere each connection
+    // sets them.
+    let on_listener = cfg!(target_os = "linux");
+    let sock = socket2::SockRef::from(&listener);
+    let inherited_nodelay = on_listener && sock.set_tcp_nodelay(true).is_ok();
+    let keepalive = service.settings.keepalive;
+    if let (true, Some(idle)) = (on_listener, keepalive) {
+        set_keepalive(&listener, idle);
+    }
     loop {
+        // At the cap the loop waits here, not in accept(2): new clients queue in the
+        // kernel's backlog until a connection closes.
+        let slot = match &slots {
+            None => None,
+            Some(slots) => match Arc::clone(slots).try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    service
+                        .telemetry
+                        .accept_pauses
+                        .fetch_add(1, Ordering::Relaxed);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        permit = Arc::clone(slots).acquire_owned() => permit.ok(),
+                    }
+                }
+            },
+        };
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => r,
@@ -76,10 +122,12 @@ pub async fn serve(
                 let kill = kill.clone();
                 let open = stats.opened();
                 connections.spawn(async move {
-                    let _open = open;
-                    // `kill` fires only when a drain times out.
+                    let (_open, _slot) = (open, slot);
                     if !inherited_nodelay {
                         let _ = stream.set_nodelay(true);
+                    }
+                    if let (false, Some(idle)) = (on_listener, keepalive) {
+                        set_keepalive(&stream, idle);
                     }
                     tokio::select! {
                         _ = connection(stream, peer, &config, app, &service) => {}
@@ -87,12 +135,25 @@ pub async fn serve(
                     }
                 });
             }
-            Err(e) if is_local_resource_error(&e) => {
-                tracing::error!(listener = %config.addr, error = %e, "accept failed: out of resources; backing off");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            Err(e) => {
+                // Out of descriptors (or buffers): nothing to do but wait for some to free.
+                // Anything else (an aborted handshake) concerns one client, but a loop of
+                // them must not spin a core either.
+                let pause = match is_local_resource_error(&e) {
+                    true => {
+                        tracing::error!(listener = %config.addr, error = %e, "accept failed: out of resources; backing off");
+                        ACCEPT_BACKOFF
+                    }
+                    false => {
+                        tracing::debug!(listener = %config.addr, error = %e, "accept failed");
+                        ACCEPT_ERROR_PAUSE
+                    }
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
             }
-            // Aborted handshakes and the like concern one client only.
-            Err(e) => tracing::debug!(listener = %config.addr, error = %e, "accept failed"),
         }
     }
 }
@@ -143,6 +204,22 @@ mod tests {
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    /// So is keepalive (`serve` sets it on the listener only).
+    #[tokio::test]
+    async fn accepted_sockets_inherit_keepalive_from_the_listener() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        crate::adapters::net::set_keepalive(&listener, std::time::Duration::from_secs(42));
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(
+            sock.tcp_keepalive_time().unwrap(),
+            std::time::Duration::from_secs(42)
+        );
     }
 
     #[tokio::test]

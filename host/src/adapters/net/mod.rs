@@ -20,3 +20,29 @@ pub fn is_local_resource_error(e: &std::io::Error) -> bool {
 pub fn reset_on_close(stream: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
+
+/// TCP keepalive: the first probe after `idle` without traffic, then every 10 s (the
+/// system's probe count), so a peer that vanished without a FIN or RST is noticed.
+pub fn set_keepalive(socket: &impl std::os::fd::AsFd, idle: std::time::Duration) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(idle.min(std::time::Duration::from_secs(10)));
+    let _ = socket2::SockRef::from(socket).set_tcp_keepalive(&keepalive);
+}
+
+/// Raises the soft limit of open descriptors to the hard limit (a default systemd unit
+/// gives 1024 soft: about 500 proxied connections). Returns (soft, hard) as they are now.
+#[cfg(target_os = "linux")]
+pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        setrlimit(Resource::Nofile, limit.clone())?;
+    }
+    let now = getrlimit(Resource::Nofile);
+    Ok((
+        now.current.unwrap_or(u64::MAX),
+        now.maximum.unwrap_or(u64::MAX),
+    ))
+}
