@@ -38,7 +38,7 @@ pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current != limit.maximum {
         limit.current = limit.maximum;
-        setrlimit(Resource::Nofile, limit.clone())?;
+        setrlimit(Resource::Nofile, limit)?;
     }
     let now = getrlimit(Resource::Nofile);
     Ok((
