@@ -110,7 +110,7 @@ async fn small_exchanges_on_many_threads_never_stall() {
             let addr = p.addr;
             tokio::spawn(async move {
                 let (_, mut conn) = open("127.0.0.2", addr).await;
-                let mut back = vec![0u8; 200];
+                let mut back = [0u8; 200];
                 for round in 0..200usize {
                     let len = 1 + (round * 7 + c) % 150;
                     let msg: Vec<u8> = (0..len).map(|i| (i + round) as u8).collect();
