@@ -216,10 +216,6 @@ impl Host {
             shutdown: shutdown.clone(),
             connections: connections.clone(),
             kill: kill.clone(),
-            slots: self
-                .telemetry
-                .connection_limit
-                .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
         };
         for (listener, config) in listeners {
             let addr = listener.local_addr()?;
@@ -235,6 +231,7 @@ impl Host {
                     addr,
                     config.app.clone(),
                     config.proxy_protocol,
+                    self.telemetry.slots.clone(),
                 ));
                 self.telemetry.add_listener(Arc::clone(&s));
                 s

@@ -3,9 +3,12 @@
 //! formats live in the admin adapter; nothing here formats or allocates per event.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::log_throttle::LogThrottle;
 
@@ -72,6 +75,68 @@ impl Histogram {
     }
 }
 
+/// The POP's `max_connections`: one slot per open client connection, across listeners.
+/// Taking and returning a slot is one atomic step; the wake-up for paused accept loops is
+/// only touched when the POP was at its cap.
+#[derive(Debug)]
+pub struct ConnectionSlots {
+    max: usize,
+    open: AtomicUsize,
+    freed: Notify,
+    /// Times an accept loop paused at the cap.
+    pub pauses: AtomicU64,
+}
+
+impl ConnectionSlots {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            open: AtomicUsize::new(0),
+            freed: Notify::new(),
+            pauses: AtomicU64::new(0),
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    fn try_take(&self) -> bool {
+        self.open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// A slot, waiting (without spinning) while every slot is taken; false if `stop`
+    /// fires first.
+    pub async fn take(&self, stop: &CancellationToken) -> bool {
+        let mut paused = false;
+        loop {
+            // Registered before the check: a slot freed in between still wakes us.
+            let freed = self.freed.notified();
+            if self.try_take() {
+                return true;
+            }
+            if !std::mem::replace(&mut paused, true) {
+                self.pauses.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = freed => {}
+            }
+        }
+    }
+
+    pub fn release(&self) {
+        if self.open.fetch_sub(1, Ordering::Relaxed) >= self.max {
+            // Every paused loop races for the slot; the losers pause again.
+            self.freed.notify_waiters();
+        }
+    }
+}
+
 /// One listener's connection counts.
 #[derive(Debug)]
 pub struct ListenerStats {
@@ -80,16 +145,41 @@ pub struct ListenerStats {
     pub proxy_protocol: bool,
     accepted: AtomicU64,
     closed: AtomicU64,
+    /// The POP's connection cap, released when an open connection closes.
+    slots: Option<Arc<ConnectionSlots>>,
 }
 
 impl ListenerStats {
-    pub fn new(addr: SocketAddr, app: Option<String>, proxy_protocol: bool) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        app: Option<String>,
+        proxy_protocol: bool,
+        slots: Option<Arc<ConnectionSlots>>,
+    ) -> Self {
         Self {
             addr,
             app,
             proxy_protocol,
             accepted: AtomicU64::new(0),
             closed: AtomicU64::new(0),
+            slots,
+        }
+    }
+
+    /// Waits for a connection slot under `max_connections` (at once without a cap); false
+    /// when `stop` fires first. Each slot taken is returned by the `OpenConnection` of
+    /// the connection accepted with it, or by [`Self::unused_slot`].
+    pub async fn slot(&self, stop: &CancellationToken) -> bool {
+        match &self.slots {
+            None => true,
+            Some(s) => s.take(stop).await,
+        }
+    }
+
+    /// Returns a slot taken for an accept that failed.
+    pub fn unused_slot(&self) {
+        if let Some(s) = &self.slots {
+            s.release();
         }
     }
 
@@ -119,6 +209,7 @@ pub struct OpenConnection(Arc<ListenerStats>);
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.closed.fetch_add(1, Ordering::Relaxed);
+        self.0.unused_slot();
     }
 }
 
@@ -148,10 +239,8 @@ pub struct Telemetry {
     /// Connect attempts that failed for this POP's own want of descriptors, buffers or
     /// ports (EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL): not the backend's fault.
     pub local_connect_failures: AtomicU64,
-    /// Times an accept loop waited for a free slot under `max_connections`.
-    pub accept_pauses: AtomicU64,
-    /// `max_connections`; None: no cap.
-    pub connection_limit: Option<usize>,
+    /// `max_connections`, shared by every listener; None: no cap.
+    pub slots: Option<Arc<ConnectionSlots>>,
     pub connect_time: Histogram,
     /// Warnings for overridden policy answers, at most one a second.
     pub override_log: LogThrottle,
@@ -171,8 +260,7 @@ impl Default for Telemetry {
             binding_misses: AtomicU64::new(0),
             no_backend: AtomicU64::new(0),
             local_connect_failures: AtomicU64::new(0),
-            accept_pauses: AtomicU64::new(0),
-            connection_limit: None,
+            slots: None,
             connect_time: Histogram::new(CONNECT_BUCKETS),
             override_log: LogThrottle::new(Duration::from_secs(1)),
             connection_log: LogThrottle::new(Duration::from_secs(1)),
@@ -183,7 +271,7 @@ impl Default for Telemetry {
 impl Telemetry {
     pub fn with_connection_limit(limit: Option<usize>) -> Self {
         Self {
-            connection_limit: limit,
+            slots: limit.map(|n| Arc::new(ConnectionSlots::new(n))),
             ..Self::default()
         }
     }
@@ -232,12 +320,36 @@ mod tests {
         assert!((s.sum_seconds - 1.0065).abs() < 1e-9);
     }
 
+    #[tokio::test]
+    async fn a_paused_take_resumes_when_a_slot_frees_and_stops_on_shutdown() {
+        let slots = Arc::new(ConnectionSlots::new(1));
+        let stop = CancellationToken::new();
+        assert!(slots.take(&stop).await);
+        let waiting = tokio::spawn({
+            let (slots, stop) = (slots.clone(), stop.clone());
+            async move { slots.take(&stop).await }
+        });
+        while slots.pauses.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        slots.release();
+        assert!(waiting.await.unwrap());
+        let waiting = tokio::spawn({
+            let (slots, stop) = (slots.clone(), stop.clone());
+            async move { slots.take(&stop).await }
+        });
+        stop.cancel();
+        assert!(!waiting.await.unwrap());
+        assert_eq!(slots.pauses.load(Ordering::Relaxed), 2);
+    }
+
     #[test]
     fn listener_counts_a_connection_closed_however_it_ends() {
         let l = Arc::new(ListenerStats::new(
             "127.0.0.1:1".parse().unwrap(),
             None,
             false,
+            None,
         ));
         let a = l.opened();
         let b = l.opened();

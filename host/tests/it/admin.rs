@@ -21,14 +21,14 @@ async fn exchange(source: &str, addr: SocketAddr, line: &str) -> String {
     name
 }
 
-async fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {
+pub(crate) async fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {
     let (code, body) = http(admin, "GET", "/metrics", &[]).await;
     assert_eq!(code, 200, "{body}");
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
 }
 
 /// The value of the sample `name` whose labels include `labels`.
-fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     let sample = s
         .samples
         .iter()

@@ -188,7 +188,8 @@ async fn accepting_pauses_at_max_connections() {
     let p = Proxy::start(&db, "max_connections = 2\nbinding_ttl_secs = 0").await;
     let first = open("127.0.0.2", p.addr).await;
     let second = open("127.0.0.2", p.addr).await;
-    let pauses = || p.host.telemetry.accept_pauses.load(Ordering::Relaxed);
+    let slots = p.host.telemetry.slots.clone().unwrap();
+    let pauses = || slots.pauses.load(Ordering::Relaxed);
     wait_until(|| pauses() >= 1).await;
     // The third client waits in the backlog, not accepted, until a slot frees.
     let third = tokio::spawn(greeted(
@@ -199,6 +200,12 @@ async fn accepting_pauses_at_max_connections() {
     assert_eq!(name, "a");
     // One pause per time the cap was reached, not a spinning loop.
     assert!(pauses() <= 2, "{} pauses", pauses());
+    let scraped = crate::admin::scrape(p.admin).await;
+    assert_eq!(
+        crate::admin::value(&scraped, "edgeproxy_connections_limit", &[]),
+        2.0
+    );
+    assert!(crate::admin::value(&scraped, "edgeproxy_accept_pauses_total", &[]) >= 1.0);
     drop((second, third));
     p.stop().await;
 }

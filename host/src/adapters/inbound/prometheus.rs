@@ -156,6 +156,23 @@ impl Collector for HostCollector {
                 counter(telemetry.local_connect_failures.load(Relaxed)),
             )],
         )?;
+        if let Some(slots) = &telemetry.slots {
+            family(
+                e,
+                "accept_pauses",
+                "Times an accept loop paused because the POP held max_connections",
+                [(vec![], counter(slots.pauses.load(Relaxed)))],
+            )?;
+            family(
+                e,
+                "connections_limit",
+                "max_connections: client connections this POP holds at most",
+                [(
+                    vec![],
+                    gauge(i64::try_from(slots.max()).unwrap_or(i64::MAX)),
+                )],
+            )?;
+        }
 
         let backends = admin.backends();
         let per_backend = |f: fn(&BackendStatus) -> u64| {

@@ -5,11 +5,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -62,9 +60,6 @@ pub struct Acceptor {
     pub connections: TaskTracker,
     /// Fires only when a drain times out: ends the connections left.
     pub kill: CancellationToken,
-    /// One permit per open client connection, across listeners (`max_connections`);
-    /// None: no cap.
-    pub slots: Option<Arc<Semaphore>>,
 }
 
 pub async fn serve(
@@ -78,41 +73,29 @@ pub async fn serve(
         shutdown,
         connections,
         kill,
-        slots,
     } = acceptor;
     let config = Arc::new(config);
     let app: Option<Arc<str>> = config.app.as_deref().map(Arc::from);
     // Accepted sockets inherit TCP_NODELAY and the keepalive settings from the listener
-    // on Linux: setsockopt calls here instead of per connection. Elsewhere each connection
-    // sets them.
-    let on_listener = cfg!(target_os = "linux");
+    // on Linux: setsockopt calls here instead of per connection (elsewhere each
+    // connection sets them).
     let sock = socket2::SockRef::from(&listener);
-    let inherited_nodelay = on_listener && sock.set_tcp_nodelay(true).is_ok();
+    let inherited = cfg!(target_os = "linux") && sock.set_tcp_nodelay(true).is_ok();
     let keepalive = service.settings.keepalive;
-    if let (true, Some(idle)) = (on_listener, keepalive) {
+    if let (true, Some(idle)) = (inherited, keepalive) {
         set_keepalive(&listener, idle);
     }
     loop {
         // At the cap the loop waits here, not in accept(2): new clients queue in the
         // kernel's backlog until a connection closes.
-        let slot = match &slots {
-            None => None,
-            Some(slots) => match Arc::clone(slots).try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    service
-                        .telemetry
-                        .accept_pauses
-                        .fetch_add(1, Ordering::Relaxed);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        permit = Arc::clone(slots).acquire_owned() => permit.ok(),
-                    }
-                }
-            },
-        };
+        if !stats.slot(&shutdown).await {
+            return;
+        }
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                stats.unused_slot();
+                return;
+            }
             r = listener.accept() => r,
         };
         match accepted {
@@ -121,14 +104,14 @@ pub async fn serve(
                     (Arc::clone(&service), Arc::clone(&config), app.clone());
                 let kill = kill.clone();
                 let open = stats.opened();
-                connections.spawn(async move {
-                    let (_open, _slot) = (open, slot);
-                    if !inherited_nodelay {
-                        let _ = stream.set_nodelay(true);
-                    }
-                    if let (false, Some(idle)) = (on_listener, keepalive) {
+                if !inherited {
+                    let _ = stream.set_nodelay(true);
+                    if let Some(idle) = keepalive {
                         set_keepalive(&stream, idle);
                     }
+                }
+                connections.spawn(async move {
+                    let _open = open;
                     tokio::select! {
                         _ = connection(stream, peer, &config, app, &service) => {}
                         _ = kill.cancelled() => {}
@@ -136,6 +119,7 @@ pub async fn serve(
                 });
             }
             Err(e) => {
+                stats.unused_slot();
                 // Out of descriptors (or buffers): nothing to do but wait for some to free.
                 // Anything else (an aborted handshake) concerns one client, but a loop of
                 // them must not spin a core either.
