@@ -49,6 +49,8 @@ pub struct Host {
     pub wasm_policy: Option<Arc<WasmPolicy>>,
     pub telemetry: Arc<Telemetry>,
     pub admin: Arc<Admin>,
+    /// Ends a drain at once (a second SIGTERM/SIGINT): the connections left are closed.
+    pub abort: CancellationToken,
     admin_token: Option<String>,
     db_path: std::path::PathBuf,
     db_reload: Duration,
@@ -149,6 +151,7 @@ impl Host {
             wasm_policy: None,
             telemetry,
             admin,
+            abort: CancellationToken::new(),
             admin_token: config.admin.as_ref().and_then(|a| a.token.clone()),
             db_path: s.db_path.clone(),
             db_reload: Duration::from_secs(s.db_reload_secs),
@@ -159,7 +162,8 @@ impl Host {
 
     /// Serves `listeners` (and the admin API on `admin`) and runs the reload and GC tasks
     /// until `shutdown` is cancelled; then stops accepting and lets open connections
-    /// finish for up to the drain timeout.
+    /// finish for up to the drain timeout, or until [`Self::abort`] fires. The admin API
+    /// (and `/metrics`) answers until the drain ends.
     pub async fn run(
         &self,
         listeners: Vec<(TcpListener, ListenerConfig)>,
@@ -167,7 +171,8 @@ impl Host {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Drained> {
         let background = TaskTracker::new();
-        let stop_background = shutdown.child_token();
+        // Not a child of `shutdown`: reloads and the admin API go on during the drain.
+        let stop_background = CancellationToken::new();
 
         let db_changed = Arc::new(Notify::new());
         let _watch = match adapters::inbound::file_watch::watch(
@@ -251,16 +256,21 @@ impl Host {
         if open > 0 {
             tracing::info!(open, timeout = ?self.drain_timeout, "draining connections");
         }
-        let cut_off = match tokio::time::timeout(self.drain_timeout, connections.wait()).await {
-            Ok(()) => 0,
-            Err(_) => {
+        let drained = tokio::select! {
+            r = tokio::time::timeout(self.drain_timeout, connections.wait()) => r.is_ok(),
+            _ = self.abort.cancelled() => false,
+        };
+        let cut_off = match drained {
+            true => 0,
+            false => {
                 let left = connections.len();
-                tracing::warn!(left, "drain timeout; closing the remaining connections");
+                tracing::warn!(left, "drain cut short; closing the remaining connections");
                 kill.cancel();
                 connections.wait().await;
                 left
             }
         };
+        stop_background.cancel();
         background.close();
         background.wait().await;
         Ok(Drained { cut_off })

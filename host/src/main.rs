@@ -314,7 +314,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let drained = host.run(listeners, admin, shutdown_signal()).await?;
+    let drained = host
+        .run(listeners, admin, shutdown_signal_then(host.abort.clone()))
+        .await?;
     tracing::info!(cut_off = drained.cut_off, "stopped");
     Ok(())
 }
@@ -346,25 +348,37 @@ fn raise_fd_limit(max_connections: usize) {
     let _ = max_connections;
 }
 
-/// Cancelled on the first SIGTERM or SIGINT.
-fn shutdown_signal() -> CancellationToken {
+/// Cancelled on the first SIGTERM or SIGINT; `abort` on the second.
+fn shutdown_signal_then(abort: CancellationToken) -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing the SIGTERM handler");
-            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+            tracing::info!("shutdown requested; a second SIGTERM or SIGINT ends the drain at once");
+            t.cancel();
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+            tracing::info!("second shutdown signal: ending the drain");
+            abort.cancel();
         }
         #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("shutdown requested");
-        t.cancel();
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            t.cancel();
+            let _ = tokio::signal::ctrl_c().await;
+            abort.cancel();
+        }
     });
     token
+}
+
+/// Cancelled on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> CancellationToken {
+    shutdown_signal_then(CancellationToken::new())
 }
 
 fn init_tracing(debug: bool, format: LogFormat) {

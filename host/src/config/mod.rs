@@ -65,6 +65,10 @@ pub struct ListenerConfig {
     pub proxy_protocol: bool,
     #[serde(default)]
     pub trusted_proxies: Vec<IpNet>,
+    /// Lets `trusted_proxies` hold `0.0.0.0/0` or `::/0` (any peer may then claim any
+    /// client address); refused otherwise.
+    #[serde(default)]
+    pub trust_any_peer: bool,
 }
 
 impl ListenerConfig {
@@ -74,6 +78,7 @@ impl ListenerConfig {
             app: None,
             proxy_protocol: false,
             trusted_proxies: Vec::new(),
+            trust_any_peer: false,
         }
     }
 
@@ -177,6 +182,14 @@ impl Config {
                 errors.push(invalid(
                     format!("listener[{i}].trusted_proxies"),
                     "proxy_protocol = true needs at least one trusted CIDR",
+                ));
+            }
+            if let Some(any) = lc.trusted_proxies.iter().find(|n| n.prefix_len() == 0)
+                && !lc.trust_any_peer
+            {
+                errors.push(invalid(
+                    format!("listener[{i}].trusted_proxies"),
+                    format!("{any} lets any peer claim any client address; list the load balancers' networks, or set trust_any_peer = true"),
                 ));
             }
             if listeners[..i].iter().any(|o| o.addr == lc.addr) {
@@ -464,6 +477,10 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("trusted_proxies"), "{err}");
+        let any = "[[listener]]\naddr = \"127.0.0.1:1\"\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\", \"::/0\"]";
+        let err = resolve(any, &[]).unwrap_err();
+        assert!(err.to_string().contains("::/0 lets any peer"), "{err}");
+        assert!(resolve(&format!("{any}\ntrust_any_peer = true"), &[]).is_ok());
         let err = resolve("[regions]\naf = [\"ZAF\"]", &[]).unwrap_err();
         assert!(err.to_string().contains("regions.af"), "{err}");
         let err = resolve("policy_memory_mib = 5000", &[]).unwrap_err();

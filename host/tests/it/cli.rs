@@ -434,3 +434,45 @@ fn start_up_raises_the_soft_descriptor_limit() {
     assert_eq!(soft, hard, "{line}");
     assert!(soft.as_u64().unwrap() > 256, "{line}");
 }
+
+/// The first SIGTERM starts a drain (here an hour long, with one connection open); the
+/// second ends it at once.
+#[test]
+fn a_second_sigterm_ends_the_drain() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let backend = rt.block_on(Backend::start("b"));
+    let db = Db::new(&[Row::new("b", "sa", "BR", backend.addr)]);
+    let (mut child, addr, log_rx) = start_logged(
+        edgeproxy()
+            .env("EDGEPROXY_DB_PATH", &db.path)
+            .env("EDGEPROXY_DRAIN_TIMEOUT_SECS", "3600"),
+    );
+    let _held = rt.block_on(open("127.0.0.1", addr));
+    let term = || {
+        Command::new("kill")
+            .args(["-TERM", &child.0.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    term();
+    // Wait for the drain to start, then signal again.
+    while !log_rx
+        .recv_timeout(WAIT)
+        .expect("the drain in the log")
+        .contains("draining connections")
+    {}
+    term();
+    let deadline = std::time::Duration::from_secs(10);
+    let started = tokio::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "still draining after a second SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}

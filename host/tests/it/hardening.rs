@@ -237,3 +237,24 @@ async fn a_client_that_stops_reading_is_closed_by_the_idle_timeout() {
     drop(conn);
     p.stop().await;
 }
+
+/// During a drain the admin API and `/metrics` still answer, and `abort` (a second
+/// SIGTERM/SIGINT) ends the drain at once instead of after its timeout.
+#[tokio::test]
+async fn metrics_answer_during_the_drain_and_a_second_signal_ends_it() {
+    let a = Backend::start("a").await;
+    let db = Db::new(&[Row::new("a", "sa", "BR", a.addr)]);
+    let p = Proxy::start(&db, "drain_timeout_secs = 3600").await;
+    let (_, _held) = open("127.0.0.2", p.addr).await;
+    p.shutdown.cancel();
+    // The drain has begun once the listener is gone.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(p.addr).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting");
+        tokio::task::yield_now().await;
+    }
+    let scraped = crate::admin::scrape(p.admin).await;
+    assert!(!scraped.samples.is_empty());
+    p.host.abort.cancel();
+    assert_eq!(p.stop().await.cut_off, 1);
+}
