@@ -342,6 +342,10 @@ impl ScoringPolicy for WasmPolicy {
 fn describe(e: &wasmtime::Error) -> (FaultKind, String) {
     match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::OutOfFuel) => (FaultKind::Timeout, "ran past its time budget".into()),
+        Some(wasmtime::Trap::Interrupt) => (
+            FaultKind::Timeout,
+            "ran past its wall-clock backstop".into(),
+        ),
         Some(trap) => (FaultKind::Trap, format!("trapped: {trap}")),
         None => (FaultKind::Trap, format!("{:#}", e)),
     }

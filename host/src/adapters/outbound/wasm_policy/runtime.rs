@@ -7,7 +7,10 @@
 //! (an instruction budget), not by the wall clock: a policy is stopped after the same
 //! amount of work however busy or preempted the host thread is, so containment is
 //! deterministic and a healthy policy never "times out" because the machine was loaded.
-//! Each instance's memory is bounded by `StoreLimits`.
+//! An epoch deadline is the wall-clock backstop (10x the budget, in 10 ms ticks) should
+//! fuel ever undercount. Each instance's memory and table sizes are bounded by
+//! `StoreLimits`, and what `host.log` may take per call is capped, since fuel counts guest
+//! instructions, not host work.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +24,16 @@ use super::bindings::{Policy, PolicyPre};
 /// Fuel per millisecond of `timeout`: measured here, 10^6 units of fuel take a tight wasm
 /// loop 0.2-1.5 ms, so a budget never allows much more than the configured time.
 pub const FUEL_PER_MS: u64 = 1_000_000;
+
+/// The engine's epoch advances this often (one thread per engine).
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Bytes `host.log` accepts in one call; past it the call traps. The string itself is
+/// already bounded by the instance's memory.
+pub const LOG_BYTES_PER_CALL: usize = 8 * 1024;
+/// A logged line is cut to this many bytes.
+const LOG_LINE_MAX: usize = 512;
+/// Table elements an instance may hold (`table.grow` allocates host memory).
+pub const TABLE_ELEMENTS: usize = 10_000;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -65,18 +78,30 @@ pub enum LoadError {
 pub struct GuestState {
     policy_name: Arc<str>,
     limits: StoreLimits,
+    /// `host.log` bytes in the current call.
+    logged: usize,
 }
 
 // The types interface has no functions; the trait only marks that it is provided.
 impl super::bindings::edgeproxy::policy::types::Host for GuestState {}
 
 impl super::bindings::edgeproxy::policy::host::Host for GuestState {
-    fn log(&mut self, message: String) {
-        tracing::debug!(policy = %self.policy_name, "{message}");
+    fn log(&mut self, message: String) -> wasmtime::Result<()> {
+        // A line counts at least 64 bytes, so empty lines cannot flood either.
+        self.logged += message.len().max(64);
+        if self.logged > LOG_BYTES_PER_CALL {
+            wasmtime::bail!("logged more than {LOG_BYTES_PER_CALL} bytes in one call");
+        }
+        let mut end = message.len().min(LOG_LINE_MAX);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        tracing::debug!(policy = %self.policy_name, "{}", &message[..end]);
+        Ok(())
     }
 
-    fn random(&mut self) -> u64 {
-        fastrand::u64(..)
+    fn random(&mut self) -> wasmtime::Result<u64> {
+        Ok(fastrand::u64(..))
     }
 }
 
@@ -92,7 +117,21 @@ impl Runtime {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.consume_fuel(true);
+        config.epoch_interruption(true);
         let engine = Engine::new(&config)?;
+        // The ticker ends when the last handle to the engine is gone.
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("policy-epoch".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => return,
+                    }
+                }
+            })?;
         let mut linker = Linker::new(&engine);
         Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
 
@@ -157,23 +196,17 @@ impl Runtime {
         pre: &PolicyPre<GuestState>,
         policy_name: &Arc<str>,
     ) -> wasmtime::Result<(Store<GuestState>, Policy)> {
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(self.limits.memory_bytes)
-            .trap_on_grow_failure(true)
-            .instances(4)
-            .tables(4)
-            .memories(1)
-            .build();
         let mut store = Store::new(
             &self.engine,
             GuestState {
                 policy_name: Arc::clone(policy_name),
-                limits,
+                limits: store_limits(self.limits.memory_bytes),
+                logged: 0,
             },
         );
         store.limiter(|s| &mut s.limits);
         // Instantiation runs the guest's start-up code, which needs fuel too.
-        store.set_fuel(self.limits.fuel())?;
+        self.arm(&mut store, 1);
         let policy = pre.instantiate(&mut store)?;
         Ok((store, policy))
     }
@@ -183,7 +216,26 @@ impl Runtime {
     pub fn arm(&self, store: &mut Store<GuestState>, scale: u64) {
         // Invariant: fuel is enabled on this engine, so setting it cannot fail.
         let _ = store.set_fuel(self.limits.fuel().saturating_mul(scale));
+        let budget = self
+            .limits
+            .timeout
+            .saturating_mul(u32::try_from(scale).unwrap_or(u32::MAX));
+        let ticks = budget.saturating_mul(10).as_millis() / EPOCH_TICK.as_millis();
+        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(2));
+        store.data_mut().logged = 0;
     }
+}
+
+/// The bounds of one instance: memory, table elements, and few instances and tables.
+fn store_limits(memory_bytes: usize) -> StoreLimits {
+    StoreLimitsBuilder::new()
+        .memory_size(memory_bytes)
+        .table_elements(TABLE_ELEMENTS)
+        .trap_on_grow_failure(true)
+        .instances(4)
+        .tables(4)
+        .memories(1)
+        .build()
 }
 
 /// What kind of file `bytes` is, in words.
@@ -252,4 +304,40 @@ fn embed_policy_world(module: &mut Vec<u8>) -> anyhow::Result<()> {
         world,
         wit_component::StringEncoding::UTF8,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(table 0 funcref)` and `grow(n)`: `table.grow` by n null references.
+    const TABLE_GROWER: &[u8] = &[
+        0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+        0x01, 0x06, 0x01, 0x60, 0x01, 0x7f, 0x01, 0x7f, // type: (i32) -> i32
+        0x03, 0x02, 0x01, 0x00, // one function of that type
+        0x04, 0x04, 0x01, 0x70, 0x00, 0x00, // table: funcref, min 0, no max
+        0x07, 0x08, 0x01, 0x04, b'g', b'r', b'o', b'w', 0x00, 0x00, // export "grow"
+        0x0a, 0x0b, 0x01, 0x09, 0x00, // code: one body, no locals
+        0xd0, 0x70, 0x20, 0x00, 0xfc, 0x0f, 0x00,
+        0x0b, // ref.null func; local.get 0; table.grow 0
+    ];
+
+    #[test]
+    fn table_growth_is_bounded() {
+        let engine = Engine::default();
+        let module = wasmtime::Module::new(&engine, TABLE_GROWER).unwrap();
+        let mut store = Store::new(&engine, store_limits(16 << 20));
+        store.limiter(|l| l);
+        let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        let grow = instance
+            .get_typed_func::<i32, i32>(&mut store, "grow")
+            .unwrap();
+        assert_eq!(
+            grow.call(&mut store, 100).unwrap(),
+            0,
+            "small growth is fine"
+        );
+        // 10^7 elements would be 80 MB of host memory outside the memory cap.
+        assert!(grow.call(&mut store, 10_000_000).is_err());
+    }
 }
