@@ -133,6 +133,13 @@ pub struct PolicyStatus {
     pub faults: PolicyFaults,
     /// Decisions the serving policy made since it was loaded.
     pub decisions: u64,
+    /// Some: the policy faulted repeatedly and is suspended for this long yet (the
+    /// native scorer decides meanwhile).
+    pub suspended_for_ms: Option<u64>,
+    /// Times the policy was suspended.
+    pub suspensions: u64,
+    /// Decisions the native scorer made while the policy was suspended.
+    pub suspended_decisions: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]

@@ -258,3 +258,45 @@ async fn metrics_answer_during_the_drain_and_a_second_signal_ends_it() {
     p.host.abort.cancel();
     assert_eq!(p.stop().await.cut_off, 1);
 }
+
+/// A policy that traps on every call is suspended after a few faults: the native scorer
+/// decides the rest without paying for a fresh instance per connection, and `/status`
+/// and `/metrics` say so.
+#[tokio::test]
+async fn a_policy_that_always_faults_is_suspended() {
+    let a = Backend::start("a").await;
+    let mut row = Row::new("a", "sa", "BR", a.addr);
+    row.app = "trap";
+    let db = Db::new(&[row]);
+    let p = Proxy::start_with(
+        &db,
+        ProxyOptions {
+            file: edgeproxy::config::Layer::from_toml(&format!(
+                "binding_ttl_secs = 0\npolicy_path = {:?}",
+                chaos_component().display().to_string()
+            ))
+            .unwrap(),
+            listener: Some(edgeproxy::config::ListenerConfig {
+                app: Some("trap".into()),
+                ..edgeproxy::config::ListenerConfig::plain("127.0.0.1:0".parse().unwrap())
+            }),
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let connections = 3 * edgeproxy::adapters::outbound::wasm_policy::breaker::TRIP as u64;
+    for _ in 0..connections {
+        assert_eq!(served_by("127.0.0.2", p.addr).await, "a");
+    }
+    let wasm = p.host.wasm_policy.clone().unwrap();
+    let traps = wasm.faults.traps.load(Ordering::Relaxed);
+    let suspended = wasm.suspended_decisions.load(Ordering::Relaxed);
+    assert!(
+        traps < connections,
+        "{traps} of {connections} calls trapped"
+    );
+    assert_eq!(traps + suspended, connections);
+    let scraped = crate::admin::scrape(p.admin).await;
+    assert!(crate::admin::value(&scraped, "edgeproxy_policy_suspensions_total", &[]) >= 1.0);
+    p.stop().await;
+}

@@ -302,7 +302,20 @@ impl Collector for HostCollector {
             + f.timeouts
             + f.bad_answers
             + f.instantiate_failures
+            + p.suspended_decisions
             + telemetry.decisions(Decision::Overridden);
+        family(
+            e,
+            "policy_suspensions",
+            "Times the policy faulted repeatedly and was suspended (the native scorer decided)",
+            [(vec![], counter(p.suspensions))],
+        )?;
+        family(
+            e,
+            "policy_suspended",
+            "1 while the policy is suspended after repeated faults",
+            [(vec![], gauge(i64::from(p.suspended_for_ms.is_some())))],
+        )?;
         family(
             e,
             "policy_fallbacks",

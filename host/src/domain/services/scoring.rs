@@ -71,6 +71,9 @@ impl PolicyControl for NativeScorer {
             last_error: None,
             faults: PolicyFaults::default(),
             decisions: 0,
+            suspended_for_ms: None,
+            suspensions: 0,
+            suspended_decisions: 0,
         }
     }
 

@@ -10,6 +10,7 @@
 //! old one.
 
 mod bindings;
+pub mod breaker;
 mod loaded;
 pub mod reload;
 pub mod runtime;
@@ -106,6 +107,10 @@ pub struct WasmPolicy {
     last_error: Mutex<Option<(SystemTime, String)>>,
     /// Fault warnings, at most one a second (`suppressed` says how many were not logged).
     fault_log: LogThrottle,
+    /// Suspends a policy that keeps faulting.
+    pub breaker: breaker::Breaker,
+    /// Decisions the native scorer made while the policy was suspended.
+    pub suspended_decisions: AtomicU64,
 }
 
 struct Fault {
@@ -127,6 +132,8 @@ impl WasmPolicy {
             path: None,
             last_error: Mutex::new(None),
             fault_log: LogThrottle::new(std::time::Duration::from_secs(1)),
+            breaker: breaker::Breaker::default(),
+            suspended_decisions: AtomicU64::new(0),
         }
     }
 
@@ -189,6 +196,7 @@ impl WasmPolicy {
     pub fn swap(&self, next: LoadedPolicy) {
         tracing::info!(policy = %next.name, hash = %next.hash, "policy swapped in");
         self.current.store(Arc::new(next));
+        self.breaker.reset();
         self.reloads.fetch_add(1, Ordering::Relaxed);
         self.reload_events.send_modify(|n| *n += 1);
     }
@@ -304,6 +312,12 @@ impl PolicyControl for WasmPolicy {
                 instantiate_failures: count(&self.faults.instantiate_failures),
             },
             decisions: count(&current.decisions),
+            suspended_for_ms: self
+                .breaker
+                .suspended_for()
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            suspensions: count(&self.breaker.suspensions),
+            suspended_decisions: count(&self.suspended_decisions),
         }
     }
 
@@ -321,6 +335,10 @@ impl ScoringPolicy for WasmPolicy {
     }
 
     fn pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
+        if self.breaker.suspended_for().is_some() {
+            self.suspended_decisions.fetch_add(1, Ordering::Relaxed);
+            return NativeScorer.pick(req, candidates);
+        }
         let loaded = self.current.load();
         match self.decide(&loaded, req, candidates) {
             Ok(answer) => {
@@ -329,7 +347,9 @@ impl ScoringPolicy for WasmPolicy {
             }
             Err(f) => {
                 self.faults.count(f.kind);
-                if let Some(suppressed) = self.fault_log.allow() {
+                if let Some(backoff) = self.breaker.fault() {
+                    tracing::error!(policy = %loaded.name, faults = breaker::TRIP, within = ?breaker::WINDOW, ?backoff, cause = %f.cause, "policy suspended: the native scorer decides until the backoff ends, then the policy is tried again");
+                } else if let Some(suppressed) = self.fault_log.allow() {
                     tracing::warn!(policy = %loaded.name, fault = ?f.kind, cause = %f.cause, suppressed, "policy fault; native scorer decides this connection");
                 }
                 NativeScorer.pick(req, candidates)
