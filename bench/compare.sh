@@ -4,6 +4,7 @@
 #   bench/compare.sh                      # all proxies, all tests
 #   PROXIES="edgeproxy haproxy-splice" TESTS="rate bulk1" bench/compare.sh
 #   BASELINE=/tmp/edgeproxy-old PROXIES="baseline edgeproxy" TESTS="rate idle" bench/compare.sh
+#   PROXIES="edgeproxy-native edgeproxy-trap edgeproxy" TESTS=rate bench/compare.sh
 #
 # Installs HAProxy and nginx (Debian packages) when missing, builds edgeproxy and the
 # project's load generator (bench/loadgen) in release mode, then for each proxy and test
@@ -36,6 +37,9 @@ if ! need haproxy || ! need nginx || [ ! -e /usr/lib/nginx/modules/ngx_stream_mo
 fi
 (cd "$root" && cargo build --release --locked -q -p edgeproxy -p loadgen)
 bin=$root/target/release
+case " $PROXIES " in *" edgeproxy-trap "*)
+  "$bin/edgeproxy" policy build "$root/host/tests/fixtures/chaos-policy" --out "$WORK/chaos.wasm" >/dev/null ;;
+esac
 ulimit -n "$(ulimit -Hn)"  # 20000 here: 2 per proxied connection
 
 pids=()
@@ -58,6 +62,11 @@ start_proxy() {
   case $name in
     edgeproxy)  # the same adapter the shared harness uses; it execs edgeproxy
       cmd=(env EDGEPROXY="$bin/edgeproxy" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
+    # These two decide every connection (bindings off), so the policy runs each time.
+    edgeproxy-native)  # the host's native scorer, no WebAssembly
+      cmd=(env EDGEPROXY="$bin/edgeproxy" POLICY=native BINDINGS=0 THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
+    edgeproxy-trap)  # a policy that traps on every call (the test suite's chaos policy)
+      cmd=(env EDGEPROXY="$bin/edgeproxy" APP=trap BINDINGS=0 EDGEPROXY_POLICY_PATH="$WORK/chaos.wasm" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     baseline)  # another edgeproxy build (BASELINE=path), for before/after runs
       cmd=(env EDGEPROXY="${BASELINE:?set BASELINE to an edgeproxy binary}" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     haproxy) render "$here/peers/haproxy.cfg" "$WORK/haproxy.cfg" "$backend"

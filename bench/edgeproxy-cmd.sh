@@ -2,8 +2,9 @@
 # Runs edgeproxy for ../shared/bench/run.sh: one listener, one backend.
 #   edgeproxy-cmd.sh LISTEN_ADDR BACKEND_ADDR WORKDIR
 # Env: EDGEPROXY (binary, default target/release/edgeproxy), BINDINGS=0 turns bindings off,
-# POLICY=native decides with the native scorer instead of the embedded wasm policy, and any
-# EDGEPROXY_* setting passes through.
+# POLICY=native decides with the native scorer instead of the embedded wasm policy, APP
+# names the backend's app and the listener's (default: the listener serves every app),
+# and any EDGEPROXY_* setting passes through.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 listen=$1 backend=$2 work=$3
@@ -11,7 +12,7 @@ db="$work/routing.db"
 rm -f "$db" "$db-wal" "$db-shm"
 bin=${EDGEPROXY:-$here/../target/release/edgeproxy}
 "$bin" db init --db "$db" >/dev/null
-"$bin" backend add bench-1 --db "$db" --app bench --region sa --country BR \
+"$bin" backend add bench-1 --db "$db" --app "${APP:-bench}" --region sa --country BR \
   --wg-ip "${backend%:*}" --port "${backend##*:}" --soft-limit 1000 >/dev/null
 export EDGEPROXY_LISTEN_ADDR=$listen EDGEPROXY_DB_PATH=$db EDGEPROXY_REGION=sa
 # The harness runs several proxies side by side: no admin listener unless asked for.
@@ -20,4 +21,9 @@ export EDGEPROXY_ADMIN_ADDR=${EDGEPROXY_ADMIN_ADDR:-}
 export EDGEPROXY_WORKER_THREADS=${EDGEPROXY_WORKER_THREADS:-${THREADS:-0}}
 [ "${BINDINGS:-1}" = 0 ] && export EDGEPROXY_BINDING_TTL_SECS=0
 [ "${POLICY:-wasm}" = native ] && export EDGEPROXY_NATIVE_POLICY=true
-exec "$bin" 2>>"$work/edgeproxy.log"
+args=()
+if [ -n "${APP:-}" ]; then
+  printf '[[listener]]\naddr = "%s"\napp = "%s"\n' "$listen" "$APP" > "$work/edgeproxy.toml"
+  args=(--config "$work/edgeproxy.toml")
+fi
+exec "$bin" "${args[@]}" 2>>"$work/edgeproxy.log"
