@@ -26,6 +26,9 @@ pub struct Routing {
     history: Mutex<History>,
     /// Reload attempts by outcome: changed, unchanged, failed.
     outcomes: [AtomicU64; 3],
+    /// One reload at a time (the timer, file events and `POST /reload` all ask): a slow
+    /// load can never store an older table after a newer one, and versions only grow.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// When the table last changed and the last failure, for `/status`.
@@ -52,6 +55,7 @@ impl Routing {
             skipped: Mutex::default(),
             history: Mutex::default(),
             outcomes: Default::default(),
+            reloading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -87,6 +91,7 @@ impl Routing {
 
     /// Loads the table once and swaps it in if it changed; counts and records the outcome.
     pub async fn reload(&self) -> Result<Reloaded, RoutingError> {
+        let _one = self.reloading.lock().await;
         let result = self.load_and_swap().await;
         let outcome = match &result {
             Ok(Reloaded::Changed { .. }) => 0,
@@ -170,5 +175,65 @@ impl Routing {
             }
             self.reload_and_log().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::domain::ports::LoadedBackends;
+    use crate::domain::sample;
+
+    /// The first load is slow and sees the old table; the second is quick and sees the
+    /// new one (an `edgeproxy backend add` landed in between).
+    struct SlowThenFast {
+        loads: AtomicUsize,
+        second_done: Mutex<Option<mpsc::Receiver<()>>>,
+        signal: Mutex<Option<mpsc::Sender<()>>>,
+    }
+
+    impl BackendRepository for SlowThenFast {
+        fn load(&self) -> Result<LoadedBackends, RoutingError> {
+            let n = self.loads.fetch_add(1, Ordering::SeqCst);
+            let mut backends = sample::backends("app");
+            if n == 0 {
+                // Wait (bounded) for the second load to finish first, as it would when
+                // two reloads race; serialised, it never starts, and this one goes on.
+                let rx = self.second_done.lock().unwrap().take().unwrap();
+                let _ = rx.recv_timeout(Duration::from_millis(300));
+                backends.truncate(1);
+            } else if let Some(tx) = self.signal.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+            Ok(LoadedBackends {
+                backends,
+                skipped: Vec::new(),
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_reloads_never_store_an_older_table() {
+        let (tx, rx) = mpsc::channel();
+        let repo = Arc::new(SlowThenFast {
+            loads: AtomicUsize::new(0),
+            second_done: Mutex::new(Some(rx)),
+            signal: Mutex::new(Some(tx)),
+        });
+        let routing = Arc::new(Routing::new(repo.clone(), Arc::new(LiveStats::default())));
+        let first = tokio::spawn({
+            let r = Arc::clone(&routing);
+            async move { r.reload().await }
+        });
+        while repo.loads.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        routing.reload().await.unwrap();
+        first.await.unwrap().unwrap();
+        // The load that started last decides what serves.
+        assert_eq!(routing.current().backends().len(), 4);
     }
 }

@@ -300,3 +300,45 @@ async fn a_policy_that_always_faults_is_suspended() {
     assert!(crate::admin::value(&scraped, "edgeproxy_policy_suspensions_total", &[]) >= 1.0);
     p.stop().await;
 }
+
+/// `POST /reload` of a policy file that has not changed does not compile it again; a
+/// changed file is compiled once, whether the watcher or the API gets to it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloading_an_unchanged_policy_file_does_not_recompile_it() {
+    let a = Backend::start("a").await;
+    let db = Db::new(&[Row::new("a", "sa", "BR", a.addr)]);
+    let policy = db.dir.path().join("policy.wasm");
+    std::fs::copy(chaos_component(), &policy).unwrap();
+    let p = Proxy::start(
+        &db,
+        &format!("policy_path = {:?}", policy.display().to_string()),
+    )
+    .await;
+    let wasm = p.host.wasm_policy.clone().unwrap();
+    let loads = || wasm.file_loads.load(Ordering::Relaxed);
+    for _ in 0..3 {
+        let (code, body) = http(p.admin, "POST", "/reload", &[]).await;
+        assert_eq!(code, 200, "{body}");
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(report["policy"], "unchanged", "{body}");
+    }
+    assert_eq!(loads(), 0);
+    // A new version (the default policy's bytes), then the API and the watcher race.
+    let mut events = wasm.reload_events();
+    let next = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../policies/geo-load/geo-load.wasm"
+    ))
+    .unwrap();
+    std::fs::write(&policy, next).unwrap();
+    let _ = http(p.admin, "POST", "/reload", &[]).await;
+    tokio::time::timeout(WAIT, events.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    let _ = http(p.admin, "POST", "/reload", &[]).await;
+    assert_eq!(loads(), 1);
+    assert!(wasm.current().name.ends_with("policy.wasm"));
+    assert_eq!(wasm.reloads.load(Ordering::Relaxed), 1);
+    p.stop().await;
+}

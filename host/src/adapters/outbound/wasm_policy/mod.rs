@@ -105,6 +105,11 @@ pub struct WasmPolicy {
     /// The file it was loaded from and is reloaded from; None for the embedded default.
     path: Option<PathBuf>,
     last_error: Mutex<Option<(SystemTime, String)>>,
+    /// Serialises reloads (the watcher and `POST /reload`) and holds the signature of
+    /// the file version last tried, so an unchanged file is never compiled again.
+    reloading: Mutex<Option<(u64, SystemTime)>>,
+    /// Policy files read and compiled (reloads that found the file unchanged excluded).
+    pub file_loads: AtomicU64,
     /// Fault warnings, at most one a second (`suppressed` says how many were not logged).
     fault_log: LogThrottle,
     /// Suspends a policy that keeps faulting.
@@ -131,6 +136,8 @@ impl WasmPolicy {
             reload_events: tokio::sync::watch::Sender::new(0),
             path: None,
             last_error: Mutex::new(None),
+            reloading: Mutex::new(None),
+            file_loads: AtomicU64::new(0),
             fault_log: LogThrottle::new(std::time::Duration::from_secs(1)),
             breaker: breaker::Breaker::default(),
             suspended_decisions: AtomicU64::new(0),
@@ -190,6 +197,27 @@ impl WasmPolicy {
                 Err(e.to_string())
             }
         }
+    }
+
+    /// Loads the policy file if it changed since it was last tried, and swaps it in
+    /// (blocking). One reload at a time: a slow one can never store an older version
+    /// after a newer one. Ok(false) when there is no file or it is unchanged.
+    pub fn reload_file(&self) -> Result<bool, String> {
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
+        // Poisoning: the guarded value is only ever replaced whole.
+        let mut tried = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = reload::signature(path);
+        if now.is_some() && (now == *tried || now == self.current().source) {
+            return Ok(false);
+        }
+        *tried = now;
+        self.file_loads.fetch_add(1, Ordering::Relaxed);
+        self.apply(reload::load_file(&self.runtime, path))
     }
 
     /// Makes `next` serve new decisions; decisions in flight finish on the old policy.
@@ -322,10 +350,7 @@ impl PolicyControl for WasmPolicy {
     }
 
     fn reload(&self) -> Result<bool, String> {
-        match &self.path {
-            Some(path) => self.apply(reload::load_file(&self.runtime, path)),
-            None => Ok(false),
-        }
+        self.reload_file()
     }
 }
 

@@ -44,7 +44,7 @@ pub fn load_file(runtime: &Runtime, path: &Path) -> Result<LoadedPolicy, PolicyF
 }
 
 /// What identifies one version of the file without reading it.
-fn signature(path: &Path) -> Option<(u64, SystemTime)> {
+pub(super) fn signature(path: &Path) -> Option<(u64, SystemTime)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.len(), m.modified().ok()?))
 }
@@ -55,9 +55,6 @@ pub async fn run(policy: Arc<WasmPolicy>, path: PathBuf, shutdown: CancellationT
     let _watch = file_watch::watch(&path, Arc::clone(&changed))
         .inspect_err(|e| tracing::warn!(path = %path.display(), error = %e, "cannot watch the policy file; polling only"))
         .ok();
-    // What is serving now, not what the file is now: a write that landed before this
-    // task started is still a change.
-    let mut last = policy.current().source;
     let mut poll = tokio::time::interval(POLL);
     loop {
         tokio::select! {
@@ -65,8 +62,10 @@ pub async fn run(policy: Arc<WasmPolicy>, path: PathBuf, shutdown: CancellationT
             _ = changed.notified() => {}
             _ = poll.tick() => {}
         }
+        // What is serving (or was last tried), not what this task saw last: a write that
+        // landed before it started, or a reload through the admin API, counts too.
         let now = signature(&path);
-        if now == last || now.is_none() {
+        if now.is_none() || now == policy.current().source {
             continue;
         }
         // Load only a file that stayed the same for SETTLE (a write may be in progress).
@@ -74,11 +73,8 @@ pub async fn run(policy: Arc<WasmPolicy>, path: PathBuf, shutdown: CancellationT
         if signature(&path) != now {
             continue;
         }
-        last = now;
-        let (p, file) = (Arc::clone(&policy), path.clone());
-        if let Err(e) =
-            tokio::task::spawn_blocking(move || p.apply(load_file(p.runtime(), &file))).await
-        {
+        let p = Arc::clone(&policy);
+        if let Err(e) = tokio::task::spawn_blocking(move || p.reload_file()).await {
             tracing::error!(error = %e, "policy loader failed");
         }
     }
