@@ -106,7 +106,11 @@ impl Host {
             tracing::info!(path = %s.db_path.display(), "created empty routing database");
         }
         let metrics = Arc::new(domain::live_stats::LiveStats::default());
-        let routing = Arc::new(Routing::new(Arc::new(repo), metrics.clone()));
+        let routing = Arc::new(Routing::new(
+            Arc::new(repo),
+            metrics.clone(),
+            s.reload_drop_warn_percent,
+        ));
         routing
             .reload()
             .await

@@ -47,6 +47,8 @@ pub struct RoutingStatus {
     pub loaded_at: Option<String>,
     pub skipped_rows: Vec<SkippedRow>,
     pub reloads: ReloadCounts,
+    /// Reloads that removed more than `reload_drop_warn_percent` of the backends.
+    pub mass_drops: u64,
     pub last_error: Option<ErrorAt>,
 }
 
@@ -209,6 +211,10 @@ impl Admin {
                     unchanged,
                     failed,
                 },
+                mass_drops: self
+                    .routing
+                    .mass_drops
+                    .load(std::sync::atomic::Ordering::Relaxed),
                 last_error: history.last_error.map(|(at, m)| ErrorAt::new(at, m)),
             },
             geoip: GeoStatus {

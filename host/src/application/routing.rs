@@ -29,6 +29,10 @@ pub struct Routing {
     /// One reload at a time (the timer, file events and `POST /reload` all ask): a slow
     /// load can never store an older table after a newer one, and versions only grow.
     reloading: tokio::sync::Mutex<()>,
+    /// A reload removing more than this percentage of the backends is reported loudly.
+    drop_warn_percent: u64,
+    /// Reloads that removed more than `drop_warn_percent` of the backends at once.
+    pub mass_drops: AtomicU64,
 }
 
 /// When the table last changed and the last failure, for `/status`.
@@ -46,7 +50,11 @@ pub enum Reloaded {
 }
 
 impl Routing {
-    pub fn new(repo: Arc<dyn BackendRepository>, metrics: Arc<LiveStats>) -> Self {
+    pub fn new(
+        repo: Arc<dyn BackendRepository>,
+        metrics: Arc<LiveStats>,
+        drop_warn_percent: u64,
+    ) -> Self {
         Self {
             table: ArcSwap::from_pointee(RoutingTable::default()),
             repo,
@@ -56,6 +64,8 @@ impl Routing {
             history: Mutex::default(),
             outcomes: Default::default(),
             reloading: tokio::sync::Mutex::new(()),
+            drop_warn_percent,
+            mass_drops: AtomicU64::new(0),
         }
     }
 
@@ -133,6 +143,27 @@ impl Routing {
         let table = RoutingTable::new(version, loaded.backends, |id| {
             self.metrics.backend_stats(id)
         });
+        let before = current.backends().len();
+        let removed = current
+            .backends()
+            .iter()
+            .filter(|old| {
+                table
+                    .backends()
+                    .binary_search_by(|b| b.backend.id.cmp(&old.backend.id))
+                    .is_err()
+            })
+            .count();
+        if before > 0 && removed as u64 * 100 > before as u64 * self.drop_warn_percent {
+            self.mass_drops.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                removed,
+                of = before,
+                left = count,
+                "routing reload removes more than {}% of the backends at once; applying it (check the routing table if this was not meant)",
+                self.drop_warn_percent
+            );
+        }
         self.metrics.retain(&|id| {
             table
                 .backends()
@@ -223,7 +254,11 @@ mod tests {
             second_done: Mutex::new(Some(rx)),
             signal: Mutex::new(Some(tx)),
         });
-        let routing = Arc::new(Routing::new(repo.clone(), Arc::new(LiveStats::default())));
+        let routing = Arc::new(Routing::new(
+            repo.clone(),
+            Arc::new(LiveStats::default()),
+            50,
+        ));
         let first = tokio::spawn({
             let r = Arc::clone(&routing);
             async move { r.reload().await }

@@ -37,6 +37,9 @@ crate::settings! {
     /// close a connection (with a reset) when neither side sent anything for this long, as
     /// nginx's `proxy_timeout`; `0`: never
     idle_timeout_secs: u64 = 600, env "EDGEPROXY_IDLE_TIMEOUT_SECS", check |v| at_most(v, YEAR);
+    /// a routing reload that removes more than this percentage of the backends at once is
+    /// logged as an error and counted (it still applies: draining everything is allowed)
+    reload_drop_warn_percent: u64 = 50, env "EDGEPROXY_RELOAD_DROP_WARN_PERCENT", check |v| at_most(v, 100);
     /// TCP keepalive on client and backend sockets: idle seconds before the first probe
     /// (then every 10 s, the system's count); `0` turns it off
     tcp_keepalive_secs: u64 = 60, env "EDGEPROXY_TCP_KEEPALIVE_SECS", check |v| at_most(v, 32767);

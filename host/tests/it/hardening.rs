@@ -342,3 +342,32 @@ async fn reloading_an_unchanged_policy_file_does_not_recompile_it() {
     assert_eq!(wasm.reloads.load(Ordering::Relaxed), 1);
     p.stop().await;
 }
+
+/// A reload that empties (or nearly empties) a populated table still applies (operators
+/// do drain everything), but is reported loudly and counted.
+#[tokio::test]
+async fn a_reload_that_drops_most_backends_is_counted() {
+    let a = Backend::start("a").await;
+    let rows: Vec<Row<'_>> = ["a1", "a2", "a3", "a4"]
+        .into_iter()
+        .map(|id| Row::new(id, "sa", "BR", a.addr))
+        .collect();
+    let db = Db::new(&rows);
+    let p = Proxy::start(&db, "").await;
+    // One of four removed: ordinary.
+    let v = p.version();
+    db.exec("UPDATE backends SET deleted = 1 WHERE id = 'a1'", []);
+    let v = p.wait_version_after(v).await;
+    assert_eq!(p.host.routing.mass_drops.load(Ordering::Relaxed), 0);
+    // The other three at once: 100% of what was there.
+    db.exec("DELETE FROM backends", []);
+    p.wait_version_after(v).await;
+    assert_eq!(p.host.routing.current().backends().len(), 0);
+    assert_eq!(p.host.routing.mass_drops.load(Ordering::Relaxed), 1);
+    let scraped = crate::admin::scrape(p.admin).await;
+    assert_eq!(
+        crate::admin::value(&scraped, "edgeproxy_routing_mass_drops_total", &[]),
+        1.0
+    );
+    p.stop().await;
+}

@@ -345,6 +345,12 @@ impl Collector for HostCollector {
         )?;
         family(
             e,
+            "routing_mass_drops",
+            "Routing reloads that removed more than reload_drop_warn_percent of the backends at once",
+            [(vec![], counter(r.mass_drops))],
+        )?;
+        family(
+            e,
             "routing_table_version",
             "Version of the routing table serving now (bumped on every change)",
             [(vec![], gauge(int(r.version)))],

@@ -256,6 +256,11 @@ impl Proxy {
             let listeners = copies.into_iter().map(|l| (l, lc.clone())).collect();
             tokio::spawn(async move { host.run(listeners, admin, shutdown).await })
         };
+        // Running once the admin API answers: the file watchers, started before it, are
+        // in place, so a change the test makes next is seen.
+        // (401 is an answer too, where a token is set.)
+        let (code, _) = http(admin_addr, "GET", "/status", &[]).await;
+        assert!(code == 200 || code == 401, "{code}");
         Self {
             addr,
             admin: admin_addr,
