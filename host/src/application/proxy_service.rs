@@ -229,17 +229,13 @@ impl ProxyService {
             };
             let Some(i) = choice else { break };
             let target = candidates[i].clone();
-            let mut exclude = || {
-                let left = remaining.get_or_insert_with(|| all.to_vec());
-                left.retain(|c| c.backend.id != target.backend.id);
-            };
             // The slot is taken in one atomic step: another connection may have taken the
             // last one since the decision, and then the next best backend is tried.
             let Some(guard) = target.stats.try_acquire(target.backend.hard_limit) else {
                 if let Some(b) = &self.bindings {
                     b.remove(&key);
                 }
-                exclude();
+                exclude(&mut remaining, all, &target);
                 first = false;
                 continue;
             };
@@ -282,7 +278,7 @@ impl ProxyService {
                     if let Some(b) = &self.bindings {
                         b.remove(&key);
                     }
-                    exclude();
+                    exclude(&mut remaining, all, &target);
                     first = false;
                 }
             }
@@ -295,4 +291,15 @@ impl ProxyService {
             }
         })
     }
+}
+
+/// Leaves `target` out of later attempts; the candidates are copied only on a failure.
+fn exclude(
+    remaining: &mut Option<Vec<RoutedBackend>>,
+    all: &[RoutedBackend],
+    target: &RoutedBackend,
+) {
+    remaining
+        .get_or_insert_with(|| all.to_vec())
+        .retain(|c| c.backend.id != target.backend.id);
 }
