@@ -5,6 +5,7 @@
 #   PROXIES="edgeproxy haproxy-splice" TESTS="rate bulk1" bench/compare.sh
 #   BASELINE=/tmp/edgeproxy-old PROXIES="baseline edgeproxy" TESTS="rate idle" bench/compare.sh
 #   PROXIES="edgeproxy-native edgeproxy-trap edgeproxy" TESTS=rate bench/compare.sh
+#   (EDGEPROXY_BIN=path runs edgeproxy-native and edgeproxy-trap on another build)
 #
 # Installs HAProxy and nginx (Debian packages) when missing, builds edgeproxy and the
 # project's load generator (bench/loadgen) in release mode, then for each proxy and test
@@ -64,9 +65,9 @@ start_proxy() {
       cmd=(env EDGEPROXY="$bin/edgeproxy" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     # These two decide every connection (bindings off), so the policy runs each time.
     edgeproxy-native)  # the host's native scorer, no WebAssembly
-      cmd=(env EDGEPROXY="$bin/edgeproxy" POLICY=native BINDINGS=0 THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
+      cmd=(env EDGEPROXY="${EDGEPROXY_BIN:-$bin/edgeproxy}" POLICY=native BINDINGS=0 THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     edgeproxy-trap)  # a policy that traps on every call (the test suite's chaos policy)
-      cmd=(env EDGEPROXY="$bin/edgeproxy" APP=trap BINDINGS=0 EDGEPROXY_POLICY_PATH="$WORK/chaos.wasm" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
+      cmd=(env EDGEPROXY="${EDGEPROXY_BIN:-$bin/edgeproxy}" APP=trap BINDINGS=0 EDGEPROXY_POLICY_PATH="$WORK/chaos.wasm" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     baseline)  # another edgeproxy build (BASELINE=path), for before/after runs
       cmd=(env EDGEPROXY="${BASELINE:?set BASELINE to an edgeproxy binary}" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     haproxy) render "$here/peers/haproxy.cfg" "$WORK/haproxy.cfg" "$backend"

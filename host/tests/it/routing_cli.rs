@@ -207,8 +207,64 @@ async fn db_init_and_imports_with_a_bad_import_rejected_whole() {
     .unwrap();
     let (success, _, err) = cli(&db, &["db", "import", missing_column.to_str().unwrap()]).await;
     assert!(!success && err.contains("wg_ip"), "{err}");
+    // Recreating the table drops the row checks with it: the rows are checked again.
+    let recreate = dir.path().join("recreate.sql");
+    std::fs::write(
+        &recreate,
+        "DROP TABLE backends;\n\
+         CREATE TABLE backends (id TEXT PRIMARY KEY, app TEXT, region TEXT, country TEXT, wg_ip TEXT, port INTEGER, healthy INTEGER DEFAULT 1, weight INTEGER DEFAULT 1, soft_limit INTEGER DEFAULT 100, hard_limit INTEGER DEFAULT 0, deleted INTEGER DEFAULT 0);\n\
+         INSERT INTO backends (id, app, region, country, wg_ip, port) VALUES ('x', 'web', 'sa', 'BRAZIL', '10.0.0.1', 99999);\n",
+    )
+    .unwrap();
+    let (success, _, err) = cli(&db, &["db", "import", recreate.to_str().unwrap()]).await;
+    assert!(!success, "{err}");
+    assert!(
+        err.contains("backend \"x\"") && err.contains("nothing was imported"),
+        "{err}"
+    );
     assert_eq!(
         ok(&db, &["backend", "list", "--all", "--json"]).await,
         before
     );
+}
+
+/// A row the proxy would skip, written behind the editor's back (a `sqlite3` shell):
+/// adding another backend still says what happened to that backend, truthfully, instead
+/// of failing on the unrelated row after the change was committed.
+#[tokio::test]
+async fn a_write_reports_its_own_row_whatever_else_the_table_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("r.db");
+    ok(&db, &["db", "init"]).await;
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute(
+            "INSERT INTO backends (id, app, region, country, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted)
+             VALUES ('bad', 'web', 'sa', 'BR', '10.0.0.1', 99999, 1, 1, 100, 0, 0)",
+            [],
+        )
+        .unwrap();
+    let (success, out, err) = cli(
+        &db,
+        &[
+            "backend",
+            "add",
+            "good",
+            "--app",
+            "web",
+            "--region",
+            "eu",
+            "--country",
+            "DE",
+            "--wg-ip",
+            "10.0.0.2",
+            "--port",
+            "80",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(success, "{err}");
+    let row: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(row[0]["id"], "good");
 }

@@ -9,7 +9,7 @@ use rusqlite::fallible_iterator::FallibleIterator as _;
 use rusqlite::types::Value;
 
 use super::{EditError, Imported, RoutingEditor, err_at, message};
-use crate::adapters::outbound::sqlite_routing::{COLUMNS, upsert_sql};
+use crate::adapters::outbound::sqlite_routing::{COLUMNS, schema_problem, upsert_sql};
 
 impl RoutingEditor {
     fn live_count(conn: &Connection) -> rusqlite::Result<usize> {
@@ -38,10 +38,25 @@ impl RoutingEditor {
             _ => Err("expected a .sql or .csv file".into()),
         }
         .map_err(|e| EditError::Rejected(format!("{name}: {e}; nothing was imported")))?;
-        let after = Self::live_count(&tx).map_err(|e| {
+        let unusable = |why: String| {
             EditError::Rejected(format!(
-                "{name}: the backends table is unusable after the import ({e}); nothing was imported"
+                "{name}: the backends table is unusable after the import ({why}); nothing was imported"
             ))
+        };
+        let after = Self::live_count(&tx).map_err(|e| unusable(e.to_string()))?;
+        // A script that dropped and recreated the table dropped the row checks with it:
+        // every row is checked again before anything is committed.
+        if let Some(problem) = schema_problem(&tx).map_err(|e| unusable(e.to_string()))? {
+            return Err(unusable(problem));
+        }
+        let columns = COLUMNS.join(", ");
+        tx.query_row(
+            &format!("SELECT count(edgeproxy_check_row({columns})) FROM main.backends"),
+            [],
+            |_| Ok(()),
+        )
+        .map_err(|e| {
+            EditError::Rejected(format!("{name}: {}; nothing was imported", message(e)))
         })?;
         tx.commit().map_err(|e| err_at(&path, e))?;
         self.check_schema()?;

@@ -216,28 +216,14 @@ impl RoutingEditor {
         );
         let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![app, deleted], |r| {
-                Ok(BackendRow {
-                    id: r.get(0)?,
-                    app: r.get(1)?,
-                    region: r.get(2)?,
-                    country: r.get(3)?,
-                    wg_ip: r.get(4)?,
-                    port: r.get(5)?,
-                    healthy: r.get::<_, i64>(6)? != 0,
-                    weight: r.get(7)?,
-                    soft_limit: r.get(8)?,
-                    hard_limit: r.get(9)?,
-                    deleted: r.get::<_, Option<i64>>(10)?.unwrap_or(0) != 0,
-                })
-            })
+            .query_map(params![app, deleted], backend_row)
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(|e| self.err(e))?;
         Ok(rows)
     }
 
     pub fn get(&self, id: &str) -> Result<Option<BackendRow>, EditError> {
-        Ok(self.list(None, true)?.into_iter().find(|r| r.id == id))
+        row_by_id(&self.conn, id).map_err(|e| self.err(e))
     }
 
     /// Adds a backend; an id already in use is refused unless that row was removed
@@ -261,8 +247,7 @@ impl RoutingEditor {
         }
         tx.execute(&upsert_sql(), rusqlite::params_from_iter(row.values()))
             .map_err(rejected)?;
-        tx.commit().map_err(|e| err_at(&path, e))?;
-        self.expect_row(&row.id)
+        commit_with_row(tx, &row.id, &path)
     }
 
     /// Applies `changes` to one existing backend.
@@ -323,13 +308,7 @@ impl RoutingEditor {
         if changed == 0 {
             return Err(EditError::Rejected(format!("no backend with id {id:?}")));
         }
-        tx.commit().map_err(|e| err_at(&path, e))?;
-        self.expect_row(id)
-    }
-
-    fn expect_row(&self, id: &str) -> Result<BackendRow, EditError> {
-        self.get(id)?
-            .ok_or_else(|| EditError::Rejected(format!("backend {id:?} vanished after writing")))
+        commit_with_row(tx, id, &path)
     }
 
     pub(super) fn begin(&mut self) -> Result<rusqlite::Transaction<'_>, EditError> {
@@ -338,6 +317,45 @@ impl RoutingEditor {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| err_at(&path, e))
     }
+}
+
+/// The written row, read inside the write's transaction and then committed: a reply of
+/// success always means the change is on disk, and a failure that nothing was changed.
+fn commit_with_row(
+    tx: rusqlite::Transaction<'_>,
+    id: &str,
+    path: &Path,
+) -> Result<BackendRow, EditError> {
+    let row = row_by_id(&tx, id)
+        .map_err(|e| err_at(path, e))?
+        .ok_or_else(|| EditError::Rejected(format!("backend {id:?} vanished while writing")))?;
+    tx.commit().map_err(|e| err_at(path, e))?;
+    Ok(row)
+}
+
+fn row_by_id(conn: &Connection, id: &str) -> rusqlite::Result<Option<BackendRow>> {
+    conn.query_row(
+        &format!("SELECT {} FROM backends WHERE id = ?1", COLUMNS.join(", ")),
+        [id],
+        backend_row,
+    )
+    .optional()
+}
+
+fn backend_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackendRow> {
+    Ok(BackendRow {
+        id: r.get(0)?,
+        app: r.get(1)?,
+        region: r.get(2)?,
+        country: r.get(3)?,
+        wg_ip: r.get(4)?,
+        port: r.get(5)?,
+        healthy: r.get::<_, i64>(6)? != 0,
+        weight: r.get(7)?,
+        soft_limit: r.get(8)?,
+        hard_limit: r.get(9)?,
+        deleted: r.get::<_, Option<i64>>(10)?.unwrap_or(0) != 0,
+    })
 }
 
 pub(super) fn err_at(path: &Path, e: rusqlite::Error) -> EditError {
