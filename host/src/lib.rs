@@ -117,7 +117,7 @@ impl Host {
             .with_context(|| "loading the routing table at start-up")?;
         let bindings = config
             .binding_ttl()
-            .map(|ttl| Arc::new(BindingTable::new(ttl)));
+            .map(|ttl| Arc::new(BindingTable::with_cap(ttl, s.max_bindings)));
         let telemetry = Arc::new(Telemetry::with_connection_limit(
             Some(s.max_connections).filter(|n| *n > 0),
         ));

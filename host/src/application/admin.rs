@@ -71,6 +71,8 @@ pub struct BindingsStatus {
     pub count: usize,
     pub hits: u64,
     pub misses: u64,
+    /// Evicted because the table held `max_bindings`.
+    pub evicted: u64,
 }
 
 /// One routing-table row with its live state.
@@ -232,6 +234,7 @@ impl Admin {
                     .telemetry
                     .binding_misses
                     .load(std::sync::atomic::Ordering::Relaxed),
+                evicted: self.bindings.as_ref().map_or(0, |b| b.evicted()),
             },
         }
     }

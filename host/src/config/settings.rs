@@ -28,6 +28,9 @@ crate::settings! {
     geoip_path: Option<PathBuf> = None, env "EDGEPROXY_GEOIP_PATH";
     /// binding lifetime after last use; `0` turns bindings off
     binding_ttl_secs: u64 = 600, env "EDGEPROXY_BINDING_TTL_SECS", check |v| at_most(v, YEAR);
+    /// bindings held at most; past it the least recently used are evicted (counted); `0`:
+    /// no cap
+    max_bindings: usize = 1_000_000, env "EDGEPROXY_MAX_BINDINGS", check |v| at_most(v, 100_000_000);
     /// how often expired bindings are swept
     binding_gc_interval_secs: u64 = 60, env "EDGEPROXY_BINDING_GC_INTERVAL_SECS", check |v| positive(v).and(at_most(v, DAY));
     /// per backend connect attempt

@@ -70,6 +70,10 @@ pub trait BindingRepository: Send + Sync {
     /// Drops every binding of `client` (all apps); returns how many.
     fn remove_client(&self, client: IpAddr) -> usize;
     fn len(&self) -> usize;
+    /// Bindings evicted because the table was full.
+    fn evicted(&self) -> u64 {
+        0
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }

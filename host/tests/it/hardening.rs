@@ -371,3 +371,20 @@ async fn a_reload_that_drops_most_backends_is_counted() {
     );
     p.stop().await;
 }
+
+/// Bindings are capped: clients past `max_bindings` evict the least recently used.
+#[tokio::test]
+async fn the_binding_table_is_capped() {
+    let a = Backend::start("a").await;
+    let db = Db::new(&[Row::new("a", "sa", "BR", a.addr)]);
+    let p = Proxy::start(&db, "max_bindings = 16").await;
+    for i in 2..=41 {
+        assert_eq!(served_by(&format!("127.0.0.{i}"), p.addr).await, "a");
+    }
+    let scraped = crate::admin::scrape(p.admin).await;
+    let held = crate::admin::value(&scraped, "edgeproxy_bindings", &[]);
+    let evicted = crate::admin::value(&scraped, "edgeproxy_bindings_evicted_total", &[]);
+    assert!(held <= 16.0, "{held}");
+    assert_eq!(held + evicted, 40.0);
+    p.stop().await;
+}

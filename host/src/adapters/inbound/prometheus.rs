@@ -247,6 +247,12 @@ impl Collector for HostCollector {
                 (vec![("result", "miss")], counter(status.bindings.misses)),
             ],
         )?;
+        family(
+            e,
+            "bindings_evicted",
+            "Bindings evicted because the table held max_bindings (the least recently used)",
+            [(vec![], counter(status.bindings.evicted))],
+        )?;
 
         histogram(
             e,

@@ -1,8 +1,15 @@
 //! Sticky bindings in a DashMap: client (IP, app) -> backend, with a TTL refreshed on use.
 //! Expiry is lazy on read and swept by the GC task; time comes from the caller so tests
 //! drive it with paused tokio time.
+//!
+//! The table is capped (`max_bindings`): one binding per client address would otherwise
+//! grow without bound (an IPv6 /64 holds 2^64 of them). Past the cap the bindings closest
+//! to expiry, which are the least recently used, are evicted in a batch of 1/16 of the cap,
+//! so the cost is amortised over many inserts and the hot path pays one atomic add.
 
+use std::collections::BinaryHeap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -17,18 +24,74 @@ struct Binding {
     expires: Instant,
 }
 
+/// Expiries sampled to find the eviction cut-off.
+const SAMPLE: usize = 1024;
+
 #[derive(Debug)]
 pub struct BindingTable {
     ttl: Duration,
     map: DashMap<BindingKey, Binding>,
+    /// Bindings held (DashMap's own `len` locks every shard).
+    count: AtomicUsize,
+    /// 0: no cap.
+    max: usize,
+    evicting: AtomicBool,
+    evicted: AtomicU64,
 }
 
 impl BindingTable {
     pub fn new(ttl: Duration) -> Self {
+        Self::with_cap(ttl, 0)
+    }
+
+    /// At most `max` bindings (0: no cap).
+    pub fn with_cap(ttl: Duration, max: usize) -> Self {
         Self {
             ttl,
             map: DashMap::new(),
+            count: AtomicUsize::new(0),
+            max,
+            evicting: AtomicBool::new(false),
+            evicted: AtomicU64::new(0),
         }
+    }
+
+    /// Drops bindings matching `drop`; returns how many.
+    fn remove_where(&self, drop: impl Fn(&BindingKey, &Binding) -> bool) -> usize {
+        let removed = AtomicUsize::new(0);
+        self.map.retain(|k, b| {
+            let gone = drop(k, b);
+            if gone {
+                removed.fetch_add(1, Ordering::Relaxed);
+            }
+            !gone
+        });
+        let n = removed.into_inner();
+        self.count.fetch_sub(n, Ordering::Relaxed);
+        n
+    }
+
+    /// Brings the table back under its cap, 1/16 of the cap below it: expired bindings
+    /// first, then those closest to expiry. One thread at a time; others go on.
+    fn evict(&self, now: Instant) {
+        if self.evicting.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let target = self.max - self.max / 16;
+        self.remove_where(|_, b| b.expires <= now);
+        let over = self.count.load(Ordering::Relaxed).saturating_sub(target);
+        if over > 0 {
+            // The expiry below which about `over` bindings lie, from a sample.
+            let mut sample: Vec<Instant> =
+                self.map.iter().take(SAMPLE).map(|e| e.expires).collect();
+            sample.sort_unstable();
+            let share = over as f64 / self.count.load(Ordering::Relaxed).max(1) as f64;
+            let at = ((sample.len() as f64 * share).ceil() as usize).clamp(1, sample.len());
+            let cutoff = sample[at - 1];
+            let n = self.remove_where(|_, b| b.expires <= cutoff);
+            self.evicted.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        self.evicting.store(false, Ordering::Release);
     }
 }
 
@@ -38,7 +101,9 @@ impl BindingRepository for BindingTable {
         if entry.expires <= now {
             drop(entry);
             // Only remove it if nobody refreshed it in between.
-            self.map.remove_if(key, |_, b| b.expires <= now);
+            if self.map.remove_if(key, |_, b| b.expires <= now).is_some() {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
             return None;
         }
         entry.expires = now + self.ttl;
@@ -46,49 +111,78 @@ impl BindingRepository for BindingTable {
     }
 
     fn put(&self, key: BindingKey, backend: BackendId, now: Instant) {
-        self.map.insert(
-            key,
-            Binding {
-                backend,
-                expires: now + self.ttl,
-            },
-        );
+        let binding = Binding {
+            backend,
+            expires: now + self.ttl,
+        };
+        if self.map.insert(key, binding).is_none() {
+            let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+            if self.max > 0 && n > self.max {
+                self.evict(now);
+            }
+        }
     }
 
     fn remove(&self, key: &BindingKey) {
-        self.map.remove(key);
+        if self.map.remove(key).is_some() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     fn purge_expired(&self, now: Instant) -> usize {
-        let before = self.map.len();
-        self.map.retain(|_, b| b.expires > now);
-        before.saturating_sub(self.map.len())
+        self.remove_where(|_, b| b.expires <= now)
     }
 
+    /// Keeps only the `offset + limit` smallest keys while walking the map (a bounded
+    /// heap), so a page never copies or sorts the whole table.
     fn page(&self, offset: usize, limit: usize, now: Instant) -> (usize, Vec<BindingEntry>) {
-        let mut live: Vec<BindingEntry> = self
-            .map
-            .iter()
-            .filter(|e| e.expires > now)
-            .map(|e| BindingEntry {
-                key: e.key().clone(),
-                backend: e.backend.clone(),
-                expires_in: e.expires - now,
+        // Ordered by key first; keys are unique, so the rest never decides.
+        type Item = (IpAddr, Option<std::sync::Arc<str>>, BackendId, Duration);
+        let keep = offset.saturating_add(limit);
+        let mut heap: BinaryHeap<Item> = BinaryHeap::with_capacity(keep.min(1 << 16));
+        let mut live = 0;
+        for e in self.map.iter().filter(|e| e.expires > now) {
+            live += 1;
+            let smaller = heap.len() < keep
+                || heap
+                    .peek()
+                    .is_some_and(|top| (e.key().client, &e.key().app) < (top.0, &top.1));
+            if smaller {
+                let item = (
+                    e.key().client,
+                    e.key().app.clone(),
+                    e.backend.clone(),
+                    e.expires - now,
+                );
+                heap.push(item);
+                if heap.len() > keep {
+                    heap.pop();
+                }
+            }
+        }
+        let page = heap
+            .into_sorted_vec()
+            .into_iter()
+            .skip(offset)
+            .map(|(client, app, backend, expires_in)| BindingEntry {
+                key: BindingKey { client, app },
+                backend,
+                expires_in,
             })
             .collect();
-        live.sort_unstable_by(|a, b| (a.key.client, &a.key.app).cmp(&(b.key.client, &b.key.app)));
-        let total = live.len();
-        (total, live.into_iter().skip(offset).take(limit).collect())
+        (live, page)
     }
 
     fn remove_client(&self, client: IpAddr) -> usize {
-        let before = self.map.len();
-        self.map.retain(|k, _| k.client != client);
-        before.saturating_sub(self.map.len())
+        self.remove_where(|k, _| k.client == client)
     }
 
     fn len(&self) -> usize {
-        self.map.len()
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
     }
 }
 
@@ -129,6 +223,44 @@ mod tests {
         assert_eq!(t.purge_expired(Instant::now()), 1);
         assert_eq!(t.len(), 1);
         assert!(t.get(&key("2.2.2.2"), Instant::now()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_evicts_the_least_recently_used() {
+        let t = BindingTable::with_cap(Duration::from_secs(600), 160);
+        let ip = |i: u32| BindingKey {
+            client: IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
+            app: None,
+        };
+        for i in 0..1000 {
+            t.put(ip(i), BackendId::new("b"), Instant::now());
+            tokio::time::advance(Duration::from_millis(10)).await;
+            assert!(t.len() <= 160, "{} bindings", t.len());
+        }
+        assert!(t.evicted() >= 1000 - 160, "{}", t.evicted());
+        assert_eq!(t.len() as u64 + t.evicted(), 1000);
+        // The newest are kept.
+        assert!(t.get(&ip(999), Instant::now()).is_some());
+        assert!(t.get(&ip(0), Instant::now()).is_none());
+    }
+
+    #[test]
+    fn pages_are_ordered_and_complete() {
+        let t = BindingTable::new(Duration::from_secs(10));
+        let now = Instant::now();
+        for i in (0..50u8).rev() {
+            t.put(key(&format!("10.0.0.{i}")), BackendId::new("b"), now);
+        }
+        let mut seen = Vec::new();
+        for offset in (0..50).step_by(7) {
+            let (total, page) = t.page(offset, 7, now);
+            assert_eq!(total, 50);
+            seen.extend(page.into_iter().map(|e| e.key.client));
+        }
+        let expected: Vec<IpAddr> = (0..50u8)
+            .map(|i| format!("10.0.0.{i}").parse().unwrap())
+            .collect();
+        assert_eq!(seen, expected);
     }
 
     #[test]
