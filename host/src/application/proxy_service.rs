@@ -22,7 +22,7 @@ use crate::domain::{Client, Region, RoutedBackend};
 use super::routing::Routing;
 use super::telemetry::{Decision, Telemetry};
 use crate::adapters::net::{
-    BufferPool, is_local_resource_error, relay, reset_on_close, set_keepalive,
+    BufferPool, is_local_resource_error, relay, reset_on_close, set_backend_keepalive,
 };
 
 #[derive(Debug, Clone)]
@@ -172,7 +172,7 @@ impl ProxyService {
         let (mut upstream, target, _guard) = Box::pin(self.connect(client, inbound)).await?;
         let _ = upstream.set_nodelay(true);
         if let Some(idle) = self.settings.keepalive {
-            set_keepalive(&upstream, idle);
+            set_backend_keepalive(&upstream, idle);
         }
         if !inbound.early_data.is_empty() {
             upstream.write_all(&inbound.early_data).await?;

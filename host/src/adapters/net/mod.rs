@@ -21,12 +21,20 @@ pub fn reset_on_close(stream: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// TCP keepalive: the first probe after `idle` without traffic, then every 10 s (the
-/// system's probe count), so a peer that vanished without a FIN or RST is noticed.
+/// TCP keepalive on a listener (accepted sockets inherit it): the first probe after
+/// `idle` without traffic, then every 10 s (the system's probe count), so a client that
+/// vanished without a FIN or RST is noticed.
 pub fn set_keepalive(socket: &impl std::os::fd::AsFd, idle: std::time::Duration) {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(idle)
         .with_interval(idle.min(std::time::Duration::from_secs(10)));
+    let _ = socket2::SockRef::from(socket).set_tcp_keepalive(&keepalive);
+}
+
+/// TCP keepalive on one backend connection, in two system calls (the probe interval
+/// stays the system's): it is paid per connection, unlike the listener's.
+pub fn set_backend_keepalive(socket: &impl std::os::fd::AsFd, idle: std::time::Duration) {
+    let keepalive = socket2::TcpKeepalive::new().with_time(idle);
     let _ = socket2::SockRef::from(socket).set_tcp_keepalive(&keepalive);
 }
 
