@@ -5,6 +5,7 @@
 mod admin;
 mod cli;
 mod examples;
+mod fuzz;
 mod hardening;
 mod policy;
 mod policy_tools;

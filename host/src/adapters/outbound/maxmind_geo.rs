@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::net::IpAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -61,8 +62,13 @@ impl MaxMindGeo {
             location: location.to_owned(),
             reason,
         };
-        let reader =
-            Reader::from_source(bytes).map_err(|e| err(format!("not a MaxMind DB file ({e})")))?;
+        // The reader panics on some corrupt files (found by fuzzing, maxminddb 0.26): a
+        // panic is a rejected file like any other error.
+        let reader = std::panic::catch_unwind(AssertUnwindSafe(|| Reader::from_source(bytes)))
+            .map_err(|_| {
+                err("a corrupt MaxMind DB file (the reader failed on its metadata)".into())
+            })?
+            .map_err(|e| err(format!("not a MaxMind DB file ({e})")))?;
         let description = format!(
             "{} ({}, IPv{}, built {})",
             location,
@@ -86,8 +92,11 @@ impl GeoResolver for MaxMindGeo {
     fn country(&self, ip: IpAddr) -> Option<CountryCode> {
         // IPv4 clients on a dual-stack socket arrive as ::ffff:a.b.c.d.
         let ip = ip.to_canonical();
-        let (outcome, country) = match self.reader.lookup::<Record<'_>>(ip) {
-            Ok(Some(record)) => match record
+        // A corrupt data section can make the reader panic; that lookup then fails.
+        let found =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.reader.lookup::<Record<'_>>(ip)));
+        let (outcome, country) = match found {
+            Ok(Ok(Some(record))) => match record
                 .country
                 .and_then(|c| c.iso_code)
                 .or(record.country_code)
@@ -97,8 +106,8 @@ impl GeoResolver for MaxMindGeo {
                 None => (1, None),
                 Some(Err(_)) => (2, None),
             },
-            Ok(None) => (1, None),
-            Err(_) => (2, None),
+            Ok(Ok(None)) => (1, None),
+            Ok(Err(_)) | Err(_) => (2, None),
         };
         self.outcomes[outcome].fetch_add(1, Ordering::Relaxed);
         country
