@@ -310,27 +310,36 @@ fn routing_commands_ignore_settings_they_do_not_read() {
     assert!(db.exists());
 }
 
-#[test]
-fn start_up_warns_about_unknown_and_unsupported_variables() {
-    let dir = tempfile::tempdir().unwrap();
-    let child = edgeproxy()
-        .env("EDGEPROXY_DB_PATH", dir.path().join("r.db"))
+/// The log lines a proxy started by `cmd` writes before it listens (JSON, a loopback
+/// listener and admin API); the process is stopped afterwards.
+fn start_up_log(cmd: &mut Command, db_dir: &std::path::Path) -> Vec<String> {
+    let child = cmd
+        .env("EDGEPROXY_DB_PATH", db_dir.join("r.db"))
         .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
         .env("EDGEPROXY_ADMIN_ADDR", "127.0.0.1:0")
         .env("EDGEPROXY_LOG_FORMAT", "json")
-        .env("EDGEPROXY_TLS_ENABLED", "true")
-        .env("EDGEPROXY_BINDNIG_TTL_SECS", "5")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut child = Running(child);
     let lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let before: Vec<String> = lines
+    lines
         .map_while(Result::ok)
         .take_while(|l| !l.contains("\"listening\""))
-        .collect();
-    let log = before.join("\n");
+        .collect()
+}
+
+#[test]
+fn start_up_warns_about_unknown_and_unsupported_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = start_up_log(
+        edgeproxy()
+            .env("EDGEPROXY_TLS_ENABLED", "true")
+            .env("EDGEPROXY_BINDNIG_TTL_SECS", "5"),
+        dir.path(),
+    )
+    .join("\n");
     assert!(log.contains("TLS IS NOT TERMINATED HERE"), "{log}");
     assert!(
         log.contains("did you mean EDGEPROXY_BINDING_TTL_SECS"),
@@ -407,29 +416,21 @@ fn connects_that_fail_for_want_of_descriptors_blame_no_backend() {
 #[test]
 fn start_up_raises_the_soft_descriptor_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -S -n 256 && exec {}",
-            env!("CARGO_BIN_EXE_edgeproxy")
-        ))
-        .env_clear()
-        .env("EDGEPROXY_DB_PATH", dir.path().join("r.db"))
-        .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
-        .env("EDGEPROXY_ADMIN_ADDR", "127.0.0.1:0")
-        .env("EDGEPROXY_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Running(child);
-    let lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let line = lines
-        .map_while(Result::ok)
-        .take_while(|l| !l.contains("\"listening\""))
+    let log = start_up_log(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -S -n 256 && exec {}",
+                env!("CARGO_BIN_EXE_edgeproxy")
+            ))
+            .env_clear(),
+        dir.path(),
+    );
+    let line = log
+        .iter()
         .find(|l| l.contains("open-file limit"))
         .expect("the limit in the start-up log");
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
     let (soft, hard) = (&v["fields"]["soft"], &v["fields"]["hard"]);
     assert_eq!(soft, hard, "{line}");
     assert!(soft.as_u64().unwrap() > 256, "{line}");
