@@ -32,12 +32,13 @@ fn config(default_cases: u32) -> ProptestConfig {
     }
 }
 
-/// `base` with up to 8 bytes overwritten, some cut off the end or inserted.
+/// `base` with up to 8 bytes overwritten, and sometimes cut short or extended.
 fn mutated(base: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
     let len = base.len().max(1);
     (
         proptest::collection::vec((0..len, any::<u8>()), 1..8),
-        0..len,
+        // Mostly whole, so mutations reach past the first checks a truncation fails.
+        prop_oneof![4 => Just(len), 1 => 0..len],
         proptest::collection::vec(any::<u8>(), 0..16),
     )
         .prop_map(move |(flips, cut, extra)| {
