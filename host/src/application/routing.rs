@@ -16,6 +16,11 @@ use crate::domain::RoutingTable;
 use crate::domain::live_stats::LiveStats;
 use crate::domain::ports::{BackendRepository, RoutingError, SkippedRow};
 
+/// How long the routing source must stay unchanged before a notified reload reads it.
+const SETTLE: Duration = Duration::from_millis(100);
+/// A source still changing after this long is read anyway.
+const SETTLE_MAX: Duration = Duration::from_secs(2);
+
 pub struct Routing {
     table: ArcSwap<RoutingTable>,
     repo: Arc<dyn BackendRepository>,
@@ -190,6 +195,31 @@ impl Routing {
         }
     }
 
+    /// Waits until the source stops changing (a burst of writes, or a file copied in
+    /// place, which must not be read half-written): its marker the same for `SETTLE`,
+    /// for at most `SETTLE_MAX`.
+    async fn settle(&self) {
+        let marker = || {
+            let repo = Arc::clone(&self.repo);
+            async move {
+                tokio::task::spawn_blocking(move || repo.marker())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        };
+        let deadline = tokio::time::Instant::now() + SETTLE_MAX;
+        let mut last = marker().await;
+        loop {
+            tokio::time::sleep(SETTLE).await;
+            let now = marker().await;
+            if now == last || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            last = now;
+        }
+    }
+
     /// Reloads every `every` and shortly after each `changed` notification until shutdown.
     pub async fn run(&self, every: Duration, changed: Arc<Notify>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(every);
@@ -199,10 +229,7 @@ impl Routing {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
-                _ = changed.notified() => {
-                    // Let a burst of writes (statement + WAL + checkpoint) settle into one load.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                _ = changed.notified() => self.settle().await,
             }
             self.reload_and_log().await;
         }
@@ -244,6 +271,66 @@ mod tests {
                 skipped: Vec::new(),
             })
         }
+    }
+
+    /// A file copied in place, slowly: written in four steps 60 ms apart, whole only
+    /// after the last. Loads while it is being written see half a table.
+    #[derive(Default)]
+    struct Copying {
+        step: Mutex<u32>,
+        writing: std::sync::atomic::AtomicBool,
+        loads_while_writing: AtomicUsize,
+    }
+
+    impl BackendRepository for Copying {
+        fn load(&self) -> Result<LoadedBackends, RoutingError> {
+            let mut backends = sample::backends("app");
+            if self.writing.load(Ordering::SeqCst) {
+                self.loads_while_writing.fetch_add(1, Ordering::SeqCst);
+                backends.truncate(2);
+            }
+            Ok(LoadedBackends {
+                backends,
+                skipped: Vec::new(),
+            })
+        }
+
+        fn marker(&self) -> Option<String> {
+            Some(self.step.lock().unwrap().to_string())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_still_being_written_is_not_read() {
+        let repo = Arc::new(Copying::default());
+        let routing = Arc::new(Routing::new(
+            repo.clone(),
+            Arc::new(LiveStats::default()),
+            50,
+        ));
+        let (changed, stop) = (Arc::new(Notify::new()), CancellationToken::new());
+        let task = tokio::spawn({
+            let (r, c, s) = (Arc::clone(&routing), Arc::clone(&changed), stop.clone());
+            async move { r.run(Duration::from_secs(3600), c, s).await }
+        });
+        repo.writing.store(true, Ordering::SeqCst);
+        for step in 1..=4 {
+            *repo.step.lock().unwrap() = step;
+            if step == 4 {
+                repo.writing.store(false, Ordering::SeqCst);
+            }
+            changed.notify_one();
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        let mut versions = routing.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), versions.wait_for(|v| *v >= 1))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(repo.loads_while_writing.load(Ordering::SeqCst), 0);
+        assert_eq!(routing.current().backends().len(), 4);
+        stop.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,12 @@ pub trait BackendRepository: Send + Sync {
     /// Reads the whole table (blocking). Bad rows are skipped and reported; an unreadable
     /// source is an error and the caller keeps its last good snapshot.
     fn load(&self) -> Result<LoadedBackends, RoutingError>;
+    /// Something that changes whenever the source is written (cheap, no load): a reload
+    /// after a change notification waits until it stops changing, so a file copied in
+    /// place is not read half-written. None: the source cannot tell.
+    fn marker(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Who a binding belongs to: one client IP on one app.

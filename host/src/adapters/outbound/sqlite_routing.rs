@@ -161,6 +161,22 @@ impl BackendRepository for SqliteBackendRepository {
     fn load(&self) -> Result<LoadedBackends, RoutingError> {
         self.read()
     }
+
+    /// Length and modification time of the file and of its WAL.
+    fn marker(&self) -> Option<String> {
+        let of = |p: &std::path::Path| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| format!("{}@{:?}", m.len(), m.modified().ok()))
+        };
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        Some(format!(
+            "{:?}|{:?}",
+            of(&self.path),
+            of(std::path::Path::new(&wal))
+        ))
+    }
 }
 
 fn text<'a>(col: &str, v: &'a Value) -> Result<&'a str, String> {
