@@ -477,3 +477,41 @@ fn a_second_sigterm_ends_the_drain() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// During an outage every client fails its connects, but the log gets at most one such
+/// line a second (with the count held back), not several per client.
+#[test]
+fn connect_failures_are_logged_at_most_once_a_second() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dead = rt.block_on(refusing_addr());
+    let db = Db::new(&[
+        Row::new("dead-1", "sa", "BR", dead),
+        Row::new("dead-2", "sa", "BR", dead),
+    ]);
+    let (_child, addr, log_rx) = start_logged(
+        edgeproxy()
+            .env("EDGEPROXY_DB_PATH", &db.path)
+            .env("EDGEPROXY_BINDING_TTL_SECS", "0"),
+    );
+    let started = tokio::time::Instant::now();
+    rt.block_on(async {
+        for _ in 0..60 {
+            assert!(refused("127.0.0.1", addr).await);
+        }
+    });
+    let elapsed = started.elapsed().as_secs() + 1;
+    // Everything logged so far: the lines arrive within the wait, or there are no more.
+    let lines: Vec<String> = std::iter::from_fn(|| {
+        log_rx
+            .recv_timeout(std::time::Duration::from_millis(500))
+            .ok()
+    })
+    .filter(|l| l.contains("connect failed") || l.contains("connection failed"))
+    .collect();
+    // 60 clients x 2 attempts, plus 60 "connection failed": 180 lines unthrottled.
+    assert!(
+        !lines.is_empty() && lines.len() as u64 <= 2 * elapsed + 2,
+        "{} lines in {elapsed} s",
+        lines.len()
+    );
+}

@@ -207,6 +207,18 @@ async fn db_init_and_imports_with_a_bad_import_rejected_whole() {
     .unwrap();
     let (success, _, err) = cli(&db, &["db", "import", missing_column.to_str().unwrap()]).await;
     assert!(!success && err.contains("wg_ip"), "{err}");
+    // SQL with parameters binds nothing (NULL): refused, named, no panic.
+    let params = dir.path().join("params.sql");
+    std::fs::write(
+        &params,
+        "INSERT INTO backends (id, app, region, country, wg_ip, port) VALUES (?1, 'web', 'sa', 'BR', '10.0.0.1', :port);\n",
+    )
+    .unwrap();
+    let (success, _, err) = cli(&db, &["db", "import", params.to_str().unwrap()]).await;
+    assert!(
+        !success && err.contains("params.sql: line 1") && !err.contains("panicked"),
+        "{err}"
+    );
     // Recreating the table drops the row checks with it: the rows are checked again.
     let recreate = dir.path().join("recreate.sql");
     std::fs::write(
