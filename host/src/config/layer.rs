@@ -44,10 +44,11 @@ macro_rules! settings {
             }
 
             /// The highest layer that sets each key wins; a bad value is reported in
-            /// `errors` and replaced by the default, so every bad key is named at once.
+            /// `errors` (with the setting it concerns) and replaced by the default, so every
+            /// bad key is named at once.
             pub(crate) fn merge(
                 layers: &[&$crate::config::Layer],
-                errors: &mut Vec<$crate::config::ConfigError>,
+                errors: &mut Vec<(&'static str, $crate::config::ConfigError)>,
             ) -> (Self, Vec<$crate::config::Origin>) {
                 let mut origins = Vec::with_capacity(SETTINGS.len());
                 let settings = Self { $( $key: {
@@ -355,7 +356,7 @@ pub fn pick<T: SettingValue>(
     default: impl FnOnce() -> T,
     check: fn(&T) -> Result<(), String>,
     origins: &mut Vec<Origin>,
-    errors: &mut Vec<ConfigError>,
+    errors: &mut Vec<(&'static str, ConfigError)>,
 ) -> T {
     for layer in layers {
         let value = match layer.values.get(key) {
@@ -369,7 +370,7 @@ pub fn pick<T: SettingValue>(
         match value.and_then(|v| check(&v).map(|()| v)) {
             Ok(v) => return v,
             Err(message) => {
-                errors.push(invalid(layer.label(key), message));
+                errors.push((key, invalid(layer.label(key), message)));
                 return default();
             }
         }

@@ -140,7 +140,7 @@ pub enum Scope {
     Tools,
 }
 
-/// What the tools read.
+/// The settings the tools read (besides `[regions]`, checked for them too).
 const TOOL_KEYS: &[&str] = &[
     "db_path",
     "region",
@@ -166,37 +166,47 @@ impl Config {
         env: Layer,
         flags: Layer,
     ) -> Result<Self, ConfigErrors> {
-        let mut errors = Vec::new();
-        let (s, origins) = Settings::merge(&[&flags, &env, &file], &mut errors);
+        let mut setting_errors = Vec::new();
+        let (s, origins) = Settings::merge(&[&flags, &env, &file], &mut setting_errors);
+        // The tools are stopped only by the settings they read.
+        let mut errors: Vec<ConfigError> = setting_errors
+            .into_iter()
+            .filter(|(key, _)| scope == Scope::Serve || TOOL_KEYS.contains(key))
+            .map(|(_, e)| e)
+            .collect();
         let l = flags.over(env).over(file);
+        // Listeners and the admin API concern the proxy, not the tools.
+        let serving = scope == Scope::Serve;
         let listeners = match l.listener {
-            Some(list) if list.is_empty() => {
+            Some(list) if list.is_empty() && serving => {
                 errors.push(invalid("listener", "at least one [[listener]] is needed"));
                 Vec::new()
             }
             Some(list) => list,
             None => vec![ListenerConfig::plain(s.listen_addr)],
         };
-        for (i, lc) in listeners.iter().enumerate() {
-            if lc.proxy_protocol && lc.trusted_proxies.is_empty() {
-                errors.push(invalid(
-                    format!("listener[{i}].trusted_proxies"),
-                    "proxy_protocol = true needs at least one trusted CIDR",
-                ));
-            }
-            if let Some(any) = lc.trusted_proxies.iter().find(|n| n.prefix_len() == 0)
-                && !lc.trust_any_peer
-            {
-                errors.push(invalid(
-                    format!("listener[{i}].trusted_proxies"),
-                    format!("{any} lets any peer claim any client address; list the load balancers' networks, or set trust_any_peer = true"),
-                ));
-            }
-            if listeners[..i].iter().any(|o| o.addr == lc.addr) {
-                errors.push(invalid(
-                    format!("listener[{i}].addr"),
-                    format!("{} is listed twice", lc.addr),
-                ));
+        if serving {
+            for (i, lc) in listeners.iter().enumerate() {
+                if lc.proxy_protocol && lc.trusted_proxies.is_empty() {
+                    errors.push(invalid(
+                        format!("listener[{i}].trusted_proxies"),
+                        "proxy_protocol = true needs at least one trusted CIDR",
+                    ));
+                }
+                if let Some(any) = lc.trusted_proxies.iter().find(|n| n.prefix_len() == 0)
+                    && !lc.trust_any_peer
+                {
+                    errors.push(invalid(
+                        format!("listener[{i}].trusted_proxies"),
+                        format!("{any} lets any peer claim any client address; list the load balancers' networks, or set trust_any_peer = true"),
+                    ));
+                }
+                if listeners[..i].iter().any(|o| o.addr == lc.addr) {
+                    errors.push(invalid(
+                        format!("listener[{i}].addr"),
+                        format!("{} is listed twice", lc.addr),
+                    ));
+                }
             }
         }
         let region_overrides = l.regions.unwrap_or_default();
@@ -237,25 +247,12 @@ impl Config {
         let admin = match admin_config(&s) {
             Ok(a) => a,
             Err(e) => {
-                errors.push(e);
+                if serving {
+                    errors.push(e);
+                }
                 None
             }
         };
-        if scope == Scope::Tools {
-            // Only the settings the tools read may stop them.
-            let read: Vec<String> = SETTINGS
-                .iter()
-                .filter(|i| TOOL_KEYS.contains(&i.key))
-                .flat_map(|i| {
-                    [
-                        i.key.to_owned(),
-                        i.env.to_owned(),
-                        format!("--{}", i.flag()),
-                    ]
-                })
-                .collect();
-            errors.retain(|e| matches!(e, ConfigError::Invalid { key, .. } if read.contains(key)));
-        }
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -550,6 +547,12 @@ mod tests {
         let bad_db = env(&[("EDGEPROXY_POLICY_MEMORY_MIB", "0")]);
         assert!(
             Config::resolve_for(Scope::Tools, Layer::default(), bad_db, Layer::default()).is_err()
+        );
+        // `policy simulate` places clients with the region map.
+        let bad_regions = Layer::from_toml("[regions]\naf = [\"ZAF\"]").unwrap();
+        assert!(
+            Config::resolve_for(Scope::Tools, bad_regions, Layer::default(), Layer::default())
+                .is_err()
         );
     }
 
