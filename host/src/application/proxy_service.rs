@@ -220,8 +220,10 @@ impl ProxyService {
         let mut remaining: Option<Vec<RoutedBackend>> = None;
         let mut attempts = 0;
         let mut connected = None;
-        let mut first = true;
         while attempts < self.settings.connect_attempts {
+            // The first decision may follow the binding; after a failure, the policy picks
+            // among the backends left.
+            let first = remaining.is_none();
             let candidates = remaining.as_deref().unwrap_or(all);
             let choice = match first {
                 true => self.choose(&req, &key, candidates),
@@ -236,7 +238,6 @@ impl ProxyService {
                     b.remove(&key);
                 }
                 exclude(&mut remaining, all, &target);
-                first = false;
                 continue;
             };
             attempts += 1;
@@ -279,7 +280,6 @@ impl ProxyService {
                         b.remove(&key);
                     }
                     exclude(&mut remaining, all, &target);
-                    first = false;
                 }
             }
         }

@@ -551,8 +551,13 @@ mod tests {
         // `policy simulate` places clients with the region map.
         let bad_regions = Layer::from_toml("[regions]\naf = [\"ZAF\"]").unwrap();
         assert!(
-            Config::resolve_for(Scope::Tools, bad_regions, Layer::default(), Layer::default())
-                .is_err()
+            Config::resolve_for(
+                Scope::Tools,
+                bad_regions,
+                Layer::default(),
+                Layer::default()
+            )
+            .is_err()
         );
     }
 
