@@ -13,6 +13,18 @@ fn edgeproxy() -> Command {
     c
 }
 
+/// `edgeproxy` with a clean environment, run by `sh` after `ulimit ARGS` (descriptor limits).
+fn edgeproxy_under_ulimit(args: &str) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!(
+            "ulimit {args} && exec {}",
+            env!("CARGO_BIN_EXE_edgeproxy")
+        ))
+        .env_clear();
+    c
+}
+
 /// Kills the child if the test fails before it exits.
 struct Running(Child);
 
@@ -167,13 +179,7 @@ fn accept_loop_survives_running_out_of_descriptors() {
     let db = Db::new(&[Row::new("b", "sa", "BR", backend.addr)]);
     // 64 descriptors: enough to start, far too few for 100 proxied connections (2 each).
     let (mut child, addr, log_rx) = start_logged(
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "ulimit -n 64 && exec {}",
-                env!("CARGO_BIN_EXE_edgeproxy")
-            ))
-            .env_clear()
+        edgeproxy_under_ulimit("-n 64")
             .env("EDGEPROXY_DB_PATH", &db.path)
             .env("EDGEPROXY_NATIVE_POLICY", "1")
             .current_dir(dir.path()),
@@ -360,13 +366,7 @@ fn connects_that_fail_for_want_of_descriptors_blame_no_backend() {
     for limit in [64, 65] {
         let dir = tempfile::tempdir().unwrap();
         let (_child, addr, log_rx) = start_logged(
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "ulimit -n {limit} && exec {}",
-                    env!("CARGO_BIN_EXE_edgeproxy")
-                ))
-                .env_clear()
+            edgeproxy_under_ulimit(&format!("-n {limit}"))
                 .env("EDGEPROXY_DB_PATH", &db.path)
                 .env("EDGEPROXY_NATIVE_POLICY", "1")
                 .current_dir(dir.path()),
@@ -416,16 +416,7 @@ fn connects_that_fail_for_want_of_descriptors_blame_no_backend() {
 #[test]
 fn start_up_raises_the_soft_descriptor_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let log = start_up_log(
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "ulimit -S -n 256 && exec {}",
-                env!("CARGO_BIN_EXE_edgeproxy")
-            ))
-            .env_clear(),
-        dir.path(),
-    );
+    let log = start_up_log(&mut edgeproxy_under_ulimit("-S -n 256"), dir.path());
     let line = log
         .iter()
         .find(|l| l.contains("open-file limit"))
