@@ -4,6 +4,8 @@
 //! - `model`: entities and value objects; `routing_table`: the snapshot the hot path reads;
 //!   `live_stats`: per-backend counters kept across reloads.
 //! - `ports`: the traits adapters implement; `services`: region map and native scorer.
+//! - `replication`: row versions (hybrid logical clock), the merge rule and the digest POPs
+//!   compare.
 //! - `sample`: the synthetic table the policy self-test, `policy check` and tests share.
 //!
 //! Nothing here does I/O or awaits; adapters feed it immutable snapshots and it answers
@@ -12,6 +14,7 @@
 pub mod live_stats;
 pub mod model;
 pub mod ports;
+pub mod replication;
 pub mod routing_table;
 pub mod sample;
 pub mod services;

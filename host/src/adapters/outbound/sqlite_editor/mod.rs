@@ -28,24 +28,10 @@ pub enum EditError {
     Rejected(String),
 }
 
-/// One `backends` row as stored, deleted rows included.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct BackendRow {
-    pub id: String,
-    pub app: String,
-    pub region: String,
-    pub country: String,
-    pub wg_ip: String,
-    pub port: u16,
-    pub healthy: bool,
-    pub weight: u32,
-    pub soft_limit: u32,
-    pub hard_limit: u32,
-    pub deleted: bool,
-}
+pub use crate::domain::replication::BackendRow;
 
 impl BackendRow {
-    fn values(&self) -> [Value; 11] {
+    pub(crate) fn values(&self) -> [Value; 11] {
         [
             Value::Text(self.id.clone()),
             Value::Text(self.app.clone()),
@@ -342,7 +328,7 @@ fn row_by_id(conn: &Connection, id: &str) -> rusqlite::Result<Option<BackendRow>
     .optional()
 }
 
-fn backend_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackendRow> {
+pub(crate) fn backend_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackendRow> {
     Ok(BackendRow {
         id: r.get(0)?,
         app: r.get(1)?,
