@@ -49,6 +49,10 @@ pub struct Host {
     pub wasm_policy: Option<Arc<WasmPolicy>>,
     pub telemetry: Arc<Telemetry>,
     pub admin: Arc<Admin>,
+    /// This POP's membership of the fleet, when replication is on.
+    pub cluster: Option<adapters::cluster::Cluster>,
+    /// Stops the cluster after the drain (it keeps the table current until then).
+    cluster_stop: CancellationToken,
     /// Ends a drain at once (a second SIGTERM/SIGINT): the connections left are closed.
     pub abort: CancellationToken,
     admin_token: Option<String>,
@@ -105,6 +109,15 @@ impl Host {
         if repo.create_if_missing()? {
             tracing::info!(path = %s.db_path.display(), "created empty routing database");
         }
+        let cluster_stop = CancellationToken::new();
+        let cluster = match cluster_config(config) {
+            Some(cfg) => Some(
+                adapters::cluster::Cluster::start(cfg, cluster_stop.clone())
+                    .await
+                    .context("starting replication (cluster_enabled)")?,
+            ),
+            None => None,
+        };
         let metrics = Arc::new(domain::live_stats::LiveStats::default());
         let routing = Arc::new(Routing::new(
             Arc::new(repo),
@@ -128,6 +141,9 @@ impl Host {
             geo: Arc::clone(&geo),
             policy: control,
             telemetry: Arc::clone(&telemetry),
+            cluster: cluster
+                .clone()
+                .map(|c| Arc::new(c) as Arc<dyn domain::ports::ClusterView>),
         });
         let service = Arc::new(ProxyService {
             routing: Arc::clone(&routing),
@@ -155,6 +171,8 @@ impl Host {
             wasm_policy: None,
             telemetry,
             admin,
+            cluster,
+            cluster_stop,
             abort: CancellationToken::new(),
             admin_token: config.admin.as_ref().and_then(|a| a.token.clone()),
             db_path: s.db_path.clone(),
@@ -275,10 +293,52 @@ impl Host {
             }
         };
         stop_background.cancel();
+        self.cluster_stop.cancel();
         background.close();
         background.wait().await;
         Ok(Drained { cut_off })
     }
+}
+
+/// The cluster's settings when replication is on (credentials are checked by the config).
+fn cluster_config(config: &Config) -> Option<adapters::cluster::ClusterConfig> {
+    let s = &config.settings;
+    if !s.cluster_enabled {
+        return None;
+    }
+    Some(adapters::cluster::ClusterConfig {
+        node_name: s.cluster_node_id.clone().unwrap_or_else(host_name),
+        cluster: s.cluster_name.clone(),
+        gossip_addr: s.cluster_gossip_addr,
+        transport_addr: s.cluster_transport_addr,
+        advertise_ip: s.cluster_advertise_ip,
+        bootstrap: s
+            .cluster_bootstrap_peers
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(String::from)
+            .collect(),
+        gossip_interval: Duration::from_millis(s.cluster_gossip_interval_ms),
+        sync_interval: Duration::from_millis(s.cluster_sync_interval_ms),
+        max_skew: Duration::from_millis(s.cluster_max_clock_skew_ms),
+        tls: adapters::cluster::TlsFiles {
+            ca: s.cluster_ca_file.clone()?,
+            cert: s.cluster_cert_file.clone()?,
+            key: s.cluster_key_file.clone()?,
+        },
+        db: s.db_path.clone(),
+    })
+}
+
+/// edgeProxy's default node id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "edgeproxy".to_owned())
 }
 
 /// The bounds every policy call and instance gets, from the configuration.

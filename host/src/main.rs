@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use edgeproxy::adapters::inbound::cli_output::emit;
 use edgeproxy::adapters::inbound::{
-    config_cli, policy_build, policy_check, policy_simulate, routing_cli, tcp_server,
+    cluster_cli, config_cli, policy_build, policy_check, policy_simulate, routing_cli, tcp_server,
 };
 use edgeproxy::config::{Config, Flags, Layer, LogFormat, PolicySource, Scope};
 use edgeproxy::domain::Region;
@@ -61,6 +61,9 @@ enum Command {
     /// Validate or print the configuration without starting the proxy.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The fleet: make its credentials, see what this POP sees of it.
+    #[command(subcommand)]
+    Cluster(cluster_cli::ClusterCommand),
 }
 
 #[derive(Subcommand)]
@@ -215,6 +218,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     emit(json, &shown, || config_cli::render_show(&shown))
                 }
             }
+        }
+        Some(Command::Cluster(command)) => {
+            let admin = match &command {
+                cluster_cli::ClusterCommand::Status { .. } => {
+                    tools()?.admin.map(|a| (a.addr, a.token))
+                }
+                _ => None,
+            };
+            runtime(1)?.block_on(cluster_cli::run(command, admin))
         }
         Some(Command::Backend { command, target }) => {
             let db = target

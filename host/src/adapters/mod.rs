@@ -3,8 +3,10 @@
 //! - `inbound`: what drives the host (accept loops, PROXY protocol, admin HTTP, file
 //!   watching, the CLI's operator commands).
 //! - `outbound`: what the host drives (SQLite routing table, bindings, GeoIP, wasm policy).
+//! - `cluster`: the fleet: SWIM membership and row replication between POPs.
 //! - `net`: socket technology shared by the data path (relay, buffer and pipe pools).
 
+pub mod cluster;
 pub mod inbound;
 pub mod net;
 pub mod outbound;

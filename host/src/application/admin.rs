@@ -169,9 +169,15 @@ pub struct Admin {
     pub geo: Arc<dyn GeoResolver>,
     pub policy: Arc<dyn PolicyControl>,
     pub telemetry: Arc<Telemetry>,
+    pub cluster: Option<Arc<dyn crate::domain::ports::ClusterView>>,
 }
 
 impl Admin {
+    /// The fleet as this POP sees it; None when replication is off.
+    pub fn cluster(&self) -> Option<crate::domain::ports::ClusterStatus> {
+        self.cluster.as_ref().map(|c| c.status())
+    }
+
     pub fn status(&self) -> Status {
         let table = self.routing.current();
         let history = self.routing.history();

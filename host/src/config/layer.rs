@@ -5,7 +5,7 @@
 //! settings combine (listeners, admin, policy) in `mod.rs`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -154,6 +154,20 @@ impl Default for Layer {
     }
 }
 
+/// Tables of the config file whose keys are settings named `<table>_<key>`.
+const SECTIONS: &[&str] = &["cluster"];
+
+/// How the config file spells a setting: `[cluster] x` for `cluster_x`.
+pub fn file_key(key: &str) -> String {
+    SECTIONS
+        .iter()
+        .find_map(|s| {
+            key.strip_prefix(&format!("{s}_"))
+                .map(|k| format!("[{s}] {k}"))
+        })
+        .unwrap_or_else(|| key.to_owned())
+}
+
 fn info(key: &str) -> Option<&'static Info> {
     SETTINGS.iter().find(|i| i.key == key)
 }
@@ -212,6 +226,17 @@ impl Layer {
                     Ok(l) => layer.listener = Some(l),
                     Err(e) => problems.push(format!("listener: {}", e.to_string().trim_end())),
                 },
+                // `[cluster] x = …` is the setting `cluster_x`.
+                section if SECTIONS.contains(&section) && value.is_table() => {
+                    for (k, v) in value.as_table().into_iter().flatten() {
+                        match info(&format!("{section}_{k}")) {
+                            Some(info) => {
+                                layer.values.insert(info.key, Raw::Toml(v.clone()));
+                            }
+                            None => problems.push(format!("unknown key {k:?} in [{section}]")),
+                        }
+                    }
+                }
                 _ => match info(&key) {
                     Some(info) => {
                         layer.values.insert(info.key, Raw::Toml(value));
@@ -290,12 +315,8 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "edgeproxy has no internal DNS server; clients reach the POP by its listener address",
     ),
     (
-        "EDGEPROXY_REPLICATION_",
-        "edgeproxy does not replicate the routing table yet; each POP reads its own db_path",
-    ),
-    (
         "EDGEPROXY_CORROSION_",
-        "edgeproxy does not read Corrosion; each POP reads its own db_path",
+        "edgeproxy does not read Corrosion; POPs share the routing table by built-in replication (EDGEPROXY_REPLICATION_*)",
     ),
     ("EDGEPROXY_MDNS_", "edgeproxy has no mDNS discovery"),
     (
@@ -407,7 +428,7 @@ macro_rules! text_setting {
         }
     )*};
 }
-text_setting!(String, PathBuf, SocketAddr, LogFormat);
+text_setting!(String, PathBuf, SocketAddr, IpAddr, LogFormat);
 
 macro_rules! integer_setting {
     ($($t:ty),*) => {$(
@@ -579,7 +600,7 @@ pub fn markdown_table() -> String {
         };
         out += &format!(
             "| `{}` | `{}` | `--{}` | {default} | {} |\n",
-            info.key,
+            file_key(info.key),
             info.env,
             info.flag(),
             info.help()

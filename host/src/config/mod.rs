@@ -253,6 +253,28 @@ impl Config {
                 None
             }
         };
+        if serving && s.cluster_enabled {
+            let missing: Vec<&str> = [
+                ("cluster_ca_file", s.cluster_ca_file.is_none()),
+                ("cluster_cert_file", s.cluster_cert_file.is_none()),
+                ("cluster_key_file", s.cluster_key_file.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(k, missing)| missing.then_some(k))
+            .collect();
+            if !missing.is_empty() {
+                errors.push(invalid(
+                    "cluster_enabled",
+                    format!(
+                        "replication needs the cluster's credentials, and {} unset: make them with \
+                         `edgeproxy cluster ca` and `edgeproxy cluster cert NODE` (docs/CLUSTER.md); \
+                         POPs authenticate each other with them, so no process without them can \
+                         read or write the routing table",
+                        missing.join(", ")
+                    ),
+                ));
+            }
+        }
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }

@@ -5,7 +5,7 @@
 //! README's configuration table, so a new setting is one entry here plus the code that
 //! uses it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use super::layer::{LogFormat, at_most, not_blank, positive};
@@ -76,4 +76,33 @@ crate::settings! {
     admin_token: Option<String> = None, env "EDGEPROXY_ADMIN_TOKEN", secret true;
     /// serve a non-loopback `admin_addr` without a token (otherwise refused at start-up)
     admin_allow_remote: bool = false, env "EDGEPROXY_ADMIN_ALLOW_REMOTE";
+    /// join the fleet: share the routing table with the other POPs (docs/CLUSTER.md)
+    cluster_enabled: bool = false, env "EDGEPROXY_REPLICATION_ENABLED";
+    /// this POP's name in the cluster; unset: the host name
+    cluster_node_id: Option<String> = None, env "EDGEPROXY_REPLICATION_NODE_ID";
+    /// name every POP of one fleet shares; a node with another name cannot join
+    cluster_name: String = "edgeproxy".to_owned(), env "EDGEPROXY_REPLICATION_CLUSTER_NAME", check |v| not_blank(v);
+    /// SWIM membership (QUIC datagrams, UDP)
+    cluster_gossip_addr: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 4001)), env "EDGEPROXY_REPLICATION_GOSSIP_ADDR";
+    /// row exchange (QUIC streams, UDP)
+    cluster_transport_addr: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 4002)), env "EDGEPROXY_REPLICATION_TRANSPORT_ADDR";
+    /// the address other POPs reach this one at (its WireGuard IP); unset: the IP the
+    /// addresses above are bound to, or when that is `0.0.0.0`, the one routing to the
+    /// first bootstrap peer
+    cluster_advertise_ip: Option<IpAddr> = None, env "EDGEPROXY_REPLICATION_ADVERTISE_IP";
+    /// gossip addresses (`host:port`, comma-separated) to join through; peers met since
+    /// are remembered in the database
+    cluster_bootstrap_peers: String = String::new(), env "EDGEPROXY_REPLICATION_BOOTSTRAP_PEERS";
+    /// SWIM probe period; failure detection takes about three
+    cluster_gossip_interval_ms: u64 = 1000, env "EDGEPROXY_REPLICATION_GOSSIP_INTERVAL_MS", check |v| at_most(v, 60_000).and(if *v < 50 { Err("must be at least 50".into()) } else { Ok(()) });
+    /// anti-entropy round with a random member (jittered ±50%)
+    cluster_sync_interval_ms: u64 = 2000, env "EDGEPROXY_REPLICATION_SYNC_INTERVAL_MS", check |v| positive(v).and(at_most(v, 3_600_000));
+    /// a row stamped further ahead of this POP's clock waits until it is not
+    cluster_max_clock_skew_ms: u64 = 60_000, env "EDGEPROXY_REPLICATION_MAX_CLOCK_SKEW_MS", check |v| positive(v).and(at_most(v, YEAR * 1000));
+    /// the cluster CA certificate (`edgeproxy cluster ca`)
+    cluster_ca_file: Option<PathBuf> = None, env "EDGEPROXY_REPLICATION_CA_FILE";
+    /// this POP's certificate (`edgeproxy cluster cert NODE`)
+    cluster_cert_file: Option<PathBuf> = None, env "EDGEPROXY_REPLICATION_CERT_FILE";
+    /// this POP's private key
+    cluster_key_file: Option<PathBuf> = None, env "EDGEPROXY_REPLICATION_KEY_FILE";
 }

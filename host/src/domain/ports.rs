@@ -179,3 +179,43 @@ impl ErrorAt {
 pub fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
+
+/// What the fleet looks like from this POP (`GET /cluster`, `edgeproxy cluster status`).
+pub trait ClusterView: Send + Sync {
+    fn status(&self) -> ClusterStatus;
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub node: String,
+    pub gossip: std::net::SocketAddr,
+    pub transport: std::net::SocketAddr,
+    pub state: String,
+    pub last_sync_secs_ago: Option<f64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ClusterStatus {
+    pub node: String,
+    pub name: String,
+    pub gossip: std::net::SocketAddr,
+    pub transport: std::net::SocketAddr,
+    pub members: Vec<MemberStatus>,
+    pub rows: usize,
+    pub tombstones: usize,
+    /// Equal on two POPs exactly when their tables (rows, tombstones, versions) are equal.
+    pub digest: String,
+    pub clock: u64,
+    pub last_sync_secs_ago: Option<f64>,
+    pub changes_sent: u64,
+    pub changes_received: u64,
+    pub changes_applied: u64,
+    pub changes_rejected: u64,
+    pub changes_clock_ahead: u64,
+    pub sync_rounds: u64,
+    pub sync_failures: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub peers_refused: u64,
+}

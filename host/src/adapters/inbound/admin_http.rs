@@ -8,6 +8,7 @@
 //! | `GET /bindings?offset=0&limit=100` | one page of bindings, ordered by client |
 //! | `DELETE /bindings/{client-ip}` | drops the client's bindings (every app) |
 //! | `POST /reload` | reloads the routing table and the policy now |
+//! | `GET /cluster` | this node, members and their SWIM state, sync times, table digest, counters |
 //!
 //! With a token configured, every route needs `Authorization: Bearer <token>`. The
 //! listener only reads and formats; what it answers comes from [`Admin`].
@@ -109,6 +110,13 @@ impl State {
             }
             ("/status", &Method::GET) => json(StatusCode::OK, &self.admin.status()),
             ("/backends", &Method::GET) => json(StatusCode::OK, &self.admin.backends()),
+            ("/cluster", &Method::GET) => match self.admin.cluster() {
+                Some(c) => json(StatusCode::OK, &c),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "replication is off on this POP (cluster_enabled)",
+                ),
+            },
             ("/bindings", &Method::GET) => match page(req.uri().query()) {
                 Ok((offset, limit)) => json(StatusCode::OK, &self.admin.bindings(offset, limit)),
                 Err(e) => error(StatusCode::BAD_REQUEST, &e),
@@ -125,7 +133,9 @@ impl State {
             (p, &Method::DELETE) if p.starts_with("/bindings/") => {
                 self.unbind(&p["/bindings/".len()..])
             }
-            ("/metrics" | "/status" | "/backends" | "/bindings", _) => not_allowed("GET"),
+            ("/metrics" | "/status" | "/backends" | "/bindings" | "/cluster", _) => {
+                not_allowed("GET")
+            }
             ("/reload", _) => not_allowed("POST"),
             (p, _) if p.starts_with("/bindings/") => not_allowed("DELETE"),
             _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),

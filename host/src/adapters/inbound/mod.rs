@@ -8,6 +8,7 @@
 
 pub mod admin_http;
 pub mod cli_output;
+pub mod cluster_cli;
 pub mod config_cli;
 pub mod file_watch;
 pub mod policy_build;

@@ -1,0 +1,466 @@
+//! The fleet: every POP's routing table kept the same by SWIM membership (foca) and row
+//! exchange over QUIC (quinn), mutually authenticated with the cluster CA.
+//!
+//! - `membership`: foca in one task, SWIM packets as QUIC datagrams (gossip endpoint).
+//! - `sync`: fresh writes pushed to every member, anti-entropy rounds (transport endpoint).
+//! - `wire`: every message, versioned; `tls`: credentials and the mTLS configs;
+//!   `quic`: an endpoint with a connection per peer.
+//!
+//! The merge rule and clock are the domain's (`domain::replication`); the versions and the
+//! capture of local writes live in the routing file (`sqlite_replica`). The proxy itself
+//! knows nothing of this: it reloads the file when it changes, as for any other writer.
+
+pub mod membership;
+pub mod quic;
+pub mod sync;
+pub mod tls;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use self::membership::{Identity, Input, Member};
+use self::quic::QuicEndpoint;
+use crate::adapters::outbound::sqlite_replica::SqliteReplica;
+use crate::domain::ports::{ClusterStatus, ClusterView, MemberStatus};
+use crate::domain::replication::{NodeId, VersionedRow};
+use crate::log_throttle::LogThrottle;
+
+pub use self::tls::TlsFiles;
+
+/// How often local writes are looked for (`PRAGMA data_version`, one cheap read).
+const LOCAL_POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub node_name: String,
+    pub cluster: String,
+    pub gossip_addr: SocketAddr,
+    pub transport_addr: SocketAddr,
+    pub advertise_ip: Option<std::net::IpAddr>,
+    pub bootstrap: Vec<String>,
+    pub gossip_interval: Duration,
+    pub sync_interval: Duration,
+    pub max_skew: Duration,
+    pub tls: TlsFiles,
+    pub db: PathBuf,
+}
+
+/// The routing file, used from blocking threads: SQLite calls must not stall the runtime.
+#[derive(Clone)]
+pub struct Store(Arc<Mutex<SqliteReplica>>);
+
+impl Store {
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut SqliteReplica) -> R + Send + 'static,
+    ) -> R {
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(move || f(&mut store.lock().expect("replica lock")))
+            .await
+            .expect("replica task panicked")
+    }
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub changes_sent: AtomicU64,
+    pub changes_received: AtomicU64,
+    pub changes_applied: AtomicU64,
+    pub changes_rejected: AtomicU64,
+    pub changes_ahead: AtomicU64,
+    pub sync_rounds: AtomicU64,
+    pub sync_failures: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub protocol_refused: AtomicU64,
+}
+
+/// A member reachable for rows.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub node: NodeId,
+    pub name: String,
+    pub transport: SocketAddr,
+}
+
+pub struct Inner {
+    me: Identity,
+    store: Store,
+    gossip: Arc<QuicEndpoint>,
+    transport: Arc<QuicEndpoint>,
+    members: watch::Receiver<Vec<Member>>,
+    pub stats: Stats,
+    last_sync: Mutex<HashMap<NodeId, SystemTime>>,
+    reject_log: LogThrottle,
+}
+
+impl Inner {
+    async fn transport_conn(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connection, String> {
+        let (conn, new) = self.transport.connection(addr).await?;
+        if new {
+            sync::serve(self.clone(), conn.clone());
+        }
+        Ok(conn)
+    }
+
+    fn alive_peers(&self) -> Vec<Peer> {
+        self.members
+            .borrow()
+            .iter()
+            .filter(|m| m.state != foca::State::Down)
+            .map(|m| Peer {
+                node: m.id.node,
+                name: m.id.name.clone(),
+                transport: m.id.transport,
+            })
+            .collect()
+    }
+
+    fn synced_with(&self, node: NodeId) {
+        self.last_sync
+            .lock()
+            .expect("sync times lock")
+            .insert(node, SystemTime::now());
+    }
+
+    /// A peer that authenticated but spoke another schema or garbage.
+    fn protocol_refusal(&self, from: SocketAddr, reason: &str) {
+        self.stats.protocol_refused.fetch_add(1, Ordering::Relaxed);
+        self.transport.refuse(from, reason);
+    }
+
+    /// Merges rows from `origin`, counting and reporting what was refused.
+    async fn apply(self: &Arc<Self>, origin: NodeId, rows: Vec<VersionedRow>) {
+        if rows.is_empty() {
+            return;
+        }
+        let result = self.store.run(move |r| r.apply(rows)).await;
+        match result {
+            Ok(out) => {
+                let s = &self.stats;
+                s.changes_applied
+                    .fetch_add(out.applied.len() as u64, Ordering::Relaxed);
+                s.changes_rejected
+                    .fetch_add(out.rejected.len() as u64, Ordering::Relaxed);
+                s.changes_ahead
+                    .fetch_add(out.ahead.len() as u64, Ordering::Relaxed);
+                if (!out.rejected.is_empty() || !out.ahead.is_empty())
+                    && let Some(held) = self.reject_log.allow()
+                {
+                    tracing::warn!(
+                        origin = %origin,
+                        "cluster: refused rows from node {origin}: invalid {:?}; clock ahead {:?} \
+                         ({held} earlier reports held back)",
+                        out.rejected,
+                        out.ahead.iter().map(|(id, a)| format!("{id}: {a}")).collect::<Vec<_>>()
+                    );
+                }
+                if !out.stamped.is_empty() {
+                    self.broadcast(out.stamped);
+                }
+            }
+            Err(e) => tracing::error!("cluster: {e}"),
+        }
+    }
+
+    fn broadcast(self: &Arc<Self>, rows: Vec<VersionedRow>) {
+        self.stats
+            .changes_sent
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        sync::push(self, self.me.node, rows, self.alive_peers());
+    }
+}
+
+/// A running cluster member; dropping it does not stop it, `stop` (the token) does.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+/// Resolves `host:port` entries; a name that does not resolve now is tried again later.
+async fn resolve(entries: &[String]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for e in entries {
+        match tokio::net::lookup_host(e.as_str()).await {
+            Ok(addrs) => out.extend(addrs),
+            Err(err) => tracing::debug!("cluster: bootstrap peer {e}: {err}"),
+        }
+    }
+    out
+}
+
+impl ClusterView for Cluster {
+    fn status(&self) -> ClusterStatus {
+        Cluster::status(self)
+    }
+}
+
+impl Cluster {
+    /// Opens the routing file for replication, binds both endpoints and starts the tasks;
+    /// they end with `stop`. Errors (credentials, addresses, database) come back here.
+    pub async fn start(cfg: ClusterConfig, stop: CancellationToken) -> anyhow::Result<Self> {
+        let (server, client) = tls::quic_configs(&cfg.tls, &cfg.cluster)?;
+        let replica = SqliteReplica::open(&cfg.db, cfg.max_skew)?;
+        let node = replica.node();
+        let remembered = replica.known_peers();
+        let gossip = Arc::new(
+            QuicEndpoint::bind("gossip", cfg.gossip_addr, server.clone(), client.clone())
+                .with_context(|| format!("cluster gossip address {}", cfg.gossip_addr))?,
+        );
+        let transport = Arc::new(
+            QuicEndpoint::bind("transport", cfg.transport_addr, server, client)
+                .with_context(|| format!("cluster transport address {}", cfg.transport_addr))?,
+        );
+        let seeds = resolve(&cfg.bootstrap).await;
+        let me = Identity {
+            node,
+            name: cfg.node_name.clone(),
+            gossip: advertised(gossip.local_addr(), cfg.advertise_ip, &seeds)?,
+            transport: advertised(transport.local_addr(), cfg.advertise_ip, &seeds)?,
+            bump: crate::adapters::outbound::sqlite_replica::wall_ms(),
+        };
+        let membership = membership::start(
+            me.clone(),
+            cfg.gossip_interval,
+            gossip.clone(),
+            stop.clone(),
+        );
+        let inner = Arc::new(Inner {
+            me,
+            store: Store(Arc::new(Mutex::new(replica))),
+            gossip: gossip.clone(),
+            transport: transport.clone(),
+            members: membership.members.clone(),
+            stats: Stats::default(),
+            last_sync: Mutex::default(),
+            reject_log: LogThrottle::new(Duration::from_secs(60)),
+        });
+        tracing::info!(
+            node = %node,
+            "cluster: {} joining cluster {:?} (gossip {}, transport {})",
+            cfg.node_name,
+            cfg.cluster,
+            inner.me.gossip,
+            inner.me.transport
+        );
+
+        let inputs = membership.inputs.clone();
+        tokio::spawn(
+            gossip
+                .clone()
+                .listen(move |conn| membership::read_datagrams(conn, inputs.clone())),
+        );
+        let served = inner.clone();
+        tokio::spawn(
+            transport
+                .clone()
+                .listen(move |conn| sync::serve(served.clone(), conn)),
+        );
+        tokio::spawn(watch_local_writes(inner.clone(), stop.clone()));
+        tokio::spawn(anti_entropy(
+            inner.clone(),
+            membership.inputs,
+            [cfg.bootstrap.clone(), remembered].concat(),
+            cfg.sync_interval,
+            stop.clone(),
+        ));
+        let closing = (gossip, transport);
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            // Let the SWIM leave message go out first.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            closing.0.close();
+            closing.1.close();
+        });
+        Ok(Self { inner })
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let inner = &self.inner;
+        let last_sync = inner.last_sync.lock().expect("sync times lock").clone();
+        let now = SystemTime::now();
+        let members = inner
+            .members
+            .borrow()
+            .iter()
+            .map(|m| MemberStatus {
+                name: m.id.name.clone(),
+                node: m.id.node.to_string(),
+                gossip: m.id.gossip,
+                transport: m.id.transport,
+                state: format!("{:?}", m.state).to_lowercase(),
+                last_sync_secs_ago: last_sync
+                    .get(&m.id.node)
+                    .and_then(|t| now.duration_since(*t).ok())
+                    .map(|d| d.as_secs_f64()),
+            })
+            .collect();
+        let (rows, tombstones, digest, clock) = {
+            let r = inner.store.0.lock().expect("replica lock");
+            let (rows, tombstones) = r.counts();
+            (rows, tombstones, r.digest().summary(), r.clock().0)
+        };
+        let s = &inner.stats;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ClusterStatus {
+            node: inner.me.node.to_string(),
+            name: inner.me.name.clone(),
+            gossip: inner.me.gossip,
+            transport: inner.me.transport,
+            members,
+            rows,
+            tombstones,
+            digest,
+            clock,
+            last_sync_secs_ago: last_sync
+                .values()
+                .max()
+                .and_then(|t| now.duration_since(*t).ok())
+                .map(|d| d.as_secs_f64()),
+            changes_sent: load(&s.changes_sent),
+            changes_received: load(&s.changes_received),
+            changes_applied: load(&s.changes_applied),
+            changes_rejected: load(&s.changes_rejected),
+            changes_clock_ahead: load(&s.changes_ahead),
+            sync_rounds: load(&s.sync_rounds),
+            sync_failures: load(&s.sync_failures),
+            bytes_in: load(&s.bytes_in),
+            bytes_out: load(&s.bytes_out),
+            peers_refused: load(&inner.gossip.refused) + load(&inner.transport.refused),
+        }
+    }
+}
+
+/// The address peers reach `bound` at: its own IP unless that is a wildcard, then the
+/// configured one, or the one this host routes to the first bootstrap peer from (no packet
+/// is sent: connecting a UDP socket only picks the route).
+fn advertised(
+    bound: SocketAddr,
+    ip: Option<std::net::IpAddr>,
+    seeds: &[SocketAddr],
+) -> anyhow::Result<SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return Ok(bound);
+    }
+    let ip = match (ip, seeds.first()) {
+        (Some(ip), _) => ip,
+        (None, Some(seed)) => {
+            let probe = std::net::UdpSocket::bind(SocketAddr::new(bound.ip(), 0))?;
+            probe.connect(seed)?;
+            probe.local_addr()?.ip()
+        }
+        (None, None) => anyhow::bail!(
+            "cluster addresses are bound to {} and there is no bootstrap peer to find this POP's \
+             address from; set cluster advertise_ip (EDGEPROXY_REPLICATION_ADVERTISE_IP) to the \
+             address other POPs reach this one at",
+            bound.ip()
+        ),
+    };
+    Ok(SocketAddr::new(ip, bound.port()))
+}
+
+/// Stamps and pushes local writes as soon as they are committed.
+async fn watch_local_writes(inner: Arc<Inner>, stop: CancellationToken) {
+    let unreplicable = LogThrottle::new(Duration::from_secs(60));
+    let mut tick = tokio::time::interval(LOCAL_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let result = inner
+            .store
+            .run(|r| match r.changed() {
+                Ok(true) => r.stamp_local(),
+                Ok(false) => Ok(Default::default()),
+                Err(e) => Err(e),
+            })
+            .await;
+        match result {
+            Ok((rows, bad)) => {
+                if !bad.is_empty()
+                    && let Some(held) = unreplicable.allow()
+                {
+                    tracing::warn!(
+                        "cluster: local rows not replicated until fixed (the proxy skips them too): \
+                         {bad:?} ({held} earlier reports held back)"
+                    );
+                }
+                if !rows.is_empty() {
+                    inner.broadcast(rows);
+                }
+            }
+            Err(e) => tracing::error!("cluster: {e}"),
+        }
+    }
+}
+
+/// Anti-entropy: a round with one random member every interval (with jitter), at once
+/// with a member that comes up, and announcements to the bootstrap and remembered peers
+/// while alone.
+async fn anti_entropy(
+    inner: Arc<Inner>,
+    swim: mpsc::Sender<Input>,
+    seeds: Vec<String>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut members = inner.members.clone();
+    let mut up: Vec<NodeId> = Vec::new();
+    let mut next = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(next) => {
+                let jitter = interval.mul_f64(0.5 + fastrand::f64());
+                next = tokio::time::Instant::now() + jitter;
+                let peers = inner.alive_peers();
+                if peers.is_empty() {
+                    for addr in resolve(&seeds).await {
+                        if addr != inner.me.gossip {
+                            let _ = swim.send(Input::Announce(addr)).await;
+                        }
+                    }
+                } else {
+                    let peer = &peers[fastrand::usize(..peers.len())];
+                    run_round(&inner, peer).await;
+                }
+            }
+            changed = members.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let peers = inner.alive_peers();
+                let now_up: Vec<NodeId> = peers.iter().map(|p| p.node).collect();
+                let remembered: Vec<String> = inner.members.borrow().iter()
+                    .filter(|m| m.state != foca::State::Down)
+                    .map(|m| m.id.gossip.to_string()).collect();
+                let _ = inner.store.run(move |r| r.remember_peers(&remembered)).await;
+                for peer in peers.iter().filter(|p| !up.contains(&p.node)) {
+                    run_round(&inner, peer).await;
+                }
+                up = now_up;
+            }
+        }
+    }
+}
+
+async fn run_round(inner: &Arc<Inner>, peer: &Peer) {
+    if let Err(e) = sync::round(inner, peer).await {
+        inner.stats.sync_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("cluster: sync with {}: {e}", peer.name);
+    }
+}

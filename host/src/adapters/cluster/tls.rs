@@ -1,0 +1,213 @@
+//! Cluster credentials: a cluster CA, node certificates signed by it (`edgeproxy cluster ca`,
+//! `edgeproxy cluster cert NODE`), and the mutual-TLS configs both QUIC endpoints use.
+//!
+//! Every node presents its certificate and accepts only peers whose certificate chains to
+//! the cluster CA, in both directions. The ALPN names the protocol version and the cluster,
+//! so a node of another cluster (or another protocol version) fails the handshake itself,
+//! before any byte of SWIM or rows is read.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::wire;
+
+/// The name every node certificate carries and every client checks: peers are many, their
+/// addresses change, and trust comes from the cluster CA, not from a host name.
+pub const SERVER_NAME: &str = "edgeproxy";
+
+/// Where a node's credentials live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn this_year() -> i32 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    1970 + (secs / 31_556_952) as i32
+}
+
+fn validity(params: &mut CertificateParams, years: i32) {
+    let year = this_year();
+    params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+    params.not_after = rcgen::date_time_ymd(year + years, 1, 1);
+}
+
+/// Writes `ca.pem` and `ca.key` into `dir` (refusing to overwrite a CA).
+pub fn make_ca(dir: &Path, cluster: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
+    if cert_path.exists() || key_path.exists() {
+        bail!(
+            "{} or {} exists already; a new CA would lock out every node signed by the old one",
+            cert_path.display(),
+            key_path.display()
+        );
+    }
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("edgeproxy cluster {cluster} CA"),
+    );
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut params, 10);
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_secret(&key_path, &key.serialize_pem())?;
+    std::fs::write(&cert_path, cert.pem())
+        .with_context(|| format!("writing {}", cert_path.display()))?;
+    Ok((cert_path, key_path))
+}
+
+/// Writes `NODE.pem` and `NODE.key` into `dir`, signed by the CA in `ca_dir`.
+pub fn make_node_cert(ca_dir: &Path, dir: &Path, node: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    if node.is_empty()
+        || !node
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        bail!("node name {node:?} must be letters, digits, '-', '_' or '.'");
+    }
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p)
+            .with_context(|| format!("reading the cluster CA {}", p.display()))
+    };
+    let ca_key = KeyPair::from_pem(&read(ca_dir.join("ca.key"))?).context("ca.key")?;
+    let issuer =
+        Issuer::from_ca_cert_pem(&read(ca_dir.join("ca.pem"))?, ca_key).context("ca.pem")?;
+    let mut params = CertificateParams::new(vec![
+        SERVER_NAME.to_string(),
+        format!("{node}.{SERVER_NAME}"),
+    ])?;
+    params.distinguished_name.push(DnType::CommonName, node);
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // One certificate serves both ends of every connection.
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    validity(&mut params, 5);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (cert_path, key_path) = (
+        dir.join(format!("{node}.pem")),
+        dir.join(format!("{node}.key")),
+    );
+    write_secret(&key_path, &key.serialize_pem())?;
+    std::fs::write(&cert_path, cert.pem())
+        .with_context(|| format!("writing {}", cert_path.display()))?;
+    Ok((cert_path, key_path))
+}
+
+fn write_secret(path: &Path, pem: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(pem.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The QUIC server and client configs for one node: mutual TLS pinned to the cluster CA,
+/// ALPN naming protocol and cluster.
+pub fn quic_configs(
+    files: &TlsFiles,
+    cluster: &str,
+) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+    let pem_err = |p: &Path| format!("reading {} (PEM)", p.display());
+    let ca: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.ca)
+        .with_context(|| pem_err(&files.ca))?
+        .collect::<Result<_, _>>()
+        .with_context(|| pem_err(&files.ca))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .with_context(|| pem_err(&files.cert))?
+        .collect::<Result<_, _>>()
+        .with_context(|| pem_err(&files.cert))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).with_context(|| pem_err(&files.key))?;
+    if ca.is_empty() || chain.is_empty() {
+        bail!(
+            "{} or {} holds no certificate",
+            files.ca.display(),
+            files.cert.display()
+        );
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in ca {
+        roots
+            .add(c)
+            .with_context(|| format!("{} is not a usable CA certificate", files.ca.display()))?;
+    }
+    let roots = Arc::new(roots);
+    let alpn = vec![wire::alpn(cluster)];
+
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .context("building the client-certificate verifier")?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())
+        .with_context(|| {
+            format!(
+                "{} does not match {}",
+                files.key.display(),
+                files.cert.display()
+            )
+        })?;
+    server.alpn_protocols = alpn.clone();
+    let mut client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .with_context(|| {
+            format!(
+                "{} does not match {}",
+                files.key.display(),
+                files.cert.display()
+            )
+        })?;
+    client.alpn_protocols = alpn;
+
+    let mut server =
+        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server)?));
+    server.transport_config(transport());
+    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client)?));
+    client.transport_config(transport());
+    Ok((server, client))
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // Idle links are kept open by SWIM itself; a dead peer's connection goes after 30 s.
+    t.max_idle_timeout(Some(
+        std::time::Duration::from_secs(30)
+            .try_into()
+            .expect("30 s fits"),
+    ));
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+    Arc::new(t)
+}

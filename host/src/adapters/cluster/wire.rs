@@ -1,0 +1,126 @@
+//! Everything POPs say to each other, in one place, versioned.
+//!
+//! - The TLS ALPN is `edgeproxy/<PROTOCOL>/<cluster>`: a peer of another protocol version
+//!   or another cluster fails the handshake.
+//! - SWIM: foca's packets as QUIC datagrams on the gossip endpoint, as they are.
+//! - Rows: one frame per QUIC stream on the transport endpoint, a length then postcard.
+//!   `Push` (uni stream) carries fresh local writes to every member; `Sync` (bi stream)
+//!   compares digests and exchanges the rows of the buckets that differ.
+//!
+//! Every message carries the routing schema version: rows are never applied across
+//! schemas (Corrosion's users met half-applied changes when schemas drifted).
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::replication::{Digest, NodeId, VersionedRow};
+
+pub const PROTOCOL: u32 = 1;
+/// The `backends` columns as this build stores them; bump with any change to them.
+pub const SCHEMA: u32 = 1;
+/// Largest frame read: a whole table of 100,000 rows fits, a hostile length does not.
+pub const MAX_FRAME: usize = 64 << 20;
+
+pub fn alpn(cluster: &str) -> Vec<u8> {
+    format!("edgeproxy/{PROTOCOL}/{cluster}").into_bytes()
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Message {
+    /// Fresh local writes, sent once to every member.
+    Push {
+        schema: u32,
+        from: NodeId,
+        rows: Vec<VersionedRow>,
+    },
+    /// Opens an anti-entropy round: the caller's digest.
+    SyncRequest {
+        schema: u32,
+        from: NodeId,
+        digest: Digest,
+    },
+    /// The buckets that differ, and every row the answerer holds in them.
+    SyncReply {
+        schema: u32,
+        buckets: Vec<u16>,
+        rows: Vec<VersionedRow>,
+    },
+    /// The caller's rows the answerer lacks or has older, from those buckets.
+    SyncPush { rows: Vec<VersionedRow> },
+    /// The answer to a message that cannot be served (another schema, say).
+    Refused { reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("stream: {0}")]
+    Io(String),
+    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("undecodable frame: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+pub fn encode(m: &Message) -> Vec<u8> {
+    let body = postcard::to_stdvec(m).expect("messages always serialize");
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+pub async fn write(send: &mut quinn::SendStream, m: &Message) -> Result<usize, WireError> {
+    let bytes = encode(m);
+    send.write_all(&bytes)
+        .await
+        .map_err(|e| WireError::Io(e.to_string()))?;
+    Ok(bytes.len())
+}
+
+pub async fn read(recv: &mut quinn::RecvStream) -> Result<(Message, usize), WireError> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len)
+        .await
+        .map_err(|e| WireError::Io(e.to_string()))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| WireError::Io(e.to_string()))?;
+    Ok((postcard::from_bytes(&body)?, len + 4))
+}
+
+/// Why a message from a peer of `schema` cannot be applied here, if it cannot.
+pub fn schema_mismatch(schema: u32) -> Option<String> {
+    (schema != SCHEMA).then(|| {
+        format!("peer stores routing schema {schema}, this node {SCHEMA}; upgrade every POP to the same release")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_garbage_is_an_error() {
+        let m = Message::SyncRequest {
+            schema: SCHEMA,
+            from: NodeId(3),
+            digest: Digest(vec![1; 64]),
+        };
+        let bytes = encode(&m);
+        let back: Message = postcard::from_bytes(&bytes[4..]).unwrap();
+        assert!(matches!(
+            back,
+            Message::SyncRequest {
+                from: NodeId(3),
+                ..
+            }
+        ));
+        assert!(postcard::from_bytes::<Message>(&[0xff, 0xff, 0xff]).is_err());
+        assert!(schema_mismatch(SCHEMA).is_none());
+        assert!(schema_mismatch(SCHEMA + 1).unwrap().contains("schema"));
+    }
+}

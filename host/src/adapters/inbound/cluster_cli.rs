@@ -1,0 +1,142 @@
+//! `edgeproxy cluster …`: credentials for the fleet, and what a running POP sees of it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use http_body_util::{BodyExt as _, Empty};
+
+use super::cli_output::{emit, render};
+use crate::adapters::cluster::tls;
+use crate::domain::ports::ClusterStatus;
+
+#[derive(clap::Subcommand)]
+pub enum ClusterCommand {
+    /// Make the cluster CA (ca.pem, ca.key) that every POP's certificate is signed by.
+    /// Keep ca.key off the POPs.
+    Ca {
+        /// Directory to write into.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The cluster's name, recorded in the CA's subject.
+        #[arg(long, default_value = "edgeproxy")]
+        name: String,
+    },
+    /// Make a POP's certificate and key (NODE.pem, NODE.key), signed by the cluster CA.
+    Cert {
+        node: String,
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, default_value = ".")]
+        ca_dir: PathBuf,
+        /// Directory to write into.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// This POP's view of the fleet, from its admin API: members, sync, table digest.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(
+    command: ClusterCommand,
+    admin: Option<(SocketAddr, Option<String>)>,
+) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::Ca { dir, name } => {
+            let (cert, key) = tls::make_ca(&dir, &name)?;
+            println!("{}\n{}", cert.display(), key.display());
+            Ok(())
+        }
+        ClusterCommand::Cert { node, ca_dir, dir } => {
+            let (cert, key) = tls::make_node_cert(&ca_dir, &dir, &node)?;
+            println!("{}\n{}", cert.display(), key.display());
+            Ok(())
+        }
+        ClusterCommand::Status { json } => {
+            let (addr, token) =
+                admin.context("the admin API is off (admin_addr); cluster status reads it")?;
+            let status: ClusterStatus =
+                serde_json::from_slice(&get(addr, "/cluster", token).await?)
+                    .context("the admin API's /cluster answer")?;
+            emit(json, &status, || render_status(&status))
+        }
+    }
+}
+
+/// One GET to the local admin API.
+async fn get(addr: SocketAddr, path: &str, token: Option<String>) -> anyhow::Result<Vec<u8>> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| {
+            format!("connecting to the admin API at {addr} (is edgeproxy running?)")
+        })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get(path).header("host", addr.to_string());
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = sender
+        .send_request(req.body(Empty::<bytes::Bytes>::new())?)
+        .await?;
+    let code = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes().to_vec();
+    if !code.is_success() {
+        anyhow::bail!("{path}: {code}: {}", String::from_utf8_lossy(&body).trim());
+    }
+    Ok(body)
+}
+
+pub fn render_status(s: &ClusterStatus) -> String {
+    let ago = |v: Option<f64>| v.map_or("never".to_owned(), |s| format!("{s:.1}s ago"));
+    let mut out = format!(
+        "node      {} ({})\ngossip    {}\ntransport {}\nrows      {} live, {} tombstones\ndigest    {}\nlast sync {}\nchanges   sent {}, received {}, applied {}, rejected {}, clock ahead {}\nsync      {} rounds, {} failed; {} B in, {} B out; {} peers refused\n\n",
+        s.name,
+        s.node,
+        s.gossip,
+        s.transport,
+        s.rows,
+        s.tombstones,
+        s.digest,
+        ago(s.last_sync_secs_ago),
+        s.changes_sent,
+        s.changes_received,
+        s.changes_applied,
+        s.changes_rejected,
+        s.changes_clock_ahead,
+        s.sync_rounds,
+        s.sync_failures,
+        s.bytes_in,
+        s.bytes_out,
+        s.peers_refused,
+    );
+    let rows: Vec<Vec<String>> = s
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                m.node.clone(),
+                m.state.clone(),
+                m.gossip.to_string(),
+                m.transport.to_string(),
+                ago(m.last_sync_secs_ago),
+            ]
+        })
+        .collect();
+    out += &render(
+        &[
+            "member",
+            "node",
+            "state",
+            "gossip",
+            "transport",
+            "last sync",
+        ],
+        &rows,
+    );
+    out
+}
