@@ -1,0 +1,557 @@
+//! The fleet end to end: real `edgeproxy` processes on their own 127.x.y.z addresses,
+//! each with its own database, joined by mutual TLS from a CA made by `edgeproxy cluster
+//! ca`. Convergence is waited for (equal digests) with a deadline, never slept for.
+//!
+//! A partition is a POP frozen with SIGSTOP: it neither sends nor answers, while its
+//! database still takes writes from the CLI, as a cut-off POP's would from its operator.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{Backend, served_by};
+
+/// Longest any convergence may take here (sync rounds run every 300 ms).
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn edgeproxy() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_edgeproxy"))
+}
+
+fn run_ok(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A CA, certificates, and an address block of its own (127.<pid>.<n>.0/24), so tests
+/// running at once never share a port.
+struct Fleet {
+    dir: tempfile::TempDir,
+    net: [u8; 3],
+}
+
+static FLEETS: AtomicU8 = AtomicU8::new(0);
+
+impl Fleet {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = edgeproxy();
+        c.args(["cluster", "ca", "--dir"])
+            .arg(dir.path().join("ca"));
+        run_ok(c);
+        let pid = std::process::id();
+        Self {
+            dir,
+            net: [
+                127,
+                20 + (pid % 200) as u8,
+                FLEETS.fetch_add(1, Ordering::SeqCst),
+            ],
+        }
+    }
+
+    fn ip(&self, n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(self.net[0], self.net[1], self.net[2], n))
+    }
+
+    fn cert(&self, ca_dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let dir = self.dir.path().join("certs");
+        let mut c = edgeproxy();
+        c.args(["cluster", "cert", name, "--ca-dir"])
+            .arg(ca_dir)
+            .arg("--dir")
+            .arg(&dir);
+        if !dir.join(format!("{name}.pem")).exists() {
+            run_ok(c);
+        }
+        (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        )
+    }
+
+    /// Starts POP `name` on address .`n`, joining through `seeds` (indexes).
+    fn pop(&self, name: &str, n: u8, seeds: &[u8]) -> Pop {
+        self.pop_with(name, n, seeds, &[])
+    }
+
+    fn pop_with(&self, name: &str, n: u8, seeds: &[u8], env: &[(&str, &str)]) -> Pop {
+        let (cert, key) = self.cert(&self.dir.path().join("ca"), name);
+        let ip = self.ip(n);
+        let seeds: Vec<String> = seeds
+            .iter()
+            .map(|s| format!("{}:4001", self.ip(*s)))
+            .collect();
+        let pop = Pop {
+            name: name.to_owned(),
+            db: self.dir.path().join(format!("{name}.db")),
+            log: self.dir.path().join(format!("{name}.log")),
+            listen: SocketAddr::new(ip, 8080),
+            admin: SocketAddr::new(ip, 9090),
+            env: [
+                ("EDGEPROXY_REPLICATION_ENABLED", "true".to_owned()),
+                ("EDGEPROXY_REPLICATION_NODE_ID", name.to_owned()),
+                ("EDGEPROXY_REPLICATION_GOSSIP_ADDR", format!("{ip}:4001")),
+                ("EDGEPROXY_REPLICATION_TRANSPORT_ADDR", format!("{ip}:4002")),
+                ("EDGEPROXY_REPLICATION_BOOTSTRAP_PEERS", seeds.join(",")),
+                ("EDGEPROXY_REPLICATION_GOSSIP_INTERVAL_MS", "100".to_owned()),
+                ("EDGEPROXY_REPLICATION_SYNC_INTERVAL_MS", "300".to_owned()),
+                (
+                    "EDGEPROXY_REPLICATION_CA_FILE",
+                    self.dir.path().join("ca/ca.pem").display().to_string(),
+                ),
+                (
+                    "EDGEPROXY_REPLICATION_CERT_FILE",
+                    cert.display().to_string(),
+                ),
+                ("EDGEPROXY_REPLICATION_KEY_FILE", key.display().to_string()),
+                ("EDGEPROXY_LISTEN_ADDR", format!("{ip}:8080")),
+                ("EDGEPROXY_ADMIN_ADDR", format!("{ip}:9090")),
+                ("EDGEPROXY_WORKER_THREADS", "1".to_owned()),
+                ("EDGEPROXY_MAX_CONNECTIONS", "1000".to_owned()),
+                ("EDGEPROXY_DRAIN_TIMEOUT_SECS", "1".to_owned()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .chain(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect(),
+            child: None,
+        };
+        pop.start()
+    }
+}
+
+struct Pop {
+    name: String,
+    db: PathBuf,
+    log: PathBuf,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Pop {
+    fn start(mut self) -> Self {
+        self.child = Some(self.spawn(edgeproxy()));
+        self
+    }
+
+    fn spawn(&self, mut c: Command) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        c.env("EDGEPROXY_DB_PATH", &self.db)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "edgeproxy=debug")
+            .stdout(Stdio::null())
+            .stderr(log);
+        c.spawn().unwrap()
+    }
+
+    fn pid(&self) -> String {
+        self.child.as_ref().unwrap().id().to_string()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the process (SIGTERM) and waits for it.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            self.signal_pid(&c, "-TERM");
+            let _ = c.wait();
+        }
+    }
+
+    fn signal_pid(&self, c: &Child, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &c.id().to_string()])
+            .status();
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `edgeproxy backend ARGS --db <this POP's database>`, as an operator at this POP.
+    fn backend(&self, args: &[&str]) -> String {
+        let mut c = edgeproxy();
+        c.arg("backend").args(args).arg("--db").arg(&self.db);
+        run_ok(c)
+    }
+
+    /// `GET /cluster`, None while the admin API does not answer yet.
+    async fn status(&self) -> Option<Value> {
+        let conn = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(self.admin),
+        )
+        .await;
+        match conn {
+            Ok(Ok(_)) => {}
+            _ => return None,
+        }
+        let (code, body) = crate::support::http(self.admin, "GET", "/cluster", &[]).await;
+        (code == 200).then(|| serde_json::from_str(&body).unwrap())
+    }
+
+    async fn wait_status(&self, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + CONVERGE;
+        loop {
+            if let Some(s) = self.status().await
+                && cond(&s)
+            {
+                return s;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "{}: {what} not reached within {CONVERGE:?}; last status {:?}\nlog:\n{}",
+                    self.name,
+                    self.status().await,
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_members(&self, n: usize) -> Value {
+        self.wait_status(&format!("{n} alive members"), |s| {
+            s["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| m["state"] == "alive")
+                .count()
+                == n
+        })
+        .await
+    }
+
+    fn rows(&self) -> Vec<Value> {
+        let mut c = edgeproxy();
+        c.args(["backend", "list", "--all", "--json", "--db"])
+            .arg(&self.db);
+        serde_json::from_str(&run_ok(c)).unwrap()
+    }
+}
+
+impl Drop for Pop {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // A frozen POP must be thawed to die cleanly.
+            self.signal_pid(c, "-CONT");
+        }
+        self.kill();
+    }
+}
+
+/// Waits until every POP reports the same digest with `rows` live rows, and returns it.
+async fn converged(pops: &[&Pop], rows: usize) -> String {
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    loop {
+        let mut digests = Vec::new();
+        for p in pops {
+            digests.push(
+                p.status()
+                    .await
+                    .map(|s| (s["digest"].as_str().unwrap().to_owned(), s["rows"].clone())),
+            );
+        }
+        if digests.iter().all(|d| d.is_some() && *d == digests[0])
+            && digests[0].as_ref().unwrap().1 == rows
+        {
+            return digests[0].clone().unwrap().0;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let logs: Vec<String> = pops
+                .iter()
+                .map(|p| format!("--- {}\n{}", p.name, p.logs()))
+                .collect();
+            panic!(
+                "no convergence on {rows} rows within {CONVERGE:?}: {digests:?}\n{}",
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn add(pop: &Pop, id: &str, backend: SocketAddr) {
+    pop.backend(&[
+        "add",
+        id,
+        "--app",
+        "web",
+        "--region",
+        "eu",
+        "--country",
+        "DE",
+        "--ip",
+        &backend.ip().to_string(),
+        "--port",
+        &backend.port().to_string(),
+    ]);
+}
+
+fn row<'a>(rows: &'a [Value], id: &str) -> &'a Value {
+    rows.iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("no row {id} in {rows:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_at_one_pop_is_routed_at_every_pop() {
+    let fleet = Fleet::new();
+    let a = fleet.pop("a", 1, &[]);
+    let b = fleet.pop("b", 2, &[1]);
+    let c = fleet.pop("c", 3, &[1]);
+    for p in [&a, &b, &c] {
+        p.wait_members(2).await;
+    }
+    let backend = Backend::start("berlin").await;
+    add(&b, "berlin-1", backend.addr);
+    converged(&[&a, &b, &c], 1).await;
+    for p in [&a, &b, &c] {
+        let deadline = tokio::time::Instant::now() + CONVERGE;
+        // The proxy reloads the file the replicator wrote; a connection then routes.
+        loop {
+            if tokio::time::timeout(Duration::from_secs(2), served_by("127.0.0.1", p.listen))
+                .await
+                .is_ok_and(|name| name == "berlin")
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} never routed",
+                p.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // A hard DELETE in the sqlite3 shell at one POP is a tombstone everywhere.
+    rusqlite::Connection::open(&c.db)
+        .unwrap()
+        .execute("DELETE FROM backends WHERE id = 'berlin-1'", [])
+        .unwrap();
+    converged(&[&a, &b, &c], 0).await;
+    for p in [&a, &b, &c] {
+        assert_eq!(row(&p.rows(), "berlin-1")["deleted"], true, "{}", p.name);
+    }
+    let status = a.status().await.unwrap();
+    assert_eq!(status["tombstones"], 1);
+    assert!(status["changes_applied"].as_u64().unwrap() >= 1, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_of_one_id_end_the_same_everywhere() {
+    let fleet = Fleet::new();
+    let a = fleet.pop("a", 1, &[]);
+    let b = fleet.pop("b", 2, &[1]);
+    let c = fleet.pop("c", 3, &[1]);
+    for p in [&a, &b, &c] {
+        p.wait_members(2).await;
+    }
+    // Both at once, each unaware of the other.
+    let (ra, rb) = ("10.0.0.1:1".parse().unwrap(), "10.0.0.2:2".parse().unwrap());
+    std::thread::scope(|s| {
+        s.spawn(|| add(&a, "x", ra));
+        s.spawn(|| add(&b, "x", rb));
+    });
+    converged(&[&a, &b, &c], 1).await;
+    let winners: Vec<Value> = [&a, &b, &c]
+        .iter()
+        .map(|p| row(&p.rows(), "x").clone())
+        .collect();
+    assert!(winners.iter().all(|w| *w == winners[0]), "{winners:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_with_writes_on_both_sides_heals_to_one_table() {
+    let fleet = Fleet::new();
+    let a = fleet.pop("a", 1, &[]);
+    let b = fleet.pop("b", 2, &[1]);
+    let c = fleet.pop("c", 3, &[1]);
+    for p in [&a, &b, &c] {
+        p.wait_members(2).await;
+    }
+    add(&a, "shared", "10.0.0.9:9".parse().unwrap());
+    converged(&[&a, &b, &c], 1).await;
+
+    // {A, B} | {C}: C is frozen; both sides take writes, including to the same row.
+    c.signal("-STOP");
+    a.wait_status("c down", |s| {
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "c" && m["state"] == "down")
+    })
+    .await;
+    add(&a, "left", "10.0.0.1:1".parse().unwrap());
+    b.backend(&["update", "shared", "--port", "1111"]);
+    add(&c, "right", "10.0.0.3:3".parse().unwrap());
+    c.backend(&["update", "shared", "--weight", "7"]);
+    converged(&[&a, &b], 2).await;
+
+    c.signal("-CONT");
+    converged(&[&a, &b, &c], 3).await;
+    for p in [&a, &b, &c] {
+        p.wait_members(2).await;
+        let rows = p.rows();
+        row(&rows, "left");
+        row(&rows, "right");
+        // C's edit of `shared` came later than B's, so it wins whole (row-level LWW).
+        let shared = row(&rows, "shared");
+        assert_eq!(
+            (shared["port"].as_u64(), shared["weight"].as_u64()),
+            (Some(9), Some(7)),
+            "{}",
+            p.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_wiped_databases_and_late_joiners_catch_up() {
+    let fleet = Fleet::new();
+    let a = fleet.pop("a", 1, &[]);
+    let mut b = fleet.pop("b", 2, &[1]);
+    for p in [&a, &b] {
+        p.wait_members(1).await;
+    }
+    add(&a, "one", "10.0.0.1:1".parse().unwrap());
+    converged(&[&a, &b], 1).await;
+
+    // Restart with the database: B misses a write while away and catches up at once.
+    b.stop();
+    add(&a, "two", "10.0.0.2:2".parse().unwrap());
+    let mut b = b.start();
+    converged(&[&a, &b], 2).await;
+
+    // Wiped database: a new node id, and the whole table pulled back.
+    b.stop();
+    std::fs::remove_file(&b.db).unwrap();
+    let _ = std::fs::remove_file(b.db.with_extension("db-wal"));
+    let _ = std::fs::remove_file(b.db.with_extension("db-shm"));
+    let b = b.start();
+    converged(&[&a, &b], 2).await;
+
+    // A late joiner that knows only B finds A too, and the table.
+    let c = fleet.pop("c", 3, &[2]);
+    c.wait_members(2).await;
+    converged(&[&a, &b, &c], 2).await;
+
+    // Restarted with its bootstrap peer gone, C finds the cluster from the peers it
+    // remembered in its database.
+    let mut c = c;
+    c.stop();
+    c.env
+        .retain(|(k, _)| k != "EDGEPROXY_REPLICATION_BOOTSTRAP_PEERS");
+    let c = c.start();
+    c.wait_members(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_clusters_credentials_or_name_cannot_join() {
+    let fleet = Fleet::new();
+    let a = fleet.pop("a", 1, &[]);
+    let b = fleet.pop("b", 2, &[1]);
+    a.wait_members(1).await;
+    add(&a, "secret", "10.0.0.1:1".parse().unwrap());
+    converged(&[&a, &b], 1).await;
+
+    // Another CA: its own certificate, its own root.
+    let rogue_ca = fleet.dir.path().join("rogue-ca");
+    let mut c = edgeproxy();
+    c.args(["cluster", "ca", "--dir"]).arg(&rogue_ca);
+    run_ok(c);
+    let (cert, key) = fleet.cert(&rogue_ca, "rogue");
+    let rogue = fleet.pop_with(
+        "mallory",
+        3,
+        &[1],
+        &[
+            (
+                "EDGEPROXY_REPLICATION_CA_FILE",
+                &rogue_ca.join("ca.pem").display().to_string(),
+            ),
+            (
+                "EDGEPROXY_REPLICATION_CERT_FILE",
+                &cert.display().to_string(),
+            ),
+            ("EDGEPROXY_REPLICATION_KEY_FILE", &key.display().to_string()),
+        ],
+    );
+    // The right CA, the wrong cluster name.
+    let stranger = fleet.pop_with(
+        "stranger",
+        4,
+        &[1],
+        &[("EDGEPROXY_REPLICATION_CLUSTER_NAME", "other")],
+    );
+    a.wait_status("refusals counted", |s| {
+        s["peers_refused"].as_u64().unwrap() >= 2
+    })
+    .await;
+    for outsider in [&rogue, &stranger] {
+        let s = outsider.status().await.unwrap();
+        assert_eq!(s["members"].as_array().unwrap().len(), 0, "{s}");
+        assert_eq!(s["rows"], 0, "{} learned rows: {s}", outsider.name);
+    }
+    // Nor can it push rows in: its write stays its own.
+    add(&rogue, "evil", "10.6.6.6:6".parse().unwrap());
+    let s = a.status().await.unwrap();
+    assert_eq!(s["members"].as_array().unwrap().len(), 1, "{s}");
+    assert!(a.rows().iter().all(|r| r["id"] != "evil"));
+    assert!(a.logs().contains("failed authentication"), "{}", a.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pop_with_its_clock_30s_ahead_cannot_outrank_later_writes() {
+    let fleet = Fleet::new();
+    let a = fleet.pop("a", 1, &[]);
+    // `faketime` (libfaketime) moves the whole process's clock.
+    let mut fast = fleet.pop("fast", 2, &[1]);
+    fast.kill();
+    let mut c = Command::new("faketime");
+    c.args(["-f", "+30s", env!("CARGO_BIN_EXE_edgeproxy")]);
+    fast.child = Some(fast.spawn(c));
+    a.wait_members(1).await;
+    fast.wait_members(1).await;
+
+    add(&fast, "x", "10.0.0.1:1".parse().unwrap());
+    converged(&[&a, &fast], 1).await;
+    // A writes after it has seen the fast POP's row: its clock moved past that row's, so
+    // its write wins although A's wall clock is 30 s behind.
+    a.backend(&["update", "x", "--port", "2"]);
+    converged(&[&a, &fast], 1).await;
+    for p in [&a, &fast] {
+        assert_eq!(row(&p.rows(), "x")["port"], 2, "{}", p.name);
+    }
+}
