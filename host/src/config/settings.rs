@@ -99,6 +99,9 @@ crate::settings! {
     cluster_sync_interval_ms: u64 = 2000, env "EDGEPROXY_REPLICATION_SYNC_INTERVAL_MS", check |v| positive(v).and(at_most(v, 3_600_000));
     /// a row stamped further ahead of this POP's clock waits until it is not
     cluster_max_clock_skew_ms: u64 = 60_000, env "EDGEPROXY_REPLICATION_MAX_CLOCK_SKEW_MS", check |v| positive(v).and(at_most(v, YEAR * 1000));
+    /// deleted rows (tombstones) are kept this long, then purged; a POP away longer than
+    /// this resynchronises fully when it returns (docs/CLUSTER.md)
+    cluster_tombstone_ttl_secs: u64 = 7 * DAY, env "EDGEPROXY_REPLICATION_TOMBSTONE_TTL_SECS", check |v| positive(v).and(at_most(v, 10 * YEAR));
     /// the cluster CA certificate (`edgeproxy cluster ca`)
     cluster_ca_file: Option<PathBuf> = None, env "EDGEPROXY_REPLICATION_CA_FILE";
     /// this POP's certificate (`edgeproxy cluster cert NODE`)

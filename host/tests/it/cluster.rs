@@ -272,6 +272,11 @@ impl Drop for Pop {
 
 /// Waits until every POP reports the same digest with `rows` live rows, and returns it.
 async fn converged(pops: &[&Pop], rows: usize) -> String {
+    converged_past(pops, rows, "").await
+}
+
+/// As [`converged`], on a digest other than `old` (after an edit that keeps the count).
+async fn converged_past(pops: &[&Pop], rows: usize, old: &str) -> String {
     let deadline = tokio::time::Instant::now() + CONVERGE;
     loop {
         let mut digests = Vec::new();
@@ -284,6 +289,7 @@ async fn converged(pops: &[&Pop], rows: usize) -> String {
         }
         if digests.iter().all(|d| d.is_some() && *d == digests[0])
             && digests[0].as_ref().unwrap().1 == rows
+            && digests[0].as_ref().unwrap().0 != old
         {
             return digests[0].clone().unwrap().0;
         }
@@ -520,7 +526,7 @@ async fn a_node_without_the_clusters_credentials_or_name_cannot_join() {
     })
     .await;
     for outsider in [&rogue, &stranger] {
-        let s = outsider.status().await.unwrap();
+        let s = outsider.wait_status("its admin API", |_| true).await;
         assert_eq!(s["members"].as_array().unwrap().len(), 0, "{s}");
         assert_eq!(s["rows"], 0, "{} learned rows: {s}", outsider.name);
     }
@@ -546,12 +552,42 @@ async fn a_pop_with_its_clock_30s_ahead_cannot_outrank_later_writes() {
     fast.wait_members(1).await;
 
     add(&fast, "x", "10.0.0.1:1".parse().unwrap());
-    converged(&[&a, &fast], 1).await;
+    let before = converged(&[&a, &fast], 1).await;
     // A writes after it has seen the fast POP's row: its clock moved past that row's, so
     // its write wins although A's wall clock is 30 s behind.
     a.backend(&["update", "x", "--port", "2"]);
-    converged(&[&a, &fast], 1).await;
+    converged_past(&[&a, &fast], 1, &before).await;
     for p in [&a, &fast] {
         assert_eq!(row(&p.rows(), "x")["port"], 2, "{}", p.name);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pop_away_longer_than_the_tombstone_window_does_not_resurrect_deletes() {
+    let fleet = Fleet::new();
+    let ttl = [("EDGEPROXY_REPLICATION_TOMBSTONE_TTL_SECS", "2")];
+    let a = fleet.pop_with("a", 1, &[], &ttl);
+    let mut b = fleet.pop_with("b", 2, &[1], &ttl);
+    a.wait_members(1).await;
+    add(&a, "x", "10.0.0.1:1".parse().unwrap());
+    add(&a, "kept", "10.0.0.2:2".parse().unwrap());
+    converged(&[&a, &b], 2).await;
+
+    // B is away while x is deleted and its tombstone purged.
+    b.stop();
+    a.backend(&["remove", "x"]);
+    a.wait_status("the tombstone purged", |s| {
+        s["tombstones"] == 0 && s["rows"] == 1
+    })
+    .await;
+    let b = b.start();
+    converged(&[&a, &b], 1).await;
+    for p in [&a, &b] {
+        assert!(
+            p.rows().iter().all(|r| r["id"] != "x"),
+            "{} resurrected x",
+            p.name
+        );
+    }
+    assert!(b.logs().contains("resynchronised fully"), "{}", b.logs());
 }

@@ -50,6 +50,7 @@ pub struct ClusterConfig {
     pub gossip_interval: Duration,
     pub sync_interval: Duration,
     pub max_skew: Duration,
+    pub tombstone_ttl: Duration,
     pub tls: TlsFiles,
     pub db: PathBuf,
 }
@@ -276,6 +277,11 @@ impl Cluster {
             cfg.sync_interval,
             stop.clone(),
         ));
+        tokio::spawn(purge_tombstones(
+            inner.clone(),
+            cfg.tombstone_ttl,
+            stop.clone(),
+        ));
         let closing = (gossip, transport);
         tokio::spawn(async move {
             stop.cancelled().await;
@@ -454,6 +460,25 @@ async fn anti_entropy(
                 }
                 up = now_up;
             }
+        }
+    }
+}
+
+/// Purges tombstones older than the window, a few times per window (at most hourly).
+async fn purge_tombstones(inner: Arc<Inner>, ttl: Duration, stop: CancellationToken) {
+    let every = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let cutoff = crate::adapters::outbound::sqlite_replica::wall_ms()
+            .saturating_sub(ttl.as_millis() as u64);
+        match inner.store.run(move |r| r.purge_tombstones(cutoff)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("cluster: purged {n} tombstone(s) older than {ttl:?}"),
+            Err(e) => tracing::error!("cluster: purging tombstones: {e}"),
         }
     }
 }

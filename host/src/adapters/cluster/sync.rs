@@ -2,13 +2,14 @@
 //! rounds (digests, then the rows of the buckets that differ) that repair whatever a push
 //! missed: a lost packet, a partition, a restart, a wiped database.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::wire::{self, Message};
 use super::{Inner, Peer};
-use crate::domain::replication::{NodeId, VersionedRow};
+use crate::adapters::outbound::sqlite_replica::wall_ms;
+use crate::domain::replication::{BUCKETS, NodeId, VersionedRow};
 
 /// Serves the streams a peer opens on `conn` until it closes.
 pub fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
@@ -65,6 +66,7 @@ async fn answer_sync(
         schema,
         from,
         digest,
+        last_sync_ms,
     } = msg
     else {
         return Err(format!("unexpected {msg:?} opening a sync"));
@@ -80,20 +82,24 @@ async fn answer_sync(
         let _ = send.finish();
         return Err(reason);
     }
-    let rows = inner
+    let reply = inner
         .store
         .run(move |r| {
-            let buckets = r.digest().differing(&digest);
-            let rows = r.in_buckets(&buckets);
-            (buckets.into_iter().map(|b| b as u16).collect(), rows)
+            let gc_watermark = r.gc_watermark();
+            let reset = last_sync_ms < gc_watermark.millis();
+            let buckets = match reset {
+                true => (0..BUCKETS).collect(),
+                false => r.digest().differing(&digest),
+            };
+            Message::SyncReply {
+                schema: wire::SCHEMA,
+                rows: r.in_buckets(&buckets),
+                buckets: buckets.into_iter().map(|b| b as u16).collect(),
+                gc_watermark,
+                reset,
+            }
         })
         .await;
-    let (buckets, rows) = rows;
-    let reply = Message::SyncReply {
-        schema: wire::SCHEMA,
-        buckets,
-        rows,
-    };
     let n = wire::write(&mut send, &reply)
         .await
         .map_err(|e| e.to_string())?;
@@ -115,28 +121,32 @@ async fn answer_sync(
 pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
     let conn = inner.transport_conn(peer.transport).await?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let (node, digest) = inner.store.run(|r| (r.node(), r.digest())).await;
-    let n = wire::write(
-        &mut send,
-        &Message::SyncRequest {
+    let started = wall_ms();
+    let request = inner
+        .store
+        .run(|r| Message::SyncRequest {
             schema: wire::SCHEMA,
-            from: node,
-            digest,
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+            from: r.node(),
+            digest: r.digest(),
+            last_sync_ms: r.last_sync_ms(),
+        })
+        .await;
+    let n = wire::write(&mut send, &request)
+        .await
+        .map_err(|e| e.to_string())?;
     inner.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
     let (msg, n) = wire::read(&mut recv).await.map_err(|e| e.to_string())?;
     inner.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-    let (buckets, theirs) = match msg {
+    let (buckets, theirs, watermark, reset) = match msg {
         Message::SyncReply {
             schema,
             buckets,
             rows,
+            gc_watermark,
+            reset,
         } => match wire::schema_mismatch(schema) {
             Some(reason) => return Err(reason),
-            None => (buckets, rows),
+            None => (buckets, rows, gc_watermark, reset),
         },
         Message::Refused { reason } => return Err(format!("refused: {reason}")),
         other => return Err(format!("unexpected {other:?} answering a sync")),
@@ -145,6 +155,20 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
         .iter()
         .map(|r| (r.row.id.clone(), r.clone()))
         .collect();
+    if reset {
+        let ids: HashSet<String> = their_versions.keys().cloned().collect();
+        let dropped = inner
+            .store
+            .run(move |r| r.reset_to(&ids, watermark))
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::warn!(
+            "cluster: this POP was away longer than the tombstone window; resynchronised fully \
+             from {}, dropping {} row(s) deleted meanwhile: {dropped:?}",
+            peer.name,
+            dropped.len()
+        );
+    }
     inner.apply(peer.node, theirs).await;
     // Of the differing buckets, what we hold newer than they do (or they lack).
     let ours = inner
@@ -165,6 +189,11 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
     let _ = send.stopped().await;
     inner.stats.sync_rounds.fetch_add(1, Ordering::Relaxed);
     inner.synced_with(peer.node);
+    inner
+        .store
+        .run(move |r| r.synced(started))
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 

@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::replication::{Digest, NodeId, VersionedRow};
+use crate::domain::replication::{Digest, Hlc, NodeId, VersionedRow};
 
 pub const PROTOCOL: u32 = 1;
 /// The `backends` columns as this build stores them; bump with any change to them.
@@ -32,17 +32,23 @@ pub enum Message {
         from: NodeId,
         rows: Vec<VersionedRow>,
     },
-    /// Opens an anti-entropy round: the caller's digest.
+    /// Opens an anti-entropy round: the caller's digest, and when it last completed one.
     SyncRequest {
         schema: u32,
         from: NodeId,
         digest: Digest,
+        last_sync_ms: u64,
     },
-    /// The buckets that differ, and every row the answerer holds in them.
+    /// The buckets that differ, and every row the answerer holds in them. With `reset`,
+    /// the caller was away longer than the tombstone window (its last sync is older than
+    /// the answerer's `gc_watermark`): every bucket is sent, and the caller drops what it
+    /// holds from before the watermark that the answerer does not (deletes it missed).
     SyncReply {
         schema: u32,
         buckets: Vec<u16>,
         rows: Vec<VersionedRow>,
+        gc_watermark: Hlc,
+        reset: bool,
     },
     /// The caller's rows the answerer lacks or has older, from those buckets.
     SyncPush { rows: Vec<VersionedRow> },
@@ -109,6 +115,7 @@ mod tests {
             schema: SCHEMA,
             from: NodeId(3),
             digest: Digest(vec![1; 64]),
+            last_sync_ms: 0,
         };
         let bytes = encode(&m);
         let back: Message = postcard::from_bytes(&bytes[4..]).unwrap();

@@ -86,6 +86,11 @@ pub struct SqliteReplica {
     clock: Clock,
     rows: BTreeMap<String, VersionedRow>,
     data_version: i64,
+    /// Tombstones older than this were purged here: an unknown row older than it is a
+    /// deleted row coming back, not news.
+    gc_watermark: Hlc,
+    /// Wall time (ms) of the last anti-entropy round this node completed.
+    last_sync_ms: u64,
 }
 
 pub fn wall_ms() -> u64 {
@@ -136,6 +141,8 @@ impl SqliteReplica {
             }
         };
         let last = Hlc(state("last_hlc").map_err(err)?.unwrap_or(0) as u64);
+        let gc_watermark = Hlc(state("gc_watermark").map_err(err)?.unwrap_or(0) as u64);
+        let last_sync_ms = state("last_sync").map_err(err)?.unwrap_or(0) as u64;
         let mut replica = Self {
             path: path.to_owned(),
             conn,
@@ -143,6 +150,8 @@ impl SqliteReplica {
             clock: Clock::new(last, max_skew.as_millis() as u64),
             rows: BTreeMap::new(),
             data_version: -1,
+            gc_watermark,
+            last_sync_ms,
         };
         replica.rows = replica.read_versioned().map_err(err)?;
         Ok(replica)
@@ -244,7 +253,8 @@ impl SqliteReplica {
                 out.rejected.push((r.row.id.clone(), reason));
                 continue;
             }
-            if !r.supersedes(self.rows.get(&r.row.id)) {
+            let held = self.rows.get(&r.row.id);
+            if !r.supersedes(held) || (held.is_none() && r.version.hlc < self.gc_watermark) {
                 out.stale += 1;
                 continue;
             }
@@ -267,6 +277,98 @@ impl SqliteReplica {
         tx.commit().map_err(e)?;
         out.applied = written;
         Ok(out)
+    }
+
+    pub fn gc_watermark(&self) -> Hlc {
+        self.gc_watermark
+    }
+
+    pub fn last_sync_ms(&self) -> u64 {
+        self.last_sync_ms
+    }
+
+    /// Records a completed anti-entropy round that started at `at_ms`.
+    pub fn synced(&mut self, at_ms: u64) -> Result<(), ReplicaError> {
+        self.last_sync_ms = self.last_sync_ms.max(at_ms);
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO _edgeproxy_state VALUES ('last_sync', ?1)",
+                [self.last_sync_ms as i64],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Purges tombstones stamped before `cutoff_ms` (wall ms) and raises the watermark to
+    /// it. Returns how many went.
+    pub fn purge_tombstones(&mut self, cutoff_ms: u64) -> Result<usize, ReplicaError> {
+        let cutoff = Hlc::from_millis(cutoff_ms);
+        let old: Vec<String> = self
+            .rows
+            .values()
+            .filter(|r| r.row.deleted && r.version.hlc < cutoff)
+            .map(|r| r.row.id.clone())
+            .collect();
+        // Only if still a tombstone: an undelete may have committed since.
+        self.forget(&old, cutoff, "AND deleted != 0")?;
+        Ok(old.len())
+    }
+
+    /// After a peer's full table showed this node was away longer than the tombstone window
+    /// (`watermark`, the peer's): drops the rows older than it that the peer does not hold,
+    /// since they are deletes this node missed. Newer rows stay and merge as usual.
+    pub fn reset_to(
+        &mut self,
+        peer_ids: &std::collections::HashSet<String>,
+        watermark: Hlc,
+    ) -> Result<Vec<String>, ReplicaError> {
+        let gone: Vec<String> = self
+            .rows
+            .values()
+            .filter(|r| r.version.hlc < watermark && !peer_ids.contains(&r.row.id))
+            .map(|r| r.row.id.clone())
+            .collect();
+        self.forget(&gone, watermark, "")?;
+        Ok(gone)
+    }
+
+    /// Removes `ids` for good (no tombstone: the replicator's own write) and raises the
+    /// watermark to `watermark`.
+    fn forget(&mut self, ids: &[String], watermark: Hlc, only: &str) -> Result<(), ReplicaError> {
+        let path = self.path.clone();
+        let e = |e| err_at(&path, e);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(e)?;
+        tx.execute(
+            "UPDATE _edgeproxy_state SET value = 1 WHERE key = 'applying'",
+            [],
+        )
+        .map_err(e)?;
+        for id in ids {
+            tx.execute(&format!("DELETE FROM backends WHERE id = ?1 {only}"), [id])
+                .map_err(e)?;
+            tx.execute("DELETE FROM _edgeproxy_versions WHERE id = ?1", [id])
+                .map_err(e)?;
+        }
+        tx.execute(
+            "UPDATE _edgeproxy_state SET value = 0 WHERE key = 'applying'",
+            [],
+        )
+        .map_err(e)?;
+        let watermark = self.gc_watermark.max(watermark);
+        tx.execute(
+            "INSERT OR REPLACE INTO _edgeproxy_state VALUES ('gc_watermark', ?1)",
+            [watermark.0 as i64],
+        )
+        .map_err(e)?;
+        tx.commit().map_err(e)?;
+        self.gc_watermark = watermark;
+        for id in ids {
+            self.rows.remove(id);
+        }
+        Ok(())
     }
 
     pub fn digest(&self) -> Digest {
@@ -542,6 +644,32 @@ mod tests {
         assert_eq!(out.ahead.len(), 1, "{out:?}");
         assert!(out.applied.is_empty());
         assert_eq!(r.counts(), (0, 0));
+    }
+
+    #[test]
+    fn purged_tombstones_do_not_come_back_from_a_node_that_was_away() {
+        let (_d, mut a) = open();
+        let (_d2, mut b) = open();
+        shell(&a, ROW);
+        let (live, _) = a.stamp_local().unwrap();
+        b.apply(live.clone()).unwrap();
+        // B goes away; A deletes the row and, past the window, purges the tombstone.
+        shell(&a, "DELETE FROM backends WHERE id = 'a'");
+        a.stamp_local().unwrap();
+        a.purge_tombstones(wall_ms() + 1).unwrap();
+        assert_eq!(a.counts(), (0, 0));
+        // B's old live row is not news to A...
+        assert_eq!(a.apply(live).unwrap().stale, 1);
+        assert_eq!(a.counts(), (0, 0));
+        // ...and B, shown A's full table and watermark, drops it.
+        let ids = a.rows().map(|r| r.row.id.clone()).collect();
+        assert_eq!(b.reset_to(&ids, a.gc_watermark()).unwrap(), ["a"]);
+        assert_eq!(b.counts(), (0, 0));
+        assert_eq!(a.digest(), b.digest());
+        // A new write of the same id is newer than the window, and is accepted.
+        shell(&b, ROW);
+        let (again, _) = b.stamp_local().unwrap();
+        assert_eq!(a.apply(again).unwrap().applied.len(), 1);
     }
 
     #[test]
