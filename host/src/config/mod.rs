@@ -653,6 +653,31 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_come_from_a_cluster_table_or_edgeproxys_variables() {
+        let c = resolve(
+            "[cluster]\nenabled = true\nname = \"fleet\"\nca_file = \"ca.pem\"\ncert_file = \"a.pem\"\nkey_file = \"a.key\"",
+            &[("EDGEPROXY_REPLICATION_GOSSIP_ADDR", "10.0.0.1:4001")],
+        )
+        .unwrap();
+        assert!(c.settings.cluster_enabled);
+        assert_eq!(c.settings.cluster_name, "fleet");
+        assert_eq!(
+            c.settings.cluster_gossip_addr,
+            "10.0.0.1:4001".parse().unwrap()
+        );
+        let err = Layer::from_toml("[cluster]\nenabld = true").unwrap_err();
+        assert!(err.contains("\"enabld\" in [cluster]"), "{err}");
+        // Replication without credentials is refused, naming what is missing and how to
+        // make it.
+        let err = resolve("", &[("EDGEPROXY_REPLICATION_ENABLED", "true")]).unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("cluster_ca_file") && err.contains("edgeproxy cluster ca"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn the_readme_table_is_the_declarations() {
         let readme =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();

@@ -360,6 +360,31 @@ async fn a_write_at_one_pop_is_routed_at_every_pop() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // Each row says when and where it was written; the operator's tools show the fleet.
+    let b_node = b.status().await.unwrap()["node"].clone();
+    assert_eq!(row(&a.rows(), "berlin-1")["version"]["node"], b_node);
+    let (code, metrics) = crate::support::http(a.admin, "GET", "/metrics", &[]).await;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("edgeproxy_cluster_members{state=\"alive\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("edgeproxy_cluster_replication_lag_seconds"),
+        "{metrics}"
+    );
+    let mut cli = edgeproxy();
+    cli.args(["cluster", "status", "--json"])
+        .env("EDGEPROXY_ADMIN_ADDR", a.admin.to_string());
+    let shown: Value = serde_json::from_str(&run_ok(cli)).unwrap();
+    assert_eq!(shown["name"], "a");
+    assert_eq!(shown["members"].as_array().unwrap().len(), 2);
+    let mut cli = edgeproxy();
+    cli.args(["cluster", "status"])
+        .env("EDGEPROXY_ADMIN_ADDR", a.admin.to_string());
+    let text = run_ok(cli);
+    assert!(text.contains("digest") && text.contains("alive"), "{text}");
+
     // A hard DELETE in the sqlite3 shell at one POP is a tombstone everywhere.
     rusqlite::Connection::open(&c.db)
         .unwrap()

@@ -14,6 +14,7 @@ use prometheus_client::registry::Registry;
 
 use crate::application::admin::{Admin, BackendStatus};
 use crate::application::telemetry::{Decision, HistogramSnapshot, ListenerStats};
+use crate::domain::ports::ClusterStatus;
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -385,8 +386,72 @@ impl Collector for HostCollector {
                 ("failed", g.failed),
             ]
             .map(|(result, n)| (vec![("result", result)], counter(n))),
-        )
+        )?;
+        match admin.cluster() {
+            Some(c) => enc_cluster(e, &c),
+            None => Ok(()),
+        }
     }
+}
+
+/// The fleet as this POP sees it (present only with replication on).
+fn enc_cluster(e: &mut DescriptorEncoder, c: &ClusterStatus) -> std::fmt::Result {
+    let states = ["alive", "suspect", "down"].map(|state| {
+        let n = c.members.iter().filter(|m| m.state == state).count();
+        (vec![("state", state)], gauge(int(n)))
+    });
+    family(e, "cluster_members", "Other POPs by SWIM state", states)?;
+    family(
+        e,
+        "cluster_changes",
+        "Replicated row changes: sent (local writes pushed), received, applied (won the merge), rejected (failed validation), clock_ahead (held back: stamped beyond the allowed skew)",
+        [
+            ("sent", c.changes_sent),
+            ("received", c.changes_received),
+            ("applied", c.changes_applied),
+            ("rejected", c.changes_rejected),
+            ("clock_ahead", c.changes_clock_ahead),
+        ]
+        .map(|(kind, n)| (vec![("kind", kind)], counter(n))),
+    )?;
+    family(
+        e,
+        "cluster_sync_rounds",
+        "Anti-entropy rounds this POP started, by result",
+        [("ok", c.sync_rounds), ("failed", c.sync_failures)]
+            .map(|(result, n)| (vec![("result", result)], counter(n))),
+    )?;
+    family(
+        e,
+        "cluster_bytes",
+        "Row traffic (pushes and sync rounds, framing included; not QUIC's own overhead)",
+        [("in", c.bytes_in), ("out", c.bytes_out)]
+            .map(|(dir, n)| (vec![("direction", dir)], counter(n))),
+    )?;
+    family(
+        e,
+        "cluster_peers_refused",
+        "Connections refused: failed mutual TLS (other CA, other cluster name) or spoke another schema",
+        [(vec![], counter(c.peers_refused))],
+    )?;
+    family(
+        e,
+        "cluster_rows",
+        "Rows in the replicated table",
+        [
+            (vec![("kind", "live")], gauge(int(c.rows))),
+            (vec![("kind", "tombstone")], gauge(int(c.tombstones))),
+        ],
+    )?;
+    // Absent until the first sync: no number is the honest answer for "never".
+    family(
+        e,
+        "cluster_replication_lag_seconds",
+        "Seconds since this POP last completed a sync round with any peer",
+        c.last_sync_secs_ago
+            .map(|s| (vec![], ConstGauge::new(s)))
+            .into_iter(),
+    )
 }
 
 /// The connect RTT moving average per backend, for backends connected at least once.

@@ -99,6 +99,26 @@ pub fn backend(db: &Path, command: BackendCommand, json: bool) -> anyhow::Result
     let row = match command {
         BackendCommand::List { app, all } => {
             let rows = editor.list(app.as_deref(), all)?;
+            if json {
+                // With replication on, each row's version: when, and which POP wrote it.
+                let versions = editor.versions()?;
+                let rows: Vec<_> = rows
+                    .into_iter()
+                    .map(|row| VersionedJson {
+                        version: versions.get(&row.id).map(|v| VersionJson {
+                            written_at: humantime::format_rfc3339_millis(
+                                std::time::UNIX_EPOCH
+                                    + std::time::Duration::from_millis(v.hlc.millis()),
+                            )
+                            .to_string(),
+                            node: v.node.to_string(),
+                            hlc: v.hlc.0,
+                        }),
+                        row,
+                    })
+                    .collect();
+                return emit(true, &rows, String::new);
+            }
             return print_rows(&rows, all, json);
         }
         BackendCommand::Add(a) => editor.add(&BackendRow {
@@ -164,6 +184,21 @@ pub fn db(db: &Path, command: DbCommand, json: bool) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+#[derive(serde::Serialize)]
+struct VersionedJson {
+    #[serde(flatten)]
+    row: BackendRow,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<VersionJson>,
+}
+
+#[derive(serde::Serialize)]
+struct VersionJson {
+    written_at: String,
+    node: String,
+    hlc: u64,
 }
 
 fn print_rows(rows: &[BackendRow], with_deleted: bool, json: bool) -> anyhow::Result<()> {

@@ -208,6 +208,43 @@ impl RoutingEditor {
         Ok(rows)
     }
 
+    /// Each row's replication version, empty where replication never ran on this file.
+    pub fn versions(
+        &self,
+    ) -> Result<std::collections::HashMap<String, crate::domain::replication::Version>, EditError>
+    {
+        use crate::domain::replication::{Hlc, NodeId, Version};
+        let exists: bool = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = '_edgeproxy_versions'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))?;
+        if !exists {
+            return Ok(Default::default());
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, hlc, node FROM _edgeproxy_versions")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Version {
+                        hlc: Hlc(r.get::<_, i64>(1)? as u64),
+                        node: NodeId(r.get::<_, i64>(2)? as u64),
+                    },
+                ))
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
     pub fn get(&self, id: &str) -> Result<Option<BackendRow>, EditError> {
         row_by_id(&self.conn, id).map_err(|e| self.err(e))
     }
