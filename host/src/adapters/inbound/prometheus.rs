@@ -448,9 +448,7 @@ fn enc_cluster(e: &mut DescriptorEncoder, c: &ClusterStatus) -> std::fmt::Result
         e,
         "cluster_replication_lag_seconds",
         "Seconds since this POP last completed a sync round with any peer",
-        c.last_sync_secs_ago
-            .map(|s| (vec![], ConstGauge::new(s)))
-            .into_iter(),
+        c.last_sync_secs_ago.map(|s| (vec![], ConstGauge::new(s))),
     )
 }
 
