@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::quic::QuicEndpoint;
+use super::transport::Transport;
 use crate::domain::replication::NodeId;
 
 /// How a POP is known in SWIM: its id and name, where to reach it for SWIM (gossip) and
@@ -121,7 +121,7 @@ pub struct Membership {
 pub fn start(
     me: Identity,
     interval: Duration,
-    gossip: Arc<QuicEndpoint>,
+    transport: Arc<dyn Transport>,
     stop: CancellationToken,
 ) -> Membership {
     let (tx, mut rx) = mpsc::channel::<Input>(1024);
@@ -138,7 +138,7 @@ pub fn start(
             let result = tokio::select! {
                 _ = stop.cancelled() => {
                     let _ = foca.leave_cluster(&mut runtime);
-                    drain_sends(&mut runtime, &gossip, &tx);
+                    drain_sends(&mut runtime, &*transport);
                     break;
                 }
                 input = rx.recv() => match input {
@@ -154,7 +154,7 @@ pub fn start(
             if let Err(e) = result {
                 tracing::debug!("cluster: SWIM: {e}");
             }
-            drain_sends(&mut runtime, &gossip, &tx);
+            drain_sends(&mut runtime, &*transport);
             let now = Instant::now();
             while let Some((after, timer)) = runtime.to_schedule() {
                 seq += 1;
@@ -212,38 +212,10 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// Hands foca's packets to the gossip endpoint without waiting: a dial to a dead peer
-/// takes seconds, and SWIM must go on meanwhile.
-fn drain_sends(
-    runtime: &mut AccumulatingRuntime<Identity>,
-    gossip: &Arc<QuicEndpoint>,
-    inputs: &mpsc::Sender<Input>,
-) {
+/// Hands foca's packets to the transport, which sends without waiting: a dial to a dead
+/// peer takes seconds, and SWIM must go on meanwhile.
+fn drain_sends(runtime: &mut AccumulatingRuntime<Identity>, transport: &dyn Transport) {
     while let Some((to, data)) = runtime.to_send() {
-        let (gossip, inputs) = (gossip.clone(), inputs.clone());
-        tokio::spawn(async move {
-            match gossip.connection(to.gossip).await {
-                Ok((conn, new)) => {
-                    if new {
-                        read_datagrams(conn.clone(), inputs);
-                    }
-                    if let Err(e) = conn.send_datagram(data) {
-                        tracing::debug!("cluster: SWIM packet to {to:?}: {e}");
-                    }
-                }
-                Err(e) => tracing::debug!("cluster: SWIM cannot reach {to:?}: {e}"),
-            }
-        });
+        transport.datagram(to.gossip, data);
     }
-}
-
-/// Feeds every datagram of `conn` to the membership task until the connection ends.
-pub fn read_datagrams(conn: quinn::Connection, inputs: mpsc::Sender<Input>) {
-    tokio::spawn(async move {
-        while let Ok(data) = conn.read_datagram().await {
-            if inputs.send(Input::Datagram(data)).await.is_err() {
-                break;
-            }
-        }
-    });
 }

@@ -3,8 +3,9 @@
 //!
 //! - `membership`: foca in one task, SWIM packets as QUIC datagrams (gossip endpoint).
 //! - `sync`: fresh writes pushed to every member, anti-entropy rounds (transport endpoint).
-//! - `wire`: every message, versioned; `tls`: credentials and the mTLS configs;
-//!   `quic`: an endpoint with a connection per peer.
+//! - `wire`: every message, versioned; `tls`: credentials and the mTLS configs.
+//! - `transport`: what carries messages (a trait), and an in-memory network with faults for
+//!   tests and simulations; `quic`: the real one.
 //!
 //! The merge rule and clock are the domain's (`domain::replication`); the versions and the
 //! capture of local writes live in the routing file (`sqlite_replica`). The proxy itself
@@ -14,13 +15,14 @@ pub mod membership;
 pub mod quic;
 pub mod sync;
 pub mod tls;
+pub mod transport;
 pub mod wire;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
@@ -28,8 +30,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::membership::{Identity, Input, Member};
-use self::quic::QuicEndpoint;
+use self::quic::{QuicEndpoint, QuicTransport};
+use self::transport::{Inbox, Transport};
 use crate::adapters::outbound::sqlite_replica::SqliteReplica;
+use crate::adapters::outbound::sqlite_replica::wall_ms;
 use crate::domain::ports::{ClusterStatus, ClusterView, MemberStatus};
 use crate::domain::replication::{NodeId, VersionedRow};
 use crate::log_throttle::LogThrottle;
@@ -94,28 +98,20 @@ pub struct Peer {
 }
 
 pub struct Inner {
-    me: Identity,
+    identity: Identity,
+    /// Itself, for the inbox, which is called through `&self`.
+    me: Weak<Inner>,
     store: Store,
-    gossip: Arc<QuicEndpoint>,
-    transport: Arc<QuicEndpoint>,
+    transport: Arc<dyn Transport>,
+    swim: mpsc::Sender<Input>,
     members: watch::Receiver<Vec<Member>>,
     pub stats: Stats,
     last_sync: Mutex<HashMap<NodeId, SystemTime>>,
     reject_log: LogThrottle,
+    refusal_log: LogThrottle,
 }
 
 impl Inner {
-    async fn transport_conn(
-        self: &Arc<Self>,
-        addr: SocketAddr,
-    ) -> Result<quinn::Connection, String> {
-        let (conn, new) = self.transport.connection(addr).await?;
-        if new {
-            sync::serve(self.clone(), conn.clone());
-        }
-        Ok(conn)
-    }
-
     fn alive_peers(&self) -> Vec<Peer> {
         self.members
             .borrow()
@@ -139,7 +135,12 @@ impl Inner {
     /// A peer that authenticated but spoke another schema or garbage.
     fn protocol_refusal(&self, from: SocketAddr, reason: &str) {
         self.stats.protocol_refused.fetch_add(1, Ordering::Relaxed);
-        self.transport.refuse(from, reason);
+        if let Some(held) = self.refusal_log.allow() {
+            tracing::warn!(
+                peer = %from,
+                "cluster: refused a message from {from}: {reason} ({held} earlier held back)"
+            );
+        }
     }
 
     /// Merges rows from `origin`, counting and reporting what was refused.
@@ -180,7 +181,7 @@ impl Inner {
         self.stats
             .changes_sent
             .fetch_add(rows.len() as u64, Ordering::Relaxed);
-        sync::push(self, self.me.node, rows, self.alive_peers());
+        sync::push(self, self.identity.node, rows, self.alive_peers());
     }
 }
 
@@ -208,89 +209,114 @@ impl ClusterView for Cluster {
     }
 }
 
+/// One node's part in the cluster, whatever carries its messages.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    /// Where peers reach it for SWIM and for rows.
+    pub gossip: SocketAddr,
+    pub transport: SocketAddr,
+    pub seeds: Vec<String>,
+    pub gossip_interval: Duration,
+    pub sync_interval: Duration,
+    pub tombstone_ttl: Duration,
+}
+
 impl Cluster {
-    /// Opens the routing file for replication, binds both endpoints and starts the tasks;
-    /// they end with `stop`. Errors (credentials, addresses, database) come back here.
+    /// Opens the routing file for replication, binds both QUIC endpoints and starts the
+    /// tasks; they end with `stop`. Errors (credentials, addresses, database) come back here.
     pub async fn start(cfg: ClusterConfig, stop: CancellationToken) -> anyhow::Result<Self> {
         let (server, client) = tls::quic_configs(&cfg.tls, &cfg.cluster)?;
         let replica = SqliteReplica::open(&cfg.db, cfg.max_skew)?;
-        let node = replica.node();
-        let remembered = replica.known_peers();
-        let gossip = Arc::new(
-            QuicEndpoint::bind("gossip", cfg.gossip_addr, server.clone(), client.clone())
-                .with_context(|| format!("cluster gossip address {}", cfg.gossip_addr))?,
-        );
-        let transport = Arc::new(
-            QuicEndpoint::bind("transport", cfg.transport_addr, server, client)
-                .with_context(|| format!("cluster transport address {}", cfg.transport_addr))?,
-        );
+        let gossip = QuicEndpoint::bind("gossip", cfg.gossip_addr, server.clone(), client.clone())
+            .with_context(|| format!("cluster gossip address {}", cfg.gossip_addr))?;
+        let rows = QuicEndpoint::bind("transport", cfg.transport_addr, server, client)
+            .with_context(|| format!("cluster transport address {}", cfg.transport_addr))?;
         let seeds = resolve(&cfg.bootstrap).await;
-        let me = Identity {
-            node,
+        let node = Node {
             name: cfg.node_name.clone(),
             gossip: advertised(gossip.local_addr(), cfg.advertise_ip, &seeds)?,
-            transport: advertised(transport.local_addr(), cfg.advertise_ip, &seeds)?,
-            bump: crate::adapters::outbound::sqlite_replica::wall_ms(),
+            transport: advertised(rows.local_addr(), cfg.advertise_ip, &seeds)?,
+            seeds: cfg.bootstrap.clone(),
+            gossip_interval: cfg.gossip_interval,
+            sync_interval: cfg.sync_interval,
+            tombstone_ttl: cfg.tombstone_ttl,
         };
-        let membership = membership::start(
-            me.clone(),
-            cfg.gossip_interval,
-            gossip.clone(),
-            stop.clone(),
-        );
-        let inner = Arc::new(Inner {
-            me,
-            store: Store(Arc::new(Mutex::new(replica))),
-            gossip: gossip.clone(),
-            transport: transport.clone(),
-            members: membership.members.clone(),
-            stats: Stats::default(),
-            last_sync: Mutex::default(),
-            reject_log: LogThrottle::new(Duration::from_secs(60)),
-        });
         tracing::info!(
-            node = %node,
+            node = %replica.node(),
             "cluster: {} joining cluster {:?} (gossip {}, transport {})",
-            cfg.node_name,
+            node.name,
             cfg.cluster,
-            inner.me.gossip,
-            inner.me.transport
+            node.gossip,
+            node.transport
         );
-
-        let inputs = membership.inputs.clone();
-        tokio::spawn(
-            gossip
-                .clone()
-                .listen(move |conn| membership::read_datagrams(conn, inputs.clone())),
-        );
-        let served = inner.clone();
-        tokio::spawn(
-            transport
-                .clone()
-                .listen(move |conn| sync::serve(served.clone(), conn)),
-        );
-        tokio::spawn(watch_local_writes(inner.clone(), stop.clone()));
-        tokio::spawn(anti_entropy(
-            inner.clone(),
-            membership.inputs,
-            [cfg.bootstrap.clone(), remembered].concat(),
-            cfg.sync_interval,
+        let quic = QuicTransport::new(gossip, rows);
+        let serving = quic.clone();
+        let cluster = Self::launch(
+            node,
+            replica,
+            move |inbox| {
+                serving.serve(inbox);
+                Arc::new(serving)
+            },
             stop.clone(),
-        ));
-        tokio::spawn(purge_tombstones(
-            inner.clone(),
-            cfg.tombstone_ttl,
-            stop.clone(),
-        ));
-        let closing = (gossip, transport);
+        );
         tokio::spawn(async move {
             stop.cancelled().await;
             // Let the SWIM leave message go out first.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            closing.0.close();
-            closing.1.close();
+            quic.gossip.close();
+            quic.rows.close();
         });
-        Ok(Self { inner })
+        Ok(cluster)
+    }
+
+    /// Starts a node on `replica` over the transport `connect` makes (given where to
+    /// deliver what arrives); the tasks end with `stop`.
+    pub fn launch(
+        node: Node,
+        replica: SqliteReplica,
+        connect: impl FnOnce(Weak<dyn Inbox>) -> Arc<dyn Transport>,
+        stop: CancellationToken,
+    ) -> Self {
+        let identity = Identity {
+            node: replica.node(),
+            name: node.name.clone(),
+            gossip: node.gossip,
+            transport: node.transport,
+            bump: wall_ms(),
+        };
+        let seeds = [node.seeds.clone(), replica.known_peers()].concat();
+        let inner = Arc::new_cyclic(|me: &Weak<Inner>| {
+            let transport = connect(me.clone() as Weak<dyn Inbox>);
+            let membership = membership::start(
+                identity.clone(),
+                node.gossip_interval,
+                transport.clone(),
+                stop.clone(),
+            );
+            Inner {
+                identity,
+                me: me.clone(),
+                store: Store(Arc::new(Mutex::new(replica))),
+                transport,
+                swim: membership.inputs,
+                members: membership.members,
+                stats: Stats::default(),
+                last_sync: Mutex::default(),
+                reject_log: LogThrottle::new(Duration::from_secs(60)),
+                refusal_log: LogThrottle::new(Duration::from_secs(60)),
+            }
+        });
+        tokio::spawn(watch_local_writes(inner.clone(), stop.clone()));
+        tokio::spawn(anti_entropy(
+            inner.clone(),
+            seeds,
+            node.sync_interval,
+            stop.clone(),
+        ));
+        tokio::spawn(purge_tombstones(inner.clone(), node.tombstone_ttl, stop));
+        Self { inner }
     }
 
     pub fn status(&self) -> ClusterStatus {
@@ -321,10 +347,10 @@ impl Cluster {
         let s = &inner.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         ClusterStatus {
-            node: inner.me.node.to_string(),
-            name: inner.me.name.clone(),
-            gossip: inner.me.gossip,
-            transport: inner.me.transport,
+            node: inner.identity.node.to_string(),
+            name: inner.identity.name.clone(),
+            gossip: inner.identity.gossip,
+            transport: inner.identity.transport,
             members,
             rows,
             tombstones,
@@ -344,7 +370,7 @@ impl Cluster {
             sync_failures: load(&s.sync_failures),
             bytes_in: load(&s.bytes_in),
             bytes_out: load(&s.bytes_out),
-            peers_refused: load(&inner.gossip.refused) + load(&inner.transport.refused),
+            peers_refused: inner.transport.refused() + load(&s.protocol_refused),
         }
     }
 }
@@ -419,7 +445,6 @@ async fn watch_local_writes(inner: Arc<Inner>, stop: CancellationToken) {
 /// while alone.
 async fn anti_entropy(
     inner: Arc<Inner>,
-    swim: mpsc::Sender<Input>,
     seeds: Vec<String>,
     interval: Duration,
     stop: CancellationToken,
@@ -436,8 +461,8 @@ async fn anti_entropy(
                 let peers = inner.alive_peers();
                 if peers.is_empty() {
                     for addr in resolve(&seeds).await {
-                        if addr != inner.me.gossip {
-                            let _ = swim.send(Input::Announce(addr)).await;
+                        if addr != inner.identity.gossip {
+                            let _ = inner.swim.send(Input::Announce(addr)).await;
                         }
                     }
                 } else {

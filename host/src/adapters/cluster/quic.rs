@@ -1,17 +1,23 @@
-//! One QUIC endpoint (quinn) that both listens and dials, with a connection per peer
-//! address reused in both directions, and the count of peers refused at the handshake.
+//! The cluster over QUIC (quinn): an endpoint that both listens and dials, with a
+//! connection per peer address reused in both directions and the count of peers refused at
+//! the handshake; two of them (gossip, rows) make the `Transport`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::tls::SERVER_NAME;
+use super::transport::{BoxFuture, Inbox, Transport};
+use super::wire;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A sync answer is one read of the table: a peer that takes longer is as good as gone.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
 
 type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
@@ -122,5 +128,149 @@ impl QuicEndpoint {
 
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shutting down");
+    }
+}
+
+/// The real network: SWIM datagrams on the gossip endpoint, rows on the transport
+/// endpoint (a uni stream per one-way frame, a bi stream per call).
+pub struct QuicTransport {
+    pub gossip: Arc<QuicEndpoint>,
+    pub rows: Arc<QuicEndpoint>,
+    inbox: std::sync::OnceLock<Weak<dyn Inbox>>,
+}
+
+impl QuicTransport {
+    pub fn new(gossip: QuicEndpoint, rows: QuicEndpoint) -> Arc<Self> {
+        Arc::new(Self {
+            gossip: Arc::new(gossip),
+            rows: Arc::new(rows),
+            inbox: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Starts accepting peers and delivering what they send to `inbox`.
+    pub fn serve(self: &Arc<Self>, inbox: Weak<dyn Inbox>) {
+        let _ = self.inbox.set(inbox);
+        let this = self.clone();
+        tokio::spawn(
+            self.gossip
+                .clone()
+                .listen(move |conn| this.read_datagrams(conn)),
+        );
+        let this = self.clone();
+        tokio::spawn(
+            self.rows
+                .clone()
+                .listen(move |conn| this.serve_streams(conn)),
+        );
+    }
+
+    fn inbox(&self) -> Option<Arc<dyn Inbox>> {
+        self.inbox.get()?.upgrade()
+    }
+
+    fn read_datagrams(self: &Arc<Self>, conn: quinn::Connection) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Ok(data) = conn.read_datagram().await {
+                match this.inbox() {
+                    Some(inbox) => inbox.datagram(data),
+                    None => break,
+                }
+            }
+        });
+    }
+
+    /// Serves the streams a peer opens on `conn` until it closes.
+    fn serve_streams(self: &Arc<Self>, conn: quinn::Connection) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let from = conn.remote_address();
+            loop {
+                let (send, mut recv) = tokio::select! {
+                    uni = conn.accept_uni() => match uni {
+                        Ok(recv) => (None, recv),
+                        Err(_) => break,
+                    },
+                    bi = conn.accept_bi() => match bi {
+                        Ok((send, recv)) => (Some(send), recv),
+                        Err(_) => break,
+                    },
+                };
+                let this = this.clone();
+                tokio::spawn(async move {
+                    let frame = match wire::read_frame(&mut recv).await {
+                        Ok(f) => f,
+                        Err(e) => return this.rows.refuse(from, &e.to_string()),
+                    };
+                    let Some(inbox) = this.inbox() else { return };
+                    let reply = inbox.frame(from, frame).await;
+                    if let (Some(mut send), Some(reply)) = (send, reply) {
+                        let _ = wire::write_frame(&mut send, &reply).await;
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                    }
+                });
+            }
+        });
+    }
+
+    async fn rows_conn(self: &Arc<Self>, to: SocketAddr) -> Result<quinn::Connection, String> {
+        let (conn, new) = self.rows.connection(to).await?;
+        if new {
+            self.serve_streams(conn.clone());
+        }
+        Ok(conn)
+    }
+}
+
+impl Transport for Arc<QuicTransport> {
+    fn datagram(&self, to: SocketAddr, data: Bytes) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            match this.gossip.connection(to).await {
+                Ok((conn, new)) => {
+                    if new {
+                        this.read_datagrams(conn.clone());
+                    }
+                    if let Err(e) = conn.send_datagram(data) {
+                        tracing::debug!("cluster: SWIM packet to {to}: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!("cluster: SWIM cannot reach {to}: {e}"),
+            }
+        });
+    }
+
+    fn send(&self, to: SocketAddr, frame: Vec<u8>) -> BoxFuture<Result<(), String>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let conn = this.rows_conn(to).await?;
+            let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+            wire::write_frame(&mut send, &frame)
+                .await
+                .map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())
+        })
+    }
+
+    fn call(&self, to: SocketAddr, frame: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let conn = this.rows_conn(to).await?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            wire::write_frame(&mut send, &frame)
+                .await
+                .map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            tokio::time::timeout(CALL_TIMEOUT, wire::read_frame(&mut recv))
+                .await
+                .map_err(|_| format!("no answer within {CALL_TIMEOUT:?}"))?
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn refused(&self) -> u64 {
+        self.gossip.refused.load(Ordering::Relaxed) + self.rows.refused.load(Ordering::Relaxed)
     }
 }

@@ -3,124 +3,122 @@
 //! missed: a lost packet, a partition, a restart, a wiped database.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use bytes::Bytes;
+
+use super::membership::Input;
+use super::transport::{BoxFuture, Inbox};
 use super::wire::{self, Message};
 use super::{Inner, Peer};
 use crate::adapters::outbound::sqlite_replica::wall_ms;
 use crate::domain::replication::{BUCKETS, NodeId, VersionedRow};
 
-/// Serves the streams a peer opens on `conn` until it closes.
-pub fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                uni = conn.accept_uni() => match uni {
-                    Ok(mut recv) => {
-                        let inner = inner.clone();
-                        let from = conn.remote_address();
-                        tokio::spawn(async move {
-                            match wire::read(&mut recv).await {
-                                Ok((Message::Push { schema, from: node, rows }, bytes)) => {
-                                    inner.stats.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
-                                    if let Some(reason) = wire::schema_mismatch(schema) {
-                                        inner.protocol_refusal(from, &reason);
-                                        return;
-                                    }
-                                    inner.stats.changes_received.fetch_add(rows.len() as u64, Ordering::Relaxed);
-                                    inner.apply(node, rows).await;
-                                }
-                                Ok((other, _)) => inner.protocol_refusal(from, &format!("unexpected {other:?} on a push stream")),
-                                Err(e) => inner.protocol_refusal(from, &e.to_string()),
-                            }
-                        });
-                    }
-                    Err(_) => break,
-                },
-                bi = conn.accept_bi() => match bi {
-                    Ok((send, recv)) => {
-                        let inner = inner.clone();
-                        let from = conn.remote_address();
-                        tokio::spawn(async move {
-                            if let Err(e) = answer_sync(&inner, send, recv).await {
-                                inner.protocol_refusal(from, &e);
-                            }
-                        });
-                    }
-                    Err(_) => break,
-                },
-            }
-        }
-    });
+impl Inbox for Inner {
+    fn datagram(&self, data: Bytes) {
+        // A full queue means SWIM is far behind; dropping a packet is what UDP would do.
+        let _ = self.swim.try_send(Input::Datagram(data));
+    }
+
+    fn frame(&self, from: SocketAddr, frame: Vec<u8>) -> BoxFuture<Option<Vec<u8>>> {
+        let Some(inner) = self.me.upgrade() else {
+            return Box::pin(async { None });
+        };
+        Box::pin(async move { inner.receive(from, frame).await })
+    }
 }
 
-async fn answer_sync(
-    inner: &Arc<Inner>,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) -> Result<(), String> {
-    let (msg, n) = wire::read(&mut recv).await.map_err(|e| e.to_string())?;
-    inner.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-    let Message::SyncRequest {
-        schema,
-        from,
-        digest,
-        last_sync_ms,
-    } = msg
-    else {
-        return Err(format!("unexpected {msg:?} opening a sync"));
-    };
-    if let Some(reason) = wire::schema_mismatch(schema) {
-        let _ = wire::write(
-            &mut send,
-            &Message::Refused {
-                reason: reason.clone(),
-            },
-        )
-        .await;
-        let _ = send.finish();
-        return Err(reason);
-    }
-    let reply = inner
-        .store
-        .run(move |r| {
-            let gc_watermark = r.gc_watermark();
-            let reset = last_sync_ms < gc_watermark.millis();
-            let buckets = match reset {
-                true => (0..BUCKETS).collect(),
-                false => r.digest().differing(&digest),
-            };
-            Message::SyncReply {
-                schema: wire::SCHEMA,
-                rows: r.in_buckets(&buckets),
-                buckets: buckets.into_iter().map(|b| b as u16).collect(),
-                gc_watermark,
-                reset,
+impl Inner {
+    async fn receive(self: Arc<Self>, from: SocketAddr, frame: Vec<u8>) -> Option<Vec<u8>> {
+        self.stats
+            .bytes_in
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        let msg = match wire::decode(&frame) {
+            Ok(m) => m,
+            Err(e) => {
+                self.protocol_refusal(from, &e.to_string());
+                return None;
             }
-        })
-        .await;
-    let n = wire::write(&mut send, &reply)
-        .await
-        .map_err(|e| e.to_string())?;
-    inner.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-    let _ = send.finish();
-    let (msg, n) = wire::read(&mut recv).await.map_err(|e| e.to_string())?;
-    inner.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-    match msg {
-        Message::SyncPush { rows } => {
-            inner.apply(from, rows).await;
-            Ok(())
+        };
+        match msg {
+            Message::Push {
+                schema,
+                from: node,
+                rows,
+            }
+            | Message::SyncPush {
+                schema,
+                from: node,
+                rows,
+            } => {
+                if let Some(reason) = wire::schema_mismatch(schema) {
+                    self.protocol_refusal(from, &reason);
+                    return None;
+                }
+                self.stats
+                    .changes_received
+                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
+                self.apply(node, rows).await;
+                None
+            }
+            Message::SyncRequest {
+                schema,
+                digest,
+                last_sync_ms,
+                ..
+            } => {
+                let reply = match wire::schema_mismatch(schema) {
+                    Some(reason) => {
+                        self.protocol_refusal(from, &reason);
+                        Message::Refused { reason }
+                    }
+                    None => {
+                        self.store
+                            .run(move |r| {
+                                let gc_watermark = r.gc_watermark();
+                                let reset = last_sync_ms < gc_watermark.millis();
+                                let buckets = match reset {
+                                    true => (0..BUCKETS).collect(),
+                                    false => r.digest().differing(&digest),
+                                };
+                                Message::SyncReply {
+                                    schema: wire::SCHEMA,
+                                    rows: r.in_buckets(&buckets),
+                                    buckets: buckets.into_iter().map(|b| b as u16).collect(),
+                                    gc_watermark,
+                                    reset,
+                                }
+                            })
+                            .await
+                    }
+                };
+                let reply = wire::encode(&reply);
+                self.stats
+                    .bytes_out
+                    .fetch_add(reply.len() as u64, Ordering::Relaxed);
+                Some(reply)
+            }
+            other => {
+                self.protocol_refusal(from, &format!("unexpected {other:?}"));
+                None
+            }
         }
-        other => Err(format!("unexpected {other:?} closing a sync")),
+    }
+
+    fn encode_out(&self, m: &Message) -> Vec<u8> {
+        let frame = wire::encode(m);
+        self.stats
+            .bytes_out
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        frame
     }
 }
 
 /// One anti-entropy round with `peer`: our digest out, their rows of the differing buckets
 /// in, then ours that they lack or have older back out.
 pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
-    let conn = inner.transport_conn(peer.transport).await?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let started = wall_ms();
     let request = inner
         .store
@@ -131,26 +129,29 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
             last_sync_ms: r.last_sync_ms(),
         })
         .await;
-    let n = wire::write(&mut send, &request)
-        .await
-        .map_err(|e| e.to_string())?;
-    inner.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-    let (msg, n) = wire::read(&mut recv).await.map_err(|e| e.to_string())?;
-    inner.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-    let (buckets, theirs, watermark, reset) = match msg {
-        Message::SyncReply {
-            schema,
-            buckets,
-            rows,
-            gc_watermark,
-            reset,
-        } => match wire::schema_mismatch(schema) {
-            Some(reason) => return Err(reason),
-            None => (buckets, rows, gc_watermark, reset),
-        },
-        Message::Refused { reason } => return Err(format!("refused: {reason}")),
-        other => return Err(format!("unexpected {other:?} answering a sync")),
-    };
+    let reply = inner
+        .transport
+        .call(peer.transport, inner.encode_out(&request))
+        .await?;
+    inner
+        .stats
+        .bytes_in
+        .fetch_add(reply.len() as u64, Ordering::Relaxed);
+    let (buckets, theirs, watermark, reset) =
+        match wire::decode(&reply).map_err(|e| e.to_string())? {
+            Message::SyncReply {
+                schema,
+                buckets,
+                rows,
+                gc_watermark,
+                reset,
+            } => match wire::schema_mismatch(schema) {
+                Some(reason) => return Err(reason),
+                None => (buckets, rows, gc_watermark, reset),
+            },
+            Message::Refused { reason } => return Err(format!("refused: {reason}")),
+            other => return Err(format!("unexpected {other:?} answering a sync")),
+        };
     let their_versions: HashMap<String, VersionedRow> = theirs
         .iter()
         .map(|r| (r.row.id.clone(), r.clone()))
@@ -171,55 +172,52 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
     }
     inner.apply(peer.node, theirs).await;
     // Of the differing buckets, what we hold newer than they do (or they lack).
-    let ours = inner
+    let (node, ours) = inner
         .store
         .run(move |r| {
             let buckets: Vec<usize> = buckets.into_iter().map(usize::from).collect();
-            r.in_buckets(&buckets)
+            let ours = r
+                .in_buckets(&buckets)
                 .into_iter()
                 .filter(|mine| mine.supersedes(their_versions.get(&mine.row.id)))
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (r.node(), ours)
         })
         .await;
-    let n = wire::write(&mut send, &Message::SyncPush { rows: ours })
-        .await
-        .map_err(|e| e.to_string())?;
-    inner.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-    send.finish().map_err(|e| e.to_string())?;
-    let _ = send.stopped().await;
+    if !ours.is_empty() {
+        let push = Message::SyncPush {
+            schema: wire::SCHEMA,
+            from: node,
+            rows: ours,
+        };
+        inner
+            .transport
+            .send(peer.transport, inner.encode_out(&push))
+            .await?;
+    }
     inner.stats.sync_rounds.fetch_add(1, Ordering::Relaxed);
     inner.synced_with(peer.node);
     inner
         .store
         .run(move |r| r.synced(started))
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
+        .map_err(|e| e.to_string())
 }
 
 /// Sends fresh local rows to every member, each on its own stream, without waiting.
 pub fn push(inner: &Arc<Inner>, node: NodeId, rows: Vec<VersionedRow>, peers: Vec<Peer>) {
-    let frame = Arc::new(wire::encode(&Message::Push {
+    let frame = wire::encode(&Message::Push {
         schema: wire::SCHEMA,
         from: node,
         rows,
-    }));
+    });
     for peer in peers {
         let (inner, frame) = (inner.clone(), frame.clone());
         tokio::spawn(async move {
-            let result = async {
-                let conn = inner.transport_conn(peer.transport).await?;
-                let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
-                send.write_all(&frame).await.map_err(|e| e.to_string())?;
-                send.finish().map_err(|e| e.to_string())
-            }
-            .await;
-            match result {
+            let n = frame.len() as u64;
+            match inner.transport.send(peer.transport, frame).await {
                 Ok(()) => {
-                    inner
-                        .stats
-                        .bytes_out
-                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                    inner.stats.bytes_out.fetch_add(n, Ordering::Relaxed);
                 }
                 // Anti-entropy brings it over later.
                 Err(e) => tracing::debug!("cluster: push to {}: {e}", peer.name),

@@ -3,9 +3,9 @@
 //! - The TLS ALPN is `edgeproxy/<PROTOCOL>/<cluster>`: a peer of another protocol version
 //!   or another cluster fails the handshake.
 //! - SWIM: foca's packets as QUIC datagrams on the gossip endpoint, as they are.
-//! - Rows: one frame per QUIC stream on the transport endpoint, a length then postcard.
-//!   `Push` (uni stream) carries fresh local writes to every member; `Sync` (bi stream)
-//!   compares digests and exchanges the rows of the buckets that differ.
+//! - Rows: postcard frames. On QUIC, one frame per stream on the transport endpoint, a
+//!   length first: `Push` and `SyncPush` one-way (uni stream), `SyncRequest` a call (bi
+//!   stream) answered by `SyncReply` or `Refused`.
 //!
 //! Every message carries the routing schema version: rows are never applied across
 //! schemas (Corrosion's users met half-applied changes when schemas drifted).
@@ -50,8 +50,12 @@ pub enum Message {
         gc_watermark: Hlc,
         reset: bool,
     },
-    /// The caller's rows the answerer lacks or has older, from those buckets.
-    SyncPush { rows: Vec<VersionedRow> },
+    /// The caller's rows the answerer lacks or has older, from those buckets (one-way).
+    SyncPush {
+        schema: u32,
+        from: NodeId,
+        rows: Vec<VersionedRow>,
+    },
     /// The answer to a message that cannot be served (another schema, say).
     Refused { reason: String },
 }
@@ -67,22 +71,24 @@ pub enum WireError {
 }
 
 pub fn encode(m: &Message) -> Vec<u8> {
-    let body = postcard::to_stdvec(m).expect("messages always serialize");
-    let mut out = Vec::with_capacity(body.len() + 4);
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
-    out
+    postcard::to_stdvec(m).expect("messages always serialize")
 }
 
-pub async fn write(send: &mut quinn::SendStream, m: &Message) -> Result<usize, WireError> {
-    let bytes = encode(m);
-    send.write_all(&bytes)
+pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
+    Ok(postcard::from_bytes(frame)?)
+}
+
+/// Writes one frame: its length, then the bytes.
+pub async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<(), WireError> {
+    let io = |e: quinn::WriteError| WireError::Io(e.to_string());
+    send.write_all(&(frame.len() as u32).to_be_bytes())
         .await
-        .map_err(|e| WireError::Io(e.to_string()))?;
-    Ok(bytes.len())
+        .map_err(io)?;
+    send.write_all(frame).await.map_err(io)
 }
 
-pub async fn read(recv: &mut quinn::RecvStream) -> Result<(Message, usize), WireError> {
+/// Reads one frame, refusing one over [`MAX_FRAME`] before reading it.
+pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, WireError> {
     let mut len = [0u8; 4];
     recv.read_exact(&mut len)
         .await
@@ -95,7 +101,7 @@ pub async fn read(recv: &mut quinn::RecvStream) -> Result<(Message, usize), Wire
     recv.read_exact(&mut body)
         .await
         .map_err(|e| WireError::Io(e.to_string()))?;
-    Ok((postcard::from_bytes(&body)?, len + 4))
+    Ok(body)
 }
 
 /// Why a message from a peer of `schema` cannot be applied here, if it cannot.
@@ -117,8 +123,7 @@ mod tests {
             digest: Digest(vec![1; 64]),
             last_sync_ms: 0,
         };
-        let bytes = encode(&m);
-        let back: Message = postcard::from_bytes(&bytes[4..]).unwrap();
+        let back = decode(&encode(&m)).unwrap();
         assert!(matches!(
             back,
             Message::SyncRequest {
@@ -126,7 +131,7 @@ mod tests {
                 ..
             }
         ));
-        assert!(postcard::from_bytes::<Message>(&[0xff, 0xff, 0xff]).is_err());
+        assert!(decode(&[0xff, 0xff, 0xff]).is_err());
         assert!(schema_mismatch(SCHEMA).is_none());
         assert!(schema_mismatch(SCHEMA + 1).unwrap().contains("schema"));
     }
