@@ -5,6 +5,7 @@
 mod admin;
 mod cli;
 mod cluster;
+mod cluster_memory;
 mod examples;
 mod fuzz;
 mod hardening;

@@ -271,6 +271,33 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// A node on an in-memory network (tests, simulations): real membership, merge and
+    /// routing file, no sockets. Its gossip and transport addresses are `addr` and the next
+    /// port.
+    pub fn in_memory(
+        net: &Arc<transport::MemoryNetwork>,
+        node: Node,
+        db: &std::path::Path,
+        stop: CancellationToken,
+    ) -> anyhow::Result<(Self, Arc<transport::MemoryTransport>)> {
+        let replica = SqliteReplica::open(db, Duration::from_secs(60))?;
+        let addrs = [node.gossip, node.transport];
+        let slot = Arc::new(Mutex::new(None));
+        let keep = slot.clone();
+        let cluster = Self::launch(
+            node,
+            replica,
+            move |inbox| {
+                let t = net.attach(&addrs, inbox);
+                *keep.lock().expect("slot") = Some(t.clone());
+                t
+            },
+            stop,
+        );
+        let t = slot.lock().expect("slot").take().expect("attached");
+        Ok((cluster, t))
+    }
+
     /// Starts a node on `replica` over the transport `connect` makes (given where to
     /// deliver what arrives); the tasks end with `stop`.
     pub fn launch(
