@@ -445,10 +445,12 @@ async fn a_partition_with_writes_on_both_sides_heals_to_one_table() {
     })
     .await;
     add(&a, "left", "10.0.0.1:1".parse().unwrap());
+    let before = converged(&[&a, &b], 2).await;
     b.backend(&["update", "shared", "--port", "1111"]);
+    // B's edit is stamped (and replicated to A) before C's is made.
+    converged_past(&[&a, &b], 2, &before).await;
     add(&c, "right", "10.0.0.3:3".parse().unwrap());
     c.backend(&["update", "shared", "--weight", "7"]);
-    converged(&[&a, &b], 2).await;
 
     c.signal("-CONT");
     converged(&[&a, &b, &c], 3).await;

@@ -84,7 +84,7 @@ pub struct SqliteReplica {
     conn: Connection,
     node: NodeId,
     clock: Clock,
-    rows: BTreeMap<String, VersionedRow>,
+    rows: Rows,
     data_version: i64,
     /// Tombstones older than this were purged here: an unknown row older than it is a
     /// deleted row coming back, not news.
@@ -148,12 +148,14 @@ impl SqliteReplica {
             conn,
             node,
             clock: Clock::new(last, max_skew.as_millis() as u64),
-            rows: BTreeMap::new(),
+            rows: Rows::default(),
             data_version: -1,
             gc_watermark,
             last_sync_ms,
         };
-        replica.rows = replica.read_versioned().map_err(err)?;
+        for r in replica.read_versioned().map_err(err)? {
+            replica.rows.put(r);
+        }
         Ok(replica)
     }
 
@@ -164,12 +166,12 @@ impl SqliteReplica {
         }
     }
 
-    fn read_versioned(&self) -> rusqlite::Result<BTreeMap<String, VersionedRow>> {
+    fn read_versioned(&self) -> rusqlite::Result<Vec<VersionedRow>> {
         let cols = COLUMNS.map(|c| format!("b.{c}")).join(", ");
         let mut stmt = self.conn.prepare(&format!(
             "SELECT {cols}, v.hlc, v.node FROM backends b JOIN _edgeproxy_versions v ON v.id = b.id"
         ))?;
-        let mut out = BTreeMap::new();
+        let mut out = Vec::new();
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
             // A row that no longer reads (edited by hand since) is re-announced when its
@@ -179,7 +181,7 @@ impl SqliteReplica {
                     hlc: Hlc(r.get::<_, i64>(11)? as u64),
                     node: NodeId(r.get::<_, i64>(12)? as u64),
                 };
-                out.insert(row.id.clone(), VersionedRow { version, row });
+                out.push(VersionedRow { version, row });
             }
         }
         Ok(out)
@@ -214,11 +216,11 @@ impl SqliteReplica {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| err_at(&self.path, e))?;
-        let out = stamp(&tx, &mut self.clock, self.node, &self.rows)
+        let out = stamp(&tx, &mut self.clock, self.node, &self.rows.by_id)
             .map_err(|e| err_at(&self.path, e))?;
         tx.commit().map_err(|e| err_at(&self.path, e))?;
         for r in &out.0 {
-            self.rows.insert(r.row.id.clone(), r.clone());
+            self.rows.put(r.clone());
         }
         Ok(out)
     }
@@ -234,9 +236,9 @@ impl SqliteReplica {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(e)?;
-        let (stamped, _) = stamp(&tx, &mut self.clock, self.node, &self.rows).map_err(e)?;
+        let (stamped, _) = stamp(&tx, &mut self.clock, self.node, &self.rows.by_id).map_err(e)?;
         for r in &stamped {
-            self.rows.insert(r.row.id.clone(), r.clone());
+            self.rows.put(r.clone());
         }
         let mut out = Applied {
             stamped,
@@ -253,7 +255,7 @@ impl SqliteReplica {
                 out.rejected.push((r.row.id.clone(), reason));
                 continue;
             }
-            let held = self.rows.get(&r.row.id);
+            let held = self.rows.by_id.get(&r.row.id);
             if !r.supersedes(held) || (held.is_none() && r.version.hlc < self.gc_watermark) {
                 out.stale += 1;
                 continue;
@@ -265,7 +267,7 @@ impl SqliteReplica {
             tx.execute(&upsert_sql(), rusqlite::params_from_iter(r.row.values()))
                 .map_err(e)?;
             write_version(&tx, &r.row.id, r.version).map_err(e)?;
-            self.rows.insert(r.row.id.clone(), r.clone());
+            self.rows.put(r.clone());
             written.push(r);
         }
         tx.execute(
@@ -305,6 +307,7 @@ impl SqliteReplica {
         let cutoff = Hlc::from_millis(cutoff_ms);
         let old: Vec<String> = self
             .rows
+            .by_id
             .values()
             .filter(|r| r.row.deleted && r.version.hlc < cutoff)
             .map(|r| r.row.id.clone())
@@ -324,6 +327,7 @@ impl SqliteReplica {
     ) -> Result<Vec<String>, ReplicaError> {
         let gone: Vec<String> = self
             .rows
+            .by_id
             .values()
             .filter(|r| r.version.hlc < watermark && !peer_ids.contains(&r.row.id))
             .map(|r| r.row.id.clone())
@@ -372,12 +376,13 @@ impl SqliteReplica {
     }
 
     pub fn digest(&self) -> Digest {
-        Digest::of(self.rows.values())
+        self.rows.digest.clone()
     }
 
     /// Every versioned row in the given digest buckets.
     pub fn in_buckets(&self, buckets: &[usize]) -> Vec<VersionedRow> {
         self.rows
+            .by_id
             .values()
             .filter(|r| buckets.contains(&bucket_of(&r.row.id)))
             .cloned()
@@ -385,13 +390,13 @@ impl SqliteReplica {
     }
 
     pub fn rows(&self) -> impl Iterator<Item = &VersionedRow> {
-        self.rows.values()
+        self.rows.by_id.values()
     }
 
     /// Live rows and tombstones.
     pub fn counts(&self) -> (usize, usize) {
-        let dead = self.rows.values().filter(|r| r.row.deleted).count();
-        (self.rows.len() - dead, dead)
+        let dead = self.rows.by_id.values().filter(|r| r.row.deleted).count();
+        (self.rows.by_id.len() - dead, dead)
     }
 
     /// Peers learned by gossip, remembered so a restart finds the cluster without its
@@ -423,6 +428,39 @@ impl SqliteReplica {
             )
             .map(drop)
             .map_err(|e| self.err(e))
+    }
+}
+
+/// The versioned rows, with the table digest kept up to date as they change (a sync round
+/// compares digests several times a second; recomputing them would cost a pass over every
+/// row each time).
+struct Rows {
+    by_id: BTreeMap<String, VersionedRow>,
+    digest: Digest,
+}
+
+impl Default for Rows {
+    fn default() -> Self {
+        Self {
+            by_id: BTreeMap::new(),
+            digest: Digest::of([]),
+        }
+    }
+}
+
+impl Rows {
+    fn put(&mut self, r: VersionedRow) {
+        let bucket = bucket_of(&r.row.id);
+        self.digest.0[bucket] ^= r.fingerprint();
+        if let Some(old) = self.by_id.insert(r.row.id.clone(), r) {
+            self.digest.0[bucket] ^= old.fingerprint();
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(old) = self.by_id.remove(id) {
+            self.digest.0[bucket_of(id)] ^= old.fingerprint();
+        }
     }
 }
 
@@ -593,6 +631,7 @@ mod tests {
         let (rows, _) = b.stamp_local().unwrap();
         assert_eq!(a.apply(rows).unwrap().applied.len(), 1);
         assert_eq!(a.digest(), b.digest());
+        assert_eq!(a.digest(), Digest::of(a.rows()), "kept digest = recomputed");
     }
 
     #[test]
@@ -666,6 +705,9 @@ mod tests {
         assert_eq!(b.reset_to(&ids, a.gc_watermark()).unwrap(), ["a"]);
         assert_eq!(b.counts(), (0, 0));
         assert_eq!(a.digest(), b.digest());
+        for r in [&a, &b] {
+            assert_eq!(r.digest(), Digest::of(r.rows()), "kept digest = recomputed");
+        }
         // A new write of the same id is newer than the window, and is accepted.
         shell(&b, ROW);
         let (again, _) = b.stamp_local().unwrap();
