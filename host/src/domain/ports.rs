@@ -217,5 +217,8 @@ pub struct ClusterStatus {
     pub sync_failures: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// UDP bytes on the wire (SWIM, rows, QUIC and TLS overhead), where measured.
+    pub wire_bytes_in: Option<u64>,
+    pub wire_bytes_out: Option<u64>,
     pub peers_refused: u64,
 }

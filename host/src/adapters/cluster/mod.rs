@@ -397,6 +397,8 @@ impl Cluster {
             sync_failures: load(&s.sync_failures),
             bytes_in: load(&s.bytes_in),
             bytes_out: load(&s.bytes_out),
+            wire_bytes_in: inner.transport.wire_bytes().map(|w| w.0),
+            wire_bytes_out: inner.transport.wire_bytes().map(|w| w.1),
             peers_refused: inner.transport.refused() + load(&s.protocol_refused),
         }
     }

@@ -28,6 +28,8 @@ pub struct QuicEndpoint {
     conns: Mutex<HashMap<SocketAddr, Slot>>,
     pub refused: AtomicU64,
     refusal_logged: Mutex<HashMap<IpAddr, Instant>>,
+    /// UDP bytes (in, out) of connections no longer held.
+    retired: Mutex<(u64, u64)>,
 }
 
 impl QuicEndpoint {
@@ -45,6 +47,7 @@ impl QuicEndpoint {
             conns: Mutex::default(),
             refused: AtomicU64::new(0),
             refusal_logged: Mutex::default(),
+            retired: Mutex::default(),
         })
     }
 
@@ -80,7 +83,7 @@ impl QuicEndpoint {
             .await
             .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))?
             .map_err(|e| e.to_string())?;
-        *held = Some(conn.clone());
+        self.hold(&mut held, conn.clone());
         Ok((conn, true))
     }
 
@@ -100,13 +103,45 @@ impl QuicEndpoint {
                 match incoming.await {
                     Ok(conn) => {
                         let slot = this.slot(conn.remote_address());
-                        *slot.lock().await = Some(conn.clone());
+                        this.hold(&mut *slot.lock().await, conn.clone());
                         on_peer(conn);
                     }
                     Err(e) => this.refuse(from, &e.to_string()),
                 }
             });
         }
+    }
+
+    /// Puts `conn` in a peer's slot, keeping the traffic count of the one it replaces.
+    fn hold(&self, slot: &mut Option<quinn::Connection>, conn: quinn::Connection) {
+        if let Some(old) = slot.replace(conn) {
+            let s = old.stats();
+            let mut r = self.retired.lock().expect("retired lock");
+            r.0 += s.udp_rx.bytes;
+            r.1 += s.udp_tx.bytes;
+        }
+    }
+
+    /// UDP bytes (in, out) this endpoint has carried: QUIC, TLS and payload.
+    pub fn wire_bytes(&self) -> (u64, u64) {
+        let mut total = *self.retired.lock().expect("retired lock");
+        let slots: Vec<Slot> = self
+            .conns
+            .lock()
+            .expect("connection map lock")
+            .values()
+            .cloned()
+            .collect();
+        for slot in slots {
+            if let Ok(held) = slot.try_lock()
+                && let Some(c) = held.as_ref()
+            {
+                let s = c.stats();
+                total.0 += s.udp_rx.bytes;
+                total.1 += s.udp_tx.bytes;
+            }
+        }
+        total
     }
 
     pub fn refuse(&self, from: SocketAddr, reason: &str) {
@@ -272,5 +307,10 @@ impl Transport for Arc<QuicTransport> {
 
     fn refused(&self) -> u64 {
         self.gossip.refused.load(Ordering::Relaxed) + self.rows.refused.load(Ordering::Relaxed)
+    }
+
+    fn wire_bytes(&self) -> Option<(u64, u64)> {
+        let (g, r) = (self.gossip.wire_bytes(), self.rows.wire_bytes());
+        Some((g.0 + r.0, g.1 + r.1))
     }
 }

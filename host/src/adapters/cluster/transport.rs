@@ -26,6 +26,10 @@ pub trait Transport: Send + Sync + 'static {
     fn refused(&self) -> u64 {
         0
     }
+    /// UDP bytes (in, out) on the wire, everything included, where the transport has a wire.
+    fn wire_bytes(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// Inbound: what a node does with what arrives.
@@ -49,6 +53,8 @@ struct Faults {
 pub struct MemoryNetwork {
     nodes: Mutex<HashMap<SocketAddr, Weak<dyn Inbox>>>,
     faults: Mutex<Faults>,
+    /// SWIM bytes delivered, for cost measurements (rows are counted by the nodes).
+    pub datagram_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl MemoryNetwork {
@@ -139,6 +145,8 @@ impl Transport for MemoryTransport {
         let (net, from) = (self.net.clone(), self.addrs.clone());
         tokio::spawn(async move {
             if let Some(inbox) = net.route(&from, to).await {
+                net.datagram_bytes
+                    .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 inbox.datagram(data);
             }
         });

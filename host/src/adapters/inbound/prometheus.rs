@@ -428,6 +428,14 @@ fn enc_cluster(e: &mut DescriptorEncoder, c: &ClusterStatus) -> std::fmt::Result
         [("in", c.bytes_in), ("out", c.bytes_out)]
             .map(|(dir, n)| (vec![("direction", dir)], counter(n))),
     )?;
+    if let (Some(i), Some(o)) = (c.wire_bytes_in, c.wire_bytes_out) {
+        family(
+            e,
+            "cluster_wire_bytes",
+            "UDP bytes of all cluster traffic (SWIM, rows, QUIC and TLS overhead)",
+            [("in", i), ("out", o)].map(|(dir, n)| (vec![("direction", dir)], counter(n))),
+        )?;
+    }
     family(
         e,
         "cluster_peers_refused",
