@@ -10,6 +10,8 @@ pub mod adapters;
 pub mod application;
 pub mod config;
 pub mod demo;
+#[cfg(target_os = "linux")]
+pub mod demo_cluster;
 pub mod domain;
 pub mod log_throttle;
 

@@ -40,6 +40,9 @@ enum Command {
         /// Keep the demo proxy running after the tour (Ctrl-C to stop).
         #[arg(long)]
         hold: bool,
+        /// Instead: three POPs replicating one routing table, with a partition healed.
+        #[arg(long, conflicts_with = "hold")]
+        cluster: bool,
     },
     /// Work with policy components.
     #[command(subcommand)]
@@ -200,7 +203,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             runtime(config.settings.worker_threads)?.block_on(serve(config))
         }
-        Some(Command::Demo { hold }) => {
+        #[cfg(target_os = "linux")]
+        Some(Command::Demo { cluster: true, .. }) => {
+            runtime(0)?.block_on(edgeproxy::demo_cluster::run())
+        }
+        Some(Command::Demo { hold, .. }) => {
             runtime(0)?.block_on(async { demo::run(hold, shutdown_signal()).await })
         }
         Some(Command::Config(command)) => {

@@ -618,3 +618,21 @@ async fn a_pop_away_longer_than_the_tombstone_window_does_not_resurrect_deletes(
     }
     assert!(b.logs().contains("resynchronised fully"), "{}", b.logs());
 }
+
+#[test]
+fn the_cluster_demo_routes_a_write_everywhere_and_heals_a_partition() {
+    let mut c = edgeproxy();
+    c.args(["demo", "--cluster"]);
+    let out = run_ok(c);
+    for line in [
+        "all three POPs see each other",
+        "pop-b routes a client to fra-1",
+        "pop-c routes a client to fra-1",
+        "pop-a sees pop-c down",
+        "pop-b routes to fra-2",
+        "all three tables equal",
+        "pop-c routes to fra-2",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}

@@ -66,7 +66,7 @@ pub async fn run(
 }
 
 /// One GET to the local admin API.
-async fn get(addr: SocketAddr, path: &str, token: Option<String>) -> anyhow::Result<Vec<u8>> {
+pub async fn get(addr: SocketAddr, path: &str, token: Option<String>) -> anyhow::Result<Vec<u8>> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| {
