@@ -69,9 +69,13 @@ impl Store {
         f: impl FnOnce(&mut SqliteReplica) -> R + Send + 'static,
     ) -> R {
         let store = self.0.clone();
-        tokio::task::spawn_blocking(move || f(&mut store.lock().expect("replica lock")))
-            .await
-            .expect("replica task panicked")
+        match tokio::task::spawn_blocking(move || f(&mut store.lock().expect("replica lock"))).await
+        {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down and this task goes with it.
+            Err(_) => std::future::pending().await,
+        }
     }
 }
 
