@@ -167,14 +167,21 @@ def main():
         wait_equal(pops)
 
     if "cost" in TESTS:
+        # The same POP with replication off, idling beside them: what the cluster adds.
+        plain_db = os.path.join(work, "p8.db")
+        run("db", "init", "--db", plain_db)
+        plain = Pop(work, 8, cluster=False, extra={"EDGEPROXY_DB_PATH": plain_db})
         time.sleep(5)  # rounds begun by the writes above end
         c0, w0, t0 = [p.cpu_seconds() for p in pops], wire(pops), time.monotonic()
+        p0 = plain.cpu_seconds()
         time.sleep(IDLE)
         dt = time.monotonic() - t0
         cpu = [(p.cpu_seconds() - c) / dt * 100 for p, c in zip(pops, c0)]
+        plain_cpu = (plain.cpu_seconds() - p0) / dt * 100
+        plain.stop()
         idle_bps = (wire(pops) - w0) / dt
         out.append((f"idle CPU per POP over {IDLE} s (mean / max, % of one core)",
-                    "%.2f%% / %.2f%%" % (statistics.mean(cpu), max(cpu))))
+                    "%.2f%% / %.2f%%; replication off: %.2f%%" % (statistics.mean(cpu), max(cpu), plain_cpu)))
         out.append(("idle UDP bytes sent per POP per second (SWIM + sync, QUIC included)",
                     "%.0f B/s" % (idle_bps / N)))
         w1, t1 = wire(pops), time.monotonic()

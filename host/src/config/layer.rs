@@ -595,6 +595,7 @@ pub fn markdown_table() -> String {
     for (info, default) in SETTINGS.iter().zip(defaults) {
         let default = match default {
             serde_json::Value::Null => "unset".to_owned(),
+            serde_json::Value::String(s) if s.is_empty() => "empty".to_owned(),
             serde_json::Value::String(s) => format!("`{s}`"),
             v => format!("`{v}`"),
         };

@@ -324,6 +324,15 @@ fn add(pop: &Pop, id: &str, backend: SocketAddr) {
     ]);
 }
 
+/// `root/*/rest`, the first that exists (a multiarch library directory).
+fn glob_one(root: &str, rest: &str) -> Option<PathBuf> {
+    std::fs::read_dir(root)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join(rest))
+        .find(|p| p.exists())
+}
+
 fn row<'a>(rows: &'a [Value], id: &str) -> &'a Value {
     rows.iter()
         .find(|r| r["id"] == id)
@@ -569,17 +578,31 @@ async fn a_node_without_the_clusters_credentials_or_name_cannot_join() {
 async fn a_pop_with_its_clock_30s_ahead_cannot_outrank_later_writes() {
     let fleet = Fleet::new();
     let a = fleet.pop("a", 1, &[]);
-    // `faketime` (libfaketime) moves the whole process's clock.
-    let mut fast = fleet.pop("fast", 2, &[1]);
-    fast.kill();
-    let mut c = Command::new("faketime");
-    c.args(["-f", "+30s", env!("CARGO_BIN_EXE_edgeproxy")]);
-    fast.child = Some(fast.spawn(c));
+    // libfaketime (Debian's faketime) moves the whole process's clock. Preloaded directly,
+    // not through the `faketime` wrapper, which forks: the child is edgeproxy itself.
+    let lib = glob_one("/usr/lib", "faketime/libfaketime.so.1")
+        .expect("libfaketime (apt-get install faketime) runs a POP with its clock ahead");
+    let fast = fleet.pop_with(
+        "fast",
+        2,
+        &[1],
+        &[
+            ("LD_PRELOAD", &lib.display().to_string()),
+            ("FAKETIME", "+30s"),
+        ],
+    );
     a.wait_members(1).await;
     fast.wait_members(1).await;
 
     add(&fast, "x", "10.0.0.1:1".parse().unwrap());
     let before = converged(&[&a, &fast], 1).await;
+    // The row really was stamped 30 s ahead (the clock is the HLC: milliseconds << 16).
+    let stamped_ms = fast.status().await.unwrap()["clock"].as_u64().unwrap() >> 16;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(stamped_ms > now_ms + 20_000, "{stamped_ms} vs {now_ms}");
     // A writes after it has seen the fast POP's row: its clock moved past that row's, so
     // its write wins although A's wall clock is 30 s behind.
     a.backend(&["update", "x", "--port", "2"]);

@@ -40,8 +40,10 @@ use crate::log_throttle::LogThrottle;
 
 pub use self::tls::TlsFiles;
 
-/// How often local writes are looked for (`PRAGMA data_version`, one cheap read).
+/// How often local writes are looked for (`PRAGMA data_version`, one cheap read) without
+/// change notifications, and with them (a backstop for a missed one).
 const LOCAL_POLL: Duration = Duration::from_millis(50);
+const LOCAL_POLL_WATCHED: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -439,12 +441,28 @@ fn advertised(
 /// Stamps and pushes local writes as soon as they are committed.
 async fn watch_local_writes(inner: Arc<Inner>, stop: CancellationToken) {
     let unreplicable = LogThrottle::new(Duration::from_secs(60));
-    let mut tick = tokio::time::interval(LOCAL_POLL);
+    // Woken by the file's change notifications, with a slow poll behind them; a fast poll
+    // where the system gives no notifications (or no more inotify instances).
+    let written = Arc::new(tokio::sync::Notify::new());
+    let path = inner.store.run(|r| r.path().to_owned()).await;
+    let watch = crate::adapters::inbound::file_watch::watch(&path, written.clone());
+    let poll = match &watch {
+        Ok(_) => LOCAL_POLL_WATCHED,
+        Err(e) => {
+            tracing::debug!(
+                "cluster: no change notifications for {} ({e}); polling",
+                path.display()
+            );
+            LOCAL_POLL
+        }
+    };
+    let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+            _ = written.notified() => {}
         }
         let result = inner
             .store

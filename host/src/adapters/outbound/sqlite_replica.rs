@@ -187,6 +187,10 @@ impl SqliteReplica {
         Ok(out)
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn node(&self) -> NodeId {
         self.node
     }
