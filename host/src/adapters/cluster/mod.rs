@@ -157,6 +157,11 @@ impl Inner {
         let result = self.store.run(move |r| r.apply(rows)).await;
         match result {
             Ok(out) => {
+                tracing::debug!(
+                    "cluster: from {origin}: {} applied, {} stale",
+                    out.applied.len(),
+                    out.stale
+                );
                 let s = &self.stats;
                 s.changes_applied
                     .fetch_add(out.applied.len() as u64, Ordering::Relaxed);
@@ -456,14 +461,26 @@ async fn watch_local_writes(inner: Arc<Inner>, stop: CancellationToken) {
             LOCAL_POLL
         }
     };
-    let mut tick = tokio::time::interval(poll);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A notification comes with the write of the WAL frames, which can be just before the
+    // commit is visible (the WAL index is memory-mapped: its update makes no event), so a
+    // few quick re-checks follow each one.
+    let mut rechecks: usize = 0;
+    let mut next = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-            _ = written.notified() => {}
+            _ = tokio::time::sleep_until(next) => {}
+            _ = written.notified() => rechecks = 3,
         }
+        next = tokio::time::Instant::now()
+            + match rechecks {
+                0 => poll,
+                n => {
+                    rechecks -= 1;
+                    // 2, then 10, then 40 ms after the notification.
+                    Duration::from_millis([40, 8, 2][n - 1])
+                }
+            };
         let result = inner
             .store
             .run(|r| match r.changed() {
@@ -483,6 +500,7 @@ async fn watch_local_writes(inner: Arc<Inner>, stop: CancellationToken) {
                     );
                 }
                 if !rows.is_empty() {
+                    tracing::debug!("cluster: {} local change(s) stamped, pushing", rows.len());
                     inner.broadcast(rows);
                 }
             }
