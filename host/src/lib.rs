@@ -325,10 +325,13 @@ fn cluster_config(config: &Config) -> Option<adapters::cluster::ClusterConfig> {
         sync_interval: Duration::from_millis(s.cluster_sync_interval_ms),
         max_skew: Duration::from_millis(s.cluster_max_clock_skew_ms),
         tombstone_ttl: Duration::from_secs(s.cluster_tombstone_ttl_secs),
-        tls: adapters::cluster::TlsFiles {
-            ca: s.cluster_ca_file.clone()?,
-            cert: s.cluster_cert_file.clone()?,
-            key: s.cluster_key_file.clone()?,
+        tls: match s.cluster_plaintext {
+            true => None,
+            false => Some(adapters::cluster::TlsFiles {
+                ca: s.cluster_ca_file.clone()?,
+                cert: s.cluster_cert_file.clone()?,
+                key: s.cluster_key_file.clone()?,
+            }),
         },
         db: s.db_path.clone(),
     })

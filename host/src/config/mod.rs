@@ -253,7 +253,7 @@ impl Config {
                 None
             }
         };
-        if serving && s.cluster_enabled {
+        if serving && s.cluster_enabled && !s.cluster_plaintext {
             let missing: Vec<&str> = [
                 ("cluster_ca_file", s.cluster_ca_file.is_none()),
                 ("cluster_cert_file", s.cluster_cert_file.is_none()),
@@ -269,7 +269,8 @@ impl Config {
                         "replication needs the cluster's credentials, and {} unset: make them with \
                          `edgeproxy cluster ca` and `edgeproxy cluster cert NODE` (docs/CLUSTER.md); \
                          POPs authenticate each other with them, so no process without them can \
-                         read or write the routing table",
+                         read or write the routing table (or, on a WireGuard-only network, choose \
+                         cluster_plaintext = true)",
                         missing.join(", ")
                     ),
                 ));

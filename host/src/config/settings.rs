@@ -102,6 +102,10 @@ crate::settings! {
     /// deleted rows (tombstones) are kept this long, then purged; a POP away longer than
     /// this resynchronises fully when it returns (docs/CLUSTER.md)
     cluster_tombstone_ttl_secs: u64 = 7 * DAY, env "EDGEPROXY_REPLICATION_TOMBSTONE_TTL_SECS", check |v| positive(v).and(at_most(v, 10 * YEAR));
+    /// no authentication between POPs: any process that reaches the cluster ports and knows
+    /// the cluster name can read and write the routing table. Only on a network that
+    /// authenticates every peer itself (WireGuard); warned about at start
+    cluster_plaintext: bool = false, env "EDGEPROXY_REPLICATION_PLAINTEXT";
     /// the cluster CA certificate (`edgeproxy cluster ca`)
     cluster_ca_file: Option<PathBuf> = None, env "EDGEPROXY_REPLICATION_CA_FILE";
     /// this POP's certificate (`edgeproxy cluster cert NODE`)

@@ -659,3 +659,33 @@ fn the_cluster_demo_routes_a_write_everywhere_and_heals_a_partition() {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_mode_is_chosen_explicitly_and_cannot_join_an_authenticated_cluster() {
+    let fleet = Fleet::new();
+    let plain = [("EDGEPROXY_REPLICATION_PLAINTEXT", "true")];
+    let a = fleet.pop_with("a", 1, &[], &plain);
+    let b = fleet.pop_with("b", 2, &[1], &plain);
+    a.wait_members(1).await;
+    add(&a, "x", "10.0.0.1:1".parse().unwrap());
+    converged(&[&a, &b], 1).await;
+    assert!(a.logs().contains("PLAINTEXT MODE"), "{}", a.logs());
+
+    // A plaintext POP presents no certificate: an authenticated cluster refuses it.
+    let secure = fleet.pop("secure", 3, &[]);
+    let c = fleet.pop_with("c", 4, &[3], &plain);
+    secure
+        .wait_status("the plaintext POP refused", |s| {
+            s["peers_refused"].as_u64().unwrap() >= 1
+        })
+        .await;
+    let s = c.wait_status("its admin API", |_| true).await;
+    assert!(
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["name"] != "secure"),
+        "{s}"
+    );
+}

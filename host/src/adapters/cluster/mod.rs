@@ -57,7 +57,8 @@ pub struct ClusterConfig {
     pub sync_interval: Duration,
     pub max_skew: Duration,
     pub tombstone_ttl: Duration,
-    pub tls: TlsFiles,
+    /// None: plaintext mode (no authentication; chosen explicitly).
+    pub tls: Option<TlsFiles>,
     pub db: PathBuf,
 }
 
@@ -237,7 +238,19 @@ impl Cluster {
     /// Opens the routing file for replication, binds both QUIC endpoints and starts the
     /// tasks; they end with `stop`. Errors (credentials, addresses, database) come back here.
     pub async fn start(cfg: ClusterConfig, stop: CancellationToken) -> anyhow::Result<Self> {
-        let (server, client) = tls::quic_configs(&cfg.tls, &cfg.cluster)?;
+        let (server, client) = match &cfg.tls {
+            Some(files) => tls::quic_configs(files, &cfg.cluster)?,
+            None => {
+                tracing::warn!(
+                    "cluster: PLAINTEXT MODE (cluster_plaintext): POPs do not authenticate each \
+                     other; any process that reaches {} or {} and knows the cluster name can read \
+                     and write the routing table. Use it only where WireGuard authenticates every peer.",
+                    cfg.gossip_addr,
+                    cfg.transport_addr
+                );
+                tls::plaintext_configs(&cfg.cluster)?
+            }
+        };
         let replica = SqliteReplica::open(&cfg.db, cfg.max_skew)?;
         let gossip = QuicEndpoint::bind("gossip", cfg.gossip_addr, server.clone(), client.clone())
             .with_context(|| format!("cluster gossip address {}", cfg.gossip_addr))?;

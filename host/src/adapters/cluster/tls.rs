@@ -211,3 +211,84 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
     Arc::new(t)
 }
+
+/// Configs for `plaintext` mode, chosen only for a network that authenticates every peer
+/// itself (WireGuard): QUIC still needs TLS, so each node makes a throwaway certificate and
+/// no side checks the other's. The ALPN still keeps other clusters and protocol versions
+/// out; nothing keeps out a process that reaches the ports and knows the cluster name.
+pub fn plaintext_configs(
+    cluster: &str,
+) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])?;
+    let key = PrivateKeyDer::try_from(signing_key.serialize_der())
+        .map_err(|e| anyhow::anyhow!("throwaway key: {e}"))?;
+    let alpn = vec![wire::alpn(cluster)];
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)?;
+    server.alpn_protocols = alpn.clone();
+    let mut client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
+        .with_no_client_auth();
+    client.alpn_protocols = alpn;
+    let mut server =
+        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server)?));
+    server.transport_config(transport());
+    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client)?));
+    client.transport_config(transport());
+    Ok((server, client))
+}
+
+/// Accepts any server certificate (plaintext mode only); the handshake signature is still
+/// checked, so the session is at least bound to the key the peer showed.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
