@@ -168,12 +168,11 @@ pub fn start(
                         changed = true;
                     }
                     OwnedNotification::MemberDown(id) => {
-                        tracing::warn!("cluster: {id:?} is down");
+                        tracing::warn!("cluster: {id:?} is down or left");
                         changed = true;
                     }
-                    OwnedNotification::Rename(old, new) => {
+                    OwnedNotification::Rename(old, _) => {
                         tracing::info!("cluster: {old:?} came back as a new incarnation");
-                        let _ = (old, new);
                         changed = true;
                     }
                     OwnedNotification::Idle => {

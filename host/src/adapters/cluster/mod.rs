@@ -558,10 +558,15 @@ async fn anti_entropy(
                 }
                 let peers = inner.alive_peers();
                 let now_up: Vec<NodeId> = peers.iter().map(|p| p.node).collect();
-                let remembered: Vec<String> = inner.members.borrow().iter()
-                    .filter(|m| m.state != foca::State::Down)
+                // Down members too (SWIM keeps them a day): a POP restarted during a
+                // partition must still know where the others were.
+                let mut remembered: Vec<String> = inner.members.borrow().iter()
                     .map(|m| m.id.gossip.to_string()).collect();
-                let _ = inner.store.run(move |r| r.remember_peers(&remembered)).await;
+                remembered.sort();
+                remembered.dedup();
+                if !remembered.is_empty() {
+                    let _ = inner.store.run(move |r| r.remember_peers(&remembered)).await;
+                }
                 for peer in peers.iter().filter(|p| !up.contains(&p.node)) {
                     run_round(&inner, peer).await;
                 }
