@@ -48,7 +48,7 @@ pub const CLIENTS: [(&str, &str); 6] = [
 ];
 
 /// Echo server that first says who it is, so the tour can tell backends apart.
-async fn echo_backend(id: &'static str, listener: TcpListener, stop: CancellationToken) {
+pub(crate) async fn echo_backend(id: &'static str, listener: TcpListener, stop: CancellationToken) {
     loop {
         let (mut s, _) = tokio::select! {
             _ = stop.cancelled() => return,

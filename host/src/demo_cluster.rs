@@ -125,19 +125,6 @@ async fn until<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> anyh
     }
 }
 
-async fn echo(name: &'static str, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let (mut s, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
-        };
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt as _;
-            let _ = s.write_all(format!("{name}\n").as_bytes()).await;
-        });
-    }
-}
-
 fn add(pop: &Pop, id: &str, region: &str, addr: SocketAddr) -> anyhow::Result<()> {
     RoutingEditor::open(&pop.db)?.add(&BackendRow {
         id: id.into(),
@@ -174,7 +161,7 @@ async fn tour(dir: &Path) -> anyhow::Result<()> {
     for name in ["fra-1", "fra-2"] {
         let l = TcpListener::bind("127.0.0.1:0").await?;
         backends.push(l.local_addr()?);
-        tokio::spawn(echo(name, l, stop.clone()));
+        tokio::spawn(crate::demo::echo_backend(name, l, stop.clone()));
     }
     tls::make_ca(&dir.join("ca"), "demo")?;
     let a = Pop::start(dir, "pop-a", 1, None)?;

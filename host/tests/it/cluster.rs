@@ -79,6 +79,17 @@ impl Fleet {
         )
     }
 
+    /// POPs a, b and c (b and c joining through a), once they all see each other.
+    async fn trio(&self) -> (Pop, Pop, Pop) {
+        let a = self.pop("a", 1, &[]);
+        let b = self.pop("b", 2, &[1]);
+        let c = self.pop("c", 3, &[1]);
+        for p in [&a, &b, &c] {
+            p.wait_members(2).await;
+        }
+        (a, b, c)
+    }
+
     /// Starts POP `name` on address .`n`, joining through `seeds` (indexes).
     fn pop(&self, name: &str, n: u8, seeds: &[u8]) -> Pop {
         self.pop_with(name, n, seeds, &[])
@@ -342,12 +353,7 @@ fn row<'a>(rows: &'a [Value], id: &str) -> &'a Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_at_one_pop_is_routed_at_every_pop() {
     let fleet = Fleet::new();
-    let a = fleet.pop("a", 1, &[]);
-    let b = fleet.pop("b", 2, &[1]);
-    let c = fleet.pop("c", 3, &[1]);
-    for p in [&a, &b, &c] {
-        p.wait_members(2).await;
-    }
+    let (a, b, c) = fleet.trio().await;
     let backend = Backend::start("berlin").await;
     add(&b, "berlin-1", backend.addr);
     converged(&[&a, &b, &c], 1).await;
@@ -411,12 +417,7 @@ async fn a_write_at_one_pop_is_routed_at_every_pop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_of_one_id_end_the_same_everywhere() {
     let fleet = Fleet::new();
-    let a = fleet.pop("a", 1, &[]);
-    let b = fleet.pop("b", 2, &[1]);
-    let c = fleet.pop("c", 3, &[1]);
-    for p in [&a, &b, &c] {
-        p.wait_members(2).await;
-    }
+    let (a, b, c) = fleet.trio().await;
     // Both at once, each unaware of the other.
     let (ra, rb) = ("10.0.0.1:1".parse().unwrap(), "10.0.0.2:2".parse().unwrap());
     std::thread::scope(|s| {
@@ -434,12 +435,7 @@ async fn concurrent_writes_of_one_id_end_the_same_everywhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_with_writes_on_both_sides_heals_to_one_table() {
     let fleet = Fleet::new();
-    let a = fleet.pop("a", 1, &[]);
-    let b = fleet.pop("b", 2, &[1]);
-    let c = fleet.pop("c", 3, &[1]);
-    for p in [&a, &b, &c] {
-        p.wait_members(2).await;
-    }
+    let (a, b, c) = fleet.trio().await;
     add(&a, "shared", "10.0.0.9:9".parse().unwrap());
     converged(&[&a, &b, &c], 1).await;
 

@@ -161,13 +161,12 @@ pub fn quic_configs(
             .with_context(|| format!("{} is not a usable CA certificate", files.ca.display()))?;
     }
     let roots = Arc::new(roots);
-    let alpn = vec![wire::alpn(cluster)];
 
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
             .context("building the client-certificate verifier")?;
-    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+    let server = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain.clone(), key.clone_key())
@@ -178,8 +177,7 @@ pub fn quic_configs(
                 files.cert.display()
             )
         })?;
-    server.alpn_protocols = alpn.clone();
-    let mut client = rustls::ClientConfig::builder_with_provider(provider())
+    let client = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
@@ -190,8 +188,18 @@ pub fn quic_configs(
                 files.cert.display()
             )
         })?;
-    client.alpn_protocols = alpn;
+    quic(server, client, cluster)
+}
 
+/// The QUIC configs from the TLS ones: the ALPN naming protocol and cluster, and the
+/// transport settings, on both.
+fn quic(
+    mut server: rustls::ServerConfig,
+    mut client: rustls::ClientConfig,
+    cluster: &str,
+) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+    server.alpn_protocols = vec![wire::alpn(cluster)];
+    client.alpn_protocols = vec![wire::alpn(cluster)];
     let mut server =
         quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server)?));
     server.transport_config(transport());
@@ -223,24 +231,16 @@ pub fn plaintext_configs(
         rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])?;
     let key = PrivateKeyDer::try_from(signing_key.serialize_der())
         .map_err(|e| anyhow::anyhow!("throwaway key: {e}"))?;
-    let alpn = vec![wire::alpn(cluster)];
-    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+    let server = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(vec![cert.der().clone()], key)?;
-    server.alpn_protocols = alpn.clone();
-    let mut client = rustls::ClientConfig::builder_with_provider(provider())
+    let client = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
         .with_no_client_auth();
-    client.alpn_protocols = alpn;
-    let mut server =
-        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server)?));
-    server.transport_config(transport());
-    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client)?));
-    client.transport_config(transport());
-    Ok((server, client))
+    quic(server, client, cluster)
 }
 
 /// Accepts any server certificate (plaintext mode only); the handshake signature is still
@@ -262,16 +262,12 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 
     fn verify_tls12_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        // Both ends allow TLS 1.3 only.
+        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
     }
 
     fn verify_tls13_signature(
