@@ -420,9 +420,20 @@ async fn concurrent_writes_of_one_id_end_the_same_everywhere() {
     let (a, b, c) = fleet.trio().await;
     // Both at once, each unaware of the other.
     let (ra, rb) = ("10.0.0.1:1".parse().unwrap(), "10.0.0.2:2".parse().unwrap());
+    // (Upserts, as two sqlite3 shells would: `backend add` would rightly refuse an id that
+    // has already arrived from the other POP.)
+    let upsert = |p: &Pop, addr: SocketAddr| {
+        rusqlite::Connection::open(&p.db)
+            .unwrap()
+            .execute(
+                "INSERT OR REPLACE INTO backends VALUES ('x','web','eu','DE',?1,?2,1,1,10,0,0)",
+                rusqlite::params![addr.ip().to_string(), addr.port()],
+            )
+            .unwrap();
+    };
     std::thread::scope(|s| {
-        s.spawn(|| add(&a, "x", ra));
-        s.spawn(|| add(&b, "x", rb));
+        s.spawn(|| upsert(&a, ra));
+        s.spawn(|| upsert(&b, rb));
     });
     converged(&[&a, &b, &c], 1).await;
     let winners: Vec<Value> = [&a, &b, &c]
