@@ -63,22 +63,62 @@ pub struct ClusterConfig {
 }
 
 /// The routing file, used from blocking threads: SQLite calls must not stall the runtime.
+/// After each call a summary is published, so status requests never wait on the file.
 #[derive(Clone)]
-pub struct Store(Arc<Mutex<SqliteReplica>>);
+pub struct Store {
+    replica: Arc<Mutex<SqliteReplica>>,
+    summary: Arc<arc_swap::ArcSwap<Summary>>,
+}
+
+/// What status reports of the table.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub rows: usize,
+    pub tombstones: usize,
+    pub digest: String,
+    pub clock: u64,
+}
 
 impl Store {
+    fn new(replica: SqliteReplica) -> Self {
+        let summary = Arc::new(arc_swap::ArcSwap::from_pointee(Self::summarise(&replica)));
+        Self {
+            replica: Arc::new(Mutex::new(replica)),
+            summary,
+        }
+    }
+
+    fn summarise(r: &SqliteReplica) -> Summary {
+        let (rows, tombstones) = r.counts();
+        Summary {
+            rows,
+            tombstones,
+            digest: r.digest().summary(),
+            clock: r.clock().0,
+        }
+    }
+
     pub async fn run<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut SqliteReplica) -> R + Send + 'static,
     ) -> R {
-        let store = self.0.clone();
-        match tokio::task::spawn_blocking(move || f(&mut store.lock().expect("replica lock"))).await
-        {
+        let (replica, summary) = (self.replica.clone(), self.summary.clone());
+        let call = move || {
+            let mut r = replica.lock().expect("replica lock");
+            let out = f(&mut r);
+            summary.store(Arc::new(Self::summarise(&r)));
+            out
+        };
+        match tokio::task::spawn_blocking(call).await {
             Ok(r) => r,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // The runtime is shutting down and this task goes with it.
             Err(_) => std::future::pending().await,
         }
+    }
+
+    pub fn summary(&self) -> Arc<Summary> {
+        self.summary.load_full()
     }
 }
 
@@ -252,10 +292,22 @@ impl Cluster {
             }
         };
         let replica = SqliteReplica::open(&cfg.db, cfg.max_skew)?;
-        let gossip = QuicEndpoint::bind("gossip", cfg.gossip_addr, server.clone(), client.clone())
-            .with_context(|| format!("cluster gossip address {}", cfg.gossip_addr))?;
-        let rows = QuicEndpoint::bind("transport", cfg.transport_addr, server, client)
-            .with_context(|| format!("cluster transport address {}", cfg.transport_addr))?;
+        let gossip = QuicEndpoint::bind(
+            "gossip",
+            cfg.gossip_addr,
+            server.clone(),
+            client.clone(),
+            wire::alpn(&cfg.cluster),
+        )
+        .with_context(|| format!("cluster gossip address {}", cfg.gossip_addr))?;
+        let rows = QuicEndpoint::bind(
+            "transport",
+            cfg.transport_addr,
+            server,
+            client,
+            wire::alpn(&cfg.cluster),
+        )
+        .with_context(|| format!("cluster transport address {}", cfg.transport_addr))?;
         let seeds = resolve(&cfg.bootstrap).await;
         let node = Node {
             name: cfg.node_name.clone(),
@@ -349,7 +401,7 @@ impl Cluster {
             Inner {
                 identity,
                 me: me.clone(),
-                store: Store(Arc::new(Mutex::new(replica))),
+                store: Store::new(replica),
                 transport,
                 swim: membership.inputs,
                 members: membership.members,
@@ -390,11 +442,12 @@ impl Cluster {
                     .map(|d| d.as_secs_f64()),
             })
             .collect();
-        let (rows, tombstones, digest, clock) = {
-            let r = inner.store.0.lock().expect("replica lock");
-            let (rows, tombstones) = r.counts();
-            (rows, tombstones, r.digest().summary(), r.clock().0)
-        };
+        let Summary {
+            rows,
+            tombstones,
+            digest,
+            clock,
+        } = (*inner.store.summary()).clone();
         let s = &inner.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         ClusterStatus {

@@ -30,6 +30,8 @@ pub struct QuicEndpoint {
     refusal_logged: Mutex<HashMap<IpAddr, Instant>>,
     /// UDP bytes (in, out) of connections no longer held.
     retired: Mutex<(u64, u64)>,
+    /// What a peer must speak (protocol version and cluster), for the refusal message.
+    alpn: Vec<u8>,
 }
 
 impl QuicEndpoint {
@@ -38,6 +40,7 @@ impl QuicEndpoint {
         addr: SocketAddr,
         server: quinn::ServerConfig,
         client: quinn::ClientConfig,
+        alpn: Vec<u8>,
     ) -> std::io::Result<Self> {
         let mut endpoint = quinn::Endpoint::server(server, addr)?;
         endpoint.set_default_client_config(client);
@@ -48,6 +51,7 @@ impl QuicEndpoint {
             refused: AtomicU64::new(0),
             refusal_logged: Mutex::default(),
             retired: Mutex::default(),
+            alpn,
         })
     }
 
@@ -155,8 +159,9 @@ impl QuicEndpoint {
                 peer = %from,
                 endpoint = self.role,
                 "cluster: refused a peer that failed authentication ({reason}); \
-                 it needs a certificate from this cluster's CA and the same cluster name \
-                 (logged once a minute per address)"
+                 it needs a certificate from this cluster's CA, the same cluster name and the \
+                 same protocol version ({}) (logged once a minute per address)",
+                String::from_utf8_lossy(&self.alpn)
             );
         }
     }

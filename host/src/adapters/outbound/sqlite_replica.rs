@@ -399,7 +399,7 @@ impl SqliteReplica {
 
     /// Live rows and tombstones.
     pub fn counts(&self) -> (usize, usize) {
-        let dead = self.rows.by_id.values().filter(|r| r.row.deleted).count();
+        let dead = self.rows.tombstones;
         (self.rows.by_id.len() - dead, dead)
     }
 
@@ -441,6 +441,7 @@ impl SqliteReplica {
 struct Rows {
     by_id: BTreeMap<String, VersionedRow>,
     digest: Digest,
+    tombstones: usize,
 }
 
 impl Default for Rows {
@@ -448,6 +449,7 @@ impl Default for Rows {
         Self {
             by_id: BTreeMap::new(),
             digest: Digest::of([]),
+            tombstones: 0,
         }
     }
 }
@@ -456,15 +458,21 @@ impl Rows {
     fn put(&mut self, r: VersionedRow) {
         let bucket = bucket_of(&r.row.id);
         self.digest.0[bucket] ^= r.fingerprint();
+        self.tombstones += usize::from(r.row.deleted);
         if let Some(old) = self.by_id.insert(r.row.id.clone(), r) {
-            self.digest.0[bucket] ^= old.fingerprint();
+            self.forgot(&old);
         }
     }
 
     fn remove(&mut self, id: &str) {
         if let Some(old) = self.by_id.remove(id) {
-            self.digest.0[bucket_of(id)] ^= old.fingerprint();
+            self.forgot(&old);
         }
+    }
+
+    fn forgot(&mut self, old: &VersionedRow) {
+        self.digest.0[bucket_of(&old.row.id)] ^= old.fingerprint();
+        self.tombstones -= usize::from(old.row.deleted);
     }
 }
 
