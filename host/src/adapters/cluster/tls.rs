@@ -288,3 +288,33 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_made_once_and_checked_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        make_ca(&ca, "test").unwrap();
+        let err = make_ca(&ca, "test").unwrap_err().to_string();
+        assert!(err.contains("exists already"), "{err}");
+        let err = make_node_cert(&ca, dir.path(), "../evil").unwrap_err().to_string();
+        assert!(err.contains("must be letters"), "{err}");
+        let (a_cert, a_key) = make_node_cert(&ca, dir.path(), "a").unwrap();
+        let (_, b_key) = make_node_cert(&ca, dir.path(), "b").unwrap();
+        let files = |cert: &Path, key: &Path| TlsFiles {
+            ca: ca.join("ca.pem"),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        };
+        quic_configs(&files(&a_cert, &a_key), "test").unwrap();
+        // A's certificate with B's key, and a CA file that is not PEM: named errors.
+        let err = format!("{:#}", quic_configs(&files(&a_cert, &b_key), "test").unwrap_err());
+        assert!(err.contains("does not match"), "{err}");
+        std::fs::write(ca.join("ca.pem"), "not a certificate").unwrap();
+        let err = format!("{:#}", quic_configs(&files(&a_cert, &a_key), "test").unwrap_err());
+        assert!(err.contains("ca.pem"), "{err}");
+    }
+}
