@@ -275,3 +275,27 @@ async fn bad_rows_are_neither_spread_nor_taken_in() {
     sim.insert(0, "after", 1);
     sim.converged(&[0, 1], 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_larger_than_a_page_move_in_pages() {
+    let rows = 2 * edgeproxy::adapters::cluster::wire::PAGE_ROWS + 7;
+    let mut sim = Sim::new(2);
+    sim.members_up(0, 1).await;
+    {
+        let mut conn = rusqlite::Connection::open(&sim.nodes[0].db).unwrap();
+        let tx = conn.transaction().unwrap();
+        for k in 0..rows {
+            tx.execute(
+                "INSERT INTO backends VALUES (?1,'web','eu','DE','10.0.0.1',?2,1,1,10,0,0)",
+                rusqlite::params![format!("bulk-{k:05}"), 1 + (k % 60_000) as i64],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    // Pushed in three frames...
+    sim.converged(&[0, 1], rows).await;
+    // ...and pulled in three pages by a node that has nothing.
+    sim.start(2, &[1]);
+    sim.converged(&[0, 1, 2], rows).await;
+}

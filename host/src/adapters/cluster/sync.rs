@@ -67,6 +67,7 @@ impl Inner {
                 schema,
                 digest,
                 last_sync_ms,
+                after,
                 ..
             } => {
                 let reply = match wire::schema_mismatch(schema) {
@@ -83,12 +84,15 @@ impl Inner {
                                     true => (0..BUCKETS).collect(),
                                     false => r.digest().differing(&digest),
                                 };
+                                let (rows, next) =
+                                    r.page(&buckets, after.as_deref(), wire::PAGE_ROWS);
                                 Message::SyncReply {
                                     schema: wire::SCHEMA,
-                                    rows: r.in_buckets(&buckets),
+                                    rows,
                                     buckets: buckets.into_iter().map(|b| b as u16).collect(),
                                     gc_watermark,
                                     reset,
+                                    next,
                                 }
                             })
                             .await
@@ -120,24 +124,28 @@ impl Inner {
 /// in, then ours that they lack or have older back out.
 pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
     let started = wall_ms();
-    let request = inner
+    let (from, digest, last_sync_ms) = inner
         .store
-        .run(|r| Message::SyncRequest {
-            schema: wire::SCHEMA,
-            from: r.node(),
-            digest: r.digest(),
-            last_sync_ms: r.last_sync_ms(),
-        })
+        .run(|r| (r.node(), r.digest(), r.last_sync_ms()))
         .await;
-    let reply = inner
-        .transport
-        .call(peer.transport, inner.encode_out(&request))
-        .await?;
-    inner
-        .stats
-        .bytes_in
-        .fetch_add(reply.len() as u64, Ordering::Relaxed);
-    let (buckets, theirs, watermark, reset) =
+    // Their rows of the buckets that differ, page by page.
+    let (mut theirs, mut after) = (Vec::new(), None);
+    let (buckets, watermark, reset) = loop {
+        let request = Message::SyncRequest {
+            schema: wire::SCHEMA,
+            from,
+            digest: digest.clone(),
+            last_sync_ms,
+            after: after.take(),
+        };
+        let reply = inner
+            .transport
+            .call(peer.transport, inner.encode_out(&request))
+            .await?;
+        inner
+            .stats
+            .bytes_in
+            .fetch_add(reply.len() as u64, Ordering::Relaxed);
         match wire::decode(&reply).map_err(|e| e.to_string())? {
             Message::SyncReply {
                 schema,
@@ -145,13 +153,21 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
                 rows,
                 gc_watermark,
                 reset,
-            } => match wire::schema_mismatch(schema) {
-                Some(reason) => return Err(reason),
-                None => (buckets, rows, gc_watermark, reset),
-            },
+                next,
+            } => {
+                if let Some(reason) = wire::schema_mismatch(schema) {
+                    return Err(reason);
+                }
+                theirs.extend(rows);
+                match next {
+                    Some(id) => after = Some(id),
+                    None => break (buckets, gc_watermark, reset),
+                }
+            }
             Message::Refused { reason } => return Err(format!("refused: {reason}")),
             other => return Err(format!("unexpected {other:?} answering a sync")),
-        };
+        }
+    };
     let their_versions: HashMap<String, VersionedRow> = theirs
         .iter()
         .map(|r| (r.row.id.clone(), r.clone()))
@@ -184,11 +200,11 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
             (r.node(), ours)
         })
         .await;
-    if !ours.is_empty() {
+    for page in ours.chunks(wire::PAGE_ROWS) {
         let push = Message::SyncPush {
             schema: wire::SCHEMA,
             from: node,
-            rows: ours,
+            rows: page.to_vec(),
         };
         inner
             .transport
@@ -206,21 +222,32 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
 
 /// Sends fresh local rows to every member, each on its own stream, without waiting.
 pub fn push(inner: &Arc<Inner>, node: NodeId, rows: Vec<VersionedRow>, peers: Vec<Peer>) {
-    let frame = wire::encode(&Message::Push {
-        schema: wire::SCHEMA,
-        from: node,
-        rows,
-    });
+    let frames: Arc<Vec<Vec<u8>>> = Arc::new(
+        rows.chunks(wire::PAGE_ROWS)
+            .map(|page| {
+                wire::encode(&Message::Push {
+                    schema: wire::SCHEMA,
+                    from: node,
+                    rows: page.to_vec(),
+                })
+            })
+            .collect(),
+    );
     for peer in peers {
-        let (inner, frame) = (inner.clone(), frame.clone());
+        let (inner, frames) = (inner.clone(), frames.clone());
         tokio::spawn(async move {
-            let n = frame.len() as u64;
-            match inner.transport.send(peer.transport, frame).await {
-                Ok(()) => {
-                    inner.stats.bytes_out.fetch_add(n, Ordering::Relaxed);
+            for frame in frames.iter() {
+                let n = frame.len() as u64;
+                match inner.transport.send(peer.transport, frame.clone()).await {
+                    Ok(()) => {
+                        inner.stats.bytes_out.fetch_add(n, Ordering::Relaxed);
+                    }
+                    // Anti-entropy brings the rest over later.
+                    Err(e) => {
+                        tracing::debug!("cluster: push to {}: {e}", peer.name);
+                        return;
+                    }
                 }
-                // Anti-entropy brings it over later.
-                Err(e) => tracing::debug!("cluster: push to {}: {e}", peer.name),
             }
         });
     }

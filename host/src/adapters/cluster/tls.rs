@@ -300,7 +300,9 @@ mod tests {
         make_ca(&ca, "test").unwrap();
         let err = make_ca(&ca, "test").unwrap_err().to_string();
         assert!(err.contains("exists already"), "{err}");
-        let err = make_node_cert(&ca, dir.path(), "../evil").unwrap_err().to_string();
+        let err = make_node_cert(&ca, dir.path(), "../evil")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("must be letters"), "{err}");
         let (a_cert, a_key) = make_node_cert(&ca, dir.path(), "a").unwrap();
         let (_, b_key) = make_node_cert(&ca, dir.path(), "b").unwrap();
@@ -311,10 +313,16 @@ mod tests {
         };
         quic_configs(&files(&a_cert, &a_key), "test").unwrap();
         // A's certificate with B's key, and a CA file that is not PEM: named errors.
-        let err = format!("{:#}", quic_configs(&files(&a_cert, &b_key), "test").unwrap_err());
+        let err = format!(
+            "{:#}",
+            quic_configs(&files(&a_cert, &b_key), "test").unwrap_err()
+        );
         assert!(err.contains("does not match"), "{err}");
         std::fs::write(ca.join("ca.pem"), "not a certificate").unwrap();
-        let err = format!("{:#}", quic_configs(&files(&a_cert, &a_key), "test").unwrap_err());
+        let err = format!(
+            "{:#}",
+            quic_configs(&files(&a_cert, &a_key), "test").unwrap_err()
+        );
         assert!(err.contains("ca.pem"), "{err}");
     }
 }

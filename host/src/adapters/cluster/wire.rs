@@ -17,8 +17,10 @@ use crate::domain::replication::{Digest, Hlc, NodeId, VersionedRow};
 pub const PROTOCOL: u32 = 1;
 /// The `backends` columns as this build stores them; bump with any change to them.
 pub const SCHEMA: u32 = 1;
-/// Largest frame read: a whole table of 100,000 rows fits, a hostile length does not.
-pub const MAX_FRAME: usize = 64 << 20;
+/// Largest frame read: far above a page of rows, far below a hostile length.
+pub const MAX_FRAME: usize = 16 << 20;
+/// Rows per push or sync page (about 1 MB): tables of any size move in bounded frames.
+pub const PAGE_ROWS: usize = 5_000;
 
 pub fn alpn(cluster: &str) -> Vec<u8> {
     format!("edgeproxy/{PROTOCOL}/{cluster}").into_bytes()
@@ -38,6 +40,8 @@ pub enum Message {
         from: NodeId,
         digest: Digest,
         last_sync_ms: u64,
+        /// Rows are answered in pages, by id: the page after this id.
+        after: Option<String>,
     },
     /// The buckets that differ, and every row the answerer holds in them. With `reset`,
     /// the caller was away longer than the tombstone window (its last sync is older than
@@ -49,6 +53,8 @@ pub enum Message {
         rows: Vec<VersionedRow>,
         gc_watermark: Hlc,
         reset: bool,
+        /// More rows follow: ask again with `after` = this.
+        next: Option<String>,
     },
     /// The caller's rows the answerer lacks or has older, from those buckets (one-way).
     SyncPush {
@@ -122,6 +128,7 @@ mod tests {
             from: NodeId(3),
             digest: Digest(vec![1; 64]),
             last_sync_ms: 0,
+            after: None,
         };
         let back = decode(&encode(&m)).unwrap();
         assert!(matches!(

@@ -385,12 +385,34 @@ impl SqliteReplica {
 
     /// Every versioned row in the given digest buckets.
     pub fn in_buckets(&self, buckets: &[usize]) -> Vec<VersionedRow> {
-        self.rows
+        self.page(buckets, None, usize::MAX).0
+    }
+
+    /// Up to `limit` rows of the given buckets with ids after `after`, in id order, and
+    /// the id to continue after when there are more.
+    pub fn page(
+        &self,
+        buckets: &[usize],
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<VersionedRow>, Option<String>) {
+        use std::ops::Bound;
+        let from = match after {
+            Some(id) => Bound::Excluded(id.to_owned()),
+            None => Bound::Unbounded,
+        };
+        let mut rows = self
+            .rows
             .by_id
-            .values()
-            .filter(|r| buckets.contains(&bucket_of(&r.row.id)))
-            .cloned()
-            .collect()
+            .range((from, Bound::Unbounded))
+            .map(|(_, r)| r)
+            .filter(|r| buckets.contains(&bucket_of(&r.row.id)));
+        let page: Vec<VersionedRow> = rows.by_ref().take(limit).cloned().collect();
+        let next = match rows.next() {
+            Some(_) => page.last().map(|r| r.row.id.clone()),
+            None => None,
+        };
+        (page, next)
     }
 
     pub fn rows(&self) -> impl Iterator<Item = &VersionedRow> {
@@ -724,6 +746,34 @@ mod tests {
         shell(&b, ROW);
         let (again, _) = b.stamp_local().unwrap();
         assert_eq!(a.apply(again).unwrap().applied.len(), 1);
+    }
+
+    #[test]
+    fn rows_page_in_id_order_with_a_cursor() {
+        let (_d, mut r) = open();
+        for id in ["a", "b", "c", "d", "e"] {
+            shell(
+                &r,
+                &format!(
+                    "INSERT INTO backends VALUES ('{id}','web','eu','DE','10.0.0.1',80,1,1,10,0,0)"
+                ),
+            );
+        }
+        r.stamp_local().unwrap();
+        let all: Vec<usize> = (0..crate::domain::replication::BUCKETS).collect();
+        let ids = |rows: Vec<VersionedRow>| rows.into_iter().map(|r| r.row.id).collect::<Vec<_>>();
+        let (first, next) = r.page(&all, None, 2);
+        assert_eq!(
+            (ids(first), next.as_deref()),
+            (vec!["a".to_owned(), "b".into()], Some("b"))
+        );
+        let (second, next) = r.page(&all, Some("b"), 2);
+        assert_eq!(
+            (ids(second), next.as_deref()),
+            (vec!["c".to_owned(), "d".into()], Some("d"))
+        );
+        let (last, next) = r.page(&all, Some("d"), 2);
+        assert_eq!((ids(last), next), (vec!["e".to_owned()], None));
     }
 
     #[test]
