@@ -166,28 +166,23 @@ pub fn quic_configs(
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
             .context("building the client-certificate verifier")?;
+    let mismatch = || {
+        format!(
+            "{} does not match {}",
+            files.key.display(),
+            files.cert.display()
+        )
+    };
     let server = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain.clone(), key.clone_key())
-        .with_context(|| {
-            format!(
-                "{} does not match {}",
-                files.key.display(),
-                files.cert.display()
-            )
-        })?;
+        .with_context(mismatch)?;
     let client = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
-        .with_context(|| {
-            format!(
-                "{} does not match {}",
-                files.key.display(),
-                files.cert.display()
-            )
-        })?;
+        .with_context(mismatch)?;
     quic(server, client, cluster)
 }
 
