@@ -450,6 +450,7 @@ impl Cluster {
         } = (*inner.store.summary()).clone();
         let s = &inner.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let wire = inner.transport.wire_bytes();
         ClusterStatus {
             node: inner.identity.node.to_string(),
             name: inner.identity.name.clone(),
@@ -474,8 +475,8 @@ impl Cluster {
             sync_failures: load(&s.sync_failures),
             bytes_in: load(&s.bytes_in),
             bytes_out: load(&s.bytes_out),
-            wire_bytes_in: inner.transport.wire_bytes().map(|w| w.0),
-            wire_bytes_out: inner.transport.wire_bytes().map(|w| w.1),
+            wire_bytes_in: wire.map(|w| w.0),
+            wire_bytes_out: wire.map(|w| w.1),
             peers_refused: inner.transport.refused() + load(&s.protocol_refused),
         }
     }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 
 use super::sqlite_editor::backend_row;
-use super::sqlite_routing::{COLUMNS, SCHEMA, parse_row, upsert_sql};
+use super::sqlite_routing::{COLUMNS, SCHEMA, check_as_live, upsert_sql};
 use crate::domain::replication::{
     BackendRow, Clock, ClockAhead, Digest, Hlc, NodeId, Version, VersionedRow, bucket_of,
 };
@@ -248,40 +248,31 @@ impl SqliteReplica {
             stamped,
             ..Applied::default()
         };
-        tx.execute(
-            "UPDATE _edgeproxy_state SET value = 1 WHERE key = 'applying'",
-            [],
-        )
-        .map_err(e)?;
-        let mut written = Vec::new();
-        for r in incoming {
-            if let Err(reason) = validate(&r.row) {
-                out.rejected.push((r.row.id.clone(), reason));
-                continue;
+        as_replicator(&tx, || {
+            for r in incoming {
+                if let Err(reason) = validate(&r.row) {
+                    out.rejected.push((r.row.id.clone(), reason));
+                    continue;
+                }
+                let held = self.rows.by_id.get(&r.row.id);
+                if !r.supersedes(held) || (held.is_none() && r.version.hlc < self.gc_watermark) {
+                    out.stale += 1;
+                    continue;
+                }
+                if let Err(ahead) = self.clock.observe(r.version.hlc, now) {
+                    out.ahead.push((r.row.id.clone(), ahead));
+                    continue;
+                }
+                tx.execute(&upsert_sql(), rusqlite::params_from_iter(r.row.values()))?;
+                write_version(&tx, &r.row.id, r.version)?;
+                self.rows.put(r.clone());
+                out.applied.push(r);
             }
-            let held = self.rows.by_id.get(&r.row.id);
-            if !r.supersedes(held) || (held.is_none() && r.version.hlc < self.gc_watermark) {
-                out.stale += 1;
-                continue;
-            }
-            if let Err(ahead) = self.clock.observe(r.version.hlc, now) {
-                out.ahead.push((r.row.id.clone(), ahead));
-                continue;
-            }
-            tx.execute(&upsert_sql(), rusqlite::params_from_iter(r.row.values()))
-                .map_err(e)?;
-            write_version(&tx, &r.row.id, r.version).map_err(e)?;
-            self.rows.put(r.clone());
-            written.push(r);
-        }
-        tx.execute(
-            "UPDATE _edgeproxy_state SET value = 0 WHERE key = 'applying'",
-            [],
-        )
+            Ok(())
+        })
         .map_err(e)?;
         save_clock(&tx, self.clock.last()).map_err(e)?;
         tx.commit().map_err(e)?;
-        out.applied = written;
         Ok(out)
     }
 
@@ -349,21 +340,13 @@ impl SqliteReplica {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(e)?;
-        tx.execute(
-            "UPDATE _edgeproxy_state SET value = 1 WHERE key = 'applying'",
-            [],
-        )
-        .map_err(e)?;
-        for id in ids {
-            tx.execute(&format!("DELETE FROM backends WHERE id = ?1 {only}"), [id])
-                .map_err(e)?;
-            tx.execute("DELETE FROM _edgeproxy_versions WHERE id = ?1", [id])
-                .map_err(e)?;
-        }
-        tx.execute(
-            "UPDATE _edgeproxy_state SET value = 0 WHERE key = 'applying'",
-            [],
-        )
+        as_replicator(&tx, || {
+            for id in ids {
+                tx.execute(&format!("DELETE FROM backends WHERE id = ?1 {only}"), [id])?;
+                tx.execute("DELETE FROM _edgeproxy_versions WHERE id = ?1", [id])?;
+            }
+            Ok(())
+        })
         .map_err(e)?;
         let watermark = self.gc_watermark.max(watermark);
         tx.execute(
@@ -514,10 +497,25 @@ fn validate(row: &BackendRow) -> Result<(), String> {
             long.len()
         ));
     }
-    // A tombstone is checked as if live, so undeleting it cannot bring back a bad row.
-    let mut live = row.values();
-    live[10] = rusqlite::types::Value::Integer(0);
-    parse_row(&live).map(drop)
+    check_as_live(row.values().to_vec())
+}
+
+/// Runs `write` as the replicator: the capture triggers skip what it writes. The flag is
+/// set and cleared inside the caller's transaction, so no other connection ever sees it.
+fn as_replicator<T>(
+    tx: &Connection,
+    write: impl FnOnce() -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    tx.execute(
+        "UPDATE _edgeproxy_state SET value = 1 WHERE key = 'applying'",
+        [],
+    )?;
+    let out = write()?;
+    tx.execute(
+        "UPDATE _edgeproxy_state SET value = 0 WHERE key = 'applying'",
+        [],
+    )?;
+    Ok(out)
 }
 
 fn write_version(conn: &Connection, id: &str, v: Version) -> rusqlite::Result<()> {
@@ -563,15 +561,9 @@ fn stamp(
                         deleted: true,
                         ..k.row.clone()
                     };
-                    tx.execute(
-                        "UPDATE _edgeproxy_state SET value = 1 WHERE key = 'applying'",
-                        [],
-                    )?;
-                    tx.execute(&upsert_sql(), rusqlite::params_from_iter(row.values()))?;
-                    tx.execute(
-                        "UPDATE _edgeproxy_state SET value = 0 WHERE key = 'applying'",
-                        [],
-                    )?;
+                    as_replicator(tx, || {
+                        tx.execute(&upsert_sql(), rusqlite::params_from_iter(row.values()))
+                    })?;
                     row
                 }
                 _ => continue,

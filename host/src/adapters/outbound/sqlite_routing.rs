@@ -207,6 +207,13 @@ fn ranged<T: TryFrom<i64>>(col: &str, v: &Value, min: i64) -> Result<T, String> 
     T::try_from(i).map_err(|_| format!("{col} = {i} is out of range"))
 }
 
+/// The loader's checks on a row whatever its `deleted` flag: undeleting a row must not bring
+/// back one the proxy would skip.
+pub(crate) fn check_as_live(mut values: Vec<Value>) -> Result<(), String> {
+    values[10] = Value::Integer(0);
+    parse_row(&values).map(drop)
+}
+
 /// One row -> a backend; `Ok(None)` for a soft-deleted row. The error names the column.
 pub(crate) fn parse_row(v: &[Value]) -> Result<Option<Backend>, String> {
     // A NULL `deleted` reads as 0, the column's default in edgeProxy's schema.

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 mod import;
 
-use super::sqlite_routing::{COLUMNS, SCHEMA, parse_row, schema_problem, upsert_sql};
+use super::sqlite_routing::{COLUMNS, SCHEMA, check_as_live, schema_problem, upsert_sql};
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -138,12 +138,8 @@ impl RoutingEditor {
                         Value::Text(id) => id.clone(),
                         other => format!("{other:?}"),
                     };
-                    // A deleted row is checked as if live: undeleting it must not bring
-                    // back a row the proxy would skip.
-                    let mut live = values;
-                    live[10] = Value::Integer(0);
-                    match parse_row(&live) {
-                        Ok(_) => Ok(1),
+                    match check_as_live(values) {
+                        Ok(()) => Ok(1),
                         Err(reason) => Err(rusqlite::Error::UserFunctionError(
                             format!("backend {id:?}: {reason}").into(),
                         )),
