@@ -126,7 +126,7 @@ async fn tour(
     let running = {
         let (host, stop) = (Arc::clone(&host), proxy_stop.clone());
         tokio::spawn(async move {
-            host.run(vec![(listener, listener_config)], None, stop)
+            host.run(vec![(listener, listener_config)], None, None, stop)
                 .await
         })
     };

@@ -47,6 +47,9 @@ pub struct Host {
     pub routing: Arc<Routing>,
     pub bindings: Option<Arc<BindingTable>>,
     pub metrics: Arc<domain::live_stats::LiveStats>,
+    /// Backends the proxy saw failing, for the health monitor.
+    suspects: Arc<application::health_monitor::Suspects>,
+    pub health_counters: Arc<application::health_monitor::HealthCounters>,
     /// The WebAssembly policy, unless the native scorer was configured.
     pub wasm_policy: Option<Arc<WasmPolicy>>,
     pub telemetry: Arc<Telemetry>,
@@ -58,6 +61,9 @@ pub struct Host {
     /// Ends a drain at once (a second SIGTERM/SIGINT): the connections left are closed.
     pub abort: CancellationToken,
     admin_token: Option<String>,
+    /// Self-registration and heartbeats, when the registration API is on.
+    pub registry: Option<Arc<application::registry::Registry>>,
+    api_token: Option<String>,
     db_path: std::path::PathBuf,
     db_reload: Duration,
     binding_gc_interval: Duration,
@@ -121,11 +127,13 @@ impl Host {
             None => None,
         };
         let metrics = Arc::new(domain::live_stats::LiveStats::default());
-        let routing = Arc::new(Routing::new(
-            Arc::new(repo),
-            metrics.clone(),
-            s.reload_drop_warn_percent,
-        ));
+        let health = Arc::new(domain::health::LocalHealth::new(config.health.clone()));
+        let suspects = Arc::new(application::health_monitor::Suspects::default());
+        let health_counters = Arc::new(application::health_monitor::HealthCounters::default());
+        let routing = Arc::new(
+            Routing::new(Arc::new(repo), metrics.clone(), s.reload_drop_warn_percent)
+                .with_health(Arc::clone(&health)),
+        );
         routing
             .reload()
             .await
@@ -136,7 +144,28 @@ impl Host {
         let telemetry = Arc::new(Telemetry::with_connection_limit(
             Some(s.max_connections).filter(|n| *n > 0),
         ));
+        let registry = match &config.api {
+            Some(api) => {
+                let store =
+                    adapters::outbound::sqlite_editor::registrations::SqliteRegistrations::open(
+                        &s.db_path,
+                    )
+                    .context("opening the routing table for registrations (api_enabled)")?;
+                Some(Arc::new(
+                    application::registry::Registry::new(
+                        Arc::new(store),
+                        Arc::clone(&geo),
+                        config.regions.clone(),
+                        api.heartbeat_ttl,
+                    )
+                    .context("reading this POP's registrations")?,
+                ))
+            }
+            None => None,
+        };
         let admin = Arc::new(Admin {
+            health_counters: Arc::clone(&health_counters),
+            registry: registry.clone(),
             region: config.region.clone(),
             routing: Arc::clone(&routing),
             bindings: bindings.clone().map(|b| b as Arc<dyn BindingRepository>),
@@ -164,12 +193,19 @@ impl Host {
             },
             buffers: adapters::net::BufferPool::new(64, MAX_PIPES),
             telemetry: Arc::clone(&telemetry),
+            suspects: config
+                .health
+                .ejection
+                .enabled
+                .then(|| (Arc::clone(&suspects), config.health.ejection.after)),
         });
         Ok(Self {
             service,
             routing,
             bindings,
             metrics,
+            suspects,
+            health_counters,
             wasm_policy: None,
             telemetry,
             admin,
@@ -177,6 +213,8 @@ impl Host {
             cluster_stop,
             abort: CancellationToken::new(),
             admin_token: config.admin.as_ref().and_then(|a| a.token.clone()),
+            registry,
+            api_token: config.api.as_ref().and_then(|a| a.token.clone()),
             db_path: s.db_path.clone(),
             db_reload: Duration::from_secs(s.db_reload_secs),
             binding_gc_interval: Duration::from_secs(s.binding_gc_interval_secs),
@@ -184,7 +222,7 @@ impl Host {
         })
     }
 
-    /// Serves `listeners` (and the admin API on `admin`) and runs the reload and GC tasks
+    /// Serves `listeners` (the admin API on `admin`, the registration API on `api`) and runs the reload and GC tasks
     /// until `shutdown` is cancelled; then stops accepting and lets open connections
     /// finish for up to the drain timeout, or until [`Self::abort`] fires. The admin API
     /// (and `/metrics`) answers until the drain ends.
@@ -192,6 +230,7 @@ impl Host {
         &self,
         listeners: Vec<(TcpListener, ListenerConfig)>,
         admin: Option<TcpListener>,
+        api: Option<TcpListener>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Drained> {
         let background = TaskTracker::new();
@@ -212,6 +251,17 @@ impl Host {
         let routing = Arc::clone(&self.routing);
         let (every, stop) = (self.db_reload, stop_background.clone());
         background.spawn(async move { routing.run(every, db_changed, stop).await });
+        let rules = &self.routing.health().rules;
+        if rules.any_checks() || rules.ejection.enabled {
+            let monitor = application::health_monitor::HealthMonitor {
+                routing: Arc::clone(&self.routing),
+                health: Arc::clone(self.routing.health()),
+                metrics: Arc::clone(&self.metrics),
+                suspects: Arc::clone(&self.suspects),
+                counters: Arc::clone(&self.health_counters),
+            };
+            background.spawn(monitor.run(stop_background.clone()));
+        }
         if let Some(bindings) = &self.bindings {
             let bindings: Arc<dyn BindingRepository> = bindings.clone();
             let (every, stop) = (self.binding_gc_interval, stop_background.clone());
@@ -235,6 +285,19 @@ impl Host {
                 self.admin_token.clone(),
                 stop_background.clone(),
             ));
+        }
+
+        if let Some(registry) = &self.registry {
+            background.spawn(Arc::clone(registry).run_expiry(stop_background.clone()));
+            if let Some(listener) = api {
+                tracing::info!(addr = %listener.local_addr()?, ttl = ?registry.ttl, "registration API listening");
+                background.spawn(adapters::inbound::registration_http::serve(
+                    listener,
+                    Arc::clone(registry),
+                    self.api_token.clone(),
+                    stop_background.clone(),
+                ));
+            }
         }
 
         let connections = TaskTracker::new();

@@ -333,8 +333,28 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let api = match &config.api {
+        Some(a) => {
+            if let Some(wanted) = a.narrowed_from {
+                tracing::warn!(%wanted, serving = %a.addr, "the registration API has no token (api_token / EDGEPROXY_API_TOKEN), so it is served on loopback only");
+            }
+            Some(
+                tokio::net::TcpListener::bind(a.addr)
+                    .await
+                    .with_context(|| {
+                        format!("binding the registration API {} (api_listen_addr)", a.addr)
+                    })?,
+            )
+        }
+        None => None,
+    };
     let drained = host
-        .run(listeners, admin, shutdown_signal_then(host.abort.clone()))
+        .run(
+            listeners,
+            admin,
+            api,
+            shutdown_signal_then(host.abort.clone()),
+        )
         .await?;
     tracing::info!(cut_off = drained.cut_off, "stopped");
     Ok(())

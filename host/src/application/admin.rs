@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::domain::health::HealthReport;
 use crate::domain::ports::{
     BindingRepository, ErrorAt, GeoLookups, GeoResolver, PolicyControl, PolicyStatus, SkippedRow,
     timestamp,
@@ -87,8 +88,17 @@ pub struct BackendStatus {
     pub weight: u32,
     pub soft_limit: u32,
     pub hard_limit: u32,
-    /// Healthy and under its hard limit right now.
+    /// This POP's checks and ejections let it route here (or its app is in panic).
+    pub up_here: bool,
+    /// Healthy in the table, up here, and under its hard limit right now.
     pub eligible: bool,
+    /// This POP's checks and ejection of the backend.
+    #[serde(flatten)]
+    pub local: HealthReport,
+    /// Its app has nothing up here, so local verdicts are set aside.
+    pub app_in_panic: bool,
+    /// Seconds since the last heartbeat, for backends registered through this POP's API.
+    pub heartbeat_age_secs: Option<f64>,
     pub active: u32,
     pub connect_attempts: u64,
     pub connect_failures: u64,
@@ -111,7 +121,11 @@ impl From<&RoutedBackend> for BackendStatus {
             weight: b.weight,
             soft_limit: b.soft_limit,
             hard_limit: b.hard_limit,
+            up_here: rb.up,
             eligible: rb.is_eligible(),
+            local: HealthReport::default(),
+            app_in_panic: false,
+            heartbeat_age_secs: None,
             active: s.active(),
             connect_attempts: s.connect_attempts(),
             connect_failures: s.connect_failures(),
@@ -170,6 +184,9 @@ pub struct Admin {
     pub policy: Arc<dyn PolicyControl>,
     pub telemetry: Arc<Telemetry>,
     pub cluster: Option<Arc<dyn crate::domain::ports::ClusterView>>,
+    pub health_counters: Arc<super::health_monitor::HealthCounters>,
+    /// The registration API's state, when it is served.
+    pub registry: Option<Arc<super::registry::Registry>>,
 }
 
 impl Admin {
@@ -246,11 +263,22 @@ impl Admin {
     }
 
     pub fn backends(&self) -> Vec<BackendStatus> {
-        self.routing
-            .current()
+        let table = self.routing.current();
+        let now = Instant::now();
+        let health = self.routing.health();
+        table
             .backends()
             .iter()
-            .map(BackendStatus::from)
+            .map(|rb| BackendStatus {
+                local: health.report(&rb.backend.id, now),
+                app_in_panic: table.panicking().contains(&rb.backend.app),
+                heartbeat_age_secs: self
+                    .registry
+                    .as_ref()
+                    .and_then(|r| r.heartbeat_age(&rb.backend.id))
+                    .map(|d| d.as_secs_f64()),
+                ..BackendStatus::from(rb)
+            })
             .collect()
     }
 

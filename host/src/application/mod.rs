@@ -3,12 +3,16 @@
 //!
 //! - `proxy_service`: one connection, from decision to close, with failover.
 //! - `routing`: loads the routing table off the hot path and swaps the snapshot in.
+//! - `health_monitor`: checks, ejections and returns: this POP's verdicts, in one task.
+//! - `registry`: self-registration and heartbeats (the auto-discovery API).
 //! - `bindings_gc`: the periodic sweep of expired bindings.
 //! - `telemetry`: hot-path counters and histograms, read at scrape time.
 //! - `admin`: what the admin API and `/metrics` answer.
 
 pub mod admin;
 pub mod bindings_gc;
+pub mod health_monitor;
 pub mod proxy_service;
+pub mod registry;
 pub mod routing;
 pub mod telemetry;

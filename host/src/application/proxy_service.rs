@@ -19,6 +19,7 @@ use crate::domain::ports::{
 use crate::domain::services::{NativeScorer, RegionMap};
 use crate::domain::{Client, Region, RoutedBackend};
 
+use super::health_monitor::Suspects;
 use super::routing::Routing;
 use super::telemetry::{Decision, Telemetry};
 use crate::adapters::net::{
@@ -45,6 +46,9 @@ pub struct ProxyService {
     pub settings: ProxySettings,
     pub buffers: BufferPool,
     pub telemetry: Arc<Telemetry>,
+    /// Where backends failing in a row are reported for ejection, and after how many
+    /// (again at each multiple, in case the first was refused by the cap); None: off.
+    pub suspects: Option<(Arc<Suspects>, u32)>,
 }
 
 /// Where a connection came from, after PROXY protocol.
@@ -252,6 +256,7 @@ impl ProxyService {
                 Ok(Ok(stream)) => {
                     let took = started.elapsed();
                     self.telemetry.connect_time.observe(took);
+                    target.stats.record_connect_ok();
                     target
                         .stats
                         .record_rtt(took.as_micros().try_into().unwrap_or(u64::MAX));
@@ -275,7 +280,12 @@ impl ProxyService {
                     if let Some(suppressed) = self.telemetry.connection_log.allow() {
                         tracing::warn!(backend = %target.backend.id, addr = %target.backend.addr, %error, attempts, suppressed, "connect failed");
                     }
-                    target.stats.record_connect_failure();
+                    let in_row = target.stats.record_connect_failure();
+                    if let Some((suspects, after)) = &self.suspects
+                        && in_row % *after == 0
+                    {
+                        suspects.report(target.backend.id.clone(), in_row);
+                    }
                     if let Some(b) = &self.bindings {
                         b.remove(&key);
                     }

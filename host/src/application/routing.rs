@@ -13,6 +13,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::RoutingTable;
+use crate::domain::health::{HealthRules, LocalHealth, local_view};
 use crate::domain::live_stats::LiveStats;
 use crate::domain::ports::{BackendRepository, RoutingError, SkippedRow};
 
@@ -25,6 +26,8 @@ pub struct Routing {
     table: ArcSwap<RoutingTable>,
     repo: Arc<dyn BackendRepository>,
     metrics: Arc<LiveStats>,
+    /// This POP's checks and ejections, joined into every snapshot.
+    health: Arc<LocalHealth>,
     version: watch::Sender<u64>,
     /// Skipped rows of the last load, so each bad row is reported once, not every period.
     skipped: Mutex<Vec<SkippedRow>>,
@@ -64,6 +67,7 @@ impl Routing {
             table: ArcSwap::from_pointee(RoutingTable::default()),
             repo,
             metrics,
+            health: Arc::new(LocalHealth::new(HealthRules::off())),
             version: watch::Sender::new(0),
             skipped: Mutex::default(),
             history: Mutex::default(),
@@ -72,6 +76,48 @@ impl Routing {
             drop_warn_percent,
             mass_drops: AtomicU64::new(0),
         }
+    }
+
+    /// Routes by `health`'s verdicts as well as the table.
+    pub fn with_health(mut self, health: Arc<LocalHealth>) -> Self {
+        self.health = health;
+        self
+    }
+
+    pub fn health(&self) -> &Arc<LocalHealth> {
+        &self.health
+    }
+
+    /// `table` as `version` with this POP's verdicts; apps entering or leaving panic are
+    /// logged once.
+    fn localise(&self, table: &RoutingTable, before: &RoutingTable, version: u64) -> RoutingTable {
+        let (up, panicking) = local_view(
+            table,
+            |id| self.health.up(id),
+            self.health.rules.panic_percent,
+        );
+        for app in panicking.iter().filter(|a| !before.panicking().contains(a)) {
+            tracing::error!(%app, "no backend of this app is up from this POP (or fewer than health_check_panic_percent); routing by the table alone until some are");
+        }
+        for app in before.panicking().iter().filter(|a| !panicking.contains(a)) {
+            tracing::info!(%app, "backends of this app are up from this POP again; routing by local health");
+        }
+        table.with_local(version, &up, panicking)
+    }
+
+    /// Rebuilds the snapshot after this POP's verdicts changed (not the table): true when
+    /// routing changed.
+    pub async fn refresh_local(&self) -> bool {
+        let _one = self.reloading.lock().await;
+        let current = self.table.load_full();
+        let version = current.version() + 1;
+        let table = self.localise(&current, &current, version);
+        if table.local() == current.local() && table.panicking() == current.panicking() {
+            return false;
+        }
+        self.table.store(Arc::new(table));
+        self.version.send_replace(version);
+        true
     }
 
     pub fn history(&self) -> History {
@@ -169,12 +215,15 @@ impl Routing {
                 self.drop_warn_percent
             );
         }
-        self.metrics.retain(&|id| {
+        let known = |id: &_| {
             table
                 .backends()
                 .binary_search_by(|b| b.backend.id.cmp(id))
                 .is_ok()
-        });
+        };
+        self.metrics.retain(&known);
+        self.health.retain(known);
+        let table = self.localise(&table, &current, version);
         self.table.store(Arc::new(table));
         self.version.send_replace(version);
         Ok(Reloaded::Changed {

@@ -146,6 +146,8 @@ pub struct Layer {
     pub regions: Option<BTreeMap<String, Vec<String>>>,
     /// File only.
     pub listener: Option<Vec<ListenerConfig>>,
+    /// File only: `[health_check.app.NAME]`, the checks of one app.
+    pub app_checks: Option<BTreeMap<String, AppCheck>>,
 }
 
 impl Default for Layer {
@@ -155,7 +157,7 @@ impl Default for Layer {
 }
 
 /// Tables of the config file whose keys are settings named `<table>_<key>`.
-const SECTIONS: &[&str] = &["cluster"];
+const SECTIONS: &[&str] = &["cluster", "health_check", "ejection", "api"];
 
 /// How the config file spells a setting: `[cluster] x` for `cluster_x`.
 pub fn file_key(key: &str) -> String {
@@ -188,6 +190,7 @@ impl Layer {
             values: BTreeMap::new(),
             regions: None,
             listener: None,
+            app_checks: None,
         }
     }
 
@@ -229,6 +232,16 @@ impl Layer {
                 // `[cluster] x = …` is the setting `cluster_x`.
                 section if SECTIONS.contains(&section) && value.is_table() => {
                     for (k, v) in value.as_table().into_iter().flatten() {
+                        if section == "health_check" && k == "app" {
+                            match v.clone().try_into() {
+                                Ok(apps) => layer.app_checks = Some(apps),
+                                Err(e) => problems.push(format!(
+                                    "health_check.app: {}",
+                                    e.to_string().trim_end()
+                                )),
+                            }
+                            continue;
+                        }
                         match info(&format!("{section}_{k}")) {
                             Some(info) => {
                                 layer.values.insert(info.key, Raw::Toml(v.clone()));
@@ -290,6 +303,7 @@ impl Layer {
         }
         self.regions = self.regions.or(lower.regions);
         self.listener = self.listener.or(lower.listener);
+        self.app_checks = self.app_checks.or(lower.app_checks);
         self
     }
 
@@ -320,18 +334,6 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ),
     ("EDGEPROXY_MDNS_", "edgeproxy has no mDNS discovery"),
     (
-        "EDGEPROXY_API_",
-        "edgeproxy has no backend registration API yet; edit the routing table (edgeproxy backend add) instead",
-    ),
-    (
-        "EDGEPROXY_HEARTBEAT_",
-        "edgeproxy has no backend registration API yet, so no heartbeats",
-    ),
-    (
-        "EDGEPROXY_HEALTH_CHECK_",
-        "edgeproxy has no active health checks yet; set healthy = 0 in the routing table",
-    ),
-    (
         "EDGEPROXY_POSTGRES_",
         "edgeproxy reads the routing table from SQLite (db_path) only",
     ),
@@ -345,8 +347,8 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ),
     ("EDGEPROXY_RATE_LIMIT_", "edgeproxy has no rate limiting"),
     (
-        "EDGEPROXY_CIRCUIT_",
-        "edgeproxy has no circuit breaker for backends; a failed connect fails over to the next backend",
+        "EDGEPROXY_CIRCUIT_SUCCESS_THRESHOLD",
+        "an ejected backend returns after one successful health check or when its backoff ends",
     ),
     (
         "EDGEPROXY_POOL_",
@@ -429,6 +431,67 @@ macro_rules! text_setting {
     )*};
 }
 text_setting!(String, PathBuf, SocketAddr, IpAddr, LogFormat);
+
+/// A duration written in seconds (`5`, `0.25`) or with a unit (`250ms`, `2m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Seconds(pub std::time::Duration);
+
+impl Seconds {
+    pub const fn secs(s: u64) -> Self {
+        Self(std::time::Duration::from_secs(s))
+    }
+}
+
+impl SettingValue for Seconds {
+    fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        match text.parse::<f64>() {
+            Ok(s) => std::time::Duration::try_from_secs_f64(s)
+                .map(Self)
+                .map_err(|_| format!("{text:?} is not a number of seconds >= 0")),
+            Err(_) => humantime::parse_duration(text)
+                .map(Self)
+                .map_err(|e| format!("{text:?}: {e} (write seconds, as 5 or 0.5, or 250ms)")),
+        }
+    }
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::Integer(i) => Self::parse(&i.to_string()),
+            toml::Value::Float(f) => Self::parse(&f.to_string()),
+            toml::Value::String(s) => Self::parse(s),
+            other => Err(format!("expected seconds, not {}", other.type_str())),
+        }
+    }
+    fn to_json(&self) -> serde_json::Value {
+        match self.0.subsec_nanos() {
+            0 => serde_json::json!(self.0.as_secs()),
+            _ => serde_json::json!(self.0.as_secs_f64()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = toml::Value::deserialize(d)?;
+        Self::from_toml(&value).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `[health_check.app.NAME]`: what differs for one app from `[health_check]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppCheck {
+    pub enabled: Option<bool>,
+    pub interval_secs: Option<Seconds>,
+    pub timeout_secs: Option<Seconds>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub send: Option<String>,
+    pub expect: Option<String>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+}
 
 macro_rules! integer_setting {
     ($($t:ty),*) => {$(

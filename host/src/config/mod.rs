@@ -19,12 +19,15 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::health::{CheckSpec, EjectionRules, HealthRules, Probe};
 use crate::domain::services::RegionMap;
 use crate::domain::{CountryCode, Region};
 
 #[doc(hidden)]
 pub use layer::pick;
-pub use layer::{Flags, Info, Layer, LogFormat, Origin, SettingValue, markdown_table};
+pub use layer::{
+    AppCheck, Flags, Info, Layer, LogFormat, Origin, Seconds, SettingValue, markdown_table,
+};
 pub use settings::{SETTINGS, Settings};
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +105,20 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// None: no admin listener.
     pub admin: Option<AdminConfig>,
+    /// Checks, ejection and the panic rule.
+    pub health: HealthRules,
+    /// None: no registration API.
+    pub api: Option<ApiConfig>,
+}
+
+/// The registration API (edgeProxy's auto-discovery).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiConfig {
+    pub addr: SocketAddr,
+    /// The address asked for, when it was not loopback and no token was set.
+    pub narrowed_from: Option<SocketAddr>,
+    pub token: Option<String>,
+    pub heartbeat_ttl: Duration,
 }
 
 /// The admin HTTP listener (JSON API and `/metrics`).
@@ -276,10 +293,35 @@ impl Config {
                 ));
             }
         }
+        let health = health_rules(&s, l.app_checks.unwrap_or_default(), &mut errors);
+        let api = s.api_enabled.then(|| {
+            let token = s.api_token.clone().filter(|t| !t.is_empty());
+            let wanted = s.api_listen_addr;
+            // Anyone who reaches the API can put backends in rotation: without a token it
+            // stays on loopback, whatever address was asked for.
+            let addr = match (&token, wanted.ip().is_loopback()) {
+                (None, false) => SocketAddr::new(
+                    match wanted {
+                        SocketAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
+                        SocketAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+                    },
+                    wanted.port(),
+                ),
+                _ => wanted,
+            };
+            ApiConfig {
+                addr,
+                narrowed_from: (addr != wanted).then_some(wanted),
+                token,
+                heartbeat_ttl: Duration::from_secs(s.api_heartbeat_ttl_secs),
+            }
+        });
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
         Ok(Self {
+            health,
+            api,
             region: Region::new(&s.region),
             settings: s,
             origins,
@@ -318,6 +360,100 @@ impl Config {
                 (info, value, *origin)
             })
             .collect()
+    }
+}
+
+/// The check of `[health_check]`, and of each `[health_check.app.NAME]` over it.
+fn health_rules(
+    s: &Settings,
+    apps: BTreeMap<String, AppCheck>,
+    errors: &mut Vec<ConfigError>,
+) -> HealthRules {
+    let base = AppCheck {
+        enabled: Some(s.health_check_enabled),
+        interval_secs: Some(s.health_check_interval_secs),
+        timeout_secs: Some(s.health_check_timeout_secs),
+        kind: Some(s.health_check_type.clone()),
+        path: Some(s.health_check_path.clone()),
+        send: Some(s.health_check_send.clone()),
+        expect: Some(s.health_check_expect.clone()),
+        rise: Some(s.health_check_rise),
+        fall: Some(s.health_check_fall),
+    };
+    fn pick<T: Clone + Default>(o: &Option<T>, d: &Option<T>) -> T {
+        o.clone().or_else(|| d.clone()).unwrap_or_default()
+    }
+    let spec = |key: &str, c: &AppCheck, errors: &mut Vec<ConfigError>| {
+        let (kind, path): (String, String) = (pick(&c.kind, &base.kind), pick(&c.path, &base.path));
+        let (send, expect): (String, String) =
+            (pick(&c.send, &base.send), pick(&c.expect, &base.expect));
+        let probe = match kind.as_str() {
+            "http" if path.starts_with('/') => Probe::Http { path },
+            "http" => {
+                errors.push(invalid(format!("{key}.path"), "must start with /"));
+                Probe::Connect
+            }
+            "tcp" if send.is_empty() && expect.is_empty() => Probe::Connect,
+            "tcp" => Probe::Expect {
+                send: send.into_bytes().into(),
+                expect: expect.into_bytes().into(),
+            },
+            other => {
+                errors.push(invalid(
+                    format!("{key}.type"),
+                    format!("{other:?}: must be tcp or http"),
+                ));
+                Probe::Connect
+            }
+        };
+        let (rise, fall): (u32, u32) = (pick(&c.rise, &base.rise), pick(&c.fall, &base.fall));
+        for (name, v) in [("rise", rise), ("fall", fall)] {
+            if !(1..=100).contains(&v) {
+                errors.push(invalid(
+                    format!("{key}.{name}"),
+                    "must be between 1 and 100",
+                ));
+            }
+        }
+        let interval: Seconds = pick(&c.interval_secs, &base.interval_secs);
+        let timeout: Seconds = pick(&c.timeout_secs, &base.timeout_secs);
+        if interval.0 < Duration::from_millis(50) || timeout.0 < Duration::from_millis(10) {
+            errors.push(invalid(
+                key,
+                "interval_secs must be at least 0.05 and timeout_secs at least 0.01",
+            ));
+        }
+        CheckSpec {
+            enabled: pick(&c.enabled, &base.enabled),
+            interval: interval.0,
+            timeout: timeout.0,
+            jitter_percent: s.health_check_jitter_percent,
+            probe,
+            rise,
+            fall,
+        }
+    };
+    let check = spec("health_check", &base, errors);
+    let app_checks = apps
+        .iter()
+        .map(|(app, c)| {
+            (
+                app.clone(),
+                spec(&format!("health_check.app.{app}"), c, errors),
+            )
+        })
+        .collect();
+    HealthRules {
+        check,
+        app_checks,
+        ejection: EjectionRules {
+            enabled: s.ejection_enabled,
+            after: s.ejection_consecutive_failures,
+            base: s.ejection_base_secs.0,
+            max: s.ejection_max_secs.0,
+            max_percent: s.ejection_max_percent,
+        },
+        panic_percent: s.health_check_panic_percent,
     }
 }
 

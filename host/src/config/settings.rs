@@ -8,7 +8,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use super::layer::{LogFormat, at_most, not_blank, positive};
+use super::layer::{LogFormat, Seconds, at_most, not_blank, positive};
 
 // Upper bounds keep every `Instant + Duration` on the hot path far from overflow.
 const DAY: u64 = 86_400;
@@ -112,4 +112,66 @@ crate::settings! {
     cluster_cert_file: Option<PathBuf> = None, env "EDGEPROXY_REPLICATION_CERT_FILE";
     /// this POP's private key
     cluster_key_file: Option<PathBuf> = None, env "EDGEPROXY_REPLICATION_KEY_FILE";
+    /// probe the backends this POP may route to; the verdict is this POP's own
+    /// (docs/OPERATING.md, health checks)
+    health_check_enabled: bool = false, env "EDGEPROXY_HEALTH_CHECK_ENABLED";
+    /// time between two checks of one backend (jittered)
+    health_check_interval_secs: Seconds = Seconds::secs(5), env "EDGEPROXY_HEALTH_CHECK_INTERVAL_SECS", check |v| in_range(v, 0.05, DAY as f64);
+    /// a check not done in this time failed
+    health_check_timeout_secs: Seconds = Seconds::secs(2), env "EDGEPROXY_HEALTH_CHECK_TIMEOUT_SECS", check |v| in_range(v, 0.01, 600.0);
+    /// `tcp` (connect, or `send` then `expect`) or `http` (`GET path`, expects a 2xx or
+    /// 3xx status)
+    health_check_type: String = "tcp".to_owned(), env "EDGEPROXY_HEALTH_CHECK_TYPE", check |v| one_of(v, &["tcp", "http"]);
+    /// the path an `http` check asks for
+    health_check_path: String = "/health".to_owned(), env "EDGEPROXY_HEALTH_CHECK_PATH", check |v| match v.starts_with('/') { true => Ok(()), false => Err("must start with /".into()) };
+    /// `tcp` checks: bytes sent once connected (TOML escapes such as `\r\n` apply)
+    health_check_send: String = String::new(), env "EDGEPROXY_HEALTH_CHECK_SEND";
+    /// `tcp` checks: the answer must start with these bytes; empty: connecting is enough
+    health_check_expect: String = String::new(), env "EDGEPROXY_HEALTH_CHECK_EXPECT";
+    /// consecutive passed checks that bring a down backend up
+    health_check_rise: u32 = 2, env "EDGEPROXY_HEALTH_HEALTHY_THRESHOLD", check |v| positive(v).and(at_most(v, 100));
+    /// consecutive failed checks that take an up backend down
+    health_check_fall: u32 = 3, env "EDGEPROXY_HEALTH_UNHEALTHY_THRESHOLD", check |v| positive(v).and(at_most(v, 100));
+    /// each interval is drawn within this percentage of itself, so POPs and backends are
+    /// not probed in lockstep
+    health_check_jitter_percent: u32 = 10, env "EDGEPROXY_HEALTH_CHECK_JITTER_PERCENT", check |v| at_most(v, 50);
+    /// when fewer than this percentage of an app's backends (and always when none) are up
+    /// here, this POP sets its checks and ejections aside for the app and routes by the
+    /// table alone: everything looking dead is usually this POP's own network
+    health_check_panic_percent: u32 = 0, env "EDGEPROXY_HEALTH_CHECK_PANIC_PERCENT", check |v| at_most(v, 100);
+    /// take a backend out of this POP's rotation after consecutive connect failures
+    /// (passive ejection)
+    ejection_enabled: bool = true, env "EDGEPROXY_CIRCUIT_BREAKER_ENABLED";
+    /// consecutive failed connects (refused, timed out, unreachable) that eject a backend
+    ejection_consecutive_failures: u32 = 5, env "EDGEPROXY_CIRCUIT_FAILURE_THRESHOLD", check |v| positive(v).and(at_most(v, 1000));
+    /// the first ejection's length; each further one in a row lasts one more of these
+    ejection_base_secs: Seconds = Seconds::secs(30), env "EDGEPROXY_CIRCUIT_TIMEOUT_SECS", check |v| in_range(v, 0.01, DAY as f64);
+    /// longest ejection
+    ejection_max_secs: Seconds = Seconds::secs(300), env "EDGEPROXY_EJECTION_MAX_SECS", check |v| in_range(v, 0.01, DAY as f64);
+    /// never eject more than this percentage of an app's backends at once (one at least)
+    ejection_max_percent: u32 = 50, env "EDGEPROXY_EJECTION_MAX_PERCENT", check |v| at_most(v, 100);
+    /// serve the registration API (edgeProxy's auto-discovery: backends register and send
+    /// heartbeats)
+    api_enabled: bool = false, env "EDGEPROXY_API_ENABLED";
+    /// registration API address; without `api_token` it is served on loopback only
+    api_listen_addr: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8081)), env "EDGEPROXY_API_LISTEN_ADDR";
+    /// when set, registration requests need `Authorization: Bearer <token>`
+    api_token: Option<String> = None, env "EDGEPROXY_API_TOKEN", secret true;
+    /// a registered backend whose heartbeats stop for this long leaves rotation (in every
+    /// POP)
+    api_heartbeat_ttl_secs: u64 = 60, env "EDGEPROXY_HEARTBEAT_TTL_SECS", check |v| positive(v).and(at_most(v, DAY));
+}
+
+fn in_range(v: &Seconds, min: f64, max: f64) -> Result<(), String> {
+    match (min..=max).contains(&v.0.as_secs_f64()) {
+        true => Ok(()),
+        false => Err(format!("must be between {min} and {max} seconds")),
+    }
+}
+
+fn one_of(v: &str, allowed: &[&str]) -> Result<(), String> {
+    match allowed.contains(&v) {
+        true => Ok(()),
+        false => Err(format!("must be one of {}", allowed.join(", "))),
+    }
 }

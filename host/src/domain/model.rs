@@ -141,6 +141,8 @@ pub struct BackendStats {
     rtt_us: AtomicU64,
     connect_attempts: AtomicU64,
     connect_failures: AtomicU64,
+    /// Failed connects since the last good one (passive ejection counts these).
+    failures_in_row: AtomicU32,
     /// Bytes relayed through this backend, counted per chunk so long connections show.
     pub traffic: Traffic,
 }
@@ -206,8 +208,22 @@ impl BackendStats {
         self.rtt_us.store(new, Ordering::Relaxed);
     }
 
-    pub fn record_connect_failure(&self) {
+    /// Counts a failed connect; returns the failures in a row, this one included.
+    pub fn record_connect_failure(&self) -> u32 {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        self.failures_in_row.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A good connect ends a run of failures.
+    pub fn record_connect_ok(&self) {
+        // A load first: the common case writes nothing, so the cache line stays shared.
+        if self.failures_in_row.load(Ordering::Relaxed) != 0 {
+            self.failures_in_row.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn failures_in_row(&self) -> u32 {
+        self.failures_in_row.load(Ordering::Relaxed)
     }
 }
 

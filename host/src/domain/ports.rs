@@ -222,3 +222,52 @@ pub struct ClusterStatus {
     pub wire_bytes_out: Option<u64>,
     pub peers_refused: u64,
 }
+
+/// What a registration did to the routing table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Registered {
+    Created,
+    Updated,
+    /// The row already said exactly this: nothing was written.
+    Unchanged,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrationError {
+    /// The request names a problem with the row (bad value, another app's id).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The table could not be read or written.
+    #[error("{0}")]
+    Store(String),
+}
+
+/// Where self-registered backends are written: rows of the routing table (so they
+/// replicate like any row), plus this POP's own record of which ids it registered or
+/// adopted, which survives restarts and is never replicated.
+pub trait RegistrationStore: Send + Sync {
+    /// Writes `row` (live, healthy) unless it is already exactly so; refuses an id whose
+    /// live row belongs to another app. Records the id as registered here.
+    fn register(
+        &self,
+        row: &crate::domain::replication::BackendRow,
+    ) -> Result<Registered, RegistrationError>;
+    /// Sets `healthy` when it differs; true when something was written.
+    fn set_healthy(&self, id: &str, healthy: bool) -> Result<bool, RegistrationError>;
+    /// Records a live row registered elsewhere as registered here; false when no live
+    /// row has this id.
+    fn adopt(&self, id: &str) -> Result<bool, RegistrationError>;
+    /// Removes (soft-deletes) a backend registered here; false when it was not.
+    fn deregister(&self, id: &str) -> Result<bool, RegistrationError>;
+    /// The ids registered or adopted here.
+    fn registered(&self) -> Result<Vec<String>, RegistrationError>;
+    fn get(
+        &self,
+        id: &str,
+    ) -> Result<Option<crate::domain::replication::BackendRow>, RegistrationError>;
+}

@@ -13,12 +13,19 @@ pub struct RoutedBackend {
     pub index: u32,
     pub backend: Backend,
     pub stats: Arc<BackendStats>,
+    /// This POP's checks and ejections let it route here (see [`super::health`]).
+    pub up: bool,
 }
 
 impl RoutedBackend {
-    /// May take a new connection: healthy and under its hard limit.
+    /// Healthy in the table and up here: what a policy is told as `healthy`.
+    pub fn routable(&self) -> bool {
+        self.backend.healthy && self.up
+    }
+
+    /// May take a new connection: routable and under its hard limit.
     pub fn is_eligible(&self) -> bool {
-        self.backend.healthy && !self.backend.at_hard_limit(self.stats.active())
+        self.routable() && !self.backend.at_hard_limit(self.stats.active())
     }
 }
 
@@ -28,6 +35,8 @@ pub struct RoutingTable {
     /// Sorted by id, so positions (and therefore tie-breaks) are deterministic.
     all: Box<[RoutedBackend]>,
     by_app: HashMap<Arc<str>, Box<[RoutedBackend]>>,
+    /// Apps whose local verdicts are set aside (nothing up here).
+    panicking: Vec<Arc<str>>,
 }
 
 impl RoutingTable {
@@ -46,8 +55,13 @@ impl RoutingTable {
                 index: u32::try_from(i).expect("fewer than 2^32 backends"),
                 stats: stats_for(&backend.id),
                 backend,
+                up: true,
             })
             .collect();
+        Self::group(version, all, Vec::new())
+    }
+
+    fn group(version: u64, all: Vec<RoutedBackend>, panicking: Vec<Arc<str>>) -> Self {
         let mut by_app: HashMap<Arc<str>, Vec<RoutedBackend>> = HashMap::new();
         for rb in &all {
             by_app
@@ -59,7 +73,33 @@ impl RoutingTable {
             version,
             all: all.into(),
             by_app: by_app.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            panicking,
         }
+    }
+
+    /// This table as `version`, with this POP's verdicts (`up`, by position) and the apps
+    /// in panic.
+    pub fn with_local(&self, version: u64, up: &[bool], panicking: Vec<Arc<str>>) -> Self {
+        let all = self
+            .all
+            .iter()
+            .zip(up)
+            .map(|(b, up)| RoutedBackend {
+                up: *up,
+                ..b.clone()
+            })
+            .collect();
+        Self::group(version, all, panicking)
+    }
+
+    /// The local verdicts, by position.
+    pub fn local(&self) -> Vec<bool> {
+        self.all.iter().map(|b| b.up).collect()
+    }
+
+    /// Apps whose local verdicts are set aside.
+    pub fn panicking(&self) -> &[Arc<str>] {
+        &self.panicking
     }
 
     pub fn version(&self) -> u64 {

@@ -13,26 +13,19 @@
 //! With a token configured, every route needs `Authorization: Bearer <token>`. The
 //! listener only reads and formats; what it answers comes from [`Admin`].
 
-use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
 use prometheus_client::registry::Registry;
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::http::{self, Reply, error, json, not_allowed, reply};
 use super::prometheus;
 use crate::application::admin::Admin;
 
-/// A client has this long to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_PAGE: usize = 100;
 
 struct State {
@@ -53,53 +46,17 @@ pub async fn serve(
         admin,
         token,
     });
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    // Out of descriptors: let the proxy's own connections close first.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let (state, shutdown) = (Arc::clone(&state), shutdown.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(state.handle(req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "admin connection ended");
-            }
-        });
-    }
+    http::serve(listener, "admin", shutdown, move |req| {
+        let state = Arc::clone(&state);
+        async move { state.handle(req).await }
+    })
+    .await
 }
-
-type Reply = Response<Full<Bytes>>;
 
 impl State {
     async fn handle(&self, req: Request<Incoming>) -> Reply {
         if !self.authorized(&req) {
-            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-            r.headers_mut()
-                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return r;
+            return http::unauthorized();
         }
         let path = req.uri().path();
         let method = req.method();
@@ -158,21 +115,7 @@ impl State {
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = &self.token else {
-            return true;
-        };
-        let given = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-        // Compared in full whatever the first difference, so timing tells nothing.
-        given.is_some_and(|g| {
-            g.len() == token.len()
-                && g.iter()
-                    .zip(token.as_bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
-        })
+        http::bearer_ok(req, self.token.as_deref())
     }
 }
 
@@ -193,39 +136,6 @@ fn page(query: Option<&str>) -> Result<(usize, usize), String> {
         }
     }
     Ok((offset, limit))
-}
-
-fn reply(code: StatusCode, content_type: &'static str, body: String) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = code;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
-}
-
-fn json(code: StatusCode, value: &impl Serialize) -> Reply {
-    match serde_json::to_string_pretty(value) {
-        Ok(mut body) => {
-            body.push('\n');
-            reply(code, "application/json", body)
-        }
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("encoding the answer: {e}"),
-        ),
-    }
-}
-
-fn error(code: StatusCode, message: &str) -> Reply {
-    let body = serde_json::json!({ "error": message }).to_string() + "\n";
-    reply(code, "application/json", body)
-}
-
-fn not_allowed(allow: &'static str) -> Reply {
-    let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
-    r.headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allow));
-    r
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //!
 //! - `tcp_server` (accept loops) and `proxy_protocol` (the PROXY v1/v2 header on them).
 //! - `file_watch`: file-change notifications that trigger reloads.
-//! - `admin_http` (the admin JSON API) and `prometheus` (its `/metrics` exposition).
+//! - `admin_http` (the admin JSON API) and `prometheus` (its `/metrics` exposition);
+//!   `registration_http` (backends register and beat); `http`: what they share.
 //! - CLI commands: `routing_cli` (backend, db), `config_cli` (config check, show),
 //!   `policy_build`, `policy_check`, `policy_simulate`; `cli_output` formats their answers.
 
@@ -11,10 +12,12 @@ pub mod cli_output;
 pub mod cluster_cli;
 pub mod config_cli;
 pub mod file_watch;
+pub mod http;
 pub mod policy_build;
 pub mod policy_check;
 pub mod policy_simulate;
 pub mod prometheus;
 pub mod proxy_protocol;
+pub mod registration_http;
 pub mod routing_cli;
 pub mod tcp_server;

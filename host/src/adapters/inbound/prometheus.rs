@@ -14,6 +14,7 @@ use prometheus_client::registry::Registry;
 
 use crate::application::admin::{Admin, BackendStatus};
 use crate::application::telemetry::{Decision, HistogramSnapshot, ListenerStats};
+use crate::domain::health::CheckVerdict;
 use crate::domain::ports::ClusterStatus;
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -198,9 +199,97 @@ impl Collector for HostCollector {
         family(
             e,
             "backend_healthy",
-            "1 when the routing table marks the backend healthy",
+            "1 when the routing table marks the backend healthy (the fleet's intent; see backend_up for this POP's view)",
             gauges(per_backend(|b| u64::from(b.healthy))),
         )?;
+        family(
+            e,
+            "backend_up",
+            "1 when this POP's health checks and ejections let it route to the backend (or its app is in panic)",
+            gauges(per_backend(|b| u64::from(b.up_here))),
+        )?;
+        family(
+            e,
+            "backend_check_up",
+            "Health check state: 1 up, 0 down (absent when the backend's app is not checked or not checked yet)",
+            gauges(
+                per_backend(|b| match b.local.check.as_ref().map(|c| c.state) {
+                    Some(CheckVerdict::Up) => 1,
+                    Some(CheckVerdict::Down) => 0,
+                    _ => u64::MAX,
+                })
+                .into_iter()
+                .filter(|(_, v)| *v != u64::MAX)
+                .collect(),
+            ),
+        )?;
+        family(
+            e,
+            "backend_ejected",
+            "1 while the backend is ejected from this POP after consecutive connect failures",
+            gauges(per_backend(|b| u64::from(b.local.ejection.is_some()))),
+        )?;
+        family(
+            e,
+            "backend_heartbeat_age_seconds",
+            "Seconds since the last heartbeat of a backend registered through this POP",
+            backends.iter().filter_map(|b| {
+                let age = b.heartbeat_age_secs?;
+                Some((vec![("backend", b.id.as_str())], ConstGauge::new(age)))
+            }),
+        )?;
+        let h = &admin.health_counters;
+        family(
+            e,
+            "health_checks",
+            "Health checks by result (local_error: this POP was out of descriptors or ports, nobody blamed)",
+            [
+                ("passed", h.checks_passed.load(Relaxed)),
+                ("failed", h.checks_failed.load(Relaxed)),
+                ("local_error", h.checks_local_errors.load(Relaxed)),
+            ]
+            .map(|(result, n)| (vec![("result", result)], counter(n))),
+        )?;
+        family(
+            e,
+            "ejections",
+            "Passive ejections (capped: refused by ejection_max_percent)",
+            [
+                ("ejected", h.ejections.load(Relaxed)),
+                ("capped", h.ejections_capped.load(Relaxed)),
+            ]
+            .map(|(outcome, n)| (vec![("outcome", outcome)], counter(n))),
+        )?;
+        let panicking: std::collections::BTreeSet<&str> = backends
+            .iter()
+            .filter(|b| b.app_in_panic)
+            .map(|b| b.app.as_str())
+            .collect();
+        family(
+            e,
+            "app_health_panic",
+            "1 for an app with nothing up from this POP: local verdicts are set aside and it is routed by the table alone",
+            panicking
+                .into_iter()
+                .map(|app| (vec![("app", app)], gauge(1))),
+        )?;
+        if let Some(r) = &admin.registry {
+            let c = &r.counters;
+            family(
+                e,
+                "registrations",
+                "Registration API events (rejected: a 4xx, nothing written)",
+                [
+                    ("registered", c.registrations.load(Relaxed)),
+                    ("heartbeat", c.heartbeats.load(Relaxed)),
+                    ("expired", c.expirations.load(Relaxed)),
+                    ("revived", c.revivals.load(Relaxed)),
+                    ("deregistered", c.deregistrations.load(Relaxed)),
+                    ("rejected", c.rejected.load(Relaxed)),
+                ]
+                .map(|(event, n)| (vec![("event", event)], counter(n))),
+            )?;
+        }
         family(
             e,
             "backend_connect_attempts",

@@ -14,7 +14,7 @@ const DEFAULT_REGIONS: &[(&str, &[&str])] = &[
     (
         "eu",
         &[
-            "PT", "ES", "FR", "DE", "NL", "IT", "GB", "IE", "BE", "CH", "AT", "PL", "CZ", "SE",
+            "DE", "PT", "ES", "FR", "NL", "IT", "GB", "IE", "BE", "CH", "AT", "PL", "CZ", "SE",
             "NO", "DK", "FI", "RU", "UA",
         ],
     ),
@@ -32,6 +32,8 @@ pub const DEFAULT_FALLBACK_REGION: &str = "us";
 #[derive(Clone, Debug)]
 pub struct RegionMap {
     by_country: HashMap<CountryCode, Region>,
+    /// Each region's first listed country: a registration naming only a region gets it.
+    representative: HashMap<Region, CountryCode>,
     fallback: Region,
 }
 
@@ -39,6 +41,7 @@ impl Default for RegionMap {
     fn default() -> Self {
         let mut map = Self {
             by_country: HashMap::new(),
+            representative: HashMap::new(),
             fallback: Region::new(DEFAULT_FALLBACK_REGION),
         };
         for (region, countries) in DEFAULT_REGIONS {
@@ -47,6 +50,7 @@ impl Default for RegionMap {
                 // Invariant: the table above holds only two-letter codes.
                 let code = c.parse().expect("default region table is valid");
                 map.by_country.insert(code, region.clone());
+                map.representative.entry(region.clone()).or_insert(code);
             }
         }
         map
@@ -61,6 +65,9 @@ impl RegionMap {
     ) -> Self {
         let mut map = Self::default();
         for (region, countries) in overrides {
+            if let Some(first) = countries.first() {
+                map.representative.insert(region.clone(), *first);
+            }
             for code in countries {
                 map.by_country.insert(*code, region.clone());
             }
@@ -76,6 +83,11 @@ impl RegionMap {
         self.by_country
             .values()
             .chain(std::iter::once(&self.fallback))
+    }
+
+    /// The country a backend of `region` is taken to be in when nothing else says.
+    pub fn representative(&self, region: &Region) -> Option<CountryCode> {
+        self.representative.get(region).copied()
     }
 
     pub fn region_of(&self, country: CountryCode) -> Region {
@@ -103,6 +115,9 @@ mod tests {
         assert_eq!(m.region_of(cc("IN")).as_str(), "ap");
         // Unlisted countries fall back to "us".
         assert_eq!(m.region_of(cc("ZA")).as_str(), "us");
+        assert_eq!(m.representative(&Region::new("eu")), Some(cc("DE")));
+        assert_eq!(m.representative(&Region::new("sa")), Some(cc("BR")));
+        assert_eq!(m.representative(&Region::new("xx")), None);
     }
 
     #[test]

@@ -104,6 +104,7 @@ mod tests {
             index: 0,
             backend: b,
             stats,
+            up: true,
         }
     }
 

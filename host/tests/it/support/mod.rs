@@ -185,6 +185,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     /// The admin API (and /metrics).
     pub admin: SocketAddr,
+    /// The registration API, when the config turns it on.
+    pub api: Option<SocketAddr>,
     pub host: Arc<Host>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<edgeproxy::Drained>>,
@@ -250,11 +252,16 @@ impl Proxy {
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin_listener.local_addr().unwrap();
         let admin = Some(admin_listener);
+        let api_listener = match &config.api {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            None => None,
+        };
+        let api_addr = api_listener.as_ref().map(|l| l.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let task = {
             let (host, shutdown) = (host.clone(), shutdown.clone());
             let listeners = copies.into_iter().map(|l| (l, lc.clone())).collect();
-            tokio::spawn(async move { host.run(listeners, admin, shutdown).await })
+            tokio::spawn(async move { host.run(listeners, admin, api_listener, shutdown).await })
         };
         // Running once the admin API answers: the file watchers, started before it, are
         // in place, so a change the test makes next is seen.
@@ -264,6 +271,7 @@ impl Proxy {
         Self {
             addr,
             admin: admin_addr,
+            api: api_addr,
             host,
             shutdown,
             task,

@@ -15,6 +15,7 @@ use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 use serde::Serialize;
 
 mod import;
+pub mod registrations;
 
 use super::sqlite_routing::{COLUMNS, SCHEMA, check_as_live, schema_problem, upsert_sql};
 

@@ -49,7 +49,7 @@ pub fn build(table: &RoutingTable, pop_region: &Region, client_regions: &[Region
                 weight: b.weight,
                 soft_limit: b.soft_limit,
                 hard_limit: b.hard_limit,
-                healthy: b.healthy,
+                healthy: rb.routable(),
             }
         })
         .collect();

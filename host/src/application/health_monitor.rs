@@ -1,0 +1,241 @@
+//! The one task behind this POP's local health: it probes every backend it may route to
+//! on its own jittered schedule (a timer heap, not a sleeping task per backend), ejects
+//! backends the proxy reports failing, returns them when their backoff ends, and rebuilds
+//! the routing snapshot when a verdict changes. Each transition is logged once.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::routing::Routing;
+use crate::adapters::outbound::tcp_probe::{self, ProbeResult};
+use crate::domain::health::{CheckOutcome, LocalHealth, Transition};
+use crate::domain::live_stats::LiveStats;
+use crate::domain::{BackendId, RoutingTable};
+
+/// Probes in flight at once; more wait for a slot (10,000 backends at 5 s is 2,000 a
+/// second, each done in about one round trip).
+const MAX_IN_FLIGHT: usize = 4096;
+/// New backends (and all of them at start) are first checked within this long.
+const FIRST_CHECK_SPREAD: Duration = Duration::from_secs(1);
+
+/// Backends the proxy saw failing, waiting for the monitor to judge them.
+#[derive(Debug, Default)]
+pub struct Suspects {
+    queue: Mutex<Vec<(BackendId, u32)>>,
+    wake: Notify,
+}
+
+impl Suspects {
+    /// `id` failed `failures` connects in a row.
+    pub fn report(&self, id: BackendId, failures: u32) {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((id, failures));
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Vec<(BackendId, u32)> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct HealthCounters {
+    pub checks_passed: AtomicU64,
+    pub checks_failed: AtomicU64,
+    /// Checks not judged: this POP was out of descriptors or ports.
+    pub checks_local_errors: AtomicU64,
+    pub ejections: AtomicU64,
+    /// Ejections refused by `ejection_max_percent`.
+    pub ejections_capped: AtomicU64,
+}
+
+pub struct HealthMonitor {
+    pub routing: Arc<Routing>,
+    pub health: Arc<LocalHealth>,
+    pub metrics: Arc<LiveStats>,
+    pub suspects: Arc<Suspects>,
+    pub counters: Arc<HealthCounters>,
+}
+
+/// What the schedule knows of one backend.
+struct Target {
+    addr: SocketAddr,
+    app: Arc<str>,
+}
+
+impl HealthMonitor {
+    pub async fn run(self, stop: CancellationToken) {
+        let mut versions = self.routing.subscribe();
+        let mut targets: HashMap<BackendId, Target> = HashMap::new();
+        let mut due: BinaryHeap<Reverse<(Instant, BackendId)>> = BinaryHeap::new();
+        let mut probes: JoinSet<(BackendId, SocketAddr, ProbeResult)> = JoinSet::new();
+        self.sync_targets(&self.routing.current(), &mut targets, &mut due);
+        loop {
+            let next_due = match probes.len() < MAX_IN_FLIGHT {
+                true => due.peek().map(|Reverse((t, _))| *t),
+                false => None,
+            };
+            let wake_at = [next_due, self.health.next_return()]
+                .into_iter()
+                .flatten()
+                .min();
+            let mut changed = Vec::new();
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = versions.changed() => {
+                    if r.is_err() { return; }
+                    self.sync_targets(&self.routing.current(), &mut targets, &mut due);
+                }
+                _ = self.suspects.wake.notified() => {
+                    let table = self.routing.current();
+                    for (id, failures) in self.suspects.take() {
+                        match self.health.eject(&table, &id, failures, Instant::now()) {
+                            Ok(t) => {
+                                self.counters.ejections.fetch_add(1, Relaxed);
+                                changed.push(t);
+                            }
+                            Err(why) if why.contains("ejection_max_percent") => {
+                                self.counters.ejections_capped.fetch_add(1, Relaxed);
+                                tracing::warn!(backend = %id, failures, "not ejected: {why}");
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                }
+                Some(done) = probes.join_next(), if !probes.is_empty() => {
+                    if let Ok((id, addr, result)) = done {
+                        changed.extend(self.judge(&id, addr, result, &targets, &mut due));
+                    }
+                }
+                _ = sleep_until(wake_at) => {
+                    let now = Instant::now();
+                    for t in self.health.expire_ejections(now) {
+                        // Back with a clean slate: one more failure must not eject again.
+                        self.metrics.backend_stats(&t.id).record_connect_ok();
+                        changed.push(t);
+                    }
+                    while probes.len() < MAX_IN_FLIGHT
+                        && let Some(Reverse((at, _))) = due.peek()
+                        && *at <= now
+                    {
+                        let Some(Reverse((_, id))) = due.pop() else { break };
+                        // Gone from the table, or its app's checks are off: dropped here.
+                        let Some(target) = targets.get(&id) else { continue };
+                        let spec = self.health.rules.check_for(&target.app).clone();
+                        let addr = target.addr;
+                        probes.spawn(async move {
+                            (id, addr, tcp_probe::probe(addr, &spec.probe, spec.timeout).await)
+                        });
+                    }
+                }
+            }
+            if !changed.is_empty() {
+                for t in &changed {
+                    log(t);
+                }
+                self.routing.refresh_local().await;
+            }
+        }
+    }
+
+    /// Schedules the table's backends whose app is checked; forgets the others.
+    fn sync_targets(
+        &self,
+        table: &RoutingTable,
+        targets: &mut HashMap<BackendId, Target>,
+        due: &mut BinaryHeap<Reverse<(Instant, BackendId)>>,
+    ) {
+        let now = Instant::now();
+        let mut next: HashMap<BackendId, Target> = HashMap::with_capacity(targets.len());
+        for rb in table.backends() {
+            let b = &rb.backend;
+            let spec = self.health.rules.check_for(&b.app);
+            if !spec.enabled {
+                continue;
+            }
+            let known = targets.remove(&b.id);
+            if known.is_none() {
+                let first = FIRST_CHECK_SPREAD
+                    .min(spec.interval)
+                    .mul_f64(fastrand::f64());
+                due.push(Reverse((now + first, b.id.clone())));
+            }
+            next.insert(
+                b.id.clone(),
+                Target {
+                    addr: b.addr,
+                    app: Arc::clone(&b.app),
+                },
+            );
+        }
+        *targets = next;
+        // Entries of forgotten backends fall out of the heap when they come due.
+    }
+
+    fn judge(
+        &self,
+        id: &BackendId,
+        addr: SocketAddr,
+        result: ProbeResult,
+        targets: &HashMap<BackendId, Target>,
+        due: &mut BinaryHeap<Reverse<(Instant, BackendId)>>,
+    ) -> Option<Transition> {
+        let target = targets.get(id)?;
+        let spec = self.health.rules.check_for(&target.app);
+        due.push(Reverse((
+            Instant::now() + spec.next_interval(fastrand::f64()),
+            id.clone(),
+        )));
+        if target.addr != addr {
+            return None; // the row moved while this probe ran
+        }
+        let outcome = match result {
+            ProbeResult::Passed(rtt) => {
+                self.counters.checks_passed.fetch_add(1, Relaxed);
+                // Policies see the RTT without client traffic (`latency-aware`).
+                self.metrics
+                    .backend_stats(id)
+                    .record_rtt(rtt.as_micros().try_into().unwrap_or(u64::MAX));
+                CheckOutcome::Passed(rtt)
+            }
+            ProbeResult::Failed(why) => {
+                self.counters.checks_failed.fetch_add(1, Relaxed);
+                CheckOutcome::Failed(why)
+            }
+            // Out of descriptors or ports here: the backend is not to blame.
+            ProbeResult::Local(why) => {
+                self.counters.checks_local_errors.fetch_add(1, Relaxed);
+                tracing::debug!(backend = %id, error = %why, "check not run: this POP is out of resources");
+                return None;
+            }
+        };
+        self.health
+            .record_check(id, addr, spec, outcome, SystemTime::now())
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn log(t: &Transition) {
+    match t.up {
+        true => tracing::info!(backend = %t.id, why = %t.why, "backend up from this POP"),
+        false => tracing::warn!(backend = %t.id, why = %t.why, "backend down from this POP"),
+    }
+}

@@ -1,0 +1,374 @@
+//! Self-registration (edgeProxy's auto-discovery API): backends register as rows of the
+//! routing table, so they replicate with the fleet, and keep themselves in rotation by
+//! heartbeats.
+//!
+//! Heartbeats never write the table: each only refreshes a time in memory. The table is
+//! written on transitions alone: `healthy = 0` when a backend's beats stop for the TTL,
+//! `healthy = 1` when they resume, so a fleet of beating backends leaves the table's
+//! version (and every POP's snapshot and every policy's copy) alone. The POP that takes a
+//! backend's heartbeats owns its expiry; a heartbeat for a row registered through another
+//! POP adopts it. After a restart every registered backend gets one TTL of grace.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::ports::{GeoResolver, Registered, RegistrationError, RegistrationStore};
+use crate::domain::replication::BackendRow;
+use crate::domain::services::RegionMap;
+use crate::domain::{BackendId, Region};
+
+/// edgeProxy's defaults for what a registration leaves out.
+const DEFAULT_WEIGHT: u32 = 2;
+const DEFAULT_SOFT_LIMIT: u32 = 100;
+const DEFAULT_HARD_LIMIT: u32 = 150;
+
+/// `POST /api/v1/register`, as edgeProxy's API takes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub id: String,
+    pub app: String,
+    pub region: String,
+    #[serde(default)]
+    pub country: Option<String>,
+    pub ip: String,
+    /// Wide, so an out-of-range port gets its own message rather than a type error.
+    pub port: i64,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub soft_limit: Option<u32>,
+    #[serde(default)]
+    pub hard_limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RegisterReply {
+    pub id: String,
+    pub registered: bool,
+    /// created, updated or unchanged (nothing written).
+    pub outcome: Registered,
+    pub message: String,
+    pub heartbeat_ttl_secs: u64,
+}
+
+/// A registered backend as the API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegisteredBackend {
+    pub id: String,
+    pub app: String,
+    pub region: String,
+    pub country: String,
+    pub ip: String,
+    pub port: u16,
+    pub healthy: bool,
+    pub weight: u32,
+    pub soft_limit: u32,
+    pub hard_limit: u32,
+    /// Seconds since the last heartbeat (or registration, or this POP's start).
+    pub last_heartbeat_secs: f64,
+    /// True once the beats stopped for the TTL (the table says `healthy = 0`).
+    pub expired: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Beat {
+    last: Instant,
+    expired: bool,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct RegistryCounters {
+    pub registrations: AtomicU64,
+    pub heartbeats: AtomicU64,
+    pub expirations: AtomicU64,
+    pub revivals: AtomicU64,
+    pub deregistrations: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+pub struct Registry {
+    store: Arc<dyn RegistrationStore>,
+    geo: Arc<dyn GeoResolver>,
+    regions: RegionMap,
+    pub ttl: Duration,
+    beats: Mutex<HashMap<BackendId, Beat>>,
+    pub counters: RegistryCounters,
+}
+
+impl Registry {
+    /// Every backend registered here before gets one TTL from now.
+    pub fn new(
+        store: Arc<dyn RegistrationStore>,
+        geo: Arc<dyn GeoResolver>,
+        regions: RegionMap,
+        ttl: Duration,
+    ) -> Result<Self, RegistrationError> {
+        let now = Instant::now();
+        let beats = store
+            .registered()?
+            .into_iter()
+            .map(|id| {
+                (
+                    BackendId::new(&id),
+                    Beat {
+                        last: now,
+                        expired: false,
+                    },
+                )
+            })
+            .collect();
+        Ok(Self {
+            store,
+            geo,
+            regions,
+            ttl,
+            beats: Mutex::new(beats),
+            counters: RegistryCounters::default(),
+        })
+    }
+
+    fn beats(&self) -> std::sync::MutexGuard<'_, HashMap<BackendId, Beat>> {
+        self.beats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn heartbeat_age(&self, id: &BackendId) -> Option<Duration> {
+        self.beats().get(id).map(|b| b.last.elapsed())
+    }
+
+    /// The row a request asks for, with edgeProxy's defaults; a named problem otherwise.
+    pub fn row(&self, req: &RegisterRequest) -> Result<BackendRow, RegistrationError> {
+        let bad = |m: String| Err(RegistrationError::Invalid(m));
+        for (field, value) in [("id", &req.id), ("app", &req.app), ("region", &req.region)] {
+            if value.trim().is_empty() {
+                return bad(format!("{field} must not be empty"));
+            }
+        }
+        let Ok(port) = u16::try_from(req.port) else {
+            return bad(format!("port {} is out of range (1 to 65535)", req.port));
+        };
+        if port == 0 {
+            return bad("port 0 is out of range (1 to 65535)".into());
+        }
+        let ip: IpAddr = match req.ip.trim().parse() {
+            Ok(ip) => ip,
+            Err(_) => return bad(format!("ip {:?} is not an IP address", req.ip)),
+        };
+        let region = Region::new(&req.region);
+        let country = match &req.country {
+            Some(c) => match c.parse::<crate::domain::CountryCode>() {
+                Ok(c) => c,
+                Err(e) => return bad(format!("country: {e}")),
+            },
+            None => match self
+                .geo
+                .country(ip)
+                .or_else(|| self.regions.representative(&region))
+            {
+                Some(c) => c,
+                None => {
+                    return bad(format!(
+                        "country is missing and cannot be derived: {ip} has no GeoIP record and region {region} lists no country; send \"country\""
+                    ));
+                }
+            },
+        };
+        Ok(BackendRow {
+            id: req.id.trim().to_owned(),
+            app: req.app.trim().to_owned(),
+            region: region.to_string(),
+            country: country.to_string(),
+            wg_ip: ip.to_string(),
+            port,
+            healthy: true,
+            weight: req.weight.unwrap_or(DEFAULT_WEIGHT),
+            soft_limit: req.soft_limit.unwrap_or(DEFAULT_SOFT_LIMIT),
+            hard_limit: req.hard_limit.unwrap_or(DEFAULT_HARD_LIMIT),
+            deleted: false,
+        })
+    }
+
+    pub async fn register(&self, req: RegisterRequest) -> Result<RegisterReply, RegistrationError> {
+        let result = match self.row(&req) {
+            Ok(row) => self.blocking(move |s| s.register(&row)).await,
+            Err(e) => Err(e),
+        };
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) => {
+                self.counters.rejected.fetch_add(1, Relaxed);
+                return Err(e);
+            }
+        };
+        let id = BackendId::new(req.id.trim());
+        self.beats().insert(
+            id.clone(),
+            Beat {
+                last: Instant::now(),
+                expired: false,
+            },
+        );
+        self.counters.registrations.fetch_add(1, Relaxed);
+        if outcome != Registered::Unchanged {
+            tracing::info!(backend = %id, app = %req.app, ?outcome, "backend registered");
+        }
+        Ok(RegisterReply {
+            id: id.to_string(),
+            registered: true,
+            outcome,
+            message: "Backend registered successfully".into(),
+            heartbeat_ttl_secs: self.ttl.as_secs(),
+        })
+    }
+
+    /// Refreshes `id`'s heartbeat; writes `healthy = 1` only if its beats had expired.
+    pub async fn heartbeat(&self, id: &str) -> Result<RegisteredBackend, RegistrationError> {
+        let key = BackendId::new(id);
+        let known = self.beats().get(&key).copied();
+        if known.is_none() {
+            let owned = id.to_owned();
+            if !self.blocking(move |s| s.adopt(&owned)).await? {
+                return Err(RegistrationError::NotFound(format!(
+                    "backend {id:?} is not registered; register it first (POST /api/v1/register)"
+                )));
+            }
+            tracing::info!(backend = %id, "heartbeat for a backend registered elsewhere; adopted");
+        }
+        if known.is_some_and(|b| b.expired) {
+            let owned = id.to_owned();
+            self.blocking(move |s| s.set_healthy(&owned, true)).await?;
+            self.counters.revivals.fetch_add(1, Relaxed);
+            tracing::info!(backend = %id, "heartbeats resumed; back in rotation");
+        }
+        self.beats().insert(
+            key.clone(),
+            Beat {
+                last: Instant::now(),
+                expired: false,
+            },
+        );
+        self.counters.heartbeats.fetch_add(1, Relaxed);
+        self.get(id).await
+    }
+
+    pub async fn deregister(&self, id: &str) -> Result<(), RegistrationError> {
+        let owned = id.to_owned();
+        if !self.blocking(move |s| s.deregister(&owned)).await? {
+            return Err(RegistrationError::NotFound(format!(
+                "backend {id:?} was not registered through this API"
+            )));
+        }
+        self.beats().remove(&BackendId::new(id));
+        self.counters.deregistrations.fetch_add(1, Relaxed);
+        tracing::info!(backend = %id, "backend deregistered");
+        Ok(())
+    }
+
+    pub async fn get(&self, id: &str) -> Result<RegisteredBackend, RegistrationError> {
+        let beat = self.beats().get(&BackendId::new(id)).copied();
+        let owned = id.to_owned();
+        let row = self.blocking(move |s| s.get(&owned)).await?;
+        match (row, beat) {
+            (Some(row), Some(beat)) if !row.deleted => Ok(listed(row, beat)),
+            _ => Err(RegistrationError::NotFound(format!(
+                "backend {id:?} is not registered through this API"
+            ))),
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<RegisteredBackend>, RegistrationError> {
+        let beats: Vec<(BackendId, Beat)> =
+            self.beats().iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let rows = self
+            .blocking(move |s| {
+                beats
+                    .into_iter()
+                    .filter_map(|(id, beat)| match s.get(id.as_str()) {
+                        Ok(Some(row)) if !row.deleted => Some(Ok(listed(row, beat))),
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e)),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        let mut rows = rows;
+        rows.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(rows)
+    }
+
+    /// Marks backends whose beats stopped for the TTL unhealthy (one write each).
+    pub async fn expire(&self, now: Instant) {
+        let due: Vec<BackendId> = self
+            .beats()
+            .iter()
+            .filter(|(_, b)| !b.expired && now.duration_since(b.last) >= self.ttl)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let owned = id.to_string();
+            match self.blocking(move |s| s.set_healthy(&owned, false)).await {
+                Ok(_) => {
+                    // A beat that came in meanwhile wins.
+                    if let Some(b) = self.beats().get_mut(&id)
+                        && now.duration_since(b.last) >= self.ttl
+                    {
+                        b.expired = true;
+                    }
+                    self.counters.expirations.fetch_add(1, Relaxed);
+                    tracing::warn!(backend = %id, ttl = ?self.ttl, "no heartbeat within the TTL; out of rotation in every POP until it beats again");
+                }
+                Err(e) => {
+                    tracing::error!(backend = %id, error = %e, "cannot expire a silent backend; retrying");
+                }
+            }
+        }
+    }
+
+    /// Sweeps for silent backends until `stop`, a few times per TTL.
+    pub async fn run_expiry(self: Arc<Self>, stop: CancellationToken) {
+        let every = (self.ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => self.expire(Instant::now()).await,
+            }
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn RegistrationStore) -> Result<T, RegistrationError> + Send + 'static,
+    ) -> Result<T, RegistrationError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || f(&*store))
+            .await
+            .map_err(|e| RegistrationError::Store(format!("registration writer failed: {e}")))?
+    }
+}
+
+fn listed(row: BackendRow, beat: Beat) -> RegisteredBackend {
+    RegisteredBackend {
+        id: row.id,
+        app: row.app,
+        region: row.region,
+        country: row.country,
+        ip: row.wg_ip,
+        port: row.port,
+        healthy: row.healthy,
+        weight: row.weight,
+        soft_limit: row.soft_limit,
+        hard_limit: row.hard_limit,
+        last_heartbeat_secs: beat.last.elapsed().as_secs_f64(),
+        expired: beat.expired,
+    }
+}
