@@ -282,7 +282,7 @@ impl ProxyService {
                     }
                     let in_row = target.stats.record_connect_failure();
                     if let Some((suspects, after)) = &self.suspects
-                        && in_row % *after == 0
+                        && in_row.is_multiple_of(*after)
                     {
                         suspects.report(target.backend.id.clone(), in_row);
                     }

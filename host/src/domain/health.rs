@@ -536,7 +536,10 @@ mod tests {
         let now = Instant::now();
         assert!(h.eject(&t, &ids[0], 5, now).is_ok());
         assert!(h.eject(&t, &ids[0], 5, now).is_err(), "already ejected");
-        assert!(h.eject(&t, &ids[1], 5, now + Duration::from_secs(1)).is_ok());
+        assert!(
+            h.eject(&t, &ids[1], 5, now + Duration::from_secs(1))
+                .is_ok()
+        );
         let refused = h.eject(&t, &ids[2], 5, now).unwrap_err();
         assert!(refused.contains("2 of app app's 4"), "{refused}");
         assert!(!h.up(&ids[0]) && h.up(&ids[2]));

@@ -357,7 +357,9 @@ fn start_up_warns_about_unknown_and_unsupported_variables() {
 /// its backend, the backend is not blamed (no "connect failed", no failover) and the
 /// failure is named as the POP's own. Which descriptor runs out first (the accept's or
 /// the connect's) depends on how many the process holds at start, so two limits of
-/// different parity are tried; one of them ends on the connect.
+/// different parity are tried; one of them ends on the connect. Ejection after a single
+/// failure is on, and health checks run: neither may count this POP's own exhaustion
+/// against the backend.
 #[test]
 fn connects_that_fail_for_want_of_descriptors_blame_no_backend() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -365,13 +367,16 @@ fn connects_that_fail_for_want_of_descriptors_blame_no_backend() {
     let db = Db::new(&[Row::new("b", "sa", "BR", backend.addr)]);
     for limit in [64, 65] {
         let dir = tempfile::tempdir().unwrap();
-        let (_child, addr, log_rx) = start_logged(
+        let (mut child, addr, log_rx) = start_logged(
             edgeproxy_under_ulimit(&format!("-n {limit}"))
                 .env("EDGEPROXY_DB_PATH", &db.path)
                 .env("EDGEPROXY_NATIVE_POLICY", "1")
+                .env("EDGEPROXY_CIRCUIT_FAILURE_THRESHOLD", "1")
+                .env("EDGEPROXY_HEALTH_CHECK_ENABLED", "1")
+                .env("EDGEPROXY_HEALTH_CHECK_INTERVAL_SECS", "0.05")
                 .current_dir(dir.path()),
         );
-        let closed_early = rt.block_on(async {
+        let held = rt.block_on(async {
             let mut held = Vec::new();
             for _ in 0..limit {
                 let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -384,16 +389,16 @@ fn connects_that_fail_for_want_of_descriptors_blame_no_backend() {
                 match read {
                     Ok(Ok(n)) if n > 0 => held.push(c),
                     // Accepted, then closed: the connect to the backend failed.
-                    Ok(_) => return true,
+                    Ok(_) => return Some(held),
                     // Not accepted: the accept ran out first.
-                    Err(_) => return false,
+                    Err(_) => return None,
                 }
             }
             panic!("{limit} descriptors held {} connections", held.len());
         });
-        if !closed_early {
+        let Some(held) = held else {
             continue;
-        }
+        };
         let mut log = String::new();
         while !log.contains("connection failed") {
             log += &log_rx
@@ -406,6 +411,24 @@ fn connects_that_fail_for_want_of_descriptors_blame_no_backend() {
             "a backend was blamed:\n{log}"
         );
         assert!(log.contains("this POP is out of resources"), "{log}");
+        // Descriptors free again, the backend serves; then the whole log, to the exit.
+        drop(held);
+        rt.block_on(async {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while refused("127.0.0.1", addr).await {
+                assert!(tokio::time::Instant::now() < deadline, "never served again");
+            }
+        });
+        Command::new("kill")
+            .args(["-TERM", &child.0.id().to_string()])
+            .status()
+            .unwrap();
+        child.0.wait().unwrap();
+        log.extend(log_rx.iter().map(|l| l + "\n"));
+        assert!(
+            !log.contains("down from this POP"),
+            "this POP's exhaustion ejected or failed the backend:\n{log}"
+        );
         return;
     }
     panic!("neither limit ran out on a connect");

@@ -29,7 +29,7 @@ pub const MAX_BODY: usize = 16 * 1024;
 struct State {
     registry: Arc<Registry>,
     token: Option<String>,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
 }
 
 pub async fn serve(
@@ -41,7 +41,7 @@ pub async fn serve(
     let state = Arc::new(State {
         registry,
         token,
-        started: std::time::Instant::now(),
+        started: tokio::time::Instant::now(),
     });
     http::serve(listener, "registration", shutdown, move |req| {
         let state = Arc::clone(&state);

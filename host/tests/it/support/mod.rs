@@ -24,16 +24,22 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub accepted: Arc<AtomicUsize>,
     stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
 }
 
 impl Backend {
     pub async fn start(name: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Listens on `addr` (a port another `Backend` used before, to bring it back).
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
         let (n, count, s) = (name.to_owned(), accepted.clone(), stop.clone());
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 let (mut sock, _) = tokio::select! {
                     _ = s.cancelled() => return,
@@ -52,12 +58,34 @@ impl Backend {
             addr,
             accepted,
             stop,
+            task: Some(task),
         }
     }
 
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
+
+    /// Closes the listening socket (connections are refused from the return on).
+    pub async fn stop_listening(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// A server that accepts connections and never sends a byte; held until dropped.
+pub async fn silent_backend() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    (addr, task)
 }
 
 impl Drop for Backend {
@@ -435,5 +463,33 @@ pub async fn wait_until(cond: impl Fn() -> bool) {
             "condition not met within {WAIT:?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls the admin API's `/backends` until backend `id` satisfies `cond`; its entry and
+/// how long that took. Bounded by [`WAIT`].
+pub async fn wait_backend(
+    admin: SocketAddr,
+    id: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> (serde_json::Value, Duration) {
+    let started = tokio::time::Instant::now();
+    loop {
+        let all = admin_json(admin, "/backends").await;
+        let entry = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == id)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        if cond(&entry) {
+            return (entry, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "backend {id} never met the condition; last seen: {entry:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -1,0 +1,216 @@
+//! Self-registration through the API: register, heartbeat, expiry and deregistration,
+//! seen by the proxy's routing; bad requests refused with nothing written.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+/// One request with a body; the status and the body of the answer.
+async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: edgeproxy\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        req += h;
+        req += "\r\n";
+    }
+    req += "\r\n";
+    req += body;
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        body.to_owned(),
+    )
+}
+
+fn registration(id: &str, app: &str, addr: SocketAddr) -> String {
+    serde_json::json!({ "id": id, "app": app, "region": "eu", "ip": addr.ip().to_string(), "port": addr.port() }).to_string()
+}
+
+/// Register, beat, fall silent, beat again, deregister: each step reaches routing, and
+/// heartbeats alone never change the table's version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_heartbeat_expire_and_deregister_reach_routing() {
+    let fixed = Backend::start("fixed").await;
+    let joiner = Backend::start("joiner").await;
+    let db = Db::new(&[Row::new("z-fixed", "eu", "DE", fixed.addr)]);
+    let p = Proxy::start(&db, "native_policy = true\nbinding_ttl_secs = 0\n[api]\nenabled = true\nheartbeat_ttl_secs = 1\n").await;
+    let api = p.api.unwrap();
+    assert_eq!(served_by("127.0.0.1", p.addr).await, "fixed");
+
+    let (code, body) = send(
+        api,
+        "POST",
+        "/api/v1/register",
+        &[],
+        &registration("a-joiner", "app", joiner.addr),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"created\""), "{body}");
+    let (entry, _) = wait_backend(p.admin, "a-joiner", |b| b["eligible"] == true).await;
+    // No country given, none in GeoIP for 127.0.0.1: the region's.
+    assert_eq!(entry["country"], "DE");
+    assert_eq!(
+        (
+            entry["weight"].as_u64(),
+            entry["soft_limit"].as_u64(),
+            entry["hard_limit"].as_u64()
+        ),
+        (Some(2), Some(100), Some(150))
+    );
+    assert_eq!(served_by("127.0.0.1", p.addr).await, "joiner");
+
+    // Beats keep it in; they write nothing. Registering the same row again writes nothing.
+    let version = p.version();
+    for _ in 0..5 {
+        let (code, body) = send(api, "POST", "/api/v1/heartbeat/a-joiner", &[], "").await;
+        assert_eq!(code, 200, "{body}");
+    }
+    let (code, body) = send(
+        api,
+        "POST",
+        "/api/v1/register",
+        &[],
+        &registration("a-joiner", "app", joiner.addr),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(body.contains("\"unchanged\""), "{body}");
+    let (entry, _) = wait_backend(p.admin, "a-joiner", |_| true).await;
+    assert!(
+        entry["heartbeat_age_secs"].as_f64().unwrap() < 1.0,
+        "{entry:#}"
+    );
+    assert_eq!(p.version(), version, "heartbeats changed the table");
+
+    // Silent for the TTL: out of rotation (in the table, so in every POP).
+    let (entry, took) = wait_backend(p.admin, "a-joiner", |b| b["healthy"] == false).await;
+    assert!(took.as_secs_f64() < 3.0, "expired after {took:?}");
+    assert!(entry["heartbeat_age_secs"].as_f64().unwrap() >= 1.0);
+    assert_eq!(served_by("127.0.0.1", p.addr).await, "fixed");
+    let listed = send(api, "GET", "/api/v1/backends/a-joiner", &[], "")
+        .await
+        .1;
+    assert!(listed.contains("\"expired\": true"), "{listed}");
+
+    // A beat brings it back.
+    assert_eq!(
+        send(api, "POST", "/api/v1/heartbeat/a-joiner", &[], "")
+            .await
+            .0,
+        200
+    );
+    wait_backend(p.admin, "a-joiner", |b| b["healthy"] == true).await;
+    assert_eq!(served_by("127.0.0.1", p.addr).await, "joiner");
+
+    let (code, list) = send(api, "GET", "/api/v1/backends", &[], "").await;
+    assert_eq!(code, 200);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["total"], 1, "only registered backends: {list:#}");
+
+    assert_eq!(
+        send(api, "DELETE", "/api/v1/backends/a-joiner", &[], "")
+            .await
+            .0,
+        200
+    );
+    wait_backend(p.admin, "a-joiner", |b| b.is_null()).await;
+    assert_eq!(served_by("127.0.0.1", p.addr).await, "fixed");
+    assert_eq!(
+        send(api, "POST", "/api/v1/heartbeat/a-joiner", &[], "")
+            .await
+            .0,
+        404
+    );
+    // Operators' rows are not the API's to delete.
+    assert_eq!(
+        send(api, "DELETE", "/api/v1/backends/z-fixed", &[], "")
+            .await
+            .0,
+        404
+    );
+    let health = send(api, "GET", "/health", &[], "").await;
+    assert_eq!(health.0, 200);
+    assert!(health.1.contains("\"status\": \"ok\""));
+    p.stop().await;
+}
+
+/// Each bad registration gets a 4xx naming its problem, and the table is not written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_registrations_are_refused_with_nothing_written() {
+    let b = Backend::start("b").await;
+    let db = Db::new(&[Row::new("taken", "eu", "DE", b.addr)]);
+    let p = Proxy::start(&db, "[api]\nenabled = true\ntoken = \"s3cret\"\n").await;
+    let api = p.api.unwrap();
+    let auth = ["Authorization: Bearer s3cret"];
+    let version = p.version();
+    let big = format!("{{\"id\": \"{}\"}}", "x".repeat(20_000));
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("{\"id\": ".into(), 400, "invalid registration"),
+        (r#"{"id": "n", "app": "app", "region": "eu", "ip": "127.0.0.1"}"#.into(), 400, "missing field `port`"),
+        (r#"{"id": "n", "app": "app", "region": "eu", "ip": "127.0.0.1", "port": 70000}"#.into(), 422, "port 70000 is out of range"),
+        (r#"{"id": "n", "app": "app", "region": "eu", "ip": "not-an-ip", "port": 80}"#.into(), 422, "not an IP address"),
+        (r#"{"id": "n", "app": "app", "region": "eu", "ip": "127.0.0.1", "port": 80, "wieght": 3}"#.into(), 400, "unknown field `wieght`"),
+        (r#"{"id": "n", "app": "app", "region": "eu", "ip": "127.0.0.1", "port": 80, "country": "Germany"}"#.into(), 422, "country"),
+        (r#"{"id": "taken", "app": "other", "region": "eu", "ip": "127.0.0.1", "port": 80}"#.into(), 409, "belongs to app"),
+        (r#"{"id": " ", "app": "app", "region": "eu", "ip": "127.0.0.1", "port": 80}"#.into(), 422, "id must not be empty"),
+        (r#"{"id": "n", "app": "app", "region": "eu", "ip": "127.0.0.1", "port": 0}"#.into(), 422, "port 0"),
+        (big, 413, "over 16384 bytes"),
+    ];
+    for (body, code, needle) in &cases {
+        let (got, answer) = send(api, "POST", "/api/v1/register", &auth, body).await;
+        assert_eq!(got, *code, "{body:.80}: {answer}");
+        assert!(answer.contains(needle), "{body:.80}: {answer}");
+    }
+    // Without the token: refused, even a valid registration.
+    let valid = registration("n", "app", b.addr);
+    assert_eq!(
+        send(api, "POST", "/api/v1/register", &[], &valid).await.0,
+        401
+    );
+    assert_eq!(
+        send(
+            api,
+            "POST",
+            "/api/v1/register",
+            &["Authorization: Bearer wrong"],
+            &valid
+        )
+        .await
+        .0,
+        401
+    );
+
+    let rows = edgeproxy::adapters::outbound::sqlite_editor::RoutingEditor::open(&db.path)
+        .unwrap()
+        .list(None, true)
+        .unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].app, "app");
+    assert_eq!(p.version(), version);
+    // The valid one, with the token, goes through.
+    assert_eq!(
+        send(api, "POST", "/api/v1/register", &auth, &valid).await.0,
+        200
+    );
+    p.stop().await;
+}
