@@ -239,7 +239,30 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let db = target
                 .db
                 .map_or_else(|| tools().map(|c| c.settings.db_path), Ok)?;
-            routing_cli::backend(&db, command, target.json)
+            let live = match &command {
+                routing_cli::BackendCommand::List { live: true, .. } => {
+                    let Some(admin) = tools()?.admin else {
+                        anyhow::bail!(
+                            "--live reads the running proxy's admin API, and admin_addr is empty"
+                        );
+                    };
+                    let body = runtime(1)?.block_on(cluster_cli::get(
+                        admin.addr,
+                        "/backends",
+                        admin.token,
+                    ))?;
+                    let entries: Vec<serde_json::Value> = serde_json::from_slice(&body)
+                        .context("the admin API's /backends answer")?;
+                    Some(
+                        entries
+                            .into_iter()
+                            .filter_map(|e| Some((e["id"].as_str()?.to_owned(), e)))
+                            .collect(),
+                    )
+                }
+                _ => None,
+            };
+            routing_cli::backend(&db, command, target.json, live)
         }
         Some(Command::Db { command, target }) => {
             let db = target

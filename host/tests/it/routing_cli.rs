@@ -280,3 +280,38 @@ async fn a_write_reports_its_own_row_whatever_else_the_table_holds() {
     let row: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(row[0]["id"], "good");
 }
+
+/// `backend list --live` joins the running proxy's view: a backend down by this POP's
+/// checks shows as such, with the check's last result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_live_shows_this_pops_checks() {
+    let up = Backend::start("up").await;
+    let down = refusing_addr().await;
+    let db = Db::new(&[
+        Row::new("alive", "eu", "DE", up.addr),
+        Row::new("dead", "eu", "DE", down),
+    ]);
+    let p = Proxy::start(
+        &db,
+        "[health_check]\nenabled = true\ninterval_secs = 0.1\nfall = 1\n",
+    )
+    .await;
+    wait_backend(p.admin, "dead", |b| b["up_here"] == false).await;
+    let admin = p.admin.to_string();
+    let table = ok(
+        &db.path,
+        &["--admin-addr", &admin, "backend", "list", "--live"],
+    )
+    .await;
+    let dead = table.lines().find(|l| l.starts_with("dead")).unwrap();
+    assert!(dead.contains("down (connect:"), "{table}");
+    let alive = table.lines().find(|l| l.starts_with("alive")).unwrap();
+    assert!(alive.contains("up (passed in"), "{table}");
+    let json = rows(
+        &db.path,
+        &["--admin-addr", &admin, "backend", "list", "--live"],
+    )
+    .await;
+    assert_eq!(json[1]["live"]["check"]["state"], "down", "{json:#?}");
+    p.stop().await;
+}

@@ -18,6 +18,10 @@ pub enum BackendCommand {
         /// Include removed (soft-deleted) backends.
         #[arg(long)]
         all: bool,
+        /// Join the running proxy's view (its admin API): up here or not, the last
+        /// health check, ejection and its backoff, heartbeat age.
+        #[arg(long)]
+        live: bool,
     },
     /// Add a backend.
     Add(AddArgs),
@@ -93,12 +97,24 @@ pub enum DbCommand {
     Import { file: PathBuf },
 }
 
-/// Runs one `backend` command on the database at `db`.
-pub fn backend(db: &Path, command: BackendCommand, json: bool) -> anyhow::Result<()> {
+/// A running proxy's `/backends` entries, by id.
+pub type Live = std::collections::HashMap<String, serde_json::Value>;
+
+/// Runs one `backend` command on the database at `db`; `live` is the running proxy's
+/// view for `list --live`.
+pub fn backend(
+    db: &Path,
+    command: BackendCommand,
+    json: bool,
+    live: Option<Live>,
+) -> anyhow::Result<()> {
     let mut editor = RoutingEditor::open(db)?;
     let row = match command {
-        BackendCommand::List { app, all } => {
+        BackendCommand::List { app, all, .. } => {
             let rows = editor.list(app.as_deref(), all)?;
+            if let Some(live) = live {
+                return print_live(&rows, &live, json);
+            }
             if json {
                 // With replication on, each row's version: when, and which POP wrote it.
                 let versions = editor.versions()?;
@@ -199,6 +215,70 @@ struct VersionJson {
     written_at: String,
     node: String,
     hlc: u64,
+}
+
+/// Rows with this POP's view of each: JSON adds it as `live`; the table as columns.
+fn print_live(rows: &[BackendRow], live: &Live, json: bool) -> anyhow::Result<()> {
+    if json {
+        let joined: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                v["live"] = live.get(&r.id).cloned().unwrap_or_default();
+                v
+            })
+            .collect();
+        return emit(true, &joined, String::new);
+    }
+    let header = [
+        "ID",
+        "APP",
+        "ADDRESS",
+        "HEALTHY",
+        "HERE",
+        "CHECK",
+        "EJECTED",
+        "HEARTBEAT",
+    ];
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let l = live.get(&r.id);
+            let field = |f: &dyn Fn(&serde_json::Value) -> Option<String>| {
+                l.and_then(f).unwrap_or_else(|| "-".into())
+            };
+            vec![
+                r.id.clone(),
+                r.app.clone(),
+                format!("{}:{}", r.wg_ip, r.port),
+                yes_no(r.healthy),
+                field(&|l| {
+                    Some(match (l["up_here"].as_bool()?, l["app_in_panic"] == true) {
+                        (_, true) => "panic".into(),
+                        (up, false) => yes_no(up),
+                    })
+                }),
+                field(&|l| {
+                    let c = l.get("check").filter(|c| !c.is_null())?;
+                    Some(format!(
+                        "{} ({})",
+                        c["state"].as_str()?,
+                        c["last_result"].as_str().unwrap_or("not yet")
+                    ))
+                }),
+                field(&|l| {
+                    let e = l.get("ejection").filter(|e| !e.is_null())?;
+                    Some(format!(
+                        "{:.0}s left: {}",
+                        e["remaining_secs"].as_f64()?,
+                        e["reason"].as_str()?
+                    ))
+                }),
+                field(&|l| Some(format!("{:.0}s ago", l["heartbeat_age_secs"].as_f64()?))),
+            ]
+        })
+        .collect();
+    emit(false, &rows, || cli_output::render(&header, &cells))
 }
 
 fn print_rows(rows: &[BackendRow], with_deleted: bool, json: bool) -> anyhow::Result<()> {
