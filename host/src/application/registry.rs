@@ -233,6 +233,9 @@ impl Registry {
     pub async fn heartbeat(&self, id: &str) -> Result<RegisteredBackend, RegistrationError> {
         let key = BackendId::new(id);
         let known = self.beats().get(&key).copied();
+        // A backend registered elsewhere is adopted; if its POP expired it (the backend
+        // moved here because that POP went away), this beat brings it back.
+        let mut revive = known.is_some_and(|b| b.expired);
         if known.is_none() {
             let owned = id.to_owned();
             if !self.blocking(move |s| s.adopt(&owned)).await? {
@@ -240,9 +243,14 @@ impl Registry {
                     "backend {id:?} is not registered; register it first (POST /api/v1/register)"
                 )));
             }
+            let owned = id.to_owned();
+            revive = self
+                .blocking(move |s| s.get(&owned))
+                .await?
+                .is_some_and(|row| !row.healthy);
             tracing::info!(backend = %id, "heartbeat for a backend registered elsewhere; adopted");
         }
-        if known.is_some_and(|b| b.expired) {
+        if revive {
             let owned = id.to_owned();
             self.blocking(move |s| s.set_healthy(&owned, true)).await?;
             self.counters.revivals.fetch_add(1, Relaxed);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{Backend, served_by};
+use crate::support::{Backend, registration, send, served_by};
 
 /// Longest any convergence may take here (sync rounds run every 300 ms).
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -695,4 +695,91 @@ async fn plaintext_mode_is_chosen_explicitly_and_cannot_join_an_authenticated_cl
             .all(|m| m["name"] != "secure"),
         "{s}"
     );
+}
+
+/// A backend registers at one POP and is routed at the other; its heartbeats stop and it
+/// leaves rotation in both; a heartbeat at the other POP adopts it and brings it back
+/// everywhere. Heartbeats in between write nothing anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_and_its_expiry_reach_every_pop() {
+    let fleet = Fleet::new();
+    let api_a = SocketAddr::new(fleet.ip(1), 8081);
+    let api_b = SocketAddr::new(fleet.ip(2), 8081);
+    // a expires silent backends after 1 s; b, which adopts one later, only after 30 s.
+    let (listen_a, listen_b) = (api_a.to_string(), api_b.to_string());
+    fn api<'a>(listen: &'a str, ttl: &'a str) -> [(&'a str, &'a str); 3] {
+        [
+            ("EDGEPROXY_API_ENABLED", "true"),
+            ("EDGEPROXY_API_LISTEN_ADDR", listen),
+            ("EDGEPROXY_HEARTBEAT_TTL_SECS", ttl),
+        ]
+    }
+    let a = fleet.pop_with("a", 1, &[], &api(&listen_a, "1"));
+    let b = fleet.pop_with("b", 2, &[1], &api(&listen_b, "30"));
+    a.wait_members(1).await;
+    b.wait_members(1).await;
+    let backend = Backend::start("joiner").await;
+    let (code, body) = send(
+        api_a,
+        "POST",
+        "/api/v1/register",
+        &[],
+        &registration("j-1", "app", backend.addr),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    // In the table at b while it beats at a ...
+    wait_row(&b, "j-1", true, || {
+        send(api_a, "POST", "/api/v1/heartbeat/j-1", &[], "")
+    })
+    .await;
+    // ... out of rotation at b once its beats stop for a's TTL.
+    wait_row(&b, "j-1", false, || async { (0, String::new()) }).await;
+    // A beat at b adopts it there and writes it back everywhere; then beats write nothing.
+    assert_eq!(
+        send(api_b, "POST", "/api/v1/heartbeat/j-1", &[], "")
+            .await
+            .0,
+        200
+    );
+    wait_row(&a, "j-1", true, || async { (0, String::new()) }).await;
+    let digest = converged(&[&a, &b], 1).await;
+    let sent = b.status().await.unwrap()["changes_sent"].clone();
+    for _ in 0..3 {
+        assert_eq!(
+            send(api_b, "POST", "/api/v1/heartbeat/j-1", &[], "")
+                .await
+                .0,
+            200
+        );
+    }
+    assert_eq!(b.status().await.unwrap()["changes_sent"], sent);
+    assert_eq!(converged(&[&a, &b], 1).await, digest);
+}
+
+/// Waits until `pop`'s table says `id` is `healthy`, calling `meanwhile` on each try.
+async fn wait_row<F: std::future::Future<Output = (u16, String)>>(
+    pop: &Pop,
+    id: &str,
+    healthy: bool,
+    meanwhile: impl Fn() -> F,
+) {
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    loop {
+        meanwhile().await;
+        let rows = pop.rows();
+        if rows
+            .iter()
+            .any(|r| r["id"] == id && r["healthy"] == healthy)
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id} never healthy = {healthy} at {}: {rows:?}\n{}",
+            pop.name,
+            pop.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

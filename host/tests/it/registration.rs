@@ -1,49 +1,7 @@
 //! Self-registration through the API: register, heartbeat, expiry and deregistration,
 //! seen by the proxy's routing; bad requests refused with nothing written.
 
-use std::net::SocketAddr;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 use crate::support::*;
-
-/// One request with a body; the status and the body of the answer.
-async fn send(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[&str],
-    body: &str,
-) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: edgeproxy\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for h in headers {
-        req += h;
-        req += "\r\n";
-    }
-    req += "\r\n";
-    req += body;
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (
-        head.split(' ').nth(1).unwrap().parse().unwrap(),
-        body.to_owned(),
-    )
-}
-
-fn registration(id: &str, app: &str, addr: SocketAddr) -> String {
-    serde_json::json!({ "id": id, "app": app, "region": "eu", "ip": addr.ip().to_string(), "port": addr.port() }).to_string()
-}
 
 /// Register, beat, fall silent, beat again, deregister: each step reaches routing, and
 /// heartbeats alone never change the table's version.

@@ -297,6 +297,7 @@ async fn list_live_shows_this_pops_checks() {
     )
     .await;
     wait_backend(p.admin, "dead", |b| b["up_here"] == false).await;
+    wait_backend(p.admin, "alive", |b| b["check"]["state"] == "up").await;
     let admin = p.admin.to_string();
     let table = ok(
         &db.path,

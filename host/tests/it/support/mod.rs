@@ -427,23 +427,46 @@ pub async fn wait_reload_attempts(
 
 /// One HTTP/1.1 request to `addr`; the status code and the body.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
+    send(addr, method, path, headers, "").await
+}
+
+/// One HTTP/1.1 request with a (JSON) body; the status code and the body of the answer.
+pub async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: edgeproxy\r\nConnection: close\r\n");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: edgeproxy\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
     for h in headers {
         req.push_str(h);
         req.push_str("\r\n");
     }
-    req.push_str("Content-Length: 0\r\n\r\n");
+    req.push_str("\r\n");
+    req.push_str(body);
     s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
         .await
-        .expect("admin answer")
+        .expect("an HTTP answer")
         .unwrap();
     let text = String::from_utf8(raw).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
     let code = head.split(' ').nth(1).unwrap().parse().unwrap();
     (code, body.to_owned())
+}
+
+/// A registration as edgeProxy's API takes it: `id` of `app` in region eu at `addr`.
+pub fn registration(id: &str, app: &str, addr: SocketAddr) -> String {
+    serde_json::json!({ "id": id, "app": app, "region": "eu", "ip": addr.ip().to_string(), "port": addr.port() }).to_string()
 }
 
 /// GET `path` from the admin API as JSON, expecting 200.

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""What local health and self-registration cost, with a real edgeproxy on loopback
+(docs/OPERATING.md, docs/PERFORMANCE.md).
+
+    python3 bench/health.py                     # both tests
+    TESTS=checks BACKENDS=10000 WINDOW=30 python3 bench/health.py
+
+Tests:
+  checks      BACKENDS rows (default 10,000) spread over 50 listeners on 127.0.3.x, checked
+              every INTERVAL s (default 5): the proxy's CPU over WINDOW seconds with checks
+              on, against the same proxy and table with checks off, as a share of one core;
+              and the checks done (from /metrics) in the window.
+  heartbeats  REGISTERED backends (default 1,000) registered through the API, each beating
+              every BEAT s (default 10) for WINDOW seconds: routing table versions in the
+              window (heartbeats must write nothing) and the proxy's CPU.
+The proxy runs on one worker thread (EDGEPROXY_WORKER_THREADS=1). Loopback only, bounded in
+time and count; stops only the processes it started.
+"""
+import http.client, json, os, socket, sqlite3, subprocess, sys, tempfile, threading, time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("EDGEPROXY_BIN", os.path.join(ROOT, "target/release/edgeproxy"))
+TESTS = os.environ.get("TESTS", "checks,heartbeats").split(",")
+BACKENDS = int(os.environ.get("BACKENDS", "10000"))
+INTERVAL = float(os.environ.get("INTERVAL", "5"))
+REGISTERED = int(os.environ.get("REGISTERED", "1000"))
+BEAT = float(os.environ.get("BEAT", "10"))
+WINDOW = float(os.environ.get("WINDOW", "30"))
+LISTENERS = 50
+TICK = os.sysconf("SC_CLK_TCK")
+procs = []
+
+
+class Sink:
+    """Listeners that accept and close at once, on threads (their CPU is not measured)."""
+
+    def __init__(self, n):
+        self.addrs, self.socks = [], []
+        for i in range(n):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((f"127.0.3.{1 + i % 250}", 0))
+            s.listen(4096)
+            self.addrs.append(s.getsockname())
+            self.socks.append(s)
+            threading.Thread(target=self.serve, args=(s,), daemon=True).start()
+
+    @staticmethod
+    def serve(s):
+        while True:
+            try:
+                c, _ = s.accept()
+                c.close()
+            except OSError:
+                return
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def get(addr, path):
+    with urllib.request.urlopen(f"http://{addr}{path}", timeout=5) as r:
+        body = r.read()
+    return json.loads(body) if path != "/metrics" else body.decode()
+
+
+def counter(text, prefix):
+    return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(prefix))
+
+
+def start(work, name, env_extra):
+    db = os.path.join(work, f"{name}.db")
+    admin = f"127.0.2.{len(procs) + 1}:9090"
+    env = dict(os.environ)
+    env.update({
+        "EDGEPROXY_DB_PATH": db, "EDGEPROXY_LISTEN_ADDR": f"127.0.2.{len(procs) + 1}:8080",
+        "EDGEPROXY_ADMIN_ADDR": admin, "EDGEPROXY_WORKER_THREADS": "1",
+        "EDGEPROXY_NATIVE_POLICY": "1",
+    })
+    env.update(env_extra)
+    log = open(os.path.join(work, f"{name}.log"), "a")
+    p = subprocess.Popen([BIN], env=env, stdout=subprocess.DEVNULL, stderr=log)
+    procs.append(p)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            get(admin, "/status")
+            return p, admin
+        except Exception:
+            if p.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"{name} did not start; see {work}/{name}.log")
+            time.sleep(0.1)
+
+
+def table(path, rows):
+    subprocess.run([BIN, "db", "init", "--db", path], check=True, capture_output=True)
+    con = sqlite3.connect(path)
+    con.executemany(
+        "INSERT INTO backends (id, app, region, country, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted)"
+        " VALUES (?, 'app', 'sa', 'BR', ?, ?, 1, 1, 100, 0, 0)", rows)
+    con.commit()
+    con.close()
+
+
+def checks(work):
+    sink = Sink(LISTENERS)
+    rows = [(f"b{i:05}", sink.addrs[i % LISTENERS][0], sink.addrs[i % LISTENERS][1])
+            for i in range(BACKENDS)]
+    results = {}
+    for mode in ["off", "on"]:
+        db = os.path.join(work, f"checks-{mode}.db")
+        table(db, rows)
+        p, admin = start(work, f"checks-{mode}", {
+            "EDGEPROXY_DB_PATH": db,
+            "EDGEPROXY_HEALTH_CHECK_ENABLED": "1" if mode == "on" else "0",
+            "EDGEPROXY_HEALTH_CHECK_INTERVAL_SECS": str(INTERVAL),
+        })
+        time.sleep(INTERVAL + 2)  # settle: the first round of checks is spread over 1 s
+        m0, c0, t0 = get(admin, "/metrics"), cpu_seconds(p.pid), time.monotonic()
+        time.sleep(WINDOW)
+        m1, c1, t1 = get(admin, "/metrics"), cpu_seconds(p.pid), time.monotonic()
+        done = counter(m1, "edgeproxy_health_checks_total") - counter(m0, "edgeproxy_health_checks_total")
+        failed = counter(m1, 'edgeproxy_health_checks_total{result="failed"}') - counter(m0, 'edgeproxy_health_checks_total{result="failed"}')
+        down = sum(1 for b in get(admin, "/backends") if not b["up_here"])
+        results[mode] = ((c1 - c0) / (t1 - t0), done / (t1 - t0), failed, down)
+        p.terminate()
+        p.wait()
+    off, on = results["off"], results["on"]
+    print(f"checks: {BACKENDS} backends every {INTERVAL:g} s, {WINDOW:g} s window, one worker thread")
+    print(f"  checks off: {off[0] * 100:.2f}% of a core")
+    print(f"  checks on:  {on[0] * 100:.2f}% of a core, {on[1]:.0f} checks/s ({on[2]:.0f} failed, {on[3]} backends down at the end)")
+    print(f"  cost of the checks: {(on[0] - off[0]) * 100:.2f}% of a core "
+          f"({(on[0] - off[0]) / max(on[1], 1) * 1e6:.1f} us of CPU per check)")
+
+
+def heartbeats(work):
+    sink = Sink(1)
+    db = os.path.join(work, "beats.db")
+    subprocess.run([BIN, "db", "init", "--db", db], check=True, capture_output=True)
+    api = "127.0.2.100:8081"
+    p, admin = start(work, "beats", {
+        "EDGEPROXY_DB_PATH": db, "EDGEPROXY_API_ENABLED": "1",
+        "EDGEPROXY_API_LISTEN_ADDR": api, "EDGEPROXY_HEARTBEAT_TTL_SECS": str(int(BEAT * 3)),
+    })
+    host, port = api.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+
+    def call(method, path, body=None):
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+        if r.status != 200:
+            sys.exit(f"{method} {path}: {r.status} {data!r}")
+
+    for i in range(REGISTERED):
+        call("POST", "/api/v1/register", json.dumps({
+            "id": f"r{i:05}", "app": "app", "region": "sa", "ip": sink.addrs[0][0],
+            "port": sink.addrs[0][1]}))
+    deadline = time.monotonic() + 30
+    while get(admin, "/status")["routing"]["backends"] < REGISTERED:
+        if time.monotonic() > deadline:
+            sys.exit("the registrations never reached routing")
+        time.sleep(0.1)
+    v0, c0, t0 = get(admin, "/status")["routing"]["version"], cpu_seconds(p.pid), time.monotonic()
+    beats, next_at = 0, t0
+    gap = BEAT / REGISTERED
+    while time.monotonic() - t0 < WINDOW:
+        call("POST", f"/api/v1/heartbeat/r{beats % REGISTERED:05}")
+        beats += 1
+        next_at += gap
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    v1, c1, t1 = get(admin, "/status")["routing"]["version"], cpu_seconds(p.pid), time.monotonic()
+    expired = counter(get(admin, "/metrics"), 'edgeproxy_registrations_total{event="expired"}')
+    p.terminate()
+    p.wait()
+    minutes = (t1 - t0) / 60
+    print(f"heartbeats: {REGISTERED} registered backends beating every {BEAT:g} s, {t1 - t0:.0f} s window")
+    print(f"  {beats / (t1 - t0):.0f} heartbeats/s; table versions in the window: {v1 - v0} "
+          f"({(v1 - v0) / minutes:.1f}/min); expirations: {expired:.0f}")
+    print(f"  proxy CPU: {(c1 - c0) / (t1 - t0) * 100:.2f}% of a core "
+          f"({(c1 - c0) / max(beats, 1) * 1e6:.0f} us per heartbeat)")
+
+
+def main():
+    if not os.path.exists(BIN):
+        sys.exit(f"{BIN} missing: cargo build --release -p edgeproxy")
+    work = tempfile.mkdtemp(prefix="edgeproxy-health-")
+    try:
+        if "checks" in TESTS:
+            checks(work)
+        if "heartbeats" in TESTS:
+            heartbeats(work)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+
+
+if __name__ == "__main__":
+    main()
