@@ -4,7 +4,7 @@
 //!
 //! Heartbeats never write the table: each only refreshes a time in memory. The table is
 //! written on transitions alone: `healthy = 0` when a backend's beats stop for the TTL,
-//! `healthy = 1` when they resume, so a fleet of beating backends leaves the table's
+//! `healthy = 1` when a beat finds it out of rotation, so a fleet of beating backends leaves the table's
 //! version (and every POP's snapshot and every policy's copy) alone. The POP that takes a
 //! backend's heartbeats owns its expiry; a heartbeat for a row registered through another
 //! POP adopts it. After a restart every registered backend gets one TTL of grace.
@@ -229,42 +229,45 @@ impl Registry {
         })
     }
 
-    /// Refreshes `id`'s heartbeat; writes `healthy = 1` only if its beats had expired.
+    /// Refreshes `id`'s heartbeat. Writes only when the table says it is out of rotation
+    /// (its beats had stopped here, or at the POP it beat to before): a beating backend
+    /// is healthy. A backend registered through another POP is adopted.
     pub async fn heartbeat(&self, id: &str) -> Result<RegisteredBackend, RegistrationError> {
         let key = BackendId::new(id);
-        let known = self.beats().get(&key).copied();
-        // A backend registered elsewhere is adopted; if its POP expired it (the backend
-        // moved here because that POP went away), this beat brings it back.
-        let mut revive = known.is_some_and(|b| b.expired);
-        if known.is_none() {
+        let not_registered = || {
+            RegistrationError::NotFound(format!(
+                "backend {id:?} is not registered; register it first (POST /api/v1/register)"
+            ))
+        };
+        if !self.beats().contains_key(&key) {
             let owned = id.to_owned();
             if !self.blocking(move |s| s.adopt(&owned)).await? {
-                return Err(RegistrationError::NotFound(format!(
-                    "backend {id:?} is not registered; register it first (POST /api/v1/register)"
-                )));
+                return Err(not_registered());
             }
-            let owned = id.to_owned();
-            revive = self
-                .blocking(move |s| s.get(&owned))
-                .await?
-                .is_some_and(|row| !row.healthy);
             tracing::info!(backend = %id, "heartbeat for a backend registered elsewhere; adopted");
         }
-        if revive {
+        let owned = id.to_owned();
+        let mut row = match self.blocking(move |s| s.get(&owned)).await? {
+            Some(row) if !row.deleted => row,
+            _ => {
+                self.beats().remove(&key);
+                return Err(not_registered());
+            }
+        };
+        if !row.healthy {
             let owned = id.to_owned();
             self.blocking(move |s| s.set_healthy(&owned, true)).await?;
+            row.healthy = true;
             self.counters.revivals.fetch_add(1, Relaxed);
             tracing::info!(backend = %id, "heartbeats resumed; back in rotation");
         }
-        self.beats().insert(
-            key.clone(),
-            Beat {
-                last: Instant::now(),
-                expired: false,
-            },
-        );
+        let beat = Beat {
+            last: Instant::now(),
+            expired: false,
+        };
+        self.beats().insert(key, beat);
         self.counters.heartbeats.fetch_add(1, Relaxed);
-        self.get(id).await
+        Ok(listed(row, beat))
     }
 
     pub async fn deregister(&self, id: &str) -> Result<(), RegistrationError> {
