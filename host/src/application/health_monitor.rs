@@ -26,6 +26,9 @@ use crate::domain::{BackendId, RoutingTable};
 const MAX_IN_FLIGHT: usize = 4096;
 /// New backends (and all of them at start) are first checked within this long.
 const FIRST_CHECK_SPREAD: Duration = Duration::from_secs(1);
+/// Verdicts changing together (a network blip takes 1,000 backends down) rebuild the
+/// routing snapshot once per this long, not once each.
+const COALESCE: Duration = Duration::from_millis(20);
 
 /// Backends the proxy saw failing, waiting for the monitor to judge them.
 #[derive(Debug, Default)]
@@ -82,12 +85,14 @@ impl HealthMonitor {
         let mut due: BinaryHeap<Reverse<(Instant, BackendId)>> = BinaryHeap::new();
         let mut probes: JoinSet<(BackendId, SocketAddr, ProbeResult)> = JoinSet::new();
         self.sync_targets(&self.routing.current(), &mut targets, &mut due);
+        let (mut pending, mut refreshed) = (false, Instant::now() - COALESCE);
         loop {
             let next_due = match probes.len() < MAX_IN_FLIGHT {
                 true => due.peek().map(|Reverse((t, _))| *t),
                 false => None,
             };
-            let wake_at = [next_due, self.health.next_return()]
+            let refresh_at = pending.then_some(refreshed + COALESCE);
+            let wake_at = [next_due, self.health.next_return(), refresh_at]
                 .into_iter()
                 .flatten()
                 .min();
@@ -133,19 +138,22 @@ impl HealthMonitor {
                         let Some(Reverse((_, id))) = due.pop() else { break };
                         // Gone from the table, or its app's checks are off: dropped here.
                         let Some(target) = targets.get(&id) else { continue };
-                        let spec = self.health.rules.check_for(&target.app).clone();
-                        let addr = target.addr;
+                        let (addr, app) = (target.addr, Arc::clone(&target.app));
+                        let health = Arc::clone(&self.health);
                         probes.spawn(async move {
+                            let spec = health.rules.check_for(&app);
                             (id, addr, tcp_probe::probe(addr, &spec.probe, spec.timeout).await)
                         });
                     }
                 }
             }
-            if !changed.is_empty() {
-                for t in &changed {
-                    log(t);
-                }
+            for t in &changed {
+                log(t);
+            }
+            pending |= !changed.is_empty();
+            if pending && refreshed.elapsed() >= COALESCE {
                 self.routing.refresh_local().await;
+                (pending, refreshed) = (false, Instant::now());
             }
         }
     }

@@ -157,19 +157,30 @@ struct Ejected {
 #[derive(Debug, Clone, Default)]
 struct Entry {
     check: Option<CheckState>,
-    ejected: Option<Ejected>,
     /// Ejections in a row (the backoff multiplier); forgotten after a quiet `max`.
     ejections: u32,
     returned_at: Option<Instant>,
 }
 
 impl Entry {
-    fn up(&self) -> bool {
-        self.ejected.is_none()
-            && self
-                .check
-                .as_ref()
-                .is_none_or(|c| c.verdict != CheckVerdict::Down)
+    fn checks_up(&self) -> bool {
+        self.check
+            .as_ref()
+            .is_none_or(|c| c.verdict != CheckVerdict::Down)
+    }
+}
+
+/// The ejected backends are kept apart: the monitor asks for the next return on every
+/// wake-up, and that must not walk 10,000 entries.
+#[derive(Debug, Default)]
+struct State {
+    entries: HashMap<BackendId, Entry>,
+    ejected: HashMap<BackendId, Ejected>,
+}
+
+impl State {
+    fn up(&self, id: &BackendId) -> bool {
+        !self.ejected.contains_key(id) && self.entries.get(id).is_none_or(Entry::checks_up)
     }
 }
 
@@ -211,24 +222,24 @@ pub struct EjectionReport {
 #[derive(Debug)]
 pub struct LocalHealth {
     pub rules: HealthRules,
-    entries: Mutex<HashMap<BackendId, Entry>>,
+    state: Mutex<State>,
 }
 
 impl LocalHealth {
     pub fn new(rules: HealthRules) -> Self {
         Self {
             rules,
-            entries: Mutex::default(),
+            state: Mutex::default(),
         }
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<BackendId, Entry>> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// True unless this POP's checks or an ejection hold `id` out.
     pub fn up(&self, id: &BackendId) -> bool {
-        self.entries().get(id).is_none_or(Entry::up)
+        self.state().up(id)
     }
 
     /// Records one check of `id` at `addr`; a transition when the verdict changed.
@@ -241,9 +252,10 @@ impl LocalHealth {
         outcome: CheckOutcome,
         at: SystemTime,
     ) -> Option<Transition> {
-        let mut entries = self.entries();
-        let entry = entries.entry(id.clone()).or_default();
-        let was_up = entry.up();
+        let mut state = self.state();
+        let was_up = state.up(id);
+        let state = &mut *state;
+        let entry = state.entries.entry(id.clone()).or_default();
         let check = match &mut entry.check {
             Some(c) if c.addr == addr => c,
             slot => slot.insert(CheckState {
@@ -269,7 +281,7 @@ impl LocalHealth {
             {
                 check.verdict = CheckVerdict::Up;
             }
-            if entry.ejected.take().is_some() {
+            if state.ejected.remove(id).is_some() {
                 entry.returned_at = Some(Instant::now());
             }
         } else {
@@ -281,7 +293,7 @@ impl LocalHealth {
             }
         }
         check.last = Some((at, outcome));
-        let up = entry.up();
+        let up = state.up(id);
         (up != was_up).then(|| Transition {
             id: id.clone(),
             up,
@@ -303,21 +315,19 @@ impl LocalHealth {
             return Err("no longer in the table".into());
         };
         let app = &table.backends()[i].backend.app;
-        let mut entries = self.entries();
-        let of_app = table.candidates(Some(app));
-        let ejected = of_app
-            .iter()
-            .filter(|b| {
-                entries
-                    .get(&b.backend.id)
-                    .is_some_and(|e| e.ejected.is_some())
-            })
-            .count();
-        let cap = (of_app.len() * rules.max_percent as usize / 100).max(1);
-        let entry = entries.entry(id.clone()).or_default();
-        if entry.ejected.is_some() {
+        let mut state = self.state();
+        let state = &mut *state;
+        if state.ejected.contains_key(id) {
             return Err("already ejected".into());
         }
+        let of_app = table.candidates(Some(app));
+        let ejected = state
+            .ejected
+            .keys()
+            .filter(|e| of_app.binary_search_by(|b| b.backend.id.cmp(e)).is_ok())
+            .count();
+        let cap = (of_app.len() * rules.max_percent as usize / 100).max(1);
+        let entry = state.entries.entry(id.clone()).or_default();
         if ejected >= cap {
             return Err(format!(
                 "{ejected} of app {app}'s {} backends are ejected already (ejection_max_percent = {})",
@@ -334,51 +344,65 @@ impl LocalHealth {
         entry.ejections += 1;
         let backoff = rules.backoff(entry.ejections);
         let reason = format!("{failures} connects failed in a row");
-        entry.ejected = Some(Ejected {
-            until: now + backoff,
-            reason: reason.clone(),
-        });
+        state.ejected.insert(
+            id.clone(),
+            Ejected {
+                until: now + backoff,
+                reason: reason.clone(),
+            },
+        );
         Ok(Transition {
             id: id.clone(),
-            up: entry.up(),
+            up: false,
             why: format!("ejected for {backoff:?}: {reason}"),
         })
     }
 
     /// Ends the ejections whose backoff is over.
     pub fn expire_ejections(&self, now: Instant) -> Vec<Transition> {
-        let mut out = Vec::new();
-        for (id, entry) in self.entries().iter_mut() {
-            if entry.ejected.as_ref().is_some_and(|e| e.until <= now) {
-                entry.ejected = None;
-                entry.returned_at = Some(now);
-                out.push(Transition {
-                    id: id.clone(),
-                    up: entry.up(),
+        let mut state = self.state();
+        let over: Vec<BackendId> = state
+            .ejected
+            .iter()
+            .filter(|(_, e)| e.until <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        over.into_iter()
+            .map(|id| {
+                state.ejected.remove(&id);
+                state.entries.entry(id.clone()).or_default().returned_at = Some(now);
+                Transition {
+                    up: state.up(&id),
+                    id,
                     why: "ejection over".into(),
-                });
-            }
-        }
-        out
+                }
+            })
+            .collect()
     }
 
     /// When the next ejection ends.
     pub fn next_return(&self) -> Option<Instant> {
-        self.entries()
-            .values()
-            .filter_map(|e| e.ejected.as_ref().map(|e| e.until))
-            .min()
+        self.state().ejected.values().map(|e| e.until).min()
     }
 
     /// Forgets backends `keep` rejects (gone from the table).
     pub fn retain(&self, keep: impl Fn(&BackendId) -> bool) {
-        self.entries().retain(|id, _| keep(id));
+        let mut state = self.state();
+        state.entries.retain(|id, _| keep(id));
+        state.ejected.retain(|id, _| keep(id));
     }
 
     pub fn report(&self, id: &BackendId, now: Instant) -> HealthReport {
-        let entries = self.entries();
-        let Some(e) = entries.get(id) else {
-            return HealthReport::default();
+        let state = self.state();
+        let ejected = state.ejected.get(id);
+        let Some(e) = state.entries.get(id) else {
+            return HealthReport {
+                ejection: ejected.map(|j| EjectionReport {
+                    reason: j.reason.clone(),
+                    remaining_secs: j.until.saturating_duration_since(now).as_secs_f64(),
+                }),
+                ..HealthReport::default()
+            };
         };
         HealthReport {
             check: e.check.as_ref().map(|c| CheckReport {
@@ -391,29 +415,12 @@ impl LocalHealth {
                 }),
                 last_at: c.last.as_ref().map(|(at, _)| super::ports::timestamp(*at)),
             }),
-            ejection: e.ejected.as_ref().map(|j| EjectionReport {
+            ejection: ejected.map(|j| EjectionReport {
                 reason: j.reason.clone(),
                 remaining_secs: j.until.saturating_duration_since(now).as_secs_f64(),
             }),
             ejections_in_row: e.ejections,
         }
-    }
-
-    /// Counts for `/metrics`: backends down by checks, and ejected.
-    pub fn counts(&self) -> (usize, usize) {
-        let entries = self.entries();
-        let down = entries
-            .values()
-            .filter(|e| {
-                e.check
-                    .as_ref()
-                    .is_some_and(|c| c.verdict == CheckVerdict::Down)
-            })
-            .count();
-        (
-            down,
-            entries.values().filter(|e| e.ejected.is_some()).count(),
-        )
     }
 }
 
