@@ -815,6 +815,84 @@ mod tests {
     }
 
     #[test]
+    fn checks_take_app_overrides_and_edgeproxys_variables() {
+        let c = resolve(
+            "[health_check]\nenabled = true\ninterval_secs = 0.5\n\
+             [health_check.app.api]\ntype = \"http\"\npath = \"/healthz\"\n\
+             [health_check.app.redis]\nsend = \"PING\\r\\n\"\nexpect = \"+PONG\"\nrise = 1\n",
+            &[
+                ("EDGEPROXY_HEALTH_UNHEALTHY_THRESHOLD", "4"),
+                ("EDGEPROXY_HEALTH_CHECK_TIMEOUT_SECS", "250ms"),
+            ],
+        )
+        .unwrap();
+        let h = &c.health;
+        assert_eq!(h.check.interval, Duration::from_millis(500));
+        assert_eq!(h.check.timeout, Duration::from_millis(250));
+        assert_eq!((h.check.rise, h.check.fall), (2, 4));
+        assert_eq!(
+            h.check_for("api").probe,
+            Probe::Http {
+                path: "/healthz".into()
+            }
+        );
+        let redis = h.check_for("redis");
+        assert_eq!(
+            redis.probe,
+            Probe::Expect {
+                send: b"PING\r\n"[..].into(),
+                expect: b"+PONG"[..].into()
+            }
+        );
+        assert_eq!(
+            (redis.rise, redis.fall, redis.interval),
+            (1, 4, Duration::from_millis(500))
+        );
+        assert_eq!(h.check_for("other").probe, Probe::Connect);
+
+        let err = resolve("[health_check.app.x]\ntype = \"udp\"\nrise = 0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("health_check.app.x.type") && err.contains("health_check.app.x.rise"),
+            "{err}"
+        );
+        let err = Layer::from_toml("[health_check.app.x]\nexpekt = \"a\"").unwrap_err();
+        assert!(err.contains("expekt"), "{err}");
+        let err = resolve("", &[("EDGEPROXY_HEALTH_CHECK_INTERVAL_SECS", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("EDGEPROXY_HEALTH_CHECK_INTERVAL_SECS"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_registration_api_without_a_token_stays_on_loopback() {
+        let c = resolve("", &[("EDGEPROXY_API_ENABLED", "true")]).unwrap();
+        let api = c.api.unwrap();
+        assert_eq!(api.addr, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(api.narrowed_from, Some("0.0.0.0:8081".parse().unwrap()));
+        let c = resolve(
+            "",
+            &[
+                ("EDGEPROXY_API_ENABLED", "true"),
+                ("EDGEPROXY_API_TOKEN", "t"),
+                ("EDGEPROXY_HEARTBEAT_TTL_SECS", "30"),
+            ],
+        )
+        .unwrap();
+        let api = c.api.unwrap();
+        assert_eq!(
+            (api.addr, api.narrowed_from),
+            ("0.0.0.0:8081".parse().unwrap(), None)
+        );
+        assert_eq!(api.heartbeat_ttl, Duration::from_secs(30));
+        assert!(resolve("", &[]).unwrap().api.is_none());
+    }
+
+    #[test]
     fn the_readme_table_is_the_declarations() {
         let readme =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
