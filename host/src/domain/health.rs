@@ -267,12 +267,6 @@ impl LocalHealth {
             }),
         };
         let passed = matches!(outcome, CheckOutcome::Passed(_));
-        let why = match &outcome {
-            CheckOutcome::Passed(_) => {
-                format!("passed {} checks in a row", check.passed_in_row + 1)
-            }
-            CheckOutcome::Failed(e) => format!("check failed: {e}"),
-        };
         if passed {
             check.passed_in_row += 1;
             check.failed_in_row = 0;
@@ -292,13 +286,20 @@ impl LocalHealth {
                 check.verdict = CheckVerdict::Down;
             }
         }
-        check.last = Some((at, outcome));
-        let up = state.up(id);
-        (up != was_up).then(|| Transition {
+        let up = check.verdict != CheckVerdict::Down && !state.ejected.contains_key(id);
+        // The reason is written only for a transition: checks pass by the thousand.
+        let transition = (up != was_up).then(|| Transition {
             id: id.clone(),
             up,
-            why,
-        })
+            why: match &outcome {
+                CheckOutcome::Passed(_) => {
+                    format!("passed {} checks in a row", check.passed_in_row)
+                }
+                CheckOutcome::Failed(e) => format!("check failed: {e}"),
+            },
+        });
+        check.last = Some((at, outcome));
+        transition
     }
 
     /// Ejects `id` after `failures` consecutive failed connects, unless that would take
