@@ -1,12 +1,17 @@
 //! One health check over TCP: connect, optionally send bytes and read the start of the
 //! answer. The socket closes with a reset, as HAProxy's checks do, so checks leave no
 //! TIME_WAIT behind (10,000 backends at 5 s would otherwise hold 120,000).
+//!
+//! A connect-only check also delays its handshake's last ACK (no quick ACK) and resets
+//! as soon as the backend's SYN-ACK is in, HAProxy's trick: the backend's kernel has
+//! answered for its listening socket, its application never sees the connection, and
+//! neither side pays for an accept.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 use crate::adapters::net::{is_local_resource_error, reset_on_close};
@@ -27,7 +32,7 @@ const STATUS_LINE_MAX: usize = 512;
 pub async fn probe(addr: SocketAddr, probe: &Probe, timeout: Duration) -> ProbeResult {
     let started = Instant::now();
     let deadline = started + timeout;
-    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+    let stream = match tokio::time::timeout_at(deadline, connect(addr, probe)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) if is_local_resource_error(&e) => return ProbeResult::Local(e.to_string()),
         Ok(Err(e)) => return ProbeResult::Failed(format!("connect: {e}")),
@@ -64,6 +69,20 @@ pub async fn probe(addr: SocketAddr, probe: &Probe, timeout: Duration) -> ProbeR
         Ok(()) => ProbeResult::Passed(rtt),
         Err(e) => ProbeResult::Failed(e),
     }
+}
+
+async fn connect(addr: SocketAddr, probe: &Probe) -> std::io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    #[cfg(target_os = "linux")]
+    if *probe == Probe::Connect {
+        let _ = socket2::SockRef::from(&socket).set_tcp_quickack(false);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = probe;
+    socket.connect(addr).await
 }
 
 /// How much of the answer a check reads.
