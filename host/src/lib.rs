@@ -154,6 +154,7 @@ impl Host {
                 Some(Arc::new(
                     application::registry::Registry::new(
                         Arc::new(store),
+                        Arc::clone(&routing),
                         Arc::clone(&geo),
                         config.regions.clone(),
                         api.heartbeat_ttl,

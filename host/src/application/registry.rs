@@ -97,6 +97,8 @@ pub struct RegistryCounters {
 
 pub struct Registry {
     store: Arc<dyn RegistrationStore>,
+    /// The routing snapshot: a beat for a backend it shows healthy touches no file.
+    routing: Arc<super::routing::Routing>,
     geo: Arc<dyn GeoResolver>,
     regions: RegionMap,
     pub ttl: Duration,
@@ -108,6 +110,7 @@ impl Registry {
     /// Every backend registered here before gets one TTL from now.
     pub fn new(
         store: Arc<dyn RegistrationStore>,
+        routing: Arc<super::routing::Routing>,
         geo: Arc<dyn GeoResolver>,
         regions: RegionMap,
         ttl: Duration,
@@ -128,6 +131,7 @@ impl Registry {
             .collect();
         Ok(Self {
             store,
+            routing,
             geo,
             regions,
             ttl,
@@ -239,6 +243,24 @@ impl Registry {
                 "backend {id:?} is not registered; register it first (POST /api/v1/register)"
             ))
         };
+        let beat = Beat {
+            last: Instant::now(),
+            expired: false,
+        };
+        // The common case: registered here and healthy in the snapshot. A row expired
+        // a moment ago may still show healthy there; the next beat then revives it.
+        if let Some(known) = self.beats().get_mut(&key)
+            && let table = self.routing.current()
+            && let Ok(i) = table
+                .backends()
+                .binary_search_by(|b| b.backend.id.cmp(&key))
+            && table.backends()[i].backend.healthy
+            && !known.expired
+        {
+            *known = beat;
+            self.counters.heartbeats.fetch_add(1, Relaxed);
+            return Ok(from_snapshot(&table.backends()[i].backend, beat));
+        }
         if !self.beats().contains_key(&key) {
             let owned = id.to_owned();
             if !self.blocking(move |s| s.adopt(&owned)).await? {
@@ -261,10 +283,6 @@ impl Registry {
             self.counters.revivals.fetch_add(1, Relaxed);
             tracing::info!(backend = %id, "heartbeats resumed; back in rotation");
         }
-        let beat = Beat {
-            last: Instant::now(),
-            expired: false,
-        };
         self.beats().insert(key, beat);
         self.counters.heartbeats.fetch_add(1, Relaxed);
         Ok(listed(row, beat))
@@ -364,6 +382,23 @@ impl Registry {
         tokio::task::spawn_blocking(move || f(&*store))
             .await
             .map_err(|e| RegistrationError::Store(format!("registration writer failed: {e}")))?
+    }
+}
+
+fn from_snapshot(b: &crate::domain::Backend, beat: Beat) -> RegisteredBackend {
+    RegisteredBackend {
+        id: b.id.to_string(),
+        app: b.app.to_string(),
+        region: b.region.to_string(),
+        country: b.country.to_string(),
+        ip: b.addr.ip().to_string(),
+        port: b.addr.port(),
+        healthy: b.healthy,
+        weight: b.weight,
+        soft_limit: b.soft_limit,
+        hard_limit: b.hard_limit,
+        last_heartbeat_secs: 0.0,
+        expired: beat.expired,
     }
 }
 

@@ -354,11 +354,12 @@ fn commit_with_row(
 }
 
 fn row_by_id(conn: &Connection, id: &str) -> rusqlite::Result<Option<BackendRow>> {
-    conn.query_row(
-        &format!("SELECT {} FROM backends WHERE id = ?1", COLUMNS.join(", ")),
-        [id],
-        backend_row,
-    )
+    // Cached: the registration API reads one row per request.
+    conn.prepare_cached(&format!(
+        "SELECT {} FROM backends WHERE id = ?1",
+        COLUMNS.join(", ")
+    ))?
+    .query_row([id], backend_row)
     .optional()
 }
 
