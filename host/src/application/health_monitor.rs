@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::routing::Routing;
 use crate::adapters::outbound::tcp_probe::{self, ProbeResult};
-use crate::domain::health::{CheckOutcome, LocalHealth, Transition};
+use crate::domain::health::{CheckOutcome, LocalHealth, NotEjected, Transition};
 use crate::domain::live_stats::LiveStats;
 use crate::domain::{BackendId, RoutingTable};
 
@@ -89,6 +89,8 @@ impl HealthMonitor {
         let mut probes: JoinSet<(BackendId, SocketAddr, ProbeResult)> = JoinSet::new();
         self.sync_targets(&self.routing.current(), &mut targets, &mut due);
         let (mut pending, mut refreshed) = (false, Instant::now() - COALESCE);
+        // Refusals repeat while a capped app keeps failing: once a minute is enough.
+        let capped_log = crate::log_throttle::LogThrottle::new(Duration::from_secs(60));
         // One timer, moved as the next deadline changes, rather than a new one each turn.
         let far = || Instant::now() + Duration::from_secs(86_400);
         let sleep = tokio::time::sleep_until(far());
@@ -122,9 +124,11 @@ impl HealthMonitor {
                                 self.counters.ejections.fetch_add(1, Relaxed);
                                 changed.push(t);
                             }
-                            Err(why) if why.contains("ejection_max_percent") => {
+                            Err(NotEjected::Capped(why)) => {
                                 self.counters.ejections_capped.fetch_add(1, Relaxed);
-                                tracing::warn!(backend = %id, failures, "not ejected: {why}");
+                                if let Some(suppressed) = capped_log.allow() {
+                                    tracing::warn!(backend = %id, failures, suppressed, "not ejected: {why}");
+                                }
                             }
                             Err(_) => {}
                         }

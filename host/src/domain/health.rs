@@ -184,6 +184,16 @@ impl State {
     }
 }
 
+/// Why a backend reported failing was not ejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotEjected {
+    /// No longer in the table.
+    Gone,
+    Already,
+    /// The app's share of ejected backends is reached (the reason says how).
+    Capped(String),
+}
+
 /// A change of one backend's local verdict, for the log (each is logged once).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
@@ -310,16 +320,16 @@ impl LocalHealth {
         id: &BackendId,
         failures: u32,
         now: Instant,
-    ) -> Result<Transition, String> {
+    ) -> Result<Transition, NotEjected> {
         let rules = &self.rules.ejection;
         let Ok(i) = table.backends().binary_search_by(|b| b.backend.id.cmp(id)) else {
-            return Err("no longer in the table".into());
+            return Err(NotEjected::Gone);
         };
         let app = &table.backends()[i].backend.app;
         let mut state = self.state();
         let state = &mut *state;
         if state.ejected.contains_key(id) {
-            return Err("already ejected".into());
+            return Err(NotEjected::Already);
         }
         let of_app = table.candidates(Some(app));
         let ejected = state
@@ -330,11 +340,11 @@ impl LocalHealth {
         let cap = (of_app.len() * rules.max_percent as usize / 100).max(1);
         let entry = state.entries.entry(id.clone()).or_default();
         if ejected >= cap {
-            return Err(format!(
+            return Err(NotEjected::Capped(format!(
                 "{ejected} of app {app}'s {} backends are ejected already (ejection_max_percent = {})",
                 of_app.len(),
                 rules.max_percent
-            ));
+            )));
         }
         if entry
             .returned_at
@@ -543,12 +553,14 @@ mod tests {
         let ids: Vec<BackendId> = t.backends().iter().map(|b| b.backend.id.clone()).collect();
         let now = Instant::now();
         assert!(h.eject(&t, &ids[0], 5, now).is_ok());
-        assert!(h.eject(&t, &ids[0], 5, now).is_err(), "already ejected");
+        assert_eq!(h.eject(&t, &ids[0], 5, now), Err(NotEjected::Already));
         assert!(
             h.eject(&t, &ids[1], 5, now + Duration::from_secs(1))
                 .is_ok()
         );
-        let refused = h.eject(&t, &ids[2], 5, now).unwrap_err();
+        let NotEjected::Capped(refused) = h.eject(&t, &ids[2], 5, now).unwrap_err() else {
+            panic!("not capped")
+        };
         assert!(refused.contains("2 of app app's 4"), "{refused}");
         assert!(!h.up(&ids[0]) && h.up(&ids[2]));
         assert_eq!(h.next_return(), Some(now + Duration::from_secs(30)));
