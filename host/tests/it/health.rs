@@ -9,19 +9,24 @@ fn up(b: &serde_json::Value) -> bool {
     b["up_here"] == true
 }
 
-/// Checks every 100 ms, two to fall and two to rise: a backend that stops listening is
-/// out within about fall x interval and back within about rise x interval (a second of
-/// slack for a loaded machine), and clients go elsewhere meanwhile.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_that_stops_listening_is_out_and_back_by_the_counts() {
-    let mut a = Backend::start("a").await;
+/// Echo backends "a" and "b" (eu, DE) behind a proxy configured by `toml`.
+async fn two_backends(toml: &str) -> (Backend, Backend, Db, Proxy) {
+    let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let db = Db::new(&[
         Row::new("a", "eu", "DE", a.addr),
         Row::new("b", "eu", "DE", b.addr),
     ]);
-    let p = Proxy::start(
-        &db,
+    let p = Proxy::start(&db, toml).await;
+    (a, b, db, p)
+}
+
+/// Checks every 100 ms, two to fall and two to rise: a backend that stops listening is
+/// out within about fall x interval and back within about rise x interval (a second of
+/// slack for a loaded machine), and clients go elsewhere meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stops_listening_is_out_and_back_by_the_counts() {
+    let (mut a, _b, _db, p) = two_backends(
         "native_policy = true\nbinding_ttl_secs = 0\n[ejection]\nenabled = false\n\
          [health_check]\nenabled = true\ninterval_secs = 0.1\ntimeout_secs = 0.5\nrise = 2\nfall = 2\n",
     )
@@ -155,14 +160,7 @@ async fn consecutive_connect_failures_eject_until_the_backoff_ends() {
 /// And passive ejection never takes more than `ejection_max_percent` of an app.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_panic_rule_keeps_routing_when_every_backend_fails() {
-    let a = Backend::start("a").await;
-    let b = Backend::start("b").await;
-    let db = Db::new(&[
-        Row::new("a", "eu", "DE", a.addr),
-        Row::new("b", "eu", "DE", b.addr),
-    ]);
-    let p = Proxy::start(
-        &db,
+    let (_a, _b, _db, p) = two_backends(
         "native_policy = true\n[health_check]\nenabled = true\ninterval_secs = 0.1\n\
          expect = \"never this\"\nfall = 1\n",
     )

@@ -3,6 +3,10 @@
 
 use crate::support::*;
 
+async fn register(api: std::net::SocketAddr, body: &str) -> (u16, String) {
+    send(api, "POST", "/api/v1/register", &[], body).await
+}
+
 /// Register, beat, fall silent, beat again, deregister: each step reaches routing, and
 /// heartbeats alone never change the table's version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -14,14 +18,7 @@ async fn register_heartbeat_expire_and_deregister_reach_routing() {
     let api = p.api.unwrap();
     assert_eq!(served_by("127.0.0.1", p.addr).await, "fixed");
 
-    let (code, body) = send(
-        api,
-        "POST",
-        "/api/v1/register",
-        &[],
-        &registration("a-joiner", "app", joiner.addr),
-    )
-    .await;
+    let (code, body) = register(api, &registration("a-joiner", "app", joiner.addr)).await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"created\""), "{body}");
     let (entry, _) = wait_backend(p.admin, "a-joiner", |b| b["eligible"] == true).await;
@@ -43,14 +40,7 @@ async fn register_heartbeat_expire_and_deregister_reach_routing() {
         let (code, body) = send(api, "POST", "/api/v1/heartbeat/a-joiner", &[], "").await;
         assert_eq!(code, 200, "{body}");
     }
-    let (code, body) = send(
-        api,
-        "POST",
-        "/api/v1/register",
-        &[],
-        &registration("a-joiner", "app", joiner.addr),
-    )
-    .await;
+    let (code, body) = register(api, &registration("a-joiner", "app", joiner.addr)).await;
     assert_eq!(code, 200);
     assert!(body.contains("\"unchanged\""), "{body}");
     let (entry, _) = wait_backend(p.admin, "a-joiner", |_| true).await;
