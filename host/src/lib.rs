@@ -50,6 +50,8 @@ pub struct Host {
     /// Backends the proxy saw failing, for the health monitor.
     suspects: Arc<application::health_monitor::Suspects>,
     pub health_counters: Arc<application::health_monitor::HealthCounters>,
+    /// The shadow policy's component, when one is configured.
+    pub shadow_policy: Option<Arc<WasmPolicy>>,
     /// The WebAssembly policy, unless the native scorer was configured.
     pub wasm_policy: Option<Arc<WasmPolicy>>,
     pub telemetry: Arc<Telemetry>,
@@ -95,6 +97,23 @@ impl Host {
         Ok(host)
     }
 
+    /// The configured shadow policy, loaded and self-tested; start-up stops if it fails.
+    async fn load_shadow(
+        config: &Config,
+    ) -> anyhow::Result<Option<(Arc<WasmPolicy>, Arc<application::shadow::Shadow>)>> {
+        let Some(path) = config.policy.shadow.clone() else {
+            return Ok(None);
+        };
+        let policy = load_policy_file(config, path)
+            .await
+            .context("loading the shadow policy (shadow_policy_path)")?;
+        let shadow = Arc::new(application::shadow::Shadow::new(
+            Arc::clone(&policy) as Arc<dyn domain::ports::ShadowPolicy>,
+            config.policy.shadow_sample_percent,
+        ));
+        Ok(Some((policy, shadow)))
+    }
+
     /// A host deciding with `policy`, which is not reloaded.
     pub async fn with_policy(
         config: &Config,
@@ -117,6 +136,8 @@ impl Host {
         if repo.create_if_missing()? {
             tracing::info!(path = %s.db_path.display(), "created empty routing database");
         }
+        let shadow_policy = Self::load_shadow(config).await?;
+        let shadow = shadow_policy.as_ref().map(|(_, s)| Arc::clone(s));
         let cluster_stop = CancellationToken::new();
         let cluster = match cluster_config(config) {
             Some(cfg) => Some(
@@ -167,6 +188,7 @@ impl Host {
         let admin = Arc::new(Admin {
             health_counters: Arc::clone(&health_counters),
             registry: registry.clone(),
+            shadow: shadow.clone(),
             region: config.region.clone(),
             routing: Arc::clone(&routing),
             bindings: bindings.clone().map(|b| b as Arc<dyn BindingRepository>),
@@ -194,6 +216,7 @@ impl Host {
             },
             buffers: adapters::net::BufferPool::new(64, MAX_PIPES),
             telemetry: Arc::clone(&telemetry),
+            shadow: shadow.clone(),
             suspects: config
                 .health
                 .ejection
@@ -207,6 +230,7 @@ impl Host {
             metrics,
             suspects,
             health_counters,
+            shadow_policy: shadow_policy.map(|(p, _)| p),
             wasm_policy: None,
             telemetry,
             admin,
@@ -274,6 +298,15 @@ impl Host {
         {
             background.spawn(wasm::reload::run(
                 Arc::clone(policy),
+                path.to_owned(),
+                stop_background.clone(),
+            ));
+        }
+        if let Some(shadow) = &self.shadow_policy
+            && let Some(path) = shadow.path()
+        {
+            background.spawn(wasm::reload::run(
+                Arc::clone(shadow),
                 path.to_owned(),
                 stop_background.clone(),
             ));
@@ -419,31 +452,50 @@ pub fn policy_limits(config: &Config) -> Limits {
     }
 }
 
+/// A policy file, compiled and self-tested on a blocking thread, reloaded from `path`.
+async fn load_policy_file(
+    config: &Config,
+    path: std::path::PathBuf,
+) -> anyhow::Result<Arc<WasmPolicy>> {
+    let limits = policy_limits(config);
+    let client_regions = client_regions(config);
+    let policy = tokio::task::spawn_blocking(move || -> anyhow::Result<WasmPolicy> {
+        let runtime = Arc::new(Runtime::new(limits)?);
+        let loaded = wasm::reload::load_file(&runtime, &path)?;
+        tracing::info!(policy = %loaded.name, hash = %loaded.hash, "policy loaded");
+        Ok(WasmPolicy::new(runtime, client_regions, loaded).with_path(path))
+    })
+    .await??;
+    Ok(Arc::new(policy))
+}
+
+/// Every region a client can be placed in, for the policies' region ids.
+fn client_regions(config: &Config) -> Vec<domain::Region> {
+    let mut regions: Vec<domain::Region> = config.regions.regions().cloned().collect();
+    regions.sort();
+    regions.dedup();
+    regions
+}
+
 /// The configured WebAssembly policy, compiled and self-tested on a blocking thread; None
 /// for the native scorer. A policy that fails to load stops start-up.
 async fn load_policy(config: &Config) -> anyhow::Result<Option<Arc<WasmPolicy>>> {
-    let source = config.policy.source.clone();
-    if source == PolicySource::Native {
-        return Ok(None);
+    match config.policy.source.clone() {
+        PolicySource::Native => Ok(None),
+        PolicySource::File(path) => load_policy_file(config, path).await.map(Some),
+        PolicySource::Embedded => {
+            let limits = policy_limits(config);
+            let client_regions = client_regions(config);
+            let policy = tokio::task::spawn_blocking(move || -> anyhow::Result<WasmPolicy> {
+                let runtime = Arc::new(Runtime::new(limits)?);
+                let loaded =
+                    LoadedPolicy::load(&runtime, wasm::DEFAULT_POLICY_NAME, wasm::DEFAULT_POLICY)
+                        .context("the embedded default policy")?;
+                tracing::info!(policy = %loaded.name, hash = %loaded.hash, "policy loaded");
+                Ok(WasmPolicy::new(runtime, client_regions, loaded))
+            })
+            .await??;
+            Ok(Some(Arc::new(policy)))
+        }
     }
-    let limits = policy_limits(config);
-    let mut client_regions: Vec<domain::Region> = config.regions.regions().cloned().collect();
-    client_regions.sort();
-    client_regions.dedup();
-    let policy = tokio::task::spawn_blocking(move || -> anyhow::Result<WasmPolicy> {
-        let runtime = Arc::new(Runtime::new(limits)?);
-        let loaded = match &source {
-            PolicySource::File(path) => wasm::reload::load_file(&runtime, path)?,
-            _ => LoadedPolicy::load(&runtime, wasm::DEFAULT_POLICY_NAME, wasm::DEFAULT_POLICY)
-                .context("the embedded default policy")?,
-        };
-        tracing::info!(policy = %loaded.name, hash = %loaded.hash, "policy loaded");
-        let policy = WasmPolicy::new(runtime, client_regions, loaded);
-        Ok(match source {
-            PolicySource::File(path) => policy.with_path(path),
-            _ => policy,
-        })
-    })
-    .await??;
-    Ok(Some(Arc::new(policy)))
 }

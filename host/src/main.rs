@@ -10,7 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use edgeproxy::adapters::inbound::cli_output::emit;
 use edgeproxy::adapters::inbound::{
-    cluster_cli, config_cli, policy_build, policy_check, policy_simulate, routing_cli, tcp_server,
+    cluster_cli, config_cli, policy_build, policy_check, policy_simulate, routing_cli, shadow_cli,
+    tcp_server,
 };
 use edgeproxy::config::{Config, Flags, Layer, LogFormat, PolicySource, Scope};
 use edgeproxy::domain::Region;
@@ -137,6 +138,9 @@ enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The shadow policy on the running proxy (its admin API).
+    #[command(subcommand)]
+    Shadow(shadow_cli::ShadowCommand),
 }
 
 fn parse_load(s: &str) -> Result<(String, u32), String> {
@@ -282,6 +286,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 None => Ok(()),
                 Some(_) => Err(anyhow::anyhow!("{} would be rejected", file.display())),
             }
+        }
+        Some(Command::Policy(PolicyCommand::Shadow(shadow_cli::ShadowCommand::Status {
+            json,
+        }))) => {
+            let admin = tools()?
+                .admin
+                .context("the admin API is off (admin_addr); shadow status reads it")?;
+            let body = runtime(1)?.block_on(cluster_cli::get(
+                admin.addr,
+                "/policy/shadow",
+                admin.token,
+            ))?;
+            let report: serde_json::Value =
+                serde_json::from_slice(&body).context("the admin API's /policy/shadow answer")?;
+            emit(json, &report, || shadow_cli::render(&report))
         }
         Some(Command::Policy(PolicyCommand::Simulate {
             policy,

@@ -187,6 +187,8 @@ pub struct Admin {
     pub health_counters: Arc<super::health_monitor::HealthCounters>,
     /// The registration API's state, when it is served.
     pub registry: Option<Arc<super::registry::Registry>>,
+    /// The shadow policy's record, when one is configured.
+    pub shadow: Option<Arc<super::shadow::Shadow>>,
 }
 
 impl Admin {

@@ -2,6 +2,7 @@
 //! with no socket code of their own (bytes move in `adapters::net`).
 //!
 //! - `proxy_service`: one connection, from decision to close, with failover.
+//! - `shadow`: a second policy deciding beside the live one, only for the record.
 //! - `routing`: loads the routing table off the hot path and swaps the snapshot in.
 //! - `health_monitor`: checks, ejections and returns: this POP's verdicts, in one task.
 //! - `registry`: self-registration and heartbeats (the auto-discovery API).
@@ -15,4 +16,5 @@ pub mod health_monitor;
 pub mod proxy_service;
 pub mod registry;
 pub mod routing;
+pub mod shadow;
 pub mod telemetry;

@@ -46,6 +46,8 @@ pub struct ProxyService {
     pub settings: ProxySettings,
     pub buffers: BufferPool,
     pub telemetry: Arc<Telemetry>,
+    /// A policy deciding beside the live one, only for the record.
+    pub shadow: Option<Arc<super::shadow::Shadow>>,
     /// Where backends failing in a row are reported for ejection, and after how many
     /// (again at each multiple, in case the first was refused by the cap); None: off.
     pub suspects: Option<(Arc<Suspects>, u32)>,
@@ -141,6 +143,14 @@ impl ProxyService {
     /// The policy's pick, checked: an answer naming an ineligible or unknown candidate is
     /// replaced by the native scorer's.
     fn pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
+        let choice = self.live_pick(req, candidates);
+        if let Some(shadow) = &self.shadow {
+            shadow.observe(req, candidates, choice);
+        }
+        choice
+    }
+
+    fn live_pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
         match self.policy.pick(req, candidates) {
             Some(i) if candidates.get(i).is_some_and(RoutedBackend::is_eligible) => {
                 self.telemetry.decided(Decision::Picked);

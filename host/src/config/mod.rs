@@ -133,6 +133,10 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyConfig {
     pub source: PolicySource,
+    /// A component deciding beside the live policy, only for the record.
+    pub shadow: Option<PathBuf>,
+    /// Percentage of decisions the shadow also makes.
+    pub shadow_sample_percent: u32,
     pub timeout: Duration,
     pub memory_bytes: usize,
 }
@@ -257,6 +261,8 @@ impl Config {
                 (false, Some(p)) => PolicySource::File(p.clone()),
                 (false, None) => PolicySource::Embedded,
             },
+            shadow: s.shadow_policy_path.clone(),
+            shadow_sample_percent: s.shadow_sample_percent,
             timeout: Duration::from_millis(s.policy_timeout_ms),
             // Checked: at most 4096 MiB.
             memory_bytes: (s.policy_memory_mib as usize) << 20,

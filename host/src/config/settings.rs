@@ -60,6 +60,11 @@ crate::settings! {
     default_region: String = "us".to_owned(), env "EDGEPROXY_DEFAULT_REGION", check |v| not_blank(v);
     /// policy component (`.wasm`), watched and swapped in live; unset: the embedded geo-load
     policy_path: Option<PathBuf> = None, env "EDGEPROXY_POLICY_PATH", flag "policy";
+    /// a second policy component that decides beside the live one on real traffic, only
+    /// for the record (`GET /policy/shadow`); watched and swapped in live like the policy
+    shadow_policy_path: Option<PathBuf> = None, env "EDGEPROXY_SHADOW_POLICY_PATH", flag "shadow-policy";
+    /// share of new decisions the shadow policy also makes
+    shadow_sample_percent: u32 = 100, env "EDGEPROXY_SHADOW_SAMPLE_PERCENT", check |v| positive(v).and(at_most(v, 100));
     /// decide with the host's native scorer (no WebAssembly)
     native_policy: bool = false, env "EDGEPROXY_NATIVE_POLICY";
     /// budget of one policy call (10^6 wasm instructions per ms), at most 1000

@@ -121,6 +121,18 @@ pub trait ScoringPolicy: Send + Sync {
     fn pick(&self, request: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize>;
 }
 
+/// A policy run beside the live one, whose answers are only recorded: it never routes,
+/// and its faults never reach traffic.
+pub trait ShadowPolicy: Send + Sync {
+    /// Its answer, or what went wrong (counted by the policy).
+    fn shadow_pick(
+        &self,
+        request: &PickRequest<'_>,
+        candidates: &[RoutedBackend],
+    ) -> Result<Option<usize>, String>;
+    fn status(&self) -> PolicyStatus;
+}
+
 /// The policy side of the admin API: what is deciding, and a way to re-read it.
 pub trait PolicyControl: Send + Sync {
     fn status(&self) -> PolicyStatus;

@@ -15,4 +15,5 @@ mod policy_tools;
 mod proxy;
 mod registration;
 mod routing_cli;
+mod shadow;
 mod support;

@@ -8,6 +8,7 @@
 //! | `GET /bindings?offset=0&limit=100` | one page of bindings, ordered by client |
 //! | `DELETE /bindings/{client-ip}` | drops the client's bindings (every app) |
 //! | `POST /reload` | reloads the routing table and the policy now |
+//! | `GET /policy/shadow` | the shadow policy against the live one: agreement, pick tables, recent disagreements |
 //! | `GET /cluster` | this node, members and their SWIM state, sync times, table digest, counters |
 //!
 //! With a token configured, every route needs `Authorization: Bearer <token>`. The
@@ -67,6 +68,13 @@ impl State {
             }
             ("/status", &Method::GET) => json(StatusCode::OK, &self.admin.status()),
             ("/backends", &Method::GET) => json(StatusCode::OK, &self.admin.backends()),
+            ("/policy/shadow", &Method::GET) => match &self.admin.shadow {
+                Some(s) => json(StatusCode::OK, &s.report()),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "no shadow policy on this POP (shadow_policy_path)",
+                ),
+            },
             ("/cluster", &Method::GET) => match self.admin.cluster() {
                 Some(c) => json(StatusCode::OK, &c),
                 None => error(
@@ -90,9 +98,10 @@ impl State {
             (p, &Method::DELETE) if p.starts_with("/bindings/") => {
                 self.unbind(&p["/bindings/".len()..])
             }
-            ("/metrics" | "/status" | "/backends" | "/bindings" | "/cluster", _) => {
-                not_allowed("GET")
-            }
+            (
+                "/metrics" | "/status" | "/backends" | "/bindings" | "/cluster" | "/policy/shadow",
+                _,
+            ) => not_allowed("GET"),
             ("/reload", _) => not_allowed("POST"),
             (p, _) if p.starts_with("/bindings/") => not_allowed("DELETE"),
             _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),

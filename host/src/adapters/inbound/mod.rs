@@ -5,7 +5,7 @@
 //! - `admin_http` (the admin JSON API) and `prometheus` (its `/metrics` exposition);
 //!   `registration_http` (backends register and beat); `http`: what they share.
 //! - CLI commands: `routing_cli` (backend, db), `config_cli` (config check, show),
-//!   `policy_build`, `policy_check`, `policy_simulate`; `cli_output` formats their answers.
+//!   `policy_build`, `policy_check`, `policy_simulate`, `shadow_cli`; `cli_output` formats their answers.
 
 pub mod admin_http;
 pub mod cli_output;
@@ -20,4 +20,5 @@ pub mod prometheus;
 pub mod proxy_protocol;
 pub mod registration_http;
 pub mod routing_cli;
+pub mod shadow_cli;
 pub mod tcp_server;

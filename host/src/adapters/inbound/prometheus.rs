@@ -273,6 +273,20 @@ impl Collector for HostCollector {
                 .into_iter()
                 .map(|app| (vec![("app", app)], gauge(1))),
         )?;
+        if let Some(s) = &admin.shadow {
+            let (compared, agreed) = (s.compared.load(Relaxed), s.agreed.load(Relaxed));
+            family(
+                e,
+                "shadow_decisions",
+                "Shadow policy decisions against the live one (fault: the shadow faulted; traffic unaffected)",
+                [
+                    ("agree", agreed),
+                    ("disagree", compared - agreed),
+                    ("fault", s.faults.load(Relaxed)),
+                ]
+                .map(|(result, n)| (vec![("result", result)], counter(n))),
+            )?;
+        }
         if let Some(r) = &admin.registry {
             let c = &r.counters;
             family(

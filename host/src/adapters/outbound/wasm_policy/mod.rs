@@ -354,6 +354,34 @@ impl PolicyControl for WasmPolicy {
     }
 }
 
+/// As the shadow: every answer recorded, faults counted, no breaker and no fallback.
+impl crate::domain::ports::ShadowPolicy for WasmPolicy {
+    fn shadow_pick(
+        &self,
+        req: &PickRequest<'_>,
+        candidates: &[RoutedBackend],
+    ) -> Result<Option<usize>, String> {
+        let loaded = self.current.load();
+        match self.decide(&loaded, req, candidates) {
+            Ok(answer) => {
+                loaded.decisions.fetch_add(1, Ordering::Relaxed);
+                Ok(answer)
+            }
+            Err(f) => {
+                self.faults.count(f.kind);
+                if let Some(suppressed) = self.fault_log.allow() {
+                    tracing::warn!(policy = %loaded.name, fault = ?f.kind, cause = %f.cause, suppressed, "shadow policy fault (traffic is not affected)");
+                }
+                Err(format!("{}: {}", f.kind, f.cause))
+            }
+        }
+    }
+
+    fn status(&self) -> PolicyStatus {
+        PolicyControl::status(self)
+    }
+}
+
 impl ScoringPolicy for WasmPolicy {
     fn name(&self) -> &str {
         "wasm"

@@ -1,0 +1,143 @@
+//! A shadow policy on live traffic: real components (the embedded geo-load deciding, an
+//! example or the chaos fixture in the shadow), real connections.
+
+use edgeproxy::config::{Layer, ListenerConfig};
+
+use crate::support::*;
+
+/// The shadow (least-connections) is asked about every decision the live policy
+/// (geo-load) makes. With nothing open between connections, least connections picks the
+/// first candidate by id, so the two agree exactly on the connections geo-load sent
+/// there; the counts, the pick tables and the disagreements say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shadow_report_counts_what_both_policies_picked() {
+    let backends = [
+        Backend::start("a-us").await,
+        Backend::start("b-eu").await,
+        Backend::start("c-sa").await,
+    ];
+    let db = Db::new(&[
+        Row::new("a-us", "us", "US", backends[0].addr),
+        Row::new("b-eu", "eu", "DE", backends[1].addr),
+        Row::new("c-sa", "sa", "BR", backends[2].addr),
+    ]);
+    let shadow = policy_component("examples/policies/least-connections");
+    let p = Proxy::start(
+        &db,
+        &format!(
+            "binding_ttl_secs = 0\nshadow_policy_path = {:?}\n",
+            shadow.display().to_string()
+        ),
+    )
+    .await;
+    // BR, DE, KE (region us by fallback), JP (ap: no backend there), three rounds.
+    let mut served = Vec::new();
+    for _ in 0..3 {
+        for client in ["127.0.0.2", "127.0.0.6", "127.0.0.4", "127.0.0.5"] {
+            served.push(served_by(client, p.addr).await);
+            wait_until(|| p.active() == 0).await;
+        }
+    }
+    let first_by_id = "a-us";
+    let agreed = served.iter().filter(|s| *s == first_by_id).count() as u64;
+    assert!(
+        agreed > 0 && agreed < 12,
+        "the policies must differ somewhere: {served:?}"
+    );
+    let r = admin_json(p.admin, "/policy/shadow").await;
+    assert_eq!(r["compared"], 12, "{r:#}");
+    assert_eq!(r["agreed"], agreed, "{r:#}");
+    assert_eq!(r["disagreed"], 12 - agreed);
+    assert_eq!(r["faults"], 0);
+    for pair in r["by_backend"].as_array().unwrap() {
+        assert_eq!(pair["shadow"], first_by_id, "{r:#}");
+        let live = pair["live"].as_str().unwrap();
+        let n = served.iter().filter(|s| *s == live).count() as u64;
+        assert_eq!(pair["decisions"], n, "{live}: {r:#}");
+    }
+    let br = r["recent_disagreements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["client_country"] == "BR")
+        .expect("a BR client disagreement");
+    assert_eq!(
+        (br["live"].as_str(), br["shadow"].as_str()),
+        (Some("c-sa"), Some(first_by_id))
+    );
+    assert_eq!(br["client_region"], "sa");
+    assert_eq!(br["candidates"].as_array().unwrap().len(), 3);
+    let metrics = http(p.admin, "GET", "/metrics", &[]).await.1;
+    assert!(
+        metrics.contains(&format!(
+            "edgeproxy_shadow_decisions_total{{result=\"agree\"}} {agreed}"
+        )),
+        "{metrics}"
+    );
+    // The operator's view of the same report.
+    let admin = p.admin.to_string();
+    let text = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeproxy"))
+            .env_clear()
+            .args(["--admin-addr", &admin, "policy", "shadow", "status"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(text.contains(&format!("agreed {agreed}")), "{text}");
+    assert!(
+        text.contains("c-sa") && text.contains("recent disagreements"),
+        "{text}"
+    );
+    p.stop().await;
+}
+
+/// A shadow that traps on every decision: each one is counted as its fault, and every
+/// connection is routed by the live policy, which records no fault at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faulting_shadow_never_touches_traffic() {
+    let b = Backend::start("b").await;
+    let db = Db::new(&[Row {
+        app: "trap",
+        ..Row::new("b", "eu", "DE", b.addr)
+    }]);
+    let shadow = chaos_component();
+    let file = Layer::from_toml(&format!(
+        "binding_ttl_secs = 0\nshadow_policy_path = {:?}\n",
+        shadow.display().to_string()
+    ))
+    .unwrap();
+    let p = Proxy::start_with(
+        &db,
+        ProxyOptions {
+            file,
+            listener: Some(ListenerConfig {
+                app: Some("trap".into()),
+                ..ListenerConfig::plain("127.0.0.1:0".parse().unwrap())
+            }),
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(served_by("127.0.0.6", p.addr).await, "b");
+    }
+    let r = admin_json(p.admin, "/policy/shadow").await;
+    assert_eq!(
+        (r["faults"].as_u64(), r["compared"].as_u64()),
+        (Some(5), Some(0)),
+        "{r:#}"
+    );
+    assert_eq!(r["policy"]["faults"]["traps"], 5);
+    let status = admin_json(p.admin, "/status").await;
+    assert_eq!(status["policy"]["faults"]["traps"], 0, "{status:#}");
+    assert_eq!(status["policy"]["suspensions"], 0);
+    p.stop().await;
+}
