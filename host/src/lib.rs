@@ -72,6 +72,9 @@ pub struct Host {
     drain_timeout: Duration,
 }
 
+/// The shadow policy's component and its record, when one is configured.
+type Shadowing = Option<(Arc<WasmPolicy>, Arc<application::shadow::Shadow>)>;
+
 /// How a drain ended.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Drained {
@@ -92,19 +95,30 @@ impl Host {
             Some(w) => w.clone(),
             None => Arc::new(NativeScorer),
         };
-        let mut host = Self::assemble(config, policy, control).await?;
+        let shadow = Self::load_shadow(config, wasm_policy.as_ref()).await?;
+        let promotion = match (&wasm_policy, &shadow) {
+            (Some(live), Some((shadow, _))) => Some(Arc::new(wasm::Promotion {
+                live: Arc::clone(live),
+                shadow: Arc::clone(shadow),
+            })
+                as Arc<dyn domain::ports::PolicyPromotion>),
+            _ => None,
+        };
+        let mut host = Self::assemble(config, policy, control, shadow, promotion).await?;
         host.wasm_policy = wasm_policy;
         Ok(host)
     }
 
-    /// The configured shadow policy, loaded and self-tested; start-up stops if it fails.
+    /// The configured shadow policy, loaded and self-tested (by the live policy's engine
+    /// when it is a component); start-up stops if it fails.
     async fn load_shadow(
         config: &Config,
-    ) -> anyhow::Result<Option<(Arc<WasmPolicy>, Arc<application::shadow::Shadow>)>> {
+        live: Option<&Arc<WasmPolicy>>,
+    ) -> anyhow::Result<Shadowing> {
         let Some(path) = config.policy.shadow.clone() else {
             return Ok(None);
         };
-        let policy = load_policy_file(config, path)
+        let policy = load_policy_file(config, path, live.map(|l| Arc::clone(l.runtime())))
             .await
             .context("loading the shadow policy (shadow_policy_path)")?;
         let shadow = Arc::new(application::shadow::Shadow::new(
@@ -119,13 +133,16 @@ impl Host {
         config: &Config,
         policy: Arc<dyn ScoringPolicy>,
     ) -> anyhow::Result<Self> {
-        Self::assemble(config, policy, Arc::new(NativeScorer)).await
+        let shadow = Self::load_shadow(config, None).await?;
+        Self::assemble(config, policy, Arc::new(NativeScorer), shadow, None).await
     }
 
     async fn assemble(
         config: &Config,
         policy: Arc<dyn ScoringPolicy>,
         control: Arc<dyn PolicyControl>,
+        shadow_policy: Shadowing,
+        promotion: Option<Arc<dyn domain::ports::PolicyPromotion>>,
     ) -> anyhow::Result<Self> {
         let s = &config.settings;
         let geo: Arc<dyn GeoResolver> = Arc::new(match &s.geoip_path {
@@ -136,7 +153,6 @@ impl Host {
         if repo.create_if_missing()? {
             tracing::info!(path = %s.db_path.display(), "created empty routing database");
         }
-        let shadow_policy = Self::load_shadow(config).await?;
         let shadow = shadow_policy.as_ref().map(|(_, s)| Arc::clone(s));
         let cluster_stop = CancellationToken::new();
         let cluster = match cluster_config(config) {
@@ -189,6 +205,7 @@ impl Host {
             health_counters: Arc::clone(&health_counters),
             registry: registry.clone(),
             shadow: shadow.clone(),
+            promotion,
             region: config.region.clone(),
             routing: Arc::clone(&routing),
             bindings: bindings.clone().map(|b| b as Arc<dyn BindingRepository>),
@@ -452,15 +469,21 @@ pub fn policy_limits(config: &Config) -> Limits {
     }
 }
 
-/// A policy file, compiled and self-tested on a blocking thread, reloaded from `path`.
+/// A policy file, compiled and self-tested on a blocking thread, reloaded from `path`;
+/// with `runtime`, compiled by that engine (a shadow shares the live policy's, so it can
+/// be promoted).
 async fn load_policy_file(
     config: &Config,
     path: std::path::PathBuf,
+    runtime: Option<Arc<Runtime>>,
 ) -> anyhow::Result<Arc<WasmPolicy>> {
     let limits = policy_limits(config);
     let client_regions = client_regions(config);
     let policy = tokio::task::spawn_blocking(move || -> anyhow::Result<WasmPolicy> {
-        let runtime = Arc::new(Runtime::new(limits)?);
+        let runtime = match runtime {
+            Some(r) => r,
+            None => Arc::new(Runtime::new(limits)?),
+        };
         let loaded = wasm::reload::load_file(&runtime, &path)?;
         tracing::info!(policy = %loaded.name, hash = %loaded.hash, "policy loaded");
         Ok(WasmPolicy::new(runtime, client_regions, loaded).with_path(path))
@@ -482,7 +505,7 @@ fn client_regions(config: &Config) -> Vec<domain::Region> {
 async fn load_policy(config: &Config) -> anyhow::Result<Option<Arc<WasmPolicy>>> {
     match config.policy.source.clone() {
         PolicySource::Native => Ok(None),
-        PolicySource::File(path) => load_policy_file(config, path).await.map(Some),
+        PolicySource::File(path) => load_policy_file(config, path, None).await.map(Some),
         PolicySource::Embedded => {
             let limits = policy_limits(config);
             let client_regions = client_regions(config);

@@ -141,6 +141,22 @@ enum PolicyCommand {
     /// The shadow policy on the running proxy (its admin API).
     #[command(subcommand)]
     Shadow(shadow_cli::ShadowCommand),
+    /// Make the shadow policy live on the running proxy (after a self-test); the policy
+    /// it replaces is kept for `rollback`.
+    Promote {
+        /// Drop every binding, so each client's next connection is decided afresh.
+        #[arg(long)]
+        drop_bindings: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring back the policy that served before the last promotion.
+    Rollback {
+        #[arg(long)]
+        drop_bindings: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_load(s: &str) -> Result<(String, u32), String> {
@@ -302,6 +318,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 serde_json::from_slice(&body).context("the admin API's /policy/shadow answer")?;
             emit(json, &report, || shadow_cli::render(&report))
         }
+        Some(Command::Policy(PolicyCommand::Promote {
+            drop_bindings,
+            json,
+        })) => promotion(&tools()?, "promote", drop_bindings, json),
+        Some(Command::Policy(PolicyCommand::Rollback {
+            drop_bindings,
+            json,
+        })) => promotion(&tools()?, "rollback", drop_bindings, json),
         Some(Command::Policy(PolicyCommand::Simulate {
             policy,
             db,
@@ -333,6 +357,33 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// `policy promote` or `policy rollback`: one POST to the running proxy's admin API.
+fn promotion(config: &Config, what: &str, drop_bindings: bool, json: bool) -> anyhow::Result<()> {
+    let admin = config
+        .admin
+        .clone()
+        .with_context(|| format!("the admin API is off (admin_addr); {what} goes through it"))?;
+    let path = match drop_bindings {
+        true => format!("/policy/{what}?drop_bindings=true"),
+        false => format!("/policy/{what}"),
+    };
+    let body = runtime(1)?.block_on(cluster_cli::request(
+        admin.addr,
+        hyper::Method::POST,
+        &path,
+        admin.token,
+    ))?;
+    let done: serde_json::Value = serde_json::from_slice(&body)?;
+    emit(json, &done, || {
+        format!(
+            "live: {}\nreplaced: {}\nbindings dropped: {}\n",
+            done["live"].as_str().unwrap_or("?"),
+            done["replaced"].as_str().unwrap_or("?"),
+            done["bindings_dropped"]
+        )
+    })
 }
 
 /// One worker: a current-thread runtime, which skips the work-stealing scheduler's

@@ -189,6 +189,8 @@ pub struct Admin {
     pub registry: Option<Arc<super::registry::Registry>>,
     /// The shadow policy's record, when one is configured.
     pub shadow: Option<Arc<super::shadow::Shadow>>,
+    /// Promotion of the shadow and rollback, when both policies are components.
+    pub promotion: Option<Arc<dyn crate::domain::ports::PolicyPromotion>>,
 }
 
 impl Admin {
@@ -312,6 +314,32 @@ impl Admin {
         self.bindings
             .as_ref()
             .map_or(0, |b| b.remove_client(client.to_canonical()))
+    }
+
+    /// Makes the shadow live (`promote`) or brings back what served before (rollback);
+    /// with `drop_bindings`, every client's next connection is decided afresh by the
+    /// policy serving now (otherwise bindings made before run out by their TTL).
+    pub async fn promote(
+        &self,
+        promote: bool,
+        drop_bindings: bool,
+    ) -> Result<crate::domain::ports::Promoted, String> {
+        let Some(p) = self.promotion.clone() else {
+            return Err(match self.shadow {
+                None => "no shadow policy on this POP (shadow_policy_path)".into(),
+                Some(_) => "the live policy is the native scorer (native_policy); only a component can be replaced by the shadow".into(),
+            });
+        };
+        let mut done = tokio::task::spawn_blocking(move || match promote {
+            true => p.promote(),
+            false => p.rollback(),
+        })
+        .await
+        .map_err(|e| format!("promotion failed: {e}"))??;
+        if drop_bindings {
+            done.bindings_dropped = self.bindings.as_ref().map_or(0, |b| b.clear());
+        }
+        Ok(done)
     }
 
     /// Reloads the routing table and the policy now, whatever the timers say.

@@ -75,6 +75,8 @@ pub trait BindingRepository: Send + Sync {
     fn page(&self, offset: usize, limit: usize, now: Instant) -> (usize, Vec<BindingEntry>);
     /// Drops every binding of `client` (all apps); returns how many.
     fn remove_client(&self, client: IpAddr) -> usize;
+    /// Drops every binding; returns how many.
+    fn clear(&self) -> usize;
     fn len(&self) -> usize;
     /// Bindings evicted because the table was full.
     fn evicted(&self) -> u64 {
@@ -131,6 +133,26 @@ pub trait ShadowPolicy: Send + Sync {
         candidates: &[RoutedBackend],
     ) -> Result<Option<usize>, String>;
     fn status(&self) -> PolicyStatus;
+}
+
+/// Making the shadow policy live, and undoing it.
+pub trait PolicyPromotion: Send + Sync {
+    /// The shadow's policy serves from the next decision on (after a fresh self-test);
+    /// what served before is kept for `rollback`. Blocking.
+    fn promote(&self) -> Result<Promoted, String>;
+    /// What served before the last promotion serves again.
+    fn rollback(&self) -> Result<Promoted, String>;
+}
+
+/// What a promotion or rollback swapped.
+#[derive(Debug, Clone, Serialize)]
+pub struct Promoted {
+    /// Name and hash of the policy serving now.
+    pub live: String,
+    /// Of the one it replaced.
+    pub replaced: String,
+    /// Bindings dropped with it (when asked to).
+    pub bindings_dropped: usize,
 }
 
 /// The policy side of the admin API: what is deciding, and a way to re-read it.

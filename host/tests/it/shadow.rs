@@ -141,3 +141,91 @@ async fn a_faulting_shadow_never_touches_traffic() {
     assert_eq!(status["policy"]["suspensions"], 0);
     p.stop().await;
 }
+
+/// Promotion makes the shadow (the chaos fixture: last candidate) serve instead of
+/// geo-load, rollback brings geo-load back, and clients connecting all along see no
+/// failure. Bindings made before the promotion are dropped when asked, so the bound
+/// client moves at once; a rollback with nothing to roll back to is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_and_rollback_under_load_lose_no_connection() {
+    let a = Backend::start("a-eu").await;
+    let z = Backend::start("z-eu").await;
+    let db = Db::new(&[
+        Row::new("a-eu", "eu", "DE", a.addr),
+        Row::new("z-eu", "eu", "DE", z.addr),
+    ]);
+    let shadow = chaos_component();
+    let p = Proxy::start(
+        &db,
+        &format!("shadow_policy_path = {:?}\n", shadow.display().to_string()),
+    )
+    .await;
+    assert_eq!(served_by("127.0.0.6", p.addr).await, "a-eu");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, stop) = (p.addr, stop.clone());
+            tokio::spawn(async move {
+                let mut served = 0u32;
+                while !stop.is_cancelled() {
+                    served_by("127.0.0.6", addr).await;
+                    served += 1;
+                }
+                served
+            })
+        })
+        .collect();
+
+    let admin = p.admin.to_string();
+    let promoted = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeproxy"))
+            .env_clear()
+            .args([
+                "--admin-addr",
+                &admin,
+                "policy",
+                "promote",
+                "--drop-bindings",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        promoted["live"].as_str().unwrap().contains("chaos"),
+        "{promoted}"
+    );
+    assert!(
+        promoted["bindings_dropped"].as_u64().unwrap() >= 1,
+        "{promoted}"
+    );
+    assert_eq!(served_by("127.0.0.6", p.addr).await, "z-eu");
+
+    let (code, body) = http(p.admin, "POST", "/policy/rollback?drop_bindings=true", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    stop.cancel();
+    for task in load {
+        assert!(task.await.expect("a client failed") > 0);
+    }
+    wait_until(|| p.active() == 0).await;
+    assert_eq!(served_by("127.0.0.6", p.addr).await, "a-eu");
+    let (code, body) = http(p.admin, "POST", "/policy/rollback", &[]).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("nothing to roll back"), "{body}");
+    let metrics = http(p.admin, "GET", "/metrics", &[]).await.1;
+    assert!(
+        metrics.contains("edgeproxy_connections_no_backend_total 0"),
+        "{metrics}"
+    );
+    let status = admin_json(p.admin, "/status").await;
+    assert_eq!(status["policy"]["faults"]["traps"], 0, "{status:#}");
+    p.stop().await;
+}

@@ -9,6 +9,8 @@
 //! | `DELETE /bindings/{client-ip}` | drops the client's bindings (every app) |
 //! | `POST /reload` | reloads the routing table and the policy now |
 //! | `GET /policy/shadow` | the shadow policy against the live one: agreement, pick tables, recent disagreements |
+//! | `POST /policy/promote[?drop_bindings=true]` | makes the shadow policy live (after a self-test) |
+//! | `POST /policy/rollback[?drop_bindings=true]` | brings back the policy before the promotion |
 //! | `GET /cluster` | this node, members and their SWIM state, sync times, table digest, counters |
 //!
 //! With a token configured, every route needs `Authorization: Bearer <token>`. The
@@ -75,6 +77,27 @@ impl State {
                     "no shadow policy on this POP (shadow_policy_path)",
                 ),
             },
+            ("/policy/promote" | "/policy/rollback", &Method::POST) => {
+                let drop_bindings = match req.uri().query() {
+                    None | Some("") => false,
+                    Some("drop_bindings=true") => true,
+                    Some(q) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("unknown query {q:?} (drop_bindings=true is the only one)"),
+                        );
+                    }
+                };
+                match self
+                    .admin
+                    .promote(path == "/policy/promote", drop_bindings)
+                    .await
+                {
+                    Ok(done) => json(StatusCode::OK, &done),
+                    Err(e) => error(StatusCode::CONFLICT, &e),
+                }
+            }
+            ("/policy/promote" | "/policy/rollback", _) => not_allowed("POST"),
             ("/cluster", &Method::GET) => match self.admin.cluster() {
                 Some(c) => json(StatusCode::OK, &c),
                 None => error(

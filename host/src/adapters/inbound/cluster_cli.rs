@@ -67,6 +67,16 @@ pub async fn run(
 
 /// One GET to the local admin API.
 pub async fn get(addr: SocketAddr, path: &str, token: Option<String>) -> anyhow::Result<Vec<u8>> {
+    request(addr, hyper::Method::GET, path, token).await
+}
+
+/// One request without a body to the local admin API; the body of a 2xx answer.
+pub async fn request(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    token: Option<String>,
+) -> anyhow::Result<Vec<u8>> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| {
@@ -75,7 +85,10 @@ pub async fn get(addr: SocketAddr, path: &str, token: Option<String>) -> anyhow:
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let mut req = hyper::Request::get(path).header("host", addr.to_string());
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }

@@ -177,6 +177,10 @@ impl BindingRepository for BindingTable {
         self.remove_where(|k, _| k.client == client)
     }
 
+    fn clear(&self) -> usize {
+        self.remove_where(|_, _| true)
+    }
+
     fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)
     }

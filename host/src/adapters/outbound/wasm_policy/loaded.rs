@@ -66,7 +66,7 @@ impl LoadedPolicy {
     }
 
     /// One decision on the sample table: the policy must answer in range, in time.
-    fn self_test(&self, runtime: &Runtime) -> Result<(), LoadError> {
+    pub fn self_test(&self, runtime: &Runtime) -> Result<(), LoadError> {
         let fail = |e: wasmtime::Error| LoadError::SelfTest(super::describe(&e).1);
         let (mut store, policy) = runtime.instantiate(&self.pre, &self.name).map_err(fail)?;
         let table = RoutingTable::new(1, sample::backends("selftest"), |_| {

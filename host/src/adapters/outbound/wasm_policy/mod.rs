@@ -105,6 +105,8 @@ pub struct WasmPolicy {
     /// The file it was loaded from and is reloaded from; None for the embedded default.
     path: Option<PathBuf>,
     last_error: Mutex<Option<(SystemTime, String)>>,
+    /// What served before the last promotion, for a rollback.
+    before_promotion: Mutex<Option<Arc<LoadedPolicy>>>,
     /// Serialises reloads (the watcher and `POST /reload`) and holds the signature of
     /// the file version last tried, so an unchanged file is never compiled again.
     reloading: Mutex<Option<(u64, SystemTime)>>,
@@ -136,6 +138,7 @@ impl WasmPolicy {
             reload_events: tokio::sync::watch::Sender::new(0),
             path: None,
             last_error: Mutex::new(None),
+            before_promotion: Mutex::new(None),
             reloading: Mutex::new(None),
             file_loads: AtomicU64::new(0),
             fault_log: LogThrottle::new(std::time::Duration::from_secs(1)),
@@ -227,6 +230,44 @@ impl WasmPolicy {
         self.breaker.reset();
         self.reloads.fetch_add(1, Ordering::Relaxed);
         self.reload_events.send_modify(|n| *n += 1);
+    }
+
+    /// Makes `next` (the shadow's policy, compiled by the same runtime) serve, keeping
+    /// what served for [`Self::rollback`]. Err when `next` is already serving or was
+    /// compiled by another runtime.
+    pub fn promote(&self, next: Arc<LoadedPolicy>, runtime: &Arc<Runtime>) -> Result<(), String> {
+        if !Arc::ptr_eq(runtime, &self.runtime) {
+            return Err("the shadow was compiled by another engine".into());
+        }
+        if next.hash == self.current.load().hash {
+            return Err(format!("{} ({}) is serving already", next.name, next.hash));
+        }
+        tracing::info!(policy = %next.name, hash = %next.hash, "shadow policy promoted to live");
+        let before = self.current.swap(next);
+        *self
+            .before_promotion
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(before);
+        self.breaker.reset();
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        self.reload_events.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Brings back what served before the last promotion.
+    pub fn rollback(&self) -> Result<Arc<LoadedPolicy>, String> {
+        let before = self
+            .before_promotion
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or("nothing to roll back to: no promotion since start")?;
+        tracing::info!(policy = %before.name, hash = %before.hash, "rolled back to the policy before the promotion");
+        let promoted = self.current.swap(Arc::clone(&before));
+        self.breaker.reset();
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        self.reload_events.send_modify(|n| *n += 1);
+        Ok(promoted)
     }
 
     /// Changes after every reload attempt (swapped in or rejected).
@@ -351,6 +392,38 @@ impl PolicyControl for WasmPolicy {
 
     fn reload(&self) -> Result<bool, String> {
         self.reload_file()
+    }
+}
+
+/// The live policy and the shadow beside it, for promotion and rollback.
+pub struct Promotion {
+    pub live: Arc<WasmPolicy>,
+    pub shadow: Arc<WasmPolicy>,
+}
+
+impl crate::domain::ports::PolicyPromotion for Promotion {
+    fn promote(&self) -> Result<crate::domain::ports::Promoted, String> {
+        let next = self.shadow.current();
+        next.self_test(&self.live.runtime)
+            .map_err(|e| format!("the shadow failed its self-test: {e}"))?;
+        let replaced = self.live.current();
+        self.live
+            .promote(Arc::clone(&next), self.shadow.runtime())?;
+        Ok(crate::domain::ports::Promoted {
+            live: format!("{} ({})", next.name, next.hash),
+            replaced: format!("{} ({})", replaced.name, replaced.hash),
+            bindings_dropped: 0,
+        })
+    }
+
+    fn rollback(&self) -> Result<crate::domain::ports::Promoted, String> {
+        let promoted = self.live.rollback()?;
+        let now = self.live.current();
+        Ok(crate::domain::ports::Promoted {
+            live: format!("{} ({})", now.name, now.hash),
+            replaced: format!("{} ({})", promoted.name, promoted.hash),
+            bindings_dropped: 0,
+        })
     }
 }
 
