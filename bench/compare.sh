@@ -5,6 +5,7 @@
 #   PROXIES="edgeproxy haproxy-splice" TESTS="rate bulk1" bench/compare.sh
 #   BASELINE=/tmp/edgeproxy-old PROXIES="baseline edgeproxy" TESTS="rate idle" bench/compare.sh
 #   PROXIES="edgeproxy-native edgeproxy-trap edgeproxy" TESTS=rate bench/compare.sh
+#   PROXIES="edgeproxy-decide edgeproxy-shadow edgeproxy-decide edgeproxy-shadow" TESTS=rate bench/compare.sh
 #   (EDGEPROXY_BIN=path runs edgeproxy-native and edgeproxy-trap on another build)
 #
 # Installs HAProxy and nginx (Debian packages) when missing, builds edgeproxy and the
@@ -66,6 +67,10 @@ start_proxy() {
     # These two decide every connection (bindings off), so the policy runs each time.
     edgeproxy-native)  # the host's native scorer, no WebAssembly
       cmd=(env EDGEPROXY="${EDGEPROXY_BIN:-$bin/edgeproxy}" POLICY=native BINDINGS=0 THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
+    edgeproxy-decide)  # the embedded policy deciding every connection (bindings off)
+      cmd=(env EDGEPROXY="$bin/edgeproxy" BINDINGS=0 THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
+    edgeproxy-shadow)  # the same, with geo-load also deciding every connection as a shadow
+      cmd=(env EDGEPROXY="$bin/edgeproxy" BINDINGS=0 EDGEPROXY_SHADOW_POLICY_PATH="$root/policies/geo-load/geo-load.wasm" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     edgeproxy-trap)  # a policy that traps on every call (the test suite's chaos policy)
       cmd=(env EDGEPROXY="${EDGEPROXY_BIN:-$bin/edgeproxy}" APP=trap BINDINGS=0 EDGEPROXY_POLICY_PATH="$WORK/chaos.wasm" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     baseline)  # another edgeproxy build (BASELINE=path), for before/after runs
