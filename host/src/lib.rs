@@ -154,6 +154,13 @@ impl Host {
             tracing::info!(path = %s.db_path.display(), "created empty routing database");
         }
         let shadow = shadow_policy.as_ref().map(|(_, s)| Arc::clone(s));
+        let decisions = (s.decision_log_size > 0).then(|| {
+            Arc::new(application::decision_log::DecisionLog::new(
+                s.decision_log_size,
+                s.decision_log_sample_percent,
+                s.decision_log_truncate_clients,
+            ))
+        });
         let cluster_stop = CancellationToken::new();
         let cluster = match cluster_config(config) {
             Some(cfg) => Some(
@@ -204,6 +211,7 @@ impl Host {
         let admin = Arc::new(Admin {
             health_counters: Arc::clone(&health_counters),
             registry: registry.clone(),
+            decisions: decisions.clone(),
             shadow: shadow.clone(),
             promotion,
             region: config.region.clone(),
@@ -234,6 +242,7 @@ impl Host {
             buffers: adapters::net::BufferPool::new(64, MAX_PIPES),
             telemetry: Arc::clone(&telemetry),
             shadow: shadow.clone(),
+            decisions: decisions.clone(),
             suspects: config
                 .health
                 .ejection

@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use edgeproxy::adapters::inbound::cli_output::emit;
 use edgeproxy::adapters::inbound::{
-    cluster_cli, config_cli, policy_build, policy_check, policy_simulate, routing_cli, shadow_cli,
-    tcp_server,
+    cluster_cli, config_cli, policy_build, policy_check, policy_replay, policy_simulate,
+    routing_cli, shadow_cli, tcp_server,
 };
 use edgeproxy::config::{Config, Flags, Layer, LogFormat, PolicySource, Scope};
 use edgeproxy::domain::Region;
@@ -154,6 +154,20 @@ enum PolicyCommand {
     Rollback {
         #[arg(long)]
         drop_bindings: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a component over recorded decisions (the admin API's /decisions) on the
+    /// routing table, offline: where it would pick as the live policy did, and where not.
+    Replay {
+        #[arg(long)]
+        policy: PathBuf,
+        /// JSON lines as `GET /decisions` gives them.
+        #[arg(long)]
+        decisions: PathBuf,
+        /// Routing database (default: db_path from the configuration).
+        #[arg(long)]
+        db: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -326,6 +340,32 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             drop_bindings,
             json,
         })) => promotion(&tools()?, "rollback", drop_bindings, json),
+        Some(Command::Policy(PolicyCommand::Replay {
+            policy,
+            decisions,
+            db,
+            json,
+        })) => {
+            let config = tools()?;
+            let replay = policy_replay::replay(policy_replay::ReplayInput {
+                policy,
+                decisions,
+                db: db.unwrap_or(config.settings.db_path.clone()),
+                regions: config.regions.clone(),
+                limits: policy_limits(&config),
+            })?;
+            emit(json, &replay, || {
+                let mut text = format!(
+                    "{} decisions replayed, {} skipped\n",
+                    replay.decisions, replay.skipped
+                );
+                for why in &replay.skipped_examples {
+                    text += &format!("  skipped {why}\n");
+                }
+                let report = serde_json::to_value(&replay.report).unwrap_or_default();
+                text + &shadow_cli::render(&report)
+            })
+        }
         Some(Command::Policy(PolicyCommand::Simulate {
             policy,
             db,

@@ -189,6 +189,8 @@ pub struct Admin {
     pub registry: Option<Arc<super::registry::Registry>>,
     /// The shadow policy's record, when one is configured.
     pub shadow: Option<Arc<super::shadow::Shadow>>,
+    /// Recent decisions, sampled (None: `decision_log_size = 0`).
+    pub decisions: Option<Arc<super::decision_log::DecisionLog>>,
     /// Promotion of the shadow and rollback, when both policies are components.
     pub promotion: Option<Arc<dyn crate::domain::ports::PolicyPromotion>>,
 }

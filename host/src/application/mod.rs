@@ -6,12 +6,14 @@
 //! - `routing`: loads the routing table off the hot path and swaps the snapshot in.
 //! - `health_monitor`: checks, ejections and returns: this POP's verdicts, in one task.
 //! - `registry`: self-registration and heartbeats (the auto-discovery API).
+//! - `decision_log`: a sampled ring of recent decisions, for `GET /decisions` and replay.
 //! - `bindings_gc`: the periodic sweep of expired bindings.
 //! - `telemetry`: hot-path counters and histograms, read at scrape time.
 //! - `admin`: what the admin API and `/metrics` answer.
 
 pub mod admin;
 pub mod bindings_gc;
+pub mod decision_log;
 pub mod health_monitor;
 pub mod proxy_service;
 pub mod registry;

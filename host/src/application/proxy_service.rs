@@ -48,6 +48,8 @@ pub struct ProxyService {
     pub telemetry: Arc<Telemetry>,
     /// A policy deciding beside the live one, only for the record.
     pub shadow: Option<Arc<super::shadow::Shadow>>,
+    /// Recent decisions, sampled, for `GET /decisions` and replay.
+    pub decisions: Option<Arc<super::decision_log::DecisionLog>>,
     /// Where backends failing in a row are reported for ejection, and after how many
     /// (again at each multiple, in case the first was refused by the cap); None: off.
     pub suspects: Option<(Arc<Suspects>, u32)>,
@@ -144,6 +146,9 @@ impl ProxyService {
     /// replaced by the native scorer's.
     fn pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
         let choice = self.live_pick(req, candidates);
+        if let Some(log) = &self.decisions {
+            log.record(req, candidates, choice);
+        }
         if let Some(shadow) = &self.shadow {
             shadow.observe(req, candidates, choice);
         }

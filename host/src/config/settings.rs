@@ -65,6 +65,13 @@ crate::settings! {
     shadow_policy_path: Option<PathBuf> = None, env "EDGEPROXY_SHADOW_POLICY_PATH", flag "shadow-policy";
     /// share of new decisions the shadow policy also makes
     shadow_sample_percent: u32 = 100, env "EDGEPROXY_SHADOW_SAMPLE_PERCENT", check |v| positive(v).and(at_most(v, 100));
+    /// recent policy decisions kept for `GET /decisions` and `policy replay` (a ring);
+    /// `0` keeps none
+    decision_log_size: usize = 1000, env "EDGEPROXY_DECISION_LOG_SIZE", check |v| at_most(v, 1_000_000);
+    /// share of decisions recorded in it
+    decision_log_sample_percent: u32 = 1, env "EDGEPROXY_DECISION_LOG_SAMPLE_PERCENT", check |v| positive(v).and(at_most(v, 100));
+    /// record client addresses truncated to their /24 (IPv4) or /48 (IPv6)
+    decision_log_truncate_clients: bool = true, env "EDGEPROXY_DECISION_LOG_TRUNCATE_CLIENTS";
     /// decide with the host's native scorer (no WebAssembly)
     native_policy: bool = false, env "EDGEPROXY_NATIVE_POLICY";
     /// budget of one policy call (10^6 wasm instructions per ms), at most 1000

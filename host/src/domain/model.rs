@@ -171,6 +171,15 @@ impl BackendStats {
         self.connect_attempts.load(Ordering::Relaxed)
     }
 
+    /// Stats as a recorded decision saw them (replays and simulations).
+    pub fn recorded(active: u32, rtt_us: u64) -> Self {
+        Self {
+            active: AtomicU32::new(active),
+            rtt_us: AtomicU64::new(rtt_us),
+            ..Self::default()
+        }
+    }
+
     pub fn record_connect_attempt(&self) {
         self.connect_attempts.fetch_add(1, Ordering::Relaxed);
     }

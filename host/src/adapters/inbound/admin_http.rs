@@ -8,6 +8,7 @@
 //! | `GET /bindings?offset=0&limit=100` | one page of bindings, ordered by client |
 //! | `DELETE /bindings/{client-ip}` | drops the client's bindings (every app) |
 //! | `POST /reload` | reloads the routing table and the policy now |
+//! | `GET /decisions` | recent sampled policy decisions with their inputs, as JSON lines |
 //! | `GET /policy/shadow` | the shadow policy against the live one: agreement, pick tables, recent disagreements |
 //! | `POST /policy/promote[?drop_bindings=true]` | makes the shadow policy live (after a self-test) |
 //! | `POST /policy/rollback[?drop_bindings=true]` | brings back the policy before the promotion |
@@ -70,6 +71,13 @@ impl State {
             }
             ("/status", &Method::GET) => json(StatusCode::OK, &self.admin.status()),
             ("/backends", &Method::GET) => json(StatusCode::OK, &self.admin.backends()),
+            ("/decisions", &Method::GET) => match &self.admin.decisions {
+                Some(d) => reply(StatusCode::OK, "application/x-ndjson", d.json_lines()),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "no decisions are recorded on this POP (decision_log_size = 0)",
+                ),
+            },
             ("/policy/shadow", &Method::GET) => match &self.admin.shadow {
                 Some(s) => json(StatusCode::OK, &s.report()),
                 None => error(

@@ -5,7 +5,7 @@
 //! - `admin_http` (the admin JSON API) and `prometheus` (its `/metrics` exposition);
 //!   `registration_http` (backends register and beat); `http`: what they share.
 //! - CLI commands: `routing_cli` (backend, db), `config_cli` (config check, show),
-//!   `policy_build`, `policy_check`, `policy_simulate`, `shadow_cli`; `cli_output` formats their answers.
+//!   `policy_build`, `policy_check`, `policy_simulate`, `policy_replay`, `shadow_cli`; `cli_output` formats their answers.
 
 pub mod admin_http;
 pub mod cli_output;
@@ -15,6 +15,7 @@ pub mod file_watch;
 pub mod http;
 pub mod policy_build;
 pub mod policy_check;
+pub mod policy_replay;
 pub mod policy_simulate;
 pub mod prometheus;
 pub mod proxy_protocol;
