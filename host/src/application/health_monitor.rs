@@ -79,15 +79,27 @@ pub struct HealthMonitor {
 struct Target {
     addr: SocketAddr,
     app: Arc<str>,
+    /// Which scheduling of the id this is: a row removed and added back within one
+    /// interval leaves an old heap entry (or probe) behind, which must not schedule too.
+    generation: u64,
 }
+
+/// When a backend (of one generation) is next checked.
+type Due = BinaryHeap<Reverse<(Instant, BackendId, u64)>>;
 
 impl HealthMonitor {
     pub async fn run(self, stop: CancellationToken) {
         let mut versions = self.routing.subscribe();
         let mut targets: HashMap<BackendId, Target> = HashMap::new();
-        let mut due: BinaryHeap<Reverse<(Instant, BackendId)>> = BinaryHeap::new();
-        let mut probes: JoinSet<(BackendId, SocketAddr, ProbeResult)> = JoinSet::new();
-        self.sync_targets(&self.routing.current(), &mut targets, &mut due);
+        let mut due: Due = BinaryHeap::new();
+        let mut probes: JoinSet<(BackendId, u64, SocketAddr, ProbeResult)> = JoinSet::new();
+        let mut generation = 0;
+        self.sync_targets(
+            &self.routing.current(),
+            &mut targets,
+            &mut due,
+            &mut generation,
+        );
         let (mut pending, mut refreshed) = (false, Instant::now() - COALESCE);
         // Refusals repeat while a capped app keeps failing: once a minute is enough.
         let capped_log = crate::log_throttle::LogThrottle::new(Duration::from_secs(60));
@@ -97,7 +109,7 @@ impl HealthMonitor {
         tokio::pin!(sleep);
         loop {
             let next_due = match probes.len() < MAX_IN_FLIGHT {
-                true => due.peek().map(|Reverse((t, _))| *t),
+                true => due.peek().map(|Reverse((t, _, _))| *t),
                 false => None,
             };
             let refresh_at = pending.then_some(refreshed + COALESCE);
@@ -114,7 +126,7 @@ impl HealthMonitor {
                 _ = stop.cancelled() => return,
                 r = versions.changed() => {
                     if r.is_err() { return; }
-                    self.sync_targets(&self.routing.current(), &mut targets, &mut due);
+                    self.sync_targets(&self.routing.current(), &mut targets, &mut due, &mut generation);
                 }
                 _ = self.suspects.wake.notified() => {
                     let table = self.routing.current();
@@ -138,8 +150,8 @@ impl HealthMonitor {
                     // And every other probe already done, in the same turn.
                     let mut done = Some(done);
                     while let Some(result) = done {
-                        if let Ok((id, addr, result)) = result {
-                            changed.extend(self.judge(&id, addr, result, &targets, &mut due));
+                        if let Ok((id, generation, addr, result)) = result {
+                            changed.extend(self.judge(&id, generation, addr, result, &targets, &mut due));
                         }
                         done = probes.try_join_next();
                     }
@@ -152,17 +164,20 @@ impl HealthMonitor {
                         changed.push(t);
                     }
                     while probes.len() < MAX_IN_FLIGHT
-                        && let Some(Reverse((at, _))) = due.peek()
+                        && let Some(Reverse((at, _, _))) = due.peek()
                         && *at <= now + SLACK
                     {
-                        let Some(Reverse((_, id))) = due.pop() else { break };
-                        // Gone from the table, or its app's checks are off: dropped here.
-                        let Some(target) = targets.get(&id) else { continue };
+                        let Some(Reverse((_, id, generation))) = due.pop() else { break };
+                        // Gone from the table, its app's checks off, or scheduled anew:
+                        // dropped here.
+                        let Some(target) = targets.get(&id).filter(|t| t.generation == generation) else {
+                            continue;
+                        };
                         let (addr, app) = (target.addr, Arc::clone(&target.app));
                         let health = Arc::clone(&self.health);
                         probes.spawn(async move {
                             let spec = health.rules.check_for(&app);
-                            (id, addr, tcp_probe::probe(addr, &spec.probe, spec.timeout).await)
+                            (id, generation, addr, tcp_probe::probe(addr, &spec.probe, spec.timeout).await)
                         });
                     }
                 }
@@ -183,7 +198,8 @@ impl HealthMonitor {
         &self,
         table: &RoutingTable,
         targets: &mut HashMap<BackendId, Target>,
-        due: &mut BinaryHeap<Reverse<(Instant, BackendId)>>,
+        due: &mut Due,
+        generation: &mut u64,
     ) {
         let now = Instant::now();
         let mut next: HashMap<BackendId, Target> = HashMap::with_capacity(targets.len());
@@ -193,18 +209,23 @@ impl HealthMonitor {
             if !spec.enabled {
                 continue;
             }
-            let known = targets.remove(&b.id);
-            if known.is_none() {
-                let first = FIRST_CHECK_SPREAD
-                    .min(spec.interval)
-                    .mul_f64(fastrand::f64());
-                due.push(Reverse((now + first, b.id.clone())));
-            }
+            let generation = match targets.remove(&b.id) {
+                Some(known) => known.generation,
+                None => {
+                    *generation += 1;
+                    let first = FIRST_CHECK_SPREAD
+                        .min(spec.interval)
+                        .mul_f64(fastrand::f64());
+                    due.push(Reverse((now + first, b.id.clone(), *generation)));
+                    *generation
+                }
+            };
             next.insert(
                 b.id.clone(),
                 Target {
                     addr: b.addr,
                     app: Arc::clone(&b.app),
+                    generation,
                 },
             );
         }
@@ -215,16 +236,18 @@ impl HealthMonitor {
     fn judge(
         &self,
         id: &BackendId,
+        generation: u64,
         addr: SocketAddr,
         result: ProbeResult,
         targets: &HashMap<BackendId, Target>,
-        due: &mut BinaryHeap<Reverse<(Instant, BackendId)>>,
+        due: &mut Due,
     ) -> Option<Transition> {
-        let target = targets.get(id)?;
+        let target = targets.get(id).filter(|t| t.generation == generation)?;
         let spec = self.health.rules.check_for(&target.app);
         due.push(Reverse((
             Instant::now() + spec.next_interval(fastrand::f64()),
             id.clone(),
+            generation,
         )));
         if target.addr != addr {
             return None; // the row moved while this probe ran
