@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::routing::Routing;
 use crate::adapters::outbound::tcp_probe::{self, ProbeResult};
-use crate::domain::health::{CheckOutcome, LocalHealth, NotEjected, Transition};
+use crate::domain::health::{CheckOutcome, HealthRules, LocalHealth, NotEjected, Transition};
 use crate::domain::live_stats::LiveStats;
 use crate::domain::{BackendId, RoutingTable};
 
@@ -84,22 +84,92 @@ struct Target {
     generation: u64,
 }
 
-/// When a backend (of one generation) is next checked.
-type Due = BinaryHeap<Reverse<(Instant, BackendId, u64)>>;
+/// Which backends are checked, and when each is next: a heap of (due, id, generation).
+#[derive(Default)]
+struct Schedule {
+    targets: HashMap<BackendId, Target>,
+    due: BinaryHeap<Reverse<(Instant, BackendId, u64)>>,
+    generation: u64,
+}
+
+impl Schedule {
+    /// Follows `table`: backends of checked apps are kept, new ones first checked within
+    /// [`FIRST_CHECK_SPREAD`]; the others are forgotten (their heap entries fall out when
+    /// they come due).
+    fn sync(&mut self, table: &RoutingTable, rules: &HealthRules, now: Instant) {
+        let mut next = HashMap::with_capacity(self.targets.len());
+        for rb in table.backends() {
+            let b = &rb.backend;
+            let spec = rules.check_for(&b.app);
+            if !spec.enabled {
+                continue;
+            }
+            let generation = match self.targets.remove(&b.id) {
+                Some(known) => known.generation,
+                None => {
+                    self.generation += 1;
+                    let first = FIRST_CHECK_SPREAD
+                        .min(spec.interval)
+                        .mul_f64(fastrand::f64());
+                    self.due
+                        .push(Reverse((now + first, b.id.clone(), self.generation)));
+                    self.generation
+                }
+            };
+            let target = Target {
+                addr: b.addr,
+                app: Arc::clone(&b.app),
+                generation,
+            };
+            next.insert(b.id.clone(), target);
+        }
+        self.targets = next;
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.due.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// The next backend due by `until`, skipping entries of forgotten schedulings.
+    fn pop_due(&mut self, until: Instant) -> Option<(BackendId, u64, SocketAddr, Arc<str>)> {
+        while let Some(Reverse((at, _, _))) = self.due.peek()
+            && *at <= until
+        {
+            let Some(Reverse((_, id, generation))) = self.due.pop() else {
+                break;
+            };
+            if let Some(t) = self.targets.get(&id).filter(|t| t.generation == generation) {
+                return Some((id, generation, t.addr, Arc::clone(&t.app)));
+            }
+        }
+        None
+    }
+
+    /// A check of `id` (`generation`) finished: due again one interval from `now`. None
+    /// (and nothing scheduled) when that scheduling is gone.
+    fn reschedule(
+        &mut self,
+        id: &BackendId,
+        generation: u64,
+        rules: &HealthRules,
+        now: Instant,
+    ) -> Option<&Target> {
+        let target = self
+            .targets
+            .get(id)
+            .filter(|t| t.generation == generation)?;
+        let next = now + rules.check_for(&target.app).next_interval(fastrand::f64());
+        self.due.push(Reverse((next, id.clone(), generation)));
+        Some(target)
+    }
+}
 
 impl HealthMonitor {
     pub async fn run(self, stop: CancellationToken) {
         let mut versions = self.routing.subscribe();
-        let mut targets: HashMap<BackendId, Target> = HashMap::new();
-        let mut due: Due = BinaryHeap::new();
+        let mut schedule = Schedule::default();
         let mut probes: JoinSet<(BackendId, u64, SocketAddr, ProbeResult)> = JoinSet::new();
-        let mut generation = 0;
-        self.sync_targets(
-            &self.routing.current(),
-            &mut targets,
-            &mut due,
-            &mut generation,
-        );
+        schedule.sync(&self.routing.current(), &self.health.rules, Instant::now());
         let (mut pending, mut refreshed) = (false, Instant::now() - COALESCE);
         // Refusals repeat while a capped app keeps failing: once a minute is enough.
         let capped_log = crate::log_throttle::LogThrottle::new(Duration::from_secs(60));
@@ -109,7 +179,7 @@ impl HealthMonitor {
         tokio::pin!(sleep);
         loop {
             let next_due = match probes.len() < MAX_IN_FLIGHT {
-                true => due.peek().map(|Reverse((t, _, _))| *t),
+                true => schedule.next_due(),
                 false => None,
             };
             let refresh_at = pending.then_some(refreshed + COALESCE);
@@ -126,7 +196,7 @@ impl HealthMonitor {
                 _ = stop.cancelled() => return,
                 r = versions.changed() => {
                     if r.is_err() { return; }
-                    self.sync_targets(&self.routing.current(), &mut targets, &mut due, &mut generation);
+                    schedule.sync(&self.routing.current(), &self.health.rules, Instant::now());
                 }
                 _ = self.suspects.wake.notified() => {
                     let table = self.routing.current();
@@ -151,7 +221,7 @@ impl HealthMonitor {
                     let mut done = Some(done);
                     while let Some(result) = done {
                         if let Ok((id, generation, addr, result)) = result {
-                            changed.extend(self.judge(&id, generation, addr, result, &targets, &mut due));
+                            changed.extend(self.judge(&id, generation, addr, result, &mut schedule));
                         }
                         done = probes.try_join_next();
                     }
@@ -164,16 +234,8 @@ impl HealthMonitor {
                         changed.push(t);
                     }
                     while probes.len() < MAX_IN_FLIGHT
-                        && let Some(Reverse((at, _, _))) = due.peek()
-                        && *at <= now + SLACK
+                        && let Some((id, generation, addr, app)) = schedule.pop_due(now + SLACK)
                     {
-                        let Some(Reverse((_, id, generation))) = due.pop() else { break };
-                        // Gone from the table, its app's checks off, or scheduled anew:
-                        // dropped here.
-                        let Some(target) = targets.get(&id).filter(|t| t.generation == generation) else {
-                            continue;
-                        };
-                        let (addr, app) = (target.addr, Arc::clone(&target.app));
                         let health = Arc::clone(&self.health);
                         probes.spawn(async move {
                             let spec = health.rules.check_for(&app);
@@ -193,62 +255,17 @@ impl HealthMonitor {
         }
     }
 
-    /// Schedules the table's backends whose app is checked; forgets the others.
-    fn sync_targets(
-        &self,
-        table: &RoutingTable,
-        targets: &mut HashMap<BackendId, Target>,
-        due: &mut Due,
-        generation: &mut u64,
-    ) {
-        let now = Instant::now();
-        let mut next: HashMap<BackendId, Target> = HashMap::with_capacity(targets.len());
-        for rb in table.backends() {
-            let b = &rb.backend;
-            let spec = self.health.rules.check_for(&b.app);
-            if !spec.enabled {
-                continue;
-            }
-            let generation = match targets.remove(&b.id) {
-                Some(known) => known.generation,
-                None => {
-                    *generation += 1;
-                    let first = FIRST_CHECK_SPREAD
-                        .min(spec.interval)
-                        .mul_f64(fastrand::f64());
-                    due.push(Reverse((now + first, b.id.clone(), *generation)));
-                    *generation
-                }
-            };
-            next.insert(
-                b.id.clone(),
-                Target {
-                    addr: b.addr,
-                    app: Arc::clone(&b.app),
-                    generation,
-                },
-            );
-        }
-        *targets = next;
-        // Entries of forgotten backends fall out of the heap when they come due.
-    }
-
     fn judge(
         &self,
         id: &BackendId,
         generation: u64,
         addr: SocketAddr,
         result: ProbeResult,
-        targets: &HashMap<BackendId, Target>,
-        due: &mut Due,
+        schedule: &mut Schedule,
     ) -> Option<Transition> {
-        let target = targets.get(id).filter(|t| t.generation == generation)?;
-        let spec = self.health.rules.check_for(&target.app);
-        due.push(Reverse((
-            Instant::now() + spec.next_interval(fastrand::f64()),
-            id.clone(),
-            generation,
-        )));
+        let rules = &self.health.rules;
+        let target = schedule.reschedule(id, generation, rules, Instant::now())?;
+        let spec = rules.check_for(&target.app);
         if target.addr != addr {
             return None; // the row moved while this probe ran
         }
@@ -281,5 +298,85 @@ fn log(t: &Transition) {
     match t.up {
         true => tracing::info!(backend = %t.id, why = %t.why, "backend up from this POP"),
         false => tracing::warn!(backend = %t.id, why = %t.why, "backend down from this POP"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::sample;
+
+    fn rules() -> HealthRules {
+        let mut rules = HealthRules::off();
+        rules.check.enabled = true;
+        rules.check.interval = Duration::from_secs(5);
+        rules
+    }
+
+    fn table(ids: &[&str]) -> RoutingTable {
+        let backends = sample::backends("app")
+            .into_iter()
+            .zip(ids)
+            .map(|(b, id)| crate::domain::Backend {
+                id: BackendId::new(id),
+                ..b
+            })
+            .collect();
+        RoutingTable::new(1, backends, |_| Arc::default())
+    }
+
+    /// Checks started in `span` from `t`, following each with its reschedule.
+    fn run(s: &mut Schedule, rules: &HealthRules, t: Instant, span: Duration) -> Vec<String> {
+        let mut started = Vec::new();
+        let mut now = t;
+        while now <= t + span {
+            while let Some((id, generation, _, _)) = s.pop_due(now) {
+                started.push(id.to_string());
+                s.reschedule(&id, generation, rules, now);
+            }
+            now += Duration::from_millis(100);
+        }
+        started
+    }
+
+    #[test]
+    fn a_backend_is_checked_once_per_interval_even_after_leaving_and_coming_back() {
+        let rules = rules();
+        let t = Instant::now();
+        let mut s = Schedule::default();
+        s.sync(&table(&["a", "b"]), &rules, t);
+        // Both first checked within a second.
+        assert_eq!(run(&mut s, &rules, t, Duration::from_secs(1)).len(), 2);
+        // "a" leaves and comes back within one interval, while its check was in flight
+        // (its reschedule comes after the return): it must not gain a second schedule.
+        s.sync(&table(&["b"]), &rules, t);
+        s.sync(&table(&["a", "b"]), &rules, t);
+        // The check of "a" in flight finishes for its first scheduling (generation 1).
+        assert!(
+            s.reschedule(&BackendId::new("a"), 1, &rules, t).is_none(),
+            "an old scheduling"
+        );
+        let started = run(
+            &mut s,
+            &rules,
+            t + Duration::from_secs(1),
+            Duration::from_secs(60),
+        );
+        let a = started.iter().filter(|id| *id == "a").count();
+        let b = started.iter().filter(|id| *id == "b").count();
+        // 60 s at 5 s ± 10%: 11 to 13 each, and never twice as many.
+        assert!(
+            (11..=14).contains(&a) && (11..=14).contains(&b),
+            "a {a}, b {b}"
+        );
+        // Gone for good: no more checks.
+        s.sync(&table(&["b"]), &rules, t);
+        let later = run(
+            &mut s,
+            &rules,
+            t + Duration::from_secs(62),
+            Duration::from_secs(30),
+        );
+        assert!(later.iter().all(|id| id == "b"), "{later:?}");
     }
 }
