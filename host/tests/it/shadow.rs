@@ -25,7 +25,7 @@ async fn the_shadow_report_counts_what_both_policies_picked() {
     let p = Proxy::start(
         &db,
         &format!(
-            "binding_ttl_secs = 0\nshadow_policy_path = {:?}\n",
+            "binding_ttl_secs = 0\nshadow_policy_path = {:?}\ndecision_log_sample_percent = 100\n",
             shadow.display().to_string()
         ),
     )
@@ -96,7 +96,58 @@ async fn the_shadow_report_counts_what_both_policies_picked() {
         text.contains("c-sa") && text.contains("recent disagreements"),
         "{text}"
     );
+
+    // Replayed offline over the recorded decisions, the same component tells the same.
+    let (code, recorded) = http(p.admin, "GET", "/decisions", &[]).await;
+    assert_eq!(code, 200);
+    assert_eq!(recorded.lines().count(), 12, "{recorded}");
+    assert!(
+        recorded.contains("\"client\":\"127.0.0.0\""),
+        "clients are truncated: {recorded}"
+    );
+    let file = db.dir.path().join("decisions.jsonl");
+    std::fs::write(&file, recorded).unwrap();
+    let out = replay(&shadow, &file, &db.path).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replayed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(replayed["decisions"], 12, "{replayed:#}");
+    for key in ["compared", "agreed", "disagreed", "by_backend", "by_region"] {
+        assert_eq!(replayed[key], r[key], "{key}: {replayed:#}");
+    }
+    // A file that is not recorded decisions is named, with the line.
+    let bad = db.dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"at\": 1}\n").unwrap();
+    let out = replay(&shadow, &bad, &db.path).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("bad.jsonl: line 1: not a recorded decision"),
+        "{stderr}"
+    );
     p.stop().await;
+}
+
+/// `edgeproxy policy replay --json` of `policy` over `decisions` on `db`, off the runtime.
+async fn replay(
+    policy: &std::path::Path,
+    decisions: &std::path::Path,
+    db: &std::path::Path,
+) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_edgeproxy"));
+    cmd.env_clear()
+        .args(["policy", "replay", "--json", "--policy"])
+        .arg(policy)
+        .arg("--decisions")
+        .arg(decisions)
+        .arg("--db")
+        .arg(db);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
 }
 
 /// A shadow that traps on every decision: each one is counted as its fault, and every
