@@ -54,7 +54,7 @@ fn decisions(c: &mut Criterion) {
     let runtime = Arc::new(Runtime::new(Limits::default()).unwrap());
     let loaded = LoadedPolicy::load(&runtime, "geo-load", DEFAULT_POLICY).unwrap();
     let regions = RegionMap::default();
-    let wasm = WasmPolicy::new(runtime, regions.regions().cloned().collect(), loaded);
+    let wasm = WasmPolicy::new(runtime, regions.client_regions(), loaded);
     let client = Client {
         ip: "190.98.248.1".parse().unwrap(),
         country: Some("CL".parse().unwrap()),

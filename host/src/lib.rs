@@ -118,7 +118,7 @@ impl Host {
         let Some(path) = config.policy.shadow.clone() else {
             return Ok(None);
         };
-        let policy = load_policy_file(config, path, live.map(|l| Arc::clone(l.runtime())))
+        let policy = load_wasm(config, Some(path), live.map(|l| Arc::clone(l.runtime())))
             .await
             .context("loading the shadow policy (shadow_policy_path)")?;
         let shadow = Arc::new(application::shadow::Shadow::new(
@@ -478,56 +478,43 @@ pub fn policy_limits(config: &Config) -> Limits {
     }
 }
 
-/// A policy file, compiled and self-tested on a blocking thread, reloaded from `path`;
-/// with `runtime`, compiled by that engine (a shadow shares the live policy's, so it can
-/// be promoted).
-async fn load_policy_file(
+/// A policy compiled and self-tested on a blocking thread: the file at `path` (watched
+/// and reloaded from there), or the embedded default when None. With `runtime`, compiled
+/// by that engine (a shadow shares the live policy's, so it can be promoted).
+async fn load_wasm(
     config: &Config,
-    path: std::path::PathBuf,
+    path: Option<std::path::PathBuf>,
     runtime: Option<Arc<Runtime>>,
 ) -> anyhow::Result<Arc<WasmPolicy>> {
     let limits = policy_limits(config);
-    let client_regions = client_regions(config);
+    let client_regions = config.regions.client_regions();
     let policy = tokio::task::spawn_blocking(move || -> anyhow::Result<WasmPolicy> {
         let runtime = match runtime {
             Some(r) => r,
             None => Arc::new(Runtime::new(limits)?),
         };
-        let loaded = wasm::reload::load_file(&runtime, &path)?;
+        let loaded = match &path {
+            Some(path) => wasm::reload::load_file(&runtime, path)?,
+            None => LoadedPolicy::load(&runtime, wasm::DEFAULT_POLICY_NAME, wasm::DEFAULT_POLICY)
+                .context("the embedded default policy")?,
+        };
         tracing::info!(policy = %loaded.name, hash = %loaded.hash, "policy loaded");
-        Ok(WasmPolicy::new(runtime, client_regions, loaded).with_path(path))
+        let policy = WasmPolicy::new(runtime, client_regions, loaded);
+        Ok(match path {
+            Some(path) => policy.with_path(path),
+            None => policy,
+        })
     })
     .await??;
     Ok(Arc::new(policy))
 }
 
-/// Every region a client can be placed in, for the policies' region ids.
-fn client_regions(config: &Config) -> Vec<domain::Region> {
-    let mut regions: Vec<domain::Region> = config.regions.regions().cloned().collect();
-    regions.sort();
-    regions.dedup();
-    regions
-}
-
-/// The configured WebAssembly policy, compiled and self-tested on a blocking thread; None
-/// for the native scorer. A policy that fails to load stops start-up.
+/// The configured WebAssembly policy; None for the native scorer. A policy that fails to
+/// load stops start-up.
 async fn load_policy(config: &Config) -> anyhow::Result<Option<Arc<WasmPolicy>>> {
     match config.policy.source.clone() {
         PolicySource::Native => Ok(None),
-        PolicySource::File(path) => load_policy_file(config, path, None).await.map(Some),
-        PolicySource::Embedded => {
-            let limits = policy_limits(config);
-            let client_regions = client_regions(config);
-            let policy = tokio::task::spawn_blocking(move || -> anyhow::Result<WasmPolicy> {
-                let runtime = Arc::new(Runtime::new(limits)?);
-                let loaded =
-                    LoadedPolicy::load(&runtime, wasm::DEFAULT_POLICY_NAME, wasm::DEFAULT_POLICY)
-                        .context("the embedded default policy")?;
-                tracing::info!(policy = %loaded.name, hash = %loaded.hash, "policy loaded");
-                Ok(WasmPolicy::new(runtime, client_regions, loaded))
-            })
-            .await??;
-            Ok(Some(Arc::new(policy)))
-        }
+        PolicySource::File(path) => load_wasm(config, Some(path), None).await.map(Some),
+        PolicySource::Embedded => load_wasm(config, None, None).await.map(Some),
     }
 }

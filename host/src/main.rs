@@ -275,18 +275,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .map_or_else(|| tools().map(|c| c.settings.db_path), Ok)?;
             let live = match &command {
                 routing_cli::BackendCommand::List { live: true, .. } => {
-                    let Some(admin) = tools()?.admin else {
-                        anyhow::bail!(
-                            "--live reads the running proxy's admin API, and admin_addr is empty"
-                        );
-                    };
-                    let body = runtime(1)?.block_on(cluster_cli::get(
-                        admin.addr,
+                    let entries: Vec<serde_json::Value> = admin_call(
+                        &tools()?,
+                        hyper::Method::GET,
                         "/backends",
-                        admin.token,
-                    ))?;
-                    let entries: Vec<serde_json::Value> = serde_json::from_slice(&body)
-                        .context("the admin API's /backends answer")?;
+                        "backend list --live",
+                    )?;
                     Some(
                         entries
                             .into_iter()
@@ -320,16 +314,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Policy(PolicyCommand::Shadow(shadow_cli::ShadowCommand::Status {
             json,
         }))) => {
-            let admin = tools()?
-                .admin
-                .context("the admin API is off (admin_addr); shadow status reads it")?;
-            let body = runtime(1)?.block_on(cluster_cli::get(
-                admin.addr,
+            let report: serde_json::Value = admin_call(
+                &tools()?,
+                hyper::Method::GET,
                 "/policy/shadow",
-                admin.token,
-            ))?;
-            let report: serde_json::Value =
-                serde_json::from_slice(&body).context("the admin API's /policy/shadow answer")?;
+                "shadow status",
+            )?;
             emit(json, &report, || shadow_cli::render(&report))
         }
         Some(Command::Policy(PolicyCommand::Promote {
@@ -399,23 +389,29 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// `policy promote` or `policy rollback`: one POST to the running proxy's admin API.
-fn promotion(config: &Config, what: &str, drop_bindings: bool, json: bool) -> anyhow::Result<()> {
+/// One request to the running proxy's admin API (`what` names the command asking), its
+/// JSON answer decoded.
+fn admin_call<T: serde::de::DeserializeOwned>(
+    config: &Config,
+    method: hyper::Method,
+    path: &str,
+    what: &str,
+) -> anyhow::Result<T> {
     let admin = config
         .admin
         .clone()
         .with_context(|| format!("the admin API is off (admin_addr); {what} goes through it"))?;
+    let body = runtime(1)?.block_on(cluster_cli::request(admin.addr, method, path, admin.token))?;
+    serde_json::from_slice(&body).with_context(|| format!("the admin API's {path} answer"))
+}
+
+/// `policy promote` or `policy rollback`: one POST to the running proxy's admin API.
+fn promotion(config: &Config, what: &str, drop_bindings: bool, json: bool) -> anyhow::Result<()> {
     let path = match drop_bindings {
         true => format!("/policy/{what}?drop_bindings=true"),
         false => format!("/policy/{what}"),
     };
-    let body = runtime(1)?.block_on(cluster_cli::request(
-        admin.addr,
-        hyper::Method::POST,
-        &path,
-        admin.token,
-    ))?;
-    let done: serde_json::Value = serde_json::from_slice(&body)?;
+    let done: serde_json::Value = admin_call(config, hyper::Method::POST, &path, what)?;
     emit(json, &done, || {
         format!(
             "live: {}\nreplaced: {}\nbindings dropped: {}\n",

@@ -405,18 +405,9 @@ impl LocalHealth {
 
     pub fn report(&self, id: &BackendId, now: Instant) -> HealthReport {
         let state = self.state();
-        let ejected = state.ejected.get(id);
-        let Some(e) = state.entries.get(id) else {
-            return HealthReport {
-                ejection: ejected.map(|j| EjectionReport {
-                    reason: j.reason.clone(),
-                    remaining_secs: j.until.saturating_duration_since(now).as_secs_f64(),
-                }),
-                ..HealthReport::default()
-            };
-        };
+        let entry = state.entries.get(id);
         HealthReport {
-            check: e.check.as_ref().map(|c| CheckReport {
+            check: entry.and_then(|e| e.check.as_ref()).map(|c| CheckReport {
                 state: c.verdict,
                 passed_in_row: c.passed_in_row,
                 failed_in_row: c.failed_in_row,
@@ -426,11 +417,11 @@ impl LocalHealth {
                 }),
                 last_at: c.last.as_ref().map(|(at, _)| super::ports::timestamp(*at)),
             }),
-            ejection: ejected.map(|j| EjectionReport {
+            ejection: state.ejected.get(id).map(|j| EjectionReport {
                 reason: j.reason.clone(),
                 remaining_secs: j.until.saturating_duration_since(now).as_secs_f64(),
             }),
-            ejections_in_row: e.ejections,
+            ejections_in_row: entry.map_or(0, |e| e.ejections),
         }
     }
 }

@@ -2,17 +2,14 @@
 //! SQLite file a live in-process proxy reads.
 
 use std::path::Path;
-use std::process::Command;
 
 use crate::support::*;
 
 /// Runs `edgeproxy ARGS --db DB` off the runtime; (success, stdout, stderr).
 async fn cli(db: &Path, args: &[&str]) -> (bool, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgeproxy"));
-    cmd.env_clear().args(args).arg("--db").arg(db);
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    all.extend(["--db".as_ref(), db.as_os_str()]);
+    let out = edgeproxy_cli(&all).await;
     (
         out.status.success(),
         String::from_utf8(out.stdout).unwrap(),

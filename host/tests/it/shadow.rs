@@ -76,21 +76,7 @@ async fn the_shadow_report_counts_what_both_policies_picked() {
     );
     // The operator's view of the same report.
     let admin = p.admin.to_string();
-    let text = tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeproxy"))
-            .env_clear()
-            .args(["--admin-addr", &admin, "policy", "shadow", "status"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    })
-    .await
-    .unwrap();
+    let text = edgeproxy_ok(&["--admin-addr", &admin, "policy", "shadow", "status"]).await;
     assert!(text.contains(&format!("agreed {agreed}")), "{text}");
     assert!(
         text.contains("c-sa") && text.contains("recent disagreements"),
@@ -137,17 +123,19 @@ async fn replay(
     decisions: &std::path::Path,
     db: &std::path::Path,
 ) -> std::process::Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_edgeproxy"));
-    cmd.env_clear()
-        .args(["policy", "replay", "--json", "--policy"])
-        .arg(policy)
-        .arg("--decisions")
-        .arg(decisions)
-        .arg("--db")
-        .arg(db);
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
+    let (policy, decisions, db) = (policy.as_os_str(), decisions.as_os_str(), db.as_os_str());
+    edgeproxy_cli(&[
+        "policy".as_ref(),
+        "replay".as_ref(),
+        "--json".as_ref(),
+        "--policy".as_ref(),
+        policy,
+        "--decisions".as_ref(),
+        decisions,
+        "--db".as_ref(),
+        db,
+    ])
+    .await
 }
 
 /// A shadow that traps on every decision: each one is counted as its fault, and every
@@ -228,27 +216,17 @@ async fn promote_and_rollback_under_load_lose_no_connection() {
         .collect();
 
     let admin = p.admin.to_string();
-    let promoted = tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeproxy"))
-            .env_clear()
-            .args([
-                "--admin-addr",
-                &admin,
-                "policy",
-                "promote",
-                "--drop-bindings",
-                "--json",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    })
-    .await
+    let promoted: serde_json::Value = serde_json::from_str(
+        &edgeproxy_ok(&[
+            "--admin-addr",
+            &admin,
+            "policy",
+            "promote",
+            "--drop-bindings",
+            "--json",
+        ])
+        .await,
+    )
     .unwrap();
     assert!(
         promoted["live"].as_str().unwrap().contains("chaos"),

@@ -43,9 +43,7 @@ pub fn replay(input: ReplayInput) -> anyhow::Result<Replay> {
     let table = RoutingTable::new(1, rows.backends, |_| Arc::new(BackendStats::default()));
     let runtime = Arc::new(Runtime::new(input.limits)?);
     let loaded = load_file(&runtime, &input.policy)?;
-    let mut client_regions: Vec<Region> = input.regions.regions().cloned().collect();
-    client_regions.sort();
-    client_regions.dedup();
+    let client_regions = input.regions.client_regions();
     let policy: Arc<dyn ShadowPolicy> = Arc::new(WasmPolicy::new(runtime, client_regions, loaded));
     let shadow = Shadow::new(policy, 100);
     let file = std::fs::File::open(&input.decisions)

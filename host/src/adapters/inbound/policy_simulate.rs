@@ -117,9 +117,7 @@ pub fn simulate(input: SimulateInput) -> anyhow::Result<Simulation> {
         None => LoadedPolicy::load(&runtime, wasm::DEFAULT_POLICY_NAME, wasm::DEFAULT_POLICY)?,
     };
     let policy_name = format!("{} ({})", loaded_policy.name, loaded_policy.hash);
-    let mut client_regions: Vec<Region> = input.regions.regions().cloned().collect();
-    client_regions.sort();
-    client_regions.dedup();
+    let client_regions = input.regions.client_regions();
     let policy = WasmPolicy::new(runtime, client_regions, loaded_policy);
     let id_of = |i: usize| candidates[i].backend.id.to_string();
     let policy_pick = policy

@@ -78,11 +78,18 @@ impl RegionMap {
         map
     }
 
-    /// Every region a client can be placed in.
-    pub fn regions(&self) -> impl Iterator<Item = &Region> {
-        self.by_country
+    /// Every region a client can be placed in, sorted, each once (policies get them as
+    /// region ids).
+    pub fn client_regions(&self) -> Vec<Region> {
+        let mut regions: Vec<Region> = self
+            .by_country
             .values()
             .chain(std::iter::once(&self.fallback))
+            .cloned()
+            .collect();
+        regions.sort();
+        regions.dedup();
+        regions
     }
 
     /// The country a backend of `region` is taken to be in when nothing else says.

@@ -516,3 +516,23 @@ pub async fn wait_backend(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Runs the built `edgeproxy` with `args` and no inherited environment, off the runtime.
+pub async fn edgeproxy_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_edgeproxy"));
+    cmd.env_clear().args(args);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+/// As [`edgeproxy_cli`], expecting success: its standard output.
+pub async fn edgeproxy_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = edgeproxy_cli(args).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

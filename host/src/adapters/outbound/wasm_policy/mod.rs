@@ -226,16 +226,26 @@ impl WasmPolicy {
     /// Makes `next` serve new decisions; decisions in flight finish on the old policy.
     pub fn swap(&self, next: LoadedPolicy) {
         tracing::info!(policy = %next.name, hash = %next.hash, "policy swapped in");
-        self.current.store(Arc::new(next));
+        self.serve(Arc::new(next));
+    }
+
+    /// `next` decides from now on; returns what it replaced.
+    fn serve(&self, next: Arc<LoadedPolicy>) -> Arc<LoadedPolicy> {
+        let replaced = self.current.swap(next);
         self.breaker.reset();
         self.reloads.fetch_add(1, Ordering::Relaxed);
         self.reload_events.send_modify(|n| *n += 1);
+        replaced
     }
 
     /// Makes `next` (the shadow's policy, compiled by the same runtime) serve, keeping
-    /// what served for [`Self::rollback`]. Err when `next` is already serving or was
-    /// compiled by another runtime.
-    pub fn promote(&self, next: Arc<LoadedPolicy>, runtime: &Arc<Runtime>) -> Result<(), String> {
+    /// what it replaces (returned) for [`Self::rollback`]. Err when `next` is already
+    /// serving or was compiled by another runtime.
+    pub fn promote(
+        &self,
+        next: Arc<LoadedPolicy>,
+        runtime: &Arc<Runtime>,
+    ) -> Result<Arc<LoadedPolicy>, String> {
         if !Arc::ptr_eq(runtime, &self.runtime) {
             return Err("the shadow was compiled by another engine".into());
         }
@@ -243,19 +253,16 @@ impl WasmPolicy {
             return Err(format!("{} ({}) is serving already", next.name, next.hash));
         }
         tracing::info!(policy = %next.name, hash = %next.hash, "shadow policy promoted to live");
-        let before = self.current.swap(next);
+        let replaced = self.serve(next);
         *self
             .before_promotion
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(before);
-        self.breaker.reset();
-        self.reloads.fetch_add(1, Ordering::Relaxed);
-        self.reload_events.send_modify(|n| *n += 1);
-        Ok(())
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&replaced));
+        Ok(replaced)
     }
 
-    /// Brings back what served before the last promotion.
-    pub fn rollback(&self) -> Result<Arc<LoadedPolicy>, String> {
+    /// Brings back what served before the last promotion: (it, the promoted one).
+    pub fn rollback(&self) -> Result<(Arc<LoadedPolicy>, Arc<LoadedPolicy>), String> {
         let before = self
             .before_promotion
             .lock()
@@ -263,11 +270,8 @@ impl WasmPolicy {
             .take()
             .ok_or("nothing to roll back to: no promotion since start")?;
         tracing::info!(policy = %before.name, hash = %before.hash, "rolled back to the policy before the promotion");
-        let promoted = self.current.swap(Arc::clone(&before));
-        self.breaker.reset();
-        self.reloads.fetch_add(1, Ordering::Relaxed);
-        self.reload_events.send_modify(|n| *n += 1);
-        Ok(promoted)
+        let promoted = self.serve(Arc::clone(&before));
+        Ok((before, promoted))
     }
 
     /// Changes after every reload attempt (swapped in or rejected).
@@ -406,24 +410,23 @@ impl crate::domain::ports::PolicyPromotion for Promotion {
         let next = self.shadow.current();
         next.self_test(&self.live.runtime)
             .map_err(|e| format!("the shadow failed its self-test: {e}"))?;
-        let replaced = self.live.current();
-        self.live
+        let replaced = self
+            .live
             .promote(Arc::clone(&next), self.shadow.runtime())?;
-        Ok(crate::domain::ports::Promoted {
-            live: format!("{} ({})", next.name, next.hash),
-            replaced: format!("{} ({})", replaced.name, replaced.hash),
-            bindings_dropped: 0,
-        })
+        Ok(promoted(&next, &replaced))
     }
 
     fn rollback(&self) -> Result<crate::domain::ports::Promoted, String> {
-        let promoted = self.live.rollback()?;
-        let now = self.live.current();
-        Ok(crate::domain::ports::Promoted {
-            live: format!("{} ({})", now.name, now.hash),
-            replaced: format!("{} ({})", promoted.name, promoted.hash),
-            bindings_dropped: 0,
-        })
+        let (now, replaced) = self.live.rollback()?;
+        Ok(promoted(&now, &replaced))
+    }
+}
+
+fn promoted(live: &LoadedPolicy, replaced: &LoadedPolicy) -> crate::domain::ports::Promoted {
+    crate::domain::ports::Promoted {
+        live: format!("{} ({})", live.name, live.hash),
+        replaced: format!("{} ({})", replaced.name, replaced.hash),
+        bindings_dropped: 0,
     }
 }
 
