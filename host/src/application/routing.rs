@@ -96,9 +96,15 @@ impl Routing {
         &self.health
     }
 
-    /// `table` as `version` with this POP's verdicts; apps entering or leaving panic are
-    /// logged once.
-    fn localise(&self, table: &RoutingTable, before: &RoutingTable, version: u64) -> RoutingTable {
+    /// `table` as `version` with this POP's verdicts, or None when they are what `table`
+    /// already holds (no copy is made); apps entering or leaving panic (against `before`)
+    /// are logged once.
+    fn localise(
+        &self,
+        table: &RoutingTable,
+        before: &RoutingTable,
+        version: u64,
+    ) -> Option<RoutingTable> {
         let (up, panicking) = local_view(
             table,
             |id| self.health.up(id),
@@ -110,7 +116,8 @@ impl Routing {
         for app in before.panicking().iter().filter(|a| !panicking.contains(a)) {
             tracing::info!(%app, "backends of this app are up from this POP again; routing by local health");
         }
-        table.with_local(version, &up, panicking)
+        let same = table.backends().iter().map(|b| b.up).eq(up.iter().copied());
+        (!same || panicking != table.panicking()).then(|| table.with_local(version, &up, panicking))
     }
 
     /// Rebuilds the snapshot after this POP's verdicts changed (not the table): true when
@@ -119,10 +126,9 @@ impl Routing {
         let _one = self.reloading.lock().await;
         let current = self.table.load_full();
         let version = current.version() + 1;
-        let table = self.localise(&current, &current, version);
-        if table.local() == current.local() && table.panicking() == current.panicking() {
+        let Some(table) = self.localise(&current, &current, version) else {
             return false;
-        }
+        };
         self.table.store(Arc::new(table));
         self.version.send_replace(version);
         true
@@ -235,7 +241,7 @@ impl Routing {
         };
         self.metrics.retain(&known);
         self.health.retain(known);
-        let table = self.localise(&table, &current, version);
+        let table = self.localise(&table, &current, version).unwrap_or(table);
         self.table.store(Arc::new(table));
         self.version.send_replace(version);
         Ok(Reloaded::Changed {

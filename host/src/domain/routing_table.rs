@@ -92,11 +92,6 @@ impl RoutingTable {
         Self::group(version, all, panicking)
     }
 
-    /// The local verdicts, by position.
-    pub fn local(&self) -> Vec<bool> {
-        self.all.iter().map(|b| b.up).collect()
-    }
-
     /// Apps whose local verdicts are set aside.
     pub fn panicking(&self) -> &[Arc<str>] {
         &self.panicking
