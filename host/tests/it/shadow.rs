@@ -246,6 +246,9 @@ async fn promote_and_rollback_under_load_lose_no_connection() {
     }
     wait_until(|| p.active() == 0).await;
     assert_eq!(served_by("127.0.0.6", p.addr).await, "a-eu");
+    let (code, body) = http(p.admin, "POST", "/policy/promote?drop=all", &[]).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("drop_bindings=true"), "{body}");
     let (code, body) = http(p.admin, "POST", "/policy/rollback", &[]).await;
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("nothing to roll back"), "{body}");
