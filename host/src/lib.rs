@@ -54,6 +54,10 @@ pub struct Host {
     pub shadow_policy: Option<Arc<WasmPolicy>>,
     /// The WebAssembly policy, unless the native scorer was configured.
     pub wasm_policy: Option<Arc<WasmPolicy>>,
+    /// Where fleet deployments run (live and shadow), when the live policy is a component.
+    slots: Option<Arc<dyn domain::ports::PolicySlots>>,
+    region: domain::Region,
+    policy_max_bytes: u64,
     pub telemetry: Arc<Telemetry>,
     pub admin: Arc<Admin>,
     /// This POP's membership of the fleet, when replication is on.
@@ -95,7 +99,34 @@ impl Host {
             Some(w) => w.clone(),
             None => Arc::new(NativeScorer),
         };
-        let shadow = Self::load_shadow(config, wasm_policy.as_ref()).await?;
+        let mut shadow = Self::load_shadow(config, wasm_policy.as_ref()).await?;
+        let configured_shadow = shadow.is_some();
+        // In a fleet, a shadow may be deployed later: an idle one waits for it.
+        if config.settings.cluster_enabled
+            && shadow.is_none()
+            && let Some(live) = &wasm_policy
+        {
+            let idle = Arc::new(WasmPolicy::serving(
+                Arc::clone(live.runtime()),
+                config.regions.client_regions(),
+                live.current(),
+            ));
+            idle.set_enabled(false);
+            let record = application::shadow::Shadow::new(
+                Arc::clone(&idle) as Arc<dyn domain::ports::ShadowPolicy>,
+                config.policy.shadow_sample_percent,
+            );
+            shadow = Some((idle, Arc::new(record)));
+        }
+        let slots = match (&wasm_policy, &shadow) {
+            (Some(live), Some((shadow, _))) => Some(Arc::new(wasm::Slots {
+                live: Arc::clone(live),
+                shadow: Arc::clone(shadow),
+                configured_shadow,
+            })
+                as Arc<dyn domain::ports::PolicySlots>),
+            _ => None,
+        };
         let promotion = match (&wasm_policy, &shadow) {
             (Some(live), Some((shadow, _))) => Some(Arc::new(wasm::Promotion {
                 live: Arc::clone(live),
@@ -106,6 +137,7 @@ impl Host {
         };
         let mut host = Self::assemble(config, policy, control, shadow, promotion).await?;
         host.wasm_policy = wasm_policy;
+        host.slots = slots;
         Ok(host)
     }
 
@@ -223,6 +255,10 @@ impl Host {
             cluster: cluster
                 .clone()
                 .map(|c| Arc::new(c) as Arc<dyn domain::ports::ClusterView>),
+            fleet: cluster
+                .clone()
+                .map(|c| Arc::new(c) as Arc<dyn domain::ports::PolicyFleet>),
+            policy_max_bytes: config.policy.max_bytes,
         });
         let service = Arc::new(ProxyService {
             routing: Arc::clone(&routing),
@@ -258,6 +294,9 @@ impl Host {
             health_counters,
             shadow_policy: shadow_policy.map(|(p, _)| p),
             wasm_policy: None,
+            slots: None,
+            region: config.region.clone(),
+            policy_max_bytes: config.policy.max_bytes,
             telemetry,
             admin,
             cluster,
@@ -336,6 +375,16 @@ impl Host {
                 path.to_owned(),
                 stop_background.clone(),
             ));
+        }
+        if let Some(cluster) = &self.cluster {
+            let rollout = application::rollout::Rollout {
+                fleet: Arc::new(cluster.clone()),
+                slots: self.slots.clone(),
+                shadow: self.service.shadow.clone(),
+                region: self.region.to_string(),
+                max_bytes: self.policy_max_bytes,
+            };
+            background.spawn(rollout.run(stop_background.clone()));
         }
         if let Some(listener) = admin {
             tracing::info!(addr = %listener.local_addr()?, "admin API listening");

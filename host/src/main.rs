@@ -150,10 +150,41 @@ enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Bring back the policy that served before the last promotion.
+    /// Bring back the policy that served before the last promotion; with --fleet, revoke
+    /// the latest fleet deployment instead (every POP it reached goes back to what it ran
+    /// before it).
     Rollback {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "fleet")]
         drop_bindings: bool,
+        /// Roll back the latest fleet deployment (of the live policy, or --shadow).
+        #[arg(long)]
+        fleet: bool,
+        /// With --fleet: the latest shadow deployment.
+        #[arg(long, requires = "fleet")]
+        shadow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deploy a component across the fleet through the running proxy: stored in the
+    /// replicated state by its SHA-256, fetched, checked, compiled and self-tested by every
+    /// POP it is for, then run as the live policy or the shadow.
+    Deploy {
+        file: PathBuf,
+        /// Run it as the live policy.
+        #[arg(long, required_unless_present = "shadow", conflicts_with = "shadow")]
+        live: bool,
+        /// Run it as the shadow, beside the live policy.
+        #[arg(long)]
+        shadow: bool,
+        /// Only these POPs (comma-separated names); with --regions, those too.
+        #[arg(long, value_delimiter = ',')]
+        pops: Vec<String>,
+        /// Only the POPs of these regions (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        regions: Vec<String>,
+        /// Skip the local `policy check` before sending.
+        #[arg(long)]
+        no_check: bool,
         #[arg(long)]
         json: bool,
     },
@@ -327,9 +358,104 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             json,
         })) => promotion(&tools()?, "promote", drop_bindings, json),
         Some(Command::Policy(PolicyCommand::Rollback {
+            fleet: true,
+            shadow,
+            json,
+            ..
+        })) => {
+            let role = if shadow { "shadow" } else { "live" };
+            let d: serde_json::Value = admin_call(
+                &tools()?,
+                hyper::Method::POST,
+                &format!("/fleet/rollback?role={role}"),
+                "policy rollback --fleet",
+            )?;
+            emit(json, &d, || {
+                format!(
+                    "rolled back {role} deployment {} ({}, {}): the POPs it reached go back to what they ran before it\n",
+                    d["id"].as_str().unwrap_or("?"),
+                    d["name"].as_str().unwrap_or("?"),
+                    d["hash"].as_str().unwrap_or("?"),
+                )
+            })
+        }
+        Some(Command::Policy(PolicyCommand::Rollback {
             drop_bindings,
             json,
+            ..
         })) => promotion(&tools()?, "rollback", drop_bindings, json),
+        Some(Command::Policy(PolicyCommand::Deploy {
+            file,
+            live: _,
+            shadow,
+            pops,
+            regions,
+            no_check,
+            json,
+        })) => {
+            let config = tools()?;
+            if !no_check {
+                let report = policy_check::check(&file, policy_limits(&config), "web")?;
+                if let Some(why) = &report.rejected {
+                    anyhow::bail!(
+                        "{} fails `policy check` ({why}); not deployed (--no-check sends it anyway):\n{}",
+                        file.display(),
+                        policy_check::render_check(&report)
+                    );
+                }
+            }
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let name = file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "policy.wasm".into());
+            let enc = |s: &str| -> String {
+                s.bytes()
+                    .map(|b| match b {
+                        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b',' => {
+                            (b as char).to_string()
+                        }
+                        b => format!("%{b:02X}"),
+                    })
+                    .collect()
+            };
+            let mut path = format!(
+                "/fleet/deploy?role={}&name={}&sha256={}",
+                if shadow { "shadow" } else { "live" },
+                enc(&name),
+                edgeproxy::domain::rollout::content_hash(&bytes)
+            );
+            if !pops.is_empty() {
+                path += &format!("&pops={}", enc(&pops.join(",")));
+            }
+            if !regions.is_empty() {
+                path += &format!("&regions={}", enc(&regions.join(",")));
+            }
+            let admin = config
+                .admin
+                .clone()
+                .context("the admin API is off (admin_addr); policy deploy goes through it")?;
+            let body = runtime(1)?.block_on(cluster_cli::request_with(
+                admin.addr,
+                hyper::Method::POST,
+                &path,
+                admin.token,
+                bytes,
+            ))?;
+            let d: serde_json::Value =
+                serde_json::from_slice(&body).context("the admin API's /fleet/deploy answer")?;
+            emit(json, &d, || {
+                format!(
+                    "deployment {}: {} ({}) as the {} policy for {}; `edgeproxy cluster status` shows each POP take it\n",
+                    d["id"].as_str().unwrap_or("?"),
+                    d["name"].as_str().unwrap_or("?"),
+                    d["hash"].as_str().unwrap_or("?"),
+                    d["role"].as_str().unwrap_or("?"),
+                    describe_targets(&d["targets"]),
+                )
+            })
+        }
         Some(Command::Policy(PolicyCommand::Replay {
             policy,
             decisions,
@@ -403,6 +529,12 @@ fn admin_call<T: serde::de::DeserializeOwned>(
         .with_context(|| format!("the admin API is off (admin_addr); {what} goes through it"))?;
     let body = runtime(1)?.block_on(cluster_cli::request(admin.addr, method, path, admin.token))?;
     serde_json::from_slice(&body).with_context(|| format!("the admin API's {path} answer"))
+}
+
+fn describe_targets(t: &serde_json::Value) -> String {
+    let targets: edgeproxy::domain::rollout::Targets =
+        serde_json::from_value(t.clone()).unwrap_or_default();
+    targets.to_string()
 }
 
 /// `policy promote` or `policy rollback`: one POST to the running proxy's admin API.

@@ -193,9 +193,62 @@ pub struct Admin {
     pub decisions: Option<Arc<super::decision_log::DecisionLog>>,
     /// Promotion of the shadow and rollback, when both policies are components.
     pub promotion: Option<Arc<dyn crate::domain::ports::PolicyPromotion>>,
+    /// Fleet deployments, when replication is on.
+    pub fleet: Option<Arc<dyn crate::domain::ports::PolicyFleet>>,
+    /// Largest component a deployment may carry.
+    pub policy_max_bytes: u64,
+}
+
+/// Why a deployment or a fleet rollback was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("replication is off on this POP (cluster_enabled): fleet deployments need it")]
+    Off,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl Admin {
+    /// Stores `bytes` in the fleet and deploys them (`expect_hash`: the SHA-256 the
+    /// operator means to deploy; bytes that differ are refused).
+    pub async fn deploy(
+        &self,
+        request: crate::domain::ports::DeployRequest,
+        bytes: Vec<u8>,
+        expect_hash: Option<&str>,
+    ) -> Result<crate::domain::rollout::Deployment, FleetError> {
+        let fleet = self.fleet.as_ref().ok_or(FleetError::Off)?;
+        if bytes.is_empty() {
+            return Err(FleetError::Invalid(
+                "the body is empty: send the component's bytes".into(),
+            ));
+        }
+        if let Some(want) = expect_hash {
+            let got = crate::domain::rollout::content_hash(&bytes);
+            if got != want {
+                return Err(FleetError::Invalid(format!(
+                    "the component's SHA-256 is {got}, not the {want} given: refusing to deploy it"
+                )));
+            }
+        }
+        fleet
+            .deploy(request, bytes, self.policy_max_bytes)
+            .await
+            .map_err(FleetError::Refused)
+    }
+
+    /// Revokes the latest fleet deployment of `role`: the POPs it selected go back to
+    /// what they ran before it.
+    pub async fn fleet_rollback(
+        &self,
+        role: crate::domain::rollout::Role,
+    ) -> Result<crate::domain::rollout::Deployment, FleetError> {
+        let fleet = self.fleet.as_ref().ok_or(FleetError::Off)?;
+        fleet.revoke_latest(role).await.map_err(FleetError::Refused)
+    }
+
     /// The fleet as this POP sees it; None when replication is off.
     pub fn cluster(&self) -> Option<crate::domain::ports::ClusterStatus> {
         self.cluster.as_ref().map(|c| c.status())

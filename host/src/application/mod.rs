@@ -3,6 +3,7 @@
 //!
 //! - `proxy_service`: one connection, from decision to close, with failover.
 //! - `shadow`: a second policy deciding beside the live one, only for the record.
+//! - `rollout`: this POP's side of fleet policy deployments: fetch, load, swap, report.
 //! - `routing`: loads the routing table off the hot path and swaps the snapshot in.
 //! - `health_monitor`: checks, ejections and returns: this POP's verdicts, in one task.
 //! - `registry`: self-registration and heartbeats (the auto-discovery API).
@@ -17,6 +18,7 @@ pub mod decision_log;
 pub mod health_monitor;
 pub mod proxy_service;
 pub mod registry;
+pub mod rollout;
 pub mod routing;
 pub mod shadow;
 pub mod telemetry;

@@ -106,7 +106,9 @@ impl Shadow {
         candidates: &[RoutedBackend],
         live: Option<usize>,
     ) {
-        if self.sample_percent < 100 && fastrand::u32(0..100) >= self.sample_percent {
+        if !self.policy.active()
+            || (self.sample_percent < 100 && fastrand::u32(0..100) >= self.sample_percent)
+        {
             return;
         }
         let shadow = match self.policy.shadow_pick(req, candidates) {
@@ -165,6 +167,19 @@ impl Shadow {
                     .collect(),
             });
         }
+    }
+
+    /// Whether a shadow decides here now.
+    pub fn active(&self) -> bool {
+        self.policy.active()
+    }
+
+    /// Forgets every comparison: a different shadow starts its record afresh.
+    pub fn reset(&self) {
+        self.compared.store(0, Relaxed);
+        self.agreed.store(0, Relaxed);
+        self.faults.store(0, Relaxed);
+        *self.tables.lock().unwrap_or_else(PoisonError::into_inner) = Tables::default();
     }
 
     pub fn report(&self) -> ShadowReport {

@@ -139,6 +139,8 @@ pub struct PolicyConfig {
     pub shadow_sample_percent: u32,
     pub timeout: Duration,
     pub memory_bytes: usize,
+    /// Largest component a fleet deployment may carry.
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +173,7 @@ const TOOL_KEYS: &[&str] = &[
     "native_policy",
     "policy_timeout_ms",
     "policy_memory_mib",
+    "policy_max_mib",
     "log_format",
     "debug",
 ];
@@ -266,6 +269,7 @@ impl Config {
             timeout: Duration::from_millis(s.policy_timeout_ms),
             // Checked: at most 4096 MiB.
             memory_bytes: (s.policy_memory_mib as usize) << 20,
+            max_bytes: s.policy_max_mib << 20,
         };
         let admin = match admin_config(&s) {
             Ok(a) => a,

@@ -78,6 +78,8 @@ crate::settings! {
     policy_timeout_ms: u64 = 1, env "EDGEPROXY_POLICY_TIMEOUT_MS", check |v| positive(v).and(at_most(v, 1000));
     /// memory of one policy instance, at most 4096
     policy_memory_mib: u64 = 16, env "EDGEPROXY_POLICY_MEMORY_MIB", check |v| positive(v).and(at_most(v, 4096));
+    /// largest policy component a fleet deployment may carry (`policy deploy`), at most 1024
+    policy_max_mib: u64 = 64, env "EDGEPROXY_POLICY_MAX_MIB", check |v| positive(v).and(at_most(v, 1024));
     /// runtime threads, each accepting on its own `SO_REUSEPORT` socket; `0`: one per core;
     /// `1` runs a single-threaded runtime
     worker_threads: usize = 0, env "EDGEPROXY_WORKER_THREADS", check |v| at_most(v, 1024);

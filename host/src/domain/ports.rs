@@ -133,6 +133,10 @@ pub trait ShadowPolicy: Send + Sync {
         candidates: &[RoutedBackend],
     ) -> Result<Option<usize>, String>;
     fn status(&self) -> PolicyStatus;
+    /// False while there is no shadow to ask (none configured or deployed).
+    fn active(&self) -> bool {
+        true
+    }
 }
 
 /// Making the shadow policy live, and undoing it.
@@ -255,6 +259,12 @@ pub struct ClusterStatus {
     pub wire_bytes_in: Option<u64>,
     pub wire_bytes_out: Option<u64>,
     pub peers_refused: u64,
+    /// Fleet policy deployments, oldest first (revoked ones included).
+    #[serde(default)]
+    pub deployments: Vec<super::rollout::Deployment>,
+    /// What each POP reports it runs.
+    #[serde(default)]
+    pub policies: Vec<super::rollout::PopPolicies>,
 }
 
 /// What a registration did to the routing table.
@@ -304,4 +314,74 @@ pub trait RegistrationStore: Send + Sync {
         &self,
         id: &str,
     ) -> Result<Option<crate::domain::replication::BackendRow>, RegistrationError>;
+}
+
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// A deployment to make: what the component is called, the role, the POPs it is for.
+#[derive(Debug, Clone)]
+pub struct DeployRequest {
+    pub role: super::rollout::Role,
+    pub name: String,
+    pub targets: super::rollout::Targets,
+}
+
+/// Why a component could not be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    /// No reachable POP holds it now: tried again later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// What was found is not the component (hash mismatch, over the size cap): refused.
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+/// The fleet's policy records (deployments, POP reports) and the components they name:
+/// replicated between POPs (the cluster adapter).
+pub trait PolicyFleet: Send + Sync {
+    /// This POP's name in the cluster.
+    fn pop(&self) -> String;
+    /// Every record held here.
+    fn records(&self) -> Vec<super::rollout::FleetRecord>;
+    /// Changes whenever a record is written here or arrives.
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Stores `bytes` (at most `max_bytes`) and a deployment of them, and sends both on.
+    fn deploy(
+        &self,
+        request: DeployRequest,
+        bytes: Vec<u8>,
+        max_bytes: u64,
+    ) -> BoxFuture<'_, Result<super::rollout::Deployment, String>>;
+    /// Revokes the latest standing deployment of `role`.
+    fn revoke_latest(
+        &self,
+        role: super::rollout::Role,
+    ) -> BoxFuture<'_, Result<super::rollout::Deployment, String>>;
+    /// The component `deployment` names, from this POP's store or from a peer (the
+    /// deploying POP first), checked against its hash and kept here.
+    fn component<'a>(
+        &'a self,
+        deployment: &'a super::rollout::Deployment,
+        max_bytes: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>, FetchError>>;
+    /// Publishes this POP's report, when it differs from the last one.
+    fn report(&self, report: super::rollout::PopPolicies) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// Where deployed components run on this POP: the live policy and the shadow.
+pub trait PolicySlots: Send + Sync {
+    /// Compiles and self-tests `bytes` and makes them serve as `role` (blocking); on an
+    /// error what served keeps serving.
+    fn install(
+        &self,
+        role: super::rollout::Role,
+        name: &str,
+        bytes: &[u8],
+        deployment: &str,
+    ) -> Result<(), String>;
+    /// Back to this POP's own configuration for `role` (blocking).
+    fn restore(&self, role: super::rollout::Role) -> Result<(), String>;
+    /// What serves as `role` now (None: no shadow).
+    fn running(&self, role: super::rollout::Role) -> Option<super::rollout::Running>;
 }

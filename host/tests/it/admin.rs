@@ -167,7 +167,7 @@ async fn status_backends_and_bindings_describe_the_live_state() {
     assert_eq!(status["listeners"][0]["accepted"], 3);
     assert_eq!(status["policy"]["kind"], "wasm");
     assert_eq!(status["policy"]["name"], "geo-load (embedded)");
-    assert_eq!(status["policy"]["hash"].as_str().unwrap().len(), 16);
+    assert_eq!(status["policy"]["hash"].as_str().unwrap().len(), 64);
     assert_eq!(status["routing"]["version"], 1);
     assert_eq!(status["routing"]["backends"], 2);
     assert!(status["routing"]["last_error"].is_null());

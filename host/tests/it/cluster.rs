@@ -783,3 +783,227 @@ async fn wait_row<F: std::future::Future<Output = (u16, String)>>(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `edgeproxy policy ARGS` against `pop`'s admin API, as its operator would run it.
+fn policy_cli(pop: &Pop, args: &[&str]) -> std::process::Output {
+    let mut c = edgeproxy();
+    c.arg("policy")
+        .args(args)
+        .env("EDGEPROXY_ADMIN_ADDR", pop.admin.to_string())
+        .env("EDGEPROXY_DB_PATH", &pop.db);
+    c.output().unwrap()
+}
+
+fn policy_ok(pop: &Pop, args: &[&str]) -> Value {
+    let out = policy_cli(pop, &[args, &["--json"]].concat());
+    assert!(
+        out.status.success(),
+        "policy {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// What `pop`'s report (as `seen_from` has it replicated) says about `role`.
+fn reported<'a>(status: &'a Value, pop: &str, role: &str) -> &'a Value {
+    status["policies"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["pop"] == pop))
+        .map_or(&Value::Null, |p| &p[role])
+}
+
+/// The SHA-256 of the live policy `pop` itself says it runs.
+async fn live_hash(pop: &Pop) -> String {
+    let status = crate::support::admin_json(pop.admin, "/status").await;
+    status["policy"]["hash"].as_str().unwrap().to_owned()
+}
+
+/// Deploys go to the POPs named (by name, by region), every POP reports what it runs in
+/// `cluster status`, a corrupt component is refused by every POP it is for while the
+/// previous policy keeps serving, and rollbacks bring each POP back to what it ran before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_deploys_reach_the_selected_pops_and_corrupt_ones_are_refused_everywhere() {
+    let fleet = Fleet::new();
+    let a = fleet.pop_with("a", 1, &[], &[("EDGEPROXY_REGION", "eu")]);
+    let b = fleet.pop_with("b", 2, &[1], &[("EDGEPROXY_REGION", "eu")]);
+    let c = fleet.pop_with("c", 3, &[1], &[("EDGEPROXY_REGION", "us")]);
+    for p in [&a, &b, &c] {
+        p.wait_members(2).await;
+    }
+    let backend = Backend::start("berlin").await;
+    add(&a, "berlin-1", backend.addr);
+    converged(&[&a, &b, &c], 1).await;
+    let embedded = live_hash(&a).await;
+    let least = crate::support::policy_component("examples/policies/least-connections");
+    let chaos = crate::support::chaos_component();
+    let hash_of = |p: &Path| edgeproxy::domain::rollout::content_hash(&std::fs::read(p).unwrap());
+    let (least_hash, chaos_hash) = (hash_of(&least), hash_of(&chaos));
+
+    // Live to POP b alone, deployed through a.
+    let d1 = policy_ok(
+        &a,
+        &["deploy", least.to_str().unwrap(), "--live", "--pops", "b"],
+    );
+    assert_eq!(d1["hash"], least_hash.as_str());
+    let s = a
+        .wait_status("b running the deployment", |s| {
+            reported(s, "b", "live")["deployment"] == d1["id"]
+                && reported(s, "a", "live").is_object()
+                && reported(s, "c", "live").is_object()
+        })
+        .await;
+    assert_eq!(reported(&s, "b", "live")["hash"], least_hash.as_str());
+    assert_eq!(live_hash(&b).await, least_hash);
+    for p in [&a, &c] {
+        assert_eq!(live_hash(p).await, embedded, "{} is not selected", p.name);
+        assert_eq!(reported(&s, &p.name, "live")["deployment"], Value::Null);
+    }
+
+    // Shadow to region eu (a and b); c has none.
+    let d2 = policy_ok(
+        &c,
+        &[
+            "deploy",
+            chaos.to_str().unwrap(),
+            "--shadow",
+            "--regions",
+            "eu",
+        ],
+    );
+    c.wait_status("eu running the shadow", |s| {
+        ["a", "b"]
+            .iter()
+            .all(|p| reported(s, p, "shadow")["deployment"] == d2["id"])
+    })
+    .await;
+    for p in [&a, &b] {
+        let shadow = crate::support::admin_json(p.admin, "/policy/shadow").await;
+        assert_eq!(shadow["policy"]["hash"], chaos_hash.as_str());
+    }
+    let (code, _) = crate::support::http(c.admin, "GET", "/policy/shadow", &[]).await;
+    assert_eq!(code, 404, "c is in region us");
+
+    // A component that does not compile, sent past the local check, to every POP.
+    let broken = fleet.dir.path().join("broken.wasm");
+    let bytes = std::fs::read(&least).unwrap();
+    std::fs::write(&broken, &bytes[..bytes.len() / 2]).unwrap();
+    let refused = policy_cli(&a, &["deploy", broken.to_str().unwrap(), "--live"]);
+    assert!(!refused.status.success(), "the local check stops it");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("policy check"));
+    let d3 = policy_ok(
+        &a,
+        &["deploy", broken.to_str().unwrap(), "--live", "--no-check"],
+    );
+    let s = a
+        .wait_status("every POP refusing the broken component", |s| {
+            ["a", "b", "c"].iter().all(|p| {
+                s["policies"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["pop"] == *p && r["refused"][0]["deployment"] == d3["id"])
+            })
+        })
+        .await;
+    let cause = s["policies"][0]["refused"][0]["cause"].as_str().unwrap();
+    assert!(
+        cause.contains("compil") || cause.contains("component"),
+        "{cause}"
+    );
+    assert_eq!(live_hash(&a).await, embedded);
+    assert_eq!(
+        live_hash(&b).await,
+        least_hash,
+        "b keeps its previous deployment"
+    );
+    assert_eq!(live_hash(&c).await, embedded);
+    for p in [&a, &b, &c] {
+        assert_eq!(
+            crate::support::served_by("127.0.0.1", p.listen).await,
+            "berlin"
+        );
+    }
+
+    // A hash mismatch: the only copy (at a) of a component no POP has seen is corrupted
+    // before b and c fetch it.
+    let latency = crate::support::policy_component("examples/policies/latency-aware");
+    b.signal("-STOP");
+    c.signal("-STOP");
+    let d4 = policy_ok(
+        &a,
+        &[
+            "deploy",
+            latency.to_str().unwrap(),
+            "--live",
+            "--pops",
+            "b,c",
+        ],
+    );
+    let store =
+        rusqlite::Connection::open(edgeproxy::adapters::outbound::sqlite_fleet::path_for(&a.db))
+            .unwrap();
+    let n = store
+        .execute(
+            "UPDATE components SET bytes = x'0061736d' WHERE hash = ?1",
+            [&hash_of(&latency)],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    b.signal("-CONT");
+    c.signal("-CONT");
+    let s = b
+        .wait_status("b and c refusing the mismatched copy", |s| {
+            ["b", "c"].iter().all(|p| {
+                s["policies"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["pop"] == *p && r["refused"][0]["deployment"] == d4["id"])
+            })
+        })
+        .await;
+    let b_report = s["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["pop"] == "b")
+        .unwrap();
+    assert!(
+        b_report["refused"][0]["cause"]
+            .as_str()
+            .unwrap()
+            .contains("does not match"),
+        "{b_report}"
+    );
+    assert_eq!(live_hash(&b).await, least_hash);
+    assert_eq!(live_hash(&c).await, embedded);
+
+    // One command per deployment undoes it everywhere: the newest first.
+    for _ in 0..3 {
+        policy_ok(&b, &["rollback", "--fleet"]);
+    }
+    policy_ok(&b, &["rollback", "--fleet", "--shadow"]);
+    c.wait_status("every POP back on its configuration", |s| {
+        ["a", "b", "c"].iter().all(|p| {
+            reported(s, p, "live")["deployment"] == Value::Null
+                && reported(s, p, "live").is_object()
+                && reported(s, p, "shadow").is_null()
+        })
+    })
+    .await;
+    for p in [&a, &b, &c] {
+        assert_eq!(live_hash(p).await, embedded);
+    }
+    let out = policy_cli(&a, &["rollback", "--fleet"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no live deployment"));
+    let text = {
+        let mut cmd = edgeproxy();
+        cmd.args(["cluster", "status"])
+            .env("EDGEPROXY_ADMIN_ADDR", a.admin.to_string());
+        run_ok(cmd)
+    };
+    assert!(
+        text.contains("rolled back") && text.contains("live policy"),
+        "{text}"
+    );
+}

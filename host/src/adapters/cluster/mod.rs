@@ -3,6 +3,7 @@
 //!
 //! - `membership`: foca in one task, SWIM packets as QUIC datagrams (gossip endpoint).
 //! - `sync`: fresh writes pushed to every member, anti-entropy rounds (transport endpoint).
+//! - `fleet`: policy deployments, POP reports and components (`PolicyFleet`).
 //! - `wire`: every message, versioned; `tls`: credentials and the mTLS configs.
 //! - `transport`: what carries messages (a trait), and an in-memory network with faults for
 //!   tests and simulations; `quic`: the real one.
@@ -11,6 +12,7 @@
 //! capture of local writes live in the routing file (`sqlite_replica`). The proxy itself
 //! knows nothing of this: it reloads the file when it changes, as for any other writer.
 
+pub mod fleet;
 pub mod membership;
 pub mod quic;
 pub mod sync;
@@ -32,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use self::membership::{Identity, Input, Member};
 use self::quic::{QuicEndpoint, QuicTransport};
 use self::transport::{Inbox, Transport};
+use crate::adapters::outbound::sqlite_fleet::SqliteFleet;
 use crate::adapters::outbound::sqlite_replica::SqliteReplica;
 use crate::adapters::outbound::sqlite_replica::wall_ms;
 use crate::domain::ports::{ClusterStatus, ClusterView, MemberStatus};
@@ -149,6 +152,7 @@ pub struct Inner {
     /// Itself, for the inbox, which is called through `&self`.
     me: Weak<Inner>,
     store: Store,
+    fleet: fleet::FleetStore,
     transport: Arc<dyn Transport>,
     swim: mpsc::Sender<Input>,
     members: watch::Receiver<Vec<Member>>,
@@ -243,6 +247,12 @@ pub struct Cluster {
     inner: Arc<Inner>,
 }
 
+/// The fleet file beside the routing file, for the same node.
+fn open_fleet(replica: &SqliteReplica, max_skew: Duration) -> anyhow::Result<SqliteFleet> {
+    let path = crate::adapters::outbound::sqlite_fleet::path_for(replica.path());
+    Ok(SqliteFleet::open(&path, replica.node(), max_skew)?)
+}
+
 /// Resolves `host:port` entries; a name that does not resolve now is tried again later.
 async fn resolve(entries: &[String]) -> Vec<SocketAddr> {
     let mut out = Vec::new();
@@ -292,6 +302,7 @@ impl Cluster {
             }
         };
         let replica = SqliteReplica::open(&cfg.db, cfg.max_skew)?;
+        let fleet = open_fleet(&replica, cfg.max_skew)?;
         let gossip = QuicEndpoint::bind(
             "gossip",
             cfg.gossip_addr,
@@ -331,6 +342,7 @@ impl Cluster {
         let cluster = Self::launch(
             node,
             replica,
+            fleet,
             move |inbox| {
                 serving.serve(inbox);
                 Arc::new(serving)
@@ -357,12 +369,14 @@ impl Cluster {
         stop: CancellationToken,
     ) -> anyhow::Result<(Self, Arc<transport::MemoryTransport>)> {
         let replica = SqliteReplica::open(db, Duration::from_secs(60))?;
+        let fleet = open_fleet(&replica, Duration::from_secs(60))?;
         let addrs = [node.gossip, node.transport];
         let slot = Arc::new(Mutex::new(None));
         let keep = slot.clone();
         let cluster = Self::launch(
             node,
             replica,
+            fleet,
             move |inbox| {
                 let t = net.attach(&addrs, inbox);
                 *keep.lock().expect("slot") = Some(t.clone());
@@ -379,6 +393,7 @@ impl Cluster {
     pub fn launch(
         node: Node,
         replica: SqliteReplica,
+        fleet: SqliteFleet,
         connect: impl FnOnce(Weak<dyn Inbox>) -> Arc<dyn Transport>,
         stop: CancellationToken,
     ) -> Self {
@@ -402,6 +417,7 @@ impl Cluster {
                 identity,
                 me: me.clone(),
                 store: Store::new(replica),
+                fleet: fleet::FleetStore::new(fleet),
                 transport,
                 swim: membership.inputs,
                 members: membership.members,
@@ -451,6 +467,7 @@ impl Cluster {
         let s = &inner.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let wire = inner.transport.wire_bytes();
+        let records = inner.fleet.records();
         ClusterStatus {
             node: inner.identity.node.to_string(),
             name: inner.identity.name.clone(),
@@ -478,6 +495,17 @@ impl Cluster {
             wire_bytes_in: wire.map(|w| w.0),
             wire_bytes_out: wire.map(|w| w.1),
             peers_refused: inner.transport.refused() + load(&s.protocol_refused),
+            deployments: crate::domain::rollout::deployments(records.iter())
+                .into_iter()
+                .cloned()
+                .collect(),
+            policies: records
+                .iter()
+                .filter_map(|r| match &r.value {
+                    crate::domain::rollout::FleetValue::Pop(p) => Some(p.clone()),
+                    _ => None,
+                })
+                .collect(),
         }
     }
 }
@@ -650,7 +678,12 @@ async fn purge_tombstones(inner: Arc<Inner>, ttl: Duration, stop: CancellationTo
 }
 
 async fn run_round(inner: &Arc<Inner>, peer: &Peer) {
-    if let Err(e) = sync::round(inner, peer).await {
+    let rows = sync::round(inner, peer).await;
+    let records = match rows {
+        Ok(()) => inner.records_round(peer).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = records {
         inner.stats.sync_failures.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("cluster: sync with {}: {e}", peer.name);
     }

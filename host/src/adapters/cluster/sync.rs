@@ -104,6 +104,18 @@ impl Inner {
                     .fetch_add(reply.len() as u64, Ordering::Relaxed);
                 Some(reply)
             }
+            Message::FleetPush {
+                from: node,
+                records,
+            } => {
+                self.apply_records(node, records).await;
+                None
+            }
+            Message::FleetSync { digest, .. } => Some(self.encode_out(&self.records_reply(digest))),
+            Message::ComponentRequest { hash, offset } => {
+                let reply = self.chunk_reply(hash, offset).await;
+                Some(self.encode_out(&reply))
+            }
             other => {
                 self.protocol_refusal(from, &format!("unexpected {other:?}"));
                 None
@@ -111,7 +123,7 @@ impl Inner {
         }
     }
 
-    fn encode_out(&self, m: &Message) -> Vec<u8> {
+    pub(super) fn encode_out(&self, m: &Message) -> Vec<u8> {
         let frame = wire::encode(m);
         self.stats
             .bytes_out

@@ -7,12 +7,18 @@
 //!   length first: `Push` and `SyncPush` one-way (uni stream), `SyncRequest` a call (bi
 //!   stream) answered by `SyncReply` or `Refused`.
 //!
-//! Every message carries the routing schema version: rows are never applied across
+//! - Policy records and components: `FleetPush` one-way, `FleetSync` and
+//!   `ComponentRequest` calls. They were added after protocol 1 shipped, as new variants
+//!   at the end, so a POP of an older build refuses them as undecodable and keeps
+//!   replicating rows.
+//!
+//! Every row message carries the routing schema version: rows are never applied across
 //! schemas (Corrosion's users met half-applied changes when schemas drifted).
 
 use serde::{Deserialize, Serialize};
 
 use crate::domain::replication::{Digest, Hlc, NodeId, VersionedRow};
+use crate::domain::rollout::FleetRecord;
 
 pub const PROTOCOL: u32 = 1;
 /// The `backends` columns as this build stores them; bump with any change to them.
@@ -63,8 +69,38 @@ pub enum Message {
         rows: Vec<VersionedRow>,
     },
     /// The answer to a message that cannot be served (another schema, say).
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
+    /// Fresh policy records (deployments, POP reports), sent once to every member.
+    FleetPush {
+        from: NodeId,
+        records: Vec<FleetRecord>,
+    },
+    /// Compares policy records: answered by `FleetReply`, with every record the answerer
+    /// holds when the digests differ (a few per POP and deployment), none when equal.
+    FleetSync {
+        from: NodeId,
+        digest: u64,
+    },
+    FleetReply {
+        same: bool,
+        records: Vec<FleetRecord>,
+    },
+    /// Asks for a component by hash, `CHUNK` bytes from `offset`: answered by
+    /// `ComponentChunk`, or `Refused` when the answerer does not hold it.
+    ComponentRequest {
+        hash: String,
+        offset: u64,
+    },
+    ComponentChunk {
+        total: u64,
+        bytes: Vec<u8>,
+    },
 }
+
+/// Component bytes per chunk: a large component moves in bounded frames.
+pub const CHUNK: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {

@@ -12,7 +12,9 @@
 //! | `GET /policy/shadow` | the shadow policy against the live one: agreement, pick tables, recent disagreements |
 //! | `POST /policy/promote[?drop_bindings=true]` | makes the shadow policy live (after a self-test) |
 //! | `POST /policy/rollback[?drop_bindings=true]` | brings back the policy before the promotion |
-//! | `GET /cluster` | this node, members and their SWIM state, sync times, table digest, counters |
+//! | `GET /cluster` | this node, members and their SWIM state, sync times, table digest, counters, fleet deployments and what each POP runs |
+//! | `POST /fleet/deploy?role=live\|shadow&name=N[&pops=a,b][&regions=x,y][&sha256=H]` | stores the component (the body) in the fleet and deploys it to the POPs named (every POP when none is) |
+//! | `POST /fleet/rollback?role=live\|shadow` | revokes the latest deployment of that role: the POPs it selected go back to what they ran before |
 //!
 //! With a token configured, every route needs `Authorization: Bearer <token>`. The
 //! listener only reads and formats; what it answers comes from [`Admin`].
@@ -78,13 +80,15 @@ impl State {
                     "no decisions are recorded on this POP (decision_log_size = 0)",
                 ),
             },
-            ("/policy/shadow", &Method::GET) => match &self.admin.shadow {
-                Some(s) => json(StatusCode::OK, &s.report()),
-                None => error(
-                    StatusCode::NOT_FOUND,
-                    "no shadow policy on this POP (shadow_policy_path)",
-                ),
-            },
+            ("/policy/shadow", &Method::GET) => {
+                match self.admin.shadow.as_ref().filter(|s| s.active()) {
+                    Some(s) => json(StatusCode::OK, &s.report()),
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        "no shadow policy on this POP (shadow_policy_path, or a fleet deployment with --shadow)",
+                    ),
+                }
+            }
             ("/policy/promote" | "/policy/rollback", &Method::POST) => {
                 let drop_bindings = match req.uri().query() {
                     None | Some("") => false,
@@ -106,6 +110,18 @@ impl State {
                 }
             }
             ("/policy/promote" | "/policy/rollback", _) => not_allowed("POST"),
+            ("/fleet/deploy", &Method::POST) => self.deploy(req).await,
+            ("/fleet/rollback", &Method::POST) => {
+                let role = match fleet_query(req.uri().query(), &["role"]) {
+                    Ok(q) => q.role,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+                };
+                match self.admin.fleet_rollback(role).await {
+                    Ok(d) => json(StatusCode::OK, &d),
+                    Err(e) => fleet_error(e),
+                }
+            }
+            ("/fleet/deploy" | "/fleet/rollback", _) => not_allowed("POST"),
             ("/cluster", &Method::GET) => match self.admin.cluster() {
                 Some(c) => json(StatusCode::OK, &c),
                 None => error(
@@ -139,6 +155,37 @@ impl State {
         }
     }
 
+    async fn deploy(&self, req: Request<Incoming>) -> Reply {
+        let q = match fleet_query(
+            req.uri().query(),
+            &["role", "name", "pops", "regions", "sha256"],
+        ) {
+            Ok(q) => q,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+        };
+        let Some(name) = q.name else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "name= is required: what the component is called",
+            );
+        };
+        // Over the cap by one byte is enough to know it is too large.
+        let max = usize::try_from(self.admin.policy_max_bytes).unwrap_or(usize::MAX);
+        let bytes = match http::body(req, max).await {
+            Ok(b) => b.to_vec(),
+            Err(reply) => return reply,
+        };
+        let request = crate::domain::ports::DeployRequest {
+            role: q.role,
+            name,
+            targets: q.targets,
+        };
+        match self.admin.deploy(request, bytes, q.sha256.as_deref()).await {
+            Ok(d) => json(StatusCode::OK, &d),
+            Err(e) => fleet_error(e),
+        }
+    }
+
     fn unbind(&self, client: &str) -> Reply {
         // IPv6 clients may arrive percent-encoded.
         let client = client.replace("%3A", ":").replace("%3a", ":");
@@ -157,6 +204,95 @@ impl State {
     fn authorized(&self, req: &Request<Incoming>) -> bool {
         http::bearer_ok(req, self.token.as_deref())
     }
+}
+
+fn fleet_error(e: crate::application::admin::FleetError) -> Reply {
+    use crate::application::admin::FleetError;
+    let code = match e {
+        FleetError::Off => StatusCode::NOT_FOUND,
+        FleetError::Invalid(_) => StatusCode::BAD_REQUEST,
+        FleetError::Refused(_) => StatusCode::CONFLICT,
+    };
+    error(code, &e.to_string())
+}
+
+/// The query of `/fleet/deploy` and `/fleet/rollback`.
+#[derive(Debug, Default, PartialEq)]
+struct FleetQuery {
+    role: crate::domain::rollout::Role,
+    name: Option<String>,
+    targets: crate::domain::rollout::Targets,
+    sha256: Option<String>,
+}
+
+/// Parses `role=live|shadow`, `name=`, `pops=a,b`, `regions=x,y`, `sha256=` (percent-
+/// encoded), refusing keys outside `allowed`.
+fn fleet_query(query: Option<&str>, allowed: &[&str]) -> Result<FleetQuery, String> {
+    use crate::domain::rollout::Role;
+    let mut q = FleetQuery::default();
+    let mut role = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !allowed.contains(&key) {
+            return Err(format!(
+                "unknown query parameter {key:?} (allowed: {})",
+                allowed.join(", ")
+            ));
+        }
+        let value = percent_decode(value)
+            .ok_or_else(|| format!("{key}: bad percent-encoding in {value:?}"))?;
+        let list = || {
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        match key {
+            "role" => {
+                role = Some(match value.as_str() {
+                    "live" => Role::Live,
+                    "shadow" => Role::Shadow,
+                    other => return Err(format!("role must be live or shadow, got {other:?}")),
+                })
+            }
+            "name" if !value.is_empty() => q.name = Some(value),
+            "pops" => q.targets.pops = list(),
+            "regions" => q.targets.regions = list(),
+            "sha256" => {
+                crate::domain::rollout::valid_hash(&value)?;
+                q.sha256 = Some(value)
+            }
+            _ => return Err(format!("{key} is empty")),
+        }
+    }
+    q.role = role.ok_or("role= is required: live or shadow")?;
+    Ok(q)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `offset` and `limit` from a query string.
@@ -181,6 +317,46 @@ fn page(query: Option<&str>) -> Result<(usize, usize), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fleet_queries_parse_and_bad_ones_are_named() {
+        use crate::domain::rollout::Role;
+        let all = ["role", "name", "pops", "regions", "sha256"];
+        let q = fleet_query(
+            Some("role=shadow&name=my%20policy.wasm&pops=a,b&regions=eu"),
+            &all,
+        )
+        .unwrap();
+        assert_eq!(q.role, Role::Shadow);
+        assert_eq!(q.name.as_deref(), Some("my policy.wasm"));
+        assert_eq!(q.targets.pops, ["a", "b"]);
+        assert_eq!(q.targets.regions, ["eu"]);
+        assert!(
+            fleet_query(Some("name=x"), &all)
+                .unwrap_err()
+                .contains("role= is required")
+        );
+        assert!(
+            fleet_query(Some("role=primary"), &all)
+                .unwrap_err()
+                .contains("live or shadow")
+        );
+        assert!(
+            fleet_query(Some("role=live&sha256=abc"), &all)
+                .unwrap_err()
+                .contains("SHA-256")
+        );
+        assert!(
+            fleet_query(Some("role=live&name=x"), &["role"])
+                .unwrap_err()
+                .contains("\"name\"")
+        );
+        assert!(
+            fleet_query(Some("role=live&name=%zz"), &all)
+                .unwrap_err()
+                .contains("percent")
+        );
+    }
 
     #[test]
     fn pages_parse_and_bad_ones_are_named() {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::{BodyExt as _, Full};
 
 use super::cli_output::{emit, render};
 use crate::adapters::cluster::tls;
@@ -77,6 +77,17 @@ pub async fn request(
     path: &str,
     token: Option<String>,
 ) -> anyhow::Result<Vec<u8>> {
+    request_with(addr, method, path, token, Vec::new()).await
+}
+
+/// One request with `body` to the local admin API; the body of a 2xx answer.
+pub async fn request_with(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    token: Option<String>,
+    body: Vec<u8>,
+) -> anyhow::Result<Vec<u8>> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| {
@@ -93,7 +104,7 @@ pub async fn request(
         req = req.header("authorization", format!("Bearer {t}"));
     }
     let resp = sender
-        .send_request(req.body(Empty::<bytes::Bytes>::new())?)
+        .send_request(req.body(Full::new(bytes::Bytes::from(body)))?)
         .await?;
     let code = resp.status();
     let body = resp.into_body().collect().await?.to_bytes().to_vec();
@@ -151,5 +162,85 @@ pub fn render_status(s: &ClusterStatus) -> String {
         ],
         &rows,
     );
+    if !s.policies.is_empty() || !s.deployments.is_empty() {
+        out += "\n";
+        out += &render_policies(s);
+    }
+    out
+}
+
+/// What each POP runs, and the deployments standing.
+fn render_policies(s: &ClusterStatus) -> String {
+    use crate::domain::rollout::Running;
+    let short = |h: &str| h.chars().take(12).collect::<String>();
+    let cell = |r: &Option<Running>| match r {
+        None => "-".to_owned(),
+        Some(r) => format!(
+            "{} {} ({}) since {}, {} faults",
+            r.name,
+            short(&r.hash),
+            r.deployment
+                .as_deref()
+                .map_or("configured".to_owned(), |d| format!("deployment {d}")),
+            r.since,
+            r.faults
+        ),
+    };
+    let rows: Vec<Vec<String>> = s
+        .policies
+        .iter()
+        .map(|p| {
+            vec![
+                p.pop.clone(),
+                p.region.clone(),
+                cell(&p.live),
+                cell(&p.shadow),
+                p.refused.first().map_or("-".to_owned(), |r| {
+                    format!("refused {} ({}): {}", r.deployment, short(&r.hash), r.cause)
+                }),
+            ]
+        })
+        .collect();
+    let mut out = render(
+        &[
+            "pop",
+            "region",
+            "live policy",
+            "shadow policy",
+            "last refusal",
+        ],
+        &rows,
+    );
+    let standing: Vec<Vec<String>> = s
+        .deployments
+        .iter()
+        .rev()
+        .map(|d| {
+            vec![
+                d.id.clone(),
+                d.role.to_string(),
+                d.name.clone(),
+                short(&d.hash),
+                d.targets.to_string(),
+                d.by.clone(),
+                if d.revoked { "rolled back" } else { "standing" }.to_owned(),
+            ]
+        })
+        .collect();
+    if !standing.is_empty() {
+        out += "\n";
+        out += &render(
+            &[
+                "deployment",
+                "role",
+                "component",
+                "hash",
+                "for",
+                "by",
+                "state",
+            ],
+            &standing,
+        );
+    }
     out
 }

@@ -17,13 +17,16 @@ use crate::domain::{BackendStats, Region, RoutingTable, sample};
 /// A compiled, self-tested policy and its instances.
 pub struct LoadedPolicy {
     pub name: Arc<str>,
-    /// Content fingerprint (hex), to tell versions apart in logs and status.
+    /// SHA-256 of the component (hex): what fleet deployments name it by.
     pub hash: String,
+    /// The fleet deployment it came from; None: this POP's configuration.
+    pub deployment: Option<String>,
     pub loaded_at: SystemTime,
     /// (length, mtime) of the file it was read from, so the watcher knows what it has.
     pub(super) source: Option<(u64, SystemTime)>,
-    /// Decisions this policy made (faults excluded).
+    /// Decisions this policy made (faults excluded), and its faults.
     pub decisions: AtomicU64,
+    pub faults: AtomicU64,
     pre: PolicyPre<GuestState>,
     idle: Mutex<Vec<Instance>>,
 }
@@ -54,10 +57,12 @@ impl LoadedPolicy {
         let pre = runtime.link(component)?;
         let loaded = Self {
             name: Arc::from(name),
-            hash: fingerprint(bytes),
+            hash: crate::domain::rollout::content_hash(bytes),
+            deployment: None,
             loaded_at: SystemTime::now(),
             source: None,
             decisions: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
             pre,
             idle: Mutex::new(Vec::new()),
         };
@@ -118,11 +123,4 @@ impl LoadedPolicy {
             .unwrap_or_else(PoisonError::into_inner)
             .push(instance);
     }
-}
-
-fn fingerprint(bytes: &[u8]) -> String {
-    use std::hash::{DefaultHasher, Hasher};
-    let mut h = DefaultHasher::new();
-    h.write(bytes);
-    format!("{:016x}", h.finish())
 }

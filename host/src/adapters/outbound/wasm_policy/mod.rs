@@ -14,10 +14,11 @@ pub mod breaker;
 mod loaded;
 pub mod reload;
 pub mod runtime;
+mod slots;
 mod wit_table;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
@@ -25,6 +26,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 
 pub use self::loaded::LoadedPolicy;
 use self::runtime::Runtime;
+pub use self::slots::Slots;
 use self::wit_table::WitTable;
 use crate::domain::ports::{ErrorAt, PolicyControl, PolicyFaults, PolicyStatus, timestamp};
 use crate::domain::ports::{PickRequest, ScoringPolicy};
@@ -118,6 +120,11 @@ pub struct WasmPolicy {
     pub breaker: breaker::Breaker,
     /// Decisions the native scorer made while the policy was suspended.
     pub suspended_decisions: AtomicU64,
+    /// A fleet deployment serves: the configured file is not reloaded meanwhile.
+    held: AtomicBool,
+    /// As a shadow: false while there is nothing to compare (no configured shadow and no
+    /// deployed one), so the shadow costs the live path one atomic load.
+    enabled: AtomicBool,
 }
 
 struct Fault {
@@ -127,9 +134,18 @@ struct Fault {
 
 impl WasmPolicy {
     pub fn new(runtime: Arc<Runtime>, client_regions: Vec<Region>, first: LoadedPolicy) -> Self {
+        Self::serving(runtime, client_regions, Arc::new(first))
+    }
+
+    /// A policy serving `first`, which may be shared (an idle shadow holds the live one).
+    pub fn serving(
+        runtime: Arc<Runtime>,
+        client_regions: Vec<Region>,
+        first: Arc<LoadedPolicy>,
+    ) -> Self {
         Self {
             runtime,
-            current: ArcSwap::from_pointee(first),
+            current: ArcSwap::new(first),
             table: ArcSwapOption::empty(),
             client_regions,
             faults: FaultCounts::default(),
@@ -144,7 +160,42 @@ impl WasmPolicy {
             fault_log: LogThrottle::new(std::time::Duration::from_secs(1)),
             breaker: breaker::Breaker::default(),
             suspended_decisions: AtomicU64::new(0),
+            held: AtomicBool::new(false),
+            enabled: AtomicBool::new(true),
         }
+    }
+
+    /// Whether it decides as a shadow; a disabled shadow is never asked.
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// While held (a fleet deployment serves), the configured file is not reloaded.
+    pub fn hold(&self, held: bool) {
+        self.held.store(held, Ordering::Relaxed);
+    }
+
+    pub fn held(&self) -> bool {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Serves this POP's configured policy again (the file, or the embedded default),
+    /// releasing the hold (blocking).
+    pub fn restore_configured(&self) -> Result<(), String> {
+        let loaded = match &self.path {
+            Some(path) => reload::load_file(&self.runtime, path).map_err(|e| e.to_string())?,
+            None => LoadedPolicy::load(&self.runtime, DEFAULT_POLICY_NAME, DEFAULT_POLICY)
+                .map_err(|e| format!("the embedded default policy: {e}"))?,
+        };
+        self.hold(false);
+        if loaded.hash != self.current.load().hash {
+            self.swap(loaded);
+        }
+        Ok(())
     }
 
     /// Marks the policy as loaded from `path`, which reloads re-read.
@@ -209,6 +260,9 @@ impl WasmPolicy {
         let Some(path) = &self.path else {
             return Ok(false);
         };
+        if self.held() {
+            return Ok(false);
+        }
         // Poisoning: the guarded value is only ever replaced whole.
         let mut tried = self
             .reloading
@@ -407,6 +461,9 @@ pub struct Promotion {
 
 impl crate::domain::ports::PolicyPromotion for Promotion {
     fn promote(&self) -> Result<crate::domain::ports::Promoted, String> {
+        if !self.shadow.enabled() {
+            return Err("no shadow policy on this POP (shadow_policy_path, or a fleet deployment with --shadow)".into());
+        }
         let next = self.shadow.current();
         next.self_test(&self.live.runtime)
             .map_err(|e| format!("the shadow failed its self-test: {e}"))?;
@@ -445,6 +502,7 @@ impl crate::domain::ports::ShadowPolicy for WasmPolicy {
             }
             Err(f) => {
                 self.faults.count(f.kind);
+                loaded.faults.fetch_add(1, Ordering::Relaxed);
                 if let Some(suppressed) = self.fault_log.allow() {
                     tracing::warn!(policy = %loaded.name, fault = ?f.kind, cause = %f.cause, suppressed, "shadow policy fault (traffic is not affected)");
                 }
@@ -455,6 +513,10 @@ impl crate::domain::ports::ShadowPolicy for WasmPolicy {
 
     fn status(&self) -> PolicyStatus {
         PolicyControl::status(self)
+    }
+
+    fn active(&self) -> bool {
+        self.enabled()
     }
 }
 
@@ -476,6 +538,7 @@ impl ScoringPolicy for WasmPolicy {
             }
             Err(f) => {
                 self.faults.count(f.kind);
+                loaded.faults.fetch_add(1, Ordering::Relaxed);
                 if let Some(backoff) = self.breaker.fault() {
                     tracing::error!(policy = %loaded.name, faults = breaker::TRIP, within = ?breaker::WINDOW, ?backoff, cause = %f.cause, "policy suspended: the native scorer decides until the backoff ends, then the policy is tried again");
                 } else if let Some(suppressed) = self.fault_log.allow() {

@@ -65,7 +65,7 @@ pub async fn run(policy: Arc<WasmPolicy>, path: PathBuf, shutdown: CancellationT
         // What is serving (or was last tried), not what this task saw last: a write that
         // landed before it started, or a reload through the admin API, counts too.
         let now = signature(&path);
-        if now.is_none() || now == policy.current().source {
+        if policy.held() || now.is_none() || now == policy.current().source {
             continue;
         }
         // Load only a file that stayed the same for SETTLE (a write may be in progress).

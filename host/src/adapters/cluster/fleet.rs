@@ -1,0 +1,429 @@
+//! Policy records and components between POPs (the `PolicyFleet` port).
+//!
+//! Records (deployments, POP reports) are few and small: a fresh one is pushed to every
+//! member, and each anti-entropy round compares one digest and, when it differs, swaps
+//! the whole set. Components are not pushed: a POP a deployment selects fetches it, in
+//! 1 MiB chunks, from the deploying POP first and then from any member holding it, and
+//! checks the whole against the SHA-256 the deployment names before it keeps or runs it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use super::wire::{self, Message};
+use super::{Cluster, Inner, Peer};
+use crate::adapters::outbound::sqlite_fleet::SqliteFleet;
+use crate::adapters::outbound::sqlite_replica::wall_ms;
+use crate::domain::ports::{BoxFuture, DeployRequest, FetchError, PolicyFleet};
+use crate::domain::replication::NodeId;
+use crate::domain::rollout::{
+    self, Deployment, FleetRecord, FleetValue, PopPolicies, Role, content_hash as sha256_hex,
+};
+
+/// The fleet file, used from blocking threads, and a snapshot of its records.
+pub struct FleetStore {
+    file: Arc<Mutex<SqliteFleet>>,
+    snapshot: Arc<ArcSwap<Vec<FleetRecord>>>,
+    changes: watch::Sender<u64>,
+}
+
+impl FleetStore {
+    pub fn new(file: SqliteFleet) -> Self {
+        let snapshot = Arc::new(ArcSwap::from_pointee(file.records().cloned().collect()));
+        Self {
+            file: Arc::new(Mutex::new(file)),
+            snapshot,
+            changes: watch::Sender::new(0),
+        }
+    }
+
+    pub fn records(&self) -> Arc<Vec<FleetRecord>> {
+        self.snapshot.load_full()
+    }
+
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut SqliteFleet) -> R + Send + 'static,
+    ) -> R {
+        let (file, snapshot) = (self.file.clone(), self.snapshot.clone());
+        let call = move || {
+            let mut file = file.lock().expect("fleet store lock");
+            let before = file.digest();
+            let out = f(&mut file);
+            let changed = file.digest() != before;
+            if changed {
+                snapshot.store(Arc::new(file.records().cloned().collect()));
+            }
+            (out, changed)
+        };
+        let (out, changed) = match tokio::task::spawn_blocking(call).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => std::future::pending().await,
+        };
+        if changed {
+            self.changes.send_modify(|n| *n += 1);
+        }
+        out
+    }
+
+    /// Writes `value` as a local record.
+    async fn write(&self, value: FleetValue) -> Result<FleetRecord, String> {
+        self.run(move |f| {
+            let v = f.next_version(wall_ms()).map_err(|e| e.to_string())?;
+            f.write(v, value).map_err(|e| e.to_string())
+        })
+        .await
+    }
+}
+
+impl Inner {
+    /// Merges records from a peer, reporting what was refused.
+    pub(super) async fn apply_records(&self, origin: NodeId, records: Vec<FleetRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        let out = self
+            .fleet
+            .run(move |f| {
+                let out = f.apply(records, wall_ms())?;
+                if out
+                    .applied
+                    .iter()
+                    .any(|r| matches!(&r.value, FleetValue::Deployment(d) if d.revoked))
+                {
+                    f.collect_garbage()?;
+                }
+                Ok::<_, crate::adapters::outbound::sqlite_fleet::FleetStoreError>(out)
+            })
+            .await;
+        match out {
+            Ok(out) => {
+                if (!out.rejected.is_empty() || !out.ahead.is_empty())
+                    && let Some(held) = self.reject_log.allow()
+                {
+                    tracing::warn!(
+                        origin = %origin,
+                        "cluster: refused policy records from node {origin}: invalid {:?}; clock ahead {:?} ({held} earlier reports held back)",
+                        out.rejected,
+                        out.ahead.iter().map(|(k, a)| format!("{k}: {a}")).collect::<Vec<_>>()
+                    );
+                }
+            }
+            Err(e) => tracing::error!("cluster: {e}"),
+        }
+    }
+
+    /// Sends fresh local records to every member.
+    fn push_records(self: &Arc<Self>, records: Vec<FleetRecord>) {
+        let frame = wire::encode(&Message::FleetPush {
+            from: self.identity.node,
+            records,
+        });
+        for peer in self.alive_peers() {
+            let (inner, frame) = (self.clone(), frame.clone());
+            tokio::spawn(async move {
+                let n = frame.len() as u64;
+                match inner.transport.send(peer.transport, frame).await {
+                    Ok(()) => {
+                        inner
+                            .stats
+                            .bytes_out
+                            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::debug!("cluster: policy records to {}: {e}", peer.name),
+                }
+            });
+        }
+    }
+
+    /// The answer to `FleetSync`: every record, unless the digests match.
+    pub(super) fn records_reply(&self, digest: u64) -> Message {
+        let records = self.fleet.records();
+        match rollout::digest(records.iter()) == digest {
+            true => Message::FleetReply {
+                same: true,
+                records: Vec::new(),
+            },
+            false => Message::FleetReply {
+                same: false,
+                records: records.to_vec(),
+            },
+        }
+    }
+
+    /// The answer to `ComponentRequest`.
+    pub(super) async fn chunk_reply(&self, hash: String, offset: u64) -> Message {
+        let found = self
+            .fleet
+            .run(move |f| f.chunk(&hash, offset, wire::CHUNK))
+            .await;
+        match found {
+            Ok(Some((total, bytes))) => Message::ComponentChunk { total, bytes },
+            Ok(None) => Message::Refused {
+                reason: "component not held here".into(),
+            },
+            Err(e) => Message::Refused { reason: e },
+        }
+    }
+
+    /// Compares records with `peer`, then sends what it lacks or has older.
+    pub(super) async fn records_round(&self, peer: &Peer) -> Result<(), String> {
+        let ours = self.fleet.records();
+        let request = Message::FleetSync {
+            from: self.identity.node,
+            digest: rollout::digest(ours.iter()),
+        };
+        let reply = self
+            .transport
+            .call(peer.transport, self.encode_out(&request))
+            .await?;
+        let theirs = match wire::decode(&reply).map_err(|e| e.to_string())? {
+            Message::FleetReply { same: true, .. } => return Ok(()),
+            Message::FleetReply { records, .. } => records,
+            Message::Refused { reason } => return Err(format!("refused: {reason}")),
+            other => return Err(format!("unexpected {other:?} answering a policy sync")),
+        };
+        let known: HashMap<String, FleetRecord> =
+            theirs.iter().map(|r| (r.value.key(), r.clone())).collect();
+        self.apply_records(peer.node, theirs).await;
+        let newer: Vec<FleetRecord> = ours
+            .iter()
+            .filter(|r| r.supersedes(known.get(&r.value.key())))
+            .cloned()
+            .collect();
+        if !newer.is_empty() {
+            let push = Message::FleetPush {
+                from: self.identity.node,
+                records: newer,
+            };
+            self.transport
+                .send(peer.transport, self.encode_out(&push))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The whole component from `peer`, chunk by chunk: `Corrupt` when what it offers
+    /// cannot be the component (wrong size, over the cap), `Unavailable` when it does not
+    /// hold it or cannot be reached.
+    async fn fetch_from(
+        &self,
+        peer: SocketAddr,
+        d: &Deployment,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>, FetchError> {
+        use FetchError::{Corrupt, Unavailable};
+        let mut bytes = Vec::new();
+        loop {
+            let request = Message::ComponentRequest {
+                hash: d.hash.clone(),
+                offset: bytes.len() as u64,
+            };
+            let reply = self
+                .transport
+                .call(peer, self.encode_out(&request))
+                .await
+                .map_err(Unavailable)?;
+            match wire::decode(&reply).map_err(|e| Unavailable(e.to_string()))? {
+                Message::ComponentChunk { total, bytes: b } => {
+                    if total > max_bytes || total != d.size {
+                        return Err(Corrupt(format!(
+                            "offered {total} bytes; the deployment says {} (cap {max_bytes})",
+                            d.size
+                        )));
+                    }
+                    if b.is_empty() && (bytes.len() as u64) < total {
+                        return Err(Corrupt("sent an empty chunk before the end".into()));
+                    }
+                    bytes.extend_from_slice(&b);
+                    if bytes.len() as u64 >= total {
+                        bytes.truncate(total as usize);
+                        return Ok(bytes);
+                    }
+                }
+                Message::Refused { reason } => return Err(Unavailable(reason)),
+                other => {
+                    return Err(Unavailable(format!(
+                        "unexpected {other:?} answering for a component"
+                    )));
+                }
+            }
+        }
+    }
+}
+
+impl PolicyFleet for Cluster {
+    fn pop(&self) -> String {
+        self.inner.identity.name.clone()
+    }
+
+    fn records(&self) -> Vec<FleetRecord> {
+        self.inner.fleet.records().to_vec()
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.fleet.changes.subscribe()
+    }
+
+    fn deploy(
+        &self,
+        request: DeployRequest,
+        bytes: Vec<u8>,
+        max_bytes: u64,
+    ) -> BoxFuture<'_, Result<Deployment, String>> {
+        Box::pin(async move {
+            if bytes.len() as u64 > max_bytes {
+                return Err(format!(
+                    "the component is {} bytes, over the {max_bytes}-byte cap (policy_max_bytes)",
+                    bytes.len()
+                ));
+            }
+            let hash = sha256_hex(&bytes);
+            let by = self.inner.identity.name.clone();
+            let record = self
+                .inner
+                .fleet
+                .run(move |f| {
+                    f.put_component(&hash, &bytes)?;
+                    let v = f.next_version(wall_ms()).map_err(|e| e.to_string())?;
+                    let d = Deployment {
+                        id: format!("{:x}-{}", v.hlc.0, v.node),
+                        role: request.role,
+                        hash,
+                        name: request.name,
+                        size: bytes.len() as u64,
+                        targets: request.targets,
+                        created: v,
+                        by,
+                        revoked: false,
+                    };
+                    f.write(v, FleetValue::Deployment(d))
+                        .map_err(|e| e.to_string())
+                })
+                .await?;
+            self.inner.push_records(vec![record.clone()]);
+            match record.value {
+                FleetValue::Deployment(d) => Ok(d),
+                FleetValue::Pop(_) => unreachable!("a deployment was written"),
+            }
+        })
+    }
+
+    fn revoke_latest(&self, role: Role) -> BoxFuture<'_, Result<Deployment, String>> {
+        Box::pin(async move {
+            let records = self.inner.fleet.records();
+            let deployments = rollout::deployments(records.iter());
+            let mut latest = rollout::latest(&deployments, role)
+                .cloned()
+                .ok_or_else(|| format!("no {role} deployment to roll back"))?;
+            latest.revoked = true;
+            let record = self
+                .inner
+                .fleet
+                .run(move |f| {
+                    let v = f.next_version(wall_ms()).map_err(|e| e.to_string())?;
+                    let r = f
+                        .write(v, FleetValue::Deployment(latest))
+                        .map_err(|e| e.to_string())?;
+                    f.collect_garbage().map_err(|e| e.to_string())?;
+                    Ok::<_, String>(r)
+                })
+                .await?;
+            self.inner.push_records(vec![record.clone()]);
+            match record.value {
+                FleetValue::Deployment(d) => Ok(d),
+                FleetValue::Pop(_) => unreachable!("a deployment was written"),
+            }
+        })
+    }
+
+    fn component<'a>(
+        &'a self,
+        d: &'a Deployment,
+        max_bytes: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
+        Box::pin(async move {
+            if d.size > max_bytes {
+                return Err(FetchError::Corrupt(format!(
+                    "the component is {} bytes, over this POP's {max_bytes}-byte cap (policy_max_bytes)",
+                    d.size
+                )));
+            }
+            let hash = d.hash.clone();
+            match self.inner.fleet.run(move |f| f.component(&hash)).await {
+                Ok(Some(bytes)) => return Ok(bytes),
+                Ok(None) => {}
+                Err(e) => return Err(FetchError::Corrupt(e)),
+            }
+            // The deploying POP first: it certainly has it.
+            let mut peers = self.inner.alive_peers();
+            fastrand::shuffle(&mut peers);
+            peers.sort_by_key(|p| p.node != d.created.node);
+            let mut tried = Vec::new();
+            let mut corrupt = None;
+            for peer in peers {
+                match self.inner.fetch_from(peer.transport, d, max_bytes).await {
+                    Ok(bytes) if sha256_hex(&bytes) == d.hash => {
+                        let (hash, keep) = (d.hash.clone(), bytes.clone());
+                        let kept = self
+                            .inner
+                            .fleet
+                            .run(move |f| f.put_component(&hash, &keep))
+                            .await;
+                        if let Err(e) = kept {
+                            tracing::warn!("cluster: keeping component {}: {e}", d.hash);
+                        }
+                        return Ok(bytes);
+                    }
+                    Ok(bytes) => {
+                        corrupt = Some(format!(
+                            "the copy from {} does not match the deployment's hash: expected {}, got {}",
+                            peer.name,
+                            d.hash,
+                            sha256_hex(&bytes)
+                        ));
+                    }
+                    Err(FetchError::Corrupt(e)) => {
+                        corrupt = Some(format!(
+                            "the copy from {} does not match the deployment: {e}",
+                            peer.name
+                        ));
+                    }
+                    Err(FetchError::Unavailable(e)) => tried.push(format!("{}: {e}", peer.name)),
+                }
+            }
+            Err(match corrupt {
+                Some(c) => FetchError::Corrupt(c),
+                None if tried.is_empty() => {
+                    FetchError::Unavailable("no other POP is reachable to fetch it from".into())
+                }
+                None => FetchError::Unavailable(format!(
+                    "no reachable POP holds it ({})",
+                    tried.join("; ")
+                )),
+            })
+        })
+    }
+
+    fn report(&self, report: PopPolicies) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let key = FleetValue::Pop(report.clone()).key();
+            let same = self
+                .inner
+                .fleet
+                .records()
+                .iter()
+                .any(|r| r.value.key() == key && r.value == FleetValue::Pop(report.clone()));
+            if same {
+                return Ok(());
+            }
+            let record = self.inner.fleet.write(FleetValue::Pop(report)).await?;
+            self.inner.push_records(vec![record]);
+            Ok(())
+        })
+    }
+}

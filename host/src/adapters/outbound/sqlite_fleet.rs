@@ -1,0 +1,349 @@
+//! The fleet's policy records (deployments, POP reports) and the components they name, in
+//! a SQLite file of their own beside the routing file (`<db>.fleet`): a POP report changes
+//! with every fault count, and the proxy must not reload its routing table for that.
+//!
+//! Components are stored by SHA-256 and checked against it whenever they are read, so a
+//! file corrupted on disk is refused like one corrupted in transit.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+
+use crate::domain::replication::{Clock, ClockAhead, Hlc, NodeId, Version};
+use crate::domain::rollout::{self, FleetRecord, FleetValue, content_hash as sha256_hex};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS components (hash TEXT PRIMARY KEY, bytes BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value);
+";
+
+#[derive(Debug, thiserror::Error)]
+#[error("fleet policy store {path}: {reason}")]
+pub struct FleetStoreError {
+    pub path: String,
+    pub reason: String,
+}
+
+/// What applying records from a peer did.
+#[derive(Debug, Default)]
+pub struct AppliedRecords {
+    pub applied: Vec<FleetRecord>,
+    /// (key, reason)
+    pub rejected: Vec<(String, String)>,
+    pub ahead: Vec<(String, ClockAhead)>,
+}
+
+pub struct SqliteFleet {
+    path: PathBuf,
+    conn: Connection,
+    node: NodeId,
+    clock: Clock,
+    records: BTreeMap<String, FleetRecord>,
+}
+
+/// The fleet file that goes with the routing file at `db`.
+pub fn path_for(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(".fleet");
+    PathBuf::from(p)
+}
+
+impl SqliteFleet {
+    /// Opens (creating) the store for node `node`; its clock restarts past its last reading.
+    pub fn open(path: &Path, node: NodeId, max_skew: Duration) -> Result<Self, FleetStoreError> {
+        let err = |e: rusqlite::Error| FleetStoreError {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        let last: Option<i64> = conn
+            .query_row("SELECT value FROM state WHERE key = 'last_hlc'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)?;
+        let mut records = BTreeMap::new();
+        let mut stmt = conn
+            .prepare("SELECT key, value FROM records")
+            .map_err(err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(err)?;
+        for row in rows {
+            let (key, value) = row.map_err(err)?;
+            match postcard::from_bytes::<FleetRecord>(&value) {
+                Ok(r) => {
+                    records.insert(key, r);
+                }
+                // Anti-entropy brings a good copy back from a peer.
+                Err(e) => tracing::warn!(key, "fleet store: dropping an unreadable record: {e}"),
+            }
+        }
+        drop(stmt);
+        Ok(Self {
+            path: path.to_owned(),
+            conn,
+            node,
+            clock: Clock::new(Hlc(last.unwrap_or(0) as u64), max_skew.as_millis() as u64),
+            records,
+        })
+    }
+
+    fn err(&self, e: rusqlite::Error) -> FleetStoreError {
+        FleetStoreError {
+            path: self.path.display().to_string(),
+            reason: e.to_string(),
+        }
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &FleetRecord> {
+        self.records.values()
+    }
+
+    pub fn digest(&self) -> u64 {
+        rollout::digest(self.records.values())
+    }
+
+    fn store(&mut self, r: FleetRecord) -> rusqlite::Result<()> {
+        let key = r.value.key();
+        self.conn.execute(
+            "INSERT OR REPLACE INTO records VALUES (?1, ?2)",
+            params![key, postcard::to_stdvec(&r).expect("a record serializes")],
+        )?;
+        self.records.insert(key, r);
+        Ok(())
+    }
+
+    /// A fresh version for a local write (persisted before it is used).
+    pub fn next_version(&mut self, wall_ms: u64) -> Result<Version, FleetStoreError> {
+        let hlc = self.clock.tick(wall_ms);
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO state VALUES ('last_hlc', ?1)",
+                [hlc.0 as i64],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(Version {
+            hlc,
+            node: self.node,
+        })
+    }
+
+    /// Writes `value` locally with `version` (from [`Self::next_version`]).
+    pub fn write(
+        &mut self,
+        version: Version,
+        value: FleetValue,
+    ) -> Result<FleetRecord, FleetStoreError> {
+        let r = FleetRecord { version, value };
+        self.store(r.clone()).map_err(|e| self.err(e))?;
+        Ok(r)
+    }
+
+    /// Merges records from a peer: invalid ones and ones from a clock too far ahead are
+    /// refused, the rest win or lose by version.
+    pub fn apply(
+        &mut self,
+        incoming: Vec<FleetRecord>,
+        wall_ms: u64,
+    ) -> Result<AppliedRecords, FleetStoreError> {
+        let mut out = AppliedRecords::default();
+        for r in incoming {
+            let key = r.value.key();
+            if let Err(reason) = r.validate() {
+                out.rejected.push((key, reason));
+                continue;
+            }
+            if let Err(a) = self.clock.observe(r.version.hlc, wall_ms) {
+                out.ahead.push((key, a));
+                continue;
+            }
+            if r.supersedes(self.records.get(&key)) {
+                self.store(r.clone()).map_err(|e| self.err(e))?;
+                out.applied.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn has_component(&self, hash: &str) -> bool {
+        self.conn
+            .query_row("SELECT 1 FROM components WHERE hash = ?1", [hash], |_| {
+                Ok(())
+            })
+            .optional()
+            .ok()
+            .flatten()
+            .is_some()
+    }
+
+    /// Stores a component under its hash; refuses bytes that do not match it.
+    pub fn put_component(&mut self, hash: &str, bytes: &[u8]) -> Result<(), String> {
+        let actual = sha256_hex(bytes);
+        if actual != hash {
+            return Err(format!(
+                "component does not match its hash: expected {hash}, got {actual}"
+            ));
+        }
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO components VALUES (?1, ?2)",
+                params![hash, bytes],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e).to_string())
+    }
+
+    /// The whole component, checked against its hash (a mismatch is an error).
+    pub fn component(&self, hash: &str) -> Result<Option<Vec<u8>>, String> {
+        let bytes: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT bytes FROM components WHERE hash = ?1",
+                [hash],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e).to_string())?;
+        match bytes {
+            Some(b) if sha256_hex(&b) != hash => Err(format!(
+                "the stored copy of component {hash} does not match its hash (got {}): \
+                 corrupted on disk",
+                sha256_hex(&b)
+            )),
+            other => Ok(other),
+        }
+    }
+
+    /// `len` bytes from `offset` of a stored component, and its total size (served to
+    /// peers unchecked: they check the whole against the hash).
+    pub fn chunk(
+        &self,
+        hash: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<(u64, Vec<u8>)>, String> {
+        self.conn
+            .query_row(
+                "SELECT length(bytes), substr(bytes, ?2, ?3) FROM components WHERE hash = ?1",
+                params![hash, offset as i64 + 1, len as i64],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e).to_string())
+    }
+
+    /// Drops components no standing deployment names; returns how many.
+    pub fn collect_garbage(&mut self) -> Result<usize, FleetStoreError> {
+        let keep: Vec<String> = rollout::deployments(self.records.values())
+            .into_iter()
+            .filter(|d| !d.revoked)
+            .map(|d| d.hash.clone())
+            .collect();
+        let hashes: Vec<String> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT hash FROM components")
+                .map_err(|e| self.err(e))?;
+            let rows = stmt.query_map([], |r| r.get(0)).map_err(|e| self.err(e))?;
+            rows.collect::<rusqlite::Result<_>>()
+                .map_err(|e| self.err(e))?
+        };
+        let mut dropped = 0;
+        for h in hashes.iter().filter(|h| !keep.contains(h)) {
+            dropped += self
+                .conn
+                .execute("DELETE FROM components WHERE hash = ?1", [h])
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::rollout::{Deployment, Role, Targets};
+
+    fn open(dir: &tempfile::TempDir) -> SqliteFleet {
+        SqliteFleet::open(
+            &dir.path().join("r.db.fleet"),
+            NodeId(7),
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn components_are_checked_against_their_hash_on_the_way_in_and_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = open(&dir);
+        let bytes = b"not really wasm".to_vec();
+        let hash = sha256_hex(&bytes);
+        assert!(
+            f.put_component(&"0".repeat(64), &bytes)
+                .unwrap_err()
+                .contains("does not match")
+        );
+        f.put_component(&hash, &bytes).unwrap();
+        assert_eq!(f.component(&hash).unwrap().unwrap(), bytes);
+        assert_eq!(
+            f.chunk(&hash, 4, 6).unwrap().unwrap(),
+            (15, b"really".to_vec())
+        );
+        // Corrupted on disk: refused when read.
+        f.conn
+            .execute(
+                "UPDATE components SET bytes = x'00' WHERE hash = ?1",
+                [&hash],
+            )
+            .unwrap();
+        assert!(
+            f.component(&hash)
+                .unwrap_err()
+                .contains("corrupted on disk")
+        );
+    }
+
+    #[test]
+    fn records_survive_a_restart_and_unnamed_components_are_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = open(&dir);
+        let (a, b) = (b"a".to_vec(), b"b".to_vec());
+        let (ha, hb) = (sha256_hex(&a), sha256_hex(&b));
+        f.put_component(&ha, &a).unwrap();
+        f.put_component(&hb, &b).unwrap();
+        let v = f.next_version(1_000).unwrap();
+        let d = Deployment {
+            id: "d1".into(),
+            role: Role::Live,
+            hash: ha.clone(),
+            name: "a.wasm".into(),
+            size: 1,
+            targets: Targets::default(),
+            created: v,
+            by: "a".into(),
+            revoked: false,
+        };
+        f.write(v, FleetValue::Deployment(d)).unwrap();
+        assert_eq!(f.collect_garbage().unwrap(), 1);
+        let digest = f.digest();
+        drop(f);
+        let f = open(&dir);
+        assert_eq!(f.digest(), digest);
+        assert!(f.has_component(&ha) && !f.has_component(&hb));
+    }
+}

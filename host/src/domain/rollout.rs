@@ -1,0 +1,320 @@
+//! Policies rolled out across the fleet: which component each POP should run as its live
+//! and its shadow policy, and what each POP reports it runs.
+//!
+//! A deployment names a component by its SHA-256, a role and the POPs it is for (by name
+//! or region; none named: every POP). Deployments are never edited, only revoked, so the
+//! fleet keeps their history: a POP runs, for each role, the latest deployment that
+//! selects it and is not revoked, else what its own configuration says. A rollout goes
+//! one POP, then a region, then everywhere by deploying the same hash with wider targets;
+//! a rollback revokes the latest deployment, and every POP it selected falls back to the
+//! deployment before it (which may differ per POP) without anyone computing what that was.
+//!
+//! Deployments and POP reports are records of one small replicated keyspace, merged like
+//! routing rows: the greater (version, record) wins.
+
+use serde::{Deserialize, Serialize};
+
+use super::replication::{Version, fnv1a};
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Live,
+    Shadow,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Live => "live",
+            Role::Shadow => "shadow",
+        })
+    }
+}
+
+/// The POPs a deployment is for: those named, and those in the regions named; every POP
+/// when both are empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Targets {
+    pub pops: Vec<String>,
+    pub regions: Vec<String>,
+}
+
+impl Targets {
+    pub fn selects(&self, pop: &str, region: &str) -> bool {
+        (self.pops.is_empty() && self.regions.is_empty())
+            || self.pops.iter().any(|p| p == pop)
+            || self.regions.iter().any(|r| r == region)
+    }
+}
+
+impl std::fmt::Display for Targets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.pops.is_empty() && self.regions.is_empty() {
+            return f.write_str("every POP");
+        }
+        let mut parts: Vec<String> = self.pops.iter().map(|p| format!("POP {p}")).collect();
+        parts.extend(self.regions.iter().map(|r| format!("region {r}")));
+        f.write_str(&parts.join(", "))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Deployment {
+    /// Unique: the creating write's version, printed.
+    pub id: String,
+    pub role: Role,
+    /// SHA-256 of the component, lowercase hex.
+    pub hash: String,
+    /// What the operator called it (the file name).
+    pub name: String,
+    pub size: u64,
+    pub targets: Targets,
+    /// Orders deployments: the version of the write that created it.
+    pub created: Version,
+    /// The POP it was deployed through.
+    pub by: String,
+    pub revoked: bool,
+}
+
+/// A policy as one POP runs it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Running {
+    pub name: String,
+    pub hash: String,
+    /// RFC 3339.
+    pub since: String,
+    /// The deployment it came from; None: this POP's own configuration.
+    pub deployment: Option<String>,
+    /// Faults since it started serving here.
+    pub faults: u64,
+}
+
+/// A deployment a POP would not run, and why (it keeps what it ran before).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Refusal {
+    pub deployment: String,
+    pub hash: String,
+    pub cause: String,
+    pub at: String,
+}
+
+/// What a POP reports it runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PopPolicies {
+    pub pop: String,
+    pub region: String,
+    pub live: Option<Running>,
+    pub shadow: Option<Running>,
+    /// The most recent refusals, newest first.
+    pub refused: Vec<Refusal>,
+}
+
+/// Refusals a POP keeps in its report.
+pub const REFUSALS_KEPT: usize = 4;
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum FleetValue {
+    Deployment(Deployment),
+    Pop(PopPolicies),
+}
+
+impl FleetValue {
+    pub fn key(&self) -> String {
+        match self {
+            FleetValue::Deployment(d) => format!("deployment/{}", d.id),
+            FleetValue::Pop(p) => format!("pop/{}", p.pop),
+        }
+    }
+}
+
+/// A record with the version of the write that made it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FleetRecord {
+    pub version: Version,
+    pub value: FleetValue,
+}
+
+impl FleetRecord {
+    /// The routing rows' rule: greater (version, record) wins.
+    pub fn supersedes(&self, current: Option<&FleetRecord>) -> bool {
+        current.is_none_or(|c| self > c)
+    }
+
+    pub fn fingerprint(&self) -> u64 {
+        fnv1a(&postcard::to_stdvec(self).expect("a record always serializes"))
+    }
+
+    /// What a record from a peer must be before it is stored.
+    pub fn validate(&self) -> Result<(), String> {
+        let short = |what: &str, s: &str| match s.len() {
+            1..=256 => Ok(()),
+            n => Err(format!("{what} is {n} bytes (1 to 256 allowed)")),
+        };
+        match &self.value {
+            FleetValue::Deployment(d) => {
+                short("deployment id", &d.id)?;
+                short("component name", &d.name)?;
+                valid_hash(&d.hash)?;
+                if d.targets.pops.len() + d.targets.regions.len() > 1024 {
+                    return Err("more than 1024 targets".into());
+                }
+                d.targets
+                    .pops
+                    .iter()
+                    .chain(&d.targets.regions)
+                    .try_for_each(|t| short("target", t))
+            }
+            FleetValue::Pop(p) => {
+                short("POP name", &p.pop)?;
+                if p.refused.len() > REFUSALS_KEPT {
+                    return Err(format!("more than {REFUSALS_KEPT} refusals"));
+                }
+                p.refused.iter().try_for_each(|r| match r.cause.len() {
+                    0..=2048 => Ok(()),
+                    n => Err(format!("a refusal's cause is {n} bytes (2048 allowed)")),
+                })
+            }
+        }
+    }
+}
+
+/// What names a component: the SHA-256 of its bytes, lowercase hex.
+pub fn content_hash(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A component hash as deployments carry it: 64 lowercase hex digits.
+pub fn valid_hash(h: &str) -> Result<(), String> {
+    match h.len() == 64
+        && h.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        true => Ok(()),
+        false => Err(format!("{h:?} is not a SHA-256 (64 lowercase hex digits)")),
+    }
+}
+
+/// XOR of the records' fingerprints: equal on two POPs exactly when they hold the same.
+pub fn digest<'a>(records: impl IntoIterator<Item = &'a FleetRecord>) -> u64 {
+    records.into_iter().fold(0, |d, r| d ^ r.fingerprint())
+}
+
+pub fn deployments<'a>(records: impl IntoIterator<Item = &'a FleetRecord>) -> Vec<&'a Deployment> {
+    let mut out: Vec<&Deployment> = records
+        .into_iter()
+        .filter_map(|r| match &r.value {
+            FleetValue::Deployment(d) => Some(d),
+            FleetValue::Pop(_) => None,
+        })
+        .collect();
+    out.sort_by_key(|d| d.created);
+    out
+}
+
+/// What `pop` (in `region`) should run as `role`: the latest deployment for it that is not
+/// revoked; None: its own configuration.
+pub fn assignment<'a>(
+    deployments: &[&'a Deployment],
+    role: Role,
+    pop: &str,
+    region: &str,
+) -> Option<&'a Deployment> {
+    deployments
+        .iter()
+        .filter(|d| d.role == role && !d.revoked && d.targets.selects(pop, region))
+        .max_by_key(|d| d.created)
+        .copied()
+}
+
+/// The deployment a rollback of `role` revokes: the latest one standing.
+pub fn latest<'a>(deployments: &[&'a Deployment], role: Role) -> Option<&'a Deployment> {
+    deployments
+        .iter()
+        .filter(|d| d.role == role && !d.revoked)
+        .max_by_key(|d| d.created)
+        .copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::replication::{Hlc, NodeId};
+
+    fn dep(id: u64, role: Role, hash: char, pops: &[&str], regions: &[&str]) -> Deployment {
+        Deployment {
+            id: id.to_string(),
+            role,
+            hash: hash.to_string().repeat(64),
+            name: "p.wasm".into(),
+            size: 1,
+            targets: Targets {
+                pops: pops.iter().map(|s| s.to_string()).collect(),
+                regions: regions.iter().map(|s| s.to_string()).collect(),
+            },
+            created: Version {
+                hlc: Hlc(id),
+                node: NodeId(1),
+            },
+            by: "a".into(),
+            revoked: false,
+        }
+    }
+
+    #[test]
+    fn a_rollout_widens_and_a_rollback_restores_each_pops_previous_policy() {
+        // a alone, then region eu (a and b), then everywhere.
+        let mut ds = vec![
+            dep(1, Role::Live, 'a', &["a"], &[]),
+            dep(2, Role::Live, 'b', &[], &["eu"]),
+            dep(3, Role::Shadow, 'c', &[], &[]),
+        ];
+        let pick = |ds: &[Deployment], pop, region| {
+            let refs: Vec<&Deployment> = ds.iter().collect();
+            assignment(&refs, Role::Live, pop, region).map(|d| d.hash.chars().next().unwrap())
+        };
+        assert_eq!(pick(&ds, "a", "eu"), Some('b'));
+        assert_eq!(pick(&ds, "b", "eu"), Some('b'));
+        assert_eq!(pick(&ds, "c", "us"), None, "not selected: its own config");
+        ds.push(dep(4, Role::Live, 'd', &[], &[]));
+        assert_eq!(pick(&ds, "c", "us"), Some('d'));
+        // Rolling back the latest revokes it: each POP falls back to what selected it before.
+        let refs: Vec<&Deployment> = ds.iter().collect();
+        let id = latest(&refs, Role::Live).unwrap().id.clone();
+        assert_eq!(id, "4");
+        ds.iter_mut().find(|d| d.id == id).unwrap().revoked = true;
+        assert_eq!(pick(&ds, "a", "eu"), Some('b'));
+        assert_eq!(pick(&ds, "c", "us"), None);
+        ds.iter_mut().find(|d| d.id == "2").unwrap().revoked = true;
+        assert_eq!(pick(&ds, "a", "eu"), Some('a'));
+        assert_eq!(pick(&ds, "b", "eu"), None);
+        let refs: Vec<&Deployment> = ds.iter().collect();
+        assert_eq!(
+            assignment(&refs, Role::Shadow, "b", "eu").map(|d| d.id.as_str()),
+            Some("3"),
+            "roles are independent"
+        );
+    }
+
+    #[test]
+    fn peers_records_are_validated() {
+        let mut d = dep(1, Role::Live, 'a', &[], &[]);
+        let rec = |d: &Deployment| FleetRecord {
+            version: d.created,
+            value: FleetValue::Deployment(d.clone()),
+        };
+        assert!(rec(&d).validate().is_ok());
+        d.hash = "A".repeat(64);
+        assert!(rec(&d).validate().unwrap_err().contains("SHA-256"));
+        d.hash = "a".repeat(64);
+        d.name = "x".repeat(300);
+        assert!(rec(&d).validate().unwrap_err().contains("component name"));
+    }
+}
