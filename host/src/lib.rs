@@ -71,6 +71,8 @@ pub struct Host {
     pub registry: Option<Arc<application::registry::Registry>>,
     api_token: Option<String>,
     db_path: std::path::PathBuf,
+    /// The routing table's PostgreSQL database, when it is not the file.
+    pg: Option<adapters::outbound::postgres::PgSettings>,
     db_reload: Duration,
     binding_gc_interval: Duration,
     drain_timeout: Duration,
@@ -181,10 +183,19 @@ impl Host {
             Some(path) => MaxMindGeo::open(path)?,
             None => MaxMindGeo::embedded()?,
         });
-        let repo = SqliteBackendRepository::new(&s.db_path);
-        if repo.create_if_missing()? {
-            tracing::info!(path = %s.db_path.display(), "created empty routing database");
-        }
+        let pg = pg_settings(config);
+        let repo: Arc<dyn domain::ports::BackendRepository> = match &pg {
+            Some(pg) => Arc::new(adapters::outbound::postgres::PgBackendRepository::new(
+                pg.clone(),
+            )),
+            None => {
+                let repo = SqliteBackendRepository::new(&s.db_path);
+                if repo.create_if_missing()? {
+                    tracing::info!(path = %s.db_path.display(), "created empty routing database");
+                }
+                Arc::new(repo)
+            }
+        };
         let shadow = shadow_policy.as_ref().map(|(_, s)| Arc::clone(s));
         let decisions = (s.decision_log_size > 0).then(|| {
             Arc::new(application::decision_log::DecisionLog::new(
@@ -207,7 +218,7 @@ impl Host {
         let suspects = Arc::new(application::health_monitor::Suspects::default());
         let health_counters = Arc::new(application::health_monitor::HealthCounters::default());
         let routing = Arc::new(
-            Routing::new(Arc::new(repo), metrics.clone(), s.reload_drop_warn_percent)
+            Routing::new(repo, metrics.clone(), s.reload_drop_warn_percent)
                 .with_health(Arc::clone(&health)),
         );
         routing
@@ -222,21 +233,40 @@ impl Host {
         ));
         let registry = match &config.api {
             Some(api) => {
-                let store =
-                    adapters::outbound::sqlite_editor::registrations::SqliteRegistrations::open(
-                        &s.db_path,
-                    )
-                    .context("opening the routing table for registrations (api_enabled)")?;
-                Some(Arc::new(
-                    application::registry::Registry::new(
-                        Arc::new(store),
-                        Arc::clone(&routing),
-                        Arc::clone(&geo),
-                        config.regions.clone(),
-                        api.heartbeat_ttl,
-                    )
-                    .context("reading this POP's registrations")?,
-                ))
+                let store: Arc<dyn domain::ports::RegistrationStore> = match &pg {
+                    // The blocking client runs on blocking threads only.
+                    Some(pg) => {
+                        let (pg, pop) = (
+                            pg.clone(),
+                            s.cluster_node_id.clone().unwrap_or_else(host_name),
+                        );
+                        Arc::new(
+                            tokio::task::spawn_blocking(move || {
+                                adapters::outbound::postgres::PgRegistrations::open(&pg, pop)
+                            })
+                            .await?
+                            .context("opening the routing table for registrations (api_enabled)")?,
+                        )
+                    }
+                    None => Arc::new(
+                        adapters::outbound::sqlite_editor::registrations::SqliteRegistrations::open(
+                            &s.db_path,
+                        )
+                        .context("opening the routing table for registrations (api_enabled)")?,
+                    ),
+                };
+                let (routing, geo, regions, ttl) = (
+                    Arc::clone(&routing),
+                    Arc::clone(&geo),
+                    config.regions.clone(),
+                    api.heartbeat_ttl,
+                );
+                let registry = tokio::task::spawn_blocking(move || {
+                    application::registry::Registry::new(store, routing, geo, regions, ttl)
+                })
+                .await?
+                .context("reading this POP's registrations")?;
+                Some(Arc::new(registry))
             }
             None => None,
         };
@@ -306,6 +336,7 @@ impl Host {
             registry,
             api_token: config.api.as_ref().and_then(|a| a.token.clone()),
             db_path: s.db_path.clone(),
+            pg,
             db_reload: Duration::from_secs(s.db_reload_secs),
             binding_gc_interval: Duration::from_secs(s.binding_gc_interval_secs),
             drain_timeout: Duration::from_secs(s.drain_timeout_secs),
@@ -328,14 +359,25 @@ impl Host {
         let stop_background = CancellationToken::new();
 
         let db_changed = Arc::new(Notify::new());
-        let _watch = match adapters::inbound::file_watch::watch(
-            &self.db_path,
-            Arc::clone(&db_changed),
-        ) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the routing database; reloading on the timer only");
+        // PostgreSQL announces its changes; a file is watched.
+        let stop_listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _watch = match &self.pg {
+            Some(pg) => {
+                adapters::outbound::postgres::listen(
+                    pg.clone(),
+                    Arc::clone(&db_changed),
+                    Arc::clone(&stop_listening),
+                );
                 None
+            }
+            None => {
+                match adapters::inbound::file_watch::watch(&self.db_path, Arc::clone(&db_changed)) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot watch the routing database; reloading on the timer only");
+                        None
+                    }
+                }
             }
         };
         let routing = Arc::clone(&self.routing);
@@ -467,6 +509,7 @@ impl Host {
             }
         };
         stop_background.cancel();
+        stop_listening.store(true, std::sync::atomic::Ordering::Relaxed);
         self.cluster_stop.cancel();
         background.close();
         background.wait().await;
@@ -506,6 +549,16 @@ fn cluster_config(config: &Config) -> Option<adapters::cluster::ClusterConfig> {
             }),
         },
         db: s.db_path.clone(),
+    })
+}
+
+/// The routing table's PostgreSQL database, when `db_url` is set.
+pub fn pg_settings(config: &Config) -> Option<adapters::outbound::postgres::PgSettings> {
+    let s = &config.settings;
+    Some(adapters::outbound::postgres::PgSettings {
+        url: s.db_url.clone()?,
+        ca_file: s.db_ca_file.clone(),
+        password_file: s.db_password_file.clone(),
     })
 }
 

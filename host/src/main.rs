@@ -301,9 +301,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             runtime(1)?.block_on(cluster_cli::run(command, admin))
         }
         Some(Command::Backend { command, target }) => {
-            let db = target
-                .db
-                .map_or_else(|| tools().map(|c| c.settings.db_path), Ok)?;
+            let source = routing_source(target.db, &tools)?;
             let live = match &command {
                 routing_cli::BackendCommand::List { live: true, .. } => {
                     let entries: Vec<serde_json::Value> = admin_call(
@@ -321,13 +319,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            routing_cli::backend(&db, command, target.json, live)
+            routing_cli::backend(&source, command, target.json, live)
         }
         Some(Command::Db { command, target }) => {
-            let db = target
-                .db
-                .map_or_else(|| tools().map(|c| c.settings.db_path), Ok)?;
-            routing_cli::db(&db, command, target.json)
+            let source = routing_source(target.db, &tools)?;
+            routing_cli::db(&source, command, target.json)
         }
         Some(Command::Policy(PolicyCommand::Build { dir, out })) => {
             let out = policy_build::build(&dir, out.as_deref(), None)?;
@@ -513,6 +509,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// `--db FILE` when given, else the configuration's: `db_url` (PostgreSQL) or `db_path`.
+fn routing_source(
+    db: Option<PathBuf>,
+    tools: &dyn Fn() -> anyhow::Result<Config>,
+) -> anyhow::Result<routing_cli::Source> {
+    if let Some(path) = db {
+        return Ok(routing_cli::Source::File(path));
+    }
+    let config = tools()?;
+    Ok(match edgeproxy::pg_settings(&config) {
+        Some(pg) => routing_cli::Source::Postgres(pg),
+        None => routing_cli::Source::File(config.settings.db_path),
+    })
 }
 
 /// One request to the running proxy's admin API (`what` names the command asking), its

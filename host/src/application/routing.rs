@@ -45,6 +45,9 @@ pub struct Routing {
     /// source still so is this process's own read (SQLite creates and removes its WAL
     /// file around every read), not a write, and reloads nothing.
     read_at: Mutex<Option<String>>,
+    /// The last reload failure logged: the same failure again is not logged again (a
+    /// database down for an hour makes one line, and one more when it is back).
+    failing: Mutex<Option<String>>,
     /// Change notifications that found nothing changed since the last read.
     pub notifications_ignored: AtomicU64,
 }
@@ -82,6 +85,7 @@ impl Routing {
             drop_warn_percent,
             mass_drops: AtomicU64::new(0),
             read_at: Mutex::default(),
+            failing: Mutex::default(),
             notifications_ignored: AtomicU64::new(0),
         }
     }
@@ -251,13 +255,26 @@ impl Routing {
     }
 
     async fn reload_and_log(&self) {
-        match self.reload().await {
-            Ok(Reloaded::Changed { version, backends }) => {
-                tracing::info!(version, backends, "routing table loaded")
+        let result = self.reload().await;
+        let mut failing = self.failing.lock().unwrap_or_else(PoisonError::into_inner);
+        match result {
+            Ok(loaded) => {
+                if failing.take().is_some() {
+                    tracing::info!("routing table readable again");
+                }
+                if let Reloaded::Changed { version, backends } = loaded {
+                    tracing::info!(version, backends, "routing table loaded")
+                }
             }
-            Ok(Reloaded::Unchanged) => {}
             Err(e) => {
-                tracing::error!(error = %e, "routing reload failed; keeping the last good table")
+                let message = e.to_string();
+                match failing.as_deref() == Some(message.as_str()) {
+                    true => tracing::debug!(error = %e, "routing reload failed again"),
+                    false => {
+                        tracing::error!(error = %e, "routing reload failed; keeping the last good table (logged again when the failure changes or ends)")
+                    }
+                }
+                *failing = Some(message);
             }
         }
     }

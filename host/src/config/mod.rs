@@ -166,6 +166,9 @@ pub enum Scope {
 /// The settings the tools read (besides `[regions]`, checked for them too).
 const TOOL_KEYS: &[&str] = &[
     "db_path",
+    "db_url",
+    "db_ca_file",
+    "db_password_file",
     "region",
     "default_region",
     "geoip_path",
@@ -280,6 +283,24 @@ impl Config {
                 None
             }
         };
+        if serving && s.cluster_enabled && s.db_url.is_some() {
+            errors.push(invalid(
+                "db_url",
+                "cannot be combined with cluster_enabled: replication shares the SQLite file \
+                 between POPs, and a PostgreSQL table is shared by the database's own \
+                 replication (docs/OPERATING.md says when to choose which)",
+            ));
+        }
+        if s.db_url.is_none() && (s.db_ca_file.is_some() || s.db_password_file.is_some()) {
+            errors.push(invalid(
+                if s.db_ca_file.is_some() {
+                    "db_ca_file"
+                } else {
+                    "db_password_file"
+                },
+                "is for PostgreSQL and db_url is unset",
+            ));
+        }
         if serving && s.cluster_enabled && !s.cluster_plaintext {
             let missing: Vec<&str> = [
                 ("cluster_ca_file", s.cluster_ca_file.is_none()),

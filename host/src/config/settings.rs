@@ -19,6 +19,13 @@ crate::settings! {
     listen_addr: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8080)), env "EDGEPROXY_LISTEN_ADDR";
     /// routing table (created with the schema if missing)
     db_path: PathBuf = PathBuf::from("routing.db"), env "EDGEPROXY_DB_PATH";
+    /// the routing table in PostgreSQL instead of the file: `postgres://user@host:port/db`
+    /// (or `key=value` pairs); unset: the SQLite file at `db_path`
+    db_url: Option<String> = None, env "EDGEPROXY_DB_URL", secret true;
+    /// CA certificate (PEM) the PostgreSQL server's certificate must chain to; set: TLS
+    db_ca_file: Option<PathBuf> = None, env "EDGEPROXY_DB_CA_FILE";
+    /// file holding the PostgreSQL password (kept out of `db_url`)
+    db_password_file: Option<PathBuf> = None, env "EDGEPROXY_DB_PASSWORD_FILE";
     /// this POP's region
     region: String = "sa".to_owned(), env "EDGEPROXY_REGION", check |v| not_blank(v);
     /// reload period; file changes also reload at once

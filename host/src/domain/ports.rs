@@ -385,3 +385,75 @@ pub trait PolicySlots: Send + Sync {
     /// What serves as `role` now (None: no shadow).
     fn running(&self, role: super::rollout::Role) -> Option<super::rollout::Running>;
 }
+
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    /// The store failed (`path`: the file, or the database described without credentials).
+    #[error("routing table {path}: {message}")]
+    Db { path: String, message: String },
+    /// The write was refused: the message says why.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// Changes `update` makes; unset fields stay as they are.
+#[derive(Debug, Clone, Default)]
+pub struct RowChanges {
+    pub app: Option<String>,
+    pub region: Option<String>,
+    pub country: Option<String>,
+    pub wg_ip: Option<String>,
+    pub port: Option<u16>,
+    pub healthy: Option<bool>,
+    pub weight: Option<u32>,
+    pub soft_limit: Option<u32>,
+    pub hard_limit: Option<u32>,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Imported {
+    /// Rows the file wrote (inserted or replaced).
+    pub rows: usize,
+    /// Live (not deleted) backends before and after.
+    pub before: usize,
+    pub after: usize,
+}
+
+/// Operators' writes to the routing table (`edgeproxy backend …`, `edgeproxy db import`),
+/// blocking. Every row written passes the loader's checks, so nothing the proxy would
+/// skip is written; each command is one transaction.
+pub trait BackendEditor {
+    /// Every row ordered by id; soft-deleted ones only with `deleted`.
+    fn list(
+        &self,
+        app: Option<&str>,
+        deleted: bool,
+    ) -> Result<Vec<super::replication::BackendRow>, EditError>;
+    fn get(&self, id: &str) -> Result<Option<super::replication::BackendRow>, EditError>;
+    /// Adds a backend; a live id is refused, a removed one replaced.
+    fn add(
+        &mut self,
+        row: &super::replication::BackendRow,
+    ) -> Result<super::replication::BackendRow, EditError>;
+    fn update(
+        &mut self,
+        id: &str,
+        changes: &RowChanges,
+    ) -> Result<super::replication::BackendRow, EditError>;
+    /// Soft-deletes (`deleted = 1`).
+    fn remove(&mut self, id: &str) -> Result<super::replication::BackendRow, EditError>;
+    fn set_healthy(
+        &mut self,
+        id: &str,
+        healthy: bool,
+    ) -> Result<super::replication::BackendRow, EditError>;
+    /// Rows from a `.sql` or `.csv` file, all of them or none.
+    fn import(&mut self, file: &std::path::Path) -> Result<Imported, EditError>;
+    /// Each row's replication version, where the store keeps them.
+    fn versions(
+        &self,
+    ) -> Result<std::collections::HashMap<String, super::replication::Version>, EditError> {
+        Ok(Default::default())
+    }
+}

@@ -859,6 +859,23 @@ async fn policy_deploys_reach_the_selected_pops_and_corrupt_ones_are_refused_eve
         assert_eq!(reported(&s, &p.name, "live")["deployment"], Value::Null);
     }
 
+    // A restarted POP runs its deployment again, from its own store.
+    let b = {
+        let mut b = b;
+        b.stop();
+        b.start()
+    };
+    b.wait_members(2).await;
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    while live_hash(&b).await != least_hash {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b did not run its deployment again after a restart:\n{}",
+            b.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // Shadow to region eu (a and b); c has none.
     let d2 = policy_ok(
         &c,

@@ -12,6 +12,7 @@ mod hardening;
 mod health;
 mod policy;
 mod policy_tools;
+mod postgres;
 mod proxy;
 mod registration;
 mod routing_cli;

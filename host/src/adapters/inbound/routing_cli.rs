@@ -2,12 +2,14 @@
 //! on the same SQLite file a running proxy reads (it picks each change up by itself).
 //! Output is an aligned table, or JSON with `--json`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
 use super::cli_output::{self, emit, yes_no};
+use crate::adapters::outbound::postgres::{PgEditor, PgSettings};
 use crate::adapters::outbound::sqlite_editor::{BackendRow, RoutingEditor, RowChanges};
+use crate::domain::ports::BackendEditor;
 
 #[derive(Debug, Subcommand)]
 pub enum BackendCommand {
@@ -100,15 +102,38 @@ pub enum DbCommand {
 /// A running proxy's `/backends` entries, by id.
 pub type Live = std::collections::HashMap<String, serde_json::Value>;
 
-/// Runs one `backend` command on the database at `db`; `live` is the running proxy's
-/// view for `list --live`.
+/// The routing table a command works on: the SQLite file, or the PostgreSQL database.
+#[derive(Debug, Clone)]
+pub enum Source {
+    File(PathBuf),
+    Postgres(PgSettings),
+}
+
+impl Source {
+    fn editor(&self) -> anyhow::Result<Box<dyn BackendEditor>> {
+        Ok(match self {
+            Source::File(path) => Box::new(RoutingEditor::open(path)?),
+            Source::Postgres(pg) => Box::new(PgEditor::open(pg)?),
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Source::File(path) => path.display().to_string(),
+            Source::Postgres(pg) => pg.describe(),
+        }
+    }
+}
+
+/// Runs one `backend` command on the routing table at `source`; `live` is the running
+/// proxy's view for `list --live`.
 pub fn backend(
-    db: &Path,
+    source: &Source,
     command: BackendCommand,
     json: bool,
     live: Option<Live>,
 ) -> anyhow::Result<()> {
-    let mut editor = RoutingEditor::open(db)?;
+    let mut editor = source.editor()?;
     let row = match command {
         BackendCommand::List { app, all, .. } => {
             let rows = editor.list(app.as_deref(), all)?;
@@ -171,11 +196,15 @@ pub fn backend(
     print_rows(std::slice::from_ref(&row), true, json)
 }
 
-/// Runs one `db` command on the database at `db`.
-pub fn db(db: &Path, command: DbCommand, json: bool) -> anyhow::Result<()> {
+/// Runs one `db` command on the routing table at `source`.
+pub fn db(source: &Source, command: DbCommand, json: bool) -> anyhow::Result<()> {
+    let db = source.describe();
     match command {
         DbCommand::Init => {
-            let (_, created) = RoutingEditor::init(db)?;
+            let created = match source {
+                Source::File(path) => RoutingEditor::init(path)?.1,
+                Source::Postgres(pg) => PgEditor::init(pg)?.1,
+            };
             let message = if created {
                 "created"
             } else {
@@ -183,12 +212,12 @@ pub fn db(db: &Path, command: DbCommand, json: bool) -> anyhow::Result<()> {
             };
             emit(
                 json,
-                &serde_json::json!({ "db": db.display().to_string(), "created": created }),
-                || format!("{}: {message}\n", db.display()),
+                &serde_json::json!({ "db": db, "created": created }),
+                || format!("{db}: {message}\n"),
             )
         }
         DbCommand::Import { file } => {
-            let imported = RoutingEditor::open(db)?.import(&file)?;
+            let imported = source.editor()?.import(&file)?;
             emit(json, &imported, || {
                 format!(
                     "{}: {} row(s) written; live backends {} -> {}\n",

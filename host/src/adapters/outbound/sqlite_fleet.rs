@@ -319,6 +319,44 @@ mod tests {
     }
 
     #[test]
+    fn peers_records_merge_by_version_and_bad_ones_are_refused_with_the_reason() {
+        use crate::domain::rollout::PopPolicies;
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = open(&dir);
+        let report = |hlc: u64, region: &str| FleetRecord {
+            version: Version {
+                hlc: Hlc::from_millis(hlc),
+                node: NodeId(9),
+            },
+            value: FleetValue::Pop(PopPolicies {
+                pop: "b".into(),
+                region: region.into(),
+                ..Default::default()
+            }),
+        };
+        let wall = 1_000_000;
+        let out = f
+            .apply(vec![report(wall - 5, "eu"), report(wall - 9, "us")], wall)
+            .unwrap();
+        assert_eq!(
+            out.applied.len(),
+            1,
+            "the older write loses whatever the order"
+        );
+        let mut bad = report(wall, "eu");
+        if let FleetValue::Pop(p) = &mut bad.value {
+            p.pop = String::new();
+        }
+        let far = report(wall + 3_600_000, "ap");
+        let out = f.apply(vec![bad, far], wall).unwrap();
+        assert!(out.applied.is_empty());
+        assert!(out.rejected[0].1.contains("POP name"), "{:?}", out.rejected);
+        assert_eq!(out.ahead.len(), 1);
+        let kept: Vec<_> = f.records().collect();
+        assert!(matches!(&kept[0].value, FleetValue::Pop(p) if p.region == "eu"));
+    }
+
+    #[test]
     fn records_survive_a_restart_and_unnamed_components_are_collected() {
         let dir = tempfile::tempdir().unwrap();
         let mut f = open(&dir);

@@ -12,7 +12,6 @@ use std::time::Duration;
 use rusqlite::functions::FunctionFlags;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
-use serde::Serialize;
 
 mod import;
 pub mod registrations;
@@ -21,14 +20,7 @@ use super::sqlite_routing::{COLUMNS, SCHEMA, check_as_live, schema_problem, upse
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, thiserror::Error)]
-pub enum EditError {
-    #[error("routing table {path}: {message}")]
-    Db { path: String, message: String },
-    #[error("{0}")]
-    Rejected(String),
-}
-
+pub use crate::domain::ports::{BackendEditor, EditError, Imported, RowChanges};
 pub use crate::domain::replication::BackendRow;
 
 impl BackendRow {
@@ -47,30 +39,6 @@ impl BackendRow {
             Value::Integer(self.deleted.into()),
         ]
     }
-}
-
-/// Changes `update` makes; unset fields stay as they are.
-#[derive(Debug, Clone, Default)]
-pub struct RowChanges {
-    pub app: Option<String>,
-    pub region: Option<String>,
-    pub country: Option<String>,
-    pub wg_ip: Option<String>,
-    pub port: Option<u16>,
-    pub healthy: Option<bool>,
-    pub weight: Option<u32>,
-    pub soft_limit: Option<u32>,
-    pub hard_limit: Option<u32>,
-}
-
-/// What an import did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Imported {
-    /// Rows the file wrote (inserted or replaced).
-    pub rows: usize,
-    /// Live (not deleted) backends before and after.
-    pub before: usize,
-    pub after: usize,
 }
 
 pub struct RoutingEditor {
@@ -396,5 +364,35 @@ pub(super) fn message(e: rusqlite::Error) -> String {
     match e {
         rusqlite::Error::SqliteFailure(_, Some(msg)) => msg,
         other => other.to_string(),
+    }
+}
+
+impl BackendEditor for RoutingEditor {
+    fn list(&self, app: Option<&str>, deleted: bool) -> Result<Vec<BackendRow>, EditError> {
+        RoutingEditor::list(self, app, deleted)
+    }
+    fn get(&self, id: &str) -> Result<Option<BackendRow>, EditError> {
+        RoutingEditor::get(self, id)
+    }
+    fn add(&mut self, row: &BackendRow) -> Result<BackendRow, EditError> {
+        RoutingEditor::add(self, row)
+    }
+    fn update(&mut self, id: &str, changes: &RowChanges) -> Result<BackendRow, EditError> {
+        RoutingEditor::update(self, id, changes)
+    }
+    fn remove(&mut self, id: &str) -> Result<BackendRow, EditError> {
+        RoutingEditor::remove(self, id)
+    }
+    fn set_healthy(&mut self, id: &str, healthy: bool) -> Result<BackendRow, EditError> {
+        RoutingEditor::set_healthy(self, id, healthy)
+    }
+    fn import(&mut self, file: &Path) -> Result<Imported, EditError> {
+        RoutingEditor::import(self, file)
+    }
+    fn versions(
+        &self,
+    ) -> Result<std::collections::HashMap<String, crate::domain::replication::Version>, EditError>
+    {
+        RoutingEditor::versions(self)
     }
 }

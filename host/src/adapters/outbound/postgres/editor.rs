@@ -1,0 +1,467 @@
+//! Operators' writes (`BackendEditor`) and self-registrations (`RegistrationStore`) on the
+//! PostgreSQL table. Every row goes through the loader's checks before it is written, as
+//! with SQLite; each command is one transaction. This POP's registrations are its rows of
+//! `edgeproxy_registrations` (keyed by the POP's name, since the database is shared).
+
+use std::cell::RefCell;
+use std::path::Path;
+use std::sync::{Mutex, PoisonError};
+
+use postgres::{Client, GenericClient, Transaction};
+
+use super::{PgSettings, describe_error};
+use crate::adapters::outbound::sqlite_editor::RoutingEditor;
+use crate::adapters::outbound::sqlite_routing::check_as_live;
+use crate::domain::ports::{
+    BackendEditor, EditError, Imported, Registered, RegistrationError, RegistrationStore,
+    RowChanges,
+};
+use crate::domain::replication::BackendRow;
+
+const SELECT: &str = "SELECT id::text, app::text, region::text, country::text, wg_ip::text, \
+    port::int8, healthy::int8, weight::int8, soft_limit::int8, hard_limit::int8, \
+    coalesce(deleted, 0)::int8 FROM backends";
+
+const UPSERT: &str = "INSERT INTO backends \
+    (id, app, region, country, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted) \
+    VALUES ($1, $2, $3, $4, $5, $6::int8, $7::int8, $8::int8, $9::int8, $10::int8, $11::int8) \
+    ON CONFLICT (id) DO UPDATE SET app = $2, region = $3, country = $4, wg_ip = $5, \
+    port = $6, healthy = $7, weight = $8, soft_limit = $9, hard_limit = $10, deleted = $11";
+
+pub struct PgEditor {
+    settings: PgSettings,
+    /// Borrowed mutably for each statement (reads included: the driver needs `&mut`).
+    client: RefCell<Client>,
+}
+
+fn row(r: &postgres::Row) -> Result<BackendRow, String> {
+    let id: String = r.get(0);
+    let int = |i: usize, what: &str| -> Result<i64, String> {
+        r.get::<_, Option<i64>>(i)
+            .ok_or_else(|| format!("backend {id:?}: {what} is NULL"))
+    };
+    let fit = |i: usize, what: &str| -> Result<u32, String> {
+        let v = int(i, what)?;
+        u32::try_from(v).map_err(|_| format!("backend {id:?}: {what} = {v} is out of range"))
+    };
+    let port = int(5, "port")?;
+    Ok(BackendRow {
+        app: r.get::<_, Option<String>>(1).unwrap_or_default(),
+        region: r.get::<_, Option<String>>(2).unwrap_or_default(),
+        country: r.get::<_, Option<String>>(3).unwrap_or_default(),
+        wg_ip: r.get::<_, Option<String>>(4).unwrap_or_default(),
+        port: u16::try_from(port)
+            .map_err(|_| format!("backend {id:?}: port = {port} is out of range"))?,
+        healthy: int(6, "healthy")? != 0,
+        weight: fit(7, "weight")?,
+        soft_limit: fit(8, "soft_limit")?,
+        hard_limit: fit(9, "hard_limit")?,
+        deleted: int(10, "deleted")? != 0,
+        id,
+    })
+}
+
+/// The loader's checks (whatever `deleted` says), then the write.
+fn upsert(c: &mut impl GenericClient, r: &BackendRow) -> Result<(), EditError> {
+    check_as_live(r.values().to_vec())
+        .map_err(|e| EditError::Rejected(format!("backend {:?}: {e}", r.id)))?;
+    c.execute(
+        UPSERT,
+        &[
+            &r.id,
+            &r.app,
+            &r.region,
+            &r.country,
+            &r.wg_ip,
+            &i64::from(r.port),
+            &i64::from(r.healthy),
+            &i64::from(r.weight),
+            &i64::from(r.soft_limit),
+            &i64::from(r.hard_limit),
+            &i64::from(r.deleted),
+        ],
+    )
+    .map(drop)
+    .map_err(|e| EditError::Rejected(describe_error(&e)))
+}
+
+fn by_id(c: &mut impl GenericClient, id: &str, lock: bool) -> Result<Option<BackendRow>, String> {
+    let sql = format!(
+        "{SELECT} WHERE id = $1{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
+    match c
+        .query_opt(sql.as_str(), &[&id])
+        .map_err(|e| describe_error(&e))?
+    {
+        Some(r) => row(&r).map(Some),
+        None => Ok(None),
+    }
+}
+
+impl PgEditor {
+    /// Connects to a database whose `backends` table exists.
+    pub fn open(settings: &PgSettings) -> Result<Self, EditError> {
+        let mut editor = Self::connect(settings)?;
+        if !editor.has_table()? {
+            return Err(editor.db("no table named backends (create it with `edgeproxy db init`)"));
+        }
+        Ok(editor)
+    }
+
+    /// Creates the table, the change trigger and the registrations table where missing;
+    /// true when the table was created.
+    pub fn init(settings: &PgSettings) -> Result<(Self, bool), EditError> {
+        let mut editor = Self::connect(settings)?;
+        let existed = editor.has_table()?;
+        editor
+            .client
+            .get_mut()
+            .batch_execute(super::SCHEMA)
+            .map_err(|e| editor.db(&describe_error(&e)))?;
+        Ok((editor, !existed))
+    }
+
+    fn connect(settings: &PgSettings) -> Result<Self, EditError> {
+        let client = settings.connect().map_err(|message| EditError::Db {
+            path: settings.describe(),
+            message,
+        })?;
+        Ok(Self {
+            settings: settings.clone(),
+            client: RefCell::new(client),
+        })
+    }
+
+    fn db(&self, message: &str) -> EditError {
+        EditError::Db {
+            path: self.settings.describe(),
+            message: message.into(),
+        }
+    }
+
+    fn has_table(&mut self) -> Result<bool, EditError> {
+        let found = self
+            .client
+            .get_mut()
+            .query_one("SELECT to_regclass('backends') IS NOT NULL", &[])
+            .map_err(|e| self.db(&describe_error(&e)))?;
+        Ok(found.get(0))
+    }
+
+    fn live_count(c: &mut impl GenericClient) -> Result<usize, String> {
+        c.query_one("SELECT count(*) FROM backends WHERE deleted = 0", &[])
+            .map(|r| r.get::<_, i64>(0) as usize)
+            .map_err(|e| describe_error(&e))
+    }
+
+    /// One transaction: `f`, then the written row read back, then the commit.
+    fn write(
+        &mut self,
+        id: &str,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<(), EditError>,
+    ) -> Result<BackendRow, EditError> {
+        let describe = self.settings.describe();
+        let db = |message: String| EditError::Db {
+            path: describe.clone(),
+            message,
+        };
+        let mut tx = self
+            .client
+            .get_mut()
+            .transaction()
+            .map_err(|e| db(describe_error(&e)))?;
+        f(&mut tx)?;
+        let written = by_id(&mut tx, id, false)
+            .map_err(db)?
+            .ok_or_else(|| EditError::Rejected(format!("backend {id:?} vanished while writing")))?;
+        tx.commit().map_err(|e| db(describe_error(&e)))?;
+        Ok(written)
+    }
+
+    fn change(
+        &mut self,
+        id: &str,
+        apply: impl FnOnce(&mut BackendRow),
+    ) -> Result<BackendRow, EditError> {
+        let describe = self.settings.describe();
+        self.write(id, |tx| {
+            let mut r = by_id(tx, id, true)
+                .map_err(|message| EditError::Db {
+                    path: describe,
+                    message,
+                })?
+                .ok_or_else(|| EditError::Rejected(format!("no backend {id:?}")))?;
+            apply(&mut r);
+            upsert(tx, &r)
+        })
+    }
+}
+
+impl BackendEditor for PgEditor {
+    fn list(&self, app: Option<&str>, deleted: bool) -> Result<Vec<BackendRow>, EditError> {
+        let sql = format!(
+            "{SELECT} WHERE ($1::text IS NULL OR app = $1) AND ($2 OR deleted = 0) ORDER BY id"
+        );
+        self.client
+            .borrow_mut()
+            .query(sql.as_str(), &[&app, &deleted])
+            .map_err(|e| self.db(&describe_error(&e)))?
+            .iter()
+            .map(|r| row(r).map_err(|m| self.db(&m)))
+            .collect()
+    }
+
+    fn get(&self, id: &str) -> Result<Option<BackendRow>, EditError> {
+        by_id(&mut *self.client.borrow_mut(), id, false).map_err(|m| self.db(&m))
+    }
+
+    fn add(&mut self, r: &BackendRow) -> Result<BackendRow, EditError> {
+        let describe = self.settings.describe();
+        self.write(&r.id.clone(), |tx| {
+            let existing = by_id(tx, &r.id, true).map_err(|message| EditError::Db {
+                path: describe,
+                message,
+            })?;
+            if existing.is_some_and(|e| !e.deleted) {
+                return Err(EditError::Rejected(format!(
+                    "backend {:?} exists; change it with `edgeproxy backend update`",
+                    r.id
+                )));
+            }
+            upsert(tx, r)
+        })
+    }
+
+    fn update(&mut self, id: &str, c: &RowChanges) -> Result<BackendRow, EditError> {
+        let c = c.clone();
+        let nothing = c.app.is_none()
+            && c.region.is_none()
+            && c.country.is_none()
+            && c.wg_ip.is_none()
+            && c.port.is_none()
+            && c.healthy.is_none()
+            && c.weight.is_none()
+            && c.soft_limit.is_none()
+            && c.hard_limit.is_none();
+        if nothing {
+            return Err(EditError::Rejected("nothing to change".into()));
+        }
+        self.change(id, move |r| {
+            if let Some(v) = c.app {
+                r.app = v;
+            }
+            if let Some(v) = c.region {
+                r.region = v;
+            }
+            if let Some(v) = c.country {
+                r.country = v;
+            }
+            if let Some(v) = c.wg_ip {
+                r.wg_ip = v;
+            }
+            if let Some(v) = c.port {
+                r.port = v;
+            }
+            if let Some(v) = c.healthy {
+                r.healthy = v;
+            }
+            if let Some(v) = c.weight {
+                r.weight = v;
+            }
+            if let Some(v) = c.soft_limit {
+                r.soft_limit = v;
+            }
+            if let Some(v) = c.hard_limit {
+                r.hard_limit = v;
+            }
+        })
+    }
+
+    fn remove(&mut self, id: &str) -> Result<BackendRow, EditError> {
+        self.change(id, |r| r.deleted = true)
+    }
+
+    fn set_healthy(&mut self, id: &str, healthy: bool) -> Result<BackendRow, EditError> {
+        self.change(id, |r| r.healthy = healthy)
+    }
+
+    /// The file goes into a scratch SQLite table first, through the same parser and checks
+    /// as a SQLite import (a bad row refuses the whole file); its rows are then upserted
+    /// in one transaction. A script's deletes act on the scratch copy only.
+    fn import(&mut self, file: &Path) -> Result<Imported, EditError> {
+        let (mut local, _) = RoutingEditor::init(Path::new(":memory:"))?;
+        local.import(file)?;
+        let rows = local.list(None, true)?;
+        let describe = self.settings.describe();
+        let db = |message: String| EditError::Db {
+            path: describe.clone(),
+            message,
+        };
+        let mut tx = self
+            .client
+            .get_mut()
+            .transaction()
+            .map_err(|e| db(describe_error(&e)))?;
+        let before = Self::live_count(&mut tx).map_err(db)?;
+        for r in &rows {
+            upsert(&mut tx, r).map_err(|e| {
+                EditError::Rejected(format!("{}: {e}; nothing was imported", file.display()))
+            })?;
+        }
+        let after = Self::live_count(&mut tx).map_err(db)?;
+        tx.commit().map_err(|e| db(describe_error(&e)))?;
+        Ok(Imported {
+            rows: rows.len(),
+            before,
+            after,
+        })
+    }
+}
+
+/// Self-registrations on the shared table, recorded as this POP's (`pop`).
+pub struct PgRegistrations {
+    /// Always Some until dropped (see `Drop`).
+    editor: Mutex<Option<PgEditor>>,
+    pop: String,
+}
+
+impl PgRegistrations {
+    pub fn open(settings: &PgSettings, pop: String) -> Result<Self, EditError> {
+        let (editor, _) = PgEditor::init(settings)?;
+        Ok(Self {
+            editor: Mutex::new(Some(editor)),
+            pop,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<PgEditor>> {
+        self.editor.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The blocking client's drop waits on its own runtime, which must not happen on one of
+/// the proxy's async threads: it is dropped on a thread.
+impl Drop for PgRegistrations {
+    fn drop(&mut self) {
+        let editor = self
+            .editor
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(editor) = editor {
+            let _ = std::thread::Builder::new().spawn(move || drop(editor));
+        }
+    }
+}
+
+fn live(editor: &mut Option<PgEditor>) -> &mut PgEditor {
+    editor
+        .as_mut()
+        .expect("the editor lives as long as the store")
+}
+
+fn store(e: impl std::fmt::Display) -> RegistrationError {
+    RegistrationError::Store(e.to_string())
+}
+
+impl RegistrationStore for PgRegistrations {
+    fn register(&self, r: &BackendRow) -> Result<Registered, RegistrationError> {
+        let mut guard = self.lock();
+        let editor = live(&mut guard);
+        let mut tx = editor
+            .client
+            .get_mut()
+            .transaction()
+            .map_err(|e| store(describe_error(&e)))?;
+        let existing = by_id(&mut tx, &r.id, true).map_err(store)?;
+        let outcome = match &existing {
+            Some(old) if !old.deleted && old.app != r.app => {
+                return Err(RegistrationError::Conflict(format!(
+                    "backend {:?} belongs to app {:?}, not {:?}",
+                    r.id, old.app, r.app
+                )));
+            }
+            Some(old) if old == r => Registered::Unchanged,
+            Some(_) => Registered::Updated,
+            None => Registered::Created,
+        };
+        if outcome != Registered::Unchanged {
+            upsert(&mut tx, r).map_err(|e| match e {
+                EditError::Rejected(m) => RegistrationError::Invalid(m),
+                other => store(other),
+            })?;
+        }
+        tx.execute(
+            "INSERT INTO edgeproxy_registrations (pop, id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&self.pop, &r.id],
+        )
+        .map_err(|e| store(describe_error(&e)))?;
+        tx.commit().map_err(|e| store(describe_error(&e)))?;
+        Ok(outcome)
+    }
+
+    fn set_healthy(&self, id: &str, healthy: bool) -> Result<bool, RegistrationError> {
+        live(&mut self.lock())
+            .client
+            .get_mut()
+            .execute(
+                "UPDATE backends SET healthy = $2::int8 WHERE id = $1 AND healthy != $2::int8 AND deleted = 0",
+                &[&id, &i64::from(healthy)],
+            )
+            .map(|n| n > 0)
+            .map_err(|e| store(describe_error(&e)))
+    }
+
+    fn adopt(&self, id: &str) -> Result<bool, RegistrationError> {
+        live(&mut self.lock())
+            .client
+            .get_mut()
+            .execute(
+                "INSERT INTO edgeproxy_registrations (pop, id)
+                 SELECT $1, id FROM backends WHERE id = $2 AND deleted = 0
+                 ON CONFLICT DO NOTHING",
+                &[&self.pop, &id],
+            )
+            .map_err(|e| store(describe_error(&e)))?;
+        Ok(self.registered()?.iter().any(|r| r == id))
+    }
+
+    fn deregister(&self, id: &str) -> Result<bool, RegistrationError> {
+        let mut guard = self.lock();
+        let editor = live(&mut guard);
+        let mut tx = editor
+            .client
+            .get_mut()
+            .transaction()
+            .map_err(|e| store(describe_error(&e)))?;
+        let known = tx
+            .execute(
+                "DELETE FROM edgeproxy_registrations WHERE pop = $1 AND id = $2",
+                &[&self.pop, &id],
+            )
+            .map_err(|e| store(describe_error(&e)))?;
+        if known > 0 {
+            tx.execute("UPDATE backends SET deleted = 1 WHERE id = $1", &[&id])
+                .map_err(|e| store(describe_error(&e)))?;
+        }
+        tx.commit().map_err(|e| store(describe_error(&e)))?;
+        Ok(known > 0)
+    }
+
+    fn registered(&self) -> Result<Vec<String>, RegistrationError> {
+        live(&mut self.lock())
+            .client
+            .get_mut()
+            .query(
+                "SELECT id FROM edgeproxy_registrations WHERE pop = $1 ORDER BY id",
+                &[&self.pop],
+            )
+            .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+            .map_err(|e| store(describe_error(&e)))
+    }
+
+    fn get(&self, id: &str) -> Result<Option<BackendRow>, RegistrationError> {
+        by_id(live(&mut self.lock()).client.get_mut(), id, false).map_err(store)
+    }
+}

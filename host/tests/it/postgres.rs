@@ -1,0 +1,378 @@
+//! The routing table in PostgreSQL: a throwaway server each test starts itself (Debian's
+//! `postgresql` package, a cluster in a temp dir, on loopback), an in-process proxy
+//! reading it, and the built binary editing it as an operator would.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::*;
+
+/// A PostgreSQL server of the test's own, stopped (by its data directory) when dropped.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+fn bin_dir() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    found.sort();
+    found
+        .pop()
+        .filter(|b| b.join("initdb").exists())
+        .expect("PostgreSQL's server binaries (Debian: apt-get install postgresql)")
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = bin_dir();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = Self { dir, bin, port };
+        // initdb refuses to run as root: the server runs as the `postgres` user then.
+        if rustix::process::geteuid().is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(pg.dir.path())
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &pg.data(),
+                "-U",
+                "edgeproxy",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        pg.ctl("start");
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let path = self.bin.join(tool);
+        let mut c = if rustix::process::geteuid().is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&path);
+            c
+        } else {
+            Command::new(&path)
+        };
+        let out = c.args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn ctl(&self, what: &str) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log").display().to_string();
+        match what {
+            "start" => self.run(
+                "pg_ctl",
+                &["-D", &self.data(), "-o", &opts, "-l", &log, "-w", "start"],
+            ),
+            _ => self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]),
+        }
+    }
+
+    pub fn stop(&self) {
+        self.ctl("stop");
+    }
+
+    pub fn restart(&self) {
+        self.ctl("start");
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://edgeproxy@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs `sql` (on a thread of its own: the blocking client must not run on the
+    /// test's runtime).
+    pub fn exec(&self, sql: &str) {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut c = postgres::Client::connect(&self.url(), postgres::NoTls).unwrap();
+                c.batch_execute(sql).unwrap();
+            })
+            .join()
+            .unwrap()
+        });
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = std::panic::catch_unwind(|| self.stop());
+    }
+}
+
+/// `edgeproxy ARGS` with the table in `pg`; (success, stdout, stderr).
+async fn cli(pg: &Postgres, args: &[&str]) -> (bool, String, String) {
+    let url = pg.url();
+    let out = edgeproxy_cli(&[&["--db-url", url.as_str()], args].concat()).await;
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+async fn ok(pg: &Postgres, args: &[&str]) -> String {
+    let (success, stdout, stderr) = cli(pg, args).await;
+    assert!(success, "{args:?}: {stderr}");
+    stdout
+}
+
+async fn add(pg: &Postgres, id: &str, country: &str, addr: SocketAddr) {
+    ok(
+        pg,
+        &[
+            "backend",
+            "add",
+            id,
+            "--app",
+            "web",
+            "--region",
+            "eu",
+            "--country",
+            country,
+            "--wg-ip",
+            "127.0.0.1",
+            "--port",
+            &addr.port().to_string(),
+        ],
+    )
+    .await;
+}
+
+async fn ids(pg: &Postgres) -> Vec<String> {
+    let out = ok(pg, &["backend", "list", "--json"]).await;
+    serde_json::from_str::<Vec<serde_json::Value>>(&out)
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A proxy on the PostgreSQL table (its SQLite `db` is never opened).
+async fn proxy(pg: &Postgres, unused: &Db) -> Proxy {
+    Proxy::start(
+        unused,
+        &format!("db_url = \"{}\"\nbinding_ttl_secs = 0", pg.url()),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_from_postgres_follows_pushed_changes_and_outlives_the_database() {
+    let pg = Postgres::start();
+    ok(&pg, &["db", "init"]).await;
+    let de = Backend::start("de").await;
+    let de2 = Backend::start("de2").await;
+    add(&pg, "de-1", "DE", de.addr).await;
+    // A row the loader skips (edgeProxy's schema lets it in): the rest loads.
+    pg.exec("INSERT INTO backends VALUES ('bad','web','eu','DE','not-an-ip',80,1,1,10,0,0)");
+    let unused = Db::new(&[]);
+    let p = proxy(&pg, &unused).await;
+    assert_eq!(served_by("127.0.0.6", p.addr).await, "de");
+    let skipped = p.host.routing.skipped();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(skipped[0].reason.contains("not-an-ip"), "{skipped:?}");
+
+    // The periodic reload is an hour away: the change arrives by NOTIFY.
+    let v = p.version();
+    ok(&pg, &["backend", "drain", "de-1"]).await;
+    add(&pg, "de-2", "DE", de2.addr).await;
+    p.wait_version_after(v).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while served_by("127.0.0.6", p.addr).await != "de2" {
+        assert!(tokio::time::Instant::now() < deadline, "de-2 never routed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The database goes away: the last good table keeps serving.
+    pg.stop();
+    let (code, _) = http(p.admin, "POST", "/reload", &[]).await;
+    assert_eq!(code, 500, "a failed reload is reported");
+    for _ in 0..5 {
+        assert_eq!(served_by("127.0.0.6", p.addr).await, "de2");
+    }
+    // And comes back: the listener reconnects, and changes are pushed again.
+    pg.restart();
+    let v = p.version();
+    ok(&pg, &["backend", "undrain", "de-1"]).await;
+    ok(&pg, &["backend", "remove", "de-2"]).await;
+    let mut rx = p.host.routing.subscribe();
+    tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|n| *n > v))
+        .await
+        .expect("a change after the database came back is routed")
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while served_by("127.0.0.6", p.addr).await != "de" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "de-1 never routed again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn the_cli_round_trips_and_a_bad_import_is_refused_whole() {
+    let pg = Postgres::start();
+    assert!(ok(&pg, &["db", "init"]).await.contains("created"));
+    assert!(
+        ok(&pg, &["db", "init"])
+            .await
+            .contains("already initialised")
+    );
+    let addr: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+    add(&pg, "a", "DE", addr).await;
+    let (success, _, stderr) = cli(
+        &pg,
+        &[
+            "backend",
+            "add",
+            "a",
+            "--app",
+            "web",
+            "--region",
+            "eu",
+            "--country",
+            "DE",
+            "--wg-ip",
+            "127.0.0.1",
+            "--port",
+            "1",
+        ],
+    )
+    .await;
+    assert!(!success && stderr.contains("exists"), "{stderr}");
+    let updated = ok(&pg, &["backend", "update", "a", "--weight", "7", "--json"]).await;
+    assert!(updated.contains("\"weight\": 7"), "{updated}");
+    let (success, _, stderr) = cli(&pg, &["backend", "update", "a", "--wg-ip", "nonsense"]).await;
+    assert!(
+        !success && stderr.contains("nonsense"),
+        "a row the loader would skip is refused: {stderr}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.csv");
+    std::fs::write(
+        &good,
+        "id,app,region,country,wg_ip,port\nb,web,eu,FR,10.0.0.2,80\nc,web,us,US,10.0.0.3,80\n",
+    )
+    .unwrap();
+    let out = ok(&pg, &["db", "import", good.to_str().unwrap(), "--json"]).await;
+    assert!(out.contains("\"after\": 3"), "{out}");
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "id,app,region,country,wg_ip,port\nd,web,eu,FR,10.0.0.4,80\ne,web,eu,FR,10.0.0.5,99999\n",
+    )
+    .unwrap();
+    let (success, _, stderr) = cli(&pg, &["db", "import", bad.to_str().unwrap()]).await;
+    assert!(!success && stderr.contains("line 3"), "{stderr}");
+    assert_eq!(
+        ids(&pg).await,
+        ["a", "b", "c"],
+        "nothing of the bad file was imported"
+    );
+    ok(&pg, &["backend", "remove", "c"]).await;
+    assert_eq!(ids(&pg).await, ["a", "b"]);
+}
+
+/// The credentials never reach a log or an error, and a missing table is named.
+#[tokio::test]
+async fn errors_name_the_database_without_credentials() {
+    let pg = Postgres::start();
+    let url = format!(
+        "postgres://edgeproxy:hunter2@127.0.0.1:{}/postgres",
+        pg.port
+    );
+    let out = edgeproxy_cli(&["--db-url", url.as_str(), "backend", "list"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no table named backends") && stderr.contains(&pg.port.to_string()),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+/// Self-registration writes the shared table (and this POP's record of what it registered),
+/// and the proxy routes to what registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_go_to_postgres_and_are_routed() {
+    let pg = Postgres::start();
+    ok(&pg, &["db", "init"]).await;
+    let be = Backend::start("joiner").await;
+    let unused = Db::new(&[]);
+    let p = Proxy::start(
+        &unused,
+        &format!(
+            "db_url = \"{}\"\nbinding_ttl_secs = 0\ncluster_node_id = \"fra1\"\n[api]\nenabled = true\n",
+            pg.url()
+        ),
+    )
+    .await;
+    let api = p.api.unwrap();
+    let v = p.version();
+    let (code, body) = send(
+        api,
+        "POST",
+        "/api/v1/register",
+        &[],
+        &registration("joiner-1", "web", be.addr),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    p.wait_version_after(v).await;
+    assert_eq!(served_by("127.0.0.6", p.addr).await, "joiner");
+    assert_eq!(ids(&pg).await, ["joiner-1"]);
+    let registered = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut c = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+            c.query("SELECT pop, id FROM edgeproxy_registrations", &[])
+                .unwrap()
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap()
+    });
+    assert_eq!(registered, [("fra1".to_owned(), "joiner-1".to_owned())]);
+    let (code, _) = send(api, "DELETE", "/api/v1/backends/joiner-1", &[], "").await;
+    assert_eq!(code, 200);
+    assert!(ids(&pg).await.is_empty());
+    p.stop().await;
+}
