@@ -14,6 +14,8 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     pub port: u16,
+    /// More server options (`-c key=value …`).
+    options: String,
 }
 
 fn bin_dir() -> PathBuf {
@@ -29,14 +31,23 @@ fn bin_dir() -> PathBuf {
 
 impl Postgres {
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_with(tempfile::tempdir().unwrap(), "")
+    }
+
+    /// A server in `dir` (which may hold its certificates) with more `options`.
+    pub fn start_with(dir: tempfile::TempDir, options: &str) -> Self {
         let bin = bin_dir();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let pg = Self { dir, bin, port };
+        let pg = Self {
+            dir,
+            bin,
+            port,
+            options: options.to_owned(),
+        };
         // initdb refuses to run as root: the server runs as the `postgres` user then.
         if rustix::process::geteuid().is_root() {
             let ok = Command::new("chown")
@@ -87,9 +98,10 @@ impl Postgres {
 
     fn ctl(&self, what: &str) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off {}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.options
         );
         let log = self.dir.path().join("server.log").display().to_string();
         match what {
@@ -375,4 +387,77 @@ async fn registrations_go_to_postgres_and_are_routed() {
     assert_eq!(code, 200);
     assert!(ids(&pg).await.is_empty());
     p.stop().await;
+}
+
+/// A CA (PEM) and a server certificate and key for `localhost` signed by it, in `dir`.
+fn certificates(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let paths = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&paths.0, ca_pem).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&paths.2, std::fs::Permissions::from_mode(0o600)).unwrap();
+    paths
+}
+
+/// With `db_ca_file` the connection is TLS and the server must prove itself with a
+/// certificate from that CA; another CA's is refused.
+#[tokio::test]
+async fn tls_verifies_the_server_against_the_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path(), "server");
+    let (other_ca, _, _) = certificates(dir.path(), "other");
+    let pg = Postgres::start_with(
+        dir,
+        &format!(
+            "-c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let url = format!(
+        "postgres://edgeproxy@localhost:{}/postgres?sslmode=require",
+        pg.port
+    );
+    let with_ca = |ca: &std::path::Path| {
+        let (url, ca) = (url.clone(), ca.display().to_string());
+        async move {
+            edgeproxy_cli(&[
+                "--db-url",
+                url.as_str(),
+                "--db-ca-file",
+                ca.as_str(),
+                "db",
+                "init",
+            ])
+            .await
+        }
+    };
+    let out = with_ca(&ca).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = with_ca(&other_ca).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("certificate"),
+        "{stderr}"
+    );
 }
