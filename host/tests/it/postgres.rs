@@ -18,6 +18,9 @@ pub struct Postgres {
     options: String,
 }
 
+/// What `initdb` is told about authentication.
+const TRUST: &[&str] = &["--auth=trust"];
+
 fn bin_dir() -> PathBuf {
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|d| d.flatten().map(|e| e.path().join("bin")).collect())
@@ -31,11 +34,12 @@ fn bin_dir() -> PathBuf {
 
 impl Postgres {
     pub fn start() -> Self {
-        Self::start_with(tempfile::tempdir().unwrap(), "")
+        Self::start_with(tempfile::tempdir().unwrap(), "", TRUST)
     }
 
-    /// A server in `dir` (which may hold its certificates) with more `options`.
-    pub fn start_with(dir: tempfile::TempDir, options: &str) -> Self {
+    /// A server in `dir` (which may hold its certificates and password file) with more
+    /// server `options`, and `auth` for initdb.
+    pub fn start_with(dir: tempfile::TempDir, options: &str, auth: &[&str]) -> Self {
         let bin = bin_dir();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -57,19 +61,18 @@ impl Postgres {
                 .unwrap();
             assert!(ok.success());
         }
-        pg.run(
-            "initdb",
-            &[
-                "-D",
-                &pg.data(),
-                "-U",
-                "edgeproxy",
-                "--auth=trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-            ],
-        );
+        let data = pg.data();
+        let mut args = vec![
+            "-D",
+            data.as_str(),
+            "-U",
+            "edgeproxy",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ];
+        args.extend_from_slice(auth);
+        pg.run("initdb", &args);
         pg.ctl("start");
         pg
     }
@@ -218,7 +221,11 @@ async fn routes_from_postgres_follows_pushed_changes_and_outlives_the_database()
     assert_eq!(skipped.len(), 1, "{skipped:?}");
     assert!(skipped[0].reason.contains("not-an-ip"), "{skipped:?}");
 
-    // The periodic reload is an hour away: the change arrives by NOTIFY.
+    // The periodic reload is an hour away: the change arrives by NOTIFY, also after the
+    // listener has waited idle for a while (this pause is the scenario, not a wait for a
+    // condition: a listener that stopped listening after its first idle wait once passed
+    // a test that wrote at once).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let v = p.version();
     ok(&pg, &["backend", "drain", "de-1"]).await;
     add(&pg, "de-2", "DE", de2.addr).await;
@@ -429,6 +436,7 @@ async fn tls_verifies_the_server_against_the_ca_file() {
             cert.display(),
             key.display()
         ),
+        TRUST,
     );
     let url = format!(
         "postgres://edgeproxy@localhost:{}/postgres?sslmode=require",
@@ -459,5 +467,64 @@ async fn tls_verifies_the_server_against_the_ca_file() {
     assert!(
         !out.status.success() && stderr.contains("certificate"),
         "{stderr}"
+    );
+}
+
+/// A password from `db_password_file` authenticates; without it the server refuses, and
+/// neither the password nor the URL's appears in what is printed.
+#[tokio::test]
+async fn the_password_comes_from_the_password_file_and_is_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("password");
+    std::fs::write(&file, "correct-horse-battery\n").unwrap();
+    let pwfile = file.display().to_string();
+    let pg = Postgres::start_with(
+        dir,
+        "",
+        &[
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--pwfile",
+            &pwfile,
+        ],
+    );
+    let url = format!("postgres://edgeproxy@127.0.0.1:{}/postgres", pg.port);
+    let out = edgeproxy_cli(&["--db-url", url.as_str(), "db", "init"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("password"),
+        "{stderr}"
+    );
+    let out = edgeproxy_cli(&[
+        "--db-url",
+        url.as_str(),
+        "--db-password-file",
+        pwfile.as_str(),
+        "db",
+        "init",
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wrong = format!(
+        "postgres://edgeproxy:wrong-horse@127.0.0.1:{}/postgres",
+        pg.port
+    );
+    let out = edgeproxy_cli(&["--db-url", wrong.as_str(), "backend", "list"]).await;
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() && printed.contains("authentication"),
+        "{printed}"
+    );
+    assert!(
+        !printed.contains("wrong-horse") && !printed.contains("correct-horse"),
+        "{printed}"
     );
 }

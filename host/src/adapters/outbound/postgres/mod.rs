@@ -301,14 +301,19 @@ pub fn listen(settings: PgSettings, changed: Arc<Notify>, stop: Arc<AtomicBool>)
                 }
                 backoff = Duration::from_secs(1);
                 changed.notify_one();
-                let mut notifications = client.notifications();
-                let mut iter = notifications.timeout_iter(Duration::from_millis(500));
                 loop {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    match postgres::fallible_iterator::FallibleIterator::next(&mut iter) {
-                        Ok(Some(_)) => changed.notify_one(),
+                    // A fresh iterator per wait: one whose timeout has passed never waits
+                    // again (it spins, and misses what arrives).
+                    let mut notifications = client.notifications();
+                    let mut wait = notifications.timeout_iter(Duration::from_millis(500));
+                    match postgres::fallible_iterator::FallibleIterator::next(&mut wait) {
+                        Ok(Some(_)) => {
+                            tracing::debug!("routing table: change notification");
+                            changed.notify_one()
+                        }
                         // A timeout: look at the stop flag (a dead connection ends in Err).
                         Ok(None) => {}
                         Err(e) => {
