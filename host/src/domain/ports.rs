@@ -410,6 +410,36 @@ pub struct RowChanges {
     pub hard_limit: Option<u32>,
 }
 
+impl RowChanges {
+    pub fn is_empty(&self) -> bool {
+        self.app.is_none()
+            && self.region.is_none()
+            && self.country.is_none()
+            && self.wg_ip.is_none()
+            && self.port.is_none()
+            && self.healthy.is_none()
+            && self.weight.is_none()
+            && self.soft_limit.is_none()
+            && self.hard_limit.is_none()
+    }
+
+    /// `row` with the changes made.
+    pub fn applied_to(self, row: super::replication::BackendRow) -> super::replication::BackendRow {
+        super::replication::BackendRow {
+            app: self.app.unwrap_or(row.app),
+            region: self.region.unwrap_or(row.region),
+            country: self.country.unwrap_or(row.country),
+            wg_ip: self.wg_ip.unwrap_or(row.wg_ip),
+            port: self.port.unwrap_or(row.port),
+            healthy: self.healthy.unwrap_or(row.healthy),
+            weight: self.weight.unwrap_or(row.weight),
+            soft_limit: self.soft_limit.unwrap_or(row.soft_limit),
+            hard_limit: self.hard_limit.unwrap_or(row.hard_limit),
+            ..row
+        }
+    }
+}
+
 /// What an import did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Imported {

@@ -234,48 +234,11 @@ impl BackendEditor for PgEditor {
     }
 
     fn update(&mut self, id: &str, c: &RowChanges) -> Result<BackendRow, EditError> {
-        let c = c.clone();
-        let nothing = c.app.is_none()
-            && c.region.is_none()
-            && c.country.is_none()
-            && c.wg_ip.is_none()
-            && c.port.is_none()
-            && c.healthy.is_none()
-            && c.weight.is_none()
-            && c.soft_limit.is_none()
-            && c.hard_limit.is_none();
-        if nothing {
+        if c.is_empty() {
             return Err(EditError::Rejected("nothing to change".into()));
         }
-        self.change(id, move |r| {
-            if let Some(v) = c.app {
-                r.app = v;
-            }
-            if let Some(v) = c.region {
-                r.region = v;
-            }
-            if let Some(v) = c.country {
-                r.country = v;
-            }
-            if let Some(v) = c.wg_ip {
-                r.wg_ip = v;
-            }
-            if let Some(v) = c.port {
-                r.port = v;
-            }
-            if let Some(v) = c.healthy {
-                r.healthy = v;
-            }
-            if let Some(v) = c.weight {
-                r.weight = v;
-            }
-            if let Some(v) = c.soft_limit {
-                r.soft_limit = v;
-            }
-            if let Some(v) = c.hard_limit {
-                r.hard_limit = v;
-            }
-        })
+        let c = c.clone();
+        self.change(id, move |r| *r = c.applied_to(r.clone()))
     }
 
     fn remove(&mut self, id: &str) -> Result<BackendRow, EditError> {
