@@ -153,3 +153,44 @@ fn simulate_shows_candidates_geo_data_and_both_picks() {
     assert!(out.contains("policy pick: us-iad-1"), "{out}");
     assert!(out.contains("native pick: eu-fra-1"), "{out}");
 }
+
+/// A policy crate of an author's own, outside this workspace (so without its `policy`
+/// profile), builds with `policy build` and passes `policy check`.
+#[test]
+fn a_policy_crate_outside_the_workspace_builds_and_passes_its_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../policy-sdk")
+        .canonicalize()
+        .unwrap();
+    std::fs::create_dir_all(dir.path().join("src")).unwrap();
+    std::fs::write(
+        dir.path().join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"my-policy\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n\
+             [lib]\ncrate-type = [\"cdylib\"]\n\n\
+             [dependencies]\npolicy-sdk = {{ path = \"{}\" }}\n\n[workspace]\n",
+            sdk.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("src/lib.rs"),
+        "use policy_sdk::{Candidate, Client, Context, Policy};\n\
+         pub struct First;\n\
+         impl Policy for First {\n\
+             fn pick(_: &Context<'_>, _: &Client, c: &[Candidate<'_>]) -> Option<usize> {\n\
+                 c.iter().position(Candidate::is_eligible)\n\
+             }\n\
+         }\n\
+         #[cfg(target_arch = \"wasm32\")]\n\
+         policy_sdk::export_policy!(First);\n",
+    )
+    .unwrap();
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-fixtures/outside");
+    let out = edgeproxy::adapters::inbound::policy_build::build(dir.path(), None, Some(&target))
+        .expect("an out-of-tree policy crate builds");
+    assert_eq!(out, dir.path().join("my-policy.wasm"));
+    let (ok, stdout, err) = run(&["policy", "check", out.to_str().unwrap()], &[]);
+    assert!(ok, "{stdout}{err}");
+}
