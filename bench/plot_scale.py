@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Draws the cost curves `cargo bench -p edgeproxy --bench scale` wrote (target/scale.csv,
+target/scale-decisions.csv) as PNG files in docs/, log-log, with a linear reference line
+through the first point so a curve bending worse than linear shows at a glance.
+
+    pip install matplotlib && python3 bench/plot_scale.py
+"""
+import csv, os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rows(name):
+    with open(os.path.join(ROOT, "target", name)) as f:
+        return list(csv.DictReader(f))
+
+
+def linear_ref(ax, xs, ys):
+    ax.plot(xs, [ys[0] * x / xs[0] for x in xs], ":", color="grey", label="linear from the first point")
+
+
+def main():
+    table = rows("scale.csv")
+    n = [int(r["rows"]) for r in table]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    series = [
+        ("reload (ms)", [float(r["reload_ms"]) for r in table]),
+        ("snapshot + policy's copy (MB)",
+         [(int(r["snapshot_bytes"]) + int(r["wit_bytes"])) / 1e6 for r in table]),
+        ("set-table per instance (us)", [float(r["set_table_us"]) if r["set_table_us"] else None for r in table]),
+    ]
+    for ax, (label, ys) in zip(axes, series):
+        # A size where the policy faulted has no set-table time: left out, and said.
+        xs = [x for x, y in zip(n, ys) if y is not None]
+        ys = [y for y in ys if y is not None]
+        ax.loglog(xs, ys, "o-", label=label)
+        linear_ref(ax, xs, ys)
+        if len(xs) < len(n):
+            ax.annotate("larger tables exceed the\npolicy's default limits", xy=(0.35, 0.1), xycoords="axes fraction", fontsize=8)
+        ax.set_xlabel("backends in the routing table")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "docs", "scale-table.png"), dpi=90)
+
+    dec = rows("scale-decisions.csv")
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for size in sorted({int(r["rows"]) for r in dec}):
+        sub = [r for r in dec if int(r["rows"]) == size]
+        k = [int(r["candidates"]) for r in sub]
+        ax.loglog(k, [float(r["wasm_ns"]) / 1e3 for r in sub], "o-", label=f"wasm, {size:,} backends")
+        ax.loglog(k, [float(r["native_ns"]) / 1e3 for r in sub], "s--", label=f"native, {size:,} backends")
+    ax.set_xlabel("candidates of the app")
+    ax.set_ylabel("one decision (us)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "docs", "scale-decisions.png"), dpi=90)
+
+
+if __name__ == "__main__":
+    main()
