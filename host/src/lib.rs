@@ -28,7 +28,7 @@ use adapters::outbound::binding_table::BindingTable;
 use adapters::outbound::maxmind_geo::MaxMindGeo;
 use adapters::outbound::sqlite_routing::SqliteBackendRepository;
 use adapters::outbound::wasm_policy::runtime::{Limits, Runtime};
-use adapters::outbound::wasm_policy::{self as wasm, LoadedPolicy, WasmPolicy};
+use adapters::outbound::wasm_policy::{self as wasm, WasmPolicy};
 use application::admin::Admin;
 use application::proxy_service::{ProxyService, ProxySettings};
 use application::routing::Routing;
@@ -56,8 +56,6 @@ pub struct Host {
     pub wasm_policy: Option<Arc<WasmPolicy>>,
     /// Where fleet deployments run (live and shadow), when the live policy is a component.
     slots: Option<Arc<dyn domain::ports::PolicySlots>>,
-    region: domain::Region,
-    policy_max_bytes: u64,
     pub telemetry: Arc<Telemetry>,
     pub admin: Arc<Admin>,
     /// This POP's membership of the fleet, when replication is on.
@@ -325,8 +323,6 @@ impl Host {
             shadow_policy: shadow_policy.map(|(p, _)| p),
             wasm_policy: None,
             slots: None,
-            region: config.region.clone(),
-            policy_max_bytes: config.policy.max_bytes,
             telemetry,
             admin,
             cluster,
@@ -423,8 +419,8 @@ impl Host {
                 fleet: Arc::new(cluster.clone()),
                 slots: self.slots.clone(),
                 shadow: self.service.shadow.clone(),
-                region: self.region.to_string(),
-                max_bytes: self.policy_max_bytes,
+                region: self.admin.region.to_string(),
+                max_bytes: self.admin.policy_max_bytes,
             };
             background.spawn(rollout.run(stop_background.clone()));
         }
@@ -595,11 +591,7 @@ async fn load_wasm(
             Some(r) => r,
             None => Arc::new(Runtime::new(limits)?),
         };
-        let loaded = match &path {
-            Some(path) => wasm::reload::load_file(&runtime, path)?,
-            None => LoadedPolicy::load(&runtime, wasm::DEFAULT_POLICY_NAME, wasm::DEFAULT_POLICY)
-                .context("the embedded default policy")?,
-        };
+        let loaded = wasm::load_configured(&runtime, path.as_deref())?;
         tracing::info!(policy = %loaded.name, hash = %loaded.hash, "policy loaded");
         let policy = WasmPolicy::new(runtime, client_regions, loaded);
         Ok(match path {

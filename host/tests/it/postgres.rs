@@ -151,12 +151,7 @@ impl Drop for Postgres {
 /// `edgeproxy ARGS` with the table in `pg`; (success, stdout, stderr).
 async fn cli(pg: &Postgres, args: &[&str]) -> (bool, String, String) {
     let url = pg.url();
-    let out = edgeproxy_cli(&[&["--db-url", url.as_str()], args].concat()).await;
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    edgeproxy_run(&[&["--db-url", url.as_str()], args].concat()).await
 }
 
 async fn ok(pg: &Postgres, args: &[&str]) -> String {

@@ -9,12 +9,7 @@ use crate::support::*;
 async fn cli(db: &Path, args: &[&str]) -> (bool, String, String) {
     let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
     all.extend(["--db".as_ref(), db.as_os_str()]);
-    let out = edgeproxy_cli(&all).await;
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    edgeproxy_run(&all).await
 }
 
 async fn ok(db: &Path, args: &[&str]) -> String {

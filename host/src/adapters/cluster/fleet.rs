@@ -26,13 +26,29 @@ use crate::domain::rollout::{
 /// The fleet file, used from blocking threads, and a snapshot of its records.
 pub struct FleetStore {
     file: Arc<Mutex<SqliteFleet>>,
-    snapshot: Arc<ArcSwap<Vec<FleetRecord>>>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
     changes: watch::Sender<u64>,
+}
+
+/// The records and their digest, taken after each change: sync rounds and status read
+/// them without the file.
+pub struct Snapshot {
+    pub records: Vec<FleetRecord>,
+    pub digest: u64,
+}
+
+impl Snapshot {
+    fn of(file: &SqliteFleet) -> Self {
+        Self {
+            records: file.records().cloned().collect(),
+            digest: file.digest(),
+        }
+    }
 }
 
 impl FleetStore {
     pub fn new(file: SqliteFleet) -> Self {
-        let snapshot = Arc::new(ArcSwap::from_pointee(file.records().cloned().collect()));
+        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::of(&file)));
         Self {
             file: Arc::new(Mutex::new(file)),
             snapshot,
@@ -40,7 +56,7 @@ impl FleetStore {
         }
     }
 
-    pub fn records(&self) -> Arc<Vec<FleetRecord>> {
+    pub fn records(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
     }
 
@@ -51,11 +67,11 @@ impl FleetStore {
         let (file, snapshot) = (self.file.clone(), self.snapshot.clone());
         let call = move || {
             let mut file = file.lock().expect("fleet store lock");
-            let before = file.digest();
+            let before = file.generation();
             let out = f(&mut file);
-            let changed = file.digest() != before;
+            let changed = file.generation() != before;
             if changed {
-                snapshot.store(Arc::new(file.records().cloned().collect()));
+                snapshot.store(Arc::new(Snapshot::of(&file)));
             }
             (out, changed)
         };
@@ -117,6 +133,15 @@ impl Inner {
         }
     }
 
+    /// Sends a deployment just written here to every member; returns it.
+    fn publish(self: &Arc<Self>, record: FleetRecord) -> Deployment {
+        self.push_records(vec![record.clone()]);
+        match record.value {
+            FleetValue::Deployment(d) => d,
+            FleetValue::Pop(_) => unreachable!("only deployments are published this way"),
+        }
+    }
+
     /// Sends fresh local records to every member.
     fn push_records(self: &Arc<Self>, records: Vec<FleetRecord>) {
         let frame = wire::encode(&Message::FleetPush {
@@ -142,15 +167,15 @@ impl Inner {
 
     /// The answer to `FleetSync`: every record, unless the digests match.
     pub(super) fn records_reply(&self, digest: u64) -> Message {
-        let records = self.fleet.records();
-        match rollout::digest(records.iter()) == digest {
+        let ours = self.fleet.records();
+        match ours.digest == digest {
             true => Message::FleetReply {
                 same: true,
                 records: Vec::new(),
             },
             false => Message::FleetReply {
                 same: false,
-                records: records.to_vec(),
+                records: ours.records.clone(),
             },
         }
     }
@@ -175,7 +200,7 @@ impl Inner {
         let ours = self.fleet.records();
         let request = Message::FleetSync {
             from: self.identity.node,
-            digest: rollout::digest(ours.iter()),
+            digest: ours.digest,
         };
         let reply = self
             .transport
@@ -191,6 +216,7 @@ impl Inner {
             theirs.iter().map(|r| (r.value.key(), r.clone())).collect();
         self.apply_records(peer.node, theirs).await;
         let newer: Vec<FleetRecord> = ours
+            .records
             .iter()
             .filter(|r| r.supersedes(known.get(&r.value.key())))
             .cloned()
@@ -262,7 +288,7 @@ impl PolicyFleet for Cluster {
     }
 
     fn records(&self) -> Vec<FleetRecord> {
-        self.inner.fleet.records().to_vec()
+        self.inner.fleet.records().records.clone()
     }
 
     fn changes(&self) -> watch::Receiver<u64> {
@@ -305,18 +331,14 @@ impl PolicyFleet for Cluster {
                         .map_err(|e| e.to_string())
                 })
                 .await?;
-            self.inner.push_records(vec![record.clone()]);
-            match record.value {
-                FleetValue::Deployment(d) => Ok(d),
-                FleetValue::Pop(_) => unreachable!("a deployment was written"),
-            }
+            Ok(self.inner.publish(record))
         })
     }
 
     fn revoke_latest(&self, role: Role) -> BoxFuture<'_, Result<Deployment, String>> {
         Box::pin(async move {
-            let records = self.inner.fleet.records();
-            let deployments = rollout::deployments(records.iter());
+            let snapshot = self.inner.fleet.records();
+            let deployments = rollout::deployments(snapshot.records.iter());
             let mut latest = rollout::latest(&deployments, role)
                 .cloned()
                 .ok_or_else(|| format!("no {role} deployment to roll back"))?;
@@ -333,11 +355,7 @@ impl PolicyFleet for Cluster {
                     Ok::<_, String>(r)
                 })
                 .await?;
-            self.inner.push_records(vec![record.clone()]);
-            match record.value {
-                FleetValue::Deployment(d) => Ok(d),
-                FleetValue::Pop(_) => unreachable!("a deployment was written"),
-            }
+            Ok(self.inner.publish(record))
         })
     }
 
@@ -411,17 +429,18 @@ impl PolicyFleet for Cluster {
 
     fn report(&self, report: PopPolicies) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            let key = FleetValue::Pop(report.clone()).key();
-            let same = self
+            let value = FleetValue::Pop(report);
+            if self
                 .inner
                 .fleet
                 .records()
+                .records
                 .iter()
-                .any(|r| r.value.key() == key && r.value == FleetValue::Pop(report.clone()));
-            if same {
+                .any(|r| r.value == value)
+            {
                 return Ok(());
             }
-            let record = self.inner.fleet.write(FleetValue::Pop(report)).await?;
+            let record = self.inner.fleet.write(value).await?;
             self.inner.push_records(vec![record]);
             Ok(())
         })

@@ -495,11 +495,12 @@ impl Cluster {
             wire_bytes_in: wire.map(|w| w.0),
             wire_bytes_out: wire.map(|w| w.1),
             peers_refused: inner.transport.refused() + load(&s.protocol_refused),
-            deployments: crate::domain::rollout::deployments(records.iter())
+            deployments: crate::domain::rollout::deployments(records.records.iter())
                 .into_iter()
                 .cloned()
                 .collect(),
             policies: records
+                .records
                 .iter()
                 .filter_map(|r| match &r.value {
                     crate::domain::rollout::FleetValue::Pop(p) => Some(p.clone()),

@@ -42,6 +42,8 @@ pub struct SqliteFleet {
     node: NodeId,
     clock: Clock,
     records: BTreeMap<String, FleetRecord>,
+    /// Bumped by every record stored, so a caller tells a change without comparing.
+    generation: u64,
 }
 
 /// The fleet file that goes with the routing file at `db`.
@@ -58,11 +60,7 @@ impl SqliteFleet {
             path: path.display().to_string(),
             reason: e.to_string(),
         };
-        let conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
+        let conn = super::sqlite_routing::open_writer(path, SCHEMA).map_err(err)?;
         let last: Option<i64> = conn
             .query_row("SELECT value FROM state WHERE key = 'last_hlc'", [], |r| {
                 r.get(0)
@@ -95,6 +93,7 @@ impl SqliteFleet {
             node,
             clock: Clock::new(Hlc(last.unwrap_or(0) as u64), max_skew.as_millis() as u64),
             records,
+            generation: 0,
         })
     }
 
@@ -124,7 +123,12 @@ impl SqliteFleet {
             params![key, postcard::to_stdvec(&r).expect("a record serializes")],
         )?;
         self.records.insert(key, r);
+        self.generation += 1;
         Ok(())
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// A fresh version for a local write (persisted before it is used).

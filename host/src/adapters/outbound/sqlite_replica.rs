@@ -107,11 +107,7 @@ impl SqliteReplica {
             path: path.display().to_string(),
             reason: e.to_string(),
         };
-        let conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
+        let conn = super::sqlite_routing::open_writer(path, SCHEMA).map_err(err)?;
         if let Some(reason) = super::sqlite_routing::schema_problem(&conn).map_err(err)? {
             return Err(ReplicaError {
                 path: path.display().to_string(),

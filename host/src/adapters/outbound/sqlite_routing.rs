@@ -145,6 +145,16 @@ pub(crate) fn schema_problem(conn: &Connection) -> rusqlite::Result<Option<Strin
         .then(|| format!("table backends lacks column(s) {}", missing.join(", "))))
 }
 
+/// A connection for a long-lived writer of `path` (created if missing): WAL mode, so
+/// the proxy's reads never wait on it, a busy timeout for other writers, and `schema`.
+pub(crate) fn open_writer(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.execute_batch(schema)?;
+    Ok(conn)
+}
+
 /// `INSERT OR REPLACE INTO backends (…every column…) VALUES (?1, …)`.
 pub(crate) fn upsert_sql() -> String {
     let placeholders = (1..=COLUMNS.len())

@@ -526,6 +526,16 @@ pub async fn edgeproxy_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::proces
         .unwrap()
 }
 
+/// As [`edgeproxy_cli`]: (success, stdout, stderr).
+pub async fn edgeproxy_run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
+    let out = edgeproxy_cli(args).await;
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
 /// As [`edgeproxy_cli`], expecting success: its standard output.
 pub async fn edgeproxy_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
     let out = edgeproxy_cli(args).await;

@@ -155,12 +155,11 @@ impl PgEditor {
             .map_err(|e| describe_error(&e))
     }
 
-    /// One transaction: `f`, then the written row read back, then the commit.
-    fn write(
+    /// One transaction: `f` (given how to name a database failure), then the commit.
+    fn transaction<T>(
         &mut self,
-        id: &str,
-        f: impl FnOnce(&mut Transaction<'_>) -> Result<(), EditError>,
-    ) -> Result<BackendRow, EditError> {
+        f: impl FnOnce(&mut Transaction<'_>, &dyn Fn(String) -> EditError) -> Result<T, EditError>,
+    ) -> Result<T, EditError> {
         let describe = self.settings.describe();
         let db = |message: String| EditError::Db {
             path: describe.clone(),
@@ -171,12 +170,23 @@ impl PgEditor {
             .get_mut()
             .transaction()
             .map_err(|e| db(describe_error(&e)))?;
-        f(&mut tx)?;
-        let written = by_id(&mut tx, id, false)
-            .map_err(db)?
-            .ok_or_else(|| EditError::Rejected(format!("backend {id:?} vanished while writing")))?;
+        let out = f(&mut tx, &db)?;
         tx.commit().map_err(|e| db(describe_error(&e)))?;
-        Ok(written)
+        Ok(out)
+    }
+
+    /// One transaction: `f`, then the written row read back, then the commit.
+    fn write(
+        &mut self,
+        id: &str,
+        f: impl FnOnce(&mut Transaction<'_>, &dyn Fn(String) -> EditError) -> Result<(), EditError>,
+    ) -> Result<BackendRow, EditError> {
+        self.transaction(|tx, db| {
+            f(tx, db)?;
+            by_id(tx, id, false).map_err(db)?.ok_or_else(|| {
+                EditError::Rejected(format!("backend {id:?} vanished while writing"))
+            })
+        })
     }
 
     fn change(
@@ -184,13 +194,9 @@ impl PgEditor {
         id: &str,
         apply: impl FnOnce(&mut BackendRow),
     ) -> Result<BackendRow, EditError> {
-        let describe = self.settings.describe();
-        self.write(id, |tx| {
+        self.write(id, |tx, db| {
             let mut r = by_id(tx, id, true)
-                .map_err(|message| EditError::Db {
-                    path: describe,
-                    message,
-                })?
+                .map_err(db)?
                 .ok_or_else(|| EditError::Rejected(format!("no backend {id:?}")))?;
             apply(&mut r);
             upsert(tx, &r)
@@ -217,12 +223,8 @@ impl BackendEditor for PgEditor {
     }
 
     fn add(&mut self, r: &BackendRow) -> Result<BackendRow, EditError> {
-        let describe = self.settings.describe();
-        self.write(&r.id.clone(), |tx| {
-            let existing = by_id(tx, &r.id, true).map_err(|message| EditError::Db {
-                path: describe,
-                message,
-            })?;
+        self.write(&r.id.clone(), |tx, db| {
+            let existing = by_id(tx, &r.id, true).map_err(db)?;
             if existing.is_some_and(|e| !e.deleted) {
                 return Err(EditError::Rejected(format!(
                     "backend {:?} exists; change it with `edgeproxy backend update`",
@@ -256,28 +258,19 @@ impl BackendEditor for PgEditor {
         let (mut local, _) = RoutingEditor::init(Path::new(":memory:"))?;
         local.import(file)?;
         let rows = local.list(None, true)?;
-        let describe = self.settings.describe();
-        let db = |message: String| EditError::Db {
-            path: describe.clone(),
-            message,
-        };
-        let mut tx = self
-            .client
-            .get_mut()
-            .transaction()
-            .map_err(|e| db(describe_error(&e)))?;
-        let before = Self::live_count(&mut tx).map_err(db)?;
-        for r in &rows {
-            upsert(&mut tx, r).map_err(|e| {
-                EditError::Rejected(format!("{}: {e}; nothing was imported", file.display()))
-            })?;
-        }
-        let after = Self::live_count(&mut tx).map_err(db)?;
-        tx.commit().map_err(|e| db(describe_error(&e)))?;
-        Ok(Imported {
-            rows: rows.len(),
-            before,
-            after,
+        self.transaction(|tx, db| {
+            let before = Self::live_count(tx).map_err(db)?;
+            for r in &rows {
+                upsert(tx, r).map_err(|e| {
+                    EditError::Rejected(format!("{}: {e}; nothing was imported", file.display()))
+                })?;
+            }
+            let after = Self::live_count(tx).map_err(db)?;
+            Ok(Imported {
+                rows: rows.len(),
+                before,
+                after,
+            })
         })
     }
 }

@@ -186,11 +186,8 @@ impl WasmPolicy {
     /// Serves this POP's configured policy again (the file, or the embedded default),
     /// releasing the hold (blocking).
     pub fn restore_configured(&self) -> Result<(), String> {
-        let loaded = match &self.path {
-            Some(path) => reload::load_file(&self.runtime, path).map_err(|e| e.to_string())?,
-            None => LoadedPolicy::load(&self.runtime, DEFAULT_POLICY_NAME, DEFAULT_POLICY)
-                .map_err(|e| format!("the embedded default policy: {e}"))?,
-        };
+        let loaded =
+            load_configured(&self.runtime, self.path.as_deref()).map_err(|e| format!("{e:#}"))?;
         self.hold(false);
         if loaded.hash != self.current.load().hash {
             self.swap(loaded);
@@ -451,6 +448,17 @@ impl PolicyControl for WasmPolicy {
     fn reload(&self) -> Result<bool, String> {
         self.reload_file()
     }
+}
+
+/// The policy a POP's configuration names: the file at `path`, or the embedded default
+/// when None (blocking).
+pub fn load_configured(runtime: &Runtime, path: Option<&Path>) -> anyhow::Result<LoadedPolicy> {
+    use anyhow::Context as _;
+    Ok(match path {
+        Some(path) => reload::load_file(runtime, path)?,
+        None => LoadedPolicy::load(runtime, DEFAULT_POLICY_NAME, DEFAULT_POLICY)
+            .context("the embedded default policy")?,
+    })
 }
 
 /// The live policy and the shadow beside it, for promotion and rollback.
