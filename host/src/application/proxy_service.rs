@@ -127,6 +127,7 @@ impl ProxyService {
         let Some(bindings) = &self.bindings else {
             return self.pick(req, candidates);
         };
+        let generation = bindings.generation();
         if let Some(id) = bindings.get(key, now) {
             match candidates.binary_search_by(|c| c.backend.id.cmp(&id)) {
                 Ok(i) if candidates[i].is_eligible() => {
@@ -138,7 +139,7 @@ impl ProxyService {
         }
         self.telemetry.binding_misses.fetch_add(1, Relaxed);
         let i = self.pick(req, candidates)?;
-        bindings.put(key.clone(), candidates[i].backend.id.clone(), now);
+        bind(&**bindings, key, &candidates[i], now, generation);
         Some(i)
     }
 
@@ -235,6 +236,7 @@ impl ProxyService {
             client,
         };
 
+        let generation = self.bindings.as_ref().map_or(0, |b| b.generation());
         // Failed backends are left out of later attempts; the copy is only made on failure.
         let mut remaining: Option<Vec<RoutedBackend>> = None;
         let mut attempts = 0;
@@ -276,7 +278,7 @@ impl ProxyService {
                         .stats
                         .record_rtt(took.as_micros().try_into().unwrap_or(u64::MAX));
                     if let (Some(b), false) = (&self.bindings, first) {
-                        b.put(key.clone(), target.backend.id.clone(), Instant::now());
+                        bind(&**b, &key, &target, Instant::now(), generation);
                     }
                     connected = Some((stream, target, guard));
                     break;
@@ -327,4 +329,94 @@ fn exclude(
     remaining
         .get_or_insert_with(|| all.to_vec())
         .retain(|c| c.backend.id != target.backend.id);
+}
+
+/// Binds `key` to `target` unless the bindings were cleared since `generation` was read:
+/// a pick made by the policy a promotion replaced does not outlive the promotion's
+/// `drop_bindings`.
+fn bind(
+    bindings: &dyn BindingRepository,
+    key: &BindingKey,
+    target: &RoutedBackend,
+    now: Instant,
+    generation: u64,
+) {
+    bindings.put(key.clone(), target.backend.id.clone(), now);
+    if bindings.generation() != generation {
+        bindings.remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use super::*;
+    use crate::adapters::outbound::binding_table::BindingTable;
+    use crate::domain::ports::{BackendRepository, LoadedBackends, RoutingError};
+    use crate::domain::{RoutingTable, sample};
+
+    struct NoRows;
+    impl BackendRepository for NoRows {
+        fn load(&self) -> Result<LoadedBackends, RoutingError> {
+            Ok(LoadedBackends {
+                backends: Vec::new(),
+                skipped: Vec::new(),
+            })
+        }
+    }
+
+    /// A promotion with `drop_bindings` landing while this policy decides: the
+    /// bindings are cleared between its pick and the binding of that pick.
+    struct PromotedMidPick(OnceLock<Arc<BindingTable>>);
+    impl ScoringPolicy for PromotedMidPick {
+        fn name(&self) -> &str {
+            "promoted-mid-pick"
+        }
+        fn pick(&self, _: &PickRequest<'_>, _: &[RoutedBackend]) -> Option<usize> {
+            self.0.get().unwrap().clear();
+            Some(0)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pick_made_before_bindings_are_dropped_is_not_bound_after() {
+        let bindings = Arc::new(BindingTable::new(Duration::from_secs(600)));
+        let policy = Arc::new(PromotedMidPick(OnceLock::new()));
+        let _ = policy.0.set(Arc::clone(&bindings));
+        let service = ProxyService {
+            routing: Arc::new(Routing::new(Arc::new(NoRows), Arc::default(), 50)),
+            bindings: Some(bindings.clone() as Arc<dyn BindingRepository>),
+            geo: Arc::new(crate::adapters::outbound::maxmind_geo::MaxMindGeo::embedded().unwrap()),
+            regions: RegionMap::default(),
+            policy,
+            settings: ProxySettings {
+                pop_region: Region::new("eu"),
+                connect_timeout: Duration::from_secs(1),
+                connect_attempts: 1,
+                idle_timeout: None,
+                keepalive: None,
+            },
+            buffers: BufferPool::new(1, 1),
+            telemetry: Arc::default(),
+            shadow: None,
+            decisions: None,
+            suspects: None,
+        };
+        let table = RoutingTable::new(1, sample::backends("app"), |_| Arc::default());
+        let client = sample::client_in_brazil();
+        let req = PickRequest {
+            table: &table,
+            pop_region: &service.settings.pop_region,
+            app: Some("app"),
+            client: &client,
+        };
+        let key = BindingKey {
+            client: client.ip,
+            app: Some("app".into()),
+        };
+        let candidates = table.candidates(Some("app"));
+        assert_eq!(service.choose(&req, &key, candidates), Some(0));
+        assert_eq!(bindings.get(&key, Instant::now()), None);
+    }
 }

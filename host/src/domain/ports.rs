@@ -75,8 +75,11 @@ pub trait BindingRepository: Send + Sync {
     fn page(&self, offset: usize, limit: usize, now: Instant) -> (usize, Vec<BindingEntry>);
     /// Drops every binding of `client` (all apps); returns how many.
     fn remove_client(&self, client: IpAddr) -> usize;
-    /// Drops every binding; returns how many.
+    /// Drops every binding; returns how many. Bumps `generation` first.
     fn clear(&self) -> usize;
+    /// How many `clear`s so far. A pick made before a clear must not stay bound after
+    /// it: a caller reads this before deciding, and undoes its `put` if it moved.
+    fn generation(&self) -> u64;
     fn len(&self) -> usize;
     /// Bindings evicted because the table was full.
     fn evicted(&self) -> u64 {

@@ -37,6 +37,7 @@ pub struct BindingTable {
     max: usize,
     evicting: AtomicBool,
     evicted: AtomicU64,
+    generation: AtomicU64,
 }
 
 impl BindingTable {
@@ -53,6 +54,7 @@ impl BindingTable {
             max,
             evicting: AtomicBool::new(false),
             evicted: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -178,7 +180,13 @@ impl BindingRepository for BindingTable {
     }
 
     fn clear(&self) -> usize {
+        // Before the sweep: a put the sweep misses then sees the new generation.
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.remove_where(|_, _| true)
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     fn len(&self) -> usize {
