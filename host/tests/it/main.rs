@@ -18,3 +18,4 @@ mod registration;
 mod routing_cli;
 mod shadow;
 mod support;
+mod wasi;

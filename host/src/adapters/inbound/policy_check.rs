@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use std::fmt::Write as _;
 
-use crate::adapters::outbound::wasm_policy::runtime::{Limits, Runtime, describe_kind};
+use crate::adapters::outbound::wasm_policy::runtime::{Limits, Runtime, describe_kind, wasi_grant};
 use crate::adapters::outbound::wasm_policy::{LoadedPolicy, WasmPolicy};
 use crate::domain::ports::PickRequest;
 use crate::domain::sample;
@@ -22,11 +22,20 @@ pub struct CheckReport {
     pub bytes: usize,
     pub kind: &'static str,
     pub imports: Vec<String>,
+    /// The WASI interfaces among `imports`, with what the proxy grants each.
+    pub wasi: Vec<WasiImport>,
     pub exports: Vec<String>,
     pub hash: Option<String>,
     pub decisions: Vec<CheckedDecision>,
     /// None when the component may be deployed; else why not.
     pub rejected: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WasiImport {
+    pub interface: String,
+    /// What the policy gets from it; "refused at load" for one it may not import.
+    pub granted: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,6 +56,7 @@ pub fn check(file: &Path, limits: Limits, app: &str) -> anyhow::Result<CheckRepo
         bytes: bytes.len(),
         kind: describe_kind(&bytes),
         imports: Vec::new(),
+        wasi: Vec::new(),
         exports: Vec::new(),
         hash: None,
         decisions: Vec::new(),
@@ -62,6 +72,15 @@ pub fn check(file: &Path, limits: Limits, app: &str) -> anyhow::Result<CheckRepo
     };
     let inspection = runtime.inspect(&component);
     (report.imports, report.exports) = (inspection.imports, inspection.exports);
+    report.wasi = report
+        .imports
+        .iter()
+        .filter(|i| i.starts_with("wasi:"))
+        .map(|i| WasiImport {
+            interface: i.clone(),
+            granted: wasi_grant(i).unwrap_or("refused at load"),
+        })
+        .collect();
     let name = file.display().to_string();
     let loaded = match LoadedPolicy::from_compiled(&runtime, &name, &bytes, &component) {
         Ok(l) => l,
@@ -164,7 +183,20 @@ pub fn render_check(r: &CheckReport) -> String {
     if let Some(hash) = &r.hash {
         let _ = writeln!(out, "hash:      {hash}");
     }
-    let _ = writeln!(out, "imports:   {}", list(&r.imports));
+    let others: Vec<String> = r
+        .imports
+        .iter()
+        .filter(|i| !i.starts_with("wasi:"))
+        .cloned()
+        .collect();
+    let _ = writeln!(out, "imports:   {}", list(&others));
+    if !r.wasi.is_empty() {
+        let _ = writeln!(out, "WASI:      granted nothing beyond what each line says");
+        let width = r.wasi.iter().map(|w| w.interface.len()).max().unwrap_or(0);
+        for w in &r.wasi {
+            let _ = writeln!(out, "  {:<width$}  {}", w.interface, w.granted);
+        }
+    }
     let _ = writeln!(out, "exports:   {}", list(&r.exports));
     if !r.decisions.is_empty() {
         let _ = writeln!(out, "decisions:");

@@ -413,6 +413,39 @@ pub fn policy_component(dir: &str) -> PathBuf {
     path
 }
 
+/// The crate at `dir` (relative to the workspace root) built by plain
+/// `cargo build --release --target TARGET`, as an author without edgeproxy's tools would
+/// (for `wasm32-wasip2` the result is a component), once per test run.
+pub fn cargo_built(dir: &str, target: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let key = format!("{dir} {target}");
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, path)) = built.iter().find(|(k, _)| *k == key) {
+        return path.clone();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target_dir = root.join("target/test-fixtures/cargo");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["build", "--release", "--target", target, "--manifest-path"])
+        .arg(root.join(dir).join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building {dir} for {target} (needs: rustup target add {target}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let name = Path::new(dir).file_name().unwrap().to_str().unwrap();
+    let path = target_dir
+        .join(target)
+        .join("release")
+        .join(format!("{}.wasm", name.replace('-', "_")));
+    built.push((key, path.clone()));
+    path
+}
+
 /// Waits until `policy` has finished `n` reload attempts in all.
 pub async fn wait_reload_attempts(
     policy: &edgeproxy::adapters::outbound::wasm_policy::WasmPolicy,

@@ -9,8 +9,7 @@ use std::time::SystemTime;
 use wasmtime::Store;
 
 use super::SET_TABLE_BUDGETS;
-use super::bindings::{Policy, PolicyPre};
-use super::runtime::{Component, GuestState, LoadError, Runtime};
+use super::runtime::{Component, Guest, GuestState, Linked, LoadError, Runtime};
 use super::wit_table;
 use crate::domain::{BackendStats, Region, RoutingTable, sample};
 
@@ -27,13 +26,13 @@ pub struct LoadedPolicy {
     /// Decisions this policy made (faults excluded), and its faults.
     pub decisions: AtomicU64,
     pub faults: AtomicU64,
-    pre: PolicyPre<GuestState>,
+    pre: Linked,
     idle: Mutex<Vec<Instance>>,
 }
 
 pub(super) struct Instance {
     pub store: Store<GuestState>,
-    pub policy: Policy,
+    pub policy: Guest,
     /// Version of the routing table this instance was last given.
     pub table_version: Option<u64>,
     /// Reused per call so a decision allocates nothing once warm: (backend index,
@@ -79,14 +78,12 @@ impl LoadedPolicy {
         });
         let wit = wit_table::build(&table, &Region::new("sa"), &[]);
         runtime.arm(&mut store, SET_TABLE_BUDGETS);
-        policy
-            .call_set_table(&mut store, &wit.table)
-            .map_err(fail)?;
+        policy.set_table(&mut store, &wit.table).map_err(fail)?;
         let n = table.backends().len() as u32;
         let candidates: Vec<u32> = (0..n).flat_map(|i| [i, i, 0]).collect();
         let client = wit.client(&sample::client_in_brazil());
         runtime.arm(&mut store, 1);
-        match policy.call_pick_backend(&mut store, wit.app(Some("selftest")), client, &candidates) {
+        match policy.pick_backend(&mut store, wit.app(Some("selftest")), client, &candidates) {
             Ok(None) => Ok(()),
             Ok(Some(i)) if i < n => Ok(()),
             Ok(Some(i)) => Err(LoadError::SelfTest(format!(

@@ -11,6 +11,7 @@
 
 mod bindings;
 pub mod breaker;
+mod guest_output;
 mod loaded;
 pub mod reload;
 pub mod runtime;
@@ -373,7 +374,7 @@ impl WasmPolicy {
         if inst.table_version != Some(table.version) {
             self.runtime.arm(&mut inst.store, SET_TABLE_BUDGETS);
             inst.policy
-                .call_set_table(&mut inst.store, &table.table)
+                .set_table(&mut inst.store, &table.table)
                 .map_err(fault)?;
             inst.table_version = Some(table.version);
         }
@@ -388,7 +389,7 @@ impl WasmPolicy {
         self.runtime.arm(&mut inst.store, 1);
         let answer = inst
             .policy
-            .call_pick_backend(&mut inst.store, app, client, &inst.candidates)
+            .pick_backend(&mut inst.store, app, client, &inst.candidates)
             .map_err(fault)?;
         let bad = |cause: String| {
             Err(Fault {

@@ -2,8 +2,12 @@
 //! into a component (core modules made by `cargo build --target wasm32-unknown-unknown`
 //! are wrapped into components here), checking imports, and sandboxed instances.
 //!
-//! A policy gets no WASI at all: no filesystem, network, clock, environment or stdio.
-//! Its only imports are `host.log` and `host.random`. Each call's time is bounded by fuel
+//! A policy imports `host.log` and `host.random`, and may import WASI 0.2 (as std on
+//! `wasm32-wasip2`, the preview 1 adapter of `cargo component`, componentize-py and
+//! ComponentizeJS all do) with a context that grants nothing: no files, environment,
+//! arguments, sockets or name lookups, empty stdin; stdout and stderr go to the host log.
+//! Random and reading the clocks are allowed; waiting is not. Any other import is refused
+//! at load (`WASI_GRANTS` is the list). Each call's time is bounded by fuel
 //! (an instruction budget), not by the wall clock: a policy is stopped after the same
 //! amount of work however busy or preempted the host thread is, so containment is
 //! deterministic and a healthy policy never "times out" because the machine was loaded.
@@ -16,10 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use wasmtime::component::Component;
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{Policy, PolicyPre};
+use super::bindings::{Policy, PolicyPre, wasi};
+use super::guest_output::GuestOutput;
 
 /// Fuel per millisecond of `timeout`: measured here, 10^6 units of fuel take a tight wasm
 /// loop 0.2-1.5 ms, so a budget never allows much more than the configured time.
@@ -34,6 +40,71 @@ pub const LOG_BYTES_PER_CALL: usize = 8 * 1024;
 const LOG_LINE_MAX: usize = 512;
 /// Table elements an instance may hold (`table.grow` allocates host memory).
 pub const TABLE_ELEMENTS: usize = 10_000;
+/// WASI resources (streams, pollables) an instance may hold at once: each is host memory,
+/// and a guest that never drops them would otherwise grow it call after call.
+pub const WASI_RESOURCES: usize = 1_024;
+
+/// The WASI interfaces a policy may import (any 0.2 version), and what each grants.
+pub const WASI_GRANTS: &[(&str, &str)] = &[
+    (
+        "wasi:cli/environment",
+        "nothing: no variables, no arguments, no working directory",
+    ),
+    ("wasi:cli/exit", "exiting faults the call"),
+    ("wasi:cli/stdin", "empty"),
+    (
+        "wasi:cli/stdout",
+        "to the host log at debug level (lines cut, rate-limited)",
+    ),
+    (
+        "wasi:cli/stderr",
+        "to the host log at debug level (lines cut, rate-limited)",
+    ),
+    ("wasi:cli/terminal-input", "not a terminal"),
+    ("wasi:cli/terminal-output", "not a terminal"),
+    ("wasi:cli/terminal-stdin", "not a terminal"),
+    ("wasi:cli/terminal-stdout", "not a terminal"),
+    ("wasi:cli/terminal-stderr", "not a terminal"),
+    ("wasi:clocks/wall-clock", "read"),
+    (
+        "wasi:clocks/monotonic-clock",
+        "read; waiting on it faults the call",
+    ),
+    (
+        "wasi:filesystem/types",
+        "nothing: no directory to open a file from",
+    ),
+    ("wasi:filesystem/preopens", "none"),
+    ("wasi:io/error", "yes"),
+    (
+        "wasi:io/poll",
+        "what is ready at once; waiting faults the call",
+    ),
+    ("wasi:io/streams", "the streams above"),
+    ("wasi:random/random", "yes"),
+    ("wasi:random/insecure", "yes"),
+    ("wasi:random/insecure-seed", "yes"),
+    ("wasi:sockets/network", "no network"),
+    ("wasi:sockets/instance-network", "no network"),
+    ("wasi:sockets/tcp", "refused"),
+    ("wasi:sockets/tcp-create-socket", "refused"),
+    ("wasi:sockets/udp", "refused"),
+    ("wasi:sockets/udp-create-socket", "refused"),
+    ("wasi:sockets/ip-name-lookup", "refused"),
+];
+
+/// What a policy is granted of the WASI interface `import` (`wasi:cli/stdout@0.2.3`);
+/// None: it may not import it.
+pub fn wasi_grant(import: &str) -> Option<&'static str> {
+    let (interface, version) = import.split_once('@').unwrap_or((import, ""));
+    if !(version.is_empty() || version.starts_with("0.2.")) {
+        return None;
+    }
+    WASI_GRANTS
+        .iter()
+        .find(|(name, _)| *name == interface)
+        .map(|(_, grant)| *grant)
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -66,7 +137,9 @@ pub enum LoadError {
     Componentize(anyhow::Error),
     #[error("does not compile: {0:#}")]
     Compile(wasmtime::Error),
-    #[error("imports {0}, which policies do not get (no WASI: build for wasm32-unknown-unknown)")]
+    #[error(
+        "imports {0}, which policies do not get: a policy may import edgeproxy:policy and WASI 0.2's cli, clocks, filesystem, io, random and sockets interfaces (granted nothing; `edgeproxy policy check` lists what each gets)"
+    )]
     ForbiddenImport(String),
     #[error("does not implement the edgeproxy:policy world: {0:#}")]
     WrongWorld(wasmtime::Error),
@@ -80,6 +153,35 @@ pub struct GuestState {
     limits: StoreLimits,
     /// `host.log` bytes in the current call.
     logged: usize,
+    /// Built whether or not the policy imports WASI: an empty context is a few
+    /// allocations per instance, and instances live long.
+    wasi: WasiCtx,
+    resources: ResourceTable,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.resources,
+        }
+    }
+}
+
+/// The WASI context of a policy: nothing granted but random, the clocks, and output
+/// to the log. (The builder's defaults already deny files, environment, arguments,
+/// sockets and name lookups; they are spelled out so a change of default cannot widen
+/// them.)
+fn deny_all_wasi(policy_name: &Arc<str>) -> WasiCtx {
+    let output = GuestOutput::new(policy_name);
+    WasiCtx::builder()
+        .stdout(output.stream("stdout"))
+        .stderr(output.stream("stderr"))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .socket_addr_check(|_, _| Box::pin(async { false }))
+        .build()
 }
 
 // The types interface has no functions; the trait only marks that it is provided.
@@ -134,6 +236,8 @@ impl Runtime {
             })?;
         let mut linker = Linker::new(&engine);
         Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+        // Only components that import WASI get these (and with them async calls).
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
 
         Ok(Self {
             engine,
@@ -174,41 +278,56 @@ impl Runtime {
     }
 
     /// A compiled component -> pre-linked against the policy world, refusing any import
-    /// beyond it (WASI above all).
-    pub fn link(&self, component: &Component) -> Result<PolicyPre<GuestState>, LoadError> {
+    /// beyond it and the WASI in `WASI_GRANTS`.
+    pub fn link(&self, component: &Component) -> Result<Linked, LoadError> {
         let ty = component.component_type();
-        if let Some((name, _)) = ty
-            .imports(&self.engine)
-            .find(|(name, _)| !name.starts_with("edgeproxy:policy/"))
-        {
-            return Err(LoadError::ForbiddenImport(name.to_owned()));
+        let mut wasi = false;
+        for (name, _) in ty.imports(&self.engine) {
+            if name.starts_with("edgeproxy:policy/") {
+                continue;
+            }
+            if wasi_grant(name).is_none() {
+                return Err(LoadError::ForbiddenImport(name.to_owned()));
+            }
+            wasi = true;
         }
         let pre = self
             .linker
             .instantiate_pre(component)
             .map_err(LoadError::WrongWorld)?;
-        PolicyPre::new(pre).map_err(LoadError::WrongWorld)
+        match wasi {
+            false => PolicyPre::new(pre).map(Linked::Plain),
+            true => wasi::PolicyPre::new(pre).map(Linked::Wasi),
+        }
+        .map_err(LoadError::WrongWorld)
     }
 
     /// A fresh sandboxed instance.
     pub fn instantiate(
         &self,
-        pre: &PolicyPre<GuestState>,
+        pre: &Linked,
         policy_name: &Arc<str>,
-    ) -> wasmtime::Result<(Store<GuestState>, Policy)> {
+    ) -> wasmtime::Result<(Store<GuestState>, Guest)> {
+        let mut resources = ResourceTable::new();
+        resources.set_max_capacity(WASI_RESOURCES);
         let mut store = Store::new(
             &self.engine,
             GuestState {
                 policy_name: Arc::clone(policy_name),
                 limits: store_limits(self.limits.memory_bytes),
                 logged: 0,
+                wasi: deny_all_wasi(policy_name),
+                resources,
             },
         );
         store.limiter(|s| &mut s.limits);
         // Instantiation runs the guest's start-up code, which needs fuel too.
         self.arm(&mut store, 1);
-        let policy = pre.instantiate(&mut store)?;
-        Ok((store, policy))
+        let guest = match pre {
+            Linked::Plain(pre) => Guest::Plain(pre.instantiate(&mut store)?),
+            Linked::Wasi(pre) => Guest::Wasi(at_once(pre.instantiate_async(&mut store))?),
+        };
+        Ok((store, guest))
     }
 
     /// Arms the time bound for the next call on `store`: `scale` budgets (set-table does
@@ -224,6 +343,63 @@ impl Runtime {
         store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(2));
         store.data_mut().logged = 0;
     }
+}
+
+/// A component linked against the policy world, with or without WASI.
+pub enum Linked {
+    Plain(PolicyPre<GuestState>),
+    Wasi(wasi::PolicyPre<GuestState>),
+}
+
+/// An instance of either kind, called alike.
+pub enum Guest {
+    Plain(Policy),
+    Wasi(wasi::Policy),
+}
+
+impl Guest {
+    pub fn set_table(
+        &self,
+        store: &mut Store<GuestState>,
+        table: &super::bindings::edgeproxy::policy::types::RoutingTable,
+    ) -> wasmtime::Result<()> {
+        match self {
+            Guest::Plain(p) => p.call_set_table(store, table),
+            Guest::Wasi(p) => at_once(p.call_set_table(store, table)),
+        }
+    }
+
+    pub fn pick_backend(
+        &self,
+        store: &mut Store<GuestState>,
+        app: Option<u32>,
+        client: super::bindings::edgeproxy::policy::types::Client,
+        candidates: &[u32],
+    ) -> wasmtime::Result<Option<u32>> {
+        match self {
+            Guest::Plain(p) => p.call_pick_backend(store, app, client, candidates),
+            Guest::Wasi(p) => at_once(p.call_pick_backend(store, app, client, candidates)),
+        }
+    }
+}
+
+/// Runs an async call (on its fiber) to the end at once, without an executor. Nothing a
+/// policy is granted has to wait, so one poll finishes a call; a call still pending
+/// waits on a clock or a stream, and is a fault (dropping it unwinds the guest).
+fn at_once<T>(call: impl Future<Output = wasmtime::Result<T>>) -> wasmtime::Result<T> {
+    let mut call = std::pin::pin!(call);
+    // wasmtime-wasi reaches for a tokio runtime (for timers); `policy check` has none.
+    wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| {
+        match call
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => Err(wasmtime::format_err!(
+                "waited (on a clock or a stream); a policy must not block"
+            )),
+        }
+    })
 }
 
 /// The bounds of one instance: memory, table elements, and few instances and tables.
@@ -274,24 +450,47 @@ static POLICY_WIT: &str = include_str!("../../../../../wit/policy.wit");
 /// wit-bindgen carries the WIT world in a `component-type` custom section; one without
 /// (C, Zig or anything else that exports the canonical-ABI functions by hand) is given
 /// the policy world first, so any language that makes a core module can write policies.
+/// A module that imports WASI preview 1 (`cargo build --target wasm32-wasip1`) gets the
+/// reactor adapter `cargo component` links, which turns those imports into WASI 0.2.
 pub fn componentize(module: &[u8]) -> Result<Vec<u8>, LoadError> {
+    use wasi_preview1_component_adapter_provider as p1;
     let mut module = module.to_vec();
-    if !has_component_type(&module) {
+    let (typed, preview1) = outline(&module);
+    if !typed {
         embed_policy_world(&mut module).map_err(LoadError::Componentize)?;
     }
-    wit_component::ComponentEncoder::default()
+    let mut encoder = wit_component::ComponentEncoder::default()
         .module(&module)
-        .and_then(|e| e.validate(true).encode())
-        .map_err(LoadError::Componentize)
+        .map_err(LoadError::Componentize)?
+        .validate(true);
+    if preview1 {
+        encoder = encoder
+            .adapter(
+                p1::WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME,
+                p1::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER,
+            )
+            .map_err(LoadError::Componentize)?;
+    }
+    encoder.encode().map_err(LoadError::Componentize)
 }
 
-fn has_component_type(module: &[u8]) -> bool {
-    wasmparser::Parser::new(0)
-        .parse_all(module)
-        .any(|p| match p {
-            Ok(wasmparser::Payload::CustomSection(s)) => s.name().starts_with("component-type"),
-            _ => false,
-        })
+/// Whether a core module carries its WIT world, and whether it imports WASI preview 1.
+fn outline(module: &[u8]) -> (bool, bool) {
+    let (mut typed, mut preview1) = (false, false);
+    for payload in wasmparser::Parser::new(0).parse_all(module).flatten() {
+        match payload {
+            wasmparser::Payload::CustomSection(s) => {
+                typed |= s.name().starts_with("component-type");
+            }
+            wasmparser::Payload::ImportSection(imports) => {
+                preview1 |= imports.into_imports().flatten().any(|i| {
+                    i.module == wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME
+                });
+            }
+            _ => {}
+        }
+    }
+    (typed, preview1)
 }
 
 fn embed_policy_world(module: &mut Vec<u8>) -> anyhow::Result<()> {
@@ -321,6 +520,29 @@ mod tests {
         0xd0, 0x70, 0x20, 0x00, 0xfc, 0x0f, 0x00,
         0x0b, // ref.null func; local.get 0; table.grow 0
     ];
+
+    /// Outgoing HTTP, key-value, WASI 0.3: refused at load, by name.
+    #[test]
+    fn imports_beyond_the_granted_wasi_are_refused_by_name() {
+        let runtime = Runtime::new(Limits::default()).unwrap();
+        for import in [
+            "wasi:http/outgoing-handler@0.2.0",
+            "wasi:keyvalue/store@0.2.0-draft",
+            "wasi:cli/stdout@0.3.0",
+            "acme:spy/exfiltrate",
+        ] {
+            let text = format!(r#"(component (import "{import}" (instance (export "f" (func)))))"#);
+            let component = runtime.compile(&wat::parse_str(&text).unwrap()).unwrap();
+            let err = runtime.link(&component).err().expect("refused").to_string();
+            assert!(err.contains(import), "{err}");
+            assert!(err.contains("WASI 0.2's cli, clocks"), "{err}");
+        }
+        assert_eq!(wasi_grant("wasi:cli/stdout@0.2.6"), WASI_GRANTS[3].1.into());
+        assert_eq!(
+            wasi_grant("wasi:filesystem/types@0.2.0"),
+            Some("nothing: no directory to open a file from")
+        );
+    }
 
     #[test]
     fn table_growth_is_bounded() {
