@@ -4,7 +4,8 @@
 //! [`Host::run`] serves already-bound listeners until a shutdown token fires, then drains.
 //! Tests drive it exactly like `main` does, with listeners bound to `127.0.0.1:0`.
 
-#![forbid(unsafe_code)]
+// One exception, allowed where it is: loading a compiled policy from the compile cache.
+#![deny(unsafe_code)]
 
 pub mod adapters;
 pub mod application;
@@ -576,6 +577,11 @@ pub fn policy_limits(config: &Config) -> Limits {
     }
 }
 
+/// The engine policies run on, with the configured bounds and compile cache.
+pub fn policy_runtime(config: &Config) -> anyhow::Result<Runtime> {
+    Ok(Runtime::new(policy_limits(config))?.with_cache(config.policy.cache_dir.as_deref()))
+}
+
 /// A policy compiled and self-tested on a blocking thread: the file at `path` (watched
 /// and reloaded from there), or the embedded default when None. With `runtime`, compiled
 /// by that engine (a shadow shares the live policy's, so it can be promoted).
@@ -584,12 +590,12 @@ async fn load_wasm(
     path: Option<std::path::PathBuf>,
     runtime: Option<Arc<Runtime>>,
 ) -> anyhow::Result<Arc<WasmPolicy>> {
-    let limits = policy_limits(config);
     let client_regions = config.regions.client_regions();
+    let config = config.clone();
     let policy = tokio::task::spawn_blocking(move || -> anyhow::Result<WasmPolicy> {
         let runtime = match runtime {
             Some(r) => r,
-            None => Arc::new(Runtime::new(limits)?),
+            None => Arc::new(policy_runtime(&config)?),
         };
         let loaded = wasm::load_configured(&runtime, path.as_deref())?;
         tracing::info!(policy = %loaded.name, hash = %loaded.hash, "policy loaded");

@@ -15,7 +15,7 @@ use edgeproxy::adapters::inbound::{
 };
 use edgeproxy::config::{Config, Flags, Layer, LogFormat, PolicySource, Scope};
 use edgeproxy::domain::Region;
-use edgeproxy::{Host, demo, policy_limits};
+use edgeproxy::{Host, demo, policy_limits, policy_runtime};
 
 #[derive(Parser)]
 #[command(
@@ -331,7 +331,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Policy(PolicyCommand::Check { file, app, json })) => {
-            let report = policy_check::check(&file, policy_limits(&tools()?), &app)?;
+            let report = policy_check::check(&file, policy_runtime(&tools()?)?, &app)?;
             emit(json, &report, || policy_check::render_check(&report))?;
             match report.rejected {
                 None => Ok(()),
@@ -391,7 +391,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         })) => {
             let config = tools()?;
             if !no_check {
-                let report = policy_check::check(&file, policy_limits(&config), "web")?;
+                let report = policy_check::check(&file, policy_runtime(&config)?, "web")?;
                 if let Some(why) = &report.rejected {
                     anyhow::bail!(
                         "{} fails `policy check` ({why}); not deployed (--no-check sends it anyway):\n{}",

@@ -141,6 +141,8 @@ pub struct PolicyConfig {
     pub memory_bytes: usize,
     /// Largest component a fleet deployment may carry.
     pub max_bytes: u64,
+    /// Where compiled components are kept; None: compiled at every load.
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +179,7 @@ const TOOL_KEYS: &[&str] = &[
     "policy_timeout_ms",
     "policy_memory_mib",
     "policy_max_mib",
+    "policy_cache_dir",
     "log_format",
     "debug",
 ];
@@ -273,6 +276,7 @@ impl Config {
             // Checked: at most 4096 MiB.
             memory_bytes: (s.policy_memory_mib as usize) << 20,
             max_bytes: s.policy_max_mib << 20,
+            cache_dir: s.policy_cache_dir.clone(),
         };
         let admin = match admin_config(&s) {
             Ok(a) => a,

@@ -87,6 +87,10 @@ crate::settings! {
     policy_memory_mib: u64 = 16, env "EDGEPROXY_POLICY_MEMORY_MIB", check |v| positive(v).and(at_most(v, 4096));
     /// largest policy component a fleet deployment may carry (`policy deploy`), at most 1024
     policy_max_mib: u64 = 64, env "EDGEPROXY_POLICY_MAX_MIB", check |v| positive(v).and(at_most(v, 1024));
+    /// compiled policies are kept here, so a restart or a reload of a known component does
+    /// not compile it again (created private to the user edgeproxy runs as; one open to
+    /// others is not used); empty turns it off
+    policy_cache_dir: Option<PathBuf> = Some(PathBuf::from(".edgeproxy-cache")), env "EDGEPROXY_POLICY_CACHE_DIR";
     /// runtime threads, each accepting on its own `SO_REUSEPORT` socket; `0`: one per core;
     /// `1` runs a single-threaded runtime
     worker_threads: usize = 0, env "EDGEPROXY_WORKER_THREADS", check |v| at_most(v, 1024);

@@ -171,3 +171,106 @@ async fn weighted_canary_sends_its_share_of_new_clients_to_canaries() {
     }
     p.stop().await;
 }
+
+/// An example built by its own build script into `target/test-fixtures/NAME.wasm`.
+fn scripted_component(program: &str, script: &str, name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = root.join(format!("target/test-fixtures/{name}.wasm"));
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let started = tokio::time::Instant::now();
+    let output = std::process::Command::new(program)
+        .arg(root.join(script))
+        .arg(&out)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program} {script}: {e}"));
+    assert!(
+        output.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{name}: built in {:?}", started.elapsed());
+    out
+}
+
+/// Runs the example's own unit tests (`program args` in its directory).
+fn native_tests(dir: &str, program: &str, args: &[&str]) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = std::process::Command::new(program)
+        .args(args)
+        .current_dir(root.join(dir))
+        .output()
+        .unwrap_or_else(|e| panic!("running {program} in {dir}: {e}"));
+    assert!(
+        output.status.success(),
+        "{dir}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// One client from each test country, against one backend per region: the policy at
+/// `policy` must route each as the default policy does, without a fault.
+async fn routes_like_the_default(policy: PathBuf) {
+    let backends = [
+        Backend::start("br").await,
+        Backend::start("de").await,
+        Backend::start("jp").await,
+        Backend::start("us").await,
+    ];
+    let db = Db::new(&[
+        Row::new("br", "sa", "BR", backends[0].addr),
+        Row::new("de", "eu", "DE", backends[1].addr),
+        Row::new("jp", "ap", "JP", backends[2].addr),
+        Row::new("us", "us", "US", backends[3].addr),
+    ]);
+    let p = proxy_with(&db, &policy, "binding_ttl_secs = 0").await;
+    let default = Proxy::start(&db, "binding_ttl_secs = 0").await;
+    let mut served = Vec::new();
+    // BR, CL (region sa), KE (no region listed: us), JP, DE.
+    for source in [
+        "127.0.0.2",
+        "127.0.0.3",
+        "127.0.0.4",
+        "127.0.0.5",
+        "127.0.0.6",
+    ] {
+        let theirs = served_by(source, p.addr).await;
+        assert_eq!(theirs, served_by(source, default.addr).await, "{source}");
+        served.push(theirs);
+    }
+    assert_eq!(served, ["br", "br", "us", "jp", "de"]);
+    let status = p.host.admin.status();
+    assert_eq!(status.policy.decisions, 5);
+    assert_eq!(
+        status.policy.faults.traps
+            + status.policy.faults.bad_answers
+            + status.policy.faults.timeouts,
+        0
+    );
+    default.stop().await;
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geo_load_in_python_routes_like_the_default() {
+    let dir = "examples/policies/geo-load-python";
+    native_tests(dir, "python3", &["test_app.py"]);
+    let component = tokio::task::spawn_blocking(move || {
+        scripted_component("sh", &format!("{dir}/build.sh"), "geo-load-python")
+    })
+    .await
+    .unwrap();
+    routes_like_the_default(component).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geo_load_in_javascript_routes_like_the_default() {
+    let dir = "examples/policies/geo-load-js";
+    native_tests(dir, "node", &["--test"]);
+    let component = tokio::task::spawn_blocking(move || {
+        scripted_component("node", &format!("{dir}/build.mjs"), "geo-load-js")
+    })
+    .await
+    .unwrap();
+    routes_like_the_default(component).await;
+}

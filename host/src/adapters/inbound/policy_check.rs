@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use std::fmt::Write as _;
 
-use crate::adapters::outbound::wasm_policy::runtime::{Limits, Runtime, describe_kind, wasi_grant};
+use crate::adapters::outbound::wasm_policy::runtime::{Runtime, describe_kind, wasi_grant};
 use crate::adapters::outbound::wasm_policy::{LoadedPolicy, WasmPolicy};
 use crate::domain::ports::PickRequest;
 use crate::domain::sample;
@@ -48,9 +48,9 @@ pub struct CheckedDecision {
 
 /// Loads `file` as the proxy would and runs a few decisions on a synthetic table whose
 /// backends belong to `app` (what a listener for that app would pass).
-pub fn check(file: &Path, limits: Limits, app: &str) -> anyhow::Result<CheckReport> {
+pub fn check(file: &Path, runtime: Runtime, app: &str) -> anyhow::Result<CheckReport> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let runtime = Arc::new(Runtime::new(limits)?);
+    let runtime = Arc::new(runtime);
     let mut report = CheckReport {
         file: file.display().to_string(),
         bytes: bytes.len(),

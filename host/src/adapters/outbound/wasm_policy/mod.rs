@@ -11,6 +11,7 @@
 
 mod bindings;
 pub mod breaker;
+pub mod compile_cache;
 mod guest_output;
 mod loaded;
 pub mod reload;

@@ -212,6 +212,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<GuestState>,
     limits: Limits,
+    cache: Option<super::compile_cache::CompileCache>,
 }
 
 impl Runtime {
@@ -243,11 +244,27 @@ impl Runtime {
             engine,
             linker,
             limits,
+            cache: None,
         })
+    }
+
+    /// Keeps compiled components in `dir` (see `compile_cache`); a directory that cannot
+    /// be used safely is logged and compiling goes on without it.
+    pub fn with_cache(mut self, dir: Option<&std::path::Path>) -> Self {
+        self.cache = dir.and_then(|d| {
+            super::compile_cache::CompileCache::open(d, &self.engine)
+                .inspect_err(|e| tracing::warn!("{e}; policies are compiled at every load"))
+                .ok()
+        });
+        self
     }
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// The imports and exports of a compiled component, for `edgeproxy policy check`.
@@ -260,9 +277,22 @@ impl Runtime {
         }
     }
 
-    /// Bytes (a component, or a core module, wrapped here) -> a compiled component.
-    /// Compiles: call it on a blocking thread.
+    /// Bytes (a component, or a core module, wrapped here) -> a compiled component, from
+    /// the compile cache when it has it. Compiles: call it on a blocking thread.
     pub fn compile(&self, bytes: &[u8]) -> Result<Component, LoadError> {
+        match &self.cache {
+            Some(cache) => {
+                let started = tokio::time::Instant::now();
+                let (component, how) =
+                    cache.get_or_compile(&self.engine, bytes, || self.compile_uncached(bytes))?;
+                tracing::debug!(?how, took = ?started.elapsed(), bytes = bytes.len(), "policy component ready");
+                Ok(component)
+            }
+            None => self.compile_uncached(bytes),
+        }
+    }
+
+    pub fn compile_uncached(&self, bytes: &[u8]) -> Result<Component, LoadError> {
         let component_bytes = match wasm_kind(bytes) {
             Some(WasmKind::Component) => std::borrow::Cow::Borrowed(bytes),
             Some(WasmKind::Module) => std::borrow::Cow::Owned(componentize(bytes)?),
@@ -321,8 +351,11 @@ impl Runtime {
             },
         );
         store.limiter(|s| &mut s.limits);
-        // Instantiation runs the guest's start-up code, which needs fuel too.
-        self.arm(&mut store, 1);
+        // Instantiation runs the guest's start-up code, which needs fuel too, and the
+        // host's copy of its memory image counts against the wall-clock backstop: an
+        // interpreter's (componentize-py, ComponentizeJS) is megabytes. It gets what
+        // set-table gets.
+        self.arm(&mut store, super::SET_TABLE_BUDGETS);
         let guest = match pre {
             Linked::Plain(pre) => Guest::Plain(pre.instantiate(&mut store)?),
             Linked::Wasi(pre) => Guest::Wasi(at_once(pre.instantiate_async(&mut store))?),
@@ -403,14 +436,16 @@ fn at_once<T>(call: impl Future<Output = wasmtime::Result<T>>) -> wasmtime::Resu
 }
 
 /// The bounds of one instance: memory, table elements, and few instances and tables.
+/// (A componentize-py or ComponentizeJS component is several core modules, an
+/// interpreter and adapters, each with its own memory: `memory_bytes` bounds each.)
 fn store_limits(memory_bytes: usize) -> StoreLimits {
     StoreLimitsBuilder::new()
         .memory_size(memory_bytes)
         .table_elements(TABLE_ELEMENTS)
         .trap_on_grow_failure(true)
-        .instances(4)
-        .tables(4)
-        .memories(1)
+        .instances(32)
+        .tables(16)
+        .memories(4)
         .build()
 }
 
