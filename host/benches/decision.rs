@@ -1,5 +1,7 @@
 //! The decision path, side by side in one run: native scorer vs the default wasm policy
-//! at 4, 32 and 256 backends, plus a binding hit and a GeoIP lookup.
+//! at 4, 32 and 256 backends, plus a binding hit and a GeoIP lookup. Policies from other
+//! toolchains join with `EDGEPROXY_BENCH_POLICIES=name=file.wasm,...` (the table in
+//! docs/POLICY-AUTHORS.md: the Python and JavaScript examples, built by their scripts).
 //!
 //!     cargo bench -p edgeproxy --bench decision
 
@@ -54,6 +56,17 @@ fn decisions(c: &mut Criterion) {
     let runtime = Arc::new(Runtime::new(Limits::default()).unwrap());
     let loaded = LoadedPolicy::load(&runtime, "geo-load", DEFAULT_POLICY).unwrap();
     let regions = RegionMap::default();
+    let others: Vec<(String, WasmPolicy)> = std::env::var("EDGEPROXY_BENCH_POLICIES")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|spec| spec.split_once('='))
+        .map(|(name, path)| {
+            let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            let loaded = LoadedPolicy::load(&runtime, name, &bytes).unwrap();
+            let policy = WasmPolicy::new(Arc::clone(&runtime), regions.client_regions(), loaded);
+            (name.to_owned(), policy)
+        })
+        .collect();
     let wasm = WasmPolicy::new(runtime, regions.client_regions(), loaded);
     let client = Client {
         ip: "190.98.248.1".parse().unwrap(),
@@ -79,9 +92,17 @@ fn decisions(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("wasm", n), &n, |b, _| {
             b.iter(|| wasm.pick(black_box(&req), black_box(cands)))
         });
+        for (name, policy) in &others {
+            group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+                b.iter(|| policy.pick(black_box(&req), black_box(cands)))
+            });
+        }
     }
     group.finish();
     assert_eq!(wasm.faults.total(), 0);
+    for (name, policy) in &others {
+        assert_eq!(policy.faults.total(), 0, "{name} faulted");
+    }
 }
 
 fn lookups(c: &mut Criterion) {
