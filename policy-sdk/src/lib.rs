@@ -37,7 +37,7 @@ pub mod testing;
 pub mod bindings {
     wit_bindgen::generate!({
         world: "policy",
-        path: "../wit",
+        path: "wit",
         pub_export_macro: true,
         export_macro_name: "__export_policy_world",
         default_bindings_module: "::policy_sdk::bindings",
