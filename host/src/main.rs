@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use edgeproxy::adapters::inbound::cli_output::emit;
 use edgeproxy::adapters::inbound::{
-    cluster_cli, config_cli, policy_build, policy_check, policy_replay, policy_simulate,
-    routing_cli, shadow_cli, tcp_server,
+    cluster_cli, config_cli, policy_build, policy_check, policy_new, policy_replay,
+    policy_simulate, routing_cli, shadow_cli, tcp_server,
 };
 use edgeproxy::config::{Config, Flags, Layer, LogFormat, PolicySource, Scope};
 use edgeproxy::domain::Region;
@@ -103,6 +103,16 @@ enum PolicyCommand {
         /// Where to write the component (default: DIR/<crate>.wasm).
         #[arg(long, short)]
         out: Option<PathBuf>,
+    },
+    /// Start a policy project in DIR that builds, passes its own tests and `policy check`
+    /// as generated.
+    New {
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: policy_new::Lang,
+        /// Depend on the policy-sdk checkout at this path instead of crates.io (Rust).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
     },
     /// Load a component as the proxy would, run sample decisions, print its imports and a
     /// verdict; exits non-zero when the proxy would reject it.
@@ -328,6 +338,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Policy(PolicyCommand::Build { dir, out })) => {
             let out = policy_build::build(&dir, out.as_deref(), None)?;
             println!("{}", out.display());
+            Ok(())
+        }
+        Some(Command::Policy(PolicyCommand::New { dir, lang, sdk })) => {
+            for file in policy_new::scaffold(&dir, lang, sdk.as_deref())? {
+                println!("{}", file.display());
+            }
             Ok(())
         }
         Some(Command::Policy(PolicyCommand::Check { file, app, json })) => {

@@ -15,6 +15,7 @@ pub mod file_watch;
 pub mod http;
 pub mod policy_build;
 pub mod policy_check;
+pub mod policy_new;
 pub mod policy_replay;
 pub mod policy_simulate;
 pub mod prometheus;
