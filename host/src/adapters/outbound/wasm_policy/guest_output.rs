@@ -81,13 +81,34 @@ struct LineWriter {
 }
 
 impl LineWriter {
-    fn emit(&mut self) {
-        if let Some(suppressed) = self.throttle.allow() {
-            let line = String::from_utf8_lossy(&self.line);
-            tracing::debug!(policy = %self.policy, stream = self.name, suppressed, cut = self.cut, "{line}");
+    /// Takes `bytes` in; returns the lines they complete (text, and whether it was cut).
+    fn lines(&mut self, bytes: &[u8]) -> Vec<(String, bool)> {
+        let mut done = Vec::new();
+        for part in bytes.split_inclusive(|b| *b == b'\n') {
+            let (text, ends) = match part.strip_suffix(b"\n") {
+                Some(text) => (text, true),
+                None => (part, false),
+            };
+            let room = LINE_MAX - self.line.len();
+            self.cut |= text.len() > room;
+            self.line.extend_from_slice(&text[..text.len().min(room)]);
+            if ends {
+                done.push(self.finish());
+            }
         }
+        done
+    }
+
+    fn finish(&mut self) -> (String, bool) {
+        let line = String::from_utf8_lossy(&self.line).into_owned();
         self.line.clear();
-        self.cut = false;
+        (line, std::mem::take(&mut self.cut))
+    }
+
+    fn emit(&self, (line, cut): (String, bool)) {
+        if let Some(suppressed) = self.throttle.allow() {
+            tracing::debug!(policy = %self.policy, stream = self.name, suppressed, cut, "{line}");
+        }
     }
 }
 
@@ -99,17 +120,8 @@ impl Pollable for LineWriter {
 
 impl OutputStream for LineWriter {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        for part in bytes.split_inclusive(|b| *b == b'\n') {
-            let (text, ends) = match part.strip_suffix(b"\n") {
-                Some(text) => (text, true),
-                None => (part, false),
-            };
-            let room = LINE_MAX - self.line.len();
-            self.cut |= text.len() > room;
-            self.line.extend_from_slice(&text[..text.len().min(room)]);
-            if ends {
-                self.emit();
-            }
+        for line in self.lines(&bytes) {
+            self.emit(line);
         }
         Ok(())
     }
@@ -126,7 +138,36 @@ impl OutputStream for LineWriter {
 impl Drop for LineWriter {
     fn drop(&mut self) {
         if !self.line.is_empty() {
-            self.emit();
+            let line = self.finish();
+            self.emit(line);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_split_joined_across_writes_and_cut() {
+        let name: Arc<str> = Arc::from("p");
+        let mut w = LineWriter {
+            policy: Arc::clone(&name),
+            name: "stdout",
+            throttle: Arc::new(LogThrottle::new(PERIOD)),
+            line: Vec::new(),
+            cut: false,
+        };
+        assert_eq!(w.lines(b"one\ntw"), [("one".to_owned(), false)]);
+        assert_eq!(
+            w.lines(b"o\n\n"),
+            [("two".to_owned(), false), (String::new(), false)]
+        );
+        let long = vec![b'x'; LINE_MAX * 3];
+        assert!(w.lines(&long).is_empty());
+        let done = w.lines(b"tail\nnext\n");
+        assert_eq!(done[0], ("x".repeat(LINE_MAX), true));
+        assert_eq!(done[1], ("next".to_owned(), false));
+        assert!(w.line.is_empty());
     }
 }
