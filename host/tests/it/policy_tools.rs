@@ -273,3 +273,22 @@ fn new_policy_projects_in_every_language_test_build_and_pass_their_check() {
     );
     assert!(!ok && err.contains("not empty"), "{err}");
 }
+
+/// The embedded default policy is exactly what its sources build to (`policy build` makes
+/// the same bytes on any machine); a stale committed component fails here.
+#[test]
+fn the_committed_default_policy_is_what_its_sources_build_to() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = tempfile::tempdir().unwrap();
+    let built = edgeproxy::adapters::inbound::policy_build::build(
+        &root.join("policies/geo-load"),
+        Some(&out.path().join("geo-load.wasm")),
+        Some(&root.join("target/test-fixtures/cargo")),
+    )
+    .unwrap();
+    assert!(
+        std::fs::read(built).unwrap()
+            == std::fs::read(root.join("policies/geo-load/geo-load.wasm")).unwrap(),
+        "policies/geo-load/geo-load.wasm is stale: run 'cargo run -p edgeproxy -- policy build policies/geo-load' and commit it"
+    );
+}
