@@ -337,6 +337,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Policy(PolicyCommand::Build { dir, out })) => {
             let out = policy_build::build(&dir, out.as_deref(), None)?;
+            // Compiled into this machine's cache too, so a proxy here starts on it warm.
+            match tools().and_then(|c| policy_runtime(&c)) {
+                Ok(runtime) => {
+                    if let Err(e) = std::fs::read(&out)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|bytes| Ok(runtime.compile(&bytes)?))
+                    {
+                        eprintln!("edgeproxy: not precompiled: {e:#}");
+                    }
+                }
+                Err(e) => eprintln!("edgeproxy: not precompiled: {e:#}"),
+            }
             println!("{}", out.display());
             Ok(())
         }
