@@ -18,7 +18,7 @@ use edgeproxy::domain::ports::{
     BindingKey, BindingRepository, GeoResolver, PickRequest, ScoringPolicy,
 };
 use edgeproxy::domain::services::{NativeScorer, RegionMap};
-use edgeproxy::domain::{Backend, BackendId, BackendStats, Client, Region, RoutingTable};
+use edgeproxy::domain::{Backend, BackendId, BackendStats, Region, RoutingTable};
 
 const REGIONS: [(&str, &str); 4] = [("sa", "BR"), ("us", "US"), ("eu", "DE"), ("ap", "JP")];
 
@@ -77,12 +77,7 @@ fn decisions(c: &mut Criterion) {
         })
         .collect();
     let wasm = WasmPolicy::new(runtime, regions.client_regions(), loaded);
-    let client = Client {
-        ip: "190.98.248.1".parse().unwrap(),
-        country: Some("CL".parse().unwrap()),
-        region: Some(Region::new("sa")),
-        via_proxy_protocol: false,
-    };
+    let client = edgeproxy::domain::sample::client("190.98.248.1", Some("CL"), Some("sa"));
     let pop = Region::new("eu");
     let mut group = c.benchmark_group("decision");
     for n in [4, 32, 256] {

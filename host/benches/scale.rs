@@ -26,7 +26,7 @@ use edgeproxy::application::routing::Routing;
 use edgeproxy::domain::live_stats::LiveStats;
 use edgeproxy::domain::ports::{BackendRepository, PickRequest, ScoringPolicy};
 use edgeproxy::domain::services::{NativeScorer, RegionMap};
-use edgeproxy::domain::{BackendStats, Client, Region, RoutingTable};
+use edgeproxy::domain::{BackendStats, Region, RoutingTable};
 use tokio::time::Instant;
 
 /// Live heap bytes, for what a snapshot holds.
@@ -124,12 +124,7 @@ fn main() {
         .unwrap();
     let runtime = Arc::new(Runtime::new(Limits::default()).unwrap());
     let regions = RegionMap::default();
-    let client = Client {
-        ip: "190.98.248.1".parse().unwrap(),
-        country: Some("CL".parse().unwrap()),
-        region: Some(Region::new("sa")),
-        via_proxy_protocol: false,
-    };
+    let client = edgeproxy::domain::sample::client("190.98.248.1", Some("CL"), Some("sa"));
     let pop = Region::new("eu");
     let dir = tempfile::tempdir().unwrap();
     let mut csv = String::from("rows,reload_ms,snapshot_bytes,wit_bytes,set_table_us\n");
