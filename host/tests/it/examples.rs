@@ -251,12 +251,18 @@ async fn routes_like_the_default(policy: PathBuf) {
     p.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn geo_load_in_python_routes_like_the_default() {
-    let dir = "examples/policies/geo-load-python";
-    native_tests(dir, "python3", &["test_app.py"]);
+/// The example `name` in another language: its own unit tests (`tests`), its build
+/// script run by `builder`, then the live comparison with the default policy.
+async fn language_example(
+    name: &'static str,
+    tests: &[&str],
+    builder: &'static str,
+    script: &'static str,
+) {
+    let dir = format!("examples/policies/{name}");
+    native_tests(&dir, tests[0], &tests[1..]);
     let component = tokio::task::spawn_blocking(move || {
-        scripted_component("sh", &format!("{dir}/build.sh"), "geo-load-python")
+        scripted_component(builder, &format!("{dir}/{script}"), name)
     })
     .await
     .unwrap();
@@ -264,13 +270,17 @@ async fn geo_load_in_python_routes_like_the_default() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geo_load_in_python_routes_like_the_default() {
+    language_example(
+        "geo-load-python",
+        &["python3", "test_app.py"],
+        "sh",
+        "build.sh",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn geo_load_in_javascript_routes_like_the_default() {
-    let dir = "examples/policies/geo-load-js";
-    native_tests(dir, "node", &["--test"]);
-    let component = tokio::task::spawn_blocking(move || {
-        scripted_component("node", &format!("{dir}/build.mjs"), "geo-load-js")
-    })
-    .await
-    .unwrap();
-    routes_like_the_default(component).await;
+    language_example("geo-load-js", &["node", "--test"], "node", "build.mjs").await;
 }
