@@ -17,7 +17,9 @@
 #
 # Tests: rate (new connections/s: 64 concurrent connect + 64 B echo + close, p50/p99
 # latency, proxy CPU per connection), bulk1 and bulk8 (Gbit/s through 1 and 8 streams,
-# proxy CPU seconds per GB), idle (proxy RSS per idle connection, both legs live).
+# proxy CPU seconds per GB), idle (proxy RSS per idle connection, both legs live),
+# idle-scale (the same at each of $IDLE_SCALE connections, through 8 backends, with the
+# time it took to open them; edgeproxy's max_connections raised past the largest).
 # edgeproxy runs with the embedded wasm policy deciding and bindings on, as deployed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -27,10 +29,14 @@ TESTS=${TESTS:-"rate bulk1 bulk8 idle"}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-3}
 IDLE_CONNS=${IDLE_CONNS:-9000}  # 2 fds each through a proxy: fits a 20000 fd limit
+IDLE_SCALE=${IDLE_SCALE:-"10000 50000 100000"}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 WORK=${WORK:-$(mktemp -d /tmp/edgeproxy-bench.XXXXXX)}
 LISTEN=127.0.0.1:18000 ECHO=127.0.0.1:18100 SINK=127.0.0.1:18101
+# idle-scale's backends: one proxy address reaches a backend address from at most ~28,000
+# ports, so 100,000 connections need several.
+ECHOS=127.0.0.1:18110,127.0.0.1:18111,127.0.0.1:18112,127.0.0.1:18113,127.0.0.1:18114,127.0.0.1:18115,127.0.0.1:18116,127.0.0.1:18117
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need haproxy || ! need nginx || [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then
@@ -42,7 +48,13 @@ bin=$root/target/release
 case " $PROXIES " in *" edgeproxy-trap "*)
   "$bin/edgeproxy" policy build "$root/host/tests/fixtures/chaos-policy" --out "$WORK/chaos.wasm" >/dev/null ;;
 esac
-ulimit -n "$(ulimit -Hn)"  # 20000 here: 2 per proxied connection
+# 2 fds per proxied connection: idle-scale's 100,000 needs a hard limit over 200,000,
+# which only root with CAP_SYS_RESOURCE can raise. Each proxy is sized to the limit.
+ulimit -Hn 1048576 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)"
+FDS=$(ulimit -n)
+MAXCONN=$(( (FDS - 200) / 2 ))
+export EDGEPROXY_MAX_CONNECTIONS=$MAXCONN
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -51,10 +63,21 @@ trap cleanup EXIT
 # Background jobs are started by taskset directly (it execs), so $! is the process itself.
 load() { taskset -c "$LOAD_CPU" "$bin/edgeproxy-loadgen" "$@"; }
 taskset -c "$LOAD_CPU" "$bin/edgeproxy-loadgen" echo --listen $ECHO & pids+=($!)
+case " $TESTS " in *" idle-scale "*)
+  taskset -c "$LOAD_CPU" "$bin/edgeproxy-loadgen" echo $(printf -- '--listen %s ' ${ECHOS//,/ }) & pids+=($!) ;;
+esac
 taskset -c "$LOAD_CPU" "$bin/edgeproxy-loadgen" sink --listen $SINK & pids+=($!)
 
-render() { # TEMPLATE OUT BACKEND [SPLICE]
-  sed -e "s|@LISTEN@|$LISTEN|; s|@BACKEND@|$3|; s|@WORK@|$WORK|g" "$1" > "$2"
+render() { # TEMPLATE OUT BACKENDS(comma-separated) [SPLICE]
+  local servers="" i=0 b
+  for b in ${3//,/ }; do
+    i=$((i + 1))
+    case $1 in
+      *haproxy*) servers+="    server s$i $b\n" ;;
+      *) servers+="        server $b;\n" ;;
+    esac
+  done
+  sed -e "s|@LISTEN@|$LISTEN|; s|@SERVERS@|$servers|; s|@WORK@|$WORK|g; s|@FDS@|$FDS|; s|@MAXCONN@|$MAXCONN|" "$1" > "$2"
   if [ "${4:-}" = splice ]; then sed -i "s/#SPLICE# //" "$2"; fi
 }
 
@@ -113,6 +136,18 @@ for test in $TESTS; do
              out=$(load bulk --target $LISTEN --streams 8 --duration "$DURATION" --pid "$proxy_pid") ;;
       idle)  start_proxy "$name" $ECHO
              out=$(load idle --target $LISTEN --count "$IDLE_CONNS" --pid "$proxy_pid") ;;
+      idle-scale)
+             for n in $IDLE_SCALE; do
+               if [ "$n" -gt "$MAXCONN" ]; then
+                 echo "idle-$n skipped: needs $((2 * n + 200)) fds in the proxy, the limit here is $FDS" >&2
+                 continue
+               fi
+               start_proxy "$name" $ECHOS
+               out=$(load idle --target $LISTEN --count "$n" --pid "$proxy_pid")
+               stop_proxy
+               echo "{\"proxy\":\"$name\",\"test\":\"idle-$n\",\"result\":$out}" | tee -a "$results" >&2
+             done
+             continue ;;
       *) echo "unknown test $test" >&2; exit 2 ;;
     esac
     stop_proxy
@@ -120,6 +155,7 @@ for test in $TESTS; do
   done
 done
 
+cp "$results" "$root/target/compare-results.jsonl"  # for bench/plot_scale.py
 python3 - "$results" "$PROXIES" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -128,6 +164,10 @@ metrics = [("rate", "cps", "connections/s", True), ("rate", "p99_us", "p99 conne
            ("rate", "proxy_cpu_us_per_conn", "proxy CPU per connection (us)", False),
            ("bulk1", "gbps", "bulk, 1 stream (Gbit/s)", True), ("bulk1", "proxy_cpu_s_per_gb", "proxy CPU per GB, 1 stream (s)", False),
            ("bulk8", "gbps", "bulk, 8 streams (Gbit/s)", True), ("idle", "bytes_per_conn", "RSS per idle connection (B)", False)]
+for t in sorted({r["test"] for r in rows if r["test"].startswith("idle-")}, key=lambda t: int(t[5:])):
+    n = int(t[5:])
+    metrics += [(t, "bytes_per_conn", f"RSS per idle connection, {n:,} open (B)", False),
+                (t, "open_s", f"time to open {n:,} (s)", False)]
 get = lambda p, t, m: next((r["result"].get(m) for r in rows if r["proxy"] == p and r["test"] == t), None)
 print("| metric | " + " | ".join(proxies) + " | edgeproxy vs best peer |")
 print("|---|" + "---|" * (len(proxies) + 1))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs edgeproxy for ../shared/bench/run.sh: one listener, one backend.
-#   edgeproxy-cmd.sh LISTEN_ADDR BACKEND_ADDR WORKDIR
+#   edgeproxy-cmd.sh LISTEN_ADDR BACKEND_ADDR[,BACKEND_ADDR...] WORKDIR
 # Env: EDGEPROXY (binary, default target/release/edgeproxy), BINDINGS=0 turns bindings off,
 # POLICY=native decides with the native scorer instead of the embedded wasm policy, APP
 # names the backend's app and the listener's (default: the listener serves every app),
@@ -12,8 +12,12 @@ db="$work/routing.db"
 rm -f "$db" "$db-wal" "$db-shm"
 bin=${EDGEPROXY:-$here/../target/release/edgeproxy}
 "$bin" db init --db "$db" >/dev/null
-"$bin" backend add bench-1 --db "$db" --app "${APP:-bench}" --region sa --country BR \
-  --wg-ip "${backend%:*}" --port "${backend##*:}" --soft-limit 1000 >/dev/null
+i=0
+for b in ${backend//,/ }; do  # BACKEND_ADDR may be a comma-separated list
+  i=$((i + 1))
+  "$bin" backend add "bench-$i" --db "$db" --app "${APP:-bench}" --region sa --country BR \
+    --wg-ip "${b%:*}" --port "${b##*:}" --soft-limit 1000 >/dev/null
+done
 export EDGEPROXY_LISTEN_ADDR=$listen EDGEPROXY_DB_PATH=$db EDGEPROXY_REGION=sa
 # The harness runs several proxies side by side: no admin listener unless asked for.
 export EDGEPROXY_ADMIN_ADDR=${EDGEPROXY_ADMIN_ADDR:-}

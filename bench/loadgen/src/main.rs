@@ -21,10 +21,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Echo backend: writes back what it reads.
+    /// Echo backend: writes back what it reads (on every --listen address).
     Echo {
-        #[arg(long)]
-        listen: SocketAddr,
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
     },
     /// Bulk backend: reads and discards; at EOF answers the byte count (8 bytes, BE).
     Sink {
@@ -60,7 +60,9 @@ enum Command {
         pid: Option<u32>,
     },
     /// Opens COUNT connections through the proxy, one echo each so both legs are live,
-    /// and reports the proxy's resident memory before and while holding them.
+    /// and reports the proxy's resident memory before and while holding them, and the
+    /// time it took to open them (64 at a time), from 1,024 source addresses in
+    /// 127.0.0.0/8.
     Idle {
         #[arg(long)]
         target: SocketAddr,
@@ -76,9 +78,21 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    // Backends spawn a local task per connection.
+    let local = tokio::task::LocalSet::new();
+    rt.block_on(local.run_until(async {
         match cli.command {
-            Command::Echo { listen } => serve(listen, echo).await,
+            Command::Echo { listen } => {
+                let all: Vec<_> = listen
+                    .into_iter()
+                    .map(|addr| tokio::task::spawn_local(serve(addr, echo)))
+                    .collect();
+                // Runs until killed; the first to fail ends it.
+                for one in all {
+                    one.await??;
+                }
+                Ok(())
+            }
             Command::Sink { listen } => serve(listen, sink).await,
             Command::Rate {
                 target,
@@ -96,7 +110,7 @@ fn main() -> anyhow::Result<()> {
             } => bulk(target, streams, duration, pid).await,
             Command::Idle { target, count, pid } => idle(target, count, pid).await,
         }
-    })
+    }))
 }
 
 fn loopback(addr: SocketAddr) -> anyhow::Result<()> {
@@ -115,16 +129,11 @@ where
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    let local = tokio::task::LocalSet::new();
-    local
-        .run_until(async move {
-            loop {
-                let (s, _) = listener.accept().await?;
-                let _ = s.set_nodelay(true);
-                tokio::task::spawn_local(handler(s));
-            }
-        })
-        .await
+    loop {
+        let (s, _) = listener.accept().await?;
+        let _ = s.set_nodelay(true);
+        tokio::task::spawn_local(handler(s));
+    }
 }
 
 async fn echo(mut s: TcpStream) -> std::io::Result<()> {
@@ -304,18 +313,38 @@ async fn bulk(
 async fn idle(target: SocketAddr, count: usize, pid: u32) -> anyhow::Result<()> {
     loopback(target)?;
     let before = proc_stat(pid)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(120);
     let mut held = Vec::with_capacity(count);
-    let mut buf = [0u8; 64];
-    for _ in 0..count {
-        if Instant::now() > deadline {
-            bail!("opened only {} connections in 60 s", held.len());
-        }
-        let mut s = TcpStream::connect(target).await?;
+    let mut opening = tokio::task::JoinSet::new();
+    let open = |i: usize| async move {
+        // 1,024 clients from 127.1.0.0 up (never the proxy's or the backends' address):
+        // a proxy with sticky bindings spreads them over its backends, as it would real
+        // clients, and no source runs out of ports.
+        let src = std::net::Ipv4Addr::from_bits(0x7f01_0000 + (i % 1024) as u32);
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::new(src.into(), 0))?;
+        let mut s = sock.connect(target).await?;
+        let mut buf = [0u8; 64];
         s.write_all(&[b'i'; 64]).await?;
         s.read_exact(&mut buf).await?;
-        held.push(s);
+        anyhow::Ok(s)
+    };
+    for i in 0..count {
+        if opening.len() >= 64
+            && let Some(s) = opening.join_next().await
+        {
+            held.push(s??);
+        }
+        if Instant::now() > deadline {
+            bail!("opened only {} connections in 120 s", held.len());
+        }
+        opening.spawn(open(i));
     }
+    while let Some(s) = opening.join_next().await {
+        held.push(s??);
+    }
+    let open_s = start.elapsed().as_secs_f64();
     // Let the proxy settle (its per-chunk buffers go back to the pool) before measuring.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let holding = proc_stat(pid)?;
@@ -324,7 +353,7 @@ async fn idle(target: SocketAddr, count: usize, pid: u32) -> anyhow::Result<()> 
         "{}",
         serde_json::json!({
             "test": "idle", "conns": count, "rss0_kib": before.rss_kib,
-            "rssN_kib": holding.rss_kib, "bytes_per_conn": per_conn,
+            "rssN_kib": holding.rss_kib, "bytes_per_conn": per_conn, "open_s": open_s,
         })
     );
     drop(held);

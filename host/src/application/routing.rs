@@ -2,6 +2,7 @@
 //! joins it with live stats and swaps it in atomically. A failed load keeps the last good
 //! snapshot serving and is logged on every attempt.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 // Locks hold plain values replaced whole: a panic elsewhere cannot leave them half-set,
 // so a poisoned lock is recovered.
@@ -12,10 +13,10 @@ use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::RoutingTable;
 use crate::domain::health::{HealthRules, LocalHealth, local_view};
 use crate::domain::live_stats::LiveStats;
 use crate::domain::ports::{BackendRepository, RoutingError, SkippedRow};
+use crate::domain::{BackendId, RoutedBackend, RoutingTable};
 
 /// How long the routing source must stay unchanged before a notified reload reads it.
 const SETTLE: Duration = Duration::from_millis(100);
@@ -64,6 +65,20 @@ pub struct History {
 pub enum Reloaded {
     Unchanged,
     Changed { version: u64, backends: usize },
+}
+
+/// How many ids of `old` are not in `new`, both sorted by id.
+fn removed_ids(old: &[RoutedBackend], new: &[RoutedBackend]) -> usize {
+    let (mut removed, mut j) = (0, 0);
+    for o in old {
+        while new.get(j).is_some_and(|n| n.backend.id < o.backend.id) {
+            j += 1;
+        }
+        if new.get(j).is_none_or(|n| n.backend.id != o.backend.id) {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 impl Routing {
@@ -217,16 +232,9 @@ impl Routing {
             self.metrics.backend_stats(id)
         });
         let before = current.backends().len();
-        let removed = current
-            .backends()
-            .iter()
-            .filter(|old| {
-                table
-                    .backends()
-                    .binary_search_by(|b| b.backend.id.cmp(&old.backend.id))
-                    .is_err()
-            })
-            .count();
+        // Both are sorted by id: one merge walk. (A binary search per row made this the
+        // costliest step at 100,000 rows, each comparison a cache miss.)
+        let removed = removed_ids(current.backends(), table.backends());
         if before > 0 && removed as u64 * 100 > before as u64 * self.drop_warn_percent {
             self.mass_drops.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
@@ -237,12 +245,8 @@ impl Routing {
                 self.drop_warn_percent
             );
         }
-        let known = |id: &_| {
-            table
-                .backends()
-                .binary_search_by(|b| b.backend.id.cmp(id))
-                .is_ok()
-        };
+        let ids: HashSet<&BackendId> = table.backends().iter().map(|b| &b.backend.id).collect();
+        let known = |id: &_| ids.contains(id);
         self.metrics.retain(&known);
         self.health.retain(known);
         let table = self.localise(&table, &current, version).unwrap_or(table);

@@ -541,7 +541,7 @@ mod tests {
         assert!(!c.settings.debug);
         assert_eq!(c.policy.source, PolicySource::Embedded);
         assert_eq!(c.policy.timeout, Duration::from_millis(1));
-        assert_eq!(c.policy.memory_bytes, 16 << 20);
+        assert_eq!(c.policy.memory_bytes, 32 << 20);
         // What a production proxy ships with: no connection lives forever by default.
         assert_eq!(c.idle_timeout(), Some(Duration::from_secs(600)));
         assert_eq!(c.settings.tcp_keepalive_secs, 60);

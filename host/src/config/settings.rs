@@ -84,7 +84,7 @@ crate::settings! {
     /// budget of one policy call (10^6 wasm instructions per ms), at most 1000
     policy_timeout_ms: u64 = 1, env "EDGEPROXY_POLICY_TIMEOUT_MS", check |v| positive(v).and(at_most(v, 1000));
     /// memory of one policy instance, at most 4096
-    policy_memory_mib: u64 = 16, env "EDGEPROXY_POLICY_MEMORY_MIB", check |v| positive(v).and(at_most(v, 4096));
+    policy_memory_mib: u64 = 32, env "EDGEPROXY_POLICY_MEMORY_MIB", check |v| positive(v).and(at_most(v, 4096));
     /// largest policy component a fleet deployment may carry (`policy deploy`), at most 1024
     policy_max_mib: u64 = 64, env "EDGEPROXY_POLICY_MAX_MIB", check |v| positive(v).and(at_most(v, 1024));
     /// compiled policies are kept here, so a restart or a reload of a known component does

@@ -124,6 +124,74 @@ fn wasm_default_policy_agrees_with_the_native_scorer() {
     });
 }
 
+/// An internet-size table: the default policy takes 100,000 backends within the default
+/// limits, because set-table's budget grows with the rows (it did not: every decision
+/// timed out), and a table the policy's memory cannot hold is a fault naming both.
+#[test]
+fn a_100k_backend_table_fits_the_default_limits() {
+    let backends: Vec<BackendRow> = (0..100_000u32)
+        .map(|i| BackendRow {
+            id: BackendId::new(&format!("b{i:06}")),
+            app: if i < 10 {
+                "a".into()
+            } else {
+                format!("app{}", i / 10).into()
+            },
+            region: Region::new(["sa", "us", "eu", "ap"][i as usize % 4]),
+            country: ["BR", "US", "DE", "JP"][i as usize % 4].parse().unwrap(),
+            addr: std::net::SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 80)),
+            healthy: true,
+            weight: 1 + i % 3,
+            soft_limit: 100,
+            hard_limit: 0,
+        })
+        .collect();
+    let client = edgeproxy::domain::sample::client_in_brazil();
+    let pop = Region::new("eu");
+    let wasm = default_policy();
+    // Later versions arrive while the instance holds the one before.
+    for version in 1..=3 {
+        let t = RoutingTable::new(version, backends.clone(), |_| {
+            Arc::new(BackendStats::default())
+        });
+        let req = PickRequest {
+            table: &t,
+            pop_region: &pop,
+            app: Some("a"),
+            client: &client,
+        };
+        let candidates = t.candidates(Some("a"));
+        assert_eq!(candidates.len(), 10);
+        assert_eq!(
+            wasm.try_pick(&req, candidates),
+            Ok(NativeScorer.pick(&req, candidates))
+        );
+    }
+    assert_eq!(wasm.faults.total(), 0);
+
+    let t = RoutingTable::new(1, backends, |_| Arc::new(BackendStats::default()));
+    let req = PickRequest {
+        table: &t,
+        pop_region: &pop,
+        app: Some("a"),
+        client: &client,
+    };
+    let candidates = t.candidates(Some("a"));
+
+    let runtime = Arc::new(
+        Runtime::new(Limits {
+            memory_bytes: 4 << 20,
+            ..Limits::default()
+        })
+        .unwrap(),
+    );
+    let loaded = LoadedPolicy::load(&runtime, "default", DEFAULT_POLICY).unwrap();
+    let small = WasmPolicy::new(runtime, vec![Region::new("sa")], loaded);
+    let err = small.try_pick(&req, candidates).unwrap_err();
+    assert!(err.contains("set-table of 100000 backends"), "{err}");
+    assert!(err.contains("policy_memory_mib"), "{err}");
+}
+
 fn rows_for(app: &'static str, near: &Backend, far: &Backend) -> Vec<Row<'static>> {
     let mut a = Row::new("a", "sa", "BR", near.addr);
     let mut m = Row::new("m", "sa", "BR", near.addr);

@@ -49,7 +49,9 @@ impl BindingTable {
     pub fn with_cap(ttl: Duration, max: usize) -> Self {
         Self {
             ttl,
-            map: DashMap::new(),
+            // A sweep locks one shard at a time: 64 shards keep a get or put that meets it
+            // waiting for at most 1/64 of the sweep.
+            map: DashMap::with_shard_amount(64),
             count: AtomicUsize::new(0),
             max,
             evicting: AtomicBool::new(false),

@@ -8,8 +8,8 @@ use std::time::SystemTime;
 
 use wasmtime::Store;
 
-use super::SET_TABLE_BUDGETS;
 use super::runtime::{Component, Guest, GuestState, Linked, LoadError, Runtime};
+use super::set_table_budgets;
 use super::wit_table;
 use crate::domain::{BackendStats, Region, RoutingTable, sample};
 
@@ -77,7 +77,7 @@ impl LoadedPolicy {
             Arc::new(BackendStats::default())
         });
         let wit = wit_table::build(&table, &Region::new("sa"), &[]);
-        runtime.arm(&mut store, SET_TABLE_BUDGETS);
+        runtime.arm(&mut store, set_table_budgets(wit.table.backends.len()));
         policy.set_table(&mut store, &wit.table).map_err(fail)?;
         let n = table.backends().len() as u32;
         let candidates: Vec<u32> = (0..n).flat_map(|i| [i, i, 0]).collect();
