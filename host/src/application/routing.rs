@@ -340,6 +340,26 @@ mod tests {
     use crate::domain::ports::LoadedBackends;
     use crate::domain::sample;
 
+    #[test]
+    fn removed_ids_counts_rows_gone_from_the_new_table() {
+        let table = |ids: &[&str]| {
+            let rows = ids
+                .iter()
+                .map(|id| crate::domain::Backend {
+                    id: crate::domain::BackendId::new(id),
+                    ..sample::backends("app")[0].clone()
+                })
+                .collect();
+            RoutingTable::new(1, rows, |_| Default::default())
+        };
+        let old = table(&["a", "b", "c", "e"]);
+        let new = table(&["b", "d", "e", "f"]);
+        assert_eq!(removed_ids(old.backends(), new.backends()), 2);
+        assert_eq!(removed_ids(new.backends(), old.backends()), 2);
+        assert_eq!(removed_ids(old.backends(), old.backends()), 0);
+        assert_eq!(removed_ids(old.backends(), &[]), 4);
+    }
+
     /// The first load is slow and sees the old table; the second is quick and sees the
     /// new one (an `edgeproxy backend add` landed in between).
     struct SlowThenFast {
