@@ -314,6 +314,19 @@ impl Host {
                 .enabled
                 .then(|| (Arc::clone(&suspects), config.health.ejection.after)),
         });
+        // Policies copy each new table in before it serves, so no connection waits for it.
+        {
+            let mut ready: Vec<Arc<dyn ScoringPolicy>> = vec![Arc::clone(&service.policy)];
+            if let Some((shadow, _)) = &shadow_policy {
+                ready.push(Arc::clone(shadow) as Arc<dyn ScoringPolicy>);
+            }
+            let pop = config.region.clone();
+            routing.prepare_with(move |table| {
+                for policy in &ready {
+                    policy.prepare(table, &pop);
+                }
+            });
+        }
         Ok(Self {
             service,
             routing,

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 // Locks hold plain values replaced whole: a panic elsewhere cannot leave them half-set,
 // so a poisoned lock is recovered.
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -51,6 +51,7 @@ pub struct Routing {
     failing: Mutex<Option<String>>,
     /// Change notifications that found nothing changed since the last read.
     pub notifications_ignored: AtomicU64,
+    prepare: OnceLock<Prepare>,
 }
 
 /// When the table last changed and the last failure, for `/status`.
@@ -81,6 +82,9 @@ fn removed_ids(old: &[RoutedBackend], new: &[RoutedBackend]) -> usize {
     removed
 }
 
+/// Called with each new snapshot before it is published (see [`Routing::prepare_with`]).
+type Prepare = Arc<dyn Fn(&RoutingTable) + Send + Sync>;
+
 impl Routing {
     pub fn new(
         repo: Arc<dyn BackendRepository>,
@@ -102,7 +106,24 @@ impl Routing {
             read_at: Mutex::default(),
             failing: Mutex::default(),
             notifications_ignored: AtomicU64::new(0),
+            prepare: OnceLock::new(),
         }
+    }
+
+    /// Runs `prepare` (on a blocking thread) with every new snapshot before connections
+    /// see it: the policies copy it in while the previous one still serves.
+    pub fn prepare_with(&self, prepare: impl Fn(&RoutingTable) + Send + Sync + 'static) {
+        let _ = self.prepare.set(Arc::new(prepare));
+    }
+
+    /// Publishes `table`, prepared first.
+    async fn publish(&self, table: RoutingTable) {
+        let table = Arc::new(table);
+        if let Some(prepare) = self.prepare.get() {
+            let (prepare, t) = (Arc::clone(prepare), Arc::clone(&table));
+            let _ = tokio::task::spawn_blocking(move || prepare(&t)).await;
+        }
+        self.table.store(table);
     }
 
     /// Routes by `health`'s verdicts as well as the table.
@@ -148,7 +169,7 @@ impl Routing {
         let Some(table) = self.localise(&current, &current, version) else {
             return false;
         };
-        self.table.store(Arc::new(table));
+        self.publish(table).await;
         self.version.send_replace(version);
         true
     }
@@ -250,7 +271,7 @@ impl Routing {
         self.metrics.retain(&known);
         self.health.retain(known);
         let table = self.localise(&table, &current, version).unwrap_or(table);
-        self.table.store(Arc::new(table));
+        self.publish(table).await;
         self.version.send_replace(version);
         Ok(Reloaded::Changed {
             version,

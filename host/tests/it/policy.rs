@@ -192,6 +192,100 @@ fn a_100k_backend_table_fits_the_default_limits() {
     assert!(err.contains("policy_memory_mib"), "{err}");
 }
 
+/// A reload copies the new table into the policy's idle instances before connections see
+/// it, so no decision waits for set-table (70 ms per instance at 100,000 backends).
+#[tokio::test]
+async fn a_reloaded_table_is_in_the_policy_before_it_serves() {
+    let addr: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let db = Db::new(&[
+        Row::new("a", "sa", "BR", addr),
+        Row::new("z", "eu", "DE", addr),
+    ]);
+    let repo =
+        edgeproxy::adapters::outbound::sqlite_routing::SqliteBackendRepository::new(&db.path);
+    let routing = edgeproxy::application::routing::Routing::new(
+        Arc::new(repo),
+        Arc::new(edgeproxy::domain::live_stats::LiveStats::default()),
+        100,
+    );
+    routing.reload().await.unwrap();
+    let wasm = Arc::new(default_policy());
+    let pop = Region::new("eu");
+    let client = edgeproxy::domain::sample::client_in_brazil();
+    let decide = || {
+        let t = routing.current();
+        let req = PickRequest {
+            table: &t,
+            pop_region: &pop,
+            app: None,
+            client: &client,
+        };
+        let answer = wasm.pick(&req, t.candidates(None));
+        assert_eq!(answer, NativeScorer.pick(&req, t.candidates(None)));
+        answer
+    };
+    let copied = || wasm.tables_copied_on_decision.load(Ordering::Relaxed);
+    assert_eq!(decide(), Some(0));
+    assert_eq!(
+        copied(),
+        1,
+        "a new instance takes the table on its first decision"
+    );
+
+    // Without preparing, the first decision after a reload copies the table.
+    db.exec("UPDATE backends SET weight = 2 WHERE id = 'z'", []);
+    routing.reload().await.unwrap();
+    decide();
+    assert_eq!(copied(), 2);
+
+    let (w, p) = (Arc::clone(&wasm), pop.clone());
+    routing.prepare_with(move |t| w.prepare(t, &p));
+    for weight in 3..6 {
+        db.exec("UPDATE backends SET weight = ?1 WHERE id = 'z'", [weight]);
+        routing.reload().await.unwrap();
+        decide();
+    }
+    // A healthy backend taken out changes the answer, from the prepared table too.
+    db.exec("UPDATE backends SET healthy = 0 WHERE id = 'a'", []);
+    routing.reload().await.unwrap();
+    assert_eq!(decide(), Some(1));
+    assert_eq!(
+        copied(),
+        2,
+        "every later version was in the instance before it served"
+    );
+    assert_eq!(wasm.faults.total(), 0);
+}
+
+/// The same in a running proxy: `Host` wires its policy to the routing table's reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_proxy_prepares_its_policy_for_each_reload() {
+    let near = Backend::start("a").await;
+    let far = Backend::start("z").await;
+    let db = Db::new(&rows_for("app", &near, &far));
+    // Bindings off: the policy decides every connection.
+    let p = Proxy::start(&db, "binding_ttl_secs = 0").await;
+    let wasm = p.host.wasm_policy.clone().unwrap();
+    let first = served_by("127.0.0.2", p.addr).await;
+    let copied = wasm.tables_copied_on_decision.load(Ordering::Relaxed);
+    for weight in 2..5 {
+        let v = p.version();
+        let mut rx = p.host.routing.subscribe();
+        db.exec("UPDATE backends SET weight = ?1 WHERE id = 'z'", [weight]);
+        tokio::time::timeout(WAIT, rx.wait_for(|n| *n > v))
+            .await
+            .expect("the change is routed")
+            .unwrap();
+        // The policy decides, on a table it already holds.
+        assert_eq!(served_by("127.0.0.2", p.addr).await, first);
+    }
+    assert_eq!(
+        wasm.tables_copied_on_decision.load(Ordering::Relaxed),
+        copied
+    );
+    assert_eq!(p.stop().await.cut_off, 0);
+}
+
 fn rows_for(app: &'static str, near: &Backend, far: &Backend) -> Vec<Row<'static>> {
     let mut a = Row::new("a", "sa", "BR", near.addr);
     let mut m = Row::new("m", "sa", "BR", near.addr);

@@ -10,7 +10,7 @@ use wasmtime::Store;
 
 use super::runtime::{Component, Guest, GuestState, Linked, LoadError, Runtime};
 use super::set_table_budgets;
-use super::wit_table;
+use super::wit_table::{self, WitTable};
 use crate::domain::{BackendStats, Region, RoutingTable, sample};
 
 /// A compiled, self-tested policy and its instances.
@@ -93,14 +93,16 @@ impl LoadedPolicy {
         }
     }
 
-    /// An idle instance, or a new one.
-    pub(super) fn instance(&self, runtime: &Runtime) -> wasmtime::Result<Instance> {
-        // Poisoning cannot leave the Vec half-changed (push and pop only).
-        let idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
+    /// An idle instance, one holding table `version` if there is one, or a new one.
+    pub(super) fn instance(&self, runtime: &Runtime, version: u64) -> wasmtime::Result<Instance> {
+        let idle = {
+            // Poisoning cannot leave the Vec half-changed (push and remove only).
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            match idle.iter().position(|i| i.table_version == Some(version)) {
+                Some(at) => Some(idle.swap_remove(at)),
+                None => idle.pop(),
+            }
+        };
         if let Some(i) = idle {
             return Ok(i);
         }
@@ -111,6 +113,33 @@ impl LoadedPolicy {
             table_version: None,
             candidates: Vec::new(),
         })
+    }
+
+    /// Copies `table` into the idle instances holding another version, one at a time so
+    /// decisions go on with the rest. One that faults is dropped: a decision makes a fresh
+    /// one and meets the fault itself, where it is counted.
+    pub(super) fn refresh_idle(&self, runtime: &Runtime, table: &WitTable) {
+        loop {
+            let stale = {
+                let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                match idle
+                    .iter()
+                    .position(|i| i.table_version != Some(table.version))
+                {
+                    Some(at) => idle.swap_remove(at),
+                    None => return,
+                }
+            };
+            let mut inst = stale;
+            runtime.arm(
+                &mut inst.store,
+                set_table_budgets(table.table.backends.len()),
+            );
+            if inst.policy.set_table(&mut inst.store, &table.table).is_ok() {
+                inst.table_version = Some(table.version);
+                self.put_back(inst);
+            }
+        }
     }
 
     /// Back to the pool after a sound answer (after a fault an instance is dropped).

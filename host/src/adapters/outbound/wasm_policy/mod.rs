@@ -131,6 +131,9 @@ pub struct WasmPolicy {
     pub breaker: breaker::Breaker,
     /// Decisions the native scorer made while the policy was suspended.
     pub suspended_decisions: AtomicU64,
+    /// Decisions that had to copy the table into their instance first (the rest found it
+    /// there: see `prepare`).
+    pub tables_copied_on_decision: AtomicU64,
     /// A fleet deployment serves: the configured file is not reloaded meanwhile.
     held: AtomicBool,
     /// As a shadow: false while there is nothing to compare (no configured shadow and no
@@ -171,6 +174,7 @@ impl WasmPolicy {
             fault_log: LogThrottle::new(std::time::Duration::from_secs(1)),
             breaker: breaker::Breaker::default(),
             suspended_decisions: AtomicU64::new(0),
+            tables_copied_on_decision: AtomicU64::new(0),
             held: AtomicBool::new(false),
             enabled: AtomicBool::new(true),
         }
@@ -373,15 +377,19 @@ impl WasmPolicy {
         candidates: &[RoutedBackend],
     ) -> Result<Option<usize>, Fault> {
         let table = self.wit_table(req.table, req.pop_region);
-        let mut inst = loaded.instance(&self.runtime).map_err(|e| Fault {
-            kind: FaultKind::Instantiate,
-            cause: describe(&e).1,
-        })?;
+        let mut inst = loaded
+            .instance(&self.runtime, table.version)
+            .map_err(|e| Fault {
+                kind: FaultKind::Instantiate,
+                cause: describe(&e).1,
+            })?;
         let fault = |e: wasmtime::Error| {
             let (kind, cause) = describe(&e);
             Fault { kind, cause }
         };
         if inst.table_version != Some(table.version) {
+            self.tables_copied_on_decision
+                .fetch_add(1, Ordering::Relaxed);
             let rows = table.table.backends.len();
             self.runtime.arm(&mut inst.store, set_table_budgets(rows));
             inst.policy
@@ -571,6 +579,15 @@ impl ScoringPolicy for WasmPolicy {
                 NativeScorer.pick(req, candidates)
             }
         }
+    }
+
+    fn prepare(&self, table: &RoutingTable, pop_region: &Region) {
+        // An idle shadow slot (nothing deployed) has nothing to prepare.
+        if !self.enabled() {
+            return;
+        }
+        let wit = self.wit_table(table, pop_region);
+        self.current.load().refresh_idle(&self.runtime, &wit);
     }
 }
 
