@@ -13,10 +13,9 @@
 //!
 //!     cargo bench -p edgeproxy --bench bindings      # markdown, and target/bindings.csv
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use edgeproxy::Host;
@@ -31,24 +30,8 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Live heap bytes, for what the bindings hold.
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged, only counting.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+#[path = "support/counting.rs"]
+mod counting;
 
 const SIZES: [usize; 3] = [10_000, 100_000, 1_000_000];
 const TTL: Duration = Duration::from_secs(600);
@@ -96,10 +79,10 @@ fn main() {
     println!("|---|---|---|---|");
     for n in SIZES {
         let now = Instant::now();
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = counting::live();
         let t = BindingTable::with_cap(TTL, 0);
         fill(&t, n, now, false);
-        let held = (LIVE.load(Ordering::Relaxed) - before) as f64 / n as f64;
+        let held = (counting::live() - before) as f64 / n as f64;
         let sweeps: Vec<Duration> = (0..3)
             .map(|_| {
                 let s = Instant::now();

@@ -13,10 +13,9 @@
 //!     cargo bench -p edgeproxy --bench scale           # markdown, and target/scale.csv
 //!     python3 bench/plot_scale.py                      # docs/scale-*.png from the CSV
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use edgeproxy::adapters::outbound::sqlite_routing::SqliteBackendRepository;
@@ -29,24 +28,8 @@ use edgeproxy::domain::services::{NativeScorer, RegionMap};
 use edgeproxy::domain::{BackendStats, Region, RoutingTable};
 use tokio::time::Instant;
 
-/// Live heap bytes, for what a snapshot holds.
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged, only counting.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+#[path = "support/counting.rs"]
+mod counting;
 
 const SIZES: [usize; 4] = [100, 1_000, 10_000, 100_000];
 const REGIONS: [(&str, &str); 4] = [("sa", "BR"), ("us", "US"), ("eu", "DE"), ("ap", "JP")];
@@ -158,9 +141,9 @@ fn main() {
 
         // What one snapshot holds, built alone.
         let loaded = repo.load().unwrap();
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = counting::live();
         let table = RoutingTable::new(1, loaded.backends, |_| Arc::new(BackendStats::default()));
-        let snapshot = LIVE.load(Ordering::Relaxed) - before;
+        let snapshot = counting::live() - before;
 
         // The policy's first decision on a new version copies the table in; warm ones do not.
         let wasm = WasmPolicy::new(
@@ -180,12 +163,12 @@ fn main() {
                 client: &client,
             };
             let cands = t.candidates(Some("a10"));
-            let before = LIVE.load(Ordering::Relaxed);
+            let before = counting::live();
             let s = Instant::now();
             black_box(wasm.pick(&req, cands));
             let first = s.elapsed();
             // The first version only: later ones free the previous copy as they store theirs.
-            wit_bytes.get_or_insert(LIVE.load(Ordering::Relaxed) - before);
+            wit_bytes.get_or_insert(counting::live() - before);
             let s = Instant::now();
             black_box(wasm.pick(&req, cands));
             let warm = s.elapsed();
