@@ -40,6 +40,23 @@ pub(super) struct Instance {
     pub candidates: Vec<u32>,
 }
 
+impl Instance {
+    /// Gives this instance `table` (set-table, with its budget for the table's size).
+    pub(super) fn take_table(
+        &mut self,
+        runtime: &Runtime,
+        table: &WitTable,
+    ) -> wasmtime::Result<()> {
+        runtime.arm(
+            &mut self.store,
+            set_table_budgets(table.table.backends.len()),
+        );
+        self.policy.set_table(&mut self.store, &table.table)?;
+        self.table_version = Some(table.version);
+        Ok(())
+    }
+}
+
 impl LoadedPolicy {
     /// Compiles `bytes`, instantiates them and runs a self-test decision. Blocking.
     pub fn load(runtime: &Runtime, name: &str, bytes: &[u8]) -> Result<Self, LoadError> {
@@ -120,7 +137,7 @@ impl LoadedPolicy {
     /// one and meets the fault itself, where it is counted.
     pub(super) fn refresh_idle(&self, runtime: &Runtime, table: &WitTable) {
         loop {
-            let stale = {
+            let mut stale = {
                 let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
                 match idle
                     .iter()
@@ -130,14 +147,8 @@ impl LoadedPolicy {
                     None => return,
                 }
             };
-            let mut inst = stale;
-            runtime.arm(
-                &mut inst.store,
-                set_table_budgets(table.table.backends.len()),
-            );
-            if inst.policy.set_table(&mut inst.store, &table.table).is_ok() {
-                inst.table_version = Some(table.version);
-                self.put_back(inst);
+            if stale.take_table(runtime, table).is_ok() {
+                self.put_back(stale);
             }
         }
     }

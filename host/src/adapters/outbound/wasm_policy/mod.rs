@@ -390,16 +390,12 @@ impl WasmPolicy {
         if inst.table_version != Some(table.version) {
             self.tables_copied_on_decision
                 .fetch_add(1, Ordering::Relaxed);
-            let rows = table.table.backends.len();
-            self.runtime.arm(&mut inst.store, set_table_budgets(rows));
-            inst.policy
-                .set_table(&mut inst.store, &table.table)
-                .map_err(|e| {
-                    let (kind, cause) = describe(&e);
-                    let cause = format!("set-table of {rows} backends {cause}");
-                    Fault { kind, cause }
-                })?;
-            inst.table_version = Some(table.version);
+            inst.take_table(&self.runtime, &table).map_err(|e| {
+                let Fault { kind, cause } = fault(e);
+                let rows = table.table.backends.len();
+                let cause = format!("set-table of {rows} backends {cause}");
+                Fault { kind, cause }
+            })?;
         }
         inst.candidates.clear();
         for c in candidates {

@@ -11,8 +11,8 @@
 //! (an instruction budget), not by the wall clock: a policy is stopped after the same
 //! amount of work however busy or preempted the host thread is, so containment is
 //! deterministic and a healthy policy never "times out" because the machine was loaded.
-//! An epoch deadline is the wall-clock backstop (10x the budget in release builds, in 10 ms ticks) should
-//! fuel ever undercount. Each instance's memory and table sizes are bounded by
+//! An epoch deadline is the wall-clock backstop (`BACKSTOP_BUDGETS`, in 10 ms ticks)
+//! should fuel ever undercount. Each instance's memory and table sizes are bounded by
 //! `StoreLimits`, and what `host.log` may take per call is capped, since fuel counts guest
 //! instructions, not host work.
 

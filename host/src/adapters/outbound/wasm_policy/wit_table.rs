@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::bindings::edgeproxy::policy::types as wit;
 use crate::domain::{Client, CountryCode, Region, RoutingTable};
@@ -14,7 +15,7 @@ pub struct WitTable {
     pub table: wit::RoutingTable,
     pub regions: Vec<Region>,
     /// `table.apps` by name: every decision looks its app up.
-    app_ids: HashMap<String, u32>,
+    app_ids: HashMap<Arc<str>, u32>,
 }
 
 /// `pop_region` first, then the client regions, then any other region a backend names.
@@ -33,17 +34,22 @@ pub fn build(table: &RoutingTable, pop_region: &Region, client_regions: &[Region
     }
     // Apps by name: a table can have as many apps as backends, and a linear search made
     // building it quadratic (seconds at 100,000 backends in 10,000 apps).
-    let mut app_ids: HashMap<&str, u32> = HashMap::new();
+    let mut app_ids: HashMap<Arc<str>, u32> = HashMap::new();
     let mut apps: Vec<String> = Vec::new();
     let backends = table
         .backends()
         .iter()
         .map(|rb| {
             let b = &rb.backend;
-            let app = *app_ids.entry(&b.app).or_insert_with(|| {
-                apps.push(b.app.to_string());
-                (apps.len() - 1) as u32
-            });
+            let app = match app_ids.get(&*b.app) {
+                Some(&i) => i,
+                None => {
+                    apps.push(b.app.to_string());
+                    let i = (apps.len() - 1) as u32;
+                    app_ids.insert(Arc::clone(&b.app), i);
+                    i
+                }
+            };
             wit::Backend {
                 id: b.id.to_string(),
                 app,
@@ -56,7 +62,6 @@ pub fn build(table: &RoutingTable, pop_region: &Region, client_regions: &[Region
             }
         })
         .collect();
-    let app_ids = apps.iter().zip(0..).map(|(a, i)| (a.clone(), i)).collect();
     WitTable {
         version: table.version(),
         table: wit::RoutingTable {
