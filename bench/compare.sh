@@ -19,7 +19,7 @@
 # latency, proxy CPU per connection), bulk1 and bulk8 (Gbit/s through 1 and 8 streams,
 # proxy CPU seconds per GB), idle (proxy RSS per idle connection, both legs live),
 # idle-scale (the same at each of $IDLE_SCALE connections, through 8 backends, with the
-# time it took to open them; edgeproxy's max_connections raised past the largest).
+# time it took to open them; every proxy sized to the fd limit, counts past it skipped).
 # edgeproxy runs with the embedded wasm policy deciding and bindings on, as deployed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -124,6 +124,7 @@ stop_proxy() {
 }
 
 results=$WORK/results.jsonl
+record() { echo "{\"proxy\":\"$1\",\"test\":\"$2\",\"result\":$3}" | tee -a "$results" >&2; }
 : > "$results"
 for test in $TESTS; do
   for name in $PROXIES; do
@@ -145,13 +146,13 @@ for test in $TESTS; do
                start_proxy "$name" $ECHOS
                out=$(load idle --target $LISTEN --count "$n" --pid "$proxy_pid")
                stop_proxy
-               echo "{\"proxy\":\"$name\",\"test\":\"idle-$n\",\"result\":$out}" | tee -a "$results" >&2
+               record "$name" "idle-$n" "$out"
              done
              continue ;;
       *) echo "unknown test $test" >&2; exit 2 ;;
     esac
     stop_proxy
-    echo "{\"proxy\":\"$name\",\"test\":\"$test\",\"result\":$out}" | tee -a "$results" >&2
+    record "$name" "$test" "$out"
   done
 done
 

@@ -23,6 +23,16 @@ def rows(name):
         return list(csv.DictReader(f))
 
 
+def save(fig, axes, xlabel, name):
+    """Labels, grids and legends every axis, then writes docs/NAME."""
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "docs", name), dpi=90)
+
+
 def exists(name):
     return os.path.exists(os.path.join(ROOT, "target", name))
 
@@ -52,12 +62,7 @@ def bindings_plot():
         axes[1].loglog(n, [float(r[key]) for r in b], "o-", label=label)
     linear_ref(axes[1], n, [float(r["sweep_none_ms"]) for r in b])
     axes[1].set_title("GC sweep (ms)")
-    for ax in axes:
-        ax.set_xlabel("bindings")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "docs", "scale-bindings.png"), dpi=90)
+    save(fig, axes, "bindings", "scale-bindings.png")
 
 
 def idle_plot():
@@ -74,12 +79,7 @@ def idle_plot():
         axes[1].loglog(n, [r["open_s"] for _, r in mine], "o-", label=proxy)
     axes[0].set_title("user-space bytes per idle connection")
     axes[1].set_title("time to open them, 64 at a time (s)")
-    for ax in axes:
-        ax.set_xlabel("idle connections through one POP")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "docs", "scale-idle.png"), dpi=90)
+    save(fig, axes, "idle connections through one POP", "scale-idle.png")
 
 
 def table_plots():
@@ -100,12 +100,8 @@ def table_plots():
         linear_ref(ax, xs, ys)
         if len(xs) < len(n):
             ax.annotate("larger tables exceed the\npolicy's default limits", xy=(0.35, 0.1), xycoords="axes fraction", fontsize=8)
-        ax.set_xlabel("backends in the routing table")
         ax.set_title(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "docs", "scale-table.png"), dpi=90)
+    save(fig, axes, "backends in the routing table", "scale-table.png")
 
     dec = rows("scale-decisions.csv")
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -114,12 +110,8 @@ def table_plots():
         k = [int(r["candidates"]) for r in sub]
         ax.loglog(k, [float(r["wasm_ns"]) / 1e3 for r in sub], "o-", label=f"wasm, {size:,} backends")
         ax.loglog(k, [float(r["native_ns"]) / 1e3 for r in sub], "s--", label=f"native, {size:,} backends")
-    ax.set_xlabel("candidates of the app")
     ax.set_ylabel("one decision (us)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "docs", "scale-decisions.png"), dpi=90)
+    save(fig, [ax], "candidates of the app", "scale-decisions.png")
 
 
 if __name__ == "__main__":
