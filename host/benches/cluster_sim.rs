@@ -77,6 +77,8 @@ async fn run(n: usize, import: usize) -> String {
             gossip_interval: Duration::from_millis(1000),
             sync_interval: Duration::from_millis(2000),
             tombstone_ttl: Duration::from_secs(7 * 86_400),
+            purge_every: Duration::from_secs(3600),
+            wall: edgeproxy::adapters::outbound::sqlite_replica::system_clock(),
         };
         let db = dir.path().join(format!("n{i}.db"));
         let (c, _) = Cluster::in_memory(&net, node, &db, stop.clone()).unwrap();

@@ -248,7 +248,8 @@ pub struct ClusterStatus {
     pub members: Vec<MemberStatus>,
     pub rows: usize,
     pub tombstones: usize,
-    /// Equal on two POPs exactly when their tables (rows, tombstones, versions) are equal.
+    /// Equal on two POPs exactly when their live rows (with their versions) are equal;
+    /// tombstones are left out, each POP purges them at its own pace.
     pub digest: String,
     pub clock: u64,
     pub last_sync_secs_ago: Option<f64>,
@@ -257,6 +258,8 @@ pub struct ClusterStatus {
     pub changes_applied: u64,
     pub changes_rejected: u64,
     pub changes_clock_ahead: u64,
+    /// Live rows dropped because a peer had seen their write superseded.
+    pub changes_superseded: u64,
     pub sync_rounds: u64,
     pub sync_failures: u64,
     pub bytes_in: u64,

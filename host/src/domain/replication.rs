@@ -6,6 +6,15 @@
 //! HLC then its node id; versions are unique per write, so "the greater (version, row)
 //! wins" is a total order and the merge is commutative, associative and idempotent: the
 //! same writes give the same table on every POP whatever order they arrive in.
+//!
+//! Every write also has a [`Dot`]: its origin and the origin's count of writes, 1, 2, 3...
+//! A POP keeps the dots it has [`Seen`], per origin a few ranges. That bookkeeping, not any
+//! clock, says what is news: a dot seen is never taken again, and a dot seen but no longer
+//! held was superseded here (by a newer write, or a delete since purged). So a tombstone can
+//! be purged without a deleted row coming back, and a POP that joins or was wiped takes
+//! every row it has not seen, whatever its age.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -118,10 +127,19 @@ pub struct BackendRow {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct VersionedRow {
     pub version: Version,
+    /// The writer's count of its writes at this one (with `version.node`, its [`Dot`]).
+    pub seq: u64,
     pub row: BackendRow,
 }
 
 impl VersionedRow {
+    pub fn dot(&self) -> Dot {
+        Dot {
+            node: self.version.node,
+            seq: self.seq,
+        }
+    }
+
     /// The merge rule: `self` replaces `current` when it is greater, version first. Equal
     /// versions with different contents (only a bug or a forged node could make them) are
     /// settled by the contents, so even then every POP keeps the same row.
@@ -136,6 +154,175 @@ impl VersionedRow {
     }
 }
 
+/// One write's name: who wrote it and how many writes that node had made by then.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct Dot {
+    pub node: NodeId,
+    pub seq: u64,
+}
+
+/// The writes a POP has taken account of, per origin: sorted, disjoint, non-adjacent
+/// inclusive ranges of sequence numbers (one range per origin once nothing is missing).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen(BTreeMap<NodeId, Vec<(u64, u64)>>);
+
+/// Most ranges a peer's [`Seen`] may carry: a well-formed one has a few per origin, or at
+/// worst one per row of the table; past this it is refused, not stored.
+pub const MAX_SEEN_RANGES: usize = 1 << 20;
+
+impl Seen {
+    pub fn contains(&self, d: Dot) -> bool {
+        self.0.get(&d.node).is_some_and(|rs| {
+            let i = rs.partition_point(|&(_, hi)| hi < d.seq);
+            rs.get(i).is_some_and(|&(lo, _)| lo <= d.seq)
+        })
+    }
+
+    /// Adds `d`; false when it was already there.
+    pub fn insert(&mut self, d: Dot) -> bool {
+        if self.contains(d) {
+            return false;
+        }
+        self.insert_range(d.node, d.seq, d.seq);
+        true
+    }
+
+    pub fn insert_range(&mut self, node: NodeId, lo: u64, hi: u64) {
+        if lo > hi {
+            return;
+        }
+        let rs = self.0.entry(node).or_default();
+        // Ranges touching [lo, hi] (overlapping or adjacent) merge with it.
+        let start = rs.partition_point(|&(_, h)| h.saturating_add(1) < lo);
+        let end = rs.partition_point(|&(l, _)| l <= hi.saturating_add(1));
+        let (mut lo, mut hi) = (lo, hi);
+        if start < end {
+            lo = lo.min(rs[start].0);
+            hi = hi.max(rs[end - 1].1);
+        }
+        rs.splice(start..end, [(lo, hi)]);
+    }
+
+    pub fn union(&mut self, other: &Seen) {
+        for (node, lo, hi) in other.ranges() {
+            self.insert_range(node, lo, hi);
+        }
+    }
+
+    /// What `self` has that `other` lacks.
+    pub fn minus(&self, other: &Seen) -> Seen {
+        let mut out = Seen::default();
+        for (node, mine) in &self.0 {
+            let theirs = other.0.get(node).map_or(&[][..], Vec::as_slice);
+            let mut t = theirs.iter().peekable();
+            for &(lo, hi) in mine {
+                let mut from = lo;
+                while let Some(&&(tlo, thi)) = t.peek() {
+                    if thi < from {
+                        t.next();
+                        continue;
+                    }
+                    if tlo > hi {
+                        break;
+                    }
+                    if tlo > from {
+                        out.insert_range(*node, from, tlo - 1);
+                    }
+                    from = thi.saturating_add(1);
+                    if thi >= hi {
+                        break;
+                    }
+                    t.next();
+                }
+                if from <= hi && from >= lo {
+                    out.insert_range(*node, from, hi);
+                }
+            }
+        }
+        out
+    }
+
+    /// The highest sequence number seen of `node` (0: none).
+    pub fn last(&self, node: NodeId) -> u64 {
+        self.0
+            .get(&node)
+            .and_then(|rs| rs.last())
+            .map_or(0, |r| r.1)
+    }
+
+    pub fn ranges(&self) -> impl Iterator<Item = (NodeId, u64, u64)> + '_ {
+        self.0
+            .iter()
+            .flat_map(|(n, rs)| rs.iter().map(move |&(lo, hi)| (*n, lo, hi)))
+    }
+
+    pub fn origin(&self, node: NodeId) -> &[(u64, u64)] {
+        self.0.get(&node).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.values().all(Vec::is_empty)
+    }
+
+    pub fn range_count(&self) -> usize {
+        self.0.values().map(Vec::len).sum()
+    }
+
+    /// A peer's bookkeeping as it may be used: well formed (sorted, disjoint, no sequence
+    /// number 0) and of bounded size, or why not.
+    pub fn checked(self) -> Result<Seen, String> {
+        if self.range_count() > MAX_SEEN_RANGES {
+            return Err(format!(
+                "{} ranges of writes seen (at most {MAX_SEEN_RANGES})",
+                self.range_count()
+            ));
+        }
+        for (node, rs) in &self.0 {
+            let ordered = rs.iter().all(|&(lo, hi)| lo >= 1 && lo <= hi)
+                && rs.windows(2).all(|w| w[0].1.saturating_add(1) < w[1].0);
+            if !ordered {
+                return Err(format!("malformed ranges of writes seen for node {node}"));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// How a sync answer opens: the answerer's bookkeeping, from one snapshot of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    /// Every write the answerer has seen.
+    pub seen: Seen,
+    /// Writes the answerer has seen and no longer holds that the caller has not seen: the
+    /// caller marks them seen, so they are refused should anyone offer them later.
+    pub cleared: Seen,
+    /// Digest buckets in which the caller holds live rows that differ from the answerer's,
+    /// and the dots of the answerer's live rows in them: a live row of the caller whose dot
+    /// the answerer has seen but does not hold there was superseded (by a delete purged
+    /// since, say), and goes.
+    pub buckets: Vec<u16>,
+    pub live: Vec<Dot>,
+}
+
+impl Head {
+    /// A peer's head as it may be used: its bookkeeping well formed, its lists bounded.
+    pub fn checked(self) -> Result<Head, String> {
+        if let Some(b) = self.buckets.iter().find(|&&b| usize::from(b) >= BUCKETS) {
+            return Err(format!("digest bucket {b} (there are {BUCKETS})"));
+        }
+        if self.live.len() > MAX_SEEN_RANGES {
+            return Err(format!("{} live rows listed (at most {MAX_SEEN_RANGES})", self.live.len()));
+        }
+        Ok(Head {
+            seen: self.seen.checked()?,
+            cleared: self.cleared.checked()?,
+            ..self
+        })
+    }
+}
+
 /// Digest buckets: rows are spread by id so a difference is found by comparing 64 numbers,
 /// then only the rows of the buckets that differ.
 pub const BUCKETS: usize = 64;
@@ -144,14 +331,16 @@ pub fn bucket_of(id: &str) -> usize {
     (fnv1a(id.as_bytes()) % BUCKETS as u64) as usize
 }
 
-/// XOR of the fingerprints of the rows in each bucket: order-free and cheap to keep up.
+/// XOR of the fingerprints of the live rows in each bucket: order-free and cheap to keep
+/// up. Tombstones are left out: each POP purges them at its own pace, and what must match
+/// between POPs is what they route.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Digest(pub Vec<u64>);
 
 impl Digest {
     pub fn of<'a>(rows: impl IntoIterator<Item = &'a VersionedRow>) -> Self {
         let mut buckets = vec![0u64; BUCKETS];
-        for r in rows {
+        for r in rows.into_iter().filter(|r| !r.row.deleted) {
             buckets[bucket_of(&r.row.id)] ^= r.fingerprint();
         }
         Self(buckets)
@@ -191,6 +380,7 @@ mod tests {
                 hlc: Hlc(hlc),
                 node: NodeId(node),
             },
+            seq: hlc,
             row: BackendRow {
                 id: format!("b{id}"),
                 app: "web".into(),
@@ -305,6 +495,51 @@ mod tests {
                 last = clock.last();
             }
         }
+    }
+
+    proptest! {
+        #[test]
+        fn seen_behaves_as_a_set_of_dots(
+            a in prop::collection::vec((0u64..3, 1u64..40, 0u64..6), 0..30),
+            b in prop::collection::vec((0u64..3, 1u64..40, 0u64..6), 0..30),
+        ) {
+            use std::collections::BTreeSet;
+            let build = |spec: &[(u64, u64, u64)]| {
+                let (mut seen, mut model) = (Seen::default(), BTreeSet::new());
+                for &(n, lo, len) in spec {
+                    seen.insert_range(NodeId(n), lo, lo + len);
+                    model.extend((lo..=lo + len).map(|s| (n, s)));
+                }
+                (seen, model)
+            };
+            let ((sa, ma), (sb, mb)) = (build(&a), build(&b));
+            let dots = |s: &Seen| -> BTreeSet<(u64, u64)> {
+                s.ranges().flat_map(|(n, lo, hi)| (lo..=hi).map(move |x| (n.0, x))).collect()
+            };
+            prop_assert_eq!(dots(&sa), ma.clone());
+            prop_assert!(sa.clone().checked().is_ok(), "normalised: {:?}", sa);
+            let diff = sa.minus(&sb);
+            prop_assert_eq!(dots(&diff), ma.difference(&mb).copied().collect::<BTreeSet<_>>());
+            prop_assert!(diff.checked().is_ok());
+            let mut u = sa.clone();
+            u.union(&sb);
+            prop_assert_eq!(dots(&u), ma.union(&mb).copied().collect::<BTreeSet<_>>());
+            for n in 0..3 {
+                for s in 0..50 {
+                    prop_assert_eq!(sa.contains(Dot { node: NodeId(n), seq: s }), ma.contains(&(n, s)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_malformed_seen_from_a_peer_is_refused() {
+        let bad = |rs: Vec<(u64, u64)>| Seen([(NodeId(1), rs)].into()).checked();
+        assert!(bad(vec![(1, 5), (7, 9)]).is_ok());
+        assert!(bad(vec![(5, 1)]).is_err(), "reversed");
+        assert!(bad(vec![(0, 1)]).is_err(), "sequence 0");
+        assert!(bad(vec![(1, 5), (6, 9)]).is_err(), "adjacent, not merged");
+        assert!(bad(vec![(3, 5), (1, 2)]).is_err(), "unsorted");
     }
 
     #[test]

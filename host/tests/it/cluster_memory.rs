@@ -2,9 +2,11 @@
 //! routing files, and faults the test decides (partitions, loss, crashes), so the
 //! scenarios are the same on every run.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use edgeproxy::adapters::cluster::transport::{MemoryNetwork, MemoryTransport};
@@ -25,6 +27,11 @@ struct Sim {
     net: Arc<MemoryNetwork>,
     dir: tempfile::TempDir,
     nodes: Vec<SimNode>,
+    /// How far the simulated wall clock is ahead of the real one (ms): the test moves it.
+    time: Arc<AtomicI64>,
+    /// Each node's own clock error (ms), from its next start.
+    skew: HashMap<usize, i64>,
+    tombstone_ttl: Duration,
 }
 
 fn gossip_addr(i: usize) -> SocketAddr {
@@ -37,6 +44,9 @@ impl Sim {
             net: MemoryNetwork::new(),
             dir: tempfile::tempdir().unwrap(),
             nodes: Vec::new(),
+            time: Arc::default(),
+            skew: HashMap::new(),
+            tombstone_ttl: Duration::from_secs(3600),
         };
         for i in 0..n {
             sim.start(i, &[0]);
@@ -59,7 +69,15 @@ impl Sim {
                 .collect(),
             gossip_interval: Duration::from_millis(100),
             sync_interval: Duration::from_millis(200),
-            tombstone_ttl: Duration::from_secs(3600),
+            tombstone_ttl: self.tombstone_ttl,
+            purge_every: Duration::from_millis(50),
+            wall: {
+                let (time, skew) = (self.time.clone(), self.skew.get(&i).copied().unwrap_or(0));
+                Arc::new(move || {
+                    let real = edgeproxy::adapters::outbound::sqlite_replica::wall_ms() as i64;
+                    (real + time.load(Ordering::SeqCst) + skew).max(0) as u64
+                })
+            },
         };
         let db = self.dir.path().join(format!("n{i}.db"));
         let stop = CancellationToken::new();
@@ -252,6 +270,7 @@ async fn bad_rows_are_neither_spread_nor_taken_in() {
             hlc: Hlc::from_millis(edgeproxy::adapters::outbound::sqlite_replica::wall_ms()),
             node: NodeId(42),
         },
+        seq: 1,
         row: BackendRow {
             id: "evil".into(),
             app: "web".into(),

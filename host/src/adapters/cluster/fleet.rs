@@ -210,7 +210,7 @@ impl Inner {
             Message::FleetReply { same: true, .. } => return Ok(()),
             Message::FleetReply { records, .. } => records,
             Message::Refused { reason } => return Err(format!("refused: {reason}")),
-            other => return Err(format!("unexpected {other:?} answering a policy sync")),
+            other => return Err(format!("unexpected {} answering a policy sync", other.kind())),
         };
         let known: HashMap<String, FleetRecord> =
             theirs.iter().map(|r| (r.value.key(), r.clone())).collect();
@@ -274,7 +274,8 @@ impl Inner {
                 Message::Refused { reason } => return Err(Unavailable(reason)),
                 other => {
                     return Err(Unavailable(format!(
-                        "unexpected {other:?} answering for a component"
+                        "unexpected {} answering for a component",
+                        other.kind()
                     )));
                 }
             }

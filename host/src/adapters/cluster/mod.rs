@@ -36,9 +36,9 @@ use self::quic::{QuicEndpoint, QuicTransport};
 use self::transport::{Inbox, Transport};
 use crate::adapters::outbound::sqlite_fleet::SqliteFleet;
 use crate::adapters::outbound::sqlite_replica::SqliteReplica;
-use crate::adapters::outbound::sqlite_replica::wall_ms;
+use crate::adapters::outbound::sqlite_replica::{WallClock, wall_ms};
 use crate::domain::ports::{ClusterStatus, ClusterView, MemberStatus};
-use crate::domain::replication::{NodeId, VersionedRow};
+use crate::domain::replication::{Head, NodeId, Seen, VersionedRow};
 use crate::log_throttle::LogThrottle;
 
 pub use self::tls::TlsFiles;
@@ -132,11 +132,20 @@ pub struct Stats {
     pub changes_applied: AtomicU64,
     pub changes_rejected: AtomicU64,
     pub changes_ahead: AtomicU64,
+    pub changes_superseded: AtomicU64,
     pub sync_rounds: AtomicU64,
     pub sync_failures: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub protocol_refused: AtomicU64,
+}
+
+/// At most ten items of a list, for a log line, with how many more there were.
+fn capped<T: std::fmt::Debug>(items: &[T]) -> String {
+    match items.len() {
+        0..=10 => format!("{items:?}"),
+        n => format!("{:?} and {} more", &items[..10], n - 10),
+    }
 }
 
 /// A member reachable for rows.
@@ -194,43 +203,77 @@ impl Inner {
         }
     }
 
-    /// Merges rows from `origin`, counting and reporting what was refused.
-    async fn apply(self: &Arc<Self>, origin: NodeId, rows: Vec<VersionedRow>) {
-        if rows.is_empty() {
-            return;
+    /// Merges rows from `origin` (and marks `cleared` seen), counting and reporting what
+    /// was refused; an error (the file could not take them) fails the caller's round.
+    async fn apply(
+        self: &Arc<Self>,
+        origin: NodeId,
+        rows: Vec<VersionedRow>,
+        cleared: Seen,
+    ) -> Result<(), String> {
+        if rows.is_empty() && cleared.is_empty() {
+            return Ok(());
         }
-        let result = self.store.run(move |r| r.apply(rows)).await;
-        match result {
-            Ok(out) => {
-                tracing::debug!(
-                    "cluster: from {origin}: {} applied, {} stale",
-                    out.applied.len(),
-                    out.stale
-                );
-                let s = &self.stats;
-                s.changes_applied
-                    .fetch_add(out.applied.len() as u64, Ordering::Relaxed);
-                s.changes_rejected
-                    .fetch_add(out.rejected.len() as u64, Ordering::Relaxed);
-                s.changes_ahead
-                    .fetch_add(out.ahead.len() as u64, Ordering::Relaxed);
-                if (!out.rejected.is_empty() || !out.ahead.is_empty())
-                    && let Some(held) = self.reject_log.allow()
-                {
-                    tracing::warn!(
-                        origin = %origin,
-                        "cluster: refused rows from node {origin}: invalid {:?}; clock ahead {:?} \
-                         ({held} earlier reports held back)",
-                        out.rejected,
-                        out.ahead.iter().map(|(id, a)| format!("{id}: {a}")).collect::<Vec<_>>()
-                    );
-                }
-                if !out.stamped.is_empty() {
-                    self.broadcast(out.stamped);
-                }
-            }
-            Err(e) => tracing::error!("cluster: {e}"),
+        let out = self
+            .store
+            .run(move |r| r.apply(rows, &cleared))
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::debug!(
+            "cluster: from {origin}: {} applied, {} stale",
+            out.applied.len(),
+            out.stale
+        );
+        let s = &self.stats;
+        s.changes_applied
+            .fetch_add(out.applied.len() as u64, Ordering::Relaxed);
+        s.changes_rejected
+            .fetch_add(out.rejected.len() as u64, Ordering::Relaxed);
+        s.changes_ahead
+            .fetch_add(out.ahead.len() as u64, Ordering::Relaxed);
+        if (!out.rejected.is_empty() || !out.ahead.is_empty())
+            && let Some(held) = self.reject_log.allow()
+        {
+            let ahead: Vec<String> = out.ahead.iter().map(|(id, a)| format!("{id}: {a}")).collect();
+            tracing::warn!(
+                origin = %origin,
+                "cluster: refused rows from node {origin}: {} invalid {}; {} clock ahead {} \
+                 ({held} earlier reports held back)",
+                out.rejected.len(),
+                capped(&out.rejected),
+                ahead.len(),
+                capped(&ahead),
+            );
         }
+        if !out.stamped.is_empty() {
+            self.broadcast(out.stamped);
+        }
+        Ok(())
+    }
+
+    /// Drops the live rows `peer`'s head shows it saw superseded.
+    async fn drop_superseded(self: &Arc<Self>, peer: &Peer, head: Head) -> Result<(), String> {
+        let out = self
+            .store
+            .run(move |r| r.drop_superseded(&head))
+            .await
+            .map_err(|e| e.to_string())?;
+        if !out.superseded.is_empty() {
+            self.stats
+                .changes_superseded
+                .fetch_add(out.superseded.len() as u64, Ordering::Relaxed);
+            tracing::info!(
+                "cluster: dropped {} row(s) that {} saw superseded (deleted while this POP was \
+                 away, their tombstones since purged): {}",
+                out.superseded.len(),
+                peer.name,
+                capped(&out.superseded)
+            );
+        }
+        if !out.stamped.is_empty() {
+            self.broadcast(out.stamped);
+        }
+        Ok(())
     }
 
     fn broadcast(self: &Arc<Self>, rows: Vec<VersionedRow>) {
@@ -272,7 +315,7 @@ impl ClusterView for Cluster {
 }
 
 /// One node's part in the cluster, whatever carries its messages.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Node {
     pub name: String,
     /// Where peers reach it for SWIM and for rows.
@@ -282,6 +325,10 @@ pub struct Node {
     pub gossip_interval: Duration,
     pub sync_interval: Duration,
     pub tombstone_ttl: Duration,
+    /// Longest time between two looks for tombstones to purge (an hour in production).
+    pub purge_every: Duration,
+    /// This POP's wall clock (tests drive their own).
+    pub wall: WallClock,
 }
 
 impl Cluster {
@@ -328,6 +375,8 @@ impl Cluster {
             gossip_interval: cfg.gossip_interval,
             sync_interval: cfg.sync_interval,
             tombstone_ttl: cfg.tombstone_ttl,
+            purge_every: Duration::from_secs(3600),
+            wall: crate::adapters::outbound::sqlite_replica::system_clock(),
         };
         tracing::info!(
             node = %replica.node(),
@@ -368,7 +417,7 @@ impl Cluster {
         db: &std::path::Path,
         stop: CancellationToken,
     ) -> anyhow::Result<(Self, Arc<transport::MemoryTransport>)> {
-        let replica = SqliteReplica::open(db, Duration::from_secs(60))?;
+        let replica = SqliteReplica::open_with(db, Duration::from_secs(60), node.wall.clone())?;
         let fleet = open_fleet(&replica, Duration::from_secs(60))?;
         let addrs = [node.gossip, node.transport];
         let slot = Arc::new(Mutex::new(None));
@@ -434,7 +483,12 @@ impl Cluster {
             node.sync_interval,
             stop.clone(),
         ));
-        tokio::spawn(purge_tombstones(inner.clone(), node.tombstone_ttl, stop));
+        tokio::spawn(purge_tombstones(
+            inner.clone(),
+            node.tombstone_ttl,
+            node.purge_every,
+            stop,
+        ));
         Self { inner }
     }
 
@@ -488,6 +542,7 @@ impl Cluster {
             changes_applied: load(&s.changes_applied),
             changes_rejected: load(&s.changes_rejected),
             changes_clock_ahead: load(&s.changes_ahead),
+            changes_superseded: load(&s.changes_superseded),
             sync_rounds: load(&s.sync_rounds),
             sync_failures: load(&s.sync_failures),
             bytes_in: load(&s.bytes_in),
@@ -659,20 +714,30 @@ async fn anti_entropy(
     }
 }
 
-/// Purges tombstones older than the window, a few times per window (at most hourly).
-async fn purge_tombstones(inner: Arc<Inner>, ttl: Duration, stop: CancellationToken) {
-    let every = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+/// Purges tombstones held longer than the window, checked a few times per window (at
+/// most every `every`).
+async fn purge_tombstones(
+    inner: Arc<Inner>,
+    ttl: Duration,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let every = (ttl / 4).clamp(Duration::from_millis(50), every);
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let cutoff = crate::adapters::outbound::sqlite_replica::wall_ms()
-            .saturating_sub(ttl.as_millis() as u64);
-        match inner.store.run(move |r| r.purge_tombstones(cutoff)).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!("cluster: purged {n} tombstone(s) older than {ttl:?}"),
+        match inner.store.run(move |r| r.purge_tombstones(ttl)).await {
+            Ok((n, stamped)) => {
+                if n > 0 {
+                    tracing::info!("cluster: purged {n} tombstone(s) held longer than {ttl:?}");
+                }
+                if !stamped.is_empty() {
+                    inner.broadcast(stamped);
+                }
+            }
             Err(e) => tracing::error!("cluster: purging tombstones: {e}"),
         }
     }

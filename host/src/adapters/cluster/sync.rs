@@ -1,8 +1,10 @@
 //! Rows between POPs: fresh local writes pushed to every member at once, and anti-entropy
-//! rounds (digests, then the rows of the buckets that differ) that repair whatever a push
-//! missed: a lost packet, a partition, a restart, a wiped database.
+//! rounds that repair whatever a push missed (a lost packet, a partition, a restart, a
+//! wiped database). A round compares the writes each side has seen, never clocks: the
+//! caller takes every row whose write it has not seen, marks seen what the answerer saw
+//! superseded, drops its live rows the answerer saw superseded, then pushes back what the
+//! answerer has not seen.
 
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,8 +15,11 @@ use super::membership::Input;
 use super::transport::{BoxFuture, Inbox};
 use super::wire::{self, Message};
 use super::{Inner, Peer};
-use crate::adapters::outbound::sqlite_replica::wall_ms;
-use crate::domain::replication::{BUCKETS, NodeId, VersionedRow};
+use crate::domain::replication::{BUCKETS, Head, NodeId, Seen, VersionedRow};
+
+/// Most pages one round takes in; a table larger than this many pages of news is taken
+/// over several rounds (each page is applied as it arrives, so memory stays one page).
+const MAX_PAGES: usize = 64;
 
 impl Inbox for Inner {
     fn datagram(&self, data: Bytes) {
@@ -35,10 +40,16 @@ impl Inner {
         self.stats
             .bytes_in
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        let msg = match wire::decode(&frame) {
+        let size = frame.len();
+        // Decoding a large frame is real work: off the runtime's threads.
+        let decoded = tokio::task::spawn_blocking(move || wire::decode(&frame))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|m| m.map_err(|e| e.to_string()));
+        let msg = match decoded {
             Ok(m) => m,
             Err(e) => {
-                self.protocol_refusal(from, &e.to_string());
+                self.protocol_refusal(from, &format!("{size}-byte frame: {e}"));
                 return None;
             }
         };
@@ -47,62 +58,66 @@ impl Inner {
                 schema,
                 from: node,
                 rows,
-            }
-            | Message::SyncPush {
-                schema,
-                from: node,
-                rows,
             } => {
                 if let Some(reason) = wire::schema_mismatch(schema) {
                     self.protocol_refusal(from, &reason);
                     return None;
                 }
-                self.stats
-                    .changes_received
-                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
-                self.apply(node, rows).await;
+                self.received(node, rows, Seen::default()).await;
+                None
+            }
+            Message::SyncPush {
+                schema,
+                from: node,
+                rows,
+                cleared,
+            } => {
+                let checked = match wire::schema_mismatch(schema) {
+                    Some(reason) => Err(reason),
+                    None => cleared.checked(),
+                };
+                match checked {
+                    Ok(cleared) => self.received(node, rows, cleared).await,
+                    Err(reason) => self.protocol_refusal(from, &reason),
+                }
                 None
             }
             Message::SyncRequest {
                 schema,
                 digest,
-                last_sync_ms,
+                seen,
                 after,
                 ..
             } => {
-                let reply = match wire::schema_mismatch(schema) {
-                    Some(reason) => {
+                let valid = match wire::schema_mismatch(schema) {
+                    Some(reason) => Err(reason),
+                    None if digest.0.len() != BUCKETS => {
+                        Err(format!("digest of {} buckets, not {BUCKETS}", digest.0.len()))
+                    }
+                    None => seen.checked(),
+                };
+                let reply = match valid {
+                    Err(reason) => {
                         self.protocol_refusal(from, &reason);
                         Message::Refused { reason }
                     }
-                    None => {
+                    Ok(seen) => {
                         self.store
                             .run(move |r| {
-                                let gc_watermark = r.gc_watermark();
-                                let reset = last_sync_ms < gc_watermark.millis();
-                                let buckets = match reset {
-                                    true => (0..BUCKETS).collect(),
-                                    false => r.digest().differing(&digest),
-                                };
+                                let head = after.is_none().then(|| r.head_for(&seen, &digest));
                                 let (rows, next) =
-                                    r.page(&buckets, after.as_deref(), wire::PAGE_ROWS);
+                                    r.news_for(&seen, after.as_deref(), wire::PAGE_ROWS);
                                 Message::SyncReply {
                                     schema: wire::SCHEMA,
+                                    head,
                                     rows,
-                                    buckets: buckets.into_iter().map(|b| b as u16).collect(),
-                                    gc_watermark,
-                                    reset,
                                     next,
                                 }
                             })
                             .await
                     }
                 };
-                let reply = wire::encode(&reply);
-                self.stats
-                    .bytes_out
-                    .fetch_add(reply.len() as u64, Ordering::Relaxed);
-                Some(reply)
+                Some(self.encode_out(&reply))
             }
             Message::FleetPush {
                 from: node,
@@ -117,9 +132,23 @@ impl Inner {
                 Some(self.encode_out(&reply))
             }
             other => {
-                self.protocol_refusal(from, &format!("unexpected {other:?}"));
+                self.protocol_refusal(
+                    from,
+                    &format!("unexpected {} ({size} bytes)", other.kind()),
+                );
                 None
             }
+        }
+    }
+
+    /// Rows a peer sent on its own (a push): applied, a failure logged (the peer's next
+    /// round, or ours, brings them again).
+    async fn received(self: &Arc<Self>, origin: NodeId, rows: Vec<VersionedRow>, cleared: Seen) {
+        self.stats
+            .changes_received
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        if let Err(e) = self.apply(origin, rows, cleared).await {
+            tracing::error!("cluster: {e}");
         }
     }
 
@@ -132,23 +161,22 @@ impl Inner {
     }
 }
 
-/// One anti-entropy round with `peer`: our digest out, their rows of the differing buckets
-/// in, then ours that they lack or have older back out.
+/// One anti-entropy round with `peer`: the rows we have not seen in, page by page, then
+/// what they saw superseded out of our table, then what they have not seen back out.
 pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
-    let started = wall_ms();
-    let (from, digest, last_sync_ms) = inner
+    let (from, digest, seen) = inner
         .store
-        .run(|r| (r.node(), r.digest(), r.last_sync_ms()))
+        .run(|r| (r.node(), r.digest(), r.seen().clone()))
         .await;
-    // Their rows of the buckets that differ, page by page.
-    let (mut theirs, mut after) = (Vec::new(), None);
-    let (buckets, watermark, reset) = loop {
+    let mut head: Option<Head> = None;
+    let mut after: Option<String> = None;
+    for page in 0..MAX_PAGES {
         let request = Message::SyncRequest {
             schema: wire::SCHEMA,
             from,
             digest: digest.clone(),
-            last_sync_ms,
-            after: after.take(),
+            seen: seen.clone(),
+            after: after.clone(),
         };
         let reply = inner
             .transport
@@ -158,65 +186,69 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
             .stats
             .bytes_in
             .fetch_add(reply.len() as u64, Ordering::Relaxed);
-        match wire::decode(&reply).map_err(|e| e.to_string())? {
+        let size = reply.len();
+        let reply = tokio::task::spawn_blocking(move || wire::decode(&reply))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let (rows, next) = match reply {
             Message::SyncReply {
                 schema,
-                buckets,
+                head: h,
                 rows,
-                gc_watermark,
-                reset,
                 next,
             } => {
                 if let Some(reason) = wire::schema_mismatch(schema) {
                     return Err(reason);
                 }
-                theirs.extend(rows);
-                match next {
-                    Some(id) => after = Some(id),
-                    None => break (buckets, gc_watermark, reset),
+                match (page, h) {
+                    (0, Some(h)) => head = Some(h.checked()?),
+                    (0, None) => return Err("a sync answer without its head".into()),
+                    _ => {}
                 }
+                (rows, next)
             }
             Message::Refused { reason } => return Err(format!("refused: {reason}")),
-            other => return Err(format!("unexpected {other:?} answering a sync")),
+            other => {
+                return Err(format!(
+                    "unexpected {} ({size} bytes) answering a sync",
+                    other.kind()
+                ));
+            }
+        };
+        let cleared = match page {
+            0 => head.as_ref().map(|h| h.cleared.clone()).unwrap_or_default(),
+            _ => Seen::default(),
+        };
+        inner.stats.changes_received.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        inner.apply(peer.node, rows, cleared).await?;
+        match next {
+            // A cursor that does not move on would have us ask for ever.
+            Some(id) if after.as_ref().is_some_and(|a| id <= *a) => {
+                return Err(format!("{} answered a page that did not advance", peer.name));
+            }
+            Some(id) => after = Some(id),
+            None => break,
         }
-    };
-    let their_versions: HashMap<String, VersionedRow> = theirs
-        .iter()
-        .map(|r| (r.row.id.clone(), r.clone()))
-        .collect();
-    if reset {
-        let ids: HashSet<String> = their_versions.keys().cloned().collect();
-        let dropped = inner
-            .store
-            .run(move |r| r.reset_to(&ids, watermark))
-            .await
-            .map_err(|e| e.to_string())?;
-        tracing::warn!(
-            "cluster: this POP was away longer than the tombstone window; resynchronised fully \
-             from {}, dropping {} row(s) deleted meanwhile: {dropped:?}",
-            peer.name,
-            dropped.len()
-        );
     }
-    inner.apply(peer.node, theirs).await;
-    // Of the differing buckets, what we hold newer than they do (or they lack).
-    let (node, ours) = inner
+    let head = head.ok_or("a sync answer without its head")?;
+    inner.drop_superseded(peer, head.clone()).await?;
+    // Ours they have not seen, and what we saw superseded that they have not seen.
+    let (node, ours, cleared) = inner
         .store
         .run(move |r| {
-            let buckets: Vec<usize> = buckets.into_iter().map(usize::from).collect();
-            let ours = r
-                .in_buckets(&buckets)
-                .into_iter()
-                .filter(|mine| mine.supersedes(their_versions.get(&mine.row.id)))
-                .collect::<Vec<_>>();
-            (r.node(), ours)
+            let (ours, _) = r.news_for(&head.seen, None, usize::MAX);
+            (r.node(), ours, r.cleared_for(&head.seen))
         })
         .await;
-    for page in ours.chunks(wire::PAGE_ROWS) {
+    let mut cleared = Some(cleared).filter(|c| !c.is_empty());
+    let mut pages = ours.chunks(wire::PAGE_ROWS).map(<[_]>::to_vec).peekable();
+    while pages.peek().is_some() || cleared.is_some() {
         let push = Message::SyncPush {
             schema: wire::SCHEMA,
             from: node,
-            rows: page.to_vec(),
+            rows: pages.next().unwrap_or_default(),
+            cleared: cleared.take().unwrap_or_default(),
         };
         inner
             .transport
@@ -225,11 +257,7 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
     }
     inner.stats.sync_rounds.fetch_add(1, Ordering::Relaxed);
     inner.synced_with(peer.node);
-    inner
-        .store
-        .run(move |r| r.synced(started))
-        .await
-        .map_err(|e| e.to_string())
+    Ok(())
 }
 
 /// Sends fresh local rows to every member, each on its own stream, without waiting.

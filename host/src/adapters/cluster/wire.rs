@@ -17,10 +17,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::replication::{Digest, Hlc, NodeId, VersionedRow};
+use crate::domain::replication::{Digest, Head, NodeId, Seen, VersionedRow};
 use crate::domain::rollout::FleetRecord;
 
-pub const PROTOCOL: u32 = 1;
+/// 2: rows carry their write's sequence number and rounds compare the writes seen.
+pub const PROTOCOL: u32 = 2;
 /// The `backends` columns as this build stores them; bump with any change to them.
 pub const SCHEMA: u32 = 1;
 /// Largest frame read: far above a page of rows, far below a hostile length.
@@ -40,33 +41,32 @@ pub enum Message {
         from: NodeId,
         rows: Vec<VersionedRow>,
     },
-    /// Opens an anti-entropy round: the caller's digest, and when it last completed one.
+    /// Opens an anti-entropy round, or asks for its next page: the caller's live digest
+    /// and the writes it has seen.
     SyncRequest {
         schema: u32,
         from: NodeId,
         digest: Digest,
-        last_sync_ms: u64,
+        seen: Seen,
         /// Rows are answered in pages, by id: the page after this id.
         after: Option<String>,
     },
-    /// The buckets that differ, and every row the answerer holds in them. With `reset`,
-    /// the caller was away longer than the tombstone window (its last sync is older than
-    /// the answerer's `gc_watermark`): every bucket is sent, and the caller drops what it
-    /// holds from before the watermark that the answerer does not (deletes it missed).
+    /// Rows the answerer holds whose writes the caller has not seen (tombstones too), one
+    /// page of them; the first page opens with the answerer's bookkeeping (`Head`).
     SyncReply {
         schema: u32,
-        buckets: Vec<u16>,
+        head: Option<Head>,
         rows: Vec<VersionedRow>,
-        gc_watermark: Hlc,
-        reset: bool,
         /// More rows follow: ask again with `after` = this.
         next: Option<String>,
     },
-    /// The caller's rows the answerer lacks or has older, from those buckets (one-way).
+    /// The caller's rows whose writes the answerer has not seen, and the writes the caller
+    /// saw superseded that the answerer has not seen (one-way).
     SyncPush {
         schema: u32,
         from: NodeId,
         rows: Vec<VersionedRow>,
+        cleared: Seen,
     },
     /// The answer to a message that cannot be served (another schema, say).
     Refused {
@@ -97,6 +97,24 @@ pub enum Message {
         total: u64,
         bytes: Vec<u8>,
     },
+}
+
+impl Message {
+    /// The message's name, for logs: a peer's frame is summarised, never printed.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Push { .. } => "Push",
+            Message::SyncRequest { .. } => "SyncRequest",
+            Message::SyncReply { .. } => "SyncReply",
+            Message::SyncPush { .. } => "SyncPush",
+            Message::Refused { .. } => "Refused",
+            Message::FleetPush { .. } => "FleetPush",
+            Message::FleetSync { .. } => "FleetSync",
+            Message::FleetReply { .. } => "FleetReply",
+            Message::ComponentRequest { .. } => "ComponentRequest",
+            Message::ComponentChunk { .. } => "ComponentChunk",
+        }
+    }
 }
 
 /// Component bytes per chunk: a large component moves in bounded frames.
@@ -163,7 +181,7 @@ mod tests {
             schema: SCHEMA,
             from: NodeId(3),
             digest: Digest(vec![1; 64]),
-            last_sync_ms: 0,
+            seen: Seen::default(),
             after: None,
         };
         let back = decode(&encode(&m)).unwrap();

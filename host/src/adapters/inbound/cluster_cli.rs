@@ -117,7 +117,7 @@ pub async fn request_with(
 pub fn render_status(s: &ClusterStatus) -> String {
     let ago = |v: Option<f64>| v.map_or("never".to_owned(), |s| format!("{s:.1}s ago"));
     let mut out = format!(
-        "node      {} ({})\ngossip    {}\ntransport {}\nrows      {} live, {} tombstones\ndigest    {}\nlast sync {}\nchanges   sent {}, received {}, applied {}, rejected {}, clock ahead {}\nsync      {} rounds, {} failed; {} B in, {} B out; {} peers refused\n\n",
+        "node      {} ({})\ngossip    {}\ntransport {}\nrows      {} live, {} tombstones\ndigest    {}\nlast sync {}\nchanges   sent {}, received {}, applied {}, rejected {}, clock ahead {}, superseded {}\nsync      {} rounds, {} failed; {} B in, {} B out; {} peers refused\n\n",
         s.name,
         s.node,
         s.gossip,
@@ -131,6 +131,7 @@ pub fn render_status(s: &ClusterStatus) -> String {
         s.changes_applied,
         s.changes_rejected,
         s.changes_clock_ahead,
+        s.changes_superseded,
         s.sync_rounds,
         s.sync_failures,
         s.bytes_in,

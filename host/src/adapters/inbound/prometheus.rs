@@ -507,13 +507,14 @@ fn enc_cluster(e: &mut DescriptorEncoder, c: &ClusterStatus) -> std::fmt::Result
     family(
         e,
         "cluster_changes",
-        "Replicated row changes: sent (local writes pushed), received, applied (won the merge), rejected (failed validation), clock_ahead (held back: stamped beyond the allowed skew)",
+        "Replicated row changes: sent (local writes pushed), received, applied (won the merge), rejected (failed validation), clock_ahead (held back: stamped beyond the allowed skew), superseded (live rows dropped: a peer saw their write superseded)",
         [
             ("sent", c.changes_sent),
             ("received", c.changes_received),
             ("applied", c.changes_applied),
             ("rejected", c.changes_rejected),
             ("clock_ahead", c.changes_clock_ahead),
+            ("superseded", c.changes_superseded),
         ]
         .map(|(kind, n)| (vec![("kind", kind)], counter(n))),
     )?;
