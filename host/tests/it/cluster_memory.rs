@@ -40,13 +40,18 @@ fn gossip_addr(i: usize) -> SocketAddr {
 
 impl Sim {
     fn new(n: usize) -> Self {
+        Self::with(n, Duration::from_secs(3600))
+    }
+
+    /// `n` nodes keeping tombstones for `tombstone_ttl` of simulated time.
+    fn with(n: usize, tombstone_ttl: Duration) -> Self {
         let mut sim = Self {
             net: MemoryNetwork::new(),
             dir: tempfile::tempdir().unwrap(),
             nodes: Vec::new(),
             time: Arc::default(),
             skew: HashMap::new(),
-            tombstone_ttl: Duration::from_secs(3600),
+            tombstone_ttl,
         };
         for i in 0..n {
             sim.start(i, &[0]);
@@ -100,6 +105,38 @@ impl Sim {
     fn crash(&self, i: usize) {
         self.nodes[i].transport.detach();
         self.nodes[i].stop.cancel();
+    }
+
+    /// Moves every node's wall clock on by `d` (real time goes on as well).
+    fn advance(&self, d: Duration) {
+        self.time.fetch_add(d.as_millis() as i64, Ordering::SeqCst);
+    }
+
+    /// Crashes node `i` and starts it again on an empty database.
+    fn wipe(&mut self, i: usize, seeds: &[usize]) {
+        self.crash(i);
+        for suffix in ["", "-wal", "-shm", ".fleet", ".fleet-wal", ".fleet-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.nodes[i].db.display()));
+        }
+        self.start(i, seeds);
+    }
+
+    /// Node `i`'s rows as its file holds them: id -> deleted.
+    fn held(&self, i: usize) -> HashMap<String, bool> {
+        let conn = rusqlite::Connection::open(&self.nodes[i].db).unwrap();
+        let mut stmt = conn.prepare("SELECT id, deleted FROM backends").unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    fn live(&self, i: usize) -> std::collections::BTreeSet<String> {
+        self.held(i)
+            .into_iter()
+            .filter(|(_, deleted)| !deleted)
+            .map(|(id, _)| id)
+            .collect()
     }
 
     fn write(&self, i: usize, sql: &str) {
@@ -332,4 +369,224 @@ async fn tables_larger_than_a_page_move_in_pages() {
     // ...and pulled in three pages by a node that has nothing.
     sim.start(2, &[1]);
     sim.converged(&[0, 1, 2], rows).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pops_away_together_longer_than_the_window_bring_back_no_delete() {
+    let week = Duration::from_secs(7 * 86_400);
+    let sim = Sim::with(3, week);
+    for i in 0..3 {
+        sim.members_up(i, 2).await;
+    }
+    sim.insert(0, "x", 1);
+    sim.insert(0, "kept", 2);
+    sim.converged(&[0, 1, 2], 2).await;
+    // {0} | {1, 2}: 0 deletes x and, more than a week later, purges the tombstone; the
+    // other two keep syncing with each other and write a row of their own.
+    sim.net.partition(&[sim.addrs(&[0]), sim.addrs(&[1, 2])]);
+    sim.write(0, "DELETE FROM backends WHERE id = 'x'");
+    sim.converged_to(&[0], 1, Some(1)).await;
+    sim.advance(week + Duration::from_secs(86_400));
+    sim.converged_to(&[0], 1, Some(0)).await;
+    sim.insert(1, "away", 3);
+    sim.converged(&[1, 2], 3).await;
+    sim.net.heal();
+    sim.converged(&[0, 1, 2], 2).await;
+    for i in 0..3 {
+        assert_eq!(
+            sim.live(i),
+            ["away".to_owned(), "kept".into()].into(),
+            "n{i}"
+        );
+    }
+    let superseded: u64 = (1..3)
+        .map(|i| sim.nodes[i].cluster.status().changes_superseded)
+        .sum();
+    assert_eq!(superseded, 2, "each of the two dropped x");
+}
+
+/// What the randomized run must end with: the rows written and never deleted, at every POP.
+#[derive(Default)]
+struct Model {
+    live: std::collections::BTreeSet<String>,
+    /// Ids updated at least once: never deleted afterwards, so no update races a delete
+    /// and the expected table does not depend on which clock won.
+    updated: std::collections::BTreeSet<String>,
+    /// Writes a node made that no other node's file shows yet: (node, id, deleted).
+    unconfirmed: Vec<(usize, String, bool)>,
+}
+
+/// Weeks of writes, deletes, restarts, wipes, joins, partitions and clock error, compressed
+/// into seconds of simulated time on the in-memory network, then checked against the model:
+/// every row written and never deleted is live at every POP, no deleted row is.
+/// `EDGEPROXY_SIM_STEPS` (default 60) and `EDGEPROXY_SIM_SEED` (default 23) set the run;
+/// `EDGEPROXY_SIM_STEPS=2000 cargo test -p edgeproxy --test it weeks_of` is the long one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weeks_of_faults_lose_no_row_and_bring_back_no_delete() {
+    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (steps, seed) = (env("EDGEPROXY_SIM_STEPS", 60), env("EDGEPROXY_SIM_SEED", 23));
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let day = Duration::from_secs(86_400);
+    let mut sim = Sim::with(4, 7 * day);
+    for i in 0..4 {
+        sim.members_up(i, 3).await;
+    }
+    let mut up = vec![true; 4];
+    let mut partitioned = false;
+    let mut model = Model::default();
+    let mut next_id = 0;
+    // Only POPs whose clocks are within the allowed skew write: a POP far ahead has its
+    // writes refused by design; it still has to hold every row.
+    let writer = |sim: &Sim, up: &[bool], rng: &mut fastrand::Rng| {
+        let ok: Vec<usize> = (0..up.len())
+            .filter(|&i| up[i] && sim.skew.get(&i).is_none_or(|s| s.abs() < 30_000))
+            .collect();
+        (!ok.is_empty()).then(|| ok[rng.usize(..ok.len())])
+    };
+    let seeds_for = |up: &[bool], me: usize| -> Vec<usize> {
+        (0..up.len()).filter(|&j| up[j] && j != me).collect()
+    };
+    let mut done = [0; 10];
+    for _ in 0..steps {
+        sim.advance(Duration::from_secs(rng.u64(60..3 * 86_400)));
+        let action = rng.u32(0..100);
+        match action {
+            0..=39 => {
+                if let Some(i) = writer(&sim, &up, &mut rng) {
+                    let id = format!("r{next_id}");
+                    next_id += 1;
+                    sim.insert(i, &id, 1);
+                    model.live.insert(id.clone());
+                    model.unconfirmed.push((i, id, false));
+                }
+            }
+            40..=54 => {
+                if let Some(i) = writer(&sim, &up, &mut rng) {
+                    let mine = sim.live(i);
+                    let candidates: Vec<&String> = mine
+                        .iter()
+                        .filter(|id| model.live.contains(*id) && !model.updated.contains(*id))
+                        .collect();
+                    if let Some(id) = candidates.get(rng.usize(..candidates.len().max(1))) {
+                        let id = (*id).clone();
+                        sim.write(i, &format!("DELETE FROM backends WHERE id = '{id}'"));
+                        model.live.remove(&id);
+                        model.unconfirmed.push((i, id, true));
+                    }
+                }
+            }
+            55..=61 => {
+                if let Some(i) = writer(&sim, &up, &mut rng) {
+                    let mine: Vec<String> = sim.live(i).into_iter().filter(|id| model.live.contains(id)).collect();
+                    if !mine.is_empty() {
+                        let id = mine[rng.usize(..mine.len())].clone();
+                        sim.write(i, &format!("UPDATE backends SET port = {} WHERE id = '{id}'", rng.u16(2..60_000)));
+                        model.updated.insert(id);
+                    }
+                }
+            }
+            62..=71 => {
+                let i = rng.usize(..up.len());
+                if up[i] && up.iter().filter(|u| **u).count() > 2 {
+                    sim.crash(i);
+                    up[i] = false;
+                } else if !up[i] {
+                    let seeds = seeds_for(&up, i);
+                    sim.start(i, &seeds);
+                    up[i] = true;
+                }
+            }
+            72..=77 => {
+                // A wipe loses what never left the POP: only POPs whose every write shows
+                // elsewhere are wiped.
+                let i = rng.usize(..up.len());
+                let others: Vec<HashMap<String, bool>> =
+                    (0..up.len()).filter(|&j| j != i).map(|j| sim.held(j)).collect();
+                let shown = |(_, id, deleted): &(usize, String, bool)| {
+                    others.iter().any(|h| h.get(id) == Some(deleted))
+                };
+                model.unconfirmed.retain(|w| !shown(w));
+                if up[i] && model.unconfirmed.iter().all(|w| w.0 != i) {
+                    let seeds = seeds_for(&up, i);
+                    sim.wipe(i, &seeds);
+                }
+            }
+            78..=81 => {
+                if up.len() < 7 {
+                    let i = up.len();
+                    let seeds = seeds_for(&up, i);
+                    sim.start(i, &seeds);
+                    up.push(true);
+                }
+            }
+            82..=89 => {
+                if partitioned {
+                    sim.net.heal();
+                    partitioned = false;
+                } else {
+                    let mut nodes: Vec<usize> = (0..up.len()).collect();
+                    rng.shuffle(&mut nodes);
+                    let cut = rng.usize(1..nodes.len());
+                    sim.net.partition(&[sim.addrs(&nodes[..cut]), sim.addrs(&nodes[cut..])]);
+                    partitioned = true;
+                }
+            }
+            90..=94 => {
+                // A clock far ahead or a little behind, from the POP's next start.
+                let i = rng.usize(..up.len());
+                let skew = [400 * 86_400_000, 3 * 86_400_000, 20_000, -20_000][rng.usize(..4)];
+                sim.skew.insert(i, skew);
+                if up[i] {
+                    sim.crash(i);
+                    let seeds = seeds_for(&up, i);
+                    sim.start(i, &seeds);
+                }
+            }
+            _ => sim.advance(8 * day),
+        }
+        done[(action / 10) as usize] += 1;
+        // Real time between events, so pushes and rounds happen in between (or not).
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..80))).await;
+    }
+    sim.net.heal();
+    for i in 0..up.len() {
+        if !up[i] {
+            let seeds = seeds_for(&up, i);
+            sim.start(i, &seeds);
+            up[i] = true;
+        }
+    }
+    let all: Vec<usize> = (0..up.len()).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let tables: Vec<_> = all.iter().map(|&i| sim.live(i)).collect();
+        if tables.iter().all(|t| *t == model.live) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {seed}, {steps} steps: expected {:?}\n{}",
+            model.live,
+            tables
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!(
+                    "n{i}: missing {:?}, extra {:?}",
+                    model.live.difference(t).collect::<Vec<_>>(),
+                    t.difference(&model.live).collect::<Vec<_>>()
+                ))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sim.converged(&all, model.live.len()).await;
+    eprintln!(
+        "seed {seed}, {steps} steps over {} simulated days, by tens of action: {done:?}; \
+         {} POPs, {} live rows, {} ids written",
+        sim.time.load(Ordering::SeqCst) / 86_400_000,
+        all.len(),
+        model.live.len(),
+        next_id
+    );
 }
