@@ -692,7 +692,7 @@ async fn a_fleet_older_than_the_tombstone_window_still_takes_new_and_wiped_pops(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pop_with_its_clock_400_days_ahead_empties_no_table() {
+async fn pops_with_clocks_400_days_ahead_and_behind_empty_no_table_and_get_every_row() {
     let fleet = Fleet::new();
     let a = fleet.pop("a", 1, &[]);
     let b = fleet.pop("b", 2, &[1]);
@@ -710,13 +710,28 @@ async fn a_pop_with_its_clock_400_days_ahead_empties_no_table() {
         ],
     );
     converged(&[&a, &b, &c], 10).await;
+    // One 400 days behind: every row looks 400 days ahead of its clock, but not of the
+    // fleet's (the median of the POPs' clocks), so it takes them.
+    let d = fleet.pop_with(
+        "d",
+        4,
+        &[1],
+        &[
+            ("LD_PRELOAD", &lib.display().to_string()),
+            ("FAKETIME", "-400d"),
+        ],
+    );
+    converged(&[&a, &b, &c, &d], 10).await;
     // Several rounds later nothing has moved.
     let rounds = |s: &Value| s["sync_rounds"].as_u64().unwrap();
-    for p in [&a, &b, &c] {
+    for p in [&a, &b, &c, &d] {
         let now = rounds(&p.status().await.unwrap());
         p.wait_status("5 more sync rounds", |s| rounds(s) >= now + 5).await;
     }
-    converged(&[&a, &b, &c], 10).await;
+    converged(&[&a, &b, &c, &d], 10).await;
+    // And a write at the POP behind reaches everyone: its clock follows the rows it took.
+    client(&d, &rows_sql(["from-d".to_owned()])).await;
+    converged(&[&a, &b, &c, &d], 11).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

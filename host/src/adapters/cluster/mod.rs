@@ -167,6 +167,9 @@ pub struct Inner {
     members: watch::Receiver<Vec<Member>>,
     pub stats: Stats,
     last_sync: Mutex<HashMap<NodeId, SystemTime>>,
+    /// Each peer's wall clock less this POP's, as last reported in a sync (ms).
+    clocks: Mutex<HashMap<NodeId, i64>>,
+    wall: WallClock,
     reject_log: LogThrottle,
     refusal_log: LogThrottle,
 }
@@ -183,6 +186,26 @@ impl Inner {
                 transport: m.id.transport,
             })
             .collect()
+    }
+
+    fn peer_clock(&self, node: NodeId, wall: u64) {
+        let offset = wall as i64 - (self.wall)() as i64;
+        self.clocks.lock().expect("clocks lock").insert(node, offset);
+    }
+
+    /// The lower median of this POP's clock and its live peers' (as an offset from this
+    /// POP's): with three POPs or more, no single peer's clock can move it past the others'.
+    /// With two, it is the earlier of the two, so a peer ahead is never followed.
+    fn fleet_offset(&self) -> i64 {
+        let clocks = self.clocks.lock().expect("clocks lock");
+        let mut offsets: Vec<i64> = self
+            .alive_peers()
+            .iter()
+            .filter_map(|p| clocks.get(&p.node).copied())
+            .chain([0])
+            .collect();
+        offsets.sort_unstable();
+        offsets[(offsets.len() - 1) / 2]
     }
 
     fn synced_with(&self, node: NodeId) {
@@ -214,9 +237,13 @@ impl Inner {
         if rows.is_empty() && cleared.is_empty() {
             return Ok(());
         }
+        let offset = self.fleet_offset();
         let out = self
             .store
-            .run(move |r| r.apply(rows, &cleared))
+            .run(move |r| {
+                r.set_fleet_offset(offset);
+                r.apply(rows, &cleared)
+            })
             .await
             .map_err(|e| e.to_string())?;
         tracing::debug!(
@@ -238,7 +265,8 @@ impl Inner {
             tracing::warn!(
                 origin = %origin,
                 "cluster: refused rows from node {origin}: {} invalid {}; {} clock ahead {} \
-                 ({held} earlier reports held back)",
+                 (the fleet's median clock is {offset} ms from this POP's; {held} earlier \
+                 reports held back)",
                 out.rejected.len(),
                 capped(&out.rejected),
                 ahead.len(),
@@ -472,6 +500,8 @@ impl Cluster {
                 members: membership.members,
                 stats: Stats::default(),
                 last_sync: Mutex::default(),
+                clocks: Mutex::default(),
+                wall: node.wall.clone(),
                 reject_log: LogThrottle::new(Duration::from_secs(60)),
                 refusal_log: LogThrottle::new(Duration::from_secs(60)),
             }

@@ -84,11 +84,13 @@ impl Inner {
             }
             Message::SyncRequest {
                 schema,
+                from: node,
                 digest,
                 seen,
+                wall,
                 after,
-                ..
             } => {
+                self.peer_clock(node, wall);
                 let valid = match wire::schema_mismatch(schema) {
                     Some(reason) => Err(reason),
                     None if digest.0.len() != BUCKETS => {
@@ -110,6 +112,7 @@ impl Inner {
                                 Message::SyncReply {
                                     schema: wire::SCHEMA,
                                     head,
+                                    wall: r.now(),
                                     rows,
                                     next,
                                 }
@@ -164,9 +167,9 @@ impl Inner {
 /// One anti-entropy round with `peer`: the rows we have not seen in, page by page, then
 /// what they saw superseded out of our table, then what they have not seen back out.
 pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
-    let (from, digest, seen) = inner
+    let (from, digest, seen, wall) = inner
         .store
-        .run(|r| (r.node(), r.digest(), r.seen().clone()))
+        .run(|r| (r.node(), r.digest(), r.seen().clone(), r.now()))
         .await;
     let mut head: Option<Head> = None;
     let mut after: Option<String> = None;
@@ -176,6 +179,7 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
             from,
             digest: digest.clone(),
             seen: seen.clone(),
+            wall,
             after: after.clone(),
         };
         let reply = inner
@@ -195,12 +199,14 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
             Message::SyncReply {
                 schema,
                 head: h,
+                wall,
                 rows,
                 next,
             } => {
                 if let Some(reason) = wire::schema_mismatch(schema) {
                     return Err(reason);
                 }
+                inner.peer_clock(peer.node, wall);
                 match (page, h) {
                     (0, Some(h)) => head = Some(h.checked()?),
                     (0, None) => return Err("a sync answer without its head".into()),

@@ -48,6 +48,8 @@ pub enum Message {
         from: NodeId,
         digest: Digest,
         seen: Seen,
+        /// The caller's wall clock (unix ms) when it sent this.
+        wall: u64,
         /// Rows are answered in pages, by id: the page after this id.
         after: Option<String>,
     },
@@ -56,6 +58,8 @@ pub enum Message {
     SyncReply {
         schema: u32,
         head: Option<Head>,
+        /// The answerer's wall clock (unix ms) when it answered.
+        wall: u64,
         rows: Vec<VersionedRow>,
         /// More rows follow: ask again with `after` = this.
         next: Option<String>,
@@ -182,6 +186,7 @@ mod tests {
             from: NodeId(3),
             digest: Digest(vec![1; 64]),
             seen: Seen::default(),
+            wall: 0,
             after: None,
         };
         let back = decode(&encode(&m)).unwrap();

@@ -93,7 +93,8 @@ impl SqliteReplica {
                     out.stale += 1;
                     continue;
                 }
-                if let Err(ahead) = t.clock.observe(r.version.hlc, t.now) {
+                let fleet_now = t.fleet_now();
+                if let Err(ahead) = t.clock.observe(r.version.hlc, fleet_now) {
                     out.ahead.push((r.row.id.clone(), ahead));
                     continue;
                 }

@@ -61,6 +61,10 @@ pub struct SqliteReplica {
     book: Book,
     data_version: i64,
     wall: WallClock,
+    /// How far the fleet's clocks (their median, this POP's included) are from this POP's:
+    /// what "too far ahead" is measured against, so a POP whose own clock is behind still
+    /// takes the fleet's writes while one peer far ahead moves nothing.
+    fleet_offset_ms: i64,
 }
 
 impl SqliteReplica {
@@ -95,6 +99,7 @@ impl SqliteReplica {
             book,
             data_version: -1,
             wall,
+            fleet_offset_ms: 0,
         })
     }
 
@@ -116,6 +121,11 @@ impl SqliteReplica {
 
     pub fn now(&self) -> u64 {
         (self.wall)()
+    }
+
+    /// Sets how far the fleet's median clock is from this POP's (ms; see the field).
+    pub fn set_fleet_offset(&mut self, ms: i64) {
+        self.fleet_offset_ms = ms;
     }
 
     pub fn digest(&self) -> Digest {
@@ -164,6 +174,7 @@ impl SqliteReplica {
                 clock: self.clock.clone(),
                 node: self.node,
                 now: (self.wall)(),
+                fleet_offset_ms: self.fleet_offset_ms,
             };
             let stamped = capture::stamp(&mut txn)?;
             let out = write(&mut txn)?;
@@ -227,9 +238,15 @@ struct Txn<'a> {
     clock: Clock,
     node: NodeId,
     now: u64,
+    fleet_offset_ms: i64,
 }
 
 impl Txn<'_> {
+    /// The fleet's time: what a remote clock reading is checked against.
+    fn fleet_now(&self) -> u64 {
+        (self.now as i64).saturating_add(self.fleet_offset_ms).max(0) as u64
+    }
+
     /// The row held for `id`, as this transaction leaves it so far.
     fn held(&self, id: &str) -> Option<&VersionedRow> {
         self.staged.held(self.book, id)
