@@ -260,6 +260,8 @@ pub struct ClusterStatus {
     pub changes_clock_ahead: u64,
     /// Live rows dropped because a peer had seen their write superseded.
     pub changes_superseded: u64,
+    /// Streams from peers that failed or timed out, connections refused over a cap.
+    pub stream_errors: u64,
     pub sync_rounds: u64,
     pub sync_failures: u64,
     pub bytes_in: u64,

@@ -313,7 +313,10 @@ impl Head {
             return Err(format!("digest bucket {b} (there are {BUCKETS})"));
         }
         if self.live.len() > MAX_SEEN_RANGES {
-            return Err(format!("{} live rows listed (at most {MAX_SEEN_RANGES})", self.live.len()));
+            return Err(format!(
+                "{} live rows listed (at most {MAX_SEEN_RANGES})",
+                self.live.len()
+            ));
         }
         Ok(Head {
             seen: self.seen.checked()?,

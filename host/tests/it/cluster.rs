@@ -662,7 +662,9 @@ async fn client(pop: &Pop, sql: &str) {
 fn rows_sql(ids: impl IntoIterator<Item = String>) -> String {
     ids.into_iter()
         .map(|id| {
-            format!("INSERT INTO backends VALUES ('{id}','web','eu','DE','10.0.0.1',80,1,1,10,0,0);")
+            format!(
+                "INSERT INTO backends VALUES ('{id}','web','eu','DE','10.0.0.1',80,1,1,10,0,0);"
+            )
         })
         .collect()
 }
@@ -726,7 +728,8 @@ async fn pops_with_clocks_400_days_ahead_and_behind_empty_no_table_and_get_every
     let rounds = |s: &Value| s["sync_rounds"].as_u64().unwrap();
     for p in [&a, &b, &c, &d] {
         let now = rounds(&p.status().await.unwrap());
-        p.wait_status("5 more sync rounds", |s| rounds(s) >= now + 5).await;
+        p.wait_status("5 more sync rounds", |s| rounds(s) >= now + 5)
+            .await;
     }
     converged(&[&a, &b, &c, &d], 10).await;
     // And a write at the POP behind reaches everyone: its clock follows the rows it took.
@@ -751,6 +754,111 @@ async fn an_upsert_from_any_sqlite_client_is_replicated() {
     .await;
     converged_past(&[&a, &b], 1, &before).await;
     assert_eq!(row(&b.rows(), "x")["port"], 81);
+}
+
+/// Resident memory of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_member_pins_no_memory_and_stalls_no_replication() {
+    use edgeproxy::adapters::cluster::TlsFiles;
+    let fleet = Fleet::new();
+    let a = fleet.pop("a", 1, &[]);
+    let b = fleet.pop("b", 2, &[1]);
+    a.wait_members(1).await;
+    client(&b, &rows_sql(["before".to_owned()])).await;
+    converged(&[&a, &b], 1).await;
+    let pid = a.child.as_ref().unwrap().id();
+    let baseline = rss_mib(pid);
+
+    // A member gone rogue: its certificate is from the cluster's CA.
+    let ca = fleet.dir.path().join("ca");
+    let (cert, key) = fleet.cert(&ca, "rogue");
+    let files = TlsFiles {
+        ca: ca.join("ca.pem"),
+        cert,
+        key,
+    };
+    let (_, config) = edgeproxy::adapters::cluster::tls::quic_configs(&files, "edgeproxy").unwrap();
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::new(fleet.ip(99), 0)).unwrap();
+    endpoint.set_default_client_config(config);
+    let target = SocketAddr::new(fleet.ip(1), 4002);
+    // A flood of connections from one address: a few are taken.
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let connecting = endpoint.connect(target, "edgeproxy").unwrap();
+        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(5), connecting).await {
+            // A refused connection is closed by the POP right after the handshake.
+            if tokio::time::timeout(Duration::from_millis(200), c.closed())
+                .await
+                .is_err()
+            {
+                conns.push(c);
+            }
+        }
+    }
+    assert!(
+        !conns.is_empty() && conns.len() <= 4,
+        "{} connections taken",
+        conns.len()
+    );
+    // A frame announced at 100 MiB: refused before it is read.
+    let mut s = conns[0].open_uni().await.unwrap();
+    s.write_all(&(100u32 << 20).to_be_bytes()).await.unwrap();
+    let _ = s.finish();
+    // On every connection, every stream it grants announces 4 MiB, sends 3 and stops.
+    let mut writers = Vec::new();
+    for c in &conns {
+        for _ in 0..16 {
+            let c = c.clone();
+            writers.push(tokio::spawn(async move {
+                let Ok(Ok(mut s)) =
+                    tokio::time::timeout(Duration::from_secs(2), c.open_uni()).await
+                else {
+                    return;
+                };
+                let _ = s.write_all(&(4u32 << 20).to_be_bytes()).await;
+                let _ = s.write_all(&vec![7u8; 3 << 20]).await;
+                // Held open, unfinished, until the POP gives up on it.
+                let _ = s.stopped().await;
+            }));
+        }
+    }
+    // Meanwhile the POP replicates with its good peer.
+    client(&b, &rows_sql(["during".to_owned()])).await;
+    converged(&[&a, &b], 2).await;
+    // It gives up on every unfinished frame after the frame deadline, and counts them apart
+    // from authentication refusals.
+    let peak = std::sync::atomic::AtomicU64::new(0);
+    let s = a
+        .wait_status("the hostile streams dropped", |s| {
+            peak.fetch_max(rss_mib(pid), Ordering::Relaxed);
+            s["stream_errors"].as_u64().unwrap() > conns.len() as u64 * 2
+        })
+        .await;
+    let peak = peak.into_inner();
+    assert_eq!(s["peers_refused"], 0, "{s}");
+    // Streams whose bytes never got past the full window were never seen by the POP and
+    // cost it nothing; their writers would wait for ever.
+    for w in writers {
+        w.abort();
+    }
+    // At most 4 connections x (8 MiB of frames + a 4 MiB window), and some allocator slack.
+    eprintln!("hostile member: RSS {baseline} MiB before, {peak} MiB at most during");
+    assert!(
+        peak.saturating_sub(baseline) < 80,
+        "RSS went from {baseline} MiB to {peak} MiB"
+    );
+    client(&b, &rows_sql(["after".to_owned()])).await;
+    converged(&[&a, &b], 3).await;
 }
 
 #[test]

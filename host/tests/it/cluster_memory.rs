@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 const CONVERGE: Duration = Duration::from_secs(20);
 
 struct SimNode {
-    cluster: Cluster,
+    /// None once crashed: its tasks then let go of its files.
+    cluster: Option<Cluster>,
     transport: Arc<MemoryTransport>,
     db: PathBuf,
     addrs: Vec<SocketAddr>,
@@ -86,10 +87,23 @@ impl Sim {
         };
         let db = self.dir.path().join(format!("n{i}.db"));
         let stop = CancellationToken::new();
-        let (cluster, transport_handle) =
-            Cluster::in_memory(&self.net, node, &db, stop.clone()).unwrap();
+        // A crashed node's tasks let go of its file a moment after they are stopped (this
+        // worker waits for them aside, so the runtime runs them meanwhile).
+        let deadline = tokio::time::Instant::now() + CONVERGE;
+        let (cluster, transport_handle) = tokio::task::block_in_place(|| {
+            loop {
+                match Cluster::in_memory(&self.net, node.clone(), &db, stop.clone()) {
+                    Ok(started) => break started,
+                    Err(e) if e.to_string().contains("another edgeproxy") => {
+                        assert!(tokio::time::Instant::now() < deadline, "n{i}: {e}");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("n{i}: {e}"),
+                }
+            }
+        });
         let sim_node = SimNode {
-            cluster,
+            cluster: Some(cluster),
             transport: transport_handle,
             db,
             addrs: vec![gossip, transport],
@@ -102,9 +116,18 @@ impl Sim {
     }
 
     /// Crashes node `i`: off the network, tasks stopped.
-    fn crash(&self, i: usize) {
+    fn crash(&mut self, i: usize) {
         self.nodes[i].transport.detach();
         self.nodes[i].stop.cancel();
+        self.nodes[i].cluster = None;
+    }
+
+    fn status(&self, i: usize) -> edgeproxy::domain::ports::ClusterStatus {
+        self.nodes[i]
+            .cluster
+            .as_ref()
+            .expect("a running node")
+            .status()
     }
 
     /// Moves every node's wall clock on by `d` (real time goes on as well).
@@ -115,7 +138,16 @@ impl Sim {
     /// Crashes node `i` and starts it again on an empty database.
     fn wipe(&mut self, i: usize, seeds: &[usize]) {
         self.crash(i);
-        for suffix in ["", "-wal", "-shm", ".fleet", ".fleet-wal", ".fleet-shm"] {
+        // The lock goes too: the crashed node's tasks may still hold it, on files now gone.
+        for suffix in [
+            "",
+            "-wal",
+            "-shm",
+            ".replica-lock",
+            ".fleet",
+            ".fleet-wal",
+            ".fleet-shm",
+        ] {
             let _ = std::fs::remove_file(format!("{}{suffix}", self.nodes[i].db.display()));
         }
         self.start(i, seeds);
@@ -129,6 +161,23 @@ impl Sim {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap()
+    }
+
+    /// Node `i`'s live rows with their versions: id -> (port, hlc, node, seq).
+    fn versions(&self, i: usize) -> std::collections::BTreeMap<String, (i64, i64, i64, i64)> {
+        let conn = rusqlite::Connection::open(&self.nodes[i].db).unwrap();
+        let mut stmt = conn
+            .prepare(
+                "SELECT b.id, b.port, v.hlc, v.node, v.seq FROM backends b
+                 JOIN _edgeproxy_versions v ON v.id = b.id WHERE b.deleted = 0",
+            )
+            .unwrap();
+        stmt.query_map([], |r| {
+            Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
     }
 
     fn live(&self, i: usize) -> std::collections::BTreeSet<String> {
@@ -177,10 +226,7 @@ impl Sim {
     ) -> String {
         let deadline = tokio::time::Instant::now() + CONVERGE;
         loop {
-            let s: Vec<_> = nodes
-                .iter()
-                .map(|i| self.nodes[*i].cluster.status())
-                .collect();
+            let s: Vec<_> = nodes.iter().map(|i| self.status(*i)).collect();
             if s.iter().all(|x| {
                 x.digest == s[0].digest
                     && x.rows == rows
@@ -201,9 +247,8 @@ impl Sim {
 
     async fn members_up(&self, i: usize, n: usize) {
         let deadline = tokio::time::Instant::now() + CONVERGE;
-        while self.nodes[i]
-            .cluster
-            .status()
+        while self
+            .status(i)
             .members
             .iter()
             .filter(|m| m.state == "alive")
@@ -213,7 +258,7 @@ impl Sim {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "n{i}: {:?}",
-                self.nodes[i].cluster.status().members
+                self.status(i).members
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -338,7 +383,7 @@ async fn bad_rows_are_neither_spread_nor_taken_in() {
     from.send(to, push(wire::SCHEMA + 1, vec![bad]))
         .await
         .unwrap();
-    let s = sim.nodes[1].cluster.status();
+    let s = sim.status(1);
     assert_eq!(s.changes_rejected, 1, "{s:?}");
     assert_eq!(s.peers_refused, 2, "{s:?}");
     assert_eq!(s.rows, 1);
@@ -399,9 +444,7 @@ async fn two_pops_away_together_longer_than_the_window_bring_back_no_delete() {
             "n{i}"
         );
     }
-    let superseded: u64 = (1..3)
-        .map(|i| sim.nodes[i].cluster.status().changes_superseded)
-        .sum();
+    let superseded: u64 = (1..3).map(|i| sim.status(i).changes_superseded).sum();
     assert_eq!(superseded, 2, "each of the two dropped x");
 }
 
@@ -423,8 +466,16 @@ struct Model {
 /// `EDGEPROXY_SIM_STEPS=2000 cargo test -p edgeproxy --test it weeks_of` is the long one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weeks_of_faults_lose_no_row_and_bring_back_no_delete() {
-    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
-    let (steps, seed) = (env("EDGEPROXY_SIM_STEPS", 60), env("EDGEPROXY_SIM_SEED", 23));
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (steps, seed) = (
+        env("EDGEPROXY_SIM_STEPS", 60),
+        env("EDGEPROXY_SIM_SEED", 23),
+    );
     let mut rng = fastrand::Rng::with_seed(seed);
     let day = Duration::from_secs(86_400);
     let mut sim = Sim::with(4, 7 * day);
@@ -477,10 +528,20 @@ async fn weeks_of_faults_lose_no_row_and_bring_back_no_delete() {
             }
             55..=61 => {
                 if let Some(i) = writer(&sim, &up, &mut rng) {
-                    let mine: Vec<String> = sim.live(i).into_iter().filter(|id| model.live.contains(id)).collect();
+                    let mine: Vec<String> = sim
+                        .live(i)
+                        .into_iter()
+                        .filter(|id| model.live.contains(id))
+                        .collect();
                     if !mine.is_empty() {
                         let id = mine[rng.usize(..mine.len())].clone();
-                        sim.write(i, &format!("UPDATE backends SET port = {} WHERE id = '{id}'", rng.u16(2..60_000)));
+                        sim.write(
+                            i,
+                            &format!(
+                                "UPDATE backends SET port = {} WHERE id = '{id}'",
+                                rng.u16(2..60_000)
+                            ),
+                        );
                         model.updated.insert(id);
                     }
                 }
@@ -500,8 +561,10 @@ async fn weeks_of_faults_lose_no_row_and_bring_back_no_delete() {
                 // A wipe loses what never left the POP: only POPs whose every write shows
                 // elsewhere are wiped.
                 let i = rng.usize(..up.len());
-                let others: Vec<HashMap<String, bool>> =
-                    (0..up.len()).filter(|&j| j != i).map(|j| sim.held(j)).collect();
+                let others: Vec<HashMap<String, bool>> = (0..up.len())
+                    .filter(|&j| j != i)
+                    .map(|j| sim.held(j))
+                    .collect();
                 let shown = |(_, id, deleted): &(usize, String, bool)| {
                     others.iter().any(|h| h.get(id) == Some(deleted))
                 };
@@ -527,7 +590,8 @@ async fn weeks_of_faults_lose_no_row_and_bring_back_no_delete() {
                     let mut nodes: Vec<usize> = (0..up.len()).collect();
                     rng.shuffle(&mut nodes);
                     let cut = rng.usize(1..nodes.len());
-                    sim.net.partition(&[sim.addrs(&nodes[..cut]), sim.addrs(&nodes[cut..])]);
+                    sim.net
+                        .partition(&[sim.addrs(&nodes[..cut]), sim.addrs(&nodes[cut..])]);
                     partitioned = true;
                 }
             }
@@ -535,14 +599,24 @@ async fn weeks_of_faults_lose_no_row_and_bring_back_no_delete() {
                 // A clock off by a little, or by a lot (one POP at a time: the guarantees
                 // hold whatever any one POP's clock says), from the POP's next start.
                 let i = rng.usize(..up.len());
-                let far = [400 * 86_400_000, 3 * 86_400_000, -3 * 86_400_000, -400 * 86_400_000];
+                let far = [
+                    400 * 86_400_000,
+                    3 * 86_400_000,
+                    -3 * 86_400_000,
+                    -400 * 86_400_000,
+                ];
                 let skew: i64 = match rng.bool() {
                     true => far[rng.usize(..far.len())],
                     false => [20_000, -20_000, 0][rng.usize(..3)],
                 };
                 let mut restart = vec![i];
                 if skew.abs() > 60_000 {
-                    restart.extend(sim.skew.iter().filter(|(_, s)| s.abs() > 60_000).map(|(j, _)| *j));
+                    restart.extend(
+                        sim.skew
+                            .iter()
+                            .filter(|(_, s)| s.abs() > 60_000)
+                            .map(|(j, _)| *j),
+                    );
                     sim.skew.retain(|_, s| s.abs() <= 60_000);
                 }
                 sim.skew.insert(i, skew);
@@ -592,7 +666,28 @@ async fn weeks_of_faults_lose_no_row_and_bring_back_no_delete() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    sim.converged(&all, model.live.len()).await;
+    // And the same versions everywhere.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let tables: Vec<_> = all.iter().map(|&i| sim.versions(i)).collect();
+        if tables.iter().all(|t| *t == tables[0]) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let mut diff = Vec::new();
+            for (i, t) in tables.iter().enumerate() {
+                for (id, v) in t.iter().filter(|(id, v)| tables[0].get(*id) != Some(v)) {
+                    diff.push(format!(
+                        "n{i} {id} {v:?} vs n0 {:?}; skew {:?}",
+                        tables[0].get(id),
+                        sim.skew.get(&i)
+                    ));
+                }
+            }
+            panic!("seed {seed}: versions differ:\n{}", diff.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     eprintln!(
         "seed {seed}, {steps} steps over {} simulated days, by tens of action: {done:?}; \
          {} POPs, {} live rows, {} ids written",

@@ -210,7 +210,12 @@ impl Inner {
             Message::FleetReply { same: true, .. } => return Ok(()),
             Message::FleetReply { records, .. } => records,
             Message::Refused { reason } => return Err(format!("refused: {reason}")),
-            other => return Err(format!("unexpected {} answering a policy sync", other.kind())),
+            other => {
+                return Err(format!(
+                    "unexpected {} answering a policy sync",
+                    other.kind()
+                ));
+            }
         };
         let known: HashMap<String, FleetRecord> =
             theirs.iter().map(|r| (r.value.key(), r.clone())).collect();

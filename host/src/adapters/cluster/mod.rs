@@ -190,7 +190,10 @@ impl Inner {
 
     fn peer_clock(&self, node: NodeId, wall: u64) {
         let offset = wall as i64 - (self.wall)() as i64;
-        self.clocks.lock().expect("clocks lock").insert(node, offset);
+        self.clocks
+            .lock()
+            .expect("clocks lock")
+            .insert(node, offset);
     }
 
     /// The lower median of this POP's clock and its live peers' (as an offset from this
@@ -261,7 +264,11 @@ impl Inner {
         if (!out.rejected.is_empty() || !out.ahead.is_empty())
             && let Some(held) = self.reject_log.allow()
         {
-            let ahead: Vec<String> = out.ahead.iter().map(|(id, a)| format!("{id}: {a}")).collect();
+            let ahead: Vec<String> = out
+                .ahead
+                .iter()
+                .map(|(id, a)| format!("{id}: {a}"))
+                .collect();
             tracing::warn!(
                 origin = %origin,
                 "cluster: refused rows from node {origin}: {} invalid {}; {} clock ahead {} \
@@ -573,6 +580,7 @@ impl Cluster {
             changes_rejected: load(&s.changes_rejected),
             changes_clock_ahead: load(&s.changes_ahead),
             changes_superseded: load(&s.changes_superseded),
+            stream_errors: inner.transport.stream_errors(),
             sync_rounds: load(&s.sync_rounds),
             sync_failures: load(&s.sync_failures),
             bytes_in: load(&s.bytes_in),
@@ -773,12 +781,18 @@ async fn purge_tombstones(
     }
 }
 
+/// Longest a whole round may take: a peer that answers slowly page after page is dropped
+/// for this round, and the next round may pick another.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(120);
+
 async fn run_round(inner: &Arc<Inner>, peer: &Peer) {
-    let rows = sync::round(inner, peer).await;
-    let records = match rows {
-        Ok(()) => inner.records_round(peer).await,
-        Err(e) => Err(e),
+    let round = async {
+        sync::round(inner, peer).await?;
+        inner.records_round(peer).await
     };
+    let records = tokio::time::timeout(ROUND_TIMEOUT, round)
+        .await
+        .unwrap_or_else(|_| Err(format!("round not done within {ROUND_TIMEOUT:?}")));
     if let Err(e) = records {
         inner.stats.sync_failures.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("cluster: sync with {}: {e}", peer.name);

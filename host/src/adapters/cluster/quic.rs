@@ -1,6 +1,18 @@
 //! The cluster over QUIC (quinn): an endpoint that both listens and dials, with a
 //! connection per peer address reused in both directions and the count of peers refused at
 //! the handshake; two of them (gossip, rows) make the `Transport`.
+//!
+//! Budgets, so no peer (nor anyone who can send a packet) holds more than its share:
+//! - an address must answer a QUIC Retry before it costs a handshake, at most
+//!   [`MAX_HANDSHAKES`] run at once, each within [`HANDSHAKE_TIMEOUT`];
+//! - at most [`MAX_CONNECTIONS`] connections in all and [`MAX_PER_IP`] from one address;
+//! - the gossip endpoint takes no streams (datagrams only); the rows endpoint takes a few,
+//!   with bounded flow-control windows ([`RECEIVE_WINDOW`] a connection);
+//! - frames peers send are read within a deadline, at most `wire::MAX_INBOUND` each and
+//!   [`CONNECTION_BUDGET`] bytes at once per connection.
+//!
+//! So one peer address holds at most `MAX_PER_IP * (CONNECTION_BUDGET + RECEIVE_WINDOW)`
+//! (48 MiB) of this POP's memory, and cannot take what other peers' connections use.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,6 +31,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A sync answer is one read of the table: a peer that takes longer is as good as gone.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_HANDSHAKES: usize = 32;
+pub const MAX_CONNECTIONS: usize = 512;
+/// A POP needs one connection from a peer's endpoint, two while both dial at once.
+pub const MAX_PER_IP: usize = 4;
+/// Bytes of frames one connection's streams hold at once.
+pub const CONNECTION_BUDGET: usize = 8 << 20;
+/// Unread bytes quinn holds for one connection (its flow-control window).
+pub const RECEIVE_WINDOW: u32 = 4 << 20;
 
 type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 
@@ -32,16 +53,44 @@ pub struct QuicEndpoint {
     retired: Mutex<(u64, u64)>,
     /// What a peer must speak (protocol version and cluster), for the refusal message.
     alpn: Vec<u8>,
+    /// Streams that failed or timed out, and connections refused over a cap (apart from
+    /// authentication refusals).
+    pub stream_errors: AtomicU64,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// Flow control and stream limits for an endpoint's role.
+fn transport(role: &str) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // Idle links are kept open by SWIM itself; a dead peer's connection goes after 30 s.
+    t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s fits")));
+    t.keep_alive_interval(Some(Duration::from_secs(10)));
+    if role == "gossip" {
+        t.max_concurrent_bidi_streams(0u32.into());
+        t.max_concurrent_uni_streams(0u32.into());
+        t.datagram_receive_buffer_size(Some(256 << 10));
+    } else {
+        t.max_concurrent_bidi_streams(16u32.into());
+        t.max_concurrent_uni_streams(32u32.into());
+        t.stream_receive_window((1u32 << 20).into());
+        t.receive_window(RECEIVE_WINDOW.into());
+        t.datagram_receive_buffer_size(None);
+    }
+    Arc::new(t)
 }
 
 impl QuicEndpoint {
     pub fn bind(
         role: &'static str,
         addr: SocketAddr,
-        server: quinn::ServerConfig,
-        client: quinn::ClientConfig,
+        mut server: quinn::ServerConfig,
+        mut client: quinn::ClientConfig,
         alpn: Vec<u8>,
     ) -> std::io::Result<Self> {
+        server.transport_config(transport(role));
+        client.transport_config(transport(role));
+        server.max_incoming(MAX_HANDSHAKES * 4);
         let mut endpoint = quinn::Endpoint::server(server, addr)?;
         endpoint.set_default_client_config(client);
         Ok(Self {
@@ -52,6 +101,9 @@ impl QuicEndpoint {
             refusal_logged: Mutex::default(),
             retired: Mutex::default(),
             alpn,
+            stream_errors: AtomicU64::new(0),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+            per_ip: Arc::default(),
         })
     }
 
@@ -101,19 +153,74 @@ impl QuicEndpoint {
     ) {
         let on_peer = Arc::new(on_peer);
         while let Some(incoming) = self.endpoint.accept().await {
+            let from = incoming.remote_address();
+            // A spoofed source never answers the Retry, so it never costs a handshake.
+            if !incoming.remote_address_validated() && incoming.may_retry() {
+                let _ = incoming.retry();
+                continue;
+            }
+            let over = self.endpoint.open_connections() > MAX_CONNECTIONS
+                || self
+                    .per_ip
+                    .lock()
+                    .expect("per-ip lock")
+                    .get(&from.ip())
+                    .copied()
+                    .unwrap_or(0)
+                    >= MAX_PER_IP;
+            let permit = match over {
+                true => None,
+                false => self.handshakes.clone().try_acquire_owned().ok(),
+            };
+            let Some(permit) = permit else {
+                self.stream_errors.fetch_add(1, Ordering::Relaxed);
+                incoming.refuse();
+                continue;
+            };
             let (this, on_peer) = (self.clone(), on_peer.clone());
             tokio::spawn(async move {
-                let from = incoming.remote_address();
-                match incoming.await {
-                    Ok(conn) => {
+                let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
+                drop(permit);
+                match done {
+                    Ok(Ok(conn)) => {
+                        this.count_ip(&conn);
                         let slot = this.slot(conn.remote_address());
                         this.hold(&mut *slot.lock().await, conn.clone());
                         on_peer(conn);
                     }
-                    Err(e) => this.refuse(from, &e.to_string()),
+                    Ok(Err(e)) => this.refuse(from, &e.to_string()),
+                    Err(_) => this.refuse(from, "handshake not done in time"),
                 }
             });
         }
+    }
+
+    /// Counts an accepted connection against its address until it closes.
+    fn count_ip(&self, conn: &quinn::Connection) {
+        let ip = conn.remote_address().ip();
+        *self
+            .per_ip
+            .lock()
+            .expect("per-ip lock")
+            .entry(ip)
+            .or_default() += 1;
+        let (per_ip, conn) = (self.per_ip.clone(), conn.clone());
+        tokio::spawn(async move {
+            conn.closed().await;
+            let mut m = per_ip.lock().expect("per-ip lock");
+            if let Some(n) = m.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&ip);
+                }
+            }
+        });
+    }
+
+    /// A stream that failed, or a connection over a cap: counted, logged at debug.
+    pub fn stream_error(&self, from: SocketAddr, reason: &str) {
+        self.stream_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(peer = %from, endpoint = self.role, "cluster: stream from {from}: {reason}");
     }
 
     /// Puts `conn` in a peer's slot, keeping the traffic count of the one it replaces.
@@ -226,6 +333,7 @@ impl QuicTransport {
         let this = self.clone();
         tokio::spawn(async move {
             let from = conn.remote_address();
+            let budget = Arc::new(tokio::sync::Semaphore::new(CONNECTION_BUDGET));
             loop {
                 let (send, mut recv) = tokio::select! {
                     uni = conn.accept_uni() => match uni {
@@ -237,18 +345,41 @@ impl QuicTransport {
                         Err(_) => break,
                     },
                 };
-                let this = this.clone();
+                let (this, budget) = (this.clone(), budget.clone());
                 tokio::spawn(async move {
-                    let frame = match wire::read_frame(&mut recv).await {
-                        Ok(f) => f,
-                        Err(e) => return this.rows.refuse(from, &e.to_string()),
+                    let rows = &this.rows;
+                    let len = match wire::read_len(&mut recv, wire::MAX_INBOUND).await {
+                        Ok(n) => n,
+                        Err(e) => return rows.stream_error(from, &e.to_string()),
+                    };
+                    // The frame's bytes come out of its connection's budget while it is
+                    // read and handled; waiting for budget counts against the deadline.
+                    let read = async {
+                        let permit = budget
+                            .acquire_many_owned(len.max(1) as u32)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let frame = wire::read_body(&mut recv, len)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        Ok::<_, String>((permit, frame))
+                    };
+                    let (_permit, frame) = match tokio::time::timeout(wire::FRAME_TIMEOUT, read)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(format!("frame not done within {:?}", wire::FRAME_TIMEOUT))
+                        }) {
+                        Ok(read) => read,
+                        Err(e) => return rows.stream_error(from, &e),
                     };
                     let Some(inbox) = this.inbox() else { return };
                     let reply = inbox.frame(from, frame).await;
                     if let (Some(mut send), Some(reply)) = (send, reply) {
-                        let _ = wire::write_frame(&mut send, &reply).await;
+                        if let Err(e) = wire::write_frame(&mut send, &reply).await {
+                            return rows.stream_error(from, &e.to_string());
+                        }
                         let _ = send.finish();
-                        let _ = send.stopped().await;
+                        let _ = tokio::time::timeout(wire::FRAME_TIMEOUT, send.stopped()).await;
                     }
                 });
             }
@@ -286,7 +417,10 @@ impl Transport for Arc<QuicTransport> {
         let this = self.clone();
         Box::pin(async move {
             let conn = this.rows_conn(to).await?;
-            let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+            let mut send = tokio::time::timeout(wire::FRAME_TIMEOUT, conn.open_uni())
+                .await
+                .map_err(|_| "the peer grants no stream".to_owned())?
+                .map_err(|e| e.to_string())?;
             wire::write_frame(&mut send, &frame)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -298,12 +432,15 @@ impl Transport for Arc<QuicTransport> {
         let this = self.clone();
         Box::pin(async move {
             let conn = this.rows_conn(to).await?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = tokio::time::timeout(wire::FRAME_TIMEOUT, conn.open_bi())
+                .await
+                .map_err(|_| "the peer grants no stream".to_owned())?
+                .map_err(|e| e.to_string())?;
             wire::write_frame(&mut send, &frame)
                 .await
                 .map_err(|e| e.to_string())?;
             send.finish().map_err(|e| e.to_string())?;
-            tokio::time::timeout(CALL_TIMEOUT, wire::read_frame(&mut recv))
+            tokio::time::timeout(CALL_TIMEOUT, wire::read_frame(&mut recv, wire::MAX_FRAME))
                 .await
                 .map_err(|_| format!("no answer within {CALL_TIMEOUT:?}"))?
                 .map_err(|e| e.to_string())
@@ -312,6 +449,11 @@ impl Transport for Arc<QuicTransport> {
 
     fn refused(&self) -> u64 {
         self.gossip.refused.load(Ordering::Relaxed) + self.rows.refused.load(Ordering::Relaxed)
+    }
+
+    fn stream_errors(&self) -> u64 {
+        self.gossip.stream_errors.load(Ordering::Relaxed)
+            + self.rows.stream_errors.load(Ordering::Relaxed)
     }
 
     fn wire_bytes(&self) -> Option<(u64, u64)> {

@@ -93,9 +93,10 @@ impl Inner {
                 self.peer_clock(node, wall);
                 let valid = match wire::schema_mismatch(schema) {
                     Some(reason) => Err(reason),
-                    None if digest.0.len() != BUCKETS => {
-                        Err(format!("digest of {} buckets, not {BUCKETS}", digest.0.len()))
-                    }
+                    None if digest.0.len() != BUCKETS => Err(format!(
+                        "digest of {} buckets, not {BUCKETS}",
+                        digest.0.len()
+                    )),
                     None => seen.checked(),
                 };
                 let reply = match valid {
@@ -135,10 +136,7 @@ impl Inner {
                 Some(self.encode_out(&reply))
             }
             other => {
-                self.protocol_refusal(
-                    from,
-                    &format!("unexpected {} ({size} bytes)", other.kind()),
-                );
+                self.protocol_refusal(from, &format!("unexpected {} ({size} bytes)", other.kind()));
                 None
             }
         }
@@ -226,12 +224,18 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
             0 => head.as_ref().map(|h| h.cleared.clone()).unwrap_or_default(),
             _ => Seen::default(),
         };
-        inner.stats.changes_received.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        inner
+            .stats
+            .changes_received
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
         inner.apply(peer.node, rows, cleared).await?;
         match next {
             // A cursor that does not move on would have us ask for ever.
             Some(id) if after.as_ref().is_some_and(|a| id <= *a) => {
-                return Err(format!("{} answered a page that did not advance", peer.name));
+                return Err(format!(
+                    "{} answered a page that did not advance",
+                    peer.name
+                ));
             }
             Some(id) => after = Some(id),
             None => break,

@@ -186,8 +186,8 @@ pub fn quic_configs(
     quic(server, client, cluster)
 }
 
-/// The QUIC configs from the TLS ones: the ALPN naming protocol and cluster, and the
-/// transport settings, on both.
+/// The QUIC configs from the TLS ones, with the ALPN naming protocol and cluster (each
+/// endpoint sets its own transport limits).
 fn quic(
     mut server: rustls::ServerConfig,
     mut client: rustls::ClientConfig,
@@ -195,24 +195,9 @@ fn quic(
 ) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
     server.alpn_protocols = vec![wire::alpn(cluster)];
     client.alpn_protocols = vec![wire::alpn(cluster)];
-    let mut server =
-        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server)?));
-    server.transport_config(transport());
-    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client)?));
-    client.transport_config(transport());
+    let server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server)?));
+    let client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client)?));
     Ok((server, client))
-}
-
-fn transport() -> Arc<quinn::TransportConfig> {
-    let mut t = quinn::TransportConfig::default();
-    // Idle links are kept open by SWIM itself; a dead peer's connection goes after 30 s.
-    t.max_idle_timeout(Some(
-        std::time::Duration::from_secs(30)
-            .try_into()
-            .expect("30 s fits"),
-    ));
-    t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
-    Arc::new(t)
 }
 
 /// Configs for `plaintext` mode, chosen only for a network that authenticates every peer

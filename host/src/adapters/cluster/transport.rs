@@ -26,6 +26,10 @@ pub trait Transport: Send + Sync + 'static {
     fn refused(&self) -> u64 {
         0
     }
+    /// Streams that failed or timed out and connections refused over a cap.
+    fn stream_errors(&self) -> u64 {
+        0
+    }
     /// UDP bytes (in, out) on the wire, everything included, where the transport has a wire.
     fn wire_bytes(&self) -> Option<(u64, u64)> {
         None

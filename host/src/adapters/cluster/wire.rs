@@ -24,10 +24,17 @@ use crate::domain::rollout::FleetRecord;
 pub const PROTOCOL: u32 = 2;
 /// The `backends` columns as this build stores them; bump with any change to them.
 pub const SCHEMA: u32 = 1;
-/// Largest frame read: far above a page of rows, far below a hostile length.
+/// Largest answer read to a call this POP made: a page of rows with the answerer's
+/// bookkeeping, or a component chunk.
 pub const MAX_FRAME: usize = 16 << 20;
-/// Rows per push or sync page (about 1 MB): tables of any size move in bounded frames.
-pub const PAGE_ROWS: usize = 5_000;
+/// Largest frame read on a stream a peer opened (a request or a push): a page of rows and
+/// some bookkeeping fit many times over; more is refused before it is read.
+pub const MAX_INBOUND: usize = 4 << 20;
+/// Longest a frame may take to arrive or leave once its stream is open: a peer that stops
+/// sending, or stops granting flow credit, loses the stream, not a task for ever.
+pub const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Rows per push or sync page (about 0.5 MB): tables of any size move in bounded frames.
+pub const PAGE_ROWS: usize = 4_000;
 
 pub fn alpn(cluster: &str) -> Vec<u8> {
     format!("edgeproxy/{PROTOCOL}/{cluster}").into_bytes()
@@ -128,8 +135,10 @@ pub const CHUNK: usize = 1 << 20;
 pub enum WireError {
     #[error("stream: {0}")]
     Io(String),
-    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
+    #[error("frame of {0} bytes is over the {1}-byte limit")]
+    TooLarge(usize, usize),
+    #[error("frame not done within {FRAME_TIMEOUT:?}")]
+    Timeout,
     #[error("undecodable frame: {0}")]
     Decode(#[from] postcard::Error),
 }
@@ -142,30 +151,54 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
     Ok(postcard::from_bytes(frame)?)
 }
 
-/// Writes one frame: its length, then the bytes.
+/// Writes one frame: its length, then the bytes, within [`FRAME_TIMEOUT`].
 pub async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<(), WireError> {
     let io = |e: quinn::WriteError| WireError::Io(e.to_string());
-    send.write_all(&(frame.len() as u32).to_be_bytes())
+    let write = async {
+        send.write_all(&(frame.len() as u32).to_be_bytes())
+            .await
+            .map_err(io)?;
+        send.write_all(frame).await.map_err(io)
+    };
+    tokio::time::timeout(FRAME_TIMEOUT, write)
         .await
-        .map_err(io)?;
-    send.write_all(frame).await.map_err(io)
+        .map_err(|_| WireError::Timeout)?
 }
 
-/// Reads one frame, refusing one over [`MAX_FRAME`] before reading it.
-pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, WireError> {
+/// Reads one frame's length, refusing one over `max` before any of it is read.
+pub async fn read_len(recv: &mut quinn::RecvStream, max: usize) -> Result<usize, WireError> {
     let mut len = [0u8; 4];
-    recv.read_exact(&mut len)
+    tokio::time::timeout(FRAME_TIMEOUT, recv.read_exact(&mut len))
         .await
+        .map_err(|_| WireError::Timeout)?
         .map_err(|e| WireError::Io(e.to_string()))?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(WireError::TooLarge(len));
+    if len > max {
+        return Err(WireError::TooLarge(len, max));
     }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
+    Ok(len)
+}
+
+/// Reads a frame's `len` bytes within [`FRAME_TIMEOUT`]; memory grows with what arrives,
+/// never to a length a peer merely claims.
+pub async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, WireError> {
+    let body = tokio::time::timeout(FRAME_TIMEOUT, recv.read_to_end(len))
         .await
+        .map_err(|_| WireError::Timeout)?
         .map_err(|e| WireError::Io(e.to_string()))?;
+    if body.len() != len {
+        return Err(WireError::Io(format!(
+            "frame of {} bytes where {len} were announced",
+            body.len()
+        )));
+    }
     Ok(body)
+}
+
+/// Reads one whole frame of at most `max` bytes.
+pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>, WireError> {
+    let len = read_len(recv, max).await?;
+    read_body(recv, len).await
 }
 
 /// Why a message from a peer of `schema` cannot be applied here, if it cannot.

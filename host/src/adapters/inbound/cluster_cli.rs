@@ -117,7 +117,7 @@ pub async fn request_with(
 pub fn render_status(s: &ClusterStatus) -> String {
     let ago = |v: Option<f64>| v.map_or("never".to_owned(), |s| format!("{s:.1}s ago"));
     let mut out = format!(
-        "node      {} ({})\ngossip    {}\ntransport {}\nrows      {} live, {} tombstones\ndigest    {}\nlast sync {}\nchanges   sent {}, received {}, applied {}, rejected {}, clock ahead {}, superseded {}\nsync      {} rounds, {} failed; {} B in, {} B out; {} peers refused\n\n",
+        "node      {} ({})\ngossip    {}\ntransport {}\nrows      {} live, {} tombstones\ndigest    {}\nlast sync {}\nchanges   sent {}, received {}, applied {}, rejected {}, clock ahead {}, superseded {}\nsync      {} rounds, {} failed; {} B in, {} B out; {} peers refused, {} stream errors\n\n",
         s.name,
         s.node,
         s.gossip,
@@ -137,6 +137,7 @@ pub fn render_status(s: &ClusterStatus) -> String {
         s.bytes_in,
         s.bytes_out,
         s.peers_refused,
+        s.stream_errors,
     );
     let rows: Vec<Vec<String>> = s
         .members

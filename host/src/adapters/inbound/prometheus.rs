@@ -548,6 +548,12 @@ fn enc_cluster(e: &mut DescriptorEncoder, c: &ClusterStatus) -> std::fmt::Result
     )?;
     family(
         e,
+        "cluster_stream_errors",
+        "Streams from peers that failed, were too large or timed out, and connections refused over a cap (apart from authentication refusals)",
+        [(vec![], counter(c.stream_errors))],
+    )?;
+    family(
+        e,
         "cluster_rows",
         "Rows in the replicated table",
         [

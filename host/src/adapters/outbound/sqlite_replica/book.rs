@@ -227,10 +227,18 @@ pub(super) fn persist(tx: &Connection, book: &Book, staged: &Staged) -> rusqlite
     let origins: BTreeSet<NodeId> = staged.seen.ranges().map(|(n, _, _)| n).collect();
     for node in origins {
         let mut merged = Seen::default();
-        for &(lo, hi) in book.seen.origin(node).iter().chain(staged.seen.origin(node)) {
+        for &(lo, hi) in book
+            .seen
+            .origin(node)
+            .iter()
+            .chain(staged.seen.origin(node))
+        {
             merged.insert_range(node, lo, hi);
         }
-        tx.execute("DELETE FROM _edgeproxy_seen WHERE node = ?1", [node.0 as i64])?;
+        tx.execute(
+            "DELETE FROM _edgeproxy_seen WHERE node = ?1",
+            [node.0 as i64],
+        )?;
         let mut insert = tx.prepare_cached("INSERT INTO _edgeproxy_seen VALUES (?1, ?2, ?3)")?;
         for (_, lo, hi) in merged.ranges() {
             insert.execute([node.0 as i64, lo as i64, hi as i64])?;

@@ -66,7 +66,10 @@ pub(super) fn install(tx: &Connection, wall: &WallClock) -> rusqlite::Result<Nod
         None => {
             // Never 0, which reads as "unset" in logs and wire messages.
             let n = fastrand::u64(1..);
-            tx.execute("INSERT INTO _edgeproxy_state VALUES ('node', ?1)", [n as i64])?;
+            tx.execute(
+                "INSERT INTO _edgeproxy_state VALUES ('node', ?1)",
+                [n as i64],
+            )?;
             NodeId(n)
         }
     };
@@ -169,20 +172,18 @@ pub(super) fn stamp(t: &mut Txn<'_>) -> rusqlite::Result<Stamped> {
              comparing it with the replicated rows and replicating the differences"
         );
     }
-    let dirty: Vec<String> = t
-        .tx
-        .prepare_cached("SELECT DISTINCT id FROM _edgeproxy_dirty WHERE id IS NOT NULL")?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
+    let dirty: Vec<String> =
+        t.tx.prepare_cached("SELECT DISTINCT id FROM _edgeproxy_dirty WHERE id IS NOT NULL")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
     if dirty.is_empty() {
         return Ok(Default::default());
     }
     let (mut out, mut bad) = (Vec::new(), Vec::new());
     let select = format!("SELECT {} FROM backends WHERE id = ?1", columns());
     for id in dirty {
-        let deleted: Option<bool> = t
-            .tx
-            .query_row(
+        let deleted: Option<bool> =
+            t.tx.query_row(
                 "SELECT coalesce(deleted, 0) != 0 FROM backends WHERE id = ?1",
                 [&id],
                 |r| r.get(0),

@@ -81,7 +81,8 @@ impl SqliteReplica {
                     continue;
                 }
                 if r.seq == 0 {
-                    out.rejected.push((r.row.id.clone(), "write sequence 0".into()));
+                    out.rejected
+                        .push((r.row.id.clone(), "write sequence 0".into()));
                     continue;
                 }
                 if let Err(reason) = validate(&r.row) {

@@ -65,6 +65,9 @@ pub struct SqliteReplica {
     /// what "too far ahead" is measured against, so a POP whose own clock is behind still
     /// takes the fleet's writes while one peer far ahead moves nothing.
     fleet_offset_ms: i64,
+    /// Held for this replica's life: two replicators of one file would share a node id and
+    /// number different writes alike.
+    _lock: std::fs::File,
 }
 
 impl SqliteReplica {
@@ -75,8 +78,13 @@ impl SqliteReplica {
 
     /// Opens the file with `wall` as this POP's clock: installs (or upgrades) the version
     /// tables and capture triggers, and restores this node's id, clock and bookkeeping.
-    pub fn open_with(path: &Path, max_skew: Duration, wall: WallClock) -> Result<Self, ReplicaError> {
+    pub fn open_with(
+        path: &Path,
+        max_skew: Duration,
+        wall: WallClock,
+    ) -> Result<Self, ReplicaError> {
         let err = |e: rusqlite::Error| err_at(path, e);
+        let lock = lock(path)?;
         let mut conn = super::sqlite_routing::open_writer(path, SCHEMA).map_err(err)?;
         if let Some(reason) = super::sqlite_routing::schema_problem(&conn).map_err(err)? {
             return Err(ReplicaError {
@@ -100,6 +108,7 @@ impl SqliteReplica {
             data_version: -1,
             wall,
             fleet_offset_ms: 0,
+            _lock: lock,
         })
     }
 
@@ -244,7 +253,9 @@ struct Txn<'a> {
 impl Txn<'_> {
     /// The fleet's time: what a remote clock reading is checked against.
     fn fleet_now(&self) -> u64 {
-        (self.now as i64).saturating_add(self.fleet_offset_ms).max(0) as u64
+        (self.now as i64)
+            .saturating_add(self.fleet_offset_ms)
+            .max(0) as u64
     }
 
     /// The row held for `id`, as this transaction leaves it so far.
@@ -275,7 +286,10 @@ impl Txn<'_> {
             ],
         )?;
         self.staged.seen.insert(r.dot());
-        self.staged.put(Entry { row: r, at: self.now });
+        self.staged.put(Entry {
+            row: r,
+            at: self.now,
+        });
         Ok(())
     }
 
@@ -304,6 +318,29 @@ impl Txn<'_> {
             node: self.node,
         };
         (version, seq)
+    }
+}
+
+/// Takes `<file>.replica-lock`, or says which file another process replicates.
+fn lock(path: &Path) -> Result<std::fs::File, ReplicaError> {
+    let lock_path = PathBuf::from(format!("{}.replica-lock", path.display()));
+    let fail = |reason: String| ReplicaError {
+        path: path.display().to_string(),
+        reason,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| fail(format!("{}: {e}", lock_path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(fail(format!(
+            "another edgeproxy replicates this file (it holds {}); one replicator per routing file",
+            lock_path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(fail(format!("{}: {e}", lock_path.display()))),
     }
 }
 

@@ -26,7 +26,10 @@ fn open_at(clock: &Arc<AtomicU64>) -> (tempfile::TempDir, SqliteReplica) {
 
 fn shell(r: &SqliteReplica, sql: &str) {
     // Another client, as the sqlite3 shell would be.
-    Connection::open(&r.path).unwrap().execute_batch(sql).unwrap();
+    Connection::open(&r.path)
+        .unwrap()
+        .execute_batch(sql)
+        .unwrap();
 }
 
 fn row(id: &str, port: u16) -> String {
@@ -58,7 +61,11 @@ fn sync(to: &mut SqliteReplica, from: &mut SqliteReplica) {
 
 fn consistent(r: &SqliteReplica) {
     let reread = Book::load(&r.conn).unwrap();
-    assert_eq!(r.book.digest, Digest::of(r.rows()), "kept digest = recomputed");
+    assert_eq!(
+        r.book.digest,
+        Digest::of(r.rows()),
+        "kept digest = recomputed"
+    );
     assert_eq!(reread.digest, r.book.digest, "memory = file");
     assert_eq!(reread.seen, r.book.seen, "memory = file");
     for row in r.rows() {
@@ -73,7 +80,13 @@ fn any_clients_writes_are_captured_and_a_hard_delete_becomes_a_tombstone() {
     let (stamped, bad) = r.stamp_local().unwrap();
     assert!(bad.is_empty());
     assert_eq!(stamped.len(), 1);
-    assert_eq!(stamped[0].dot(), Dot { node: r.node(), seq: 1 });
+    assert_eq!(
+        stamped[0].dot(),
+        Dot {
+            node: r.node(),
+            seq: 1
+        }
+    );
     assert!(r.stamp_local().unwrap().0.is_empty(), "stamped once");
 
     shell(&r, "DELETE FROM backends WHERE id = 'a'");
@@ -82,7 +95,9 @@ fn any_clients_writes_are_captured_and_a_hard_delete_becomes_a_tombstone() {
     assert_eq!(stamped[0].seq, 2);
     let deleted: i64 = r
         .conn
-        .query_row("SELECT deleted FROM backends WHERE id = 'a'", [], |x| x.get(0))
+        .query_row("SELECT deleted FROM backends WHERE id = 'a'", [], |x| {
+            x.get(0)
+        })
         .unwrap();
     assert_eq!(deleted, 1, "the row stays, as a tombstone");
     assert_eq!(r.counts(), (0, 1));
@@ -102,7 +117,10 @@ fn upserts_replaces_multi_row_statements_and_client_transactions_are_captured() 
          ON CONFLICT(id) DO UPDATE SET port = excluded.port",
     );
     assert_eq!(r.stamp_local().unwrap().0[0].row.port, 81);
-    shell(&r, "INSERT OR REPLACE INTO backends VALUES ('a','web','eu','DE','10.0.0.1',82,1,1,10,0,0)");
+    shell(
+        &r,
+        "INSERT OR REPLACE INTO backends VALUES ('a','web','eu','DE','10.0.0.1',82,1,1,10,0,0)",
+    );
     assert_eq!(r.stamp_local().unwrap().0[0].row.port, 82);
     shell(
         &r,
@@ -112,9 +130,16 @@ fn upserts_replaces_multi_row_statements_and_client_transactions_are_captured() 
          UPDATE backends SET port = 84 WHERE id = 'a'; COMMIT;",
     );
     let (stamped, _) = r.stamp_local().unwrap();
-    let mut ports: Vec<_> = stamped.iter().map(|s| (s.row.id.as_str(), s.row.port)).collect();
+    let mut ports: Vec<_> = stamped
+        .iter()
+        .map(|s| (s.row.id.as_str(), s.row.port))
+        .collect();
     ports.sort();
-    assert_eq!(ports, [("a", 84), ("b", 1), ("c", 1)], "one version per row");
+    assert_eq!(
+        ports,
+        [("a", 84), ("b", 1), ("c", 1)],
+        "one version per row"
+    );
     consistent(&r);
 }
 
@@ -131,7 +156,11 @@ fn remote_rows_merge_by_version_and_are_not_recaptured() {
         "a remote row is not re-pushed"
     );
     assert_eq!(a.digest(), b.digest());
-    assert_eq!(b.apply(rows, &Seen::default()).unwrap().stale, 1, "a duplicate changes nothing");
+    assert_eq!(
+        b.apply(rows, &Seen::default()).unwrap().stale,
+        1,
+        "a duplicate changes nothing"
+    );
 
     // B edits after seeing A's write: B's version is later and wins at A.
     shell(&b, "UPDATE backends SET port = 81 WHERE id = 'a'");
@@ -184,7 +213,10 @@ fn bad_remote_rows_are_rejected_with_the_reason_and_not_marked_seen() {
     };
     let out = r.apply(vec![bad.clone()], &Seen::default()).unwrap();
     assert!(out.rejected[0].1.contains("wg_ip"), "{out:?}");
-    assert!(!r.seen().contains(bad.dot()), "a refused row is not taken for seen");
+    assert!(
+        !r.seen().contains(bad.dot()),
+        "a refused row is not taken for seen"
+    );
     bad.row.wg_ip = "10.0.0.1".into();
     bad.version.hlc = Hlc::from_millis(wall_ms() + 3_600_000);
     let out = r.apply(vec![bad.clone()], &Seen::default()).unwrap();
@@ -192,7 +224,10 @@ fn bad_remote_rows_are_rejected_with_the_reason_and_not_marked_seen() {
     assert!(!r.seen().contains(bad.dot()));
     bad.seq = 0;
     bad.version.hlc = Hlc::from_millis(wall_ms());
-    assert_eq!(r.apply(vec![bad], &Seen::default()).unwrap().rejected.len(), 1);
+    assert_eq!(
+        r.apply(vec![bad], &Seen::default()).unwrap().rejected.len(),
+        1
+    );
     assert_eq!(r.counts(), (0, 0));
 }
 
@@ -203,11 +238,19 @@ fn a_new_or_wiped_pop_takes_every_row_whatever_its_age_and_the_window() {
     for i in 0..20 {
         shell(&a, &row(&format!("r{i}"), 80));
     }
-    shell(&a, &format!("{} DELETE FROM backends WHERE id = 'gone';", row("gone", 1)));
+    shell(
+        &a,
+        &format!("{} DELETE FROM backends WHERE id = 'gone';", row("gone", 1)),
+    );
     a.stamp_local().unwrap();
     // A year later, past any window; the tombstone is purged.
     clock.fetch_add(365 * 86_400_000, Ordering::SeqCst);
-    assert_eq!(a.purge_tombstones(Duration::from_secs(7 * 86_400)).unwrap().0, 1);
+    assert_eq!(
+        a.purge_tombstones(Duration::from_secs(7 * 86_400))
+            .unwrap()
+            .0,
+        1
+    );
     let (_d2, mut fresh) = open_at(&clock);
     sync(&mut fresh, &mut a);
     assert_eq!(fresh.counts(), (20, 0));
@@ -255,7 +298,10 @@ fn a_deleted_row_does_not_come_back_from_a_pop_away_longer_than_the_window() {
 fn a_recreated_table_is_compared_and_its_differences_replicated() {
     let (_d, mut a) = open();
     let (_d2, mut b) = open();
-    shell(&a, &format!("{}{}{}", row("x", 1), row("y", 2), row("z", 3)));
+    shell(
+        &a,
+        &format!("{}{}{}", row("x", 1), row("y", 2), row("z", 3)),
+    );
     a.stamp_local().unwrap();
     sync(&mut b, &mut a);
     // A script drops the table (and its triggers) and writes it anew: y changed, z left
@@ -271,7 +317,10 @@ fn a_recreated_table_is_compared_and_its_differences_replicated() {
         ),
     );
     let (stamped, _) = a.stamp_local().unwrap();
-    let mut ids: Vec<_> = stamped.iter().map(|r| (r.row.id.as_str(), r.row.deleted)).collect();
+    let mut ids: Vec<_> = stamped
+        .iter()
+        .map(|r| (r.row.id.as_str(), r.row.deleted))
+        .collect();
     ids.sort();
     assert_eq!(ids, [("w", false), ("y", false), ("z", true)]);
     sync(&mut b, &mut a);
@@ -297,7 +346,10 @@ fn a_row_the_loader_would_skip_can_still_be_deleted_everywhere() {
     assert!(stamped.is_empty() && bad[0].1.contains("wg_ip"), "{bad:?}");
     shell(&a, "DELETE FROM backends WHERE id = 'x'");
     let (stamped, _) = a.stamp_local().unwrap();
-    assert!(stamped[0].row.deleted && stamped[0].row.wg_ip == "10.0.0.1", "{stamped:?}");
+    assert!(
+        stamped[0].row.deleted && stamped[0].row.wg_ip == "10.0.0.1",
+        "{stamped:?}"
+    );
     sync(&mut b, &mut a);
     assert_eq!(port(&b, "x"), None);
 }
@@ -322,20 +374,30 @@ fn a_write_whose_stamping_met_a_busy_lock_is_stamped_later() {
 fn a_failed_apply_changes_nothing_in_memory() {
     let (_d, mut a) = open();
     let (_d2, mut b) = open();
-    let rows: String = (0..200).map(|i| row(&format!("row-{i:04}-{}", "p".repeat(200)), 80)).collect();
+    let rows: String = (0..200)
+        .map(|i| row(&format!("row-{i:04}-{}", "p".repeat(200)), 80))
+        .collect();
     shell(&a, &rows);
     let (rows, _) = a.stamp_local().unwrap();
     // The disk is full: no page can be added to B's file.
-    let pages: i64 = b.conn.query_row("PRAGMA page_count", [], |x| x.get(0)).unwrap();
+    let pages: i64 = b
+        .conn
+        .query_row("PRAGMA page_count", [], |x| x.get(0))
+        .unwrap();
     b.conn
         .execute_batch(&format!("PRAGMA max_page_count = {pages}"))
         .unwrap();
     let (digest, clock, seen) = (b.digest(), b.clock(), b.seen().clone());
     let err = b.apply(rows.clone(), &Seen::default()).unwrap_err();
     assert!(err.reason.contains("full"), "{err}");
-    assert_eq!((b.digest(), b.clock(), b.seen().clone()), (digest, clock, seen));
+    assert_eq!(
+        (b.digest(), b.clock(), b.seen().clone()),
+        (digest, clock, seen)
+    );
     assert_eq!(b.counts(), (0, 0));
-    b.conn.execute_batch("PRAGMA max_page_count = 1073741823").unwrap();
+    b.conn
+        .execute_batch("PRAGMA max_page_count = 1073741823")
+        .unwrap();
     assert_eq!(b.apply(rows, &Seen::default()).unwrap().applied.len(), 200);
     consistent(&b);
 }
@@ -350,14 +412,35 @@ fn news_pages_in_id_order_with_a_cursor() {
     let none = Seen::default();
     let ids = |rows: Vec<VersionedRow>| rows.into_iter().map(|r| r.row.id).collect::<Vec<_>>();
     let (first, next) = r.news_for(&none, None, 2);
-    assert_eq!((ids(first), next.as_deref()), (vec!["a".to_owned(), "b".into()], Some("b")));
+    assert_eq!(
+        (ids(first), next.as_deref()),
+        (vec!["a".to_owned(), "b".into()], Some("b"))
+    );
     let (second, next) = r.news_for(&none, Some("b"), 2);
-    assert_eq!((ids(second), next.as_deref()), (vec!["c".to_owned(), "d".into()], Some("d")));
+    assert_eq!(
+        (ids(second), next.as_deref()),
+        (vec!["c".to_owned(), "d".into()], Some("d"))
+    );
     let (last, next) = r.news_for(&none, Some("d"), 2);
     assert_eq!((ids(last), next), (vec!["e".to_owned()], None));
-    assert!(r.news_for(r.seen(), None, 10).0.is_empty(), "nothing is news to itself");
+    assert!(
+        r.news_for(r.seen(), None, 10).0.is_empty(),
+        "nothing is news to itself"
+    );
     let all: Vec<usize> = (0..BUCKETS).collect();
     assert_eq!(r.book.live_dots(&all).len(), 5);
+}
+
+#[test]
+fn one_replicator_per_file() {
+    let (_d, r) = open();
+    let err = SqliteReplica::open(&r.path, Duration::from_secs(60))
+        .err()
+        .unwrap();
+    assert!(err.reason.contains("another edgeproxy replicates"), "{err}");
+    let path = r.path.clone();
+    drop(r);
+    SqliteReplica::open(&path, Duration::from_secs(60)).unwrap();
 }
 
 #[test]
@@ -403,10 +486,19 @@ fn a_file_of_the_first_layout_is_upgraded_in_place() {
     drop(conn);
     let mut r = SqliteReplica::open(&path, Duration::from_secs(60)).unwrap();
     assert_eq!(r.node(), NodeId(77));
-    let mut held: Vec<_> = r.rows().map(|v| (v.row.id.clone(), v.version.hlc.0, v.dot())).collect();
+    let mut held: Vec<_> = r
+        .rows()
+        .map(|v| (v.row.id.clone(), v.version.hlc.0, v.dot()))
+        .collect();
     held.sort();
-    let me = |seq| Dot { node: NodeId(77), seq };
-    assert_eq!(held, [("x".to_owned(), 4000, me(2)), ("y".to_owned(), 3000, me(1))]);
+    let me = |seq| Dot {
+        node: NodeId(77),
+        seq,
+    };
+    assert_eq!(
+        held,
+        [("x".to_owned(), 4000, me(2)), ("y".to_owned(), 3000, me(1))]
+    );
     // The pending edit of y is kept; an UPSERT now works.
     shell(&r, "UPDATE backends SET port = 9 WHERE id = 'y'");
     shell(
