@@ -314,7 +314,7 @@ impl PolicyFleet for Cluster {
                     bytes.len()
                 ));
             }
-            let hash = sha256_hex(&bytes);
+            let (hash, bytes) = hash_off_workers(bytes).await;
             let by = self.inner.identity.name.clone();
             let record = self
                 .inner
@@ -381,7 +381,8 @@ impl PolicyFleet for Cluster {
             match self.inner.fleet.run(move |f| f.component(&hash)).await {
                 Ok(Some(bytes)) => return Ok(bytes),
                 Ok(None) => {}
-                Err(e) => return Err(FetchError::Corrupt(e)),
+                // A damaged copy here is replaced by a good one from a peer.
+                Err(e) => tracing::warn!("cluster: the stored copy of {}: {e}; fetching it again", d.hash),
             }
             // The deploying POP first: it certainly has it.
             let mut peers = self.inner.alive_peers();
@@ -390,8 +391,12 @@ impl PolicyFleet for Cluster {
             let mut tried = Vec::new();
             let mut corrupt = None;
             for peer in peers {
-                match self.inner.fetch_from(peer.transport, d, max_bytes).await {
-                    Ok(bytes) if sha256_hex(&bytes) == d.hash => {
+                let fetched = match self.inner.fetch_from(peer.transport, d, max_bytes).await {
+                    Ok(bytes) => Ok(hash_off_workers(bytes).await),
+                    Err(e) => Err(e),
+                };
+                match fetched {
+                    Ok((hash, bytes)) if hash == d.hash => {
                         let (hash, keep) = (d.hash.clone(), bytes.clone());
                         let kept = self
                             .inner
@@ -403,12 +408,10 @@ impl PolicyFleet for Cluster {
                         }
                         return Ok(bytes);
                     }
-                    Ok(bytes) => {
+                    Ok((hash, _)) => {
                         corrupt = Some(format!(
-                            "the copy from {} does not match the deployment's hash: expected {}, got {}",
-                            peer.name,
-                            d.hash,
-                            sha256_hex(&bytes)
+                            "the copy from {} does not match the deployment's hash: expected {}, got {hash}",
+                            peer.name, d.hash,
                         ));
                     }
                     Err(FetchError::Corrupt(e)) => {
@@ -451,4 +454,11 @@ impl PolicyFleet for Cluster {
             Ok(())
         })
     }
+}
+
+/// SHA-256 of a component (megabytes) on a blocking thread, not a proxy worker.
+async fn hash_off_workers(bytes: Vec<u8>) -> (String, Vec<u8>) {
+    tokio::task::spawn_blocking(move || (sha256_hex(&bytes), bytes))
+        .await
+        .expect("hashing does not panic")
 }

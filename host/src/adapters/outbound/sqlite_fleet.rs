@@ -204,7 +204,7 @@ impl SqliteFleet {
         }
         self.conn
             .execute(
-                "INSERT OR IGNORE INTO components VALUES (?1, ?2)",
+                "INSERT OR REPLACE INTO components VALUES (?1, ?2)",
                 params![hash, bytes],
             )
             .map(drop)
@@ -233,21 +233,34 @@ impl SqliteFleet {
     }
 
     /// `len` bytes from `offset` of a stored component, and its total size (served to
-    /// peers unchecked: they check the whole against the hash).
+    /// peers unchecked: they check the whole against the hash). Read from the blob in
+    /// place, so serving a chunk never loads the whole component.
     pub fn chunk(
         &self,
         hash: &str,
         offset: u64,
         len: usize,
     ) -> Result<Option<(u64, Vec<u8>)>, String> {
-        self.conn
-            .query_row(
-                "SELECT length(bytes), substr(bytes, ?2, ?3) FROM components WHERE hash = ?1",
-                params![hash, offset as i64 + 1, len as i64],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)),
-            )
+        let err = |e: rusqlite::Error| self.err(e).to_string();
+        let rowid: Option<i64> = self
+            .conn
+            .query_row("SELECT rowid FROM components WHERE hash = ?1", [hash], |r| {
+                r.get(0)
+            })
             .optional()
-            .map_err(|e| self.err(e).to_string())
+            .map_err(err)?;
+        let Some(rowid) = rowid else {
+            return Ok(None);
+        };
+        let blob = self
+            .conn
+            .blob_open(rusqlite::MAIN_DB, "components", "bytes", rowid, true)
+            .map_err(err)?;
+        let total = blob.len() as u64;
+        let from = offset.min(total) as usize;
+        let mut bytes = vec![0u8; len.min(total as usize - from)];
+        blob.read_at_exact(&mut bytes, from).map_err(err)?;
+        Ok(Some((total, bytes)))
     }
 
     /// Drops components no standing deployment names; returns how many.
@@ -320,6 +333,12 @@ mod tests {
                 .unwrap_err()
                 .contains("corrupted on disk")
         );
+        // A good copy (fetched from a peer) replaces the corrupt one.
+        f.put_component(&hash, &bytes).unwrap();
+        assert_eq!(f.component(&hash).unwrap().unwrap(), bytes);
+        assert_eq!(f.chunk(&hash, 10, 100).unwrap().unwrap(), (15, b"wasm".to_vec()));
+        assert_eq!(f.chunk(&hash, 99, 4).unwrap().unwrap(), (15, Vec::new()));
+        assert_eq!(f.chunk(&"1".repeat(64), 0, 4).unwrap(), None);
     }
 
     #[test]
