@@ -336,7 +336,7 @@ mod tests {
         // A good copy (fetched from a peer) replaces the corrupt one.
         f.put_component(&hash, &bytes).unwrap();
         assert_eq!(f.component(&hash).unwrap().unwrap(), bytes);
-        assert_eq!(f.chunk(&hash, 10, 100).unwrap().unwrap(), (15, b"wasm".to_vec()));
+        assert_eq!(f.chunk(&hash, 11, 100).unwrap().unwrap(), (15, b"wasm".to_vec()));
         assert_eq!(f.chunk(&hash, 99, 4).unwrap().unwrap(), (15, Vec::new()));
         assert_eq!(f.chunk(&"1".repeat(64), 0, 4).unwrap(), None);
     }
