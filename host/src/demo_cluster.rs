@@ -41,7 +41,8 @@ impl Drop for Pop {
 impl Pop {
     fn start(dir: &Path, name: &'static str, n: u8, seed: Option<&Pop>) -> anyhow::Result<Self> {
         let ip = format!("127.0.77.{n}");
-        let (cert, key) = tls::make_node_cert(&dir.join("ca"), &dir.join("certs"), name)?;
+        let (cert, key) =
+            tls::make_node_cert(&dir.join("ca"), &dir.join("certs"), name, "edgeproxy")?;
         let db = dir.join(format!("{name}.db"));
         RoutingEditor::init(&db)?;
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;

@@ -564,11 +564,36 @@ async fn a_node_without_the_clusters_credentials_or_name_cannot_join() {
         &[1],
         &[("EDGEPROXY_REPLICATION_CLUSTER_NAME", "other")],
     );
+    // The right CA and the right name in its ALPN, but a certificate for another cluster
+    // (two clusters sharing a CA): the certificate is checked once the handshake is done.
+    let other = fleet.dir.path().join("other-cluster");
+    let mut c = edgeproxy();
+    c.args(["cluster", "cert", "liar", "--cluster", "other", "--ca-dir"])
+        .arg(fleet.dir.path().join("ca"))
+        .arg("--dir")
+        .arg(&other);
+    run_ok(c);
+    let liar = fleet.pop_with(
+        "liar",
+        5,
+        &[1],
+        &[
+            (
+                "EDGEPROXY_REPLICATION_CERT_FILE",
+                &other.join("liar.pem").display().to_string(),
+            ),
+            (
+                "EDGEPROXY_REPLICATION_KEY_FILE",
+                &other.join("liar.key").display().to_string(),
+            ),
+        ],
+    );
     a.wait_status("refusals counted", |s| {
-        s["peers_refused"].as_u64().unwrap() >= 2
+        s["peers_refused"].as_u64().unwrap() >= 3
     })
     .await;
-    for outsider in [&rogue, &stranger] {
+    assert!(a.logs().contains("another cluster"), "{}", a.logs());
+    for outsider in [&rogue, &stranger, &liar] {
         let s = outsider.wait_status("its admin API", |_| true).await;
         assert_eq!(s["members"].as_array().unwrap().len(), 0, "{s}");
         assert_eq!(s["rows"], 0, "{} learned rows: {s}", outsider.name);

@@ -382,7 +382,10 @@ impl PolicyFleet for Cluster {
                 Ok(Some(bytes)) => return Ok(bytes),
                 Ok(None) => {}
                 // A damaged copy here is replaced by a good one from a peer.
-                Err(e) => tracing::warn!("cluster: the stored copy of {}: {e}; fetching it again", d.hash),
+                Err(e) => tracing::warn!(
+                    "cluster: the stored copy of {}: {e}; fetching it again",
+                    d.hash
+                ),
             }
             // The deploying POP first: it certainly has it.
             let mut peers = self.inner.alive_peers();

@@ -331,6 +331,7 @@ impl Cluster {
             server.clone(),
             client.clone(),
             wire::alpn(&cfg.cluster),
+            cfg.tls.as_ref().map(|_| cfg.cluster.clone()),
         )
         .with_context(|| format!("cluster gossip address {}", cfg.gossip_addr))?;
         let rows = QuicEndpoint::bind(
@@ -339,6 +340,7 @@ impl Cluster {
             server,
             client,
             wire::alpn(&cfg.cluster),
+            cfg.tls.as_ref().map(|_| cfg.cluster.clone()),
         )
         .with_context(|| format!("cluster transport address {}", cfg.transport_addr))?;
         let seeds = resolve(&cfg.bootstrap).await;

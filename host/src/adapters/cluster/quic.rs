@@ -57,6 +57,8 @@ pub struct QuicEndpoint {
     /// authentication refusals).
     pub stream_errors: AtomicU64,
     handshakes: Arc<tokio::sync::Semaphore>,
+    /// The cluster a peer's certificate must name (None in plaintext mode: no certificates).
+    cluster: Option<String>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
@@ -87,6 +89,7 @@ impl QuicEndpoint {
         mut server: quinn::ServerConfig,
         mut client: quinn::ClientConfig,
         alpn: Vec<u8>,
+        cluster: Option<String>,
     ) -> std::io::Result<Self> {
         server.transport_config(transport(role));
         client.transport_config(transport(role));
@@ -103,6 +106,7 @@ impl QuicEndpoint {
             alpn,
             stream_errors: AtomicU64::new(0),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+            cluster,
             per_ip: Arc::default(),
         })
     }
@@ -139,6 +143,10 @@ impl QuicEndpoint {
             .await
             .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))?
             .map_err(|e| e.to_string())?;
+        if let Some(reason) = self.foreign(&conn) {
+            self.refuse(addr, &reason);
+            return Err(reason);
+        }
         self.hold(&mut held, conn.clone());
         Ok((conn, true))
     }
@@ -183,6 +191,9 @@ impl QuicEndpoint {
                 drop(permit);
                 match done {
                     Ok(Ok(conn)) => {
+                        if let Some(reason) = this.foreign(&conn) {
+                            return this.refuse(from, &reason);
+                        }
                         this.count_ip(&conn);
                         let slot = this.slot(conn.remote_address());
                         this.hold(&mut *slot.lock().await, conn.clone());
@@ -193,6 +204,14 @@ impl QuicEndpoint {
                 }
             });
         }
+    }
+
+    /// Why a peer that completed the handshake is not of this cluster (its certificate
+    /// names another, or none); the connection is closed.
+    fn foreign(&self, conn: &quinn::Connection) -> Option<String> {
+        let reason = super::tls::wrong_cluster(conn.peer_identity(), self.cluster.as_deref()?)?;
+        conn.close(1u32.into(), b"certificate of another cluster");
+        Some(reason)
     }
 
     /// Counts an accepted connection against its address until it closes.

@@ -65,4 +65,3 @@ impl Store {
         self.summary.load_full()
     }
 }
-

@@ -4,7 +4,9 @@
 //! Every node presents its certificate and accepts only peers whose certificate chains to
 //! the cluster CA, in both directions. The ALPN names the protocol version and the cluster,
 //! so a node of another cluster (or another protocol version) fails the handshake itself,
-//! before any byte of SWIM or rows is read.
+//! before any byte of SWIM or rows is read. The ALPN is only what a node says of itself, so
+//! the certificate names the cluster too (a URI, `urn:edgeproxy:cluster:NAME`), and each side
+//! checks the other's once the handshake is done: two clusters sharing a CA stay apart.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,8 +74,91 @@ pub fn make_ca(dir: &Path, cluster: &str) -> anyhow::Result<(PathBuf, PathBuf)> 
     Ok((cert_path, key_path))
 }
 
-/// Writes `NODE.pem` and `NODE.key` into `dir`, signed by the CA in `ca_dir`.
-pub fn make_node_cert(ca_dir: &Path, dir: &Path, node: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// The name a certificate gives its cluster.
+fn cluster_uri(cluster: &str) -> String {
+    let mut out = String::from("urn:edgeproxy:cluster:");
+    for b in cluster.bytes() {
+        match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// The cluster the CA in `ca_dir` was made for (`cluster ca --name`), from its subject.
+pub fn ca_cluster(ca_dir: &Path) -> anyhow::Result<String> {
+    let path = ca_dir.join("ca.pem");
+    let der = CertificateDer::from_pem_file(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default();
+    cn.strip_prefix("edgeproxy cluster ")
+        .and_then(|rest| rest.strip_suffix(" CA"))
+        .map(str::to_owned)
+        .with_context(|| {
+            format!(
+                "{} names no edgeproxy cluster (subject {cn:?}); pass --cluster",
+                path.display()
+            )
+        })
+}
+
+/// Why the certificate a peer presented does not belong to `cluster`, if it does not.
+pub fn wrong_cluster(identity: Option<Box<dyn std::any::Any>>, cluster: &str) -> Option<String> {
+    let certs = identity?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let Some(leaf) = certs.first() else {
+        return Some("no certificate".into());
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+        return Some("an unreadable certificate".into());
+    };
+    let uris: Vec<&str> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let want = cluster_uri(cluster);
+    match uris
+        .iter()
+        .find(|u| u.starts_with("urn:edgeproxy:cluster:"))
+    {
+        Some(u) if *u == want => None,
+        Some(u) => Some(format!(
+            "its certificate is for another cluster ({u}, not {want})"
+        )),
+        None => Some(format!(
+            "its certificate names no cluster (made before edgeproxy checked it): re-issue it \
+             with `edgeproxy cluster cert NODE --cluster {cluster}`"
+        )),
+    }
+}
+
+/// Writes `NODE.pem` and `NODE.key` into `dir`, signed by the CA in `ca_dir`, for `cluster`.
+pub fn make_node_cert(
+    ca_dir: &Path,
+    dir: &Path,
+    node: &str,
+    cluster: &str,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     if node.is_empty()
         || !node
             .chars()
@@ -93,6 +178,11 @@ pub fn make_node_cert(ca_dir: &Path, dir: &Path, node: &str) -> anyhow::Result<(
         format!("{node}.{SERVER_NAME}"),
     ])?;
     params.distinguished_name.push(DnType::CommonName, node);
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        cluster_uri(cluster)
+            .try_into()
+            .context("the cluster name as a URI")?,
+    ));
     params.use_authority_key_identifier_extension = true;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     // One certificate serves both ends of every connection.
@@ -280,12 +370,14 @@ mod tests {
         make_ca(&ca, "test").unwrap();
         let err = make_ca(&ca, "test").unwrap_err().to_string();
         assert!(err.contains("exists already"), "{err}");
-        let err = make_node_cert(&ca, dir.path(), "../evil")
+        let err = make_node_cert(&ca, dir.path(), "../evil", "test")
             .unwrap_err()
             .to_string();
         assert!(err.contains("must be letters"), "{err}");
-        let (a_cert, a_key) = make_node_cert(&ca, dir.path(), "a").unwrap();
-        let (_, b_key) = make_node_cert(&ca, dir.path(), "b").unwrap();
+        let (a_cert, a_key) = make_node_cert(&ca, dir.path(), "a", "test").unwrap();
+        let (_, b_key) = make_node_cert(&ca, dir.path(), "b", "test").unwrap();
+        assert_eq!(ca_cluster(&ca).unwrap(), "test");
+        assert_eq!(cluster_uri("a b/ü"), "urn:edgeproxy:cluster:a%20b%2F%C3%BC");
         let files = |cert: &Path, key: &Path| TlsFiles {
             ca: ca.join("ca.pem"),
             cert: cert.to_owned(),

@@ -31,6 +31,10 @@ pub enum ClusterCommand {
         /// Directory to write into.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// The cluster the certificate is for (peers check it); default: the one the CA
+        /// was made for.
+        #[arg(long)]
+        cluster: Option<String>,
     },
     /// This POP's view of the fleet, from its admin API: members, sync, table digest.
     Status {
@@ -49,8 +53,17 @@ pub async fn run(
             println!("{}\n{}", cert.display(), key.display());
             Ok(())
         }
-        ClusterCommand::Cert { node, ca_dir, dir } => {
-            let (cert, key) = tls::make_node_cert(&ca_dir, &dir, &node)?;
+        ClusterCommand::Cert {
+            node,
+            ca_dir,
+            dir,
+            cluster,
+        } => {
+            let cluster = match cluster {
+                Some(c) => c,
+                None => tls::ca_cluster(&ca_dir)?,
+            };
+            let (cert, key) = tls::make_node_cert(&ca_dir, &dir, &node, &cluster)?;
             println!("{}\n{}", cert.display(), key.display());
             Ok(())
         }

@@ -244,9 +244,11 @@ impl SqliteFleet {
         let err = |e: rusqlite::Error| self.err(e).to_string();
         let rowid: Option<i64> = self
             .conn
-            .query_row("SELECT rowid FROM components WHERE hash = ?1", [hash], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT rowid FROM components WHERE hash = ?1",
+                [hash],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(err)?;
         let Some(rowid) = rowid else {
@@ -336,7 +338,10 @@ mod tests {
         // A good copy (fetched from a peer) replaces the corrupt one.
         f.put_component(&hash, &bytes).unwrap();
         assert_eq!(f.component(&hash).unwrap().unwrap(), bytes);
-        assert_eq!(f.chunk(&hash, 11, 100).unwrap().unwrap(), (15, b"wasm".to_vec()));
+        assert_eq!(
+            f.chunk(&hash, 11, 100).unwrap().unwrap(),
+            (15, b"wasm".to_vec())
+        );
         assert_eq!(f.chunk(&hash, 99, 4).unwrap().unwrap(), (15, Vec::new()));
         assert_eq!(f.chunk(&"1".repeat(64), 0, 4).unwrap(), None);
     }
