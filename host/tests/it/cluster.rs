@@ -886,6 +886,69 @@ async fn a_hostile_member_pins_no_memory_and_stalls_no_replication() {
     converged(&[&a, &b], 3).await;
 }
 
+/// The certificate a POP's rows endpoint presents to a new connection (the client is a
+/// member with a certificate of its own).
+async fn presented_certificate(fleet: &Fleet, n: u8) -> Vec<u8> {
+    use edgeproxy::adapters::cluster::TlsFiles;
+    let ca = fleet.dir.path().join("ca");
+    let (cert, key) = fleet.cert(&ca, "probe");
+    let files = TlsFiles {
+        ca: ca.join("ca.pem"),
+        cert,
+        key,
+    };
+    let (_, config) = edgeproxy::adapters::cluster::tls::quic_configs(&files, "edgeproxy").unwrap();
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::new(fleet.ip(98), 0)).unwrap();
+    endpoint.set_default_client_config(config);
+    let conn = endpoint
+        .connect(SocketAddr::new(fleet.ip(n), 4002), "edgeproxy")
+        .unwrap()
+        .await
+        .unwrap();
+    let certs = conn
+        .peer_identity()
+        .unwrap()
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .unwrap();
+    conn.close(0u32.into(), b"done");
+    certs[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_certificate_files_are_taken_without_a_restart() {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let fleet = Fleet::new();
+    let a = fleet.pop("a", 1, &[]);
+    let b = fleet.pop("b", 2, &[1]);
+    a.wait_members(1).await;
+    let certs = fleet.dir.path().join("certs");
+    let old = CertificateDer::from_pem_file(certs.join("a.pem")).unwrap();
+    assert_eq!(presented_certificate(&fleet, 1).await, old.to_vec());
+    // A new certificate and key for the same POP, copied over the old files.
+    let rotated = fleet.dir.path().join("rotated");
+    let mut c = edgeproxy();
+    c.args(["cluster", "cert", "a", "--ca-dir"])
+        .arg(fleet.dir.path().join("ca"))
+        .arg("--dir")
+        .arg(&rotated);
+    run_ok(c);
+    for f in ["a.key", "a.pem"] {
+        std::fs::copy(rotated.join(f), certs.join(f)).unwrap();
+    }
+    let new = CertificateDer::from_pem_file(rotated.join("a.pem")).unwrap();
+    assert_ne!(new, old);
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    while presented_certificate(&fleet, 1).await != new.to_vec() {
+        assert!(tokio::time::Instant::now() < deadline, "{}", a.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(a.logs().contains("credentials reloaded"), "{}", a.logs());
+    // And the fleet goes on replicating.
+    client(&b, &rows_sql(["after-rotation".to_owned()])).await;
+    converged(&[&a, &b], 1).await;
+}
+
 #[test]
 fn the_cluster_demo_routes_a_write_everywhere_and_heals_a_partition() {
     let mut c = edgeproxy();

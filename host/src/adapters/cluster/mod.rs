@@ -364,6 +364,14 @@ impl Cluster {
             node.transport
         );
         let quic = QuicTransport::new(gossip, rows);
+        if let Some(files) = cfg.tls.clone() {
+            tokio::spawn(quic::follow_credentials(
+                quic.clone(),
+                files,
+                cfg.cluster.clone(),
+                stop.clone(),
+            ));
+        }
         let serving = quic.clone();
         let cluster = Self::launch(
             node,

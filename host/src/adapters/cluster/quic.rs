@@ -59,6 +59,8 @@ pub struct QuicEndpoint {
     handshakes: Arc<tokio::sync::Semaphore>,
     /// The cluster a peer's certificate must name (None in plaintext mode: no certificates).
     cluster: Option<String>,
+    /// What dialling uses; replaced, as the server side is, when certificates rotate.
+    client: Mutex<quinn::ClientConfig>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
@@ -91,12 +93,10 @@ impl QuicEndpoint {
         alpn: Vec<u8>,
         cluster: Option<String>,
     ) -> std::io::Result<Self> {
-        server.transport_config(transport(role));
-        client.transport_config(transport(role));
-        server.max_incoming(MAX_HANDSHAKES * 4);
-        let mut endpoint = quinn::Endpoint::server(server, addr)?;
-        endpoint.set_default_client_config(client);
+        Self::limit(role, &mut server, &mut client);
+        let endpoint = quinn::Endpoint::server(server, addr)?;
         Ok(Self {
+            client: Mutex::new(client),
             role,
             endpoint,
             conns: Mutex::default(),
@@ -109,6 +109,20 @@ impl QuicEndpoint {
             cluster,
             per_ip: Arc::default(),
         })
+    }
+
+    fn limit(role: &str, server: &mut quinn::ServerConfig, client: &mut quinn::ClientConfig) {
+        server.transport_config(transport(role));
+        client.transport_config(transport(role));
+        server.max_incoming(MAX_HANDSHAKES * 4);
+    }
+
+    /// New credentials (rotated certificate files): new handshakes use them at once,
+    /// established connections go on until they end.
+    pub fn reconfigure(&self, mut server: quinn::ServerConfig, mut client: quinn::ClientConfig) {
+        Self::limit(self.role, &mut server, &mut client);
+        self.endpoint.set_server_config(Some(server));
+        *self.client.lock().expect("client config lock") = client;
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -135,9 +149,10 @@ impl QuicEndpoint {
         if let Some(c) = held.as_ref().filter(|c| c.close_reason().is_none()) {
             return Ok((c.clone(), false));
         }
+        let config = self.client.lock().expect("client config lock").clone();
         let connecting = self
             .endpoint
-            .connect(addr, SERVER_NAME)
+            .connect_with(config, addr, SERVER_NAME)
             .map_err(|e| e.to_string())?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
@@ -478,5 +493,50 @@ impl Transport for Arc<QuicTransport> {
     fn wire_bytes(&self) -> Option<(u64, u64)> {
         let (g, r) = (self.gossip.wire_bytes(), self.rows.wire_bytes());
         Some((g.0 + r.0, g.1 + r.1))
+    }
+}
+
+/// Follows the credential files: when the CA, certificate or key changes (looked at every
+/// second), both endpoints take the new ones for every new handshake, without a restart. A
+/// set that does not load (half written, a key that does not match) is logged and the
+/// running one kept; it is tried again at the next change.
+pub async fn follow_credentials(
+    transport: Arc<QuicTransport>,
+    files: super::TlsFiles,
+    cluster: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let stamp = |files: &super::TlsFiles| {
+        [&files.ca, &files.cert, &files.key].map(|p| {
+            std::fs::metadata(p)
+                .and_then(|m| Ok((m.modified()?, m.len())))
+                .ok()
+        })
+    };
+    let mut seen = stamp(&files);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = stamp(&files);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match super::tls::quic_configs(&files, &cluster) {
+            Ok((server, client)) => {
+                transport.gossip.reconfigure(server.clone(), client.clone());
+                transport.rows.reconfigure(server, client);
+                tracing::info!(
+                    "cluster: credentials reloaded from {} (new connections use them)",
+                    files.cert.display()
+                );
+            }
+            Err(e) => {
+                tracing::error!("cluster: new credentials not taken, the running ones kept: {e:#}")
+            }
+        }
     }
 }
