@@ -162,6 +162,7 @@ impl QuicEndpoint {
             self.refuse(addr, &reason);
             return Err(reason);
         }
+        close_at_expiry(&conn);
         self.hold(&mut held, conn.clone());
         Ok((conn, true))
     }
@@ -209,6 +210,7 @@ impl QuicEndpoint {
                         if let Some(reason) = this.foreign(&conn) {
                             return this.refuse(from, &reason);
                         }
+                        close_at_expiry(&conn);
                         this.count_ip(&conn);
                         let slot = this.slot(conn.remote_address());
                         this.hold(&mut *slot.lock().await, conn.clone());
@@ -494,6 +496,24 @@ impl Transport for Arc<QuicTransport> {
         let (g, r) = (self.gossip.wire_bytes(), self.rows.wire_bytes());
         Some((g.0 + r.0, g.1 + r.1))
     }
+}
+
+/// Closes `conn` when the peer's certificate expires: a handshake checked it once, and a
+/// connection must not outlive it (the peer reconnects with a valid one, or not at all).
+fn close_at_expiry(conn: &quinn::Connection) {
+    let Some(left) = super::tls::expires_in(conn.peer_identity()) else {
+        return;
+    };
+    // tokio's timer reaches about two years: a connection a year old is closed and dialled
+    // anew, which costs one handshake.
+    let left = left.min(Duration::from_secs(365 * 86_400));
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(left) => conn.close(2u32.into(), b"certificate expired"),
+            _ = conn.closed() => {}
+        }
+    });
 }
 
 /// Follows the credential files: when the CA, certificate or key changes (looked at every

@@ -152,6 +152,20 @@ pub fn wrong_cluster(identity: Option<Box<dyn std::any::Any>>, cluster: &str) ->
     }
 }
 
+/// How long until the certificate a peer presented expires (zero if it has), or None
+/// where there is none (plaintext mode).
+pub fn expires_in(identity: Option<Box<dyn std::any::Any>>) -> Option<std::time::Duration> {
+    let certs = identity?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+    let not_after = cert.validity().not_after.timestamp();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    Some(std::time::Duration::from_secs(
+        not_after.saturating_sub(now).max(0) as u64,
+    ))
+}
+
 /// Writes `NODE.pem` and `NODE.key` into `dir`, signed by the CA in `ca_dir`, for `cluster`.
 pub fn make_node_cert(
     ca_dir: &Path,
@@ -377,6 +391,20 @@ mod tests {
         let (a_cert, a_key) = make_node_cert(&ca, dir.path(), "a", "test").unwrap();
         let (_, b_key) = make_node_cert(&ca, dir.path(), "b", "test").unwrap();
         assert_eq!(ca_cluster(&ca).unwrap(), "test");
+        let chain = |p: &Path| -> Option<Box<dyn std::any::Any>> {
+            let der = CertificateDer::from_pem_file(p).unwrap();
+            Some(Box::new(vec![der]))
+        };
+        let left = expires_in(chain(&a_cert)).unwrap().as_secs() / 86_400;
+        assert!((4 * 365..=6 * 366).contains(&left), "{left} days");
+        // One that has expired: no time left.
+        let mut params = CertificateParams::new(vec!["x".to_owned()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        let old = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let old: Option<Box<dyn std::any::Any>> = Some(Box::new(vec![old.der().clone()]));
+        assert_eq!(expires_in(old), Some(std::time::Duration::ZERO));
+        assert_eq!(expires_in(None), None);
         assert_eq!(cluster_uri("a b/ü"), "urn:edgeproxy:cluster:a%20b%2F%C3%BC");
         let files = |cert: &Path, key: &Path| TlsFiles {
             ca: ca.join("ca.pem"),
