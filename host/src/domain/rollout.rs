@@ -154,10 +154,27 @@ impl FleetRecord {
             1..=256 => Ok(()),
             n => Err(format!("{what} is {n} bytes (1 to 256 allowed)")),
         };
+        let at_most = |what: &str, s: &str| match s.len() {
+            0..=256 => Ok(()),
+            n => Err(format!("{what} is {n} bytes (at most 256)")),
+        };
+        let running = |r: &Option<Running>| match r {
+            None => Ok(()),
+            Some(r) => {
+                at_most("a running policy's name", &r.name)?;
+                at_most("a running policy's hash", &r.hash)?;
+                at_most("a running policy's start", &r.since)?;
+                at_most(
+                    "a running policy's deployment",
+                    r.deployment.as_deref().unwrap_or(""),
+                )
+            }
+        };
         match &self.value {
             FleetValue::Deployment(d) => {
                 short("deployment id", &d.id)?;
                 short("component name", &d.name)?;
+                at_most("deploying POP", &d.by)?;
                 valid_hash(&d.hash)?;
                 if d.targets.pops.len() + d.targets.regions.len() > 1024 {
                     return Err("more than 1024 targets".into());
@@ -170,12 +187,20 @@ impl FleetRecord {
             }
             FleetValue::Pop(p) => {
                 short("POP name", &p.pop)?;
+                at_most("region", &p.region)?;
+                running(&p.live)?;
+                running(&p.shadow)?;
                 if p.refused.len() > REFUSALS_KEPT {
                     return Err(format!("more than {REFUSALS_KEPT} refusals"));
                 }
-                p.refused.iter().try_for_each(|r| match r.cause.len() {
-                    0..=2048 => Ok(()),
-                    n => Err(format!("a refusal's cause is {n} bytes (2048 allowed)")),
+                p.refused.iter().try_for_each(|r| {
+                    at_most("a refusal's deployment", &r.deployment)?;
+                    at_most("a refusal's hash", &r.hash)?;
+                    at_most("a refusal's time", &r.at)?;
+                    match r.cause.len() {
+                        0..=2048 => Ok(()),
+                        n => Err(format!("a refusal's cause is {n} bytes (2048 allowed)")),
+                    }
                 })
             }
         }

@@ -146,13 +146,18 @@ impl SqliteFleet {
         })
     }
 
-    /// Writes `value` locally with `version` (from [`Self::next_version`]).
+    /// Writes `value` locally with `version` (from [`Self::next_version`]), checked as a
+    /// peer would check it: a record this POP writes is one every peer takes.
     pub fn write(
         &mut self,
         version: Version,
         value: FleetValue,
     ) -> Result<FleetRecord, FleetStoreError> {
         let r = FleetRecord { version, value };
+        r.validate().map_err(|reason| FleetStoreError {
+            path: self.path.display().to_string(),
+            reason: format!("record {}: {reason}", r.value.key()),
+        })?;
         self.store(r.clone()).map_err(|e| self.err(e))?;
         Ok(r)
     }
@@ -382,6 +387,27 @@ mod tests {
         assert_eq!(out.ahead.len(), 1);
         let kept: Vec<_> = f.records().collect();
         assert!(matches!(&kept[0].value, FleetValue::Pop(p) if p.region == "eu"));
+        // Every string is bounded, and a local write is checked as a peer's is.
+        let mut long = report(wall, &"x".repeat(300));
+        let out = f.apply(vec![long.clone()], wall).unwrap();
+        assert!(out.rejected[0].1.contains("region"), "{:?}", out.rejected);
+        let err = f.write(long.version, long.value.clone()).unwrap_err();
+        assert!(err.reason.contains("region is 300 bytes"), "{}", err.reason);
+        if let FleetValue::Pop(p) = &mut long.value {
+            p.region = "eu".into();
+            p.live = Some(crate::domain::rollout::Running {
+                name: "n".repeat(1000),
+                hash: String::new(),
+                since: String::new(),
+                deployment: None,
+                faults: 0,
+            });
+        }
+        assert!(
+            f.apply(vec![long], wall).unwrap().rejected[0]
+                .1
+                .contains("name")
+        );
     }
 
     #[test]
