@@ -90,6 +90,23 @@ impl Fleet {
         (a, b, c)
     }
 
+    /// A bare QUIC client on address .`n` holding member `name`'s certificate (the
+    /// cluster's CA, the default cluster): what a member, or one gone rogue, dials with.
+    fn member_endpoint(&self, name: &str, n: u8) -> quinn::Endpoint {
+        let ca = self.dir.path().join("ca");
+        let (cert, key) = self.cert(&ca, name);
+        let files = edgeproxy::adapters::cluster::TlsFiles {
+            ca: ca.join("ca.pem"),
+            cert,
+            key,
+        };
+        let (_, config) =
+            edgeproxy::adapters::cluster::tls::quic_configs(&files, "edgeproxy").unwrap();
+        let mut endpoint = quinn::Endpoint::client(SocketAddr::new(self.ip(n), 0)).unwrap();
+        endpoint.set_default_client_config(config);
+        endpoint
+    }
+
     /// Starts POP `name` on address .`n`, joining through `seeds` (indexes).
     fn pop(&self, name: &str, n: u8, seeds: &[u8]) -> Pop {
         self.pop_with(name, n, seeds, &[])
@@ -794,7 +811,6 @@ fn rss_mib(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_member_pins_no_memory_and_stalls_no_replication() {
-    use edgeproxy::adapters::cluster::TlsFiles;
     let fleet = Fleet::new();
     let a = fleet.pop("a", 1, &[]);
     let b = fleet.pop("b", 2, &[1]);
@@ -805,16 +821,7 @@ async fn a_hostile_member_pins_no_memory_and_stalls_no_replication() {
     let baseline = rss_mib(pid);
 
     // A member gone rogue: its certificate is from the cluster's CA.
-    let ca = fleet.dir.path().join("ca");
-    let (cert, key) = fleet.cert(&ca, "rogue");
-    let files = TlsFiles {
-        ca: ca.join("ca.pem"),
-        cert,
-        key,
-    };
-    let (_, config) = edgeproxy::adapters::cluster::tls::quic_configs(&files, "edgeproxy").unwrap();
-    let mut endpoint = quinn::Endpoint::client(SocketAddr::new(fleet.ip(99), 0)).unwrap();
-    endpoint.set_default_client_config(config);
+    let endpoint = fleet.member_endpoint("rogue", 99);
     let target = SocketAddr::new(fleet.ip(1), 4002);
     // A flood of connections from one address: a few are taken.
     let mut conns = Vec::new();
@@ -889,17 +896,7 @@ async fn a_hostile_member_pins_no_memory_and_stalls_no_replication() {
 /// The certificate a POP's rows endpoint presents to a new connection (the client is a
 /// member with a certificate of its own).
 async fn presented_certificate(fleet: &Fleet, n: u8) -> Vec<u8> {
-    use edgeproxy::adapters::cluster::TlsFiles;
-    let ca = fleet.dir.path().join("ca");
-    let (cert, key) = fleet.cert(&ca, "probe");
-    let files = TlsFiles {
-        ca: ca.join("ca.pem"),
-        cert,
-        key,
-    };
-    let (_, config) = edgeproxy::adapters::cluster::tls::quic_configs(&files, "edgeproxy").unwrap();
-    let mut endpoint = quinn::Endpoint::client(SocketAddr::new(fleet.ip(98), 0)).unwrap();
-    endpoint.set_default_client_config(config);
+    let endpoint = fleet.member_endpoint("probe", 98);
     let conn = endpoint
         .connect(SocketAddr::new(fleet.ip(n), 4002), "edgeproxy")
         .unwrap()
