@@ -75,11 +75,7 @@ impl FleetStore {
             }
             (out, changed)
         };
-        let (out, changed) = match tokio::task::spawn_blocking(call).await {
-            Ok(r) => r,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => std::future::pending().await,
-        };
+        let (out, changed) = super::store::blocking(call).await;
         if changed {
             self.changes.send_modify(|n| *n += 1);
         }
@@ -461,7 +457,5 @@ impl PolicyFleet for Cluster {
 
 /// SHA-256 of a component (megabytes) on a blocking thread, not a proxy worker.
 async fn hash_off_workers(bytes: Vec<u8>) -> (String, Vec<u8>) {
-    tokio::task::spawn_blocking(move || (sha256_hex(&bytes), bytes))
-        .await
-        .expect("hashing does not panic")
+    super::store::blocking(move || (sha256_hex(&bytes), bytes)).await
 }

@@ -53,15 +53,21 @@ impl Store {
             summary.store(Arc::new(Self::summarise(&r)));
             out
         };
-        match tokio::task::spawn_blocking(call).await {
-            Ok(r) => r,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // The runtime is shutting down and this task goes with it.
-            Err(_) => std::future::pending().await,
-        }
+        blocking(call).await
     }
 
     pub fn summary(&self) -> Arc<Summary> {
         self.summary.load_full()
+    }
+}
+
+/// Runs `call` on a blocking thread, off the proxy's workers: file I/O, hashing, decoding.
+/// A panic there goes on in the caller; at shutdown the caller waits with the runtime.
+pub(super) async fn blocking<R: Send + 'static>(call: impl FnOnce() -> R + Send + 'static) -> R {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is shutting down and this task goes with it.
+        Err(_) => std::future::pending().await,
     }
 }

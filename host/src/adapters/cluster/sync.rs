@@ -42,10 +42,7 @@ impl Inner {
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
         let size = frame.len();
         // Decoding a large frame is real work: off the runtime's threads.
-        let decoded = tokio::task::spawn_blocking(move || wire::decode(&frame))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|m| m.map_err(|e| e.to_string()));
+        let decoded = super::store::blocking(move || wire::decode(&frame)).await;
         let msg = match decoded {
             Ok(m) => m,
             Err(e) => {
@@ -189,9 +186,8 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
             .bytes_in
             .fetch_add(reply.len() as u64, Ordering::Relaxed);
         let size = reply.len();
-        let reply = tokio::task::spawn_blocking(move || wire::decode(&reply))
+        let reply = super::store::blocking(move || wire::decode(&reply))
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         let (rows, next) = match reply {
             Message::SyncReply {

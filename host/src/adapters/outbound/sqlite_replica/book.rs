@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rusqlite::Connection;
 
-use super::columns;
 use crate::adapters::outbound::sqlite_editor::backend_row;
+use crate::adapters::outbound::sqlite_routing::COLUMNS;
 use crate::domain::replication::{
     Digest, Dot, Hlc, NodeId, Seen, Version, VersionedRow, bucket_of,
 };
@@ -68,11 +68,7 @@ impl Book {
             digest: Digest::of([]),
             tombstones: 0,
         };
-        let cols = columns()
-            .split(", ")
-            .map(|c| format!("b.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let cols = COLUMNS.map(|c| format!("b.{c}")).join(", ");
         let mut stmt = conn.prepare(&format!(
             "SELECT {cols}, v.hlc, v.node, v.seq, v.at FROM backends b JOIN _edgeproxy_versions v ON v.id = b.id"
         ))?;

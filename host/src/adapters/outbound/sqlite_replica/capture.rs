@@ -13,8 +13,9 @@
 
 use rusqlite::{Connection, OptionalExtension as _};
 
-use super::{Txn, Unreplicable, WallClock, as_replicator, columns, state, validate};
+use super::{Txn, Unreplicable, WallClock, as_replicator, state, validate};
 use crate::adapters::outbound::sqlite_editor::backend_row;
+use crate::adapters::outbound::sqlite_routing::COLUMNS;
 use crate::domain::replication::{BackendRow, NodeId, VersionedRow};
 
 /// The bookkeeping's layout; 2 added write sequence numbers and the writes seen.
@@ -180,7 +181,7 @@ pub(super) fn stamp(t: &mut Txn<'_>) -> rusqlite::Result<Stamped> {
         return Ok(Default::default());
     }
     let (mut out, mut bad) = (Vec::new(), Vec::new());
-    let select = format!("SELECT {} FROM backends WHERE id = ?1", columns());
+    let select = format!("SELECT {} FROM backends WHERE id = ?1", COLUMNS.join(", "));
     for id in dirty {
         let deleted: Option<bool> =
             t.tx.query_row(

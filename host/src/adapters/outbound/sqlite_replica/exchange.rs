@@ -132,19 +132,7 @@ impl SqliteReplica {
             .filter(|r| gone(r))
             .map(|r| (r.row.id.clone(), r.dot()))
             .collect();
-        if candidates.is_empty() {
-            return Ok(Applied::default());
-        }
-        let (superseded, (stamped, _)) = self.transact(|t| {
-            let mut out = Vec::new();
-            for (id, dot) in candidates {
-                if t.held(&id).is_some_and(|h| h.dot() == dot) {
-                    t.forget(&id)?;
-                    out.push(id);
-                }
-            }
-            Ok(out)
-        })?;
+        let (superseded, stamped) = self.forget_held(candidates)?;
         Ok(Applied {
             superseded,
             stamped,

@@ -22,20 +22,8 @@ impl SqliteReplica {
             .filter(|e| e.row.row.deleted && e.at <= cutoff)
             .map(|e| (e.row.row.id.clone(), e.row.dot()))
             .collect();
-        if old.is_empty() {
-            return Ok((0, Vec::new()));
-        }
-        let (n, (stamped, _)) = self.transact(|t| {
-            let mut n = 0;
-            for (id, dot) in old {
-                // Only if still that tombstone: an undelete may have been stamped first.
-                if t.held(&id).is_some_and(|h| h.row.deleted && h.dot() == dot) {
-                    t.forget(&id)?;
-                    n += 1;
-                }
-            }
-            Ok(n)
-        })?;
-        Ok((n, stamped))
+        // Only those still that tombstone: an undelete may be stamped first.
+        let (purged, stamped) = self.forget_held(old)?;
+        Ok((purged.len(), stamped))
     }
 }

@@ -27,7 +27,7 @@ use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior};
 
 use self::book::{Book, Entry};
 pub use self::exchange::Applied;
-use super::sqlite_routing::{COLUMNS, SCHEMA};
+use super::sqlite_routing::SCHEMA;
 use crate::domain::replication::{Clock, Digest, Dot, Hlc, NodeId, Seen, Version, VersionedRow};
 
 /// Where a POP reads wall time (unix ms): the system clock, or a test's.
@@ -204,6 +204,30 @@ impl SqliteReplica {
                 Err(self.err(e))
             }
         }
+    }
+
+    /// Removes for good each row `candidates` names that is still held at that write (a dot
+    /// names one write, so a row changed since is left alone; pending local edits are
+    /// stamped first, so one made meanwhile is a new write and stays). Returns the ids
+    /// removed and the local edits stamped.
+    fn forget_held(
+        &mut self,
+        candidates: Vec<(String, Dot)>,
+    ) -> Result<(Vec<String>, Vec<VersionedRow>), ReplicaError> {
+        if candidates.is_empty() {
+            return Ok(Default::default());
+        }
+        let (gone, (stamped, _)) = self.transact(|t| {
+            let mut gone = Vec::new();
+            for (id, dot) in candidates {
+                if t.held(&id).is_some_and(|h| h.dot() == dot) {
+                    t.forget(&id)?;
+                    gone.push(id);
+                }
+            }
+            Ok(gone)
+        })?;
+        Ok((gone, stamped))
     }
 
     /// Peers learned by gossip, remembered so a restart finds the cluster without its
@@ -401,11 +425,6 @@ fn validate(row: &crate::domain::replication::BackendRow) -> Result<(), String> 
         ));
     }
     super::sqlite_routing::check_as_live(row.values().to_vec())
-}
-
-/// `SELECT id, app, … FROM backends` as a column list.
-fn columns() -> String {
-    COLUMNS.join(", ")
 }
 
 #[cfg(test)]
