@@ -227,7 +227,7 @@ impl Inner {
     }
 
     /// Drops the live rows `peer`'s head shows it saw superseded.
-    async fn drop_superseded(self: &Arc<Self>, peer: &Peer, head: Head) -> Result<(), String> {
+    async fn drop_superseded(self: &Arc<Self>, peer: &Peer, head: Arc<Head>) -> Result<(), String> {
         let out = self
             .store
             .run(move |r| r.drop_superseded(&head))

@@ -216,10 +216,11 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
                 ));
             }
         };
-        let cleared = match page {
-            0 => head.as_ref().map(|h| h.cleared.clone()).unwrap_or_default(),
-            _ => Seen::default(),
-        };
+        // Marked seen with the first page; the head keeps what the rest of the round uses.
+        let cleared = head
+            .as_mut()
+            .map(|h| std::mem::take(&mut h.cleared))
+            .unwrap_or_default();
         inner
             .stats
             .changes_received
@@ -237,7 +238,7 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
             None => break,
         }
     }
-    let head = head.ok_or("a sync answer without its head")?;
+    let head = Arc::new(head.ok_or("a sync answer without its head")?);
     inner.drop_superseded(peer, head.clone()).await?;
     // Ours they have not seen, and what we saw superseded that they have not seen.
     let (node, ours, cleared) = inner
