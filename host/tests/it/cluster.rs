@@ -930,9 +930,15 @@ async fn rotated_certificate_files_are_taken_without_a_restart() {
         .arg("--dir")
         .arg(&rotated);
     run_ok(c);
-    for f in ["a.key", "a.pem"] {
-        std::fs::copy(rotated.join(f), certs.join(f)).unwrap();
-    }
+    // The certificate first, with the old key: a set that does not load is refused and
+    // the running one kept.
+    std::fs::copy(rotated.join("a.pem"), certs.join("a.pem")).unwrap();
+    a.wait_status("the mismatched set refused", |_| {
+        a.logs().contains("new credentials not taken")
+    })
+    .await;
+    assert_eq!(presented_certificate(&fleet, 1).await, old.to_vec());
+    std::fs::copy(rotated.join("a.key"), certs.join("a.key")).unwrap();
     let new = CertificateDer::from_pem_file(rotated.join("a.pem")).unwrap();
     assert_ne!(new, old);
     let deadline = tokio::time::Instant::now() + CONVERGE;
