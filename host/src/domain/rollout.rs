@@ -176,14 +176,17 @@ impl FleetRecord {
                 short("component name", &d.name)?;
                 at_most("deploying POP", &d.by)?;
                 valid_hash(&d.hash)?;
-                if d.targets.pops.len() + d.targets.regions.len() > 1024 {
-                    return Err("more than 1024 targets".into());
+                if d.targets.pops.len() + d.targets.regions.len() > MAX_TARGETS {
+                    return Err(format!("more than {MAX_TARGETS} targets"));
                 }
                 d.targets
                     .pops
                     .iter()
                     .chain(&d.targets.regions)
-                    .try_for_each(|t| short("target", t))
+                    .try_for_each(|t| match t.len() {
+                        1..=64 => Ok(()),
+                        n => Err(format!("a target is {n} bytes (1 to 64 allowed)")),
+                    })
             }
             FleetValue::Pop(p) => {
                 short("POP name", &p.pop)?;
@@ -260,6 +263,40 @@ pub fn assignment<'a>(
 }
 
 /// The deployment a rollback of `role` revokes: the latest one standing.
+/// POPs and regions one deployment may name; with [`DEPLOYMENTS_MAX`], this bounds what
+/// a records round carries (a few MiB at worst) so it needs no paging.
+pub const MAX_TARGETS: usize = 64;
+
+/// Deployments of a role a rollback can reach.
+pub const DEPLOYMENTS_KEPT: usize = 32;
+/// Deployments of a role kept whatever their targets.
+pub const DEPLOYMENTS_MAX: usize = 256;
+
+/// The ids of deployments no POP needs any more, decided from the records alone so that
+/// every POP decides the same and their sets agree: of each role, those behind the newest
+/// [`DEPLOYMENTS_KEPT`] once a newer unrevoked one selects every POP (they can be no POP's
+/// assignment again unless that many are rolled back), and any behind the newest
+/// [`DEPLOYMENTS_MAX`].
+pub fn retired(deployments: &[&Deployment]) -> Vec<String> {
+    let mut out = Vec::new();
+    for role in [Role::Live, Role::Shadow] {
+        let mut of_role: Vec<&Deployment> = deployments
+            .iter()
+            .filter(|d| d.role == role)
+            .copied()
+            .collect();
+        of_role.sort_by_key(|d| std::cmp::Reverse(d.created));
+        let mut replaced_everywhere = false;
+        for (i, d) in of_role.iter().enumerate() {
+            if i >= DEPLOYMENTS_MAX || (i >= DEPLOYMENTS_KEPT && replaced_everywhere) {
+                out.push(d.id.clone());
+            }
+            replaced_everywhere |= !d.revoked && d.targets == Targets::default();
+        }
+    }
+    out
+}
+
 pub fn latest<'a>(deployments: &[&'a Deployment], role: Role) -> Option<&'a Deployment> {
     deployments
         .iter()
@@ -291,6 +328,38 @@ mod tests {
             by: "a".into(),
             revoked: false,
         }
+    }
+
+    #[test]
+    fn deployments_are_retired_only_where_no_pop_or_rollback_can_reach_them() {
+        let ids = |ds: &[Deployment]| {
+            let refs: Vec<&Deployment> = ds.iter().collect();
+            let mut r = retired(&refs);
+            r.sort_by_key(|id| id.parse::<u64>().unwrap());
+            r
+        };
+        // Canaries to POP a only: nothing selects every POP, so all are kept up to the cap.
+        let mut ds: Vec<Deployment> = (1..=40)
+            .map(|i| dep(i, Role::Live, 'a', &["a"], &[]))
+            .collect();
+        assert!(ids(&ds).is_empty());
+        // One to every POP, then revoked: it replaces nothing.
+        ds.push(dep(41, Role::Live, 'b', &[], &[]));
+        ds.last_mut().unwrap().revoked = true;
+        assert!(ids(&ds).is_empty());
+        // One to every POP that stands: the ones behind the newest 32 go, the shadow's stay.
+        ds.push(dep(42, Role::Live, 'c', &[], &[]));
+        ds.push(dep(43, Role::Shadow, 'd', &[], &[]));
+        let gone: Vec<String> = (1..=10).map(|i| i.to_string()).collect();
+        assert_eq!(ids(&ds), gone);
+        // Every POP decides the same whatever order it learnt them in.
+        ds.reverse();
+        assert_eq!(ids(&ds), gone);
+        // Past the cap, the oldest go whatever their targets.
+        let many: Vec<Deployment> = (1..=(DEPLOYMENTS_MAX as u64 + 3))
+            .map(|i| dep(i, Role::Shadow, 'e', &["a"], &[]))
+            .collect();
+        assert_eq!(ids(&many), ["1", "2", "3"]);
     }
 
     #[test]

@@ -101,7 +101,7 @@ impl Fleet {
             key,
         };
         let (_, config) =
-            edgeproxy::adapters::cluster::tls::quic_configs(&files, "edgeproxy").unwrap();
+            edgeproxy::adapters::cluster::tls::quic_configs(&files, "edgeproxy", name).unwrap();
         let mut endpoint = quinn::Endpoint::client(SocketAddr::new(self.ip(n), 0)).unwrap();
         endpoint.set_default_client_config(config);
         endpoint
@@ -557,7 +557,7 @@ async fn a_node_without_the_clusters_credentials_or_name_cannot_join() {
     let mut c = edgeproxy();
     c.args(["cluster", "ca", "--dir"]).arg(&rogue_ca);
     run_ok(c);
-    let (cert, key) = fleet.cert(&rogue_ca, "rogue");
+    let (cert, key) = fleet.cert(&rogue_ca, "mallory");
     let rogue = fleet.pop_with(
         "mallory",
         3,
@@ -891,6 +891,157 @@ async fn a_hostile_member_pins_no_memory_and_stalls_no_replication() {
     );
     client(&b, &rows_sql(["after".to_owned()])).await;
     converged(&[&a, &b], 3).await;
+}
+
+/// A member speaks for itself only: what another member's certificate says for it (its
+/// node id, its SWIM identity, its policy report) is refused, and a POP will not start
+/// under a name its certificate does not carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_speaks_only_for_the_pop_its_certificate_names() {
+    use edgeproxy::adapters::cluster::membership::Identity;
+    use edgeproxy::adapters::cluster::wire::{self, Message};
+    use edgeproxy::domain::replication::NodeId;
+    use edgeproxy::domain::rollout::{FleetRecord, FleetValue, PopPolicies};
+    use foca::Codec as _;
+
+    let fleet = Fleet::new();
+    let a = fleet.pop("a", 1, &[]);
+    let b = fleet.pop("b", 2, &[1]);
+    a.wait_members(1).await;
+    let b_node =
+        NodeId(u64::from_str_radix(b.wait_members(1).await["node"].as_str().unwrap(), 16).unwrap());
+    let refused = |s: &Value| s["peers_refused"].as_u64().unwrap();
+    let before = refused(&a.status().await.unwrap());
+
+    let endpoint = fleet.member_endpoint("rogue", 99);
+    let rows = endpoint
+        .connect(SocketAddr::new(fleet.ip(1), 4002), "edgeproxy")
+        .unwrap()
+        .await
+        .unwrap();
+    let report = |pop: &str, region: &str| FleetRecord {
+        version: edgeproxy::domain::replication::Version {
+            hlc: edgeproxy::domain::replication::Hlc::from_millis(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as u64,
+            ),
+            node: NodeId(99),
+        },
+        value: FleetValue::Pop(PopPolicies {
+            pop: pop.into(),
+            region: region.into(),
+            ..Default::default()
+        }),
+    };
+    let push = |from: NodeId, records: Vec<FleetRecord>| {
+        let rows = rows.clone();
+        async move {
+            let mut s = rows.open_uni().await.unwrap();
+            let frame = wire::encode(&Message::FleetPush { from, records });
+            wire::write_frame(&mut s, &frame).await.unwrap();
+            s.finish().unwrap();
+        }
+    };
+    // b's node id from the rogue's certificate: refused, and answered so.
+    let (mut send, mut recv) = rows.open_bi().await.unwrap();
+    let ask = wire::encode(&Message::FleetSync {
+        from: b_node,
+        digest: 0,
+    });
+    wire::write_frame(&mut send, &ask).await.unwrap();
+    send.finish().unwrap();
+    let reply = wire::read_frame(&mut recv, wire::MAX_FRAME).await.unwrap();
+    match wire::decode(&reply).unwrap() {
+        Message::Refused { reason } => assert!(reason.contains("speaks for node"), "{reason}"),
+        other => panic!("answered {}", other.kind()),
+    }
+    // b's report under an id of its own: the report is refused, b's own stays.
+    push(NodeId(99), vec![report("b", "forged")]).await;
+    push(b_node, vec![report("b", "forged")]).await;
+    a.wait_status("the forged reports refused", |s| refused(s) >= before + 3)
+        .await;
+    // Its own report is taken (the same path refuses only what it may not say).
+    push(NodeId(99), vec![report("rogue", "its-own")]).await;
+    let s = a
+        .wait_status("the rogue's own report", |s| {
+            s["policies"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["pop"] == "rogue")
+        })
+        .await;
+    assert!(
+        s["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["region"] != "forged"),
+        "{s}"
+    );
+
+    // A SWIM packet from the rogue's certificate signed as b: dropped before SWIM sees it.
+    let gossip = endpoint
+        .connect(SocketAddr::new(fleet.ip(1), 4001), "edgeproxy")
+        .unwrap()
+        .await
+        .unwrap();
+    let posing = Identity {
+        node: b_node,
+        name: "b".into(),
+        gossip: SocketAddr::new(fleet.ip(99), 4001),
+        transport: SocketAddr::new(fleet.ip(99), 4002),
+        bump: u64::MAX,
+    };
+    let header = foca::Header {
+        src: posing.clone(),
+        src_incarnation: 0,
+        dst: posing,
+        message: foca::Message::Ping(1),
+    };
+    let mut packet = Vec::new();
+    foca::PostcardCodec
+        .encode_header(&header, &mut packet)
+        .unwrap();
+    let now = refused(&a.status().await.unwrap());
+    gossip.send_datagram(packet.into()).unwrap();
+    a.wait_status("the posing SWIM packet refused", |s| refused(s) > now)
+        .await;
+    // b is still b, alive, at its own address; rows still flow.
+    let s = a.wait_members(1).await;
+    let member = &s["members"][0];
+    assert_eq!(member["name"], "b");
+    assert_eq!(member["gossip"], format!("{}:4001", fleet.ip(2)));
+    client(&b, &rows_sql(["after".to_owned()])).await;
+    converged(&[&a, &b], 1).await;
+
+    // A POP whose certificate is for another name does not start, and says why.
+    let (cert, key) = fleet.cert(&fleet.dir.path().join("ca"), "a");
+    let mut c = edgeproxy();
+    c.env("EDGEPROXY_DB_PATH", fleet.dir.path().join("z.db"))
+        .envs(a.env.iter().map(|(k, v)| (k, v)))
+        .env("EDGEPROXY_REPLICATION_NODE_ID", "z")
+        .env("EDGEPROXY_REPLICATION_CERT_FILE", &cert)
+        .env("EDGEPROXY_REPLICATION_KEY_FILE", &key)
+        .env("EDGEPROXY_LISTEN_ADDR", format!("{}:8080", fleet.ip(7)))
+        .env("EDGEPROXY_ADMIN_ADDR", format!("{}:9090", fleet.ip(7)))
+        .env(
+            "EDGEPROXY_REPLICATION_GOSSIP_ADDR",
+            format!("{}:4001", fleet.ip(7)),
+        )
+        .env(
+            "EDGEPROXY_REPLICATION_TRANSPORT_ADDR",
+            format!("{}:4002", fleet.ip(7)),
+        );
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(r#"is made for POP "a", but this POP is named "z""#),
+        "{err}"
+    );
 }
 
 /// The certificate a POP's rows endpoint presents to a new connection (the client is a

@@ -44,6 +44,22 @@ impl Snapshot {
             digest: file.digest(),
         }
     }
+
+    /// What one POP offers in a records round: every deployment and its own report, with
+    /// their digest. Deployments are the fleet's; a report is its POP's alone.
+    pub fn offered_by(&self, pop: &str) -> (Vec<FleetRecord>, u64) {
+        let records: Vec<FleetRecord> = self
+            .records
+            .iter()
+            .filter(|r| match &r.value {
+                FleetValue::Deployment(_) => true,
+                FleetValue::Pop(p) => p.pop == pop,
+            })
+            .cloned()
+            .collect();
+        let digest = rollout::digest(&records);
+        (records, digest)
+    }
 }
 
 impl FleetStore {
@@ -93,8 +109,53 @@ impl FleetStore {
 }
 
 impl Inner {
+    /// Records a peer pushed: deployments, and reports only of the POP that sent them.
+    pub(super) async fn pushed_records(
+        &self,
+        from: SocketAddr,
+        origin: NodeId,
+        peer: Option<&str>,
+        records: Vec<FleetRecord>,
+    ) {
+        // Without certificates (plaintext mode) the sender is who SWIM says it is.
+        let speaker = peer.map(str::to_owned).or_else(|| {
+            self.members
+                .borrow()
+                .iter()
+                .find(|m| m.id.node == origin)
+                .map(|m| m.id.name.clone())
+        });
+        let records = self.reports_of(from, speaker.as_deref(), records);
+        self.apply_records(origin, records).await;
+    }
+
+    /// `records` without reports of any POP but `pop` (refused, and said so).
+    fn reports_of(
+        &self,
+        from: impl std::fmt::Display,
+        pop: Option<&str>,
+        mut records: Vec<FleetRecord>,
+    ) -> Vec<FleetRecord> {
+        let before = records.len();
+        records.retain(|r| match &r.value {
+            FleetValue::Deployment(_) => true,
+            FleetValue::Pop(p) => Some(p.pop.as_str()) == pop,
+        });
+        if records.len() < before {
+            self.protocol_refusal(
+                from,
+                &format!(
+                    "{} report(s) of other POPs than {:?}: a POP speaks only for itself",
+                    before - records.len(),
+                    pop.unwrap_or("an unknown one")
+                ),
+            );
+        }
+        records
+    }
+
     /// Merges records from a peer, reporting what was refused.
-    pub(super) async fn apply_records(&self, origin: NodeId, records: Vec<FleetRecord>) {
+    async fn apply_records(&self, origin: NodeId, records: Vec<FleetRecord>) {
         if records.is_empty() {
             return;
         }
@@ -125,6 +186,28 @@ impl Inner {
                     );
                 }
             }
+            Err(e) => tracing::error!("cluster: {e}"),
+        }
+    }
+
+    /// Drops the reports of POPs that left the membership a day or more ago.
+    pub(super) async fn forget_gone_reports(&self) {
+        const AGE_MS: u64 = 24 * 3600 * 1000;
+        let mut members: Vec<String> = self
+            .members
+            .borrow()
+            .iter()
+            .map(|m| m.id.name.clone())
+            .collect();
+        members.push(self.identity.name.clone());
+        let wall = (self.wall)();
+        match self
+            .fleet
+            .run(move |f| f.forget_reports(&members, wall, AGE_MS))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("cluster: forgot the policy reports of {n} POP(s) gone a day"),
             Err(e) => tracing::error!("cluster: {e}"),
         }
     }
@@ -161,17 +244,18 @@ impl Inner {
         }
     }
 
-    /// The answer to `FleetSync`: every record, unless the digests match.
+    /// The answer to `FleetSync`: the deployments and this POP's report, unless the caller
+    /// holds them already (the digests match).
     pub(super) fn records_reply(&self, digest: u64) -> Message {
-        let ours = self.fleet.records();
-        match ours.digest == digest {
+        let (records, ours) = self.fleet.records().offered_by(&self.identity.name);
+        match ours == digest {
             true => Message::FleetReply {
                 same: true,
                 records: Vec::new(),
             },
             false => Message::FleetReply {
                 same: false,
-                records: ours.records.clone(),
+                records,
             },
         }
     }
@@ -194,13 +278,14 @@ impl Inner {
     /// Compares records with `peer`, then sends what it lacks or has older.
     pub(super) async fn records_round(&self, peer: &Peer) -> Result<(), String> {
         let ours = self.fleet.records();
+        let (_, digest) = ours.offered_by(&peer.name);
         let request = Message::FleetSync {
             from: self.identity.node,
-            digest: ours.digest,
+            digest,
         };
         let reply = self
             .transport
-            .call(peer.transport, self.encode_out(&request))
+            .call(peer.transport, &peer.name, self.encode_out(&request))
             .await?;
         let theirs = match wire::decode(&reply).map_err(|e| e.to_string())? {
             Message::FleetReply { same: true, .. } => return Ok(()),
@@ -213,12 +298,17 @@ impl Inner {
                 ));
             }
         };
+        // The answer is the POP the certificate names (`call` checks it).
+        let theirs = self.reports_of(&peer.name, Some(&peer.name), theirs);
         let known: HashMap<String, FleetRecord> =
             theirs.iter().map(|r| (r.value.key(), r.clone())).collect();
         self.apply_records(peer.node, theirs).await;
+        // Back: the deployments they lack or hold older (they ask for this POP's report in
+        // their own rounds).
         let newer: Vec<FleetRecord> = ours
             .records
             .iter()
+            .filter(|r| matches!(r.value, FleetValue::Deployment(_)))
             .filter(|r| r.supersedes(known.get(&r.value.key())))
             .cloned()
             .collect();
@@ -240,6 +330,7 @@ impl Inner {
     async fn fetch_from(
         &self,
         peer: SocketAddr,
+        name: &str,
         d: &Deployment,
         max_bytes: u64,
     ) -> Result<Vec<u8>, FetchError> {
@@ -252,7 +343,7 @@ impl Inner {
             };
             let reply = self
                 .transport
-                .call(peer, self.encode_out(&request))
+                .call(peer, name, self.encode_out(&request))
                 .await
                 .map_err(Unavailable)?;
             match wire::decode(&reply).map_err(|e| Unavailable(e.to_string()))? {
@@ -390,7 +481,11 @@ impl PolicyFleet for Cluster {
             let mut tried = Vec::new();
             let mut corrupt = None;
             for peer in peers {
-                let fetched = match self.inner.fetch_from(peer.transport, d, max_bytes).await {
+                let fetched = match self
+                    .inner
+                    .fetch_from(peer.transport, &peer.name, d, max_bytes)
+                    .await
+                {
                     Ok(bytes) => Ok(hash_off_workers(bytes).await),
                     Err(e) => Err(e),
                 };

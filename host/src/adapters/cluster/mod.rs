@@ -158,8 +158,27 @@ impl Inner {
             .insert(node, SystemTime::now());
     }
 
-    /// A peer that authenticated but spoke another schema or garbage.
-    fn protocol_refusal(&self, from: SocketAddr, reason: &str) {
+    /// Why the POP `peer` (proved by its certificate) may not speak for `node`: the id is
+    /// this POP's, or a member of another name holds it.
+    fn impersonates(&self, node: NodeId, peer: &str) -> Option<String> {
+        let holder = match node == self.identity.node {
+            true => Some(self.identity.name.clone()),
+            // A down member's id is free again: a POP renamed (a new certificate on the
+            // same routing file) keeps its id.
+            false => self
+                .members
+                .borrow()
+                .iter()
+                .find(|m| m.id.node == node && m.state != foca::State::Down)
+                .map(|m| m.id.name.clone()),
+        };
+        holder.filter(|h| h != peer).map(|h| {
+            format!("the certificate of {peer:?} speaks for node {node}, which is {h:?}'s")
+        })
+    }
+
+    /// A peer that authenticated but spoke another schema or garbage, or for another POP.
+    fn protocol_refusal(&self, from: impl std::fmt::Display, reason: &str) {
         self.stats.protocol_refused.fetch_add(1, Ordering::Relaxed);
         if let Some(held) = self.refusal_log.allow() {
             tracing::warn!(
@@ -311,7 +330,7 @@ impl Cluster {
     /// tasks; they end with `stop`. Errors (credentials, addresses, database) come back here.
     pub async fn start(cfg: ClusterConfig, stop: CancellationToken) -> anyhow::Result<Self> {
         let (server, client) = match &cfg.tls {
-            Some(files) => tls::quic_configs(files, &cfg.cluster)?,
+            Some(files) => tls::quic_configs(files, &cfg.cluster, &cfg.node_name)?,
             None => {
                 tracing::warn!(
                     "cluster: PLAINTEXT MODE (cluster_plaintext): POPs do not authenticate each \
@@ -369,6 +388,7 @@ impl Cluster {
                 quic.clone(),
                 files,
                 cfg.cluster.clone(),
+                cfg.node_name.clone(),
                 stop.clone(),
             ));
         }
@@ -404,7 +424,7 @@ impl Cluster {
     ) -> anyhow::Result<(Self, Arc<transport::MemoryTransport>)> {
         let replica = SqliteReplica::open_with(db, Duration::from_secs(60), node.wall.clone())?;
         let fleet = open_fleet(&replica, Duration::from_secs(60))?;
-        let addrs = [node.gossip, node.transport];
+        let (addrs, name) = ([node.gossip, node.transport], node.name.clone());
         let slot = Arc::new(Mutex::new(None));
         let keep = slot.clone();
         let cluster = Self::launch(
@@ -412,7 +432,7 @@ impl Cluster {
             replica,
             fleet,
             move |inbox| {
-                let t = net.attach(&addrs, inbox);
+                let t = net.attach(&addrs, &name, inbox);
                 *keep.lock().expect("slot") = Some(t.clone());
                 t
             },

@@ -231,6 +231,17 @@ impl QuicEndpoint {
         Some(reason)
     }
 
+    /// The POP `conn`'s certificate names (None in plaintext mode, where nothing is
+    /// checked).
+    pub fn peer_name(&self, conn: &quinn::Connection) -> Option<Arc<str>> {
+        self.cluster.as_ref()?;
+        Some(
+            super::tls::peer_name(conn.peer_identity())
+                .unwrap_or_default()
+                .into(),
+        )
+    }
+
     /// Counts an accepted connection against its address until it closes.
     fn count_ip(&self, conn: &quinn::Connection) {
         let ip = conn.remote_address().ip();
@@ -355,9 +366,10 @@ impl QuicTransport {
     fn read_datagrams(self: &Arc<Self>, conn: quinn::Connection) {
         let this = self.clone();
         tokio::spawn(async move {
+            let peer = this.gossip.peer_name(&conn);
             while let Ok(data) = conn.read_datagram().await {
                 match this.inbox() {
-                    Some(inbox) => inbox.datagram(data),
+                    Some(inbox) => inbox.datagram(data, peer.as_deref()),
                     None => break,
                 }
             }
@@ -369,6 +381,7 @@ impl QuicTransport {
         let this = self.clone();
         tokio::spawn(async move {
             let from = conn.remote_address();
+            let peer = this.rows.peer_name(&conn);
             let budget = Arc::new(tokio::sync::Semaphore::new(CONNECTION_BUDGET));
             loop {
                 let (send, mut recv) = tokio::select! {
@@ -381,7 +394,7 @@ impl QuicTransport {
                         Err(_) => break,
                     },
                 };
-                let (this, budget) = (this.clone(), budget.clone());
+                let (this, budget, peer) = (this.clone(), budget.clone(), peer.clone());
                 tokio::spawn(async move {
                     let rows = &this.rows;
                     let len = match wire::read_len(&mut recv, wire::MAX_INBOUND).await {
@@ -409,7 +422,7 @@ impl QuicTransport {
                         Err(e) => return rows.stream_error(from, &e),
                     };
                     let Some(inbox) = this.inbox() else { return };
-                    let reply = inbox.frame(from, frame).await;
+                    let reply = inbox.frame(from, peer, frame).await;
                     if let (Some(mut send), Some(reply)) = (send, reply) {
                         if let Err(e) = wire::write_frame(&mut send, &reply).await {
                             return rows.stream_error(from, &e.to_string());
@@ -464,10 +477,23 @@ impl Transport for Arc<QuicTransport> {
         })
     }
 
-    fn call(&self, to: SocketAddr, frame: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
-        let this = self.clone();
+    fn call(
+        &self,
+        to: SocketAddr,
+        name: &str,
+        frame: Vec<u8>,
+    ) -> BoxFuture<Result<Vec<u8>, String>> {
+        let (this, name) = (self.clone(), name.to_owned());
         Box::pin(async move {
             let conn = this.rows_conn(to).await?;
+            // An answer speaks for the POP asked only if its certificate names that POP.
+            if let Some(presented) = this.rows.peer_name(&conn)
+                && *presented != *name
+            {
+                return Err(format!(
+                    "{to} presents the certificate of POP {presented:?}, not of {name:?}"
+                ));
+            }
             let (mut send, mut recv) = tokio::time::timeout(wire::FRAME_TIMEOUT, conn.open_bi())
                 .await
                 .map_err(|_| "the peer grants no stream".to_owned())?
@@ -524,6 +550,7 @@ pub async fn follow_credentials(
     transport: Arc<QuicTransport>,
     files: super::TlsFiles,
     cluster: String,
+    node: String,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let stamp = |files: &super::TlsFiles| {
@@ -545,7 +572,7 @@ pub async fn follow_credentials(
             continue;
         }
         seen = now;
-        match super::tls::quic_configs(&files, &cluster) {
+        match super::tls::quic_configs(&files, &cluster, &node) {
             Ok((server, client)) => {
                 transport.gossip.reconfigure(server.clone(), client.clone());
                 transport.rows.reconfigure(server, client);

@@ -22,21 +22,51 @@ use crate::domain::replication::{BUCKETS, Head, NodeId, Seen, VersionedRow};
 const MAX_PAGES: usize = 64;
 
 impl Inbox for Inner {
-    fn datagram(&self, data: Bytes) {
+    fn datagram(&self, data: Bytes, peer: Option<&str>) {
+        // A SWIM packet names its sender, which must be the POP its certificate names:
+        // otherwise one member could probe, answer and refute for another.
+        if let Some(peer) = peer {
+            let src = foca::Codec::<super::membership::Identity>::decode_header(
+                &mut foca::PostcardCodec,
+                &data[..],
+            )
+            .map(|h| h.src);
+            let wrong = match &src {
+                Ok(src) if *src.name != *peer => Some(format!(
+                    "a SWIM packet signed {:?} from the certificate of {peer:?}",
+                    src.name
+                )),
+                Ok(src) => self.impersonates(src.node, peer),
+                Err(_) => Some(format!("an unreadable {}-byte SWIM packet", data.len())),
+            };
+            if let Some(reason) = wrong {
+                return self.protocol_refusal(peer, &reason);
+            }
+        }
         // A full queue means SWIM is far behind; dropping a packet is what UDP would do.
         let _ = self.swim.try_send(Input::Datagram(data));
     }
 
-    fn frame(&self, from: SocketAddr, frame: Vec<u8>) -> BoxFuture<Option<Vec<u8>>> {
+    fn frame(
+        &self,
+        from: SocketAddr,
+        peer: Option<Arc<str>>,
+        frame: Vec<u8>,
+    ) -> BoxFuture<Option<Vec<u8>>> {
         let Some(inner) = self.me.upgrade() else {
             return Box::pin(async { None });
         };
-        Box::pin(async move { inner.receive(from, frame).await })
+        Box::pin(async move { inner.receive(from, peer, frame).await })
     }
 }
 
 impl Inner {
-    async fn receive(self: Arc<Self>, from: SocketAddr, frame: Vec<u8>) -> Option<Vec<u8>> {
+    async fn receive(
+        self: Arc<Self>,
+        from: SocketAddr,
+        peer: Option<Arc<str>>,
+        frame: Vec<u8>,
+    ) -> Option<Vec<u8>> {
         self.stats
             .bytes_in
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
@@ -50,6 +80,12 @@ impl Inner {
                 return None;
             }
         };
+        if let (Some(node), Some(peer)) = (msg.sender(), peer.as_deref())
+            && let Some(reason) = self.impersonates(node, peer)
+        {
+            self.protocol_refusal(from, &reason);
+            return Some(self.encode_out(&Message::Refused { reason }));
+        }
         match msg {
             Message::Push {
                 schema,
@@ -124,7 +160,8 @@ impl Inner {
                 from: node,
                 records,
             } => {
-                self.apply_records(node, records).await;
+                self.pushed_records(from, node, peer.as_deref(), records)
+                    .await;
                 None
             }
             Message::FleetSync { digest, .. } => Some(self.encode_out(&self.records_reply(digest))),
@@ -179,7 +216,7 @@ pub async fn round(inner: &Arc<Inner>, peer: &Peer) -> Result<(), String> {
         };
         let reply = inner
             .transport
-            .call(peer.transport, inner.encode_out(&request))
+            .call(peer.transport, &peer.name, inner.encode_out(&request))
             .await?;
         inner
             .stats

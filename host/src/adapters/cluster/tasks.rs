@@ -138,7 +138,7 @@ pub(super) async fn anti_entropy(
 }
 
 /// Purges tombstones held longer than the window, checked a few times per window (at
-/// most every `every`).
+/// most every `every`), and the policy reports of POPs long gone.
 pub(super) async fn purge_tombstones(
     inner: Arc<Inner>,
     ttl: Duration,
@@ -163,6 +163,7 @@ pub(super) async fn purge_tombstones(
             }
             Err(e) => tracing::error!("cluster: purging tombstones: {e}"),
         }
+        inner.forget_gone_reports().await;
     }
 }
 

@@ -152,6 +152,21 @@ pub fn wrong_cluster(identity: Option<Box<dyn std::any::Any>>, cluster: &str) ->
     }
 }
 
+/// The POP a certificate was made for (its subject's common name, as `cluster cert NODE`
+/// writes it).
+fn leaf_name(leaf: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+/// The POP the certificate a peer presented names, or None where there is none
+/// (plaintext mode): what the peer may speak for.
+pub fn peer_name(identity: Option<Box<dyn std::any::Any>>) -> Option<String> {
+    let certs = identity?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    leaf_name(certs.first()?)
+}
+
 /// How long until the certificate a peer presented expires (zero if it has), or None
 /// where there is none (plaintext mode).
 pub fn expires_in(identity: Option<Box<dyn std::any::Any>>) -> Option<std::time::Duration> {
@@ -237,9 +252,13 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// The QUIC server and client configs for one node: mutual TLS pinned to the cluster CA,
 /// ALPN naming protocol and cluster.
+///
+/// `node` is this POP's name: the certificate must be made for it, since peers take a POP
+/// to be the name its certificate carries.
 pub fn quic_configs(
     files: &TlsFiles,
     cluster: &str,
+    node: &str,
 ) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
     let pem_err = |p: &Path| format!("reading {} (PEM)", p.display());
     let ca: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.ca)
@@ -257,6 +276,16 @@ pub fn quic_configs(
             files.ca.display(),
             files.cert.display()
         );
+    }
+    match leaf_name(&chain[0]) {
+        Some(name) if name == node => {}
+        other => bail!(
+            "{} is made for POP {:?}, but this POP is named {node:?} (node_id, \
+             EDGEPROXY_REPLICATION_NODE_ID): peers know a POP by the name in its certificate; \
+             make one with `edgeproxy cluster cert {node}` or set the name to the certificate's",
+            files.cert.display(),
+            other.unwrap_or_default()
+        ),
     }
     let mut roots = rustls::RootCertStore::empty();
     for c in ca {
@@ -411,17 +440,28 @@ mod tests {
             cert: cert.to_owned(),
             key: key.to_owned(),
         };
-        quic_configs(&files(&a_cert, &a_key), "test").unwrap();
+        quic_configs(&files(&a_cert, &a_key), "test", "a").unwrap();
+        assert_eq!(peer_name(chain(&a_cert)).as_deref(), Some("a"));
+        assert_eq!(peer_name(None), None);
+        // A's certificate for a POP named otherwise: refused, naming both.
+        let err = format!(
+            "{:#}",
+            quic_configs(&files(&a_cert, &a_key), "test", "b").unwrap_err()
+        );
+        assert!(
+            err.contains(r#"for POP "a""#) && err.contains(r#"named "b""#),
+            "{err}"
+        );
         // A's certificate with B's key, and a CA file that is not PEM: named errors.
         let err = format!(
             "{:#}",
-            quic_configs(&files(&a_cert, &b_key), "test").unwrap_err()
+            quic_configs(&files(&a_cert, &b_key), "test", "a").unwrap_err()
         );
         assert!(err.contains("does not match"), "{err}");
         std::fs::write(ca.join("ca.pem"), "not a certificate").unwrap();
         let err = format!(
             "{:#}",
-            quic_configs(&files(&a_cert, &a_key), "test").unwrap_err()
+            quic_configs(&files(&a_cert, &a_key), "test", "a").unwrap_err()
         );
         assert!(err.contains("ca.pem"), "{err}");
     }

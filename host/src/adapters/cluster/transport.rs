@@ -21,7 +21,13 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub trait Transport: Send + Sync + 'static {
     fn datagram(&self, to: SocketAddr, data: Bytes);
     fn send(&self, to: SocketAddr, frame: Vec<u8>) -> BoxFuture<Result<(), String>>;
-    fn call(&self, to: SocketAddr, frame: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>>;
+    /// `name` is the POP expected to answer: an answer from another is an error.
+    fn call(
+        &self,
+        to: SocketAddr,
+        name: &str,
+        frame: Vec<u8>,
+    ) -> BoxFuture<Result<Vec<u8>, String>>;
     /// Peers refused at authentication (the real transport's concern).
     fn refused(&self) -> u64 {
         0
@@ -37,10 +43,18 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 /// Inbound: what a node does with what arrives.
+///
+/// `peer` is the POP the sender proved to be (its certificate's name); None where the
+/// transport proves nothing (plaintext mode).
 pub trait Inbox: Send + Sync + 'static {
-    fn datagram(&self, data: Bytes);
+    fn datagram(&self, data: Bytes, peer: Option<&str>);
     /// A frame from `from`; Some(reply) answers a call.
-    fn frame(&self, from: SocketAddr, frame: Vec<u8>) -> BoxFuture<Option<Vec<u8>>>;
+    fn frame(
+        &self,
+        from: SocketAddr,
+        peer: Option<Arc<str>>,
+        frame: Vec<u8>,
+    ) -> BoxFuture<Option<Vec<u8>>>;
 }
 
 #[derive(Default)]
@@ -67,9 +81,11 @@ impl MemoryNetwork {
     }
 
     /// A node's transport; `addrs` are its gossip and transport addresses.
+    /// `name` is what the node proves to be, as a certificate would.
     pub fn attach(
         self: &Arc<Self>,
         addrs: &[SocketAddr],
+        name: &str,
         inbox: Weak<dyn Inbox>,
     ) -> Arc<MemoryTransport> {
         let mut nodes = self.nodes.lock().expect("network lock");
@@ -80,6 +96,7 @@ impl MemoryNetwork {
             net: self.clone(),
             me: addrs[0],
             addrs: addrs.to_vec(),
+            name: name.into(),
         })
     }
 
@@ -132,6 +149,7 @@ pub struct MemoryTransport {
     net: Arc<MemoryNetwork>,
     me: SocketAddr,
     addrs: Vec<SocketAddr>,
+    name: Arc<str>,
 }
 
 impl MemoryTransport {
@@ -146,30 +164,46 @@ impl MemoryTransport {
 
 impl Transport for MemoryTransport {
     fn datagram(&self, to: SocketAddr, data: Bytes) {
-        let (net, from) = (self.net.clone(), self.addrs.clone());
+        let (net, from, name) = (self.net.clone(), self.addrs.clone(), self.name.clone());
         tokio::spawn(async move {
             if let Some(inbox) = net.route(&from, to).await {
                 net.datagram_bytes
                     .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                inbox.datagram(data);
+                inbox.datagram(data, Some(&name));
             }
         });
     }
 
     fn send(&self, to: SocketAddr, frame: Vec<u8>) -> BoxFuture<Result<(), String>> {
-        let (net, from, me) = (self.net.clone(), self.addrs.clone(), self.me);
+        let (net, from, me, name) = (
+            self.net.clone(),
+            self.addrs.clone(),
+            self.me,
+            self.name.clone(),
+        );
         Box::pin(async move {
             let inbox = net.route(&from, to).await.ok_or("unreachable")?;
-            inbox.frame(me, frame).await;
+            inbox.frame(me, Some(name), frame).await;
             Ok(())
         })
     }
 
-    fn call(&self, to: SocketAddr, frame: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
-        let (net, from, me) = (self.net.clone(), self.addrs.clone(), self.me);
+    // Every node of a memory network is who it says: the expected name is not checked.
+    fn call(
+        &self,
+        to: SocketAddr,
+        _name: &str,
+        frame: Vec<u8>,
+    ) -> BoxFuture<Result<Vec<u8>, String>> {
+        let (net, from, me, name) = (
+            self.net.clone(),
+            self.addrs.clone(),
+            self.me,
+            self.name.clone(),
+        );
         Box::pin(async move {
             let inbox = net.route(&from, to).await.ok_or("unreachable")?;
-            let reply = inbox.frame(me, frame).await.ok_or("no reply")?;
+            let reply = inbox.frame(me, Some(name), frame).await.ok_or("no reply")?;
             // The reply crosses the same faults on its way back.
             net.route(&[to], from[0]).await.ok_or("reply lost")?;
             Ok(reply)

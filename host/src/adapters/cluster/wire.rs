@@ -88,8 +88,9 @@ pub enum Message {
         from: NodeId,
         records: Vec<FleetRecord>,
     },
-    /// Compares policy records: answered by `FleetReply`, with every record the answerer
-    /// holds when the digests differ (a few per POP and deployment), none when equal.
+    /// Compares policy records: answered by `FleetReply`, with the deployments and the
+    /// answerer's own report when they differ from what the caller holds of them (the
+    /// digest), nothing when they match. Reports are taken from their own POP only.
     FleetSync {
         from: NodeId,
         digest: u64,
@@ -111,6 +112,18 @@ pub enum Message {
 }
 
 impl Message {
+    /// The node a message says it comes from, which the sender's certificate must bear out.
+    pub fn sender(&self) -> Option<NodeId> {
+        match self {
+            Message::Push { from, .. }
+            | Message::SyncRequest { from, .. }
+            | Message::SyncPush { from, .. }
+            | Message::FleetPush { from, .. }
+            | Message::FleetSync { from, .. } => Some(*from),
+            _ => None,
+        }
+    }
+
     /// The message's name, for logs: a peer's frame is summarised, never printed.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -127,6 +127,55 @@ impl SqliteFleet {
         Ok(())
     }
 
+    fn remove(&mut self, keys: &[String]) -> Result<(), FleetStoreError> {
+        for key in keys {
+            self.conn
+                .execute("DELETE FROM records WHERE key = ?1", [key])
+                .map_err(|e| self.err(e))?;
+            self.records.remove(key);
+            self.generation += 1;
+        }
+        Ok(())
+    }
+
+    /// Drops the deployments the fleet no longer needs ([`rollout::retired`]); every POP
+    /// drops the same ones, so one that comes back from a peer goes again.
+    fn retire(&mut self) -> Result<(), FleetStoreError> {
+        let retired: Vec<String> = rollout::retired(&rollout::deployments(self.records.values()))
+            .into_iter()
+            .map(|id| format!("deployment/{id}"))
+            .collect();
+        if !retired.is_empty() {
+            self.remove(&retired)?;
+            self.collect_garbage()?;
+        }
+        Ok(())
+    }
+
+    /// Drops the reports of POPs not in `members` written more than `age_ms` before
+    /// `wall_ms`: a POP gone for good leaves no report behind for ever. Returns how many.
+    pub fn forget_reports(
+        &mut self,
+        members: &[String],
+        wall_ms: u64,
+        age_ms: u64,
+    ) -> Result<usize, FleetStoreError> {
+        let gone: Vec<String> = self
+            .records
+            .values()
+            .filter(|r| match &r.value {
+                FleetValue::Pop(p) => {
+                    !members.contains(&p.pop)
+                        && r.version.hlc.millis().saturating_add(age_ms) < wall_ms
+                }
+                FleetValue::Deployment(_) => false,
+            })
+            .map(|r| r.value.key())
+            .collect();
+        self.remove(&gone)?;
+        Ok(gone.len())
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -159,6 +208,7 @@ impl SqliteFleet {
             reason: format!("record {}: {reason}", r.value.key()),
         })?;
         self.store(r.clone()).map_err(|e| self.err(e))?;
+        self.retire()?;
         Ok(r)
     }
 
@@ -184,6 +234,9 @@ impl SqliteFleet {
                 self.store(r.clone()).map_err(|e| self.err(e))?;
                 out.applied.push(r);
             }
+        }
+        if !out.applied.is_empty() {
+            self.retire()?;
         }
         Ok(out)
     }
@@ -408,6 +461,66 @@ mod tests {
                 .1
                 .contains("name")
         );
+        // A report of a POP no longer a member goes once a day old, a member's stays.
+        let day = 24 * 3600 * 1000;
+        let members = ["a".to_owned()];
+        assert_eq!(f.forget_reports(&members, wall + day - 10, day).unwrap(), 0);
+        assert_eq!(
+            f.forget_reports(&["b".to_owned()], wall + 2 * day, day)
+                .unwrap(),
+            0
+        );
+        assert_eq!(f.forget_reports(&members, wall + day, day).unwrap(), 1);
+        assert_eq!(f.records().count(), 0);
+        assert!(
+            open(&dir).records().next().is_none(),
+            "forgotten on disk too"
+        );
+    }
+
+    #[test]
+    fn retired_deployments_leave_the_store_as_they_arrive() {
+        use crate::domain::rollout::{DEPLOYMENTS_KEPT, Deployment, Role, Targets};
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = open(&dir);
+        let wall = 1_000_000;
+        let dep = |i: u64, everywhere: bool| FleetRecord {
+            version: Version {
+                hlc: Hlc::from_millis(wall - 1000 + i),
+                node: NodeId(9),
+            },
+            value: FleetValue::Deployment(Deployment {
+                id: format!("d{i}"),
+                role: Role::Live,
+                hash: "a".repeat(64),
+                name: "p.wasm".into(),
+                size: 1,
+                targets: match everywhere {
+                    true => Targets::default(),
+                    false => Targets {
+                        pops: vec!["a".into()],
+                        regions: vec![],
+                    },
+                },
+                created: Version {
+                    hlc: Hlc::from_millis(wall - 1000 + i),
+                    node: NodeId(9),
+                },
+                by: "b".into(),
+                revoked: false,
+            }),
+        };
+        let n = DEPLOYMENTS_KEPT as u64 + 5;
+        f.apply((0..n).map(|i| dep(i, false)).collect(), wall)
+            .unwrap();
+        assert_eq!(f.records().count(), n as usize);
+        f.apply(vec![dep(n, true)], wall).unwrap();
+        assert_eq!(f.records().count(), DEPLOYMENTS_KEPT);
+        // One dropped here and offered again by a peer that has not dropped it: gone again.
+        let out = f.apply(vec![dep(0, false)], wall).unwrap();
+        assert_eq!(out.applied.len(), 1);
+        assert_eq!(f.records().count(), DEPLOYMENTS_KEPT);
+        assert!(!f.records().any(|r| r.value.key() == "deployment/d0"));
     }
 
     #[test]
