@@ -328,7 +328,34 @@ pub struct Node {
 impl Cluster {
     /// Opens the routing file for replication, binds both QUIC endpoints and starts the
     /// tasks; they end with `stop`. Errors (credentials, addresses, database) come back here.
+    ///
+    /// The cluster runs on a thread of its own: TLS handshakes (which anyone who can send
+    /// a packet may start), SWIM and sync rounds never queue on the proxy's workers, nor
+    /// connections behind them.
     pub async fn start(cfg: ClusterConfig, stop: CancellationToken) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("the cluster's runtime")?;
+        let handle = runtime.handle().clone();
+        let until = stop.clone();
+        std::thread::Builder::new()
+            .name("edgeproxy-cluster".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    until.cancelled().await;
+                    // The SWIM leave message and the endpoints' close go out first.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                })
+            })
+            .context("the cluster's thread")?;
+        handle
+            .spawn(Self::start_here(cfg, stop))
+            .await
+            .context("starting the cluster")?
+    }
+
+    async fn start_here(cfg: ClusterConfig, stop: CancellationToken) -> anyhow::Result<Self> {
         let (server, client) = match &cfg.tls {
             Some(files) => tls::quic_configs(files, &cfg.cluster, &cfg.node_name)?,
             None => {
