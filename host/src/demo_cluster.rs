@@ -139,6 +139,7 @@ fn add(pop: &Pop, id: &str, region: &str, addr: SocketAddr) -> anyhow::Result<()
         soft_limit: 100,
         hard_limit: 0,
         deleted: false,
+        owner: None,
     })?;
     Ok(())
 }

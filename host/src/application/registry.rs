@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::ports::{GeoResolver, Registered, RegistrationError, RegistrationStore};
-use crate::domain::replication::BackendRow;
+use crate::domain::replication::{API_OWNER, BackendRow};
 use crate::domain::services::RegionMap;
 use crate::domain::{BackendId, Region};
 
@@ -197,6 +197,7 @@ impl Registry {
             soft_limit: req.soft_limit.unwrap_or(DEFAULT_SOFT_LIMIT),
             hard_limit: req.hard_limit.unwrap_or(DEFAULT_HARD_LIMIT),
             deleted: false,
+            owner: Some(API_OWNER.to_owned()),
         })
     }
 

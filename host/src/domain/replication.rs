@@ -121,7 +121,12 @@ pub struct BackendRow {
     pub soft_limit: u32,
     pub hard_limit: u32,
     pub deleted: bool,
+    /// Who manages the row: None for an operator, [`API_OWNER`] for the registration API.
+    pub owner: Option<String>,
 }
+
+/// The `owner` of rows the registration API created: the only rows it may change.
+pub const API_OWNER: &str = "api";
 
 /// A row with the version of the write that made it: what POPs exchange and store.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -396,6 +401,7 @@ mod tests {
                 soft_limit: 10,
                 hard_limit: 0,
                 deleted,
+                owner: None,
             },
         }
     }

@@ -365,6 +365,7 @@ async fn bad_rows_are_neither_spread_nor_taken_in() {
             soft_limit: 1,
             hard_limit: 0,
             deleted: false,
+            owner: None,
         },
     };
     let to = sim.nodes[1].addrs[1];

@@ -119,7 +119,7 @@ async fn invalid_registrations_are_refused_with_nothing_written() {
         (r#"{"id": "n", "app": "app", "region": "eu", "ip": "not-an-ip", "port": 80}"#.into(), 422, "not an IP address"),
         (r#"{"id": "n", "app": "app", "region": "eu", "ip": "127.0.0.1", "port": 80, "wieght": 3}"#.into(), 400, "unknown field `wieght`"),
         (r#"{"id": "n", "app": "app", "region": "eu", "ip": "127.0.0.1", "port": 80, "country": "Germany"}"#.into(), 422, "country"),
-        (r#"{"id": "taken", "app": "other", "region": "eu", "ip": "127.0.0.1", "port": 80}"#.into(), 409, "belongs to app"),
+        (r#"{"id": "taken", "app": "other", "region": "eu", "ip": "127.0.0.1", "port": 80}"#.into(), 409, "an operator's row"),
         (r#"{"id": " ", "app": "app", "region": "eu", "ip": "127.0.0.1", "port": 80}"#.into(), 422, "id must not be empty"),
         (r#"{"id": "n", "app": "app", "region": "eu", "ip": "127.0.0.1", "port": 0}"#.into(), 422, "port 0"),
         (big, 413, "over 16384 bytes"),

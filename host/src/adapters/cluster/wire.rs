@@ -23,7 +23,7 @@ use crate::domain::rollout::FleetRecord;
 /// 2: rows carry their write's sequence number and rounds compare the writes seen.
 pub const PROTOCOL: u32 = 2;
 /// The `backends` columns as this build stores them; bump with any change to them.
-pub const SCHEMA: u32 = 1;
+pub const SCHEMA: u32 = 2;
 /// Largest answer read to a call this POP made: a page of rows with the answerer's
 /// bookkeeping, or a component chunk.
 pub const MAX_FRAME: usize = 16 << 20;

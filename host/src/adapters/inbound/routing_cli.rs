@@ -174,6 +174,7 @@ pub fn backend(
             soft_limit: a.soft_limit,
             hard_limit: a.hard_limit,
             deleted: false,
+            owner: None,
         })?,
         BackendCommand::Update { id, changes: c } => editor.update(
             &id,

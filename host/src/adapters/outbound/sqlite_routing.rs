@@ -44,6 +44,70 @@ pub(crate) const COLUMNS: [&str; 11] = [
     "deleted",
 ];
 
+pub use crate::domain::replication::API_OWNER;
+
+/// Who manages each row, beside `backends` so its schema stays edgeProxy's (scripts that
+/// insert positional values keep working): a row without an entry is an operator's; the
+/// registration API's rows are [`API_OWNER`]'s. Replicated with its row.
+const OWNERS: &str =
+    "CREATE TABLE IF NOT EXISTS _edgeproxy_owners (id TEXT PRIMARY KEY, owner TEXT NOT NULL)";
+
+/// Creates the owners table where missing; a file that had registrations before it
+/// existed has them marked as the API's.
+pub(crate) fn ensure_owners(conn: &Connection) -> rusqlite::Result<()> {
+    let exists = |name: &str| {
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = ?1",
+            [name],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )
+    };
+    if exists("_edgeproxy_owners")? {
+        return Ok(());
+    }
+    conn.execute_batch(OWNERS)?;
+    if exists("_edgeproxy_registrations")? {
+        conn.execute(
+            "INSERT OR IGNORE INTO _edgeproxy_owners
+                SELECT id, ?1 FROM _edgeproxy_registrations WHERE id IN (SELECT id FROM backends)",
+            [API_OWNER],
+        )?;
+    }
+    Ok(())
+}
+
+/// `SELECT` of whole rows as [`crate::adapters::outbound::sqlite_editor::backend_row`]
+/// reads them: every column, then the owner.
+pub(crate) fn rows_sql() -> String {
+    let cols = COLUMNS.map(|c| format!("b.{c}")).join(", ");
+    format!("SELECT {cols}, o.owner FROM backends b LEFT JOIN _edgeproxy_owners o ON o.id = b.id")
+}
+
+/// Writes a whole row, its owner included.
+pub(crate) fn write_row(
+    conn: &Connection,
+    row: &crate::domain::replication::BackendRow,
+) -> rusqlite::Result<()> {
+    conn.execute(&upsert_sql(), rusqlite::params_from_iter(row.values()))?;
+    write_owner(conn, &row.id, row.owner.as_deref())
+}
+
+/// Records who manages `id` (None: an operator).
+pub(crate) fn write_owner(
+    conn: &Connection,
+    id: &str,
+    owner: Option<&str>,
+) -> rusqlite::Result<()> {
+    match owner {
+        Some(o) => conn.execute(
+            "INSERT OR REPLACE INTO _edgeproxy_owners VALUES (?1, ?2)",
+            [id, o],
+        ),
+        None => conn.execute("DELETE FROM _edgeproxy_owners WHERE id = ?1", [id]),
+    }
+    .map(drop)
+}
+
 pub struct SqliteBackendRepository {
     path: PathBuf,
 }

@@ -11,16 +11,18 @@ use postgres::{Client, GenericClient, Transaction};
 
 use super::{PgSettings, describe_error};
 use crate::adapters::outbound::sqlite_editor::RoutingEditor;
+use crate::adapters::outbound::sqlite_editor::registrations::not_operators;
 use crate::adapters::outbound::sqlite_routing::check_as_live;
 use crate::domain::ports::{
     BackendEditor, EditError, Imported, Registered, RegistrationError, RegistrationStore,
     RowChanges,
 };
-use crate::domain::replication::BackendRow;
+use crate::domain::replication::{API_OWNER, BackendRow};
 
-const SELECT: &str = "SELECT id::text, app::text, region::text, country::text, wg_ip::text, \
-    port::int8, healthy::int8, weight::int8, soft_limit::int8, hard_limit::int8, \
-    coalesce(deleted, 0)::int8 FROM backends";
+const SELECT: &str = "SELECT b.id::text, b.app::text, b.region::text, b.country::text, \
+    b.wg_ip::text, b.port::int8, b.healthy::int8, b.weight::int8, b.soft_limit::int8, \
+    b.hard_limit::int8, coalesce(b.deleted, 0)::int8, o.owner::text \
+    FROM backends b LEFT JOIN edgeproxy_owners o ON o.id = b.id";
 
 const UPSERT: &str = "INSERT INTO backends \
     (id, app, region, country, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted) \
@@ -57,6 +59,7 @@ fn row(r: &postgres::Row) -> Result<BackendRow, String> {
         soft_limit: fit(8, "soft_limit")?,
         hard_limit: fit(9, "hard_limit")?,
         deleted: int(10, "deleted")? != 0,
+        owner: r.get(11),
         id,
     })
 }
@@ -81,14 +84,24 @@ fn upsert(c: &mut impl GenericClient, r: &BackendRow) -> Result<(), EditError> {
             &i64::from(r.deleted),
         ],
     )
-    .map(drop)
-    .map_err(|e| EditError::Rejected(describe_error(&e)))
+    .map_err(|e| EditError::Rejected(describe_error(&e)))?;
+    let owner = match &r.owner {
+        Some(o) => c.execute(
+            "INSERT INTO edgeproxy_owners (id, owner) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET owner = $2",
+            &[&r.id, o],
+        ),
+        None => c.execute("DELETE FROM edgeproxy_owners WHERE id = $1", &[&r.id]),
+    };
+    owner
+        .map(drop)
+        .map_err(|e| EditError::Rejected(describe_error(&e)))
 }
 
 fn by_id(c: &mut impl GenericClient, id: &str, lock: bool) -> Result<Option<BackendRow>, String> {
     let sql = format!(
-        "{SELECT} WHERE id = $1{}",
-        if lock { " FOR UPDATE" } else { "" }
+        "{SELECT} WHERE b.id = $1{}",
+        if lock { " FOR UPDATE OF b" } else { "" }
     );
     match c
         .query_opt(sql.as_str(), &[&id])
@@ -106,6 +119,13 @@ impl PgEditor {
         if !editor.has_table()? {
             return Err(editor.db("no table named backends (create it with `edgeproxy db init`)"));
         }
+        // Who manages each row, beside the table (as in SQLite): a database made before
+        // gets the table, and the rows registered through the API so far become the API's.
+        editor
+            .client
+            .get_mut()
+            .batch_execute(super::OWNERS)
+            .map_err(|e| editor.db(&describe_error(&e)))?;
         Ok(editor)
     }
 
@@ -117,7 +137,7 @@ impl PgEditor {
         editor
             .client
             .get_mut()
-            .batch_execute(super::SCHEMA)
+            .batch_execute(&format!("{}{}", super::SCHEMA, super::OWNERS))
             .map_err(|e| editor.db(&describe_error(&e)))?;
         Ok((editor, !existed))
     }
@@ -207,7 +227,7 @@ impl PgEditor {
 impl BackendEditor for PgEditor {
     fn list(&self, app: Option<&str>, deleted: bool) -> Result<Vec<BackendRow>, EditError> {
         let sql = format!(
-            "{SELECT} WHERE ($1::text IS NULL OR app = $1) AND ($2 OR deleted = 0) ORDER BY id"
+            "{SELECT} WHERE ($1::text IS NULL OR b.app = $1) AND ($2 OR b.deleted = 0) ORDER BY b.id"
         );
         self.client
             .borrow_mut()
@@ -331,6 +351,9 @@ impl RegistrationStore for PgRegistrations {
             .transaction()
             .map_err(|e| store(describe_error(&e)))?;
         let existing = by_id(&mut tx, &r.id, true).map_err(store)?;
+        if let Some(old) = existing.as_ref().filter(|o| !o.deleted) {
+            not_operators(old)?;
+        }
         let outcome = match &existing {
             Some(old) if !old.deleted && old.app != r.app => {
                 return Err(RegistrationError::Conflict(format!(
@@ -362,14 +385,19 @@ impl RegistrationStore for PgRegistrations {
             .client
             .get_mut()
             .execute(
-                "UPDATE backends SET healthy = $2::int8 WHERE id = $1 AND healthy != $2::int8 AND deleted = 0",
-                &[&id, &i64::from(healthy)],
+                "UPDATE backends SET healthy = $2::int8 WHERE id = $1 AND healthy != $2::int8
+                    AND deleted = 0 AND id IN (SELECT id FROM edgeproxy_owners WHERE owner = $3)",
+                &[&id, &i64::from(healthy), &API_OWNER],
             )
             .map(|n| n > 0)
             .map_err(|e| store(describe_error(&e)))
     }
 
     fn adopt(&self, id: &str) -> Result<bool, RegistrationError> {
+        match self.get(id)? {
+            Some(row) if !row.deleted => not_operators(&row)?,
+            _ => return Ok(false),
+        }
         live(&mut self.lock())
             .client
             .get_mut()
@@ -397,12 +425,22 @@ impl RegistrationStore for PgRegistrations {
                 &[&self.pop, &id],
             )
             .map_err(|e| store(describe_error(&e)))?;
-        if known > 0 {
-            tx.execute("UPDATE backends SET deleted = 1 WHERE id = $1", &[&id])
-                .map_err(|e| store(describe_error(&e)))?;
+        if known == 0 {
+            return Ok(false);
         }
-        tx.commit().map_err(|e| store(describe_error(&e)))?;
-        Ok(known > 0)
+        match by_id(&mut tx, id, true).map_err(store)? {
+            // An operator took the row over since: it stays, and is no longer this API's.
+            Some(row) if !row.deleted && row.owner.as_deref() != Some(API_OWNER) => {
+                tx.commit().map_err(|e| store(describe_error(&e)))?;
+                not_operators(&row)?;
+            }
+            _ => {
+                tx.execute("UPDATE backends SET deleted = 1 WHERE id = $1", &[&id])
+                    .map_err(|e| store(describe_error(&e)))?;
+                tx.commit().map_err(|e| store(describe_error(&e)))?;
+            }
+        }
+        Ok(true)
     }
 
     fn registered(&self) -> Result<Vec<String>, RegistrationError> {

@@ -56,6 +56,22 @@ CREATE TABLE IF NOT EXISTS edgeproxy_registrations (
 );
 ";
 
+/// Who manages each row (none: an operator; `api`: the registration API), beside the
+/// table so its columns stay edgeProxy's. Made where missing, with the rows registered
+/// through the API before it existed marked as the API's.
+pub const OWNERS: &str = "
+DO $$ BEGIN
+    IF to_regclass('edgeproxy_owners') IS NULL THEN
+        CREATE TABLE edgeproxy_owners (id TEXT PRIMARY KEY, owner TEXT NOT NULL);
+        IF to_regclass('edgeproxy_registrations') IS NOT NULL THEN
+            INSERT INTO edgeproxy_owners
+                SELECT DISTINCT id, 'api' FROM edgeproxy_registrations
+                WHERE id IN (SELECT id FROM backends);
+        END IF;
+    END IF;
+END $$;
+";
+
 /// Where the table is and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgSettings {

@@ -16,7 +16,9 @@ use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 mod import;
 pub mod registrations;
 
-use super::sqlite_routing::{COLUMNS, SCHEMA, check_as_live, schema_problem, upsert_sql};
+use super::sqlite_routing::{
+    COLUMNS, SCHEMA, check_as_live, ensure_owners, rows_sql, schema_problem, write_row,
+};
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -143,12 +145,16 @@ impl RoutingEditor {
             .map_err(|e| self.err(e))
     }
 
-    /// The table must have every column; then writes to it are guarded (again after an
-    /// import, which may have recreated the table and with it dropped the triggers).
+    /// The table must have every column (and the owners table is made where missing);
+    /// then writes to it are guarded (again after an import, which may have recreated the table and with
+    /// it dropped the triggers).
     pub(super) fn check_schema(&self) -> Result<(), EditError> {
         match schema_problem(&self.conn).map_err(|e| self.err(e))? {
             Some(reason) => Err(self.rejected(&reason)),
-            None => self.install_checks(),
+            None => {
+                ensure_owners(&self.conn).map_err(|e| self.err(e))?;
+                self.install_checks()
+            }
         }
     }
 
@@ -162,8 +168,8 @@ impl RoutingEditor {
     /// Every row, ordered by id; soft-deleted ones only with `deleted`.
     pub fn list(&self, app: Option<&str>, deleted: bool) -> Result<Vec<BackendRow>, EditError> {
         let sql = format!(
-            "SELECT {} FROM backends WHERE (?1 IS NULL OR app = ?1) AND (?2 OR deleted = 0) ORDER BY id",
-            COLUMNS.join(", ")
+            "{} WHERE (?1 IS NULL OR b.app = ?1) AND (?2 OR b.deleted = 0) ORDER BY b.id",
+            rows_sql()
         );
         let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
         let rows = stmt
@@ -233,8 +239,8 @@ impl RoutingEditor {
                 row.id
             )));
         }
-        tx.execute(&upsert_sql(), rusqlite::params_from_iter(row.values()))
-            .map_err(rejected)?;
+        // An operator's row from now on (owner None), whoever had the id before.
+        write_row(&tx, row).map_err(rejected)?;
         commit_with_row(tx, &row.id, &path)
     }
 
@@ -323,12 +329,9 @@ fn commit_with_row(
 
 fn row_by_id(conn: &Connection, id: &str) -> rusqlite::Result<Option<BackendRow>> {
     // Cached: the registration API reads one row per request.
-    conn.prepare_cached(&format!(
-        "SELECT {} FROM backends WHERE id = ?1",
-        COLUMNS.join(", ")
-    ))?
-    .query_row([id], backend_row)
-    .optional()
+    conn.prepare_cached(&format!("{} WHERE b.id = ?1", rows_sql()))?
+        .query_row([id], backend_row)
+        .optional()
 }
 
 pub(crate) fn backend_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackendRow> {
@@ -344,6 +347,7 @@ pub(crate) fn backend_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackendRow>
         soft_limit: r.get(8)?,
         hard_limit: r.get(9)?,
         deleted: r.get::<_, Option<i64>>(10)?.unwrap_or(0) != 0,
+        owner: r.get(11)?,
     })
 }
 

@@ -11,9 +11,9 @@ use std::sync::{Mutex, PoisonError};
 use rusqlite::{OptionalExtension as _, params};
 
 use super::{EditError, RoutingEditor, err_at, row_by_id};
-use crate::adapters::outbound::sqlite_routing::upsert_sql;
+use crate::adapters::outbound::sqlite_routing::write_row;
 use crate::domain::ports::{Registered, RegistrationError, RegistrationStore};
-use crate::domain::replication::BackendRow;
+use crate::domain::replication::{API_OWNER, BackendRow};
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS _edgeproxy_registrations (
     id TEXT PRIMARY KEY,
@@ -58,6 +58,9 @@ impl RegistrationStore for SqliteRegistrations {
         let path = editor.path.clone();
         let tx = editor.begin().map_err(edit)?;
         let existing = row_by_id(&tx, &row.id).map_err(|e| store(err_at(&path, e)))?;
+        if let Some(old) = existing.as_ref().filter(|o| !o.deleted) {
+            not_operators(old)?;
+        }
         let outcome = match &existing {
             Some(old) if !old.deleted && old.app != row.app => {
                 return Err(RegistrationError::Conflict(format!(
@@ -70,8 +73,7 @@ impl RegistrationStore for SqliteRegistrations {
             None => Registered::Created,
         };
         if outcome != Registered::Unchanged {
-            tx.execute(&upsert_sql(), rusqlite::params_from_iter(row.values()))
-                .map_err(|e| RegistrationError::Invalid(super::message(e)))?;
+            write_row(&tx, row).map_err(|e| RegistrationError::Invalid(super::message(e)))?;
         }
         tx.execute(
             "INSERT OR IGNORE INTO _edgeproxy_registrations (id) VALUES (?1)",
@@ -87,8 +89,9 @@ impl RegistrationStore for SqliteRegistrations {
         editor
             .conn
             .execute(
-                "UPDATE backends SET healthy = ?2 WHERE id = ?1 AND healthy != ?2 AND deleted = 0",
-                params![id, healthy],
+                "UPDATE backends SET healthy = ?2 WHERE id = ?1 AND healthy != ?2 AND deleted = 0
+                    AND id IN (SELECT id FROM _edgeproxy_owners WHERE owner = ?3)",
+                params![id, healthy, API_OWNER],
             )
             .map(|n| n > 0)
             .map_err(|e| store(err_at(&editor.path, e)))
@@ -96,11 +99,14 @@ impl RegistrationStore for SqliteRegistrations {
 
     fn adopt(&self, id: &str) -> Result<bool, RegistrationError> {
         let editor = self.editor();
+        match row_by_id(&editor.conn, id).map_err(|e| store(err_at(&editor.path, e)))? {
+            Some(row) if !row.deleted => not_operators(&row)?,
+            _ => return Ok(false),
+        }
         editor
             .conn
             .execute(
-                "INSERT OR IGNORE INTO _edgeproxy_registrations (id)
-                 SELECT id FROM backends WHERE id = ?1 AND deleted = 0",
+                "INSERT OR IGNORE INTO _edgeproxy_registrations (id) VALUES (?1)",
                 [id],
             )
             .map_err(|e| store(err_at(&editor.path, e)))?;
@@ -114,12 +120,22 @@ impl RegistrationStore for SqliteRegistrations {
         let known = tx
             .execute("DELETE FROM _edgeproxy_registrations WHERE id = ?1", [id])
             .map_err(|e| store(err_at(&path, e)))?;
-        if known > 0 {
-            tx.execute("UPDATE backends SET deleted = 1 WHERE id = ?1", [id])
-                .map_err(|e| store(err_at(&path, e)))?;
+        if known == 0 {
+            return Ok(false);
         }
-        tx.commit().map_err(|e| store(err_at(&path, e)))?;
-        Ok(known > 0)
+        match row_by_id(&tx, id).map_err(|e| store(err_at(&path, e)))? {
+            // An operator took the row over since: it stays, and is no longer this API's.
+            Some(row) if !row.deleted && row.owner.as_deref() != Some(API_OWNER) => {
+                tx.commit().map_err(|e| store(err_at(&path, e)))?;
+                not_operators(&row)?;
+            }
+            _ => {
+                tx.execute("UPDATE backends SET deleted = 1 WHERE id = ?1", [id])
+                    .map_err(|e| store(err_at(&path, e)))?;
+                tx.commit().map_err(|e| store(err_at(&path, e)))?;
+            }
+        }
+        Ok(true)
     }
 
     fn registered(&self) -> Result<Vec<String>, RegistrationError> {
@@ -135,6 +151,23 @@ impl RegistrationStore for SqliteRegistrations {
 
     fn get(&self, id: &str) -> Result<Option<BackendRow>, RegistrationError> {
         self.editor().get(id).map_err(edit)
+    }
+}
+
+/// Refuses `row` unless the registration API created it: an operator's row is not the
+/// API's to change, adopt, expire or delete.
+pub(crate) fn not_operators(row: &BackendRow) -> Result<(), RegistrationError> {
+    match row.owner.as_deref() {
+        Some(API_OWNER) => Ok(()),
+        owner => Err(RegistrationError::Conflict(format!(
+            "backend {:?} is {}, not one registered through this API; the API changes only \
+             the backends it created (register under another id, or have an operator remove it)",
+            row.id,
+            match owner {
+                None => "an operator's row".to_owned(),
+                Some(o) => format!("managed by {o:?}"),
+            }
+        ))),
     }
 }
 

@@ -70,24 +70,27 @@ impl Book {
         };
         let cols = COLUMNS.map(|c| format!("b.{c}")).join(", ");
         let mut stmt = conn.prepare(&format!(
-            "SELECT {cols}, v.hlc, v.node, v.seq, v.at FROM backends b JOIN _edgeproxy_versions v ON v.id = b.id"
+            "SELECT {cols}, o.owner, v.hlc, v.node, v.seq, v.at FROM backends b
+                JOIN _edgeproxy_versions v ON v.id = b.id
+                LEFT JOIN _edgeproxy_owners o ON o.id = b.id"
         ))?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
             // A row that no longer reads (edited by hand since) is re-announced when its
             // edit is stamped; until then it is not offered to peers.
             if let Ok(row) = backend_row(r) {
+                let n = COLUMNS.len() + 1;
                 let version = Version {
-                    hlc: Hlc(r.get::<_, i64>(11)? as u64),
-                    node: NodeId(r.get::<_, i64>(12)? as u64),
+                    hlc: Hlc(r.get::<_, i64>(n)? as u64),
+                    node: NodeId(r.get::<_, i64>(n + 1)? as u64),
                 };
                 let row = VersionedRow {
                     version,
-                    seq: r.get::<_, i64>(13)? as u64,
+                    seq: r.get::<_, i64>(n + 2)? as u64,
                     row,
                 };
                 book.put(Entry {
-                    at: r.get::<_, i64>(14)? as u64,
+                    at: r.get::<_, i64>(n + 3)? as u64,
                     row,
                 });
             }

@@ -15,7 +15,7 @@ use rusqlite::{Connection, OptionalExtension as _};
 
 use super::{Txn, Unreplicable, WallClock, as_replicator, state, validate};
 use crate::adapters::outbound::sqlite_editor::backend_row;
-use crate::adapters::outbound::sqlite_routing::COLUMNS;
+use crate::adapters::outbound::sqlite_routing::{rows_sql, write_row};
 use crate::domain::replication::{BackendRow, NodeId, VersionedRow};
 
 /// The bookkeeping's layout; 2 added write sequence numbers and the writes seen.
@@ -48,6 +48,18 @@ BEGIN
     INSERT INTO _edgeproxy_dirty (id) VALUES (NEW.id);
     INSERT INTO _edgeproxy_dirty (id) SELECT OLD.id WHERE OLD.id IS NOT NEW.id;
 END;
+CREATE TRIGGER IF NOT EXISTS _edgeproxy_capture_owner_insert AFTER INSERT ON _edgeproxy_owners
+WHEN (SELECT value FROM _edgeproxy_state WHERE key = 'applying') = 0
+BEGIN INSERT INTO _edgeproxy_dirty (id) VALUES (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS _edgeproxy_capture_owner_update AFTER UPDATE ON _edgeproxy_owners
+WHEN (SELECT value FROM _edgeproxy_state WHERE key = 'applying') = 0
+BEGIN
+    INSERT INTO _edgeproxy_dirty (id) VALUES (NEW.id);
+    INSERT INTO _edgeproxy_dirty (id) SELECT OLD.id WHERE OLD.id IS NOT NEW.id;
+END;
+CREATE TRIGGER IF NOT EXISTS _edgeproxy_capture_owner_delete AFTER DELETE ON _edgeproxy_owners
+WHEN (SELECT value FROM _edgeproxy_state WHERE key = 'applying') = 0
+BEGIN INSERT INTO _edgeproxy_dirty (id) VALUES (OLD.id); END;
 CREATE TRIGGER IF NOT EXISTS _edgeproxy_tombstone BEFORE DELETE ON backends
 WHEN (SELECT value FROM _edgeproxy_state WHERE key = 'applying') = 0
 BEGIN
@@ -181,7 +193,7 @@ pub(super) fn stamp(t: &mut Txn<'_>) -> rusqlite::Result<Stamped> {
         return Ok(Default::default());
     }
     let (mut out, mut bad) = (Vec::new(), Vec::new());
-    let select = format!("SELECT {} FROM backends WHERE id = ?1", COLUMNS.join(", "));
+    let select = format!("{} WHERE b.id = ?1", rows_sql());
     for id in dirty {
         let deleted: Option<bool> =
             t.tx.query_row(
@@ -227,12 +239,7 @@ pub(super) fn stamp(t: &mut Txn<'_>) -> rusqlite::Result<Stamped> {
                 if held.as_ref().is_some_and(|h| h.row.deleted) && deleted.is_none() {
                     // A tombstone the recreated table left out: put it back as it was.
                     let h = held.clone().expect("checked above");
-                    as_replicator(t.tx, || {
-                        t.tx.execute(
-                            &crate::adapters::outbound::sqlite_routing::upsert_sql(),
-                            rusqlite::params_from_iter(h.row.values()),
-                        )
-                    })?;
+                    as_replicator(t.tx, || write_row(t.tx, &h.row))?;
                     continue;
                 }
                 row

@@ -95,6 +95,7 @@ impl SqliteReplica {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(err)?;
+        super::sqlite_routing::ensure_owners(&tx).map_err(err)?;
         let node = capture::install(&tx, &wall).map_err(err)?;
         tx.commit().map_err(err)?;
         let last = Hlc(state(&conn, "last_hlc").map_err(err)?.unwrap_or(0) as u64);
@@ -294,10 +295,7 @@ impl Txn<'_> {
     /// Writes `r` to `backends` and its version, as the replicator, and stages it.
     fn put(&mut self, r: VersionedRow) -> rusqlite::Result<()> {
         as_replicator(self.tx, || {
-            self.tx.execute(
-                &super::sqlite_routing::upsert_sql(),
-                rusqlite::params_from_iter(r.row.values()),
-            )
+            super::sqlite_routing::write_row(self.tx, &r.row)
         })?;
         self.tx.execute(
             "INSERT OR REPLACE INTO _edgeproxy_versions (id, hlc, node, seq, at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -417,7 +415,15 @@ const MAX_TEXT: usize = 256;
 /// The loader's own checks (a tombstone's contents too, so a deleted row can come back as
 /// it was), plus size caps for what comes from the network.
 fn validate(row: &crate::domain::replication::BackendRow) -> Result<(), String> {
-    let texts = [&row.id, &row.app, &row.region, &row.country, &row.wg_ip];
+    let owner = row.owner.clone().unwrap_or_default();
+    let texts = [
+        &row.id,
+        &row.app,
+        &row.region,
+        &row.country,
+        &row.wg_ip,
+        &owner,
+    ];
     if let Some(long) = texts.iter().find(|t| t.len() > MAX_TEXT) {
         return Err(format!(
             "a column is {} bytes (at most {MAX_TEXT})",

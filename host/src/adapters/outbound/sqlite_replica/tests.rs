@@ -209,6 +209,7 @@ fn bad_remote_rows_are_rejected_with_the_reason_and_not_marked_seen() {
             soft_limit: 1,
             hard_limit: 0,
             deleted: false,
+            owner: None,
         },
     };
     let out = r.apply(vec![bad.clone()], &Seen::default()).unwrap();
