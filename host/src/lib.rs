@@ -521,6 +521,9 @@ impl Host {
         stop_background.cancel();
         stop_listening.store(true, std::sync::atomic::Ordering::Relaxed);
         self.cluster_stop.cancel();
+        if let Some(cluster) = self.cluster.clone() {
+            let _ = tokio::task::spawn_blocking(move || cluster.join()).await;
+        }
         background.close();
         background.wait().await;
         Ok(Drained { cut_off })

@@ -262,21 +262,22 @@ pub fn assignment<'a>(
         .copied()
 }
 
-/// The deployment a rollback of `role` revokes: the latest one standing.
 /// POPs and regions one deployment may name; with [`DEPLOYMENTS_MAX`], this bounds what
-/// a records round carries (a few MiB at worst) so it needs no paging.
+/// a records round carries (a few MiB) so it needs no paging.
 pub const MAX_TARGETS: usize = 64;
 
-/// Deployments of a role a rollback can reach.
+/// Rollbacks a fleet can always make: a deployment goes only once this many newer
+/// unrevoked deployments of its role select every POP.
 pub const DEPLOYMENTS_KEPT: usize = 32;
-/// Deployments of a role kept whatever their targets.
+/// Deployments of a role a POP deploys beside: past this, a new one is refused until one
+/// to every POP lets older ones go.
 pub const DEPLOYMENTS_MAX: usize = 256;
 
-/// The ids of deployments no POP needs any more, decided from the records alone so that
-/// every POP decides the same and their sets agree: of each role, those behind the newest
-/// [`DEPLOYMENTS_KEPT`] once a newer unrevoked one selects every POP (they can be no POP's
-/// assignment again unless that many are rolled back), and any behind the newest
-/// [`DEPLOYMENTS_MAX`].
+/// The ids of deployments no POP can need any more: of each role, those with at least
+/// [`DEPLOYMENTS_KEPT`] newer unrevoked deployments selecting every POP (each of those
+/// outranks it at every POP, so it is no POP's assignment even after that many
+/// rollbacks). Decided from the records alone, so every POP holding the same records
+/// drops the same ones.
 pub fn retired(deployments: &[&Deployment]) -> Vec<String> {
     let mut out = Vec::new();
     for role in [Role::Live, Role::Shadow] {
@@ -286,17 +287,20 @@ pub fn retired(deployments: &[&Deployment]) -> Vec<String> {
             .copied()
             .collect();
         of_role.sort_by_key(|d| std::cmp::Reverse(d.created));
-        let mut replaced_everywhere = false;
-        for (i, d) in of_role.iter().enumerate() {
-            if i >= DEPLOYMENTS_MAX || (i >= DEPLOYMENTS_KEPT && replaced_everywhere) {
+        let mut everywhere = 0;
+        for d in of_role {
+            if everywhere >= DEPLOYMENTS_KEPT {
                 out.push(d.id.clone());
             }
-            replaced_everywhere |= !d.revoked && d.targets == Targets::default();
+            if !d.revoked && d.targets == Targets::default() {
+                everywhere += 1;
+            }
         }
     }
     out
 }
 
+/// The deployment a rollback of `role` revokes: the latest one standing.
 pub fn latest<'a>(deployments: &[&'a Deployment], role: Role) -> Option<&'a Deployment> {
     deployments
         .iter()
@@ -338,28 +342,44 @@ mod tests {
             r.sort_by_key(|id| id.parse::<u64>().unwrap());
             r
         };
-        // Canaries to POP a only: nothing selects every POP, so all are kept up to the cap.
-        let mut ds: Vec<Deployment> = (1..=40)
-            .map(|i| dep(i, Role::Live, 'a', &["a"], &[]))
-            .collect();
+        // One to every POP, then canaries to POP b only, then 31 to every POP: d1 is
+        // still a's assignment after 31 rollbacks, so it stays.
+        let mut ds = vec![dep(1, Role::Live, 'a', &[], &[])];
+        ds.extend((2..=40).map(|i| dep(i, Role::Live, 'b', &["b"], &[])));
+        ds.extend((41..=71).map(|i| dep(i, Role::Live, 'c', &[], &[])));
         assert!(ids(&ds).is_empty());
-        // One to every POP, then revoked: it replaces nothing.
-        ds.push(dep(41, Role::Live, 'b', &[], &[]));
+        // A revoked one counts for nothing.
+        ds.push(dep(72, Role::Live, 'c', &[], &[]));
         ds.last_mut().unwrap().revoked = true;
         assert!(ids(&ds).is_empty());
-        // One to every POP that stands: the ones behind the newest 32 go, the shadow's stay.
-        ds.push(dep(42, Role::Live, 'c', &[], &[]));
-        ds.push(dep(43, Role::Shadow, 'd', &[], &[]));
-        let gone: Vec<String> = (1..=10).map(|i| i.to_string()).collect();
+        // The 32nd: everything older than the oldest of the 32 goes; the shadow's stay.
+        ds.push(dep(73, Role::Live, 'c', &[], &[]));
+        ds.push(dep(74, Role::Shadow, 'd', &[], &[]));
+        let gone: Vec<String> = (1..=40).map(|i| i.to_string()).collect();
         assert_eq!(ids(&ds), gone);
-        // Every POP decides the same whatever order it learnt them in.
-        ds.reverse();
-        assert_eq!(ids(&ds), gone);
-        // Past the cap, the oldest go whatever their targets.
-        let many: Vec<Deployment> = (1..=(DEPLOYMENTS_MAX as u64 + 3))
-            .map(|i| dep(i, Role::Shadow, 'e', &["a"], &[]))
+        // Nothing retired can be an assignment, even after 31 rollbacks.
+        let refs: Vec<&Deployment> = ds.iter().collect();
+        let mut kept: Vec<Deployment> = ds
+            .iter()
+            .filter(|d| !retired(&refs).contains(&d.id))
+            .cloned()
             .collect();
-        assert_eq!(ids(&many), ["1", "2", "3"]);
+        let mut full = ds.clone();
+        for _ in 0..31 {
+            for set in [&mut kept, &mut full] {
+                let refs: Vec<&Deployment> = set.iter().collect();
+                let id = latest(&refs, Role::Live).unwrap().id.clone();
+                set.iter_mut().find(|d| d.id == id).unwrap().revoked = true;
+            }
+            for pop in ["a", "b"] {
+                let k: Vec<&Deployment> = kept.iter().collect();
+                let f: Vec<&Deployment> = full.iter().collect();
+                assert_eq!(
+                    assignment(&k, Role::Live, pop, "eu").map(|d| &d.id),
+                    assignment(&f, Role::Live, pop, "eu").map(|d| &d.id)
+                );
+            }
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -190,9 +191,11 @@ impl Inner {
         }
     }
 
-    /// Drops the reports of POPs that left the membership a day or more ago.
+    /// Drops the reports of POPs this POP has not seen in the membership for a day (SWIM
+    /// itself forgets a member a day after it went down).
     pub(super) async fn forget_gone_reports(&self) {
-        const AGE_MS: u64 = 24 * 3600 * 1000;
+        const GONE: Duration = Duration::from_secs(24 * 3600);
+        let now = tokio::time::Instant::now();
         let mut members: Vec<String> = self
             .members
             .borrow()
@@ -200,13 +203,26 @@ impl Inner {
             .map(|m| m.id.name.clone())
             .collect();
         members.push(self.identity.name.clone());
-        let wall = (self.wall)();
-        match self
-            .fleet
-            .run(move |f| f.forget_reports(&members, wall, AGE_MS))
-            .await
-        {
-            Ok(0) => {}
+        let gone: Vec<String> = {
+            let mut seen = self.members_seen.lock().expect("members seen lock");
+            for m in &members {
+                seen.insert(m.clone(), now);
+            }
+            self.fleet
+                .records()
+                .records
+                .iter()
+                .filter_map(|r| match &r.value {
+                    FleetValue::Pop(p) if !members.contains(&p.pop) => Some(p.pop.clone()),
+                    _ => None,
+                })
+                .filter(|p| now.duration_since(*seen.entry(p.clone()).or_insert(now)) >= GONE)
+                .collect()
+        };
+        if gone.is_empty() {
+            return;
+        }
+        match self.fleet.run(move |f| f.forget_reports(&gone)).await {
             Ok(n) => tracing::info!("cluster: forgot the policy reports of {n} POP(s) gone a day"),
             Err(e) => tracing::error!("cluster: {e}"),
         }
@@ -229,7 +245,7 @@ impl Inner {
         });
         for peer in self.alive_peers() {
             let (inner, frame) = (self.clone(), frame.clone());
-            tokio::spawn(async move {
+            self.runtime.spawn(async move {
                 let n = frame.len() as u64;
                 match inner.transport.send(peer.transport, frame).await {
                     Ok(()) => {
@@ -298,8 +314,17 @@ impl Inner {
                 ));
             }
         };
-        // The answer is the POP the certificate names (`call` checks it).
-        let theirs = self.reports_of(&peer.name, Some(&peer.name), theirs);
+        // The answer is the POP the certificate names (`call` checks it), and its report is
+        // taken as it says, even older than the one held, or none.
+        let mut theirs = self.reports_of(&peer.name, Some(&peer.name), theirs);
+        let report = theirs
+            .iter()
+            .position(|r| matches!(r.value, FleetValue::Pop(_)))
+            .map(|i| theirs.swap_remove(i));
+        let pop = peer.name.clone();
+        if let Err(e) = self.fleet.run(move |f| f.take_report(&pop, report)).await {
+            tracing::error!("cluster: {e}");
+        }
         let known: HashMap<String, FleetRecord> =
             theirs.iter().map(|r| (r.value.key(), r.clone())).collect();
         self.apply_records(peer.node, theirs).await;
@@ -375,6 +400,174 @@ impl Inner {
     }
 }
 
+impl Inner {
+    async fn deploy(
+        self: Arc<Self>,
+        request: DeployRequest,
+        bytes: Vec<u8>,
+        max_bytes: u64,
+    ) -> Result<Deployment, String> {
+        if bytes.len() as u64 > max_bytes {
+            return Err(format!(
+                "the component is {} bytes, over the {max_bytes}-byte cap (policy_max_bytes)",
+                bytes.len()
+            ));
+        }
+        let (hash, bytes) = hash_off_workers(bytes).await;
+        let by = self.identity.name.clone();
+        let record = self
+            .fleet
+            .run(move |f| {
+                let kept = rollout::deployments(f.records())
+                    .iter()
+                    .filter(|d| d.role == request.role)
+                    .count();
+                if kept >= rollout::DEPLOYMENTS_MAX && request.targets != Default::default() {
+                    return Err(format!(
+                        "{kept} {} deployments are kept, the most a fleet holds: deploy to \
+                             every POP ({} such deployments standing retire the older ones)",
+                        request.role,
+                        rollout::DEPLOYMENTS_KEPT
+                    ));
+                }
+                f.put_component(&hash, &bytes)?;
+                let v = f.next_version(wall_ms()).map_err(|e| e.to_string())?;
+                let d = Deployment {
+                    id: format!("{:x}-{}", v.hlc.0, v.node),
+                    role: request.role,
+                    hash,
+                    name: request.name,
+                    size: bytes.len() as u64,
+                    targets: request.targets,
+                    created: v,
+                    by,
+                    revoked: false,
+                };
+                f.write(v, FleetValue::Deployment(d))
+                    .map_err(|e| e.to_string())
+            })
+            .await?;
+        Ok(self.publish(record))
+    }
+
+    async fn revoke_latest(self: Arc<Self>, role: Role) -> Result<Deployment, String> {
+        let snapshot = self.fleet.records();
+        let deployments = rollout::deployments(snapshot.records.iter());
+        let mut latest = rollout::latest(&deployments, role)
+            .cloned()
+            .ok_or_else(|| format!("no {role} deployment to roll back"))?;
+        latest.revoked = true;
+        let record = self
+            .fleet
+            .run(move |f| {
+                let v = f.next_version(wall_ms()).map_err(|e| e.to_string())?;
+                let r = f
+                    .write(v, FleetValue::Deployment(latest))
+                    .map_err(|e| e.to_string())?;
+                f.collect_garbage().map_err(|e| e.to_string())?;
+                Ok::<_, String>(r)
+            })
+            .await?;
+        Ok(self.publish(record))
+    }
+
+    async fn component(
+        self: Arc<Self>,
+        d: Deployment,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>, FetchError> {
+        let d = &d;
+        if d.size > max_bytes {
+            return Err(FetchError::Corrupt(format!(
+                "the component is {} bytes, over this POP's {max_bytes}-byte cap (policy_max_bytes)",
+                d.size
+            )));
+        }
+        let hash = d.hash.clone();
+        match self.fleet.run(move |f| f.component(&hash)).await {
+            Ok(Some(bytes)) => return Ok(bytes),
+            Ok(None) => {}
+            // A damaged copy here is replaced by a good one from a peer.
+            Err(e) => tracing::warn!(
+                "cluster: the stored copy of {}: {e}; fetching it again",
+                d.hash
+            ),
+        }
+        // The deploying POP first: it certainly has it.
+        let mut peers = self.alive_peers();
+        fastrand::shuffle(&mut peers);
+        peers.sort_by_key(|p| p.node != d.created.node);
+        let mut tried = Vec::new();
+        let mut corrupt = None;
+        for peer in peers {
+            let fetched = match self
+                .fetch_from(peer.transport, &peer.name, d, max_bytes)
+                .await
+            {
+                Ok(bytes) => Ok(hash_off_workers(bytes).await),
+                Err(e) => Err(e),
+            };
+            match fetched {
+                Ok((hash, bytes)) if hash == d.hash => {
+                    let (hash, keep) = (d.hash.clone(), bytes.clone());
+                    let kept = self.fleet.run(move |f| f.put_component(&hash, &keep)).await;
+                    if let Err(e) = kept {
+                        tracing::warn!("cluster: keeping component {}: {e}", d.hash);
+                    }
+                    return Ok(bytes);
+                }
+                Ok((hash, _)) => {
+                    corrupt = Some(format!(
+                        "the copy from {} does not match the deployment's hash: expected {}, got {hash}",
+                        peer.name, d.hash,
+                    ));
+                }
+                Err(FetchError::Corrupt(e)) => {
+                    corrupt = Some(format!(
+                        "the copy from {} does not match the deployment: {e}",
+                        peer.name
+                    ));
+                }
+                Err(FetchError::Unavailable(e)) => tried.push(format!("{}: {e}", peer.name)),
+            }
+        }
+        Err(match corrupt {
+            Some(c) => FetchError::Corrupt(c),
+            None if tried.is_empty() => {
+                FetchError::Unavailable("no other POP is reachable to fetch it from".into())
+            }
+            None => {
+                FetchError::Unavailable(format!("no reachable POP holds it ({})", tried.join("; ")))
+            }
+        })
+    }
+
+    async fn report(self: Arc<Self>, report: PopPolicies) -> Result<(), String> {
+        let value = FleetValue::Pop(report);
+        if self
+            .fleet
+            .records()
+            .records
+            .iter()
+            .any(|r| r.value == value)
+        {
+            return Ok(());
+        }
+        let record = self.fleet.write(value).await?;
+        self.push_records(vec![record]);
+        Ok(())
+    }
+
+    /// Runs `work` on the cluster's runtime (its connections and their tasks live there),
+    /// whichever runtime asks.
+    async fn on_cluster<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
+        self.runtime.spawn(work).await.ok()
+    }
+}
+
 impl PolicyFleet for Cluster {
     fn pop(&self) -> String {
         self.inner.identity.name.clone()
@@ -394,61 +587,22 @@ impl PolicyFleet for Cluster {
         bytes: Vec<u8>,
         max_bytes: u64,
     ) -> BoxFuture<'_, Result<Deployment, String>> {
+        let work = self.inner.clone().deploy(request, bytes, max_bytes);
         Box::pin(async move {
-            if bytes.len() as u64 > max_bytes {
-                return Err(format!(
-                    "the component is {} bytes, over the {max_bytes}-byte cap (policy_max_bytes)",
-                    bytes.len()
-                ));
-            }
-            let (hash, bytes) = hash_off_workers(bytes).await;
-            let by = self.inner.identity.name.clone();
-            let record = self
-                .inner
-                .fleet
-                .run(move |f| {
-                    f.put_component(&hash, &bytes)?;
-                    let v = f.next_version(wall_ms()).map_err(|e| e.to_string())?;
-                    let d = Deployment {
-                        id: format!("{:x}-{}", v.hlc.0, v.node),
-                        role: request.role,
-                        hash,
-                        name: request.name,
-                        size: bytes.len() as u64,
-                        targets: request.targets,
-                        created: v,
-                        by,
-                        revoked: false,
-                    };
-                    f.write(v, FleetValue::Deployment(d))
-                        .map_err(|e| e.to_string())
-                })
-                .await?;
-            Ok(self.inner.publish(record))
+            self.inner
+                .on_cluster(work)
+                .await
+                .unwrap_or_else(|| Err(STOPPING.into()))
         })
     }
 
     fn revoke_latest(&self, role: Role) -> BoxFuture<'_, Result<Deployment, String>> {
+        let work = self.inner.clone().revoke_latest(role);
         Box::pin(async move {
-            let snapshot = self.inner.fleet.records();
-            let deployments = rollout::deployments(snapshot.records.iter());
-            let mut latest = rollout::latest(&deployments, role)
-                .cloned()
-                .ok_or_else(|| format!("no {role} deployment to roll back"))?;
-            latest.revoked = true;
-            let record = self
-                .inner
-                .fleet
-                .run(move |f| {
-                    let v = f.next_version(wall_ms()).map_err(|e| e.to_string())?;
-                    let r = f
-                        .write(v, FleetValue::Deployment(latest))
-                        .map_err(|e| e.to_string())?;
-                    f.collect_garbage().map_err(|e| e.to_string())?;
-                    Ok::<_, String>(r)
-                })
-                .await?;
-            Ok(self.inner.publish(record))
+            self.inner
+                .on_cluster(work)
+                .await
+                .unwrap_or_else(|| Err(STOPPING.into()))
         })
     }
 
@@ -457,98 +611,27 @@ impl PolicyFleet for Cluster {
         d: &'a Deployment,
         max_bytes: u64,
     ) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
+        let work = self.inner.clone().component(d.clone(), max_bytes);
         Box::pin(async move {
-            if d.size > max_bytes {
-                return Err(FetchError::Corrupt(format!(
-                    "the component is {} bytes, over this POP's {max_bytes}-byte cap (policy_max_bytes)",
-                    d.size
-                )));
-            }
-            let hash = d.hash.clone();
-            match self.inner.fleet.run(move |f| f.component(&hash)).await {
-                Ok(Some(bytes)) => return Ok(bytes),
-                Ok(None) => {}
-                // A damaged copy here is replaced by a good one from a peer.
-                Err(e) => tracing::warn!(
-                    "cluster: the stored copy of {}: {e}; fetching it again",
-                    d.hash
-                ),
-            }
-            // The deploying POP first: it certainly has it.
-            let mut peers = self.inner.alive_peers();
-            fastrand::shuffle(&mut peers);
-            peers.sort_by_key(|p| p.node != d.created.node);
-            let mut tried = Vec::new();
-            let mut corrupt = None;
-            for peer in peers {
-                let fetched = match self
-                    .inner
-                    .fetch_from(peer.transport, &peer.name, d, max_bytes)
-                    .await
-                {
-                    Ok(bytes) => Ok(hash_off_workers(bytes).await),
-                    Err(e) => Err(e),
-                };
-                match fetched {
-                    Ok((hash, bytes)) if hash == d.hash => {
-                        let (hash, keep) = (d.hash.clone(), bytes.clone());
-                        let kept = self
-                            .inner
-                            .fleet
-                            .run(move |f| f.put_component(&hash, &keep))
-                            .await;
-                        if let Err(e) = kept {
-                            tracing::warn!("cluster: keeping component {}: {e}", d.hash);
-                        }
-                        return Ok(bytes);
-                    }
-                    Ok((hash, _)) => {
-                        corrupt = Some(format!(
-                            "the copy from {} does not match the deployment's hash: expected {}, got {hash}",
-                            peer.name, d.hash,
-                        ));
-                    }
-                    Err(FetchError::Corrupt(e)) => {
-                        corrupt = Some(format!(
-                            "the copy from {} does not match the deployment: {e}",
-                            peer.name
-                        ));
-                    }
-                    Err(FetchError::Unavailable(e)) => tried.push(format!("{}: {e}", peer.name)),
-                }
-            }
-            Err(match corrupt {
-                Some(c) => FetchError::Corrupt(c),
-                None if tried.is_empty() => {
-                    FetchError::Unavailable("no other POP is reachable to fetch it from".into())
-                }
-                None => FetchError::Unavailable(format!(
-                    "no reachable POP holds it ({})",
-                    tried.join("; ")
-                )),
-            })
+            self.inner
+                .on_cluster(work)
+                .await
+                .unwrap_or_else(|| Err(FetchError::Unavailable(STOPPING.into())))
         })
     }
 
     fn report(&self, report: PopPolicies) -> BoxFuture<'_, Result<(), String>> {
+        let work = self.inner.clone().report(report);
         Box::pin(async move {
-            let value = FleetValue::Pop(report);
-            if self
-                .inner
-                .fleet
-                .records()
-                .records
-                .iter()
-                .any(|r| r.value == value)
-            {
-                return Ok(());
-            }
-            let record = self.inner.fleet.write(value).await?;
-            self.inner.push_records(vec![record]);
-            Ok(())
+            self.inner
+                .on_cluster(work)
+                .await
+                .unwrap_or_else(|| Err(STOPPING.into()))
         })
     }
 }
+
+const STOPPING: &str = "the cluster is stopping";
 
 /// SHA-256 of a component (megabytes) on a blocking thread, not a proxy worker.
 async fn hash_off_workers(bytes: Vec<u8>) -> (String, Vec<u8>) {

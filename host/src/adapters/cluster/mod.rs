@@ -109,6 +109,11 @@ pub struct Inner {
     last_sync: Mutex<HashMap<NodeId, SystemTime>>,
     /// Each peer's wall clock less this POP's, as last reported in a sync (ms).
     clocks: Mutex<HashMap<NodeId, i64>>,
+    /// The runtime the cluster's tasks and connections run on: work asked for from the
+    /// proxy's runtime (deploys, fetches, reports) is handed to it.
+    runtime: tokio::runtime::Handle,
+    /// When this POP last saw each POP name in the membership (to forget reports).
+    members_seen: Mutex<HashMap<String, tokio::time::Instant>>,
     wall: WallClock,
     reject_log: LogThrottle,
     refusal_log: LogThrottle,
@@ -282,6 +287,8 @@ impl Inner {
 #[derive(Clone)]
 pub struct Cluster {
     inner: Arc<Inner>,
+    /// The thread the cluster runs on (none for an in-memory node).
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 /// The fleet file beside the routing file, for the same node.
@@ -333,26 +340,43 @@ impl Cluster {
     /// a packet may start), SWIM and sync rounds never queue on the proxy's workers, nor
     /// connections behind them.
     pub async fn start(cfg: ClusterConfig, stop: CancellationToken) -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("the cluster's runtime")?;
-        let handle = runtime.handle().clone();
+        let (started, result) = tokio::sync::oneshot::channel();
         let until = stop.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("edgeproxy-cluster".into())
             .spawn(move || {
-                runtime.block_on(async {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = started.send(Err(anyhow::Error::new(e).context("its runtime")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let cluster = Self::start_here(cfg, until.clone()).await;
+                    let up = cluster.is_ok();
+                    if started.send(cluster).is_err() || !up {
+                        return;
+                    }
                     until.cancelled().await;
                     // The SWIM leave message and the endpoints' close go out first.
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 })
             })
             .context("the cluster's thread")?;
-        handle
-            .spawn(Self::start_here(cfg, stop))
-            .await
-            .context("starting the cluster")?
+        let cluster = result.await.context("the cluster's thread ended")??;
+        *cluster.thread.lock().expect("thread lock") = Some(thread);
+        Ok(cluster)
+    }
+
+    /// Waits for the cluster's thread to end, once `stop` was cancelled (a blocking call).
+    pub fn join(&self) {
+        if let Some(t) = self.thread.lock().expect("thread lock").take() {
+            let _ = t.join();
+        }
     }
 
     async fn start_here(cfg: ClusterConfig, stop: CancellationToken) -> anyhow::Result<Self> {
@@ -505,6 +529,8 @@ impl Cluster {
                 stats: Stats::default(),
                 last_sync: Mutex::default(),
                 clocks: Mutex::default(),
+                runtime: tokio::runtime::Handle::current(),
+                members_seen: Mutex::default(),
                 wall: node.wall.clone(),
                 reject_log: LogThrottle::new(Duration::from_secs(60)),
                 refusal_log: LogThrottle::new(Duration::from_secs(60)),
@@ -523,7 +549,10 @@ impl Cluster {
             node.purge_every,
             stop,
         ));
-        Self { inner }
+        Self {
+            inner,
+            thread: Arc::default(),
+        }
     }
 
     pub fn status(&self) -> ClusterStatus {

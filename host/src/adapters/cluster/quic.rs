@@ -369,7 +369,7 @@ impl QuicTransport {
             let peer = this.gossip.peer_name(&conn);
             while let Ok(data) = conn.read_datagram().await {
                 match this.inbox() {
-                    Some(inbox) => inbox.datagram(data, peer.as_deref()),
+                    Some(inbox) => inbox.datagram(conn.remote_address(), data, peer.as_deref()),
                     None => break,
                 }
             }

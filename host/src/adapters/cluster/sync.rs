@@ -22,9 +22,10 @@ use crate::domain::replication::{BUCKETS, Head, NodeId, Seen, VersionedRow};
 const MAX_PAGES: usize = 64;
 
 impl Inbox for Inner {
-    fn datagram(&self, data: Bytes, peer: Option<&str>) {
-        // A SWIM packet names its sender, which must be the POP its certificate names:
-        // otherwise one member could probe, answer and refute for another.
+    fn datagram(&self, from: SocketAddr, data: Bytes, peer: Option<&str>) {
+        // A SWIM packet names its sender, which must be the POP its certificate names,
+        // at the address it sends from: otherwise one member could probe, answer and
+        // refute for another, or claim its address (SWIM knows members by address).
         if let Some(peer) = peer {
             let src = foca::Codec::<super::membership::Identity>::decode_header(
                 &mut foca::PostcardCodec,
@@ -36,6 +37,15 @@ impl Inbox for Inner {
                     "a SWIM packet signed {:?} from the certificate of {peer:?}",
                     src.name
                 )),
+                Ok(src)
+                    if src.gossip.ip().to_canonical() != from.ip().to_canonical()
+                        || src.gossip.port() != from.port() =>
+                {
+                    Some(format!(
+                        "a SWIM packet from {from} claiming the address {}",
+                        src.gossip
+                    ))
+                }
                 Ok(src) => self.impersonates(src.node, peer),
                 Err(_) => Some(format!("an unreadable {}-byte SWIM packet", data.len())),
             };

@@ -47,7 +47,8 @@ pub trait Transport: Send + Sync + 'static {
 /// `peer` is the POP the sender proved to be (its certificate's name); None where the
 /// transport proves nothing (plaintext mode).
 pub trait Inbox: Send + Sync + 'static {
-    fn datagram(&self, data: Bytes, peer: Option<&str>);
+    /// A SWIM packet from `from` (the sender's gossip socket).
+    fn datagram(&self, from: SocketAddr, data: Bytes, peer: Option<&str>);
     /// A frame from `from`; Some(reply) answers a call.
     fn frame(
         &self,
@@ -169,7 +170,7 @@ impl Transport for MemoryTransport {
             if let Some(inbox) = net.route(&from, to).await {
                 net.datagram_bytes
                     .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                inbox.datagram(data, Some(&name));
+                inbox.datagram(from[0], data, Some(&name));
             }
         });
     }

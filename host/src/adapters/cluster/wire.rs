@@ -21,7 +21,9 @@ use crate::domain::replication::{Digest, Head, NodeId, Seen, VersionedRow};
 use crate::domain::rollout::FleetRecord;
 
 /// 2: rows carry their write's sequence number and rounds compare the writes seen.
-pub const PROTOCOL: u32 = 2;
+/// 3: rows carry their owner; a records round offers the deployments and the answerer's
+/// own report only; SWIM packets must name the sender's certificate and address.
+pub const PROTOCOL: u32 = 3;
 /// The `backends` columns as this build stores them; bump with any change to them.
 pub const SCHEMA: u32 = 2;
 /// Largest answer read to a call this POP made: a page of rows with the answerer's

@@ -87,14 +87,28 @@ impl SqliteFleet {
             }
         }
         drop(stmt);
-        Ok(Self {
+        let mut fleet = Self {
             path: path.to_owned(),
             conn,
             node,
             clock: Clock::new(Hlc(last.unwrap_or(0) as u64), max_skew.as_millis() as u64),
             records,
             generation: 0,
-        })
+        };
+        // Stored by an older build: records its peers would now refuse, and deployments
+        // the fleet has retired, go here too, or this POP's set would never match theirs.
+        let refused: Vec<String> = fleet
+            .records
+            .iter()
+            .filter_map(|(k, r)| r.validate().err().map(|e| (k, e)))
+            .map(|(k, e)| {
+                tracing::warn!(key = %k, "fleet store: dropping a stored record that fails its checks: {e}");
+                k.clone()
+            })
+            .collect();
+        fleet.remove(&refused)?;
+        fleet.retire()?;
+        Ok(fleet)
     }
 
     fn err(&self, e: rusqlite::Error) -> FleetStoreError {
@@ -152,28 +166,41 @@ impl SqliteFleet {
         Ok(())
     }
 
-    /// Drops the reports of POPs not in `members` written more than `age_ms` before
-    /// `wall_ms`: a POP gone for good leaves no report behind for ever. Returns how many.
-    pub fn forget_reports(
+    /// Sets `pop`'s report to what that POP itself answered (`None`: it has none), whatever
+    /// the versions say: a POP is the authority on its own report, even one whose store
+    /// was lost or whose clock went back. True when something changed.
+    pub fn take_report(
         &mut self,
-        members: &[String],
-        wall_ms: u64,
-        age_ms: u64,
-    ) -> Result<usize, FleetStoreError> {
-        let gone: Vec<String> = self
-            .records
-            .values()
-            .filter(|r| match &r.value {
-                FleetValue::Pop(p) => {
-                    !members.contains(&p.pop)
-                        && r.version.hlc.millis().saturating_add(age_ms) < wall_ms
+        pop: &str,
+        report: Option<FleetRecord>,
+    ) -> Result<bool, FleetStoreError> {
+        let key = format!("pop/{pop}");
+        match report {
+            Some(r) if r.value.key() == key && r.validate().is_ok() => {
+                if self.records.get(&key) == Some(&r) {
+                    return Ok(false);
                 }
-                FleetValue::Deployment(_) => false,
-            })
-            .map(|r| r.value.key())
+                self.store(r).map_err(|e| self.err(e))?;
+                Ok(true)
+            }
+            Some(_) => Ok(false),
+            None if self.records.contains_key(&key) => {
+                self.remove(&[key])?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Drops the reports of `pops` (gone from the fleet); returns how many there were.
+    pub fn forget_reports(&mut self, pops: &[String]) -> Result<usize, FleetStoreError> {
+        let keys: Vec<String> = pops
+            .iter()
+            .map(|p| format!("pop/{p}"))
+            .filter(|k| self.records.contains_key(k))
             .collect();
-        self.remove(&gone)?;
-        Ok(gone.len())
+        self.remove(&keys)?;
+        Ok(keys.len())
     }
 
     pub fn generation(&self) -> u64 {
@@ -461,16 +488,9 @@ mod tests {
                 .1
                 .contains("name")
         );
-        // A report of a POP no longer a member goes once a day old, a member's stays.
-        let day = 24 * 3600 * 1000;
-        let members = ["a".to_owned()];
-        assert_eq!(f.forget_reports(&members, wall + day - 10, day).unwrap(), 0);
-        assert_eq!(
-            f.forget_reports(&["b".to_owned()], wall + 2 * day, day)
-                .unwrap(),
-            0
-        );
-        assert_eq!(f.forget_reports(&members, wall + day, day).unwrap(), 1);
+        // A report of a POP gone from the fleet can be dropped.
+        assert_eq!(f.forget_reports(&["c".to_owned()]).unwrap(), 0);
+        assert_eq!(f.forget_reports(&["b".to_owned()]).unwrap(), 1);
         assert_eq!(f.records().count(), 0);
         assert!(
             open(&dir).records().next().is_none(),
@@ -510,17 +530,25 @@ mod tests {
                 revoked: false,
             }),
         };
-        let n = DEPLOYMENTS_KEPT as u64 + 5;
-        f.apply((0..n).map(|i| dep(i, false)).collect(), wall)
-            .unwrap();
-        assert_eq!(f.records().count(), n as usize);
+        // A canary, then deployments to every POP arriving one by one.
+        f.apply(vec![dep(0, false)], wall).unwrap();
+        let n = DEPLOYMENTS_KEPT as u64;
+        for i in 1..n {
+            f.apply(vec![dep(i, true)], wall).unwrap();
+        }
+        assert_eq!(f.records().count(), n as usize, "nothing retired yet");
         f.apply(vec![dep(n, true)], wall).unwrap();
-        assert_eq!(f.records().count(), DEPLOYMENTS_KEPT);
-        // One dropped here and offered again by a peer that has not dropped it: gone again.
+        assert!(!f.records().any(|r| r.value.key() == "deployment/d0"));
+        // Offered again by a peer that has not dropped it: gone again.
         let out = f.apply(vec![dep(0, false)], wall).unwrap();
         assert_eq!(out.applied.len(), 1);
-        assert_eq!(f.records().count(), DEPLOYMENTS_KEPT);
         assert!(!f.records().any(|r| r.value.key() == "deployment/d0"));
+        assert_eq!(f.records().count(), n as usize);
+        // A file that still holds one (written before the rule) drops it when opened.
+        let held = f.records().count();
+        f.store(dep(0, false)).unwrap();
+        drop(f);
+        assert_eq!(open(&dir).records().count(), held);
     }
 
     #[test]
