@@ -260,8 +260,14 @@ impl Host {
                     config.regions.clone(),
                     api.heartbeat_ttl,
                 );
+                let limits = application::registry::Limits {
+                    destinations: api.destinations.clone(),
+                    max_registrations: api.max_registrations,
+                    max_per_app: api.max_per_app,
+                    remove_after: api.remove_after,
+                };
                 let registry = tokio::task::spawn_blocking(move || {
-                    application::registry::Registry::new(store, routing, geo, regions, ttl)
+                    application::registry::Registry::new(store, routing, geo, regions, ttl, limits)
                 })
                 .await?
                 .context("reading this POP's registrations")?;
@@ -437,6 +443,14 @@ impl Host {
                 max_bytes: self.admin.policy_max_bytes,
             };
             background.spawn(rollout.run(stop_background.clone()));
+        }
+        if let Some(registry) = &self.registry {
+            let bound = listeners
+                .iter()
+                .map(|(l, _)| l.local_addr())
+                .chain(admin.iter().map(TcpListener::local_addr))
+                .chain(api.iter().map(TcpListener::local_addr));
+            registry.listening_at(bound.filter_map(Result::ok));
         }
         if let Some(listener) = admin {
             tracing::info!(addr = %listener.local_addr()?, "admin API listening");

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::ports::{GeoResolver, Registered, RegistrationError, RegistrationStore};
+use crate::domain::registration::{self, Destinations};
 use crate::domain::replication::{API_OWNER, BackendRow};
 use crate::domain::services::RegionMap;
 use crate::domain::{BackendId, Region};
@@ -78,10 +79,12 @@ pub struct RegisteredBackend {
     pub expired: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Beat {
     last: Instant,
     expired: bool,
+    /// Its app, for the per-app cap.
+    app: Arc<str>,
 }
 
 /// Counters for `/metrics`.
@@ -92,11 +95,37 @@ pub struct RegistryCounters {
     pub expirations: AtomicU64,
     pub revivals: AtomicU64,
     pub deregistrations: AtomicU64,
+    /// Registrations removed after staying silent past `remove_after`.
+    pub removals: AtomicU64,
     pub rejected: AtomicU64,
+}
+
+/// What this POP's API accepts, beyond a well-formed request.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub destinations: Destinations,
+    pub max_registrations: usize,
+    pub max_per_app: usize,
+    /// Silent this long, a registration is removed (deleted everywhere); None: kept.
+    pub remove_after: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            destinations: Destinations::default(),
+            max_registrations: 10_000,
+            max_per_app: 1_000,
+            remove_after: None,
+        }
+    }
 }
 
 pub struct Registry {
     store: Arc<dyn RegistrationStore>,
+    limits: Limits,
+    /// Where this POP's listeners are bound (a configured port 0 is known only then).
+    bound: Mutex<Vec<std::net::SocketAddr>>,
     /// The routing snapshot: a beat for a backend it shows healthy touches no file.
     routing: Arc<super::routing::Routing>,
     geo: Arc<dyn GeoResolver>,
@@ -114,23 +143,23 @@ impl Registry {
         geo: Arc<dyn GeoResolver>,
         regions: RegionMap,
         ttl: Duration,
+        limits: Limits,
     ) -> Result<Self, RegistrationError> {
         let now = Instant::now();
-        let beats = store
-            .registered()?
-            .into_iter()
-            .map(|id| {
-                (
-                    BackendId::new(&id),
-                    Beat {
-                        last: now,
-                        expired: false,
-                    },
-                )
-            })
-            .collect();
+        let mut beats = HashMap::new();
+        for id in store.registered()? {
+            let app = store.get(&id)?.map(|r| r.app).unwrap_or_default();
+            let beat = Beat {
+                last: now,
+                expired: false,
+                app: app.into(),
+            };
+            beats.insert(BackendId::new(&id), beat);
+        }
         Ok(Self {
             store,
+            limits,
+            bound: Mutex::default(),
             routing,
             geo,
             regions,
@@ -148,13 +177,27 @@ impl Registry {
         self.beats().get(id).map(|b| b.last.elapsed())
     }
 
+    /// This POP's listeners as bound: never a registered backend's address.
+    pub fn listening_at(&self, addrs: impl IntoIterator<Item = std::net::SocketAddr>) {
+        self.bound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(addrs);
+    }
+
+    /// Backends registered through this POP (from memory).
+    pub fn count(&self) -> usize {
+        self.beats().len()
+    }
+
     /// The row a request asks for, with edgeProxy's defaults; a named problem otherwise.
     pub fn row(&self, req: &RegisterRequest) -> Result<BackendRow, RegistrationError> {
         let bad = |m: String| Err(RegistrationError::Invalid(m));
-        for (field, value) in [("id", &req.id), ("app", &req.app), ("region", &req.region)] {
-            if value.trim().is_empty() {
-                return bad(format!("{field} must not be empty"));
-            }
+        let checked = registration::check_id(req.id.trim())
+            .and_then(|_| registration::check_name("app", &req.app))
+            .and_then(|_| registration::check_name("region", &req.region));
+        if let Err(e) = checked {
+            return bad(e);
         }
         let Ok(port) = u16::try_from(req.port) else {
             return bad(format!("port {} is out of range (1 to 65535)", req.port));
@@ -166,6 +209,27 @@ impl Registry {
             Ok(ip) => ip,
             Err(_) => return bad(format!("ip {:?} is not an IP address", req.ip)),
         };
+        let mut destinations = self.limits.destinations.clone();
+        destinations.own.extend(
+            self.bound
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter(),
+        );
+        if let Err(e) = destinations.check(std::net::SocketAddr::new(ip, port), is_local) {
+            return bad(e);
+        }
+        let bounded = [
+            ("weight", req.weight, registration::MAX_WEIGHT),
+            ("soft_limit", req.soft_limit, registration::MAX_LIMIT),
+            ("hard_limit", req.hard_limit, registration::MAX_LIMIT),
+        ];
+        if let Some((field, Some(v), max)) = bounded
+            .into_iter()
+            .find(|(_, v, max)| v.is_some_and(|v| v > *max))
+        {
+            return bad(format!("{field} {v} is over {max}"));
+        }
         let region = Region::new(&req.region);
         let country = match &req.country {
             Some(c) => match c.parse::<crate::domain::CountryCode>() {
@@ -202,7 +266,10 @@ impl Registry {
     }
 
     pub async fn register(&self, req: RegisterRequest) -> Result<RegisterReply, RegistrationError> {
-        let result = match self.row(&req) {
+        let result = match self
+            .row(&req)
+            .and_then(|row| self.room_for(&row).map(|_| row))
+        {
             Ok(row) => self.blocking(move |s| s.register(&row)).await,
             Err(e) => Err(e),
         };
@@ -219,6 +286,7 @@ impl Registry {
             Beat {
                 last: Instant::now(),
                 expired: false,
+                app: req.app.as_str().into(),
             },
         );
         self.counters.registrations.fetch_add(1, Relaxed);
@@ -234,6 +302,30 @@ impl Registry {
         })
     }
 
+    /// Refuses a new registration past this POP's caps (one already here may change).
+    fn room_for(&self, row: &BackendRow) -> Result<(), RegistrationError> {
+        let beats = self.beats();
+        if beats.contains_key(&BackendId::new(&row.id)) {
+            return Ok(());
+        }
+        let max = self.limits.max_registrations;
+        if beats.len() >= max {
+            return Err(RegistrationError::Limit(format!(
+                "this POP holds {max} registrations, its most (api_max_registrations)"
+            )));
+        }
+        let of_app = beats.values().filter(|b| *b.app == *row.app).count();
+        let max = self.limits.max_per_app;
+        match of_app >= max {
+            true => Err(RegistrationError::Limit(format!(
+                "app {:?} has {max} backends registered through this POP, its most \
+                 (api_max_per_app)",
+                row.app
+            ))),
+            false => Ok(()),
+        }
+    }
+
     /// Refreshes `id`'s heartbeat. Writes only when the table says it is out of rotation
     /// (its beats had stopped here, or at the POP it beat to before): a beating backend
     /// is healthy. A backend registered through another POP is adopted.
@@ -244,10 +336,7 @@ impl Registry {
                 "backend {id:?} is not registered; register it first (POST /api/v1/register)"
             ))
         };
-        let beat = Beat {
-            last: Instant::now(),
-            expired: false,
-        };
+        let now = Instant::now();
         // The common case: registered here and healthy in the snapshot. A row expired
         // a moment ago may still show healthy there; the next beat then revives it.
         if let Some(known) = self.beats().get_mut(&key)
@@ -258,9 +347,9 @@ impl Registry {
             && table.backends()[i].backend.healthy
             && !known.expired
         {
-            *known = beat;
+            known.last = now;
             self.counters.heartbeats.fetch_add(1, Relaxed);
-            return Ok(from_snapshot(&table.backends()[i].backend, beat));
+            return Ok(from_snapshot(&table.backends()[i].backend, known.expired));
         }
         if !self.beats().contains_key(&key) {
             let owned = id.to_owned();
@@ -284,9 +373,14 @@ impl Registry {
             self.counters.revivals.fetch_add(1, Relaxed);
             tracing::info!(backend = %id, "heartbeats resumed; back in rotation");
         }
-        self.beats().insert(key, beat);
+        let beat = Beat {
+            last: now,
+            expired: false,
+            app: row.app.as_str().into(),
+        };
+        self.beats().insert(key, beat.clone());
         self.counters.heartbeats.fetch_add(1, Relaxed);
-        Ok(listed(row, beat))
+        Ok(listed(row, &beat))
     }
 
     pub async fn deregister(&self, id: &str) -> Result<(), RegistrationError> {
@@ -303,11 +397,11 @@ impl Registry {
     }
 
     pub async fn get(&self, id: &str) -> Result<RegisteredBackend, RegistrationError> {
-        let beat = self.beats().get(&BackendId::new(id)).copied();
+        let beat = self.beats().get(&BackendId::new(id)).cloned();
         let owned = id.to_owned();
         let row = self.blocking(move |s| s.get(&owned)).await?;
         match (row, beat) {
-            (Some(row), Some(beat)) if !row.deleted => Ok(listed(row, beat)),
+            (Some(row), Some(beat)) if !row.deleted => Ok(listed(row, &beat)),
             _ => Err(RegistrationError::NotFound(format!(
                 "backend {id:?} is not registered through this API"
             ))),
@@ -315,14 +409,17 @@ impl Registry {
     }
 
     pub async fn list(&self) -> Result<Vec<RegisteredBackend>, RegistrationError> {
-        let beats: Vec<(BackendId, Beat)> =
-            self.beats().iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let beats: Vec<(BackendId, Beat)> = self
+            .beats()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let rows = self
             .blocking(move |s| {
                 beats
                     .into_iter()
                     .filter_map(|(id, beat)| match s.get(id.as_str()) {
-                        Ok(Some(row)) if !row.deleted => Some(Ok(listed(row, beat))),
+                        Ok(Some(row)) if !row.deleted => Some(Ok(listed(row, &beat))),
                         Ok(_) => None,
                         Err(e) => Some(Err(e)),
                     })
@@ -334,8 +431,10 @@ impl Registry {
         Ok(rows)
     }
 
-    /// Marks backends whose beats stopped for the TTL unhealthy (one write each).
+    /// Marks backends whose beats stopped for the TTL unhealthy (one write each), and
+    /// removes those silent past `remove_after`.
     pub async fn expire(&self, now: Instant) {
+        self.remove_silent(now).await;
         let due: Vec<BackendId> = self
             .beats()
             .iter()
@@ -357,6 +456,31 @@ impl Registry {
                 }
                 Err(e) => {
                     tracing::error!(backend = %id, error = %e, "cannot expire a silent backend; retrying");
+                }
+            }
+        }
+    }
+
+    async fn remove_silent(&self, now: Instant) {
+        let Some(after) = self.limits.remove_after else {
+            return;
+        };
+        let due: Vec<BackendId> = self
+            .beats()
+            .iter()
+            .filter(|(_, b)| b.expired && now.duration_since(b.last) >= after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let owned = id.to_string();
+            match self.blocking(move |s| s.deregister(&owned)).await {
+                Ok(_) | Err(RegistrationError::Conflict(_)) => {
+                    self.beats().remove(&id);
+                    self.counters.removals.fetch_add(1, Relaxed);
+                    tracing::warn!(backend = %id, silent = ?after, "no heartbeat for a long time; registration removed");
+                }
+                Err(e) => {
+                    tracing::error!(backend = %id, error = %e, "cannot remove a long-silent backend; retrying");
                 }
             }
         }
@@ -386,7 +510,12 @@ impl Registry {
     }
 }
 
-fn from_snapshot(b: &crate::domain::Backend, beat: Beat) -> RegisteredBackend {
+/// Whether `ip` is one of this host's addresses (binding to it only works then).
+fn is_local(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+fn from_snapshot(b: &crate::domain::Backend, expired: bool) -> RegisteredBackend {
     RegisteredBackend {
         id: b.id.to_string(),
         app: b.app.to_string(),
@@ -399,11 +528,11 @@ fn from_snapshot(b: &crate::domain::Backend, beat: Beat) -> RegisteredBackend {
         soft_limit: b.soft_limit,
         hard_limit: b.hard_limit,
         last_heartbeat_secs: 0.0,
-        expired: beat.expired,
+        expired,
     }
 }
 
-fn listed(row: BackendRow, beat: Beat) -> RegisteredBackend {
+fn listed(row: BackendRow, beat: &Beat) -> RegisteredBackend {
     RegisteredBackend {
         id: row.id,
         app: row.app,

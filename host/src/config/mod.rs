@@ -119,6 +119,12 @@ pub struct ApiConfig {
     pub narrowed_from: Option<SocketAddr>,
     pub token: Option<String>,
     pub heartbeat_ttl: Duration,
+    /// Where registered backends may be (this POP's own listeners are added at start).
+    pub destinations: crate::domain::registration::Destinations,
+    pub max_registrations: usize,
+    pub max_per_app: usize,
+    /// Silent this long, a registration is removed; None: kept.
+    pub remove_after: Option<Duration>,
 }
 
 /// The admin HTTP listener (JSON API and `/metrics`).
@@ -344,11 +350,28 @@ impl Config {
                 ),
                 _ => wanted,
             };
+            use crate::domain::registration::{Destinations, parse_networks, parse_ports};
+            let networks = parse_networks(&s.api_allowed_networks)
+                .map_err(|e| errors.push(invalid("api_allowed_networks", e)))
+                .unwrap_or_default();
+            let ports = parse_ports(&s.api_allowed_ports)
+                .map_err(|e| errors.push(invalid("api_allowed_ports", e)))
+                .unwrap_or_default();
+            let destinations = Destinations {
+                networks,
+                ports,
+                own: Vec::new(),
+            };
+            let ttl = Duration::from_secs(s.api_heartbeat_ttl_secs);
             ApiConfig {
                 addr,
                 narrowed_from: (addr != wanted).then_some(wanted),
                 token,
-                heartbeat_ttl: Duration::from_secs(s.api_heartbeat_ttl_secs),
+                heartbeat_ttl: ttl,
+                destinations,
+                max_registrations: s.api_max_registrations,
+                max_per_app: s.api_max_per_app,
+                remove_after: (s.api_remove_after_ttls > 0).then(|| ttl * s.api_remove_after_ttls),
             }
         });
         if !errors.is_empty() {
@@ -365,7 +388,23 @@ impl Config {
             region_overrides,
             policy,
             admin,
-        })
+        }
+        .with_own_addresses())
+    }
+
+    /// Registered backends must never be this POP's own listeners.
+    fn with_own_addresses(mut self) -> Self {
+        let s = &self.settings;
+        let mut own: Vec<SocketAddr> = self.listeners.iter().map(|l| l.addr).collect();
+        own.extend(self.admin.as_ref().map(|a| a.addr));
+        if s.cluster_enabled {
+            own.extend([s.cluster_gossip_addr, s.cluster_transport_addr]);
+        }
+        if let Some(api) = &mut self.api {
+            own.push(api.addr);
+            api.destinations.own = own;
+        }
+        self
     }
 
     /// None: bindings off, every connection is a fresh decision.

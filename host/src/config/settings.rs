@@ -185,6 +185,20 @@ crate::settings! {
     /// a registered backend whose heartbeats stop for this long leaves rotation (in every
     /// POP)
     api_heartbeat_ttl_secs: u64 = 60, env "EDGEPROXY_HEARTBEAT_TTL_SECS", check |v| positive(v).and(at_most(v, DAY));
+    /// networks registered backends may be in (comma-separated, like `10.0.0.0/8,
+    /// fd00::/8`); empty: any but loopback, link-local, multicast and broadcast, which a
+    /// listed network allows
+    api_allowed_networks: String = String::new(), env "EDGEPROXY_API_ALLOWED_NETWORKS";
+    /// ports registered backends may listen on (comma-separated, ranges as `8000-8999`);
+    /// empty: any
+    api_allowed_ports: String = String::new(), env "EDGEPROXY_API_ALLOWED_PORTS";
+    /// backends registered through this POP at most; past it a new one gets 429
+    api_max_registrations: usize = 10_000, env "EDGEPROXY_API_MAX_REGISTRATIONS", check |v| positive(v).and(at_most(v, 1_000_000));
+    /// backends of one app registered through this POP at most
+    api_max_per_app: usize = 1_000, env "EDGEPROXY_API_MAX_PER_APP", check |v| positive(v).and(at_most(v, 1_000_000));
+    /// a registration silent for this many heartbeat TTLs is removed (deleted in every
+    /// POP); `0`: kept, out of rotation, until deregistered
+    api_remove_after_ttls: u32 = 10, env "EDGEPROXY_API_REMOVE_AFTER_TTLS", check |v| at_most(v, 10_000);
 }
 
 fn in_range(v: &Seconds, min: f64, max: f64) -> Result<(), String> {

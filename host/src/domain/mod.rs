@@ -8,6 +8,7 @@
 //! - `replication`: row versions (hybrid logical clock), the merge rule and the digest POPs
 //!   compare.
 //! - `rollout`: policies deployed across the fleet: which one each POP runs, by role.
+//! - `registration`: what a self-registration may ask for (ids, bounds, destinations).
 //! - `sample`: the synthetic table the policy self-test, `policy check` and tests share.
 //!
 //! Nothing here does I/O or awaits; adapters feed it immutable snapshots and it answers
@@ -17,6 +18,7 @@ pub mod health;
 pub mod live_stats;
 pub mod model;
 pub mod ports;
+pub mod registration;
 pub mod replication;
 pub mod rollout;
 pub mod routing_table;

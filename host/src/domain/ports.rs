@@ -297,6 +297,9 @@ pub enum RegistrationError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    /// A cap on registrations is reached.
+    #[error("{0}")]
+    Limit(String),
     /// The table could not be read or written.
     #[error("{0}")]
     Store(String),

@@ -1161,11 +1161,13 @@ async fn a_registration_and_its_expiry_reach_every_pop() {
     let api_b = SocketAddr::new(fleet.ip(2), 8081);
     // a expires silent backends after 1 s; b, which adopts one later, only after 30 s.
     let (listen_a, listen_b) = (api_a.to_string(), api_b.to_string());
-    fn api<'a>(listen: &'a str, ttl: &'a str) -> [(&'a str, &'a str); 3] {
+    fn api<'a>(listen: &'a str, ttl: &'a str) -> [(&'a str, &'a str); 4] {
         [
             ("EDGEPROXY_API_ENABLED", "true"),
             ("EDGEPROXY_API_LISTEN_ADDR", listen),
             ("EDGEPROXY_HEARTBEAT_TTL_SECS", ttl),
+            // The test's backends are on loopback.
+            ("EDGEPROXY_API_ALLOWED_NETWORKS", "127.0.0.0/8"),
         ]
     }
     let a = fleet.pop_with("a", 1, &[], &api(&listen_a, "1"));

@@ -353,7 +353,7 @@ async fn registrations_go_to_postgres_and_are_routed() {
     let p = Proxy::start(
         &unused,
         &format!(
-            "db_url = \"{}\"\nbinding_ttl_secs = 0\ncluster_node_id = \"fra1\"\n[api]\nenabled = true\n",
+            "db_url = \"{}\"\nbinding_ttl_secs = 0\ncluster_node_id = \"fra1\"\n[api]\nenabled = true\nallowed_networks = \"127.0.0.0/8\"\n",
             pg.url()
         ),
     )

@@ -14,7 +14,7 @@ async fn register_heartbeat_expire_and_deregister_reach_routing() {
     let fixed = Backend::start("fixed").await;
     let joiner = Backend::start("joiner").await;
     let db = Db::new(&[Row::new("z-fixed", "eu", "DE", fixed.addr)]);
-    let p = Proxy::start(&db, "native_policy = true\nbinding_ttl_secs = 0\n[api]\nenabled = true\nheartbeat_ttl_secs = 1\n").await;
+    let p = Proxy::start(&db, "native_policy = true\nbinding_ttl_secs = 0\n[api]\nenabled = true\nheartbeat_ttl_secs = 1\nallowed_networks = \"127.0.0.0/8\"\n").await;
     let api = p.api.unwrap();
     assert_eq!(served_by("127.0.0.1", p.addr).await, "fixed");
 
@@ -107,7 +107,11 @@ async fn register_heartbeat_expire_and_deregister_reach_routing() {
 async fn invalid_registrations_are_refused_with_nothing_written() {
     let b = Backend::start("b").await;
     let db = Db::new(&[Row::new("taken", "eu", "DE", b.addr)]);
-    let p = Proxy::start(&db, "[api]\nenabled = true\ntoken = \"s3cret\"\n").await;
+    let p = Proxy::start(
+        &db,
+        "[api]\nenabled = true\ntoken = \"s3cret\"\nallowed_networks = \"127.0.0.0/8\"\n",
+    )
+    .await;
     let api = p.api.unwrap();
     let auth = ["Authorization: Bearer s3cret"];
     let version = p.version();
@@ -160,5 +164,106 @@ async fn invalid_registrations_are_refused_with_nothing_written() {
         send(api, "POST", "/api/v1/register", &auth, &valid).await.0,
         200
     );
+    p.stop().await;
+}
+
+/// The API's trust boundary: a token holder cannot take an operator's row (register over
+/// it, adopt it by heartbeat, delete it), point a backend at the POP itself or at
+/// addresses the operator did not allow, use ids its own URLs cannot carry, or grow the
+/// table past the caps; a registration silent for long is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_changes_only_its_own_rows_and_only_sends_traffic_where_allowed() {
+    let b = Backend::start("b").await;
+    let mut op = Row::new("op-1", "eu", "DE", b.addr);
+    op.healthy = false;
+    let db = Db::new(&[op]);
+    let p = Proxy::start(
+        &db,
+        "[api]\nenabled = true\nheartbeat_ttl_secs = 1\nremove_after_ttls = 2\n\
+         allowed_networks = \"127.0.0.0/8\"\nmax_registrations = 3\nmax_per_app = 2\n",
+    )
+    .await;
+    let api = p.api.unwrap();
+    let row = |id: &str| {
+        edgeproxy::adapters::outbound::sqlite_editor::RoutingEditor::open(&db.path)
+            .unwrap()
+            .get(id)
+            .unwrap()
+    };
+    let before = row("op-1").unwrap();
+
+    // The operator's drained row, re-registered to put it back in rotation: refused,
+    // untouched.
+    let at = |id: &str, addr: std::net::SocketAddr| registration(id, "app", addr);
+    let (code, body) = register(api, &at("op-1", b.addr)).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("an operator's row"), "{body}");
+    let (code, body) = send(api, "POST", "/api/v1/heartbeat/op-1", &[], "").await;
+    assert_eq!(code, 409, "{body}");
+    let (code, _) = send(api, "DELETE", "/api/v1/backends/op-1", &[], "").await;
+    assert_eq!(code, 404);
+    assert_eq!(row("op-1").unwrap(), before);
+
+    // The POP's own listeners, and what the operator did not allow.
+    for own in [p.addr, p.admin, api] {
+        let (code, body) = register(api, &at("loop", own)).await;
+        assert_eq!(code, 422, "{own}: {body}");
+        assert!(body.contains("own listener"), "{own}: {body}");
+    }
+    for (body, needle) in [
+        (
+            at("meta", "169.254.169.254:80".parse().unwrap()),
+            "outside the networks",
+        ),
+        (at("api köln 1", b.addr), "ids are letters"),
+        (
+            serde_json::json!({"id": "heavy", "app": "app", "region": "eu",
+                "ip": "127.0.0.1", "port": b.addr.port(), "weight": 1_000_000})
+            .to_string(),
+            "weight 1000000 is over",
+        ),
+    ] {
+        let (code, answer) = register(api, &body).await;
+        assert_eq!(code, 422, "{body}: {answer}");
+        assert!(answer.contains(needle), "{body}: {answer}");
+    }
+    assert!(row("loop").is_none() && row("meta").is_none() && row("heavy").is_none());
+
+    // Caps: two per app, three in all.
+    for id in ["r1", "r2"] {
+        assert_eq!(register(api, &at(id, b.addr)).await.0, 200);
+    }
+    let (code, body) = register(api, &at("r3", b.addr)).await;
+    assert_eq!(code, 429, "{body}");
+    assert!(body.contains("api_max_per_app"), "{body}");
+    let other = registration("o1", "other", b.addr);
+    assert_eq!(register(api, &other).await.0, 200);
+    let (code, body) = register(api, &registration("o2", "other", b.addr)).await;
+    assert_eq!(code, 429, "{body}");
+    assert!(body.contains("api_max_registrations"), "{body}");
+    // One already registered may still change.
+    assert_eq!(
+        register(api, &registration("o1", "other", b.addr)).await.0,
+        200
+    );
+    let health = send(api, "GET", "/health", &[], "").await.1;
+    assert!(health.contains("\"registered_backends\": 3"), "{health}");
+
+    // Silent: out of rotation after the TTL, removed (deleted everywhere) after two.
+    let silent = tokio::time::Instant::now();
+    wait_until(|| row("r1").unwrap().deleted).await;
+    assert!(
+        silent.elapsed().as_secs_f64() >= 1.0,
+        "removed after {:?}",
+        silent.elapsed()
+    );
+    wait_until(|| ["r2", "o1"].iter().all(|id| row(id).unwrap().deleted)).await;
+    let metrics = send(p.admin, "GET", "/metrics", &[], "").await.1;
+    assert!(
+        metrics.contains("edgeproxy_registrations_total{event=\"removed\"} 3"),
+        "{metrics}"
+    );
+    // The operator's row is still there, still drained.
+    assert_eq!(row("op-1").unwrap(), before);
     p.stop().await;
 }

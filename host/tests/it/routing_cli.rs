@@ -34,7 +34,7 @@ async fn backend_commands_change_what_a_running_proxy_routes_to() {
     // add: a backend in the client's own country wins.
     let v = p.version();
     let port = cl.addr.port().to_string();
-    let added = rows(
+    let (success, out, err) = cli(
         &db.path,
         &[
             "backend",
@@ -52,9 +52,17 @@ async fn backend_commands_change_what_a_running_proxy_routes_to() {
             &port,
             "--weight",
             "2",
+            "--json",
         ],
     )
     .await;
+    // What the registration API would refuse, an operator is warned of, and may do.
+    assert!(success, "{err}");
+    assert!(
+        err.contains("warning: 127.0.0.1 is a loopback address"),
+        "{err}"
+    );
+    let added: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(added[0]["id"], "cl");
     assert_eq!(added[0]["weight"], 2);
     p.wait_version_after(v).await;

@@ -299,6 +299,7 @@ impl Collector for HostCollector {
                     ("expired", c.expirations.load(Relaxed)),
                     ("revived", c.revivals.load(Relaxed)),
                     ("deregistered", c.deregistrations.load(Relaxed)),
+                    ("removed", c.removals.load(Relaxed)),
                     ("rejected", c.rejected.load(Relaxed)),
                 ]
                 .map(|(event, n)| (vec![("event", event)], counter(n))),

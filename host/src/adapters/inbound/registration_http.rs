@@ -131,8 +131,9 @@ impl State {
         }
     }
 
+    /// Unauthenticated, so answered from memory: no store read per request.
     async fn health(&self) -> Reply {
-        let registered = self.registry.list().await.map(|l| l.len()).unwrap_or(0);
+        let registered = self.registry.count();
         json(
             StatusCode::OK,
             &serde_json::json!({
@@ -151,6 +152,7 @@ fn failed(e: RegistrationError) -> Reply {
         RegistrationError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
         RegistrationError::Conflict(_) => StatusCode::CONFLICT,
         RegistrationError::NotFound(_) => StatusCode::NOT_FOUND,
+        RegistrationError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
         RegistrationError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(code, &e.to_string())

@@ -162,20 +162,35 @@ pub fn backend(
             }
             return print_rows(&rows, all, json);
         }
-        BackendCommand::Add(a) => editor.add(&BackendRow {
-            id: a.id,
-            app: a.app,
-            region: a.region,
-            country: a.country,
-            wg_ip: a.wg_ip,
-            port: a.port,
-            healthy: !a.drained,
-            weight: a.weight,
-            soft_limit: a.soft_limit,
-            hard_limit: a.hard_limit,
-            deleted: false,
-            owner: None,
-        })?,
+        BackendCommand::Add(a) => {
+            // What the registration API refuses, an operator may mean: said, not refused.
+            if let Some(kind) = a
+                .wg_ip
+                .trim()
+                .parse()
+                .ok()
+                .and_then(crate::domain::registration::special)
+            {
+                eprintln!(
+                    "warning: {} is {kind}; the proxy will connect there from every POP",
+                    a.wg_ip
+                );
+            }
+            editor.add(&BackendRow {
+                id: a.id,
+                app: a.app,
+                region: a.region,
+                country: a.country,
+                wg_ip: a.wg_ip,
+                port: a.port,
+                healthy: !a.drained,
+                weight: a.weight,
+                soft_limit: a.soft_limit,
+                hard_limit: a.hard_limit,
+                deleted: false,
+                owner: None,
+            })?
+        }
         BackendCommand::Update { id, changes: c } => editor.update(
             &id,
             &RowChanges {
