@@ -388,6 +388,17 @@ async fn registrations_go_to_postgres_and_are_routed() {
     let (code, _) = send(api, "DELETE", "/api/v1/backends/joiner-1", &[], "").await;
     assert_eq!(code, 200);
     assert!(ids(&pg).await.is_empty());
+    // An operator's row is not the API's, in the shared table too.
+    add(&pg, "op-1", "DE", be.addr).await;
+    for (method, path, body) in [
+        ("POST", "/api/v1/register", registration("op-1", "web", be.addr)),
+        ("POST", "/api/v1/heartbeat/op-1", String::new()),
+    ] {
+        let (code, answer) = send(api, method, path, &[], &body).await;
+        assert_eq!(code, 409, "{path}: {answer}");
+        assert!(answer.contains("an operator's row"), "{answer}");
+    }
+    assert_eq!(ids(&pg).await, ["op-1"]);
     p.stop().await;
 }
 
