@@ -63,6 +63,8 @@ pub struct Host {
     pub cluster: Option<adapters::cluster::Cluster>,
     /// Stops the cluster after the drain (it keeps the table current until then).
     cluster_stop: CancellationToken,
+    /// Admin and registration API connections' idle timeout.
+    http_idle: Duration,
     /// Ends a drain at once (a second SIGTERM/SIGINT): the connections left are closed.
     pub abort: CancellationToken,
     admin_token: Option<String>,
@@ -347,6 +349,7 @@ impl Host {
             admin,
             cluster,
             cluster_stop,
+            http_idle: Duration::from_secs(s.http_idle_timeout_secs),
             abort: CancellationToken::new(),
             admin_token: config.admin.as_ref().and_then(|a| a.token.clone()),
             registry,
@@ -458,6 +461,7 @@ impl Host {
                 listener,
                 Arc::clone(&self.admin),
                 self.admin_token.clone(),
+                self.http_idle,
                 stop_background.clone(),
             ));
         }
@@ -470,6 +474,7 @@ impl Host {
                     listener,
                     Arc::clone(registry),
                     self.api_token.clone(),
+                    self.http_idle,
                     stop_background.clone(),
                 ));
             }

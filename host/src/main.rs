@@ -607,7 +607,21 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    raise_fd_limit(config.settings.max_connections);
+    // Besides the proxy's connections: health probes in flight and the HTTP listeners'.
+    let http = edgeproxy::adapters::inbound::http::MAX_CONNECTIONS;
+    let others = [
+        (
+            config.health.any_checks(),
+            edgeproxy::application::health_monitor::MAX_IN_FLIGHT,
+        ),
+        (config.admin.is_some(), http),
+        (config.api.is_some(), http),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, n)| n)
+    .sum();
+    raise_fd_limit(config.settings.max_connections, others);
     let host = Host::build(&config).await?;
     // One accept loop per worker thread, each on its own SO_REUSEPORT socket.
     let copies = match config.settings.worker_threads {
@@ -661,13 +675,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// Raises the soft descriptor limit to the hard one, and says when even that cannot hold
-/// `max_connections` (two descriptors each, plus a reserve for listeners, files, pipes).
-fn raise_fd_limit(max_connections: usize) {
+/// `max_connections` (two descriptors each), `others` (health probes, HTTP connections)
+/// and a reserve for listeners, files and pipes.
+fn raise_fd_limit(max_connections: usize, others: usize) {
     #[cfg(target_os = "linux")]
     match edgeproxy::adapters::net::raise_fd_limit() {
         Ok((soft, hard)) => {
             let needed = (max_connections as u64)
                 .saturating_mul(2)
+                .saturating_add(others as u64)
                 .saturating_add(1024);
             if max_connections > 0 && soft < needed {
                 tracing::warn!(
@@ -684,7 +700,7 @@ fn raise_fd_limit(max_connections: usize) {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = max_connections;
+    let _ = (max_connections, others);
 }
 
 /// Cancelled on the first SIGTERM or SIGINT; `abort` on the second.

@@ -225,8 +225,15 @@ impl Admin {
                 "the body is empty: send the component's bytes".into(),
             ));
         }
+        let mut bytes = bytes;
         if let Some(want) = expect_hash {
-            let got = crate::domain::rollout::content_hash(&bytes);
+            // Megabytes: hashed off the proxy's worker threads.
+            let got;
+            (got, bytes) = tokio::task::spawn_blocking(move || {
+                (crate::domain::rollout::content_hash(&bytes), bytes)
+            })
+            .await
+            .map_err(|e| FleetError::Refused(e.to_string()))?;
             if got != want {
                 return Err(FleetError::Invalid(format!(
                     "the component's SHA-256 is {got}, not the {want} given: refusing to deploy it"

@@ -23,7 +23,7 @@ use crate::domain::{BackendId, RoutingTable};
 
 /// Probes in flight at once; more wait for a slot (10,000 backends at 5 s is 2,000 a
 /// second, each done in about one round trip).
-const MAX_IN_FLIGHT: usize = 4096;
+pub const MAX_IN_FLIGHT: usize = 4096;
 /// New backends (and all of them at start) are first checked within this long.
 const FIRST_CHECK_SPREAD: Duration = Duration::from_secs(1);
 /// Checks due within this long of each other start together: one wake-up starts ten

@@ -96,6 +96,10 @@ crate::settings! {
     worker_threads: usize = 0, env "EDGEPROXY_WORKER_THREADS", check |v| at_most(v, 1024);
     /// admin JSON API and Prometheus `/metrics`; empty turns it off
     admin_addr: Option<SocketAddr> = Some(SocketAddr::from(([127, 0, 0, 1], 9090))), env "EDGEPROXY_ADMIN_ADDR";
+    /// admin and registration API connections close after this long without a byte while
+    /// no request of theirs is handled, and a request body this long without a byte is
+    /// refused (408)
+    http_idle_timeout_secs: u64 = 30, env "EDGEPROXY_HTTP_IDLE_TIMEOUT_SECS", check |v| positive(v).and(at_most(v, 3600));
     /// when set, every admin request needs `Authorization: Bearer <token>` (prefer the
     /// variable: flags show in `ps`)
     admin_token: Option<String> = None, env "EDGEPROXY_ADMIN_TOKEN", secret true;

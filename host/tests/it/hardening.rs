@@ -388,3 +388,177 @@ async fn the_binding_table_is_capped() {
     assert_eq!(held + evicted, 40.0);
     p.stop().await;
 }
+
+/// Whether the server closed `s` within `within` (a read sees EOF or a reset), without
+/// reading anything it sent.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(within, s.peek(&mut b)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// Hostile clients of the admin and registration listeners: thousands of idle
+/// connections, one that pipelines requests and never reads, a body that stalls, one that
+/// is slow but moves, garbage and oversized requests. Each listener keeps answering other
+/// clients, and the data path serves a steady client throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_http_clients_are_bounded_and_cost_the_data_path_nothing() {
+    use edgeproxy::adapters::inbound::http::{MAX_CONNECTIONS, MAX_PER_CLIENT};
+    use std::net::IpAddr;
+    use std::time::Duration;
+    #[cfg(target_os = "linux")]
+    let _ = edgeproxy::adapters::net::raise_fd_limit();
+    let b = Backend::start("b").await;
+    let db = Db::new(&[Row::new("b", "eu", "DE", b.addr)]);
+    let p = Proxy::start(
+        &db,
+        "http_idle_timeout_secs = 1\n[api]\nenabled = true\ntoken = \"t0ken\"\nallowed_networks = \"127.0.0.0/8\"\n",
+    )
+    .await;
+    let api = p.api.unwrap();
+    let steady_stop = tokio_util::sync::CancellationToken::new();
+    let steady = {
+        let (stop, addr) = (steady_stop.clone(), p.addr);
+        tokio::spawn(async move {
+            let mut served = 0u64;
+            while !stop.is_cancelled() {
+                assert_eq!(served_by("127.0.0.9", addr).await, "b");
+                served += 1;
+            }
+            served
+        })
+    };
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+
+    for (listener, ok_path) in [(p.admin, "/status"), (api, "/health")] {
+        // 5,000 connections from one address: a few are held, the rest closed at once;
+        // from many addresses, never more than the listener's cap.
+        let mut held = Vec::new();
+        for i in 0..5000u32 {
+            let source = ip(&format!("127.0.{}.{}", 1 + i / 200, 1 + i % 200));
+            let connect = connect_from(source, listener);
+            if let Ok(s) = tokio::time::timeout(Duration::from_secs(2), connect).await {
+                held.push((source, s));
+            }
+        }
+        // Each looked at once, all at the same time.
+        let looks: Vec<_> = held
+            .into_iter()
+            .map(|(source, mut s)| {
+                tokio::spawn(async move {
+                    let open = !closed_within(&mut s, Duration::from_millis(50)).await;
+                    (source, s, open)
+                })
+            })
+            .collect();
+        let mut held = Vec::new();
+        let mut open_by_ip = std::collections::HashMap::<IpAddr, usize>::new();
+        let mut open = 0;
+        for look in looks {
+            let (source, s, is_open) = look.await.unwrap();
+            if is_open {
+                open += 1;
+                *open_by_ip.entry(source).or_default() += 1;
+            }
+            held.push((source, s));
+        }
+        assert!(open <= MAX_CONNECTIONS, "{listener}: {open} held");
+        assert!(open_by_ip.values().all(|n| *n <= MAX_PER_CLIENT));
+        // Idle ones are closed after the idle timeout.
+        for (_, s) in &mut held {
+            assert!(
+                closed_within(s, Duration::from_secs(5)).await,
+                "{listener}: an idle connection stays"
+            );
+        }
+        drop(held);
+        // Then the listener answers again.
+        let (code, _) = send(
+            listener,
+            "GET",
+            ok_path,
+            &["Authorization: bearer t0ken"],
+            "",
+        )
+        .await;
+        assert_eq!(code, 200, "{listener}: the token scheme in lower case");
+        // Pipelined requests never read: the server stops reading, then closes.
+        let mut s = connect_from(ip("127.1.0.1"), listener).await;
+        let requests = format!("GET {ok_path} HTTP/1.1\r\nHost: x\r\n\r\n").repeat(2000);
+        let write = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                s.write_all(requests.as_bytes()).await?;
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
+        assert!(
+            matches!(write, Ok(Err(_))),
+            "{listener}: a non-reader held: {write:?}"
+        );
+        // Garbage, and a header past hyper's limits: refused, the listener goes on.
+        for junk in [
+            "\x16\x03\x01garbage\r\n\r\n".to_owned(),
+            format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(200_000)),
+        ] {
+            let mut s = connect_from(ip("127.1.0.2"), listener).await;
+            let _ = s.write_all(junk.as_bytes()).await;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+                "{answer}"
+            );
+        }
+        let (code, _) = send(
+            listener,
+            "GET",
+            ok_path,
+            &["Authorization: Bearer t0ken"],
+            "",
+        )
+        .await;
+        assert_eq!(code, 200);
+    }
+
+    // A body that stalls is refused within the idle timeout; a slow one that moves is read.
+    let body = registration("slow", "app", b.addr);
+    let head = format!(
+        "POST /api/v1/register HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut s = connect_from(ip("127.1.0.3"), api).await;
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body.as_bytes()[..10]).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut s = connect_from(ip("127.1.0.3"), api).await;
+    s.write_all(head.as_bytes()).await.unwrap();
+    let (first, rest) = body.as_bytes().split_at(body.len() - 8);
+    s.write_all(first).await.unwrap();
+    for byte in rest {
+        // Three idle timeouts in all, never one without a byte.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.write_all(&[*byte]).await.unwrap();
+    }
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    steady_stop.cancel();
+    let served = steady.await.unwrap();
+    eprintln!("steady client: {served} connections served meanwhile");
+    assert!(served > 10, "{served}");
+    p.stop().await;
+}

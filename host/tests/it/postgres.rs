@@ -391,7 +391,11 @@ async fn registrations_go_to_postgres_and_are_routed() {
     // An operator's row is not the API's, in the shared table too.
     add(&pg, "op-1", "DE", be.addr).await;
     for (method, path, body) in [
-        ("POST", "/api/v1/register", registration("op-1", "web", be.addr)),
+        (
+            "POST",
+            "/api/v1/register",
+            registration("op-1", "web", be.addr),
+        ),
         ("POST", "/api/v1/heartbeat/op-1", String::new()),
     ] {
         let (code, answer) = send(api, method, path, &[], &body).await;

@@ -33,11 +33,14 @@ use super::prometheus;
 use crate::application::admin::Admin;
 
 const DEFAULT_PAGE: usize = 100;
+/// Deepest page offset: a page holds offset + limit bindings while it is made.
+const MAX_OFFSET: usize = 100_000;
 
 struct State {
     admin: Arc<Admin>,
-    registry: Registry,
+    registry: Arc<Registry>,
     token: Option<String>,
+    idle: std::time::Duration,
 }
 
 /// Serves admin requests on `listener` until `shutdown`.
@@ -45,14 +48,16 @@ pub async fn serve(
     listener: TcpListener,
     admin: Arc<Admin>,
     token: Option<String>,
+    idle: std::time::Duration,
     shutdown: CancellationToken,
 ) {
     let state = Arc::new(State {
-        registry: prometheus::registry(Arc::clone(&admin)),
+        registry: Arc::new(prometheus::registry(Arc::clone(&admin))),
         admin,
         token,
+        idle,
     });
-    http::serve(listener, "admin", shutdown, move |req| {
+    http::serve(listener, "admin", idle, shutdown, move |req| {
         let state = Arc::clone(&state);
         async move { state.handle(req).await }
     })
@@ -67,14 +72,24 @@ impl State {
         let path = req.uri().path();
         let method = req.method();
         match (path, method) {
+            // Rendering walks every backend: off the proxy's worker threads.
             ("/metrics", &Method::GET) => {
-                let text = prometheus::render(&self.registry);
-                reply(StatusCode::OK, prometheus::CONTENT_TYPE, text)
+                let registry = Arc::clone(&self.registry);
+                match tokio::task::spawn_blocking(move || prometheus::render(&registry)).await {
+                    Ok(text) => reply(StatusCode::OK, prometheus::CONTENT_TYPE, text),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                }
             }
             ("/status", &Method::GET) => json(StatusCode::OK, &self.admin.status()),
             ("/backends", &Method::GET) => json(StatusCode::OK, &self.admin.backends()),
             ("/decisions", &Method::GET) => match &self.admin.decisions {
-                Some(d) => reply(StatusCode::OK, "application/x-ndjson", d.json_lines()),
+                Some(d) => {
+                    let d = Arc::clone(d);
+                    match tokio::task::spawn_blocking(move || d.json_lines()).await {
+                        Ok(lines) => reply(StatusCode::OK, "application/x-ndjson", lines),
+                        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                    }
+                }
                 None => error(
                     StatusCode::NOT_FOUND,
                     "no decisions are recorded on this POP (decision_log_size = 0)",
@@ -129,8 +144,15 @@ impl State {
                     "replication is off on this POP (cluster_enabled)",
                 ),
             },
+            // A page walks the whole table: off the proxy's worker threads.
             ("/bindings", &Method::GET) => match page(req.uri().query()) {
-                Ok((offset, limit)) => json(StatusCode::OK, &self.admin.bindings(offset, limit)),
+                Ok((offset, limit)) => {
+                    let admin = Arc::clone(&self.admin);
+                    match tokio::task::spawn_blocking(move || admin.bindings(offset, limit)).await {
+                        Ok(page) => json(StatusCode::OK, &page),
+                        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                    }
+                }
                 Err(e) => error(StatusCode::BAD_REQUEST, &e),
             },
             ("/reload", &Method::POST) => {
@@ -171,7 +193,7 @@ impl State {
         };
         // Over the cap by one byte is enough to know it is too large.
         let max = usize::try_from(self.admin.policy_max_bytes).unwrap_or(usize::MAX);
-        let bytes = match http::body(req, max).await {
+        let bytes = match http::body(req, max, self.idle).await {
             Ok(b) => b.to_vec(),
             Err(reply) => return reply,
         };
@@ -310,6 +332,10 @@ fn page(query: Option<&str>) -> Result<(usize, usize), String> {
             "limit" => limit = n()?,
             _ => return Err(format!("unknown query parameter {key:?}")),
         }
+    }
+    // A page keeps offset + limit entries while it walks the table.
+    if offset > MAX_OFFSET {
+        return Err(format!("offset {offset} is over {MAX_OFFSET}"));
     }
     Ok((offset, limit))
 }

@@ -30,20 +30,23 @@ struct State {
     registry: Arc<Registry>,
     token: Option<String>,
     started: tokio::time::Instant,
+    idle: std::time::Duration,
 }
 
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     token: Option<String>,
+    idle: std::time::Duration,
     shutdown: CancellationToken,
 ) {
     let state = Arc::new(State {
         registry,
         token,
         started: tokio::time::Instant::now(),
+        idle,
     });
-    http::serve(listener, "registration", shutdown, move |req| {
+    http::serve(listener, "registration", idle, shutdown, move |req| {
         let state = Arc::clone(&state);
         async move { state.handle(req).await }
     })
@@ -102,7 +105,7 @@ impl State {
     }
 
     async fn register(&self, req: Request<Incoming>) -> Reply {
-        let body = match http::body(req, MAX_BODY).await {
+        let body = match http::body(req, MAX_BODY, self.idle).await {
             Ok(b) => b,
             Err(reply) => {
                 self.registry
