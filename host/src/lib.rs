@@ -65,6 +65,8 @@ pub struct Host {
     cluster_stop: CancellationToken,
     /// Admin and registration API connections' idle timeout.
     http_idle: Duration,
+    /// The POP's per-client limits, whether they are on, and their window.
+    client_limits: (application::client_limits::ClientLimits, bool, Duration),
     /// Ends a drain at once (a second SIGTERM/SIGINT): the connections left are closed.
     pub abort: CancellationToken,
     admin_token: Option<String>,
@@ -350,6 +352,11 @@ impl Host {
             cluster,
             cluster_stop,
             http_idle: Duration::from_secs(s.http_idle_timeout_secs),
+            client_limits: (
+                config.client_limits(),
+                s.rate_limit_enabled,
+                Duration::from_secs(s.rate_limit_window_secs),
+            ),
             abort: CancellationToken::new(),
             admin_token: config.admin.as_ref().and_then(|a| a.token.clone()),
             registry,
@@ -489,6 +496,7 @@ impl Host {
             connections: connections.clone(),
             kill: kill.clone(),
         };
+        let mut shared = None;
         for (listener, config) in listeners {
             let addr = listener.local_addr()?;
             // SO_REUSEPORT copies of one listener share its counts.
@@ -499,12 +507,24 @@ impl Host {
                 .find(|l| l.addr == addr);
             let stats = known.unwrap_or_else(|| {
                 tracing::info!(%addr, app = ?config.app, proxy_protocol = config.proxy_protocol, "listening");
-                let s = Arc::new(ListenerStats::new(
-                    addr,
-                    config.app.clone(),
-                    config.proxy_protocol,
-                    self.telemetry.slots.clone(),
-                ));
+                let (base, enabled, window) = &self.client_limits;
+                let limiter = match config.client_limits(base, *enabled, *window) {
+                    // Listeners without their own limits share the POP's.
+                    Some(l) if l == *base => Some(Arc::clone(shared.get_or_insert_with(|| {
+                        application::client_limits::ClientLimiter::new(l.clone())
+                    }))),
+                    Some(l) => Some(application::client_limits::ClientLimiter::new(l)),
+                    None => None,
+                };
+                let s = Arc::new(
+                    ListenerStats::new(
+                        addr,
+                        config.app.clone(),
+                        config.proxy_protocol,
+                        self.telemetry.slots.clone(),
+                    )
+                    .with_limiter(limiter),
+                );
                 self.telemetry.add_listener(Arc::clone(&s));
                 s
             });

@@ -147,6 +147,11 @@ pub struct ListenerStats {
     closed: AtomicU64,
     /// The POP's connection cap, released when an open connection closes.
     slots: Option<Arc<ConnectionSlots>>,
+    /// Per-client limits, where this listener has them.
+    pub limiter: Option<Arc<crate::application::client_limits::ClientLimiter>>,
+    /// Connections refused by them: over the rate, over the open connections.
+    pub refused_rate: AtomicU64,
+    pub refused_open: AtomicU64,
 }
 
 impl ListenerStats {
@@ -163,7 +168,18 @@ impl ListenerStats {
             accepted: AtomicU64::new(0),
             closed: AtomicU64::new(0),
             slots,
+            limiter: None,
+            refused_rate: AtomicU64::new(0),
+            refused_open: AtomicU64::new(0),
         }
+    }
+
+    pub fn with_limiter(
+        mut self,
+        limiter: Option<Arc<crate::application::client_limits::ClientLimiter>>,
+    ) -> Self {
+        self.limiter = limiter;
+        self
     }
 
     /// Waits for a connection slot under `max_connections` (at once without a cap); false

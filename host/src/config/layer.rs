@@ -157,7 +157,7 @@ impl Default for Layer {
 }
 
 /// Tables of the config file whose keys are settings named `<table>_<key>`.
-const SECTIONS: &[&str] = &["cluster", "health_check", "ejection", "api"];
+const SECTIONS: &[&str] = &["cluster", "health_check", "ejection", "api", "rate_limit"];
 
 /// How the config file spells a setting: `[cluster] x` for `cluster_x`.
 pub fn file_key(key: &str) -> String {
@@ -345,7 +345,6 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "EDGEPROXY_SHUTDOWN_TIMEOUT",
         "use EDGEPROXY_DRAIN_TIMEOUT_SECS",
     ),
-    ("EDGEPROXY_RATE_LIMIT_", "edgeproxy has no rate limiting"),
     (
         "EDGEPROXY_CIRCUIT_SUCCESS_THRESHOLD",
         "an ejected backend returns after one successful health check or when its backoff ends",

@@ -72,6 +72,14 @@ pub struct ListenerConfig {
     /// client address); refused otherwise.
     #[serde(default)]
     pub trust_any_peer: bool,
+    /// This listener's own per-client limits, where they differ from `[rate_limit]`
+    /// (setting any of them limits this listener even with `rate_limit_enabled` off).
+    #[serde(default)]
+    pub rate_limit_max_requests: Option<u32>,
+    #[serde(default)]
+    pub rate_limit_burst: Option<u32>,
+    #[serde(default)]
+    pub rate_limit_max_open: Option<u32>,
 }
 
 impl ListenerConfig {
@@ -82,7 +90,38 @@ impl ListenerConfig {
             proxy_protocol: false,
             trusted_proxies: Vec::new(),
             trust_any_peer: false,
+            rate_limit_max_requests: None,
+            rate_limit_burst: None,
+            rate_limit_max_open: None,
         }
+    }
+
+    /// The per-client limits of this listener: its overrides over `base` (the POP's),
+    /// None where nothing is limited.
+    pub fn client_limits(
+        &self,
+        base: &crate::application::client_limits::ClientLimits,
+        enabled: bool,
+        window: Duration,
+    ) -> Option<crate::application::client_limits::ClientLimits> {
+        let own = self.rate_limit_max_requests.is_some()
+            || self.rate_limit_burst.is_some()
+            || self.rate_limit_max_open.is_some();
+        if !enabled && !own {
+            return None;
+        }
+        let mut l = base.clone();
+        if let Some(n) = self.rate_limit_max_requests {
+            let burst = l.rate.map(|(_, b)| b).unwrap_or(f64::from(n));
+            l.rate = (n > 0).then(|| (f64::from(n) / window.as_secs_f64(), burst));
+        }
+        if let Some(b) = self.rate_limit_burst {
+            l.rate = l.rate.map(|(r, _)| (r, f64::from(b.max(1))));
+        }
+        if let Some(n) = self.rate_limit_max_open {
+            l.max_open = (n > 0).then_some(n);
+        }
+        l.any().then_some(l)
     }
 
     pub fn trusts(&self, peer: IpAddr) -> bool {
@@ -334,6 +373,9 @@ impl Config {
                 ));
             }
         }
+        if let Err(e) = crate::domain::registration::parse_networks(&s.rate_limit_exempt) {
+            errors.push(invalid("rate_limit_exempt", e));
+        }
         let health = health_rules(&s, l.app_checks.unwrap_or_default(), &mut errors);
         let api = s.api_enabled.then(|| {
             let token = s.api_token.clone().filter(|t| !t.is_empty());
@@ -405,6 +447,25 @@ impl Config {
             api.destinations.own = own;
         }
         self
+    }
+
+    /// The POP's per-client limits (`[rate_limit]`), as each listener starts from.
+    pub fn client_limits(&self) -> crate::application::client_limits::ClientLimits {
+        let s = &self.settings;
+        let per_sec = f64::from(s.rate_limit_max_requests) / s.rate_limit_window_secs as f64;
+        let burst = match s.rate_limit_burst {
+            0 => s.rate_limit_max_requests,
+            b => b,
+        };
+        crate::application::client_limits::ClientLimits {
+            rate: Some((per_sec, f64::from(burst))),
+            max_open: (s.rate_limit_max_open > 0).then_some(s.rate_limit_max_open),
+            v4_prefix: s.rate_limit_ipv4_prefix as u8,
+            v6_prefix: s.rate_limit_ipv6_prefix as u8,
+            exempt: crate::domain::registration::parse_networks(&s.rate_limit_exempt)
+                .unwrap_or_default(),
+            max_tracked: s.rate_limit_max_tracked,
+        }
     }
 
     /// None: bindings off, every connection is a fresh decision.

@@ -179,6 +179,27 @@ crate::settings! {
     ejection_max_secs: Seconds = Seconds::secs(300), env "EDGEPROXY_EJECTION_MAX_SECS", check |v| in_range(v, 0.01, DAY as f64);
     /// never eject more than this percentage of an app's backends at once (one at least)
     ejection_max_percent: u32 = 50, env "EDGEPROXY_EJECTION_MAX_PERCENT", check |v| at_most(v, 100);
+    /// limit each client prefix's new connections (a token bucket) and, with
+    /// `rate_limit_max_open`, its open ones; refused connections are closed at once
+    rate_limit_enabled: bool = false, env "EDGEPROXY_RATE_LIMIT_ENABLED";
+    /// new connections a client prefix may open per window
+    rate_limit_max_requests: u32 = 100, env "EDGEPROXY_RATE_LIMIT_MAX_REQUESTS", check |v| positive(v).and(at_most(v, 10_000_000));
+    /// the window `rate_limit_max_requests` counts over
+    rate_limit_window_secs: u64 = 1, env "EDGEPROXY_RATE_LIMIT_WINDOW_SECS", check |v| positive(v).and(at_most(v, DAY));
+    /// new connections a client prefix may open at once (the bucket); `0`:
+    /// `rate_limit_max_requests`
+    rate_limit_burst: u32 = 0, env "EDGEPROXY_RATE_LIMIT_BURST", check |v| at_most(v, 10_000_000);
+    /// connections one client prefix may hold open at once; `0`: no limit
+    rate_limit_max_open: u32 = 0, env "EDGEPROXY_RATE_LIMIT_MAX_OPEN", check |v| at_most(v, 10_000_000);
+    /// IPv4 clients are limited per prefix of this length
+    rate_limit_ipv4_prefix: u32 = 32, env "EDGEPROXY_RATE_LIMIT_IPV4_PREFIX", check |v| at_most(v, 32);
+    /// IPv6 clients are limited per prefix of this length (a host usually has a /64)
+    rate_limit_ipv6_prefix: u32 = 64, env "EDGEPROXY_RATE_LIMIT_IPV6_PREFIX", check |v| at_most(v, 128);
+    /// networks never limited (comma-separated CIDRs: monitoring, other POPs)
+    rate_limit_exempt: String = String::new(), env "EDGEPROXY_RATE_LIMIT_EXEMPT";
+    /// client prefixes tracked at most (about 100 bytes each); past it new ones are not
+    /// limited (counted) until idle ones can be dropped
+    rate_limit_max_tracked: usize = 100_000, env "EDGEPROXY_RATE_LIMIT_MAX_TRACKED", check |v| positive(v).and(at_most(v, 100_000_000));
     /// serve the registration API (edgeProxy's auto-discovery: backends register and send
     /// heartbeats)
     api_enabled: bool = false, env "EDGEPROXY_API_ENABLED";

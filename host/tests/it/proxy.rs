@@ -549,3 +549,74 @@ async fn bulk_transfers_arrive_intact_both_ways() {
     assert!(got[2..] == data[..], "echoed bytes differ");
     assert_eq!(p.stop().await.cut_off, 0);
 }
+
+/// edgeProxy's `EDGEPROXY_RATE_LIMIT_*`: a client over its new-connection rate or its open
+/// connections is refused at once, before any decision; other clients, and exempt ones,
+/// are served; a listener's own limits apply to the address a trusted PROXY header gives.
+#[tokio::test]
+async fn per_client_limits_refuse_one_client_and_serve_the_others() {
+    let b = Backend::start("b").await;
+    let db = Db::new(&[Row::new("b", "eu", "DE", b.addr)]);
+    let p = Proxy::start(
+        &db,
+        "[rate_limit]\nenabled = true\nmax_requests = 5\nwindow_secs = 60\nmax_open = 3\n\
+         exempt = \"127.0.0.7/32\"\n",
+    )
+    .await;
+    // Three held open, the fourth refused: its open connections.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(open("127.0.0.2", p.addr).await);
+    }
+    assert!(refused("127.0.0.2", p.addr).await);
+    drop(held);
+    let telemetry = p.host.telemetry.clone();
+    wait_until(|| telemetry.listeners()[0].active() == 0).await;
+    // Five new connections a minute: the first two went above, three more, then refused.
+    for _ in 0..2 {
+        assert_eq!(served_by("127.0.0.2", p.addr).await, "b");
+    }
+    assert!(refused("127.0.0.2", p.addr).await);
+    // Another client, and an exempt one however often it comes, are served.
+    assert_eq!(served_by("127.0.0.3", p.addr).await, "b");
+    for _ in 0..20 {
+        assert_eq!(served_by("127.0.0.7", p.addr).await, "b");
+    }
+    let metrics = send(p.admin, "GET", "/metrics", &[], "").await.1;
+    let listener = p.addr.to_string();
+    for (reason, n) in [("rate", 1), ("open", 1)] {
+        let line = format!(
+            "edgeproxy_connections_refused_total{{listener=\"{listener}\",reason=\"{reason}\"}} {n}"
+        );
+        assert!(metrics.contains(&line), "{line}\n{metrics}");
+    }
+    assert!(
+        metrics.contains("edgeproxy_client_limit_tracked{"),
+        "{metrics}"
+    );
+    p.stop().await;
+
+    // A listener's own limit, with the POP's off, on the client a trusted proxy names.
+    let mut opts = proxy_listener("127.0.0.1/32");
+    if let Some(l) = &mut opts.listener {
+        l.rate_limit_max_open = Some(1);
+    }
+    let p = Proxy::start_with(&db, opts).await;
+    let via_proxy = |client: &'static str| async move {
+        let mut s = connect_from("127.0.0.1".parse().unwrap(), p.addr).await;
+        s.write_all(format!("PROXY TCP4 {client} 10.0.0.1 5555 80\r\n").as_bytes())
+            .await
+            .unwrap();
+        s
+    };
+    let (first, held) = greeted(via_proxy("198.51.100.7").await).await;
+    assert_eq!(first, "b");
+    let mut second = via_proxy("198.51.100.7").await;
+    let mut got = Vec::new();
+    second.read_to_end(&mut got).await.unwrap();
+    assert!(got.is_empty(), "a second connection of one client: {got:?}");
+    let (other, _) = greeted(via_proxy("203.0.113.9").await).await;
+    assert_eq!(other, "b", "another client behind the same proxy");
+    drop(held);
+    p.stop().await;
+}

@@ -143,6 +143,57 @@ impl Collector for HostCollector {
             "Client connections open now",
             gauges(per_listener(ListenerStats::active)),
         )?;
+        let limited: Vec<_> = listeners
+            .iter()
+            .zip(&addrs)
+            .filter(|(l, _)| l.limiter.is_some())
+            .collect();
+        if !limited.is_empty() {
+            family(
+                e,
+                "connections_refused",
+                "Client connections refused by the per-client limits (rate: new connections, open: connections at once)",
+                limited
+                    .iter()
+                    .flat_map(|(l, a)| {
+                        [
+                            ("rate", l.refused_rate.load(Relaxed)),
+                            ("open", l.refused_open.load(Relaxed)),
+                        ]
+                        .map(|(why, n)| {
+                            (vec![("listener", a.as_str()), ("reason", why)], counter(n))
+                        })
+                    })
+                    .collect::<Vec<_>>(),
+            )?;
+            family(
+                e,
+                "client_limit_untracked",
+                "Connections admitted untracked: the per-client table was full of active clients",
+                limited
+                    .iter()
+                    .map(|(l, a)| {
+                        let n = l
+                            .limiter
+                            .as_ref()
+                            .map_or(0, |x| x.counters.untracked.load(Relaxed));
+                        (vec![("listener", a.as_str())], counter(n))
+                    })
+                    .collect::<Vec<_>>(),
+            )?;
+            family(
+                e,
+                "client_limit_tracked",
+                "Client prefixes the per-client limits track now",
+                limited
+                    .iter()
+                    .map(|(l, a)| {
+                        let n = l.limiter.as_ref().map_or(0, |x| x.tracked());
+                        (vec![("listener", a.as_str())], gauge(int(n as u64)))
+                    })
+                    .collect::<Vec<_>>(),
+            )?;
+        }
         family(
             e,
             "connections_no_backend",

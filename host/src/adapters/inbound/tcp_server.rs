@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use super::proxy_protocol;
 use crate::adapters::net::{is_local_resource_error, set_keepalive};
+use crate::application::client_limits::Refused;
 use crate::application::proxy_service::{Inbound, ProxyService};
 use crate::application::telemetry::ListenerStats;
 use crate::config::ListenerConfig;
@@ -110,10 +111,11 @@ pub async fn serve(
                         set_keepalive(&stream, idle);
                     }
                 }
+                let stats = Arc::clone(&stats);
                 connections.spawn(async move {
                     let _open = open;
                     tokio::select! {
-                        _ = connection(stream, peer, &config, app, &service) => {}
+                        _ = connection(stream, peer, &config, app, &service, &stats) => {}
                         _ = kill.cancelled() => {}
                     }
                 });
@@ -148,6 +150,7 @@ async fn connection(
     config: &ListenerConfig,
     app: Option<Arc<str>>,
     service: &ProxyService,
+    stats: &ListenerStats,
 ) {
     let mut inbound = Inbound {
         client_ip: peer.ip().to_canonical(),
@@ -172,6 +175,25 @@ async fn connection(
             }
         }
     }
+    // Per-client limits, on the client's address (the PROXY header's, where trusted),
+    // before any decision: a refused connection costs an accept and a close.
+    let _admitted = match &stats.limiter {
+        None => None,
+        Some(l) => match l.admit(inbound.client_ip, tokio::time::Instant::now()) {
+            Ok(a) => a,
+            Err(why) => {
+                let counter = match why {
+                    Refused::Rate => &stats.refused_rate,
+                    Refused::Open => &stats.refused_open,
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(suppressed) = service.telemetry.connection_log.allow() {
+                    tracing::warn!(listener = %config.addr, client = %inbound.client_ip, ?why, suppressed, "connection refused: over the client's limit");
+                }
+                return;
+            }
+        },
+    };
     service.handle(stream, inbound).await;
 }
 
