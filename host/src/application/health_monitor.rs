@@ -272,10 +272,12 @@ impl HealthMonitor {
         let outcome = match result {
             ProbeResult::Passed(rtt) => {
                 self.counters.checks_passed.fetch_add(1, Relaxed);
+                let stats = self.metrics.backend_stats(id);
                 // Policies see the RTT without client traffic (`latency-aware`).
-                self.metrics
-                    .backend_stats(id)
-                    .record_rtt(rtt.as_micros().try_into().unwrap_or(u64::MAX));
+                stats.record_rtt(rtt.as_micros().try_into().unwrap_or(u64::MAX));
+                // A passed check resets the connect-failure streak (as documented): old
+                // failures must not count towards the next ejection.
+                stats.record_connect_ok();
                 CheckOutcome::Passed(rtt)
             }
             ProbeResult::Failed(why) => {
@@ -337,6 +339,51 @@ mod tests {
             now += Duration::from_millis(100);
         }
         started
+    }
+
+    struct NoRows;
+    impl crate::domain::ports::BackendRepository for NoRows {
+        fn load(
+            &self,
+        ) -> Result<crate::domain::ports::LoadedBackends, crate::domain::ports::RoutingError>
+        {
+            Ok(Default::default())
+        }
+    }
+
+    #[test]
+    fn a_passed_check_resets_the_connect_failure_streak() {
+        let rules = rules();
+        let metrics = Arc::new(LiveStats::default());
+        let health = Arc::new(LocalHealth::new(rules.clone()));
+        let monitor = HealthMonitor {
+            routing: Arc::new(
+                Routing::new(Arc::new(NoRows), Arc::clone(&metrics), 50)
+                    .with_health(Arc::clone(&health)),
+            ),
+            health,
+            metrics: Arc::clone(&metrics),
+            suspects: Arc::default(),
+            counters: Arc::default(),
+        };
+        let id = BackendId::new("a");
+        for _ in 0..5 {
+            metrics.backend_stats(&id).record_connect_failure();
+        }
+        let t = Instant::now();
+        let mut s = Schedule::default();
+        let table = table(&["a"]);
+        s.sync(&table, &rules, t);
+        let (due, generation, addr, _) = s.pop_due(t + Duration::from_secs(2)).unwrap();
+        assert_eq!(due, id);
+        monitor.judge(
+            &id,
+            generation,
+            addr,
+            ProbeResult::Passed(Duration::from_millis(1)),
+            &mut s,
+        );
+        assert_eq!(metrics.backend_stats(&id).failures_in_row(), 0);
     }
 
     #[test]

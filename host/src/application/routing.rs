@@ -270,6 +270,13 @@ impl Routing {
         let known = |id: &_| ids.contains(id);
         self.metrics.retain(&known);
         self.health.retain(known);
+        let checked: HashSet<&BackendId> = table
+            .backends()
+            .iter()
+            .filter(|b| self.health.rules.check_for(&b.backend.app).enabled)
+            .map(|b| &b.backend.id)
+            .collect();
+        self.health.forget_checks(|id| checked.contains(id));
         let table = self.localise(&table, &current, version).unwrap_or(table);
         self.publish(table).await;
         self.version.send_replace(version);

@@ -331,18 +331,26 @@ impl LocalHealth {
         if state.ejected.contains_key(id) {
             return Err(NotEjected::Already);
         }
-        let of_app = table.candidates(Some(app));
-        let ejected = state
-            .ejected
-            .keys()
-            .filter(|e| of_app.binary_search_by(|b| b.backend.id.cmp(e)).is_ok())
+        // The cap is a share of the backends that could take traffic: healthy in the
+        // table and not down by this POP's checks (ejected ones count, as routable but for
+        // the ejection).
+        let routable: Vec<&BackendId> = table
+            .candidates(Some(app))
+            .iter()
+            .map(|b| &b.backend)
+            .filter(|b| b.healthy && state.entries.get(&b.id).is_none_or(Entry::checks_up))
+            .map(|b| &b.id)
+            .collect();
+        let ejected = routable
+            .iter()
+            .filter(|id| state.ejected.contains_key(*id))
             .count();
-        let cap = (of_app.len() * rules.max_percent as usize / 100).max(1);
+        let cap = (routable.len() * rules.max_percent as usize / 100).max(1);
         let entry = state.entries.entry(id.clone()).or_default();
         if ejected >= cap {
             return Err(NotEjected::Capped(format!(
-                "{ejected} of app {app}'s {} backends are ejected already (ejection_max_percent = {})",
-                of_app.len(),
+                "{ejected} of app {app}'s {} routable backends are ejected already (ejection_max_percent = {})",
+                routable.len(),
                 rules.max_percent
             )));
         }
@@ -401,6 +409,17 @@ impl LocalHealth {
         let mut state = self.state();
         state.entries.retain(|id, _| keep(id));
         state.ejected.retain(|id, _| keep(id));
+    }
+
+    /// Drops the check verdicts of backends no longer checked (their app's checks are
+    /// off, or they moved to such an app): a stale Down must not keep one out for good.
+    pub fn forget_checks(&self, checked: impl Fn(&BackendId) -> bool) {
+        let mut state = self.state();
+        for (id, entry) in state.entries.iter_mut() {
+            if !checked(id) {
+                entry.check = None;
+            }
+        }
     }
 
     pub fn report(&self, id: &BackendId, now: Instant) -> HealthReport {
@@ -552,7 +571,7 @@ mod tests {
         let NotEjected::Capped(refused) = h.eject(&t, &ids[2], 5, now).unwrap_err() else {
             panic!("not capped")
         };
-        assert!(refused.contains("2 of app app's 4"), "{refused}");
+        assert!(refused.contains("2 of app app's 4 routable"), "{refused}");
         assert!(!h.up(&ids[0]) && h.up(&ids[2]));
         assert_eq!(h.next_return(), Some(now + Duration::from_secs(30)));
         // The backoff ends the first; a passed check ends the second.
@@ -574,6 +593,45 @@ mod tests {
         });
         assert!(h.eject(&t, &ids[0], 5, now).is_ok());
         assert!(h.eject(&t, &ids[1], 5, now).is_err());
+    }
+
+    #[test]
+    fn the_ejection_cap_counts_only_routable_backends() {
+        let mut rules = HealthRules::off();
+        rules.ejection.enabled = true;
+        rules.ejection.max_percent = 50;
+        let h = LocalHealth::new(rules);
+        // Four rows: one drained in the table, one down by this POP's checks.
+        let mut backends = sample::backends("app");
+        backends.truncate(4);
+        backends[3].healthy = false;
+        let t = RoutingTable::new(1, backends, |_| Arc::default());
+        let ids: Vec<BackendId> = t.backends().iter().map(|b| b.backend.id.clone()).collect();
+        for _ in 0..3 {
+            check(&h, &ids[2], &spec(2, 3), false);
+        }
+        assert!(!h.up(&ids[2]));
+        // Two routable: one of them may go, not both (half of four would have let it).
+        let now = Instant::now();
+        assert!(h.eject(&t, &ids[0], 5, now).is_ok());
+        let NotEjected::Capped(why) = h.eject(&t, &ids[1], 5, now).unwrap_err() else {
+            panic!("not capped")
+        };
+        assert!(why.contains("1 of app app's 2 routable"), "{why}");
+    }
+
+    #[test]
+    fn a_backend_no_longer_checked_loses_its_down_verdict() {
+        let h = LocalHealth::new(HealthRules::off());
+        let t = table(2);
+        let ids: Vec<BackendId> = t.backends().iter().map(|b| b.backend.id.clone()).collect();
+        for _ in 0..3 {
+            check(&h, &ids[0], &spec(2, 3), false);
+        }
+        assert!(!h.up(&ids[0]));
+        h.forget_checks(|id| *id != ids[0]);
+        assert!(h.up(&ids[0]));
+        assert!(h.report(&ids[0], Instant::now()).check.is_none());
     }
 
     #[test]

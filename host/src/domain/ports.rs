@@ -173,7 +173,7 @@ pub trait PolicyControl: Send + Sync {
     fn reload(&self) -> Result<bool, String>;
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct PolicyStatus {
     /// "wasm" or "native".
     pub kind: &'static str,

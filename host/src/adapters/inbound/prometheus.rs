@@ -325,7 +325,7 @@ impl Collector for HostCollector {
                 .map(|app| (vec![("app", app)], gauge(1))),
         )?;
         if let Some(s) = &admin.shadow {
-            let (compared, agreed) = (s.compared.load(Relaxed), s.agreed.load(Relaxed));
+            let (compared, agreed) = s.counts();
             family(
                 e,
                 "shadow_decisions",
