@@ -203,6 +203,7 @@ impl Host {
         let decisions = (s.decision_log_size > 0).then(|| {
             Arc::new(application::decision_log::DecisionLog::new(
                 s.decision_log_size,
+                s.decision_log_max_bytes,
                 s.decision_log_sample_percent,
                 s.decision_log_truncate_clients,
             ))
@@ -313,6 +314,7 @@ impl Host {
                 keepalive: Some(s.tcp_keepalive_secs)
                     .filter(|t| *t > 0)
                     .map(Duration::from_secs),
+                truncate_clients: s.decision_log_truncate_clients,
             },
             buffers: adapters::net::BufferPool::new(64, MAX_PIPES),
             telemetry: Arc::clone(&telemetry),

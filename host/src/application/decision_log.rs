@@ -2,10 +2,15 @@
 //! client (its address truncated unless asked otherwise), the candidates with their live
 //! numbers, the table version and the pick. Exported as JSON lines (`GET /decisions`)
 //! and replayed offline against another component (`edgeproxy policy replay`).
+//!
+//! Bounded in records and in bytes: a record keeps at most [`MAX_CANDIDATES`] candidates
+//! (the pick always among them), and the ring drops its oldest records past `max_bytes`.
+//! The data path only pushes an `Arc` under the lock; `GET /decisions` copies the `Arc`s
+//! and serialises without it.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -24,10 +29,31 @@ pub struct DecisionRecord {
     pub app: Option<String>,
     pub pop_region: String,
     pub table_version: u64,
-    /// In the order the policy got them.
+    /// In the order the policy got them (at most [`MAX_CANDIDATES`]).
     pub candidates: Vec<RecordedCandidate>,
+    /// Candidates the policy got that were not recorded (a replay skips such a record).
+    #[serde(default)]
+    pub omitted: usize,
     /// The id picked; None when the policy refused.
     pub pick: Option<String>,
+}
+
+/// Candidates one record keeps: at 10,000 backends a record of all of them was ~0.6 MB.
+pub const MAX_CANDIDATES: usize = 256;
+
+impl DecisionRecord {
+    /// About what the record holds in memory.
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.at.len()
+            + self.app.as_ref().map_or(0, String::len)
+            + self.pop_region.len()
+            + self
+                .candidates
+                .iter()
+                .map(|c| std::mem::size_of::<RecordedCandidate>() + c.id.len())
+                .sum::<usize>()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,21 +63,37 @@ pub struct RecordedCandidate {
     pub rtt_us: u64,
 }
 
+struct Ring {
+    records: VecDeque<Arc<DecisionRecord>>,
+    bytes: usize,
+}
+
 pub struct DecisionLog {
-    ring: Mutex<VecDeque<DecisionRecord>>,
+    ring: Mutex<Ring>,
     size: usize,
+    max_bytes: usize,
     sample_percent: u32,
     truncate: bool,
 }
 
 impl DecisionLog {
-    pub fn new(size: usize, sample_percent: u32, truncate: bool) -> Self {
+    pub fn new(size: usize, max_bytes: usize, sample_percent: u32, truncate: bool) -> Self {
         Self {
-            ring: Mutex::new(VecDeque::with_capacity(size.min(4096))),
+            ring: Mutex::new(Ring {
+                records: VecDeque::with_capacity(size.min(4096)),
+                bytes: 0,
+            }),
             size,
+            max_bytes,
             sample_percent,
             truncate,
         }
+    }
+
+    /// Records held now, and about how many bytes they take.
+    pub fn held(&self) -> (usize, usize) {
+        let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        (ring.records.len(), ring.bytes)
     }
 
     /// Records the decision `pick` (an index into `candidates`), if sampled.
@@ -71,41 +113,67 @@ impl DecisionLog {
             app: req.app.map(str::to_owned),
             pop_region: req.pop_region.to_string(),
             table_version: req.table.version(),
+            // The first ones, and the pick wherever it was.
             candidates: candidates
                 .iter()
-                .map(|c| RecordedCandidate {
+                .enumerate()
+                .filter(|(i, _)| *i < MAX_CANDIDATES - 1 || Some(*i) == pick)
+                .take(MAX_CANDIDATES)
+                .map(|(_, c)| RecordedCandidate {
                     id: c.backend.id.to_string(),
                     active: c.stats.active(),
                     rtt_us: c.stats.rtt_us(),
                 })
                 .collect(),
+            omitted: candidates.len().saturating_sub(MAX_CANDIDATES),
             pick: pick
                 .and_then(|i| candidates.get(i))
                 .map(|c| c.backend.id.to_string()),
         };
+        let bytes = record.bytes();
+        let record = Arc::new(record);
         // Poisoning: the ring is only pushed to and popped whole records.
         let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
-        if ring.len() == self.size {
-            ring.pop_front();
+        while !ring.records.is_empty()
+            && (ring.records.len() >= self.size || ring.bytes + bytes > self.max_bytes)
+        {
+            if let Some(old) = ring.records.pop_front() {
+                ring.bytes -= old.bytes();
+            }
         }
-        ring.push_back(record);
+        ring.bytes += bytes;
+        ring.records.push_back(record);
     }
 
-    /// The records, oldest first, as JSON lines.
+    /// The records, oldest first, as JSON lines (serialised without holding the lock the
+    /// data path takes).
     pub fn json_lines(&self) -> String {
-        let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
-        ring.iter()
-            .filter_map(|r| serde_json::to_string(r).ok())
+        let records: Vec<Arc<DecisionRecord>> = self
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .records
+            .iter()
+            .cloned()
+            .collect();
+        records
+            .iter()
+            .filter_map(|r| serde_json::to_string(&**r).ok())
             .map(|l| l + "\n")
             .collect()
     }
 }
 
-/// The /24 of an IPv4 address, the /48 of an IPv6 one.
-fn truncated(ip: IpAddr) -> IpAddr {
-    match ip {
+/// The /24 of an IPv4 address, the /48 of an IPv6 one; a 6to4 address (2002::/16) carries
+/// its client's IPv4 address in bits 16-48, so it is cut at /40 (that address's /24).
+pub fn truncated(ip: IpAddr) -> IpAddr {
+    let keep = |bits: u32| !(u128::MAX >> bits);
+    match ip.to_canonical() {
         IpAddr::V4(v4) => std::net::Ipv4Addr::from_bits(v4.to_bits() & 0xffff_ff00).into(),
-        IpAddr::V6(v6) => std::net::Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 80) - 1)).into(),
+        IpAddr::V6(v6) if v6.segments()[0] == 0x2002 => {
+            std::net::Ipv6Addr::from_bits(v6.to_bits() & keep(40)).into()
+        }
+        IpAddr::V6(v6) => std::net::Ipv6Addr::from_bits(v6.to_bits() & keep(48)).into(),
     }
 }
 
@@ -123,5 +191,49 @@ mod tests {
             truncated("2001:db8:1:2:3::9".parse().unwrap()),
             "2001:db8:1::".parse::<std::net::IpAddr>().unwrap()
         );
+        // 6to4 for 203.0.113.7: the embedded address's /24.
+        assert_eq!(
+            truncated("2002:cb00:7107::1".parse().unwrap()),
+            "2002:cb00:7100::".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert_eq!(
+            truncated("::ffff:203.0.113.77".parse().unwrap()),
+            "203.0.113.0".parse::<std::net::IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_log_is_bounded_in_bytes_and_candidates_whatever_the_table() {
+        use super::*;
+        use crate::domain::{Region, RoutingTable, sample};
+        // 10,000 backends: every record would copy them all.
+        let backends: Vec<_> = (0..10_000)
+            .map(|i| crate::domain::Backend {
+                id: crate::domain::BackendId::new(&format!("backend-{i:05}")),
+                ..sample::backends("app")[0].clone()
+            })
+            .collect();
+        let table = RoutingTable::new(1, backends, |_| std::sync::Arc::default());
+        let client = sample::client_in_brazil();
+        let pop = Region::new("sa");
+        let req = PickRequest {
+            table: &table,
+            pop_region: &pop,
+            app: Some("app"),
+            client: &client,
+        };
+        let log = DecisionLog::new(1000, 1 << 20, 100, true);
+        for _ in 0..1000 {
+            log.record(&req, table.backends(), Some(9_999));
+        }
+        let (records, bytes) = log.held();
+        assert!(bytes <= 1 << 20, "{bytes}");
+        assert!(records > 10 && records < 1000, "{records}");
+        let line = log.json_lines();
+        let first: DecisionRecord = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+        assert_eq!(first.candidates.len(), MAX_CANDIDATES);
+        assert_eq!(first.omitted, 10_000 - MAX_CANDIDATES);
+        assert_eq!(first.candidates.last().unwrap().id, "backend-09999");
+        assert_eq!(first.pick.as_deref(), Some("backend-09999"));
     }
 }

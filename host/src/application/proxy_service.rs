@@ -34,6 +34,8 @@ pub struct ProxySettings {
     pub idle_timeout: Option<Duration>,
     /// TCP keepalive idle time on both sockets; None: off.
     pub keepalive: Option<Duration>,
+    /// Client addresses in log lines truncated as in the decision log.
+    pub truncate_clients: bool,
 }
 
 pub struct ProxyService {
@@ -88,15 +90,23 @@ impl ProxyService {
         }
     }
 
+    /// A client address as log lines show it (truncated when `truncate_clients`).
+    pub fn shown(&self, ip: std::net::IpAddr) -> std::net::IpAddr {
+        match self.settings.truncate_clients {
+            true => super::decision_log::truncated(ip),
+            false => ip,
+        }
+    }
+
     pub async fn handle(&self, mut stream: TcpStream, inbound: Inbound) {
         let client = self.locate(inbound.client_ip, inbound.via_proxy_protocol);
         match self.proxy(&mut stream, &client, &inbound).await {
             Ok((backend, up, down)) => tracing::debug!(
-                client = %client.ip, %backend, bytes_up = up, bytes_down = down, "connection closed"
+                client = %self.shown(client.ip), %backend, bytes_up = up, bytes_down = down, "connection closed"
             ),
             Err(e) => {
                 if let Some(suppressed) = self.telemetry.connection_log.allow() {
-                    tracing::warn!(client = %client.ip, app = ?inbound.app, error = %e, suppressed, "connection failed");
+                    tracing::warn!(client = %self.shown(client.ip), app = ?inbound.app, error = %e, suppressed, "connection failed");
                 }
             }
         }
@@ -396,6 +406,7 @@ mod tests {
                 connect_attempts: 1,
                 idle_timeout: None,
                 keepalive: None,
+                truncate_clients: false,
             },
             buffers: BufferPool::new(1, 1),
             telemetry: Arc::default(),

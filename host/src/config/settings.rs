@@ -75,9 +75,13 @@ crate::settings! {
     /// recent policy decisions kept for `GET /decisions` and `policy replay` (a ring);
     /// `0` keeps none
     decision_log_size: usize = 1000, env "EDGEPROXY_DECISION_LOG_SIZE", check |v| at_most(v, 1_000_000);
+    /// bytes the recent decisions may take; past it the oldest go (a record keeps at most
+    /// 256 candidates)
+    decision_log_max_bytes: usize = 16 << 20, env "EDGEPROXY_DECISION_LOG_MAX_BYTES", check |v| positive(v).and(at_most(v, 1 << 32));
     /// share of decisions recorded in it
     decision_log_sample_percent: u32 = 1, env "EDGEPROXY_DECISION_LOG_SAMPLE_PERCENT", check |v| positive(v).and(at_most(v, 100));
-    /// record client addresses truncated to their /24 (IPv4) or /48 (IPv6)
+    /// record client addresses truncated to their /24 (IPv4) or /48 (IPv6; 6to4 at the
+    /// embedded IPv4's /24), in the decision log and in log lines
     decision_log_truncate_clients: bool = true, env "EDGEPROXY_DECISION_LOG_TRUNCATE_CLIENTS";
     /// decide with the host's native scorer (no WebAssembly)
     native_policy: bool = false, env "EDGEPROXY_NATIVE_POLICY";

@@ -101,6 +101,13 @@ pub fn replay(input: ReplayInput) -> anyhow::Result<Replay> {
 
 /// The recorded candidates, as they are in the table now, with the recorded loads.
 fn candidates(table: &RoutingTable, record: &DecisionRecord) -> Result<Vec<RoutedBackend>, String> {
+    if record.omitted > 0 {
+        return Err(format!(
+            "{} of its candidates were not recorded (a record keeps {})",
+            record.omitted,
+            crate::application::decision_log::MAX_CANDIDATES
+        ));
+    }
     record
         .candidates
         .iter()

@@ -169,7 +169,7 @@ async fn connection(
             }
             Err(e) => {
                 if let Some(suppressed) = service.telemetry.connection_log.allow() {
-                    tracing::warn!(listener = %config.addr, %peer, error = %e, suppressed, "closing connection: bad PROXY header");
+                    tracing::warn!(listener = %config.addr, peer = %service.shown(peer.ip()), error = %e, suppressed, "closing connection: bad PROXY header");
                 }
                 return;
             }
@@ -188,7 +188,7 @@ async fn connection(
                 };
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Some(suppressed) = service.telemetry.connection_log.allow() {
-                    tracing::warn!(listener = %config.addr, client = %inbound.client_ip, ?why, suppressed, "connection refused: over the client's limit");
+                    tracing::warn!(listener = %config.addr, client = %service.shown(inbound.client_ip), ?why, suppressed, "connection refused: over the client's limit");
                 }
                 return;
             }
