@@ -229,6 +229,9 @@ impl Host {
             .reload()
             .await
             .with_context(|| "loading the routing table at start-up")?;
+        if let Some(shadow) = &shadow {
+            shadow.start(Arc::clone(&routing), config.region.clone());
+        }
         let bindings = config
             .binding_ttl()
             .map(|ttl| Arc::new(BindingTable::with_cap(ttl, s.max_bindings)));

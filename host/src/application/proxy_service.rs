@@ -161,7 +161,7 @@ impl ProxyService {
             log.record(req, candidates, choice);
         }
         if let Some(shadow) = &self.shadow {
-            shadow.observe(req, candidates, choice);
+            shadow.submit(req, candidates, choice);
         }
         choice
     }

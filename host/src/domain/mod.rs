@@ -4,6 +4,7 @@
 //! - `model`: entities and value objects; `routing_table`: the snapshot the hot path reads;
 //!   `live_stats`: per-backend counters kept across reloads.
 //! - `ports`: the traits adapters implement; `services`: region map and native scorer.
+//! - `breaker`: suspends a policy (live or shadow) that keeps faulting.
 //! - `health`: this POP's own verdicts (checks, passive ejection) and the panic rule.
 //! - `replication`: row versions (hybrid logical clock), the merge rule and the digest POPs
 //!   compare.
@@ -14,6 +15,7 @@
 //! Nothing here does I/O or awaits; adapters feed it immutable snapshots and it answers
 //! synchronously, so everything in it is testable without a runtime.
 
+pub mod breaker;
 pub mod health;
 pub mod live_stats;
 pub mod model;

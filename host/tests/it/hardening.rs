@@ -284,7 +284,7 @@ async fn a_policy_that_always_faults_is_suspended() {
         },
     )
     .await;
-    let connections = 3 * edgeproxy::adapters::outbound::wasm_policy::breaker::TRIP as u64;
+    let connections = 3 * edgeproxy::domain::breaker::TRIP as u64;
     for _ in 0..connections {
         assert_eq!(served_by("127.0.0.2", p.addr).await, "a");
     }

@@ -329,11 +329,14 @@ impl Collector for HostCollector {
             family(
                 e,
                 "shadow_decisions",
-                "Shadow policy decisions against the live one (fault: the shadow faulted; traffic unaffected)",
+                "Shadow policy decisions against the live one (fault: the shadow faulted; dropped, stale, suspended: not asked, as its queue was full, the table changed, or its breaker was open; traffic unaffected)",
                 [
                     ("agree", agreed),
                     ("disagree", compared - agreed),
                     ("fault", s.faults.load(Relaxed)),
+                    ("dropped", s.dropped.load(Relaxed)),
+                    ("stale", s.stale.load(Relaxed)),
+                    ("suspended", s.suspended.load(Relaxed)),
                 ]
                 .map(|(result, n)| (vec![("result", result)], counter(n))),
             )?;

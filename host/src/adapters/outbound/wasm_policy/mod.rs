@@ -10,7 +10,7 @@
 //! old one.
 
 mod bindings;
-pub mod breaker;
+
 pub mod compile_cache;
 mod guest_output;
 mod loaded;
@@ -30,6 +30,7 @@ pub use self::loaded::LoadedPolicy;
 use self::runtime::Runtime;
 pub use self::slots::Slots;
 use self::wit_table::WitTable;
+use crate::domain::breaker;
 use crate::domain::ports::{ErrorAt, PolicyControl, PolicyFaults, PolicyStatus, timestamp};
 use crate::domain::ports::{PickRequest, ScoringPolicy};
 use crate::domain::services::NativeScorer;
