@@ -6,6 +6,8 @@
 #   BASELINE=/tmp/edgeproxy-old PROXIES="baseline edgeproxy" TESTS="rate idle" bench/compare.sh
 #   PROXIES="edgeproxy-native edgeproxy-trap edgeproxy" TESTS=rate bench/compare.sh
 #   PROXIES="edgeproxy-decide edgeproxy-shadow edgeproxy-decide edgeproxy-shadow" TESTS=rate bench/compare.sh
+#   PROXIES="edgeproxy-decide edgeproxy-shadow-trap edgeproxy-decide edgeproxy-shadow-trap" TESTS=rate bench/compare.sh
+#   SOURCES=10000 PROXIES="edgeproxy edgeproxy-limited edgeproxy edgeproxy-limited" TESTS=rate bench/compare.sh
 #   (EDGEPROXY_BIN=path runs edgeproxy-native and edgeproxy-trap on another build)
 #
 # Installs HAProxy and nginx (Debian packages) when missing, builds edgeproxy and the
@@ -27,6 +29,7 @@ root=$(cd "$here/.." && pwd)
 PROXIES=${PROXIES:-"edgeproxy haproxy haproxy-splice nginx"}
 TESTS=${TESTS:-"rate bulk1 bulk8 idle"}
 DURATION=${DURATION:-10}
+SOURCES=${SOURCES:-0}  # rate from this many client addresses (127.2.0.0 up); 0: 127.0.0.1
 WARMUP=${WARMUP:-3}
 IDLE_CONNS=${IDLE_CONNS:-9000}  # 2 fds each through a proxy: fits a 20000 fd limit
 IDLE_SCALE=${IDLE_SCALE:-"10000 50000 100000"}
@@ -45,7 +48,7 @@ if ! need haproxy || ! need nginx || [ ! -e /usr/lib/nginx/modules/ngx_stream_mo
 fi
 (cd "$root" && cargo build --release --locked -q -p edgeproxy -p loadgen)
 bin=$root/target/release
-case " $PROXIES " in *" edgeproxy-trap "*)
+case " $PROXIES " in *" edgeproxy-trap "*|*" edgeproxy-shadow-trap "*)
   "$bin/edgeproxy" policy build "$root/host/tests/fixtures/chaos-policy" --out "$WORK/chaos.wasm" >/dev/null ;;
 esac
 # 2 fds per proxied connection: idle-scale's 100,000 needs a hard limit over 200,000,
@@ -94,6 +97,10 @@ start_proxy() {
       cmd=(env EDGEPROXY="$bin/edgeproxy" BINDINGS=0 THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     edgeproxy-shadow)  # the same, with geo-load also deciding every connection as a shadow
       cmd=(env EDGEPROXY="$bin/edgeproxy" BINDINGS=0 EDGEPROXY_SHADOW_POLICY_PATH="$root/policies/geo-load/geo-load.wasm" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
+    edgeproxy-shadow-trap)  # deciding every connection, with a shadow that traps on every call
+      cmd=(env EDGEPROXY="$bin/edgeproxy" APP=trap BINDINGS=0 EDGEPROXY_SHADOW_POLICY_PATH="$WORK/chaos.wasm" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
+    edgeproxy-limited)  # per-client limits on, high enough to refuse nothing (their cost)
+      cmd=(env EDGEPROXY="$bin/edgeproxy" EDGEPROXY_RATE_LIMIT_ENABLED=true EDGEPROXY_RATE_LIMIT_MAX_REQUESTS=1000000 EDGEPROXY_RATE_LIMIT_MAX_OPEN=1000000 THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     edgeproxy-trap)  # a policy that traps on every call (the test suite's chaos policy)
       cmd=(env EDGEPROXY="${EDGEPROXY_BIN:-$bin/edgeproxy}" APP=trap BINDINGS=0 EDGEPROXY_POLICY_PATH="$WORK/chaos.wasm" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     baseline)  # another edgeproxy build (BASELINE=path), for before/after runs
@@ -130,7 +137,7 @@ for test in $TESTS; do
   for name in $PROXIES; do
     case $test in
       rate)  start_proxy "$name" $ECHO
-             out=$(load rate --target $LISTEN --warmup "$WARMUP" --duration "$DURATION" --pid "$proxy_pid") ;;
+             out=$(load rate --target $LISTEN --warmup "$WARMUP" --duration "$DURATION" --pid "$proxy_pid" --sources "$SOURCES") ;;
       bulk1) start_proxy "$name" $SINK
              out=$(load bulk --target $LISTEN --streams 1 --duration "$DURATION" --pid "$proxy_pid") ;;
       bulk8) start_proxy "$name" $SINK

@@ -46,6 +46,10 @@ enum Command {
         duration: u64,
         #[arg(long)]
         pid: Option<u32>,
+        /// Connect from this many source addresses (127.2.0.0 up, in turn) instead of
+        /// 127.0.0.1: that many distinct clients, for per-client limits.
+        #[arg(long, default_value_t = 0)]
+        sources: u32,
     },
     /// Throughput: STREAMS connections writing 64 KiB chunks for DURATION seconds to a
     /// sink; counts what the sink received.
@@ -101,7 +105,8 @@ fn main() -> anyhow::Result<()> {
                 warmup,
                 duration,
                 pid,
-            } => rate(target, concurrency, size, warmup, duration, pid).await,
+                sources,
+            } => rate(target, concurrency, size, warmup, duration, pid, sources).await,
             Command::Bulk {
                 target,
                 streams,
@@ -183,8 +188,20 @@ fn proc_stat(pid: u32) -> anyhow::Result<ProcStat> {
     })
 }
 
-async fn one_exchange(target: SocketAddr, msg: &[u8], buf: &mut [u8]) -> std::io::Result<()> {
-    let mut s = TcpStream::connect(target).await?;
+async fn one_exchange(
+    target: SocketAddr,
+    source: Option<std::net::Ipv4Addr>,
+    msg: &[u8],
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    let mut s = match source {
+        None => TcpStream::connect(target).await?,
+        Some(src) => {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.bind(SocketAddr::new(src.into(), 0))?;
+            sock.connect(target).await?
+        }
+    };
     s.set_nodelay(true)?;
     s.write_all(msg).await?;
     s.read_exact(buf).await?;
@@ -198,8 +215,10 @@ async fn rate(
     warmup: u64,
     duration: u64,
     pid: Option<u32>,
+    sources: u32,
 ) -> anyhow::Result<()> {
     loopback(target)?;
+    let next_source = std::rc::Rc::new(std::cell::Cell::new(0u32));
     let start = Instant::now();
     let counted_from = start + Duration::from_secs(warmup);
     let end = counted_from + Duration::from_secs(duration);
@@ -209,6 +228,7 @@ async fn rate(
         .run_until(async {
             let mut slots = Vec::new();
             for _ in 0..concurrency {
+                let next_source = next_source.clone();
                 slots.push(tokio::task::spawn_local(async move {
                     let msg = vec![b'x'; size];
                     let mut buf = vec![0u8; size];
@@ -218,7 +238,12 @@ async fn rate(
                         if t >= end {
                             break;
                         }
-                        let ok = one_exchange(target, &msg, &mut buf).await.is_ok();
+                        let source = (sources > 0).then(|| {
+                            let n = next_source.get();
+                            next_source.set((n + 1) % sources);
+                            std::net::Ipv4Addr::from_bits(0x7f02_0000 + n)
+                        });
+                        let ok = one_exchange(target, source, &msg, &mut buf).await.is_ok();
                         if t >= counted_from {
                             match ok {
                                 true => lat.push(t.elapsed().as_micros() as u32),
