@@ -538,3 +538,68 @@ async fn the_password_comes_from_the_password_file_and_is_never_printed() {
         "{printed}"
     );
 }
+
+/// A statement the server does not finish (here: a table another session holds locked) is
+/// cut off by edgeproxy's statement timeout: the registration gets 503 after five seconds
+/// and the POP goes on, instead of waiting for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_statement_fails_in_seconds() {
+    let pg = Postgres::start();
+    ok(&pg, &["db", "init"]).await;
+    let be = Backend::start("joiner").await;
+    let unused = Db::new(&[]);
+    let url = pg.url();
+    let p = Proxy::start(
+        &unused,
+        &format!(
+            "db_url = \"{url}\"\nbinding_ttl_secs = 0\ncluster_node_id = \"fra1\"\n[api]\nenabled = true\nallowed_networks = \"127.0.0.0/8\"\n"
+        ),
+    )
+    .await;
+    let api = p.api.unwrap();
+    let (locked, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+    let holder = {
+        let (locked, url) = (locked.0, pg.url());
+        let release = release.1;
+        std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            let mut tx = c.transaction().unwrap();
+            tx.batch_execute("LOCK TABLE backends IN ACCESS EXCLUSIVE MODE")
+                .unwrap();
+            locked.send(()).unwrap();
+            let _ = release.recv();
+            tx.rollback().unwrap();
+        })
+    };
+    locked.1.recv().unwrap();
+    let started = tokio::time::Instant::now();
+    let (code, body) = send(
+        api,
+        "POST",
+        "/api/v1/register",
+        &[],
+        &registration("j-1", "web", be.addr),
+    )
+    .await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("statement timeout"), "{body}");
+    // edgeproxy's own statement timeout: five seconds.
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_secs(4) && took < std::time::Duration::from_secs(9),
+        "{took:?}"
+    );
+    release.0.send(()).unwrap();
+    holder.join().unwrap();
+    // Once the lock is gone, the same registration goes through.
+    let (code, body) = send(
+        api,
+        "POST",
+        "/api/v1/register",
+        &[],
+        &registration("j-1", "web", be.addr),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    p.stop().await;
+}

@@ -72,6 +72,9 @@ DO $$ BEGIN
 END $$;
 ";
 
+/// Longest a statement, or a connection that stopped answering, may take.
+const STALL: Duration = Duration::from_secs(5);
+
 /// Where the table is and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgSettings {
@@ -119,6 +122,18 @@ impl PgSettings {
         }
         c.connect_timeout(Duration::from_secs(5));
         c.application_name("edgeproxy");
+        // A server or path that stops answering fails a statement within seconds instead
+        // of holding the reload (and the registration API) for the kernel's minutes.
+        c.tcp_user_timeout(STALL);
+        c.keepalives(true);
+        c.keepalives_idle(STALL);
+        // The URL's own `options` come after, so a statement_timeout given there wins.
+        let timeout = format!("-c statement_timeout={}", STALL.as_millis());
+        let options = match c.get_options() {
+            Some(given) => format!("{timeout} {given}"),
+            None => timeout,
+        };
+        c.options(&options);
         Ok(c)
     }
 
