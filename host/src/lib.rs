@@ -459,13 +459,20 @@ impl Host {
             };
             background.spawn(rollout.run(stop_background.clone()));
         }
+        let bound: Vec<std::net::SocketAddr> = listeners
+            .iter()
+            .map(|(l, _)| l.local_addr())
+            .chain(admin.iter().map(TcpListener::local_addr))
+            .chain(api.iter().map(TcpListener::local_addr))
+            .filter_map(Result::ok)
+            .collect();
         if let Some(registry) = &self.registry {
-            let bound = listeners
-                .iter()
-                .map(|(l, _)| l.local_addr())
-                .chain(admin.iter().map(TcpListener::local_addr))
-                .chain(api.iter().map(TcpListener::local_addr));
-            registry.listening_at(bound.filter_map(Result::ok));
+            registry.listening_at(bound.iter().copied());
+        }
+        // A row pointing at this POP (registered elsewhere, or by mistake) is skipped.
+        self.routing.listening_at(bound);
+        if let Err(e) = self.routing.reload().await {
+            tracing::warn!(error = %e, "routing reload once listening");
         }
         if let Some(listener) = admin {
             tracing::info!(addr = %listener.local_addr()?, "admin API listening");

@@ -113,13 +113,8 @@ impl DecisionLog {
             app: req.app.map(str::to_owned),
             pop_region: req.pop_region.to_string(),
             table_version: req.table.version(),
-            // The first ones, and the pick wherever it was.
-            candidates: candidates
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i < MAX_CANDIDATES - 1 || Some(*i) == pick)
-                .take(MAX_CANDIDATES)
-                .map(|(_, c)| RecordedCandidate {
+            candidates: kept(candidates, pick)
+                .map(|c| RecordedCandidate {
                     id: c.backend.id.to_string(),
                     active: c.stats.active(),
                     rtt_us: c.stats.rtt_us(),
@@ -162,6 +157,20 @@ impl DecisionLog {
             .map(|l| l + "\n")
             .collect()
     }
+}
+
+/// The candidates a record keeps: all of them up to [`MAX_CANDIDATES`]; past it the first
+/// ones and the pick wherever it was.
+fn kept(candidates: &[RoutedBackend], pick: Option<usize>) -> impl Iterator<Item = &RoutedBackend> {
+    let beyond = pick.filter(|i| *i >= MAX_CANDIDATES);
+    let first = match beyond {
+        Some(_) => MAX_CANDIDATES - 1,
+        None => MAX_CANDIDATES,
+    };
+    candidates
+        .iter()
+        .take(first)
+        .chain(beyond.and_then(|i| candidates.get(i)))
 }
 
 /// The /24 of an IPv4 address, the /48 of an IPv6 one; a 6to4 address (2002::/16) carries
@@ -222,6 +231,18 @@ mod tests {
             app: Some("app"),
             client: &client,
         };
+        // Exactly the cap: all kept, none omitted; one more: the cap kept, one omitted.
+        let small = DecisionLog::new(10, 1 << 30, 100, true);
+        for n in [MAX_CANDIDATES, MAX_CANDIDATES + 1] {
+            small.record(&req, &table.backends()[..n], Some(3));
+        }
+        let lines = small.json_lines();
+        let r: Vec<DecisionRecord> = lines
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!((r[0].candidates.len(), r[0].omitted), (MAX_CANDIDATES, 0));
+        assert_eq!((r[1].candidates.len(), r[1].omitted), (MAX_CANDIDATES, 1));
         let log = DecisionLog::new(1000, 1 << 20, 100, true);
         for _ in 0..1000 {
             log.record(&req, table.backends(), Some(9_999));

@@ -216,7 +216,10 @@ impl Registry {
                 .unwrap_or_else(PoisonError::into_inner)
                 .iter(),
         );
-        if let Err(e) = destinations.check(std::net::SocketAddr::new(ip, port), is_local) {
+        if let Err(e) = destinations.check(
+            std::net::SocketAddr::new(ip, port),
+            super::routing::is_local,
+        ) {
             return bad(e);
         }
         let bounded = [
@@ -508,11 +511,6 @@ impl Registry {
             .await
             .map_err(|e| RegistrationError::Store(format!("registration writer failed: {e}")))?
     }
-}
-
-/// Whether `ip` is one of this host's addresses (binding to it only works then).
-fn is_local(ip: IpAddr) -> bool {
-    std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 fn from_snapshot(b: &crate::domain::Backend, expired: bool) -> RegisteredBackend {

@@ -32,6 +32,9 @@ pub struct Routing {
     version: watch::Sender<u64>,
     /// Skipped rows of the last load, so each bad row is reported once, not every period.
     skipped: Mutex<Vec<SkippedRow>>,
+    /// This POP's listeners as bound: a row pointing at one would make the proxy connect
+    /// to itself (a registration through another POP, an operator's mistake).
+    own: Mutex<Vec<std::net::SocketAddr>>,
     history: Mutex<History>,
     /// Reload attempts by outcome: changed, unchanged, failed.
     outcomes: [AtomicU64; 3],
@@ -98,6 +101,7 @@ impl Routing {
             health: Arc::new(LocalHealth::new(HealthRules::off())),
             version: watch::Sender::new(0),
             skipped: Mutex::default(),
+            own: Mutex::default(),
             history: Mutex::default(),
             outcomes: Default::default(),
             reloading: tokio::sync::Mutex::new(()),
@@ -223,6 +227,52 @@ impl Routing {
         result
     }
 
+    /// This POP's listeners, as bound; rows pointing at them are skipped from now on.
+    pub fn listening_at(&self, addrs: impl IntoIterator<Item = std::net::SocketAddr>) {
+        self.own
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(addrs);
+    }
+
+    /// Moves the rows that point at this POP's own listeners to the skipped ones.
+    fn skip_own(&self, loaded: &mut crate::domain::ports::LoadedBackends) {
+        let own = self
+            .own
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if own.is_empty() {
+            return;
+        }
+        // A wildcard listener is reached at any of this host's addresses: asked once per
+        // address (a bind), and only for rows on a listener's port.
+        let mut local = std::collections::HashMap::new();
+        let mut mine = |addr: std::net::SocketAddr| {
+            own.iter().any(|o| {
+                o.port() == addr.port()
+                    && (o.ip() == addr.ip()
+                        || (o.ip().is_unspecified()
+                            && *local
+                                .entry(addr.ip())
+                                .or_insert_with(|| addr.ip().is_loopback() || is_local(addr.ip()))))
+            })
+        };
+        loaded.backends.retain(|b| {
+            if !mine(b.addr) {
+                return true;
+            }
+            loaded.skipped.push(SkippedRow {
+                id: b.id.to_string(),
+                reason: format!(
+                    "{} is this POP's own listener: the proxy would connect to itself",
+                    b.addr
+                ),
+            });
+            false
+        });
+    }
+
     async fn load_and_swap(&self) -> Result<Reloaded, RoutingError> {
         let repo = Arc::clone(&self.repo);
         // The marker first: a write landing during the read changes it, so that write's
@@ -233,7 +283,8 @@ impl Routing {
                 location: "routing loader".into(),
                 reason: e.to_string(),
             })?;
-        let loaded = loaded?;
+        let mut loaded = loaded?;
+        self.skip_own(&mut loaded);
         *self.read_at.lock().unwrap_or_else(PoisonError::into_inner) = marker;
         {
             // Invariant: the lock is never held across a panic-prone call.
@@ -357,6 +408,11 @@ impl Routing {
             self.reload_and_log().await;
         }
     }
+}
+
+/// Whether `ip` is one of this host's addresses (binding to it only works then).
+pub(crate) fn is_local(ip: std::net::IpAddr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 #[cfg(test)]

@@ -265,5 +265,24 @@ async fn the_api_changes_only_its_own_rows_and_only_sends_traffic_where_allowed(
     );
     // The operator's row is still there, still drained.
     assert_eq!(row("op-1").unwrap(), before);
+    // A row at this POP's own listener that arrives another way (registered through
+    // another POP, replicated; or written by mistake) is skipped, not routed to.
+    db.insert(&Row::new("loop", "eu", "DE", p.addr));
+    let routing = p.host.routing.clone();
+    wait_until(|| {
+        routing
+            .skipped()
+            .iter()
+            .any(|s| s.id == "loop" && s.reason.contains("own listener"))
+    })
+    .await;
+    assert!(
+        p.host
+            .routing
+            .current()
+            .backends()
+            .iter()
+            .all(|b| b.backend.id.as_str() != "loop")
+    );
     p.stop().await;
 }

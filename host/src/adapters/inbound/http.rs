@@ -163,7 +163,12 @@ pub async fn serve<F, Fut>(
                 }
             },
         };
-        let Some(slot) = held.take(peer.ip().to_canonical()) else {
+        // One IPv6 host holds a /64: counted as one client, or it could take every slot.
+        let client = match peer.ip().to_canonical() {
+            IpAddr::V6(v6) => IpAddr::V6((v6.to_bits() & !((1u128 << 64) - 1)).into()),
+            v4 => v4,
+        };
+        let Some(slot) = held.take(client) else {
             if let Some(more) = refusals.allow() {
                 tracing::warn!(
                     %peer, listener = what,

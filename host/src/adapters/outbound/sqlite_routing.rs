@@ -53,7 +53,9 @@ const OWNERS: &str =
     "CREATE TABLE IF NOT EXISTS _edgeproxy_owners (id TEXT PRIMARY KEY, owner TEXT NOT NULL)";
 
 /// Creates the owners table where missing; a file that had registrations before it
-/// existed has them marked as the API's.
+/// existed has them marked as the API's, and where the file replicates, those rows are
+/// noted as changed so the marking replicates too. A file this connection cannot write
+/// (a read-only listing) gets an empty table of the connection's own instead.
 pub(crate) fn ensure_owners(conn: &Connection) -> rusqlite::Result<()> {
     let exists = |name: &str| {
         conn.query_row(
@@ -65,15 +67,32 @@ pub(crate) fn ensure_owners(conn: &Connection) -> rusqlite::Result<()> {
     if exists("_edgeproxy_owners")? {
         return Ok(());
     }
-    conn.execute_batch(OWNERS)?;
-    if exists("_edgeproxy_registrations")? {
-        conn.execute(
-            "INSERT OR IGNORE INTO _edgeproxy_owners
-                SELECT id, ?1 FROM _edgeproxy_registrations WHERE id IN (SELECT id FROM backends)",
-            [API_OWNER],
-        )?;
+    let mark = match exists("_edgeproxy_registrations")? {
+        true => format!(
+            "INSERT OR IGNORE INTO _edgeproxy_owners SELECT id, '{API_OWNER}'
+                FROM _edgeproxy_registrations WHERE id IN (SELECT id FROM backends);"
+        ),
+        false => String::new(),
+    };
+    let note = match exists("_edgeproxy_dirty")? {
+        true => "INSERT INTO _edgeproxy_dirty (id) SELECT id FROM _edgeproxy_owners;",
+        false => "",
+    };
+    let made = conn.execute_batch(&format!(
+        "SAVEPOINT edgeproxy_owners; {OWNERS}; {mark} {note} RELEASE edgeproxy_owners;"
+    ));
+    match made {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK TO edgeproxy_owners; RELEASE edgeproxy_owners;");
+            match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::ReadOnly) => {
+                    conn.execute_batch(&OWNERS.replace("CREATE TABLE", "CREATE TEMP TABLE"))
+                }
+                _ => Err(e),
+            }
+        }
     }
-    Ok(())
 }
 
 /// `SELECT` of whole rows as [`crate::adapters::outbound::sqlite_editor::backend_row`]

@@ -61,6 +61,8 @@ CREATE TABLE IF NOT EXISTS edgeproxy_registrations (
 /// through the API before it existed marked as the API's.
 pub const OWNERS: &str = "
 DO $$ BEGIN
+    -- POPs starting together: one makes the table, the others find it made.
+    PERFORM pg_advisory_xact_lock(7426548530);
     IF to_regclass('edgeproxy_owners') IS NULL THEN
         CREATE TABLE edgeproxy_owners (id TEXT PRIMARY KEY, owner TEXT NOT NULL);
         IF to_regclass('edgeproxy_registrations') IS NOT NULL THEN

@@ -167,8 +167,12 @@ fn import_csv(conn: &Connection, text: &str) -> Result<usize, String> {
                 }
             })
             .collect();
+        // An operator's row from now on, whoever managed the id before.
+        let id = values[0].clone();
         insert
             .execute(rusqlite::params_from_iter(values))
+            .map_err(|e| format!("line {line}: {}", message(e)))?;
+        conn.execute("DELETE FROM _edgeproxy_owners WHERE id = ?1", [id])
             .map_err(|e| format!("line {line}: {}", message(e)))?;
         rows += 1;
     }

@@ -48,6 +48,16 @@ BEGIN
     INSERT INTO _edgeproxy_dirty (id) VALUES (NEW.id);
     INSERT INTO _edgeproxy_dirty (id) SELECT OLD.id WHERE OLD.id IS NOT NEW.id;
 END;
+CREATE TRIGGER IF NOT EXISTS _edgeproxy_tombstone BEFORE DELETE ON backends
+WHEN (SELECT value FROM _edgeproxy_state WHERE key = 'applying') = 0
+BEGIN
+    UPDATE backends SET deleted = 1 WHERE id = OLD.id;
+    SELECT RAISE(IGNORE);
+END;
+";
+
+/// Changes of who manages a row are changes of the row.
+const OWNER_TRIGGERS: &str = "
 CREATE TRIGGER IF NOT EXISTS _edgeproxy_capture_owner_insert AFTER INSERT ON _edgeproxy_owners
 WHEN (SELECT value FROM _edgeproxy_state WHERE key = 'applying') = 0
 BEGIN INSERT INTO _edgeproxy_dirty (id) VALUES (NEW.id); END;
@@ -60,12 +70,6 @@ END;
 CREATE TRIGGER IF NOT EXISTS _edgeproxy_capture_owner_delete AFTER DELETE ON _edgeproxy_owners
 WHEN (SELECT value FROM _edgeproxy_state WHERE key = 'applying') = 0
 BEGIN INSERT INTO _edgeproxy_dirty (id) VALUES (OLD.id); END;
-CREATE TRIGGER IF NOT EXISTS _edgeproxy_tombstone BEFORE DELETE ON backends
-WHEN (SELECT value FROM _edgeproxy_state WHERE key = 'applying') = 0
-BEGIN
-    UPDATE backends SET deleted = 1 WHERE id = OLD.id;
-    SELECT RAISE(IGNORE);
-END;
 ";
 
 /// Local writes stamped (to push) and local rows the loader would skip (not replicated).
@@ -92,6 +96,7 @@ pub(super) fn install(tx: &Connection, wall: &WallClock) -> rusqlite::Result<Nod
     }
     tx.execute_batch(TABLES)?;
     tx.execute_batch(TRIGGERS)?;
+    tx.execute_batch(OWNER_TRIGGERS)?;
     // Rows written before replication was switched on are this node's to announce.
     tx.execute_batch(
         "INSERT INTO _edgeproxy_dirty (id)
@@ -157,6 +162,9 @@ fn upgrade(tx: &Connection, node: NodeId, now: u64) -> rusqlite::Result<()> {
 /// Puts back triggers a recreated table lost; true when it had to (the caller then
 /// compares the whole table).
 fn restore_triggers(tx: &Connection) -> rusqlite::Result<bool> {
+    // A script may have dropped the owners table too (its triggers go with it).
+    crate::adapters::outbound::sqlite_routing::ensure_owners(tx)?;
+    tx.execute_batch(OWNER_TRIGGERS)?;
     let present: i64 = tx.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'backends'
             AND name IN ('_edgeproxy_capture_insert', '_edgeproxy_capture_update', '_edgeproxy_tombstone')",
@@ -245,7 +253,7 @@ pub(super) fn stamp(t: &mut Txn<'_>) -> rusqlite::Result<Stamped> {
                 row
             }
         };
-        if held.as_ref().is_some_and(|h| h.row == row) {
+        if held.as_ref().is_some_and(|h| h.row == row) && !t.unsure.contains(&id) {
             continue;
         }
         let (version, seq) = t.next_version();

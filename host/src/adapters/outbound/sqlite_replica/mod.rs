@@ -65,6 +65,10 @@ pub struct SqliteReplica {
     /// what "too far ahead" is measured against, so a POP whose own clock is behind still
     /// takes the fleet's writes while one peer far ahead moves nothing.
     fleet_offset_ms: i64,
+    /// Ids written while no replicator held the file (noted by its triggers): the book
+    /// loaded their current contents, not what was replicated, so they get a new version
+    /// at the first stamp whatever they hold.
+    unsure: std::collections::HashSet<String>,
     /// Held for this replica's life: two replicators of one file would share a node id and
     /// number different writes alike.
     _lock: std::fs::File,
@@ -100,6 +104,10 @@ impl SqliteReplica {
         tx.commit().map_err(err)?;
         let last = Hlc(state(&conn, "last_hlc").map_err(err)?.unwrap_or(0) as u64);
         let book = Book::load(&conn).map_err(err)?;
+        let unsure = conn
+            .prepare("SELECT DISTINCT id FROM _edgeproxy_dirty WHERE id IS NOT NULL")
+            .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
+            .map_err(err)?;
         Ok(Self {
             path: path.to_owned(),
             conn,
@@ -109,6 +117,7 @@ impl SqliteReplica {
             data_version: -1,
             wall,
             fleet_offset_ms: 0,
+            unsure,
             _lock: lock,
         })
     }
@@ -180,6 +189,7 @@ impl SqliteReplica {
             let mut txn = Txn {
                 tx: &tx,
                 book: &self.book,
+                unsure: &self.unsure,
                 staged: book::Staged::default(),
                 clock: self.clock.clone(),
                 node: self.node,
@@ -198,6 +208,7 @@ impl SqliteReplica {
             Ok((out, stamped, staged, clock)) => {
                 self.book.commit(staged);
                 self.clock = clock;
+                self.unsure.clear();
                 Ok((out, stamped))
             }
             Err(e) => {
@@ -268,6 +279,7 @@ impl SqliteReplica {
 struct Txn<'a> {
     tx: &'a Connection,
     book: &'a Book,
+    unsure: &'a std::collections::HashSet<String>,
     staged: book::Staged,
     clock: Clock,
     node: NodeId,
@@ -319,7 +331,11 @@ impl Txn<'_> {
     /// dot stays seen, so it is never taken again.
     fn forget(&mut self, id: &str) -> rusqlite::Result<()> {
         as_replicator(self.tx, || {
-            self.tx.execute("DELETE FROM backends WHERE id = ?1", [id])
+            self.tx
+                .execute("DELETE FROM backends WHERE id = ?1", [id])?;
+            // A row gone for good leaves no owner for a later row of its id to inherit.
+            self.tx
+                .execute("DELETE FROM _edgeproxy_owners WHERE id = ?1", [id])
         })?;
         self.tx
             .execute("DELETE FROM _edgeproxy_versions WHERE id = ?1", [id])?;

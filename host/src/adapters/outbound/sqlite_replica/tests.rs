@@ -512,3 +512,57 @@ fn a_file_of_the_first_layout_is_upgraded_in_place() {
     assert!(stamped.iter().all(|s| s.seq > 2 && s.version.hlc.0 > 5000));
     consistent(&r);
 }
+
+/// Edits made while no replicator held the file (edgeproxy stopped, an operator's shell)
+/// are noted by the triggers in the file, and replicated at the next start: the book must
+/// not take them for what was replicated before.
+#[test]
+fn edits_made_while_stopped_are_replicated_at_the_next_start() {
+    let (dir, mut r) = open();
+    shell(&r, &row("a", 80));
+    let (first, _) = r.stamp_local().unwrap();
+    assert_eq!(first.len(), 1);
+    let path = r.path.clone();
+    drop(r);
+    let c = Connection::open(&path).unwrap();
+    c.execute_batch("UPDATE backends SET port = 81 WHERE id = 'a'")
+        .unwrap();
+    drop(c);
+    let mut r = SqliteReplica::open(&path, Duration::from_secs(60)).unwrap();
+    let (again, _) = r.stamp_local().unwrap();
+    assert_eq!(again.len(), 1, "the edit made while stopped");
+    assert_eq!(again[0].row.port, 81);
+    assert!(again[0].version > first[0].version);
+    drop(dir);
+}
+
+/// Who manages a row replicates with it: a registration's owner, an owner-only change,
+/// and the marking of registrations made before owners existed.
+#[test]
+fn owners_replicate_with_their_rows() {
+    let (_da, mut a) = open();
+    let (_db, mut b) = open();
+    shell(&a, &row("x", 80));
+    shell(&a, "INSERT INTO _edgeproxy_owners VALUES ('x', 'api')");
+    a.stamp_local().unwrap();
+    sync(&mut b, &mut a);
+    let owner = |r: &SqliteReplica| -> Option<String> {
+        r.conn
+            .query_row(
+                "SELECT owner FROM _edgeproxy_owners WHERE id = 'x'",
+                [],
+                |x| x.get(0),
+            )
+            .optional()
+            .unwrap()
+    };
+    assert_eq!(owner(&b).as_deref(), Some("api"));
+    // The operator takes it over: only the owner changes.
+    shell(&a, "DELETE FROM _edgeproxy_owners WHERE id = 'x'");
+    let (stamped, _) = a.stamp_local().unwrap();
+    assert_eq!(stamped.len(), 1);
+    assert_eq!(stamped[0].row.owner, None);
+    sync(&mut b, &mut a);
+    assert_eq!(owner(&b), None);
+    assert_eq!(a.digest(), b.digest());
+}
