@@ -369,6 +369,13 @@ impl Registry {
                 return Err(not_registered());
             }
         };
+        // An operator took the row over since it registered here: no longer this API's.
+        if row.owner.as_deref() != Some(API_OWNER) {
+            self.beats().remove(&key);
+            return Err(RegistrationError::Conflict(format!(
+                "backend {id:?} is managed by an operator now, not by this API"
+            )));
+        }
         if !row.healthy {
             let owned = id.to_owned();
             self.blocking(move |s| s.set_healthy(&owned, true)).await?;

@@ -265,6 +265,23 @@ async fn the_api_changes_only_its_own_rows_and_only_sends_traffic_where_allowed(
     );
     // The operator's row is still there, still drained.
     assert_eq!(row("op-1").unwrap(), before);
+    // An operator takes over a registered row: its expiry writes nothing, and its next
+    // heartbeat is told the row is no longer the API's.
+    assert_eq!(register(api, &at("t1", b.addr)).await.0, 200);
+    db.exec("DELETE FROM _edgeproxy_owners WHERE id = 't1'", []);
+    wait_until(|| {
+        p.host
+            .registry
+            .as_ref()
+            .unwrap()
+            .heartbeat_age(&edgeproxy::domain::BackendId::new("t1"))
+            .is_none_or(|age| age > std::time::Duration::from_millis(1500))
+    })
+    .await;
+    let (code, body) = send(api, "POST", "/api/v1/heartbeat/t1", &[], "").await;
+    assert_eq!(code, 409, "{body}");
+    let t1 = row("t1").unwrap();
+    assert!(t1.healthy && !t1.deleted && t1.owner.is_none(), "{t1:?}");
     // A row at this POP's own listener that arrives another way (registered through
     // another POP, replicated; or written by mistake) is skipped, not routed to.
     db.insert(&Row::new("loop", "eu", "DE", p.addr));
