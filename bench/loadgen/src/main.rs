@@ -50,6 +50,9 @@ enum Command {
         /// 127.0.0.1: that many distinct clients, for per-client limits.
         #[arg(long, default_value_t = 0)]
         sources: u32,
+        /// At most this many new connections a second in all (0: as fast as they go).
+        #[arg(long, default_value_t = 0)]
+        max_rate: u32,
     },
     /// Throughput: STREAMS connections writing 64 KiB chunks for DURATION seconds to a
     /// sink; counts what the sink received.
@@ -106,7 +109,18 @@ fn main() -> anyhow::Result<()> {
                 duration,
                 pid,
                 sources,
-            } => rate(target, concurrency, size, warmup, duration, pid, sources).await,
+                max_rate,
+            } => {
+                rate(
+                    target,
+                    concurrency,
+                    size,
+                    (warmup, duration),
+                    pid,
+                    (sources, max_rate),
+                )
+                .await
+            }
             Command::Bulk {
                 target,
                 streams,
@@ -212,10 +226,9 @@ async fn rate(
     target: SocketAddr,
     concurrency: usize,
     size: usize,
-    warmup: u64,
-    duration: u64,
+    (warmup, duration): (u64, u64),
     pid: Option<u32>,
-    sources: u32,
+    (sources, max_rate): (u32, u32),
 ) -> anyhow::Result<()> {
     loopback(target)?;
     let next_source = std::rc::Rc::new(std::cell::Cell::new(0u32));
@@ -233,7 +246,15 @@ async fn rate(
                     let msg = vec![b'x'; size];
                     let mut buf = vec![0u8; size];
                     let (mut lat, mut errors) = (Vec::new(), 0u64);
+                    // Paced: each slot's share of the rate, one exchange per interval.
+                    let every = (max_rate > 0)
+                        .then(|| Duration::from_secs_f64(concurrency as f64 / max_rate as f64));
+                    let mut next = Instant::now();
                     loop {
+                        if let Some(every) = every {
+                            tokio::time::sleep_until(next.into()).await;
+                            next += every;
+                        }
                         let t = Instant::now();
                         if t >= end {
                             break;
