@@ -35,6 +35,8 @@ pub struct Routing {
     /// This POP's listeners as bound: a row pointing at one would make the proxy connect
     /// to itself (a registration through another POP, an operator's mistake).
     own: Mutex<Vec<std::net::SocketAddr>>,
+    /// Local verdicts changed and not yet in the snapshot.
+    local_pending: std::sync::atomic::AtomicBool,
     history: Mutex<History>,
     /// Reload attempts by outcome: changed, unchanged, failed.
     outcomes: [AtomicU64; 3],
@@ -102,6 +104,7 @@ impl Routing {
             version: watch::Sender::new(0),
             skipped: Mutex::default(),
             own: Mutex::default(),
+            local_pending: std::sync::atomic::AtomicBool::new(false),
             history: Mutex::default(),
             outcomes: Default::default(),
             reloading: tokio::sync::Mutex::new(()),
@@ -165,17 +168,30 @@ impl Routing {
     }
 
     /// Rebuilds the snapshot after this POP's verdicts changed (not the table): true when
-    /// routing changed.
+    /// routing changed here. Never waits for a reload in progress (a source that stalls,
+    /// a PostgreSQL server that stopped answering): that reload applies the verdicts when
+    /// it ends.
     pub async fn refresh_local(&self) -> bool {
-        let _one = self.reloading.lock().await;
-        let current = self.table.load_full();
-        let version = current.version() + 1;
-        let Some(table) = self.localise(&current, &current, version) else {
+        self.local_pending.store(true, Ordering::SeqCst);
+        let Ok(_one) = self.reloading.try_lock() else {
             return false;
         };
-        self.publish(table).await;
-        self.version.send_replace(version);
-        true
+        self.apply_local().await
+    }
+
+    /// Applies the verdicts changed since the last snapshot (the reload lock held).
+    async fn apply_local(&self) -> bool {
+        let mut changed = false;
+        while self.local_pending.swap(false, Ordering::SeqCst) {
+            let current = self.table.load_full();
+            let version = current.version() + 1;
+            if let Some(table) = self.localise(&current, &current, version) {
+                self.publish(table).await;
+                self.version.send_replace(version);
+                changed = true;
+            }
+        }
+        changed
     }
 
     pub fn history(&self) -> History {
@@ -212,6 +228,8 @@ impl Routing {
     pub async fn reload(&self) -> Result<Reloaded, RoutingError> {
         let _one = self.reloading.lock().await;
         let result = self.load_and_swap().await;
+        // Verdicts that changed while this reload held the lock.
+        self.apply_local().await;
         let outcome = match &result {
             Ok(Reloaded::Changed { .. }) => 0,
             Ok(Reloaded::Unchanged) => 1,
@@ -497,6 +515,48 @@ mod tests {
         fn marker(&self) -> Option<String> {
             Some(self.step.lock().unwrap().to_string())
         }
+    }
+
+    /// A reload whose source stalls must not hold this POP's verdicts back: the health
+    /// monitor does not wait for it, and the reload applies them when it ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_verdict_does_not_wait_for_a_stalled_reload() {
+        struct Stalled(Mutex<Option<mpsc::Receiver<()>>>);
+        impl BackendRepository for Stalled {
+            fn load(&self) -> Result<LoadedBackends, RoutingError> {
+                if let Some(rx) = self.0.lock().unwrap().take() {
+                    let _ = rx.recv_timeout(Duration::from_secs(10));
+                }
+                Ok(LoadedBackends {
+                    backends: sample::backends("app"),
+                    skipped: Vec::new(),
+                })
+            }
+        }
+        let health = Arc::new(LocalHealth::new(HealthRules::off()));
+        let (tx, rx) = mpsc::channel();
+        let stalled = Arc::new(
+            Routing::new(
+                Arc::new(Stalled(Mutex::new(Some(rx)))),
+                Arc::new(LiveStats::default()),
+                50,
+            )
+            .with_health(Arc::clone(&health)),
+        );
+        // Its first reload stalls (holding the reload lock) until released.
+        let reload = tokio::spawn({
+            let r = Arc::clone(&stalled);
+            async move { r.reload().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let refreshed = tokio::time::timeout(Duration::from_secs(2), stalled.refresh_local()).await;
+        assert_eq!(refreshed, Ok(false), "waited for the stalled reload");
+        tx.send(()).unwrap();
+        reload.await.unwrap().unwrap();
+        assert!(
+            !stalled.local_pending.load(Ordering::SeqCst),
+            "applied by the reload"
+        );
     }
 
     #[tokio::test(start_paused = true)]
