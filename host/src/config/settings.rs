@@ -111,7 +111,8 @@ crate::settings! {
     admin_allow_remote: bool = false, env "EDGEPROXY_ADMIN_ALLOW_REMOTE";
     /// join the fleet: share the routing table with the other POPs (docs/CLUSTER.md)
     cluster_enabled: bool = false, env "EDGEPROXY_REPLICATION_ENABLED";
-    /// this POP's name in the cluster; unset: the host name
+    /// this POP's name in the cluster, the one its certificate carries; unset: the host
+    /// name
     cluster_node_id: Option<String> = None, env "EDGEPROXY_REPLICATION_NODE_ID";
     /// name every POP of one fleet shares; a node with another name cannot join
     cluster_name: String = "edgeproxy".to_owned(), env "EDGEPROXY_REPLICATION_CLUSTER_NAME", check |v| not_blank(v);
