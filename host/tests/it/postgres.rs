@@ -603,3 +603,28 @@ async fn a_stalled_statement_fails_in_seconds() {
     assert_eq!(code, 200, "{body}");
     p.stop().await;
 }
+
+/// A role that may only read the table lists it: the owners table it may not create is
+/// its session's own, and every row reads as an operator's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_role_lists_the_table() {
+    let pg = Postgres::start();
+    ok(&pg, &["db", "init"]).await;
+    add(&pg, "a", "DE", "127.0.0.1:8080".parse().unwrap()).await;
+    pg.exec(
+        "DROP TABLE edgeproxy_owners;
+         CREATE ROLE reader LOGIN;
+         GRANT SELECT ON backends TO reader;",
+    );
+    let url = format!("postgres://reader@127.0.0.1:{}/postgres", pg.port);
+    let (success, out, err) = edgeproxy_run(
+        &[
+            &["--db-url", url.as_str()][..],
+            &["backend", "list", "--json"],
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(success, "{err}");
+    assert!(out.contains("\"a\""), "{out}");
+}

@@ -121,11 +121,16 @@ impl PgEditor {
         }
         // Who manages each row, beside the table (as in SQLite): a database made before
         // gets the table, and the rows registered through the API so far become the API's.
-        editor
-            .client
-            .get_mut()
-            .batch_execute(super::OWNERS)
-            .map_err(|e| editor.db(&describe_error(&e)))?;
+        let client = editor.client.get_mut();
+        if let Err(e) = client.batch_execute(super::OWNERS) {
+            // A role that may not create it (a read-only one listing the table) gets an
+            // empty table of its session's own: every row reads as an operator's.
+            client
+                .batch_execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS edgeproxy_owners (id TEXT PRIMARY KEY, owner TEXT NOT NULL)",
+                )
+                .map_err(|_| editor.db(&describe_error(&e)))?;
+        }
         Ok(editor)
     }
 
