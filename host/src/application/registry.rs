@@ -126,6 +126,7 @@ pub struct Registry {
     limits: Limits,
     /// Where this POP's listeners are bound (a configured port 0 is known only then).
     bound: Mutex<Vec<std::net::SocketAddr>>,
+    registering: tokio::sync::Mutex<()>,
     /// The routing snapshot: a beat for a backend it shows healthy touches no file.
     routing: Arc<super::routing::Routing>,
     geo: Arc<dyn GeoResolver>,
@@ -160,6 +161,7 @@ impl Registry {
             store,
             limits,
             bound: Mutex::default(),
+            registering: tokio::sync::Mutex::new(()),
             routing,
             geo,
             regions,
@@ -269,6 +271,9 @@ impl Registry {
     }
 
     pub async fn register(&self, req: RegisterRequest) -> Result<RegisterReply, RegistrationError> {
+        // One at a time, so the caps hold between the check and the write (registrations
+        // are rare; heartbeats do not take this).
+        let _one = self.registering.lock().await;
         let result = match self
             .row(&req)
             .and_then(|row| self.room_for(&row).map(|_| row))

@@ -303,3 +303,30 @@ async fn the_api_changes_only_its_own_rows_and_only_sends_traffic_where_allowed(
     );
     p.stop().await;
 }
+
+/// Registrations at once never pass the caps between the check and the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_registrations_hold_the_cap() {
+    let b = Backend::start("b").await;
+    let db = Db::new(&[]);
+    let p = Proxy::start(
+        &db,
+        "[api]\nenabled = true\nallowed_networks = \"127.0.0.0/8\"\nmax_registrations = 3\n",
+    )
+    .await;
+    let api = p.api.unwrap();
+    // Twelve: under the listener's 16 connections per client.
+    let all: Vec<_> = (0..12)
+        .map(|i| {
+            let body = registration(&format!("c{i}"), "app", b.addr);
+            tokio::spawn(async move { register(api, &body).await.0 })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for one in all {
+        codes.push(one.await.unwrap());
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 3, "{codes:?}");
+    assert!(codes.iter().all(|c| *c == 200 || *c == 429), "{codes:?}");
+    p.stop().await;
+}
