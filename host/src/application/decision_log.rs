@@ -162,7 +162,7 @@ impl DecisionLog {
 /// The candidates a record keeps: all of them up to [`MAX_CANDIDATES`]; past it the first
 /// ones and the pick wherever it was.
 fn kept(candidates: &[RoutedBackend], pick: Option<usize>) -> impl Iterator<Item = &RoutedBackend> {
-    let beyond = pick.filter(|i| *i >= MAX_CANDIDATES);
+    let beyond = pick.filter(|i| *i >= MAX_CANDIDATES && *i < candidates.len());
     let first = match beyond {
         Some(_) => MAX_CANDIDATES - 1,
         None => MAX_CANDIDATES,

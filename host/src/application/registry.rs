@@ -359,7 +359,17 @@ impl Registry {
             self.counters.heartbeats.fetch_add(1, Relaxed);
             return Ok(from_snapshot(&table.backends()[i].backend, known.expired));
         }
+        // Adopting is registering here: the same caps, held the same way (until the beat
+        // is recorded below).
+        let mut _adopting = None;
         if !self.beats().contains_key(&key) {
+            _adopting = Some(self.registering.lock().await);
+            let owned = id.to_owned();
+            if let Some(row) = self.blocking(move |s| s.get(&owned)).await?
+                && !row.deleted
+            {
+                self.room_for(&row)?;
+            }
             let owned = id.to_owned();
             if !self.blocking(move |s| s.adopt(&owned)).await? {
                 return Err(not_registered());

@@ -173,10 +173,21 @@ impl Routing {
     /// it ends.
     pub async fn refresh_local(&self) -> bool {
         self.local_pending.store(true, Ordering::SeqCst);
-        let Ok(_one) = self.reloading.try_lock() else {
-            return false;
-        };
-        self.apply_local().await
+        self.apply_local_when_free().await
+    }
+
+    /// Applies pending verdicts unless a reload holds the lock (it applies them then);
+    /// checked again after the lock is let go, so a verdict noted meanwhile is not left
+    /// for the next reload.
+    async fn apply_local_when_free(&self) -> bool {
+        let mut changed = false;
+        while self.local_pending.load(Ordering::SeqCst) {
+            let Ok(_one) = self.reloading.try_lock() else {
+                break;
+            };
+            changed |= self.apply_local().await;
+        }
+        changed
     }
 
     /// Applies the verdicts changed since the last snapshot (the reload lock held).
@@ -226,6 +237,13 @@ impl Routing {
 
     /// Loads the table once and swaps it in if it changed; counts and records the outcome.
     pub async fn reload(&self) -> Result<Reloaded, RoutingError> {
+        let result = self.reload_locked().await;
+        // Verdicts noted while this reload held the lock and after it applied them.
+        self.apply_local_when_free().await;
+        result
+    }
+
+    async fn reload_locked(&self) -> Result<Reloaded, RoutingError> {
         let _one = self.reloading.lock().await;
         let result = self.load_and_swap().await;
         // Verdicts that changed while this reload held the lock.

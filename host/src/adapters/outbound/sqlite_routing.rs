@@ -75,7 +75,7 @@ pub(crate) fn ensure_owners(conn: &Connection) -> rusqlite::Result<()> {
         false => String::new(),
     };
     let note = match exists("_edgeproxy_dirty")? {
-        true => "INSERT INTO _edgeproxy_dirty (id) SELECT id FROM _edgeproxy_owners;",
+        true => "INSERT OR IGNORE INTO _edgeproxy_dirty (id) SELECT id FROM _edgeproxy_owners;",
         false => "",
     };
     let made = conn.execute_batch(&format!(

@@ -124,7 +124,16 @@ impl PgEditor {
         let client = editor.client.get_mut();
         if let Err(e) = client.batch_execute(super::OWNERS) {
             // A role that may not create it (a read-only one listing the table) gets an
-            // empty table of its session's own: every row reads as an operator's.
+            // empty table of its session's own: every row reads as an operator's. Any
+            // other failure is one.
+            use postgres::error::SqlState;
+            let denied = [
+                SqlState::INSUFFICIENT_PRIVILEGE,
+                SqlState::READ_ONLY_SQL_TRANSACTION,
+            ];
+            if !e.code().is_some_and(|c| denied.contains(c)) {
+                return Err(editor.db(&describe_error(&e)));
+            }
             client
                 .batch_execute(
                     "CREATE TEMP TABLE IF NOT EXISTS edgeproxy_owners (id TEXT PRIMARY KEY, owner TEXT NOT NULL)",
