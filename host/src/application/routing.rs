@@ -446,9 +446,21 @@ impl Routing {
     }
 }
 
-/// Whether `ip` is one of this host's addresses (binding to it only works then).
+/// Whether `ip` is one of this host's addresses: binding to it works only then, unless
+/// the host lets any address be bound (`ip_nonlocal_bind`, common beside keepalived),
+/// where only loopback is taken for this host's.
 pub(crate) fn is_local(ip: std::net::IpAddr) -> bool {
-    std::net::UdpSocket::bind((ip, 0)).is_ok()
+    static NONLOCAL_BIND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let nonlocal = *NONLOCAL_BIND.get_or_init(|| {
+        ["ipv4", "ipv6"].iter().any(|v| {
+            std::fs::read_to_string(format!("/proc/sys/net/{v}/ip_nonlocal_bind"))
+                .is_ok_and(|s| s.trim() != "0")
+        })
+    });
+    match nonlocal {
+        true => ip.is_loopback(),
+        false => std::net::UdpSocket::bind((ip, 0)).is_ok(),
+    }
 }
 
 #[cfg(test)]
