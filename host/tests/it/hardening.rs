@@ -433,11 +433,24 @@ async fn hostile_http_clients_are_bounded_and_cost_the_data_path_nothing() {
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
 
     for (listener, ok_path) in [(p.admin, "/status"), (api, "/health")] {
-        // 5,000 connections from one address: a few are held, the rest closed at once;
-        // from many addresses, never more than the listener's cap.
+        // 5,000 connections from 1,000 addresses (fewer where the descriptor limit
+        // cannot hold them and the proxy's): a few from each are held, the rest closed
+        // at once, and never more than the listener's cap in all.
+        let fds = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        let n = 5000u32.min((fds.saturating_sub(1000) / 2) as u32);
+        assert!(
+            n as usize > MAX_CONNECTIONS,
+            "a descriptor limit of {fds} is too low"
+        );
         let mut held = Vec::new();
-        for i in 0..5000u32 {
-            let source = ip(&format!("127.0.{}.{}", 1 + i / 200, 1 + i % 200));
+        for i in 0..n {
+            // The first hundred from one address, the rest over a thousand.
+            let source = match i < 100 {
+                true => ip("127.0.99.1"),
+                false => ip(&format!("127.0.{}.{}", 1 + i / 5 / 200, 1 + i / 5 % 200)),
+            };
             let connect = connect_from(source, listener);
             if let Ok(s) = tokio::time::timeout(Duration::from_secs(2), connect).await {
                 held.push((source, s));
