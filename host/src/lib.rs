@@ -466,10 +466,8 @@ impl Host {
             .chain(api.iter().map(TcpListener::local_addr))
             .filter_map(Result::ok)
             .collect();
-        if let Some(registry) = &self.registry {
-            registry.listening_at(bound.iter().copied());
-        }
-        // A row pointing at this POP (registered elsewhere, or by mistake) is skipped.
+        // A row pointing at this POP (registered elsewhere, or by mistake) is skipped, and
+        // the registration API refuses one.
         self.routing.listening_at(bound);
         if let Err(e) = self.routing.reload().await {
             tracing::warn!(error = %e, "routing reload once listening");

@@ -124,8 +124,6 @@ impl Default for Limits {
 pub struct Registry {
     store: Arc<dyn RegistrationStore>,
     limits: Limits,
-    /// Where this POP's listeners are bound (a configured port 0 is known only then).
-    bound: Mutex<Vec<std::net::SocketAddr>>,
     registering: tokio::sync::Mutex<()>,
     /// The routing snapshot: a beat for a backend it shows healthy touches no file.
     routing: Arc<super::routing::Routing>,
@@ -160,7 +158,6 @@ impl Registry {
         Ok(Self {
             store,
             limits,
-            bound: Mutex::default(),
             registering: tokio::sync::Mutex::new(()),
             routing,
             geo,
@@ -177,14 +174,6 @@ impl Registry {
 
     pub fn heartbeat_age(&self, id: &BackendId) -> Option<Duration> {
         self.beats().get(id).map(|b| b.last.elapsed())
-    }
-
-    /// This POP's listeners as bound: never a registered backend's address.
-    pub fn listening_at(&self, addrs: impl IntoIterator<Item = std::net::SocketAddr>) {
-        self.bound
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend(addrs);
     }
 
     /// Backends registered through this POP (from memory).
@@ -211,13 +200,9 @@ impl Registry {
             Ok(ip) => ip,
             Err(_) => return bad(format!("ip {:?} is not an IP address", req.ip)),
         };
+        // The listeners as bound too: a configured port 0 is known only then.
         let mut destinations = self.limits.destinations.clone();
-        destinations.own.extend(
-            self.bound
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter(),
-        );
+        destinations.own.extend(self.routing.own_listeners());
         if let Err(e) = destinations.check(
             std::net::SocketAddr::new(ip, port),
             super::routing::is_local,

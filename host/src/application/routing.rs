@@ -263,6 +263,14 @@ impl Routing {
         result
     }
 
+    /// This POP's listeners as bound.
+    pub fn own_listeners(&self) -> Vec<std::net::SocketAddr> {
+        self.own
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// This POP's listeners, as bound; rows pointing at them are skipped from now on.
     pub fn listening_at(&self, addrs: impl IntoIterator<Item = std::net::SocketAddr>) {
         self.own
@@ -273,29 +281,16 @@ impl Routing {
 
     /// Moves the rows that point at this POP's own listeners to the skipped ones.
     fn skip_own(&self, loaded: &mut crate::domain::ports::LoadedBackends) {
-        let own = self
-            .own
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let own = self.own_listeners();
         if own.is_empty() {
             return;
         }
-        // A wildcard listener is reached at any of this host's addresses: asked once per
-        // address (a bind), and only for rows on a listener's port.
+        // Whether an address is this host's is asked once per address (a bind), and only
+        // for rows on the port of a wildcard listener.
         let mut local = std::collections::HashMap::new();
-        let mut mine = |addr: std::net::SocketAddr| {
-            own.iter().any(|o| {
-                o.port() == addr.port()
-                    && (o.ip() == addr.ip()
-                        || (o.ip().is_unspecified()
-                            && *local
-                                .entry(addr.ip())
-                                .or_insert_with(|| addr.ip().is_loopback() || is_local(addr.ip()))))
-            })
-        };
+        let mut this_host = |ip| *local.entry(ip).or_insert_with(|| is_local(ip));
         loaded.backends.retain(|b| {
-            if !mine(b.addr) {
+            if !crate::domain::registration::is_own_listener(&own, b.addr, &mut this_host) {
                 return true;
             }
             loaded.skipped.push(SkippedRow {

@@ -72,6 +72,20 @@ pub fn special(ip: IpAddr) -> Option<&'static str> {
     }
 }
 
+/// Whether `addr` is one of the listeners `own`: the same address, or the port of one
+/// bound to a wildcard address on an IP that is this host's (`local`).
+pub fn is_own_listener(
+    own: &[SocketAddr],
+    addr: SocketAddr,
+    mut local: impl FnMut(IpAddr) -> bool,
+) -> bool {
+    let ip = addr.ip().to_canonical();
+    own.iter().any(|o| {
+        o.port() == addr.port()
+            && (o.ip().to_canonical() == ip || (o.ip().is_unspecified() && local(ip)))
+    })
+}
+
 /// Where registered backends may be: the operator's networks and ports (empty: any),
 /// never this POP's own listeners.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -87,11 +101,7 @@ impl Destinations {
     /// this host's (a listener bound to a wildcard address is reached at any of them).
     pub fn check(&self, addr: SocketAddr, local: impl Fn(IpAddr) -> bool) -> Result<(), String> {
         let ip = addr.ip().to_canonical();
-        let own = self.own.iter().any(|o| {
-            o.port() == addr.port()
-                && (o.ip().to_canonical() == ip || (o.ip().is_unspecified() && local(ip)))
-        });
-        if own {
+        if is_own_listener(&self.own, addr, local) {
             return Err(format!(
                 "{addr} is this POP's own listener: the proxy would connect to itself"
             ));
