@@ -56,6 +56,12 @@ BEGIN
 END;
 ";
 
+const OWNER_TRIGGER_NAMES: [&str; 3] = [
+    "_edgeproxy_capture_owner_insert",
+    "_edgeproxy_capture_owner_update",
+    "_edgeproxy_capture_owner_delete",
+];
+
 /// Changes of who manages a row are changes of the row.
 const OWNER_TRIGGERS: &str = "
 CREATE TRIGGER IF NOT EXISTS _edgeproxy_capture_owner_insert AFTER INSERT ON _edgeproxy_owners
@@ -159,22 +165,28 @@ fn upgrade(tx: &Connection, node: NodeId, now: u64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Puts back triggers a recreated table lost; true when it had to (the caller then
-/// compares the whole table).
+/// Puts back the triggers a recreated `backends` or owners table lost (with the owners
+/// table itself); true when it had to (the caller then compares the whole table).
 fn restore_triggers(tx: &Connection) -> rusqlite::Result<bool> {
-    // A script may have dropped the owners table too (its triggers go with it).
-    crate::adapters::outbound::sqlite_routing::ensure_owners(tx)?;
-    tx.execute_batch(OWNER_TRIGGERS)?;
+    let names = TRIGGER_NAMES.iter().chain(&OWNER_TRIGGER_NAMES);
     let present: i64 = tx.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'backends'
-            AND name IN ('_edgeproxy_capture_insert', '_edgeproxy_capture_update', '_edgeproxy_tombstone')",
+        &format!(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN ({})",
+            names
+                .clone()
+                .map(|n| format!("'{n}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         [],
         |r| r.get(0),
     )?;
-    if present == TRIGGER_NAMES.len() as i64 {
+    if present == names.count() as i64 {
         return Ok(false);
     }
+    crate::adapters::outbound::sqlite_routing::ensure_owners(tx)?;
     tx.execute_batch(TRIGGERS)?;
+    tx.execute_batch(OWNER_TRIGGERS)?;
     tx.execute_batch(
         "INSERT INTO _edgeproxy_dirty (id)
             SELECT id FROM backends UNION SELECT id FROM _edgeproxy_versions",
@@ -189,7 +201,7 @@ fn restore_triggers(tx: &Connection) -> rusqlite::Result<bool> {
 pub(super) fn stamp(t: &mut Txn<'_>) -> rusqlite::Result<Stamped> {
     if restore_triggers(t.tx)? {
         tracing::warn!(
-            "cluster: the backends table was recreated (its capture triggers were gone); \
+            "cluster: the backends or owners table was recreated (capture triggers were gone); \
              comparing it with the replicated rows and replicating the differences"
         );
     }
