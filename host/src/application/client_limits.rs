@@ -19,6 +19,16 @@ use dashmap::DashMap;
 use ipnet::IpNet;
 use tokio::time::Instant;
 
+/// The prefix a client address is counted under (`v4` and `v6` bits long).
+pub fn client_prefix(ip: IpAddr, v4: u8, v6: u8) -> IpNet {
+    let ip = ip.to_canonical();
+    let len = match ip {
+        IpAddr::V4(_) => v4,
+        IpAddr::V6(_) => v6,
+    };
+    IpNet::new(ip, len).map_or_else(|_| IpNet::from(ip), |n| n.trunc())
+}
+
 /// What a listener allows each client prefix.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientLimits {
@@ -116,12 +126,7 @@ impl ClientLimiter {
     }
 
     fn key(&self, ip: IpAddr) -> IpNet {
-        let ip = ip.to_canonical();
-        let len = match ip {
-            IpAddr::V4(_) => self.limits.v4_prefix,
-            IpAddr::V6(_) => self.limits.v6_prefix,
-        };
-        IpNet::new(ip, len).map_or_else(|_| IpNet::from(ip), |n| n.trunc())
+        client_prefix(ip, self.limits.v4_prefix, self.limits.v6_prefix)
     }
 
     /// Admits a connection from `ip` at `now`, or says why not. `Ok(Some)` holds a share of

@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +23,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use ipnet::IpNet;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -44,17 +44,17 @@ pub type Reply = Response<Full<Bytes>>;
 #[derive(Default)]
 struct Held {
     all: AtomicUsize,
-    by_ip: Mutex<HashMap<IpAddr, usize>>,
+    by_ip: Mutex<HashMap<IpNet, usize>>,
 }
 
 /// One connection's share of [`Held`], given back when dropped.
 struct Slot {
     held: Arc<Held>,
-    ip: IpAddr,
+    ip: IpNet,
 }
 
 impl Held {
-    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+    fn take(self: &Arc<Self>, ip: IpNet) -> Option<Slot> {
         let mut by_ip = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
         let mine = by_ip.entry(ip).or_default();
         if *mine >= MAX_PER_CLIENT || self.all.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
@@ -164,10 +164,7 @@ pub async fn serve<F, Fut>(
             },
         };
         // One IPv6 host holds a /64: counted as one client, or it could take every slot.
-        let client = match peer.ip().to_canonical() {
-            IpAddr::V6(v6) => IpAddr::V6((v6.to_bits() & !((1u128 << 64) - 1)).into()),
-            v4 => v4,
-        };
+        let client = crate::application::client_limits::client_prefix(peer.ip(), 32, 64);
         let Some(slot) = held.take(client) else {
             if let Some(more) = refusals.allow() {
                 tracing::warn!(
