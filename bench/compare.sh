@@ -133,14 +133,7 @@ stop_proxy() {
 results=$WORK/results.jsonl
 record() { echo "{\"proxy\":\"$1\",\"test\":\"$2\",\"result\":$3}" | tee -a "$results" >&2; }
 : > "$results"
-# Every rate run starts from the same TIME_WAIT state: the last run's sockets (a run
-# leaves ~100,000 for 60 s) slow the next one's connects, by up to 2x here.
-settle() {
-  local deadline=$((SECONDS + 90))
-  while [ "$(ss -Htan state time-wait | wc -l)" -gt "${TIME_WAIT_MAX:-1000}" ] && [ $SECONDS -lt $deadline ]; do
-    sleep 1
-  done
-}
+. "$here/settle.sh"
 for test in $TESTS; do
   for name in $PROXIES; do
     case $test in

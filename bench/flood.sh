@@ -33,10 +33,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 taskset -c "$LOAD_CPU" "$bin/edgeproxy-loadgen" echo --listen $ECHO & pids+=($!)
 
-settle() {
-  local deadline=$((SECONDS + 90))
-  while [ "$(ss -Htan state time-wait | wc -l)" -gt 1000 ] && [ $SECONDS -lt $deadline ]; do sleep 1; done
-}
+. "$here/settle.sh"
 
 # run LIMITS(on|off) FLOOD(yes|no): prints the steady client's and the flood's results.
 run() {
