@@ -342,6 +342,19 @@ async fn errors_name_the_database_without_credentials() {
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
 
+/// A POP (fra1) on the table in `pg`, with the registration API on (its backends are on
+/// loopback); `unused` is the SQLite file it is not given.
+async fn registering_pop(pg: &Postgres, unused: &Db) -> Proxy {
+    Proxy::start(
+        unused,
+        &format!(
+            "db_url = \"{}\"\nbinding_ttl_secs = 0\ncluster_node_id = \"fra1\"\n[api]\nenabled = true\nallowed_networks = \"127.0.0.0/8\"\n",
+            pg.url()
+        ),
+    )
+    .await
+}
+
 /// Self-registration writes the shared table (and this POP's record of what it registered),
 /// and the proxy routes to what registered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,24 +363,10 @@ async fn registrations_go_to_postgres_and_are_routed() {
     ok(&pg, &["db", "init"]).await;
     let be = Backend::start("joiner").await;
     let unused = Db::new(&[]);
-    let p = Proxy::start(
-        &unused,
-        &format!(
-            "db_url = \"{}\"\nbinding_ttl_secs = 0\ncluster_node_id = \"fra1\"\n[api]\nenabled = true\nallowed_networks = \"127.0.0.0/8\"\n",
-            pg.url()
-        ),
-    )
-    .await;
+    let p = registering_pop(&pg, &unused).await;
     let api = p.api.unwrap();
     let v = p.version();
-    let (code, body) = send(
-        api,
-        "POST",
-        "/api/v1/register",
-        &[],
-        &registration("joiner-1", "web", be.addr),
-    )
-    .await;
+    let (code, body) = register(api, &registration("joiner-1", "web", be.addr)).await;
     assert_eq!(code, 200, "{body}");
     p.wait_version_after(v).await;
     assert_eq!(served_by("127.0.0.6", p.addr).await, "joiner");
@@ -548,14 +547,7 @@ async fn a_stalled_statement_fails_in_seconds() {
     ok(&pg, &["db", "init"]).await;
     let be = Backend::start("joiner").await;
     let unused = Db::new(&[]);
-    let url = pg.url();
-    let p = Proxy::start(
-        &unused,
-        &format!(
-            "db_url = \"{url}\"\nbinding_ttl_secs = 0\ncluster_node_id = \"fra1\"\n[api]\nenabled = true\nallowed_networks = \"127.0.0.0/8\"\n"
-        ),
-    )
-    .await;
+    let p = registering_pop(&pg, &unused).await;
     let api = p.api.unwrap();
     let (locked, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
     let holder = {
@@ -573,14 +565,7 @@ async fn a_stalled_statement_fails_in_seconds() {
     };
     locked.1.recv().unwrap();
     let started = tokio::time::Instant::now();
-    let (code, body) = send(
-        api,
-        "POST",
-        "/api/v1/register",
-        &[],
-        &registration("j-1", "web", be.addr),
-    )
-    .await;
+    let (code, body) = register(api, &registration("j-1", "web", be.addr)).await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("statement timeout"), "{body}");
     // edgeproxy's own statement timeout: five seconds.
@@ -592,14 +577,7 @@ async fn a_stalled_statement_fails_in_seconds() {
     release.0.send(()).unwrap();
     holder.join().unwrap();
     // Once the lock is gone, the same registration goes through.
-    let (code, body) = send(
-        api,
-        "POST",
-        "/api/v1/register",
-        &[],
-        &registration("j-1", "web", be.addr),
-    )
-    .await;
+    let (code, body) = register(api, &registration("j-1", "web", be.addr)).await;
     assert_eq!(code, 200, "{body}");
     p.stop().await;
 }

@@ -3,10 +3,6 @@
 
 use crate::support::*;
 
-async fn register(api: std::net::SocketAddr, body: &str) -> (u16, String) {
-    send(api, "POST", "/api/v1/register", &[], body).await
-}
-
 /// Register, beat, fall silent, beat again, deregister: each step reaches routing, and
 /// heartbeats alone never change the table's version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -498,6 +498,11 @@ pub async fn send(
 }
 
 /// A registration as edgeProxy's API takes it: `id` of `app` in region eu at `addr`.
+/// `POST /api/v1/register` with `body`, no token: (status, body).
+pub async fn register(api: SocketAddr, body: &str) -> (u16, String) {
+    send(api, "POST", "/api/v1/register", &[], body).await
+}
+
 pub fn registration(id: &str, app: &str, addr: SocketAddr) -> String {
     serde_json::json!({ "id": id, "app": app, "region": "eu", "ip": addr.ip().to_string(), "port": addr.port() }).to_string()
 }
