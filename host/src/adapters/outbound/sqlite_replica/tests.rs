@@ -173,8 +173,11 @@ fn remote_rows_merge_by_version_and_are_not_recaptured() {
 
 #[test]
 fn a_pending_local_edit_is_stamped_before_remote_rows_are_compared() {
-    let (_d, mut a) = open();
-    let (_d2, mut b) = open();
+    // Versions come from stamping: on a real clock A's stamp and B's can
+    // fall in one millisecond, and the node id then decides.
+    let clock = Arc::new(AtomicU64::new(1_000_000_000_000));
+    let (_d, mut a) = open_at(&clock);
+    let (_d2, mut b) = open_at(&clock);
     shell(&a, &row("a", 80));
     let (old, _) = a.stamp_local().unwrap();
     b.apply(old.clone(), &Seen::default()).unwrap();
@@ -182,6 +185,7 @@ fn a_pending_local_edit_is_stamped_before_remote_rows_are_compared() {
     // A newer write from A arrives before B's replicator noticed its own edit.
     shell(&a, "UPDATE backends SET port = 98 WHERE id = 'a'");
     let (newer, _) = a.stamp_local().unwrap();
+    clock.fetch_add(1, Ordering::SeqCst);
     let out = b.apply(newer, &Seen::default()).unwrap();
     assert_eq!(out.stamped.len(), 1, "B's edit was stamped first");
     assert_eq!(out.stale, 1, "and is newer than A's");
