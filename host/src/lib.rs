@@ -533,7 +533,8 @@ impl Host {
                         config.proxy_protocol,
                         self.telemetry.slots.clone(),
                     )
-                    .with_limiter(limiter),
+                    .with_limiter(limiter)
+                    .with_tls(config.tls.is_some()),
                 );
                 self.telemetry.add_listener(Arc::clone(&s));
                 s

@@ -63,8 +63,11 @@ pub struct Inbound {
     pub client_ip: IpAddr,
     pub via_proxy_protocol: bool,
     pub app: Option<Arc<str>>,
-    /// Payload bytes already read (past a PROXY header), sent to the backend first.
+    /// Payload bytes already read (past a PROXY header, a ClientHello), sent to the
+    /// backend first.
     pub early_data: Vec<u8>,
+    /// The ClientHello, on listeners that read it.
+    pub tls: Option<Arc<crate::domain::server_names::TlsHello>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +90,7 @@ impl ProxyService {
             country,
             region: country.map(|c| self.regions.region_of(c)),
             via_proxy_protocol,
+            tls: None,
         }
     }
 
@@ -98,9 +102,12 @@ impl ProxyService {
         }
     }
 
-    pub async fn handle(&self, mut stream: TcpStream, inbound: Inbound) {
-        let client = self.locate(inbound.client_ip, inbound.via_proxy_protocol);
-        match self.proxy(&mut stream, &client, &inbound).await {
+    pub async fn handle(&self, mut stream: TcpStream, mut inbound: Inbound) {
+        let client = Client {
+            tls: inbound.tls.take(),
+            ..self.locate(inbound.client_ip, inbound.via_proxy_protocol)
+        };
+        match self.proxy(&mut stream, &client, &mut inbound).await {
             Ok((backend, up, down)) => tracing::debug!(
                 client = %self.shown(client.ip), %backend, bytes_up = up, bytes_down = down, "connection closed"
             ),
@@ -195,7 +202,7 @@ impl ProxyService {
         &self,
         inbound_stream: &mut TcpStream,
         client: &Client,
-        inbound: &Inbound,
+        inbound: &mut Inbound,
     ) -> Result<(String, u64, u64), ConnError> {
         // Boxed: the decision and connect state exists only until connected, and the
         // connection's task then holds just what the relay needs, for as long as it lasts.
@@ -204,11 +211,17 @@ impl ProxyService {
         if let Some(idle) = self.settings.keepalive {
             set_backend_keepalive(&upstream, idle);
         }
-        if !inbound.early_data.is_empty() {
-            upstream.write_all(&inbound.early_data).await?;
-            let n = inbound.early_data.len() as u64;
-            target.stats.traffic.up.fetch_add(n, Relaxed);
+        // Taken, so the connection does not hold it (a ClientHello's buffer) while it lasts.
+        let early = std::mem::take(&mut inbound.early_data);
+        if !early.is_empty() {
+            upstream.write_all(&early).await?;
+            target
+                .stats
+                .traffic
+                .up
+                .fetch_add(early.len() as u64, Relaxed);
         }
+        drop(early);
         let relayed = relay::relay(
             inbound_stream,
             &upstream,

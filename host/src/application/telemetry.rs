@@ -152,6 +152,40 @@ pub struct ListenerStats {
     /// Connections refused by them: over the rate, over the open connections.
     pub refused_rate: AtomicU64,
     pub refused_open: AtomicU64,
+    /// On listeners that read TLS: connections closed before routing, by reason.
+    pub tls: Option<TlsCounters>,
+}
+
+/// Why a TLS listener closed a connection before routing it.
+pub const TLS_REJECTS: [&str; 7] = [
+    "not_tls",
+    "malformed",
+    "too_large",
+    "timeout",
+    "closed",
+    "unknown_name",
+    "handshake",
+];
+
+#[derive(Debug, Default)]
+pub struct TlsCounters {
+    rejected: [AtomicU64; TLS_REJECTS.len()],
+}
+
+impl TlsCounters {
+    /// Counts one rejection; `reason` is one of `TLS_REJECTS`.
+    pub fn reject(&self, reason: &str) {
+        if let Some(i) = TLS_REJECTS.iter().position(|r| *r == reason) {
+            self.rejected[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn rejected(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        TLS_REJECTS
+            .iter()
+            .zip(&self.rejected)
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+    }
 }
 
 impl ListenerStats {
@@ -171,7 +205,13 @@ impl ListenerStats {
             limiter: None,
             refused_rate: AtomicU64::new(0),
             refused_open: AtomicU64::new(0),
+            tls: None,
         }
+    }
+
+    pub fn with_tls(mut self, tls: bool) -> Self {
+        self.tls = tls.then(TlsCounters::default);
+        self
     }
 
     pub fn with_limiter(

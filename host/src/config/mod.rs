@@ -80,6 +80,33 @@ pub struct ListenerConfig {
     pub rate_limit_burst: Option<u32>,
     #[serde(default)]
     pub rate_limit_max_open: Option<u32>,
+    /// Read each connection's TLS ClientHello: `passthrough` relays TLS unchanged,
+    /// `terminate` ends it here; either way SNI and ALPN route and reach the policy.
+    #[serde(default)]
+    pub tls: Option<TlsMode>,
+    /// TLS server name (exact, or a `*.` wildcard) to the app serving it, or to
+    /// `{ app = "...", tls = "terminate" | "passthrough" }` where its mode differs from the
+    /// listener's. Names not listed go to `app`; refused when it is unset.
+    #[serde(default)]
+    pub server_names: BTreeMap<String, NameEntry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Passthrough,
+    Terminate,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum NameEntry {
+    App(String),
+    Route {
+        app: String,
+        #[serde(default)]
+        tls: Option<TlsMode>,
+    },
 }
 
 impl ListenerConfig {
@@ -93,7 +120,36 @@ impl ListenerConfig {
             rate_limit_max_requests: None,
             rate_limit_burst: None,
             rate_limit_max_open: None,
+            tls: None,
+            server_names: BTreeMap::new(),
         }
+    }
+
+    /// `server_names`, checked and ready to look up; each name's mode is its own or the
+    /// listener's.
+    pub fn names(
+        &self,
+    ) -> Result<crate::domain::server_names::ServerNames, crate::domain::server_names::NameError>
+    {
+        use crate::domain::server_names::{NameRoute, ServerNames};
+        let mut names = ServerNames::default();
+        for (name, entry) in &self.server_names {
+            let (app, mode) = match entry {
+                NameEntry::App(app) => (app, self.tls),
+                NameEntry::Route { app, tls } => (app, tls.or(self.tls)),
+            };
+            let route = NameRoute {
+                app: app.as_str().into(),
+                terminate: mode == Some(TlsMode::Terminate),
+            };
+            names.insert(name, route)?;
+        }
+        Ok(names)
+    }
+
+    /// Whether any connection of this listener may be terminated here.
+    pub fn terminates(&self) -> bool {
+        self.tls == Some(TlsMode::Terminate) || self.names().is_ok_and(|n| n.terminates())
     }
 
     /// The per-client limits of this listener: its overrides over `base` (the POP's),
@@ -274,6 +330,26 @@ impl Config {
                     errors.push(invalid(
                         format!("listener[{i}].trusted_proxies"),
                         format!("{any} lets any peer claim any client address; list the load balancers' networks, or set trust_any_peer = true"),
+                    ));
+                }
+                if !lc.server_names.is_empty() && lc.tls.is_none() {
+                    errors.push(invalid(
+                        format!("listener[{i}].server_names"),
+                        "routing by server name needs tls = \"passthrough\" or \"terminate\" on the listener",
+                    ));
+                }
+                if let Err(e) = lc.names() {
+                    errors.push(invalid(
+                        format!("listener[{i}].server_names"),
+                        e.to_string(),
+                    ));
+                }
+                if let Some((name, _)) = lc.server_names.iter().find(|(_, e)| {
+                    matches!(e, NameEntry::App(a) | NameEntry::Route { app: a, .. } if a.trim().is_empty())
+                }) {
+                    errors.push(invalid(
+                        format!("listener[{i}].server_names"),
+                        format!("{name:?} names an empty app"),
                     ));
                 }
                 if listeners[..i].iter().any(|o| o.addr == lc.addr) {

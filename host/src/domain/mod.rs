@@ -10,6 +10,7 @@
 //!   compare.
 //! - `rollout`: policies deployed across the fleet: which one each POP runs, by role.
 //! - `registration`: what a self-registration may ask for (ids, bounds, destinations).
+//! - `server_names`: TLS server names (SNI) to the app and mode that serve them.
 //! - `sample`: the synthetic table the policy self-test, `policy check` and tests share.
 //!
 //! Nothing here does I/O or awaits; adapters feed it immutable snapshots and it answers
@@ -25,6 +26,7 @@ pub mod replication;
 pub mod rollout;
 pub mod routing_table;
 pub mod sample;
+pub mod server_names;
 pub mod services;
 
 pub use model::{Backend, BackendId, BackendStats, Client, CountryCode, Region};

@@ -254,6 +254,8 @@ pub struct Client {
     pub region: Option<Region>,
     /// True when `ip` came from a trusted PROXY protocol header rather than the socket.
     pub via_proxy_protocol: bool,
+    /// What it said in its TLS ClientHello, on listeners that read it.
+    pub tls: Option<std::sync::Arc<super::server_names::TlsHello>>,
 }
 
 #[cfg(test)]

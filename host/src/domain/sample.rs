@@ -43,6 +43,7 @@ pub fn client(ip: &str, country: Option<&str>, region: Option<&str>) -> Client {
         country: country.map(|c| c.parse().expect("a valid sample country")),
         region: region.map(Region::new),
         via_proxy_protocol: false,
+        tls: None,
     }
 }
 

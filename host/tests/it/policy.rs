@@ -115,6 +115,7 @@ fn wasm_default_policy_agrees_with_the_native_scorer() {
             country,
             region: country.map(|c| regions.region_of(c)),
             via_proxy_protocol: v6,
+            tls: None,
         };
         let pop = Region::new(pop);
         let req = PickRequest { table: &t, pop_region: &pop, app, client: &client };

@@ -1,6 +1,7 @@
 //! Inbound adapters: what drives the host.
 //!
-//! - `tcp_server` (accept loops) and `proxy_protocol` (the PROXY v1/v2 header on them).
+//! - `tcp_server` (accept loops), `proxy_protocol` (the PROXY v1/v2 header on them) and
+//!   `tls_hello` (the ClientHello a TLS listener routes by).
 //! - `file_watch`: file-change notifications that trigger reloads.
 //! - `admin_http` (the admin JSON API) and `prometheus` (its `/metrics` exposition);
 //!   `registration_http` (backends register and beat); `http`: what they share.
@@ -24,3 +25,4 @@ pub mod registration_http;
 pub mod routing_cli;
 pub mod shadow_cli;
 pub mod tcp_server;
+pub mod tls_hello;

@@ -68,6 +68,7 @@ pub fn replay(input: ReplayInput) -> anyhow::Result<Replay> {
                     country: record.country.as_deref().and_then(|c| c.parse().ok()),
                     region: record.region.as_deref().map(Region::new),
                     via_proxy_protocol: record.via_proxy_protocol,
+                    tls: None,
                 };
                 let pop_region = Region::new(&record.pop_region);
                 let req = PickRequest {

@@ -103,6 +103,7 @@ pub fn simulate(input: SimulateInput) -> anyhow::Result<Simulation> {
         country,
         region: country.map(|c| input.regions.region_of(c)),
         via_proxy_protocol: false,
+        tls: None,
     };
     let candidates = table.candidates(input.app.as_deref());
     let req = PickRequest {

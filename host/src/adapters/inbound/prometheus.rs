@@ -143,6 +143,25 @@ impl Collector for HostCollector {
             "Client connections open now",
             gauges(per_listener(ListenerStats::active)),
         )?;
+        let tls: Vec<_> = listeners
+            .iter()
+            .zip(&addrs)
+            .filter_map(|(l, a)| Some((l.tls.as_ref()?, a)))
+            .collect();
+        if !tls.is_empty() {
+            family(
+                e,
+                "tls_rejected",
+                "Connections a TLS listener closed before routing, by reason",
+                tls.iter()
+                    .flat_map(|(t, a)| {
+                        t.rejected().map(|(why, n)| {
+                            (vec![("listener", a.as_str()), ("reason", why)], counter(n))
+                        })
+                    })
+                    .collect::<Vec<_>>(),
+            )?;
+        }
         let limited: Vec<_> = listeners
             .iter()
             .zip(&addrs)

@@ -11,12 +11,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::proxy_protocol;
+use super::{proxy_protocol, tls_hello};
 use crate::adapters::net::{is_local_resource_error, set_keepalive};
 use crate::application::client_limits::Refused;
 use crate::application::proxy_service::{Inbound, ProxyService};
 use crate::application::telemetry::ListenerStats;
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, TlsMode};
+use crate::domain::server_names::ServerNames;
 
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pending connections the kernel queues per listening socket.
@@ -75,6 +76,8 @@ pub async fn serve(
         connections,
         kill,
     } = acceptor;
+    // Checked when the config was resolved.
+    let names = Arc::new(config.names().unwrap_or_default());
     let config = Arc::new(config);
     let app: Option<Arc<str>> = config.app.as_deref().map(Arc::from);
     // Accepted sockets inherit TCP_NODELAY and the keepalive settings from the listener
@@ -103,6 +106,7 @@ pub async fn serve(
             Ok((stream, peer)) => {
                 let (service, config, app) =
                     (Arc::clone(&service), Arc::clone(&config), app.clone());
+                let names = Arc::clone(&names);
                 let kill = kill.clone();
                 let open = stats.opened();
                 if !inherited {
@@ -115,7 +119,7 @@ pub async fn serve(
                 connections.spawn(async move {
                     let _open = open;
                     tokio::select! {
-                        _ = connection(stream, peer, &config, app, &service, &stats) => {}
+                        _ = connection(stream, peer, (&config, &names), app, &service, &stats) => {}
                         _ = kill.cancelled() => {}
                     }
                 });
@@ -147,7 +151,7 @@ pub async fn serve(
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
-    config: &ListenerConfig,
+    (config, names): (&ListenerConfig, &ServerNames),
     app: Option<Arc<str>>,
     service: &ProxyService,
     stats: &ListenerStats,
@@ -157,6 +161,7 @@ async fn connection(
         via_proxy_protocol: false,
         app,
         early_data: Vec::new(),
+        tls: None,
     };
     if config.proxy_protocol && config.trusts(inbound.client_ip) {
         match proxy_protocol::read_header(&mut stream, PROXY_HEADER_TIMEOUT).await {
@@ -194,7 +199,67 @@ async fn connection(
             }
         },
     };
+    if let Some(mode) = config.tls {
+        let Some(terminate) =
+            tls_route(&mut stream, &mut inbound, mode, names, service, stats).await
+        else {
+            return;
+        };
+        if terminate {
+            // Termination comes with certificates (see `tls_terminate`).
+            return;
+        }
+    }
     service.handle(stream, inbound).await;
+}
+
+/// Reads the ClientHello and routes by its server name: the app goes into `inbound`,
+/// the bytes read become its early data. Whether to terminate; None: closed, counted.
+async fn tls_route(
+    stream: &mut TcpStream,
+    inbound: &mut Inbound,
+    mode: TlsMode,
+    names: &ServerNames,
+    service: &ProxyService,
+    stats: &ListenerStats,
+) -> Option<bool> {
+    let reject = |reason: &str, detail: &dyn std::fmt::Display| {
+        if let Some(t) = &stats.tls {
+            t.reject(reason);
+        }
+        if let Some(suppressed) = service.telemetry.connection_log.allow() {
+            tracing::warn!(listener = %stats.addr, client = %service.shown(inbound.client_ip), error = %detail, suppressed, "closing TLS connection");
+        }
+    };
+    let read = std::mem::take(&mut inbound.early_data);
+    let (hello, bytes) = match tls_hello::read(stream, read).await {
+        Ok(r) => r,
+        Err(e) => {
+            reject(e.label(), &e);
+            return None;
+        }
+    };
+    let route = hello.sni.as_deref().and_then(|n| names.route(n));
+    let terminate = match route {
+        Some(r) => {
+            inbound.app = Some(Arc::clone(&r.app));
+            r.terminate
+        }
+        // Unlisted names (and hellos without one) go to the listener's app; with none,
+        // a listener that routes by name refuses them.
+        None if inbound.app.is_some() || names.is_empty() => mode == TlsMode::Terminate,
+        None => {
+            let name = hello.sni.as_deref().unwrap_or("(none)");
+            reject(
+                "unknown_name",
+                &format_args!("no route for server name {name}"),
+            );
+            return None;
+        }
+    };
+    inbound.early_data = bytes;
+    inbound.tls = Some(Arc::new(hello));
+    Some(terminate)
 }
 
 #[cfg(all(test, target_os = "linux"))]

@@ -114,6 +114,7 @@ mod tests {
             country: country.map(|c| c.parse().unwrap()),
             region: region.map(Region::new),
             via_proxy_protocol: false,
+            tls: None,
         }
     }
 
