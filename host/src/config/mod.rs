@@ -89,6 +89,18 @@ pub struct ListenerConfig {
     /// listener's. Names not listed go to `app`; refused when it is unset.
     #[serde(default)]
     pub server_names: BTreeMap<String, NameEntry>,
+    /// Send backends a PROXY protocol header (`v1` or `v2`, the latter with the TLS
+    /// server name and ALPN) carrying the client's address.
+    #[serde(default)]
+    pub send_proxy_protocol: Option<SendVersion>,
+}
+
+/// Which PROXY protocol version a listener sends its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendVersion {
+    V1,
+    V2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -122,6 +134,7 @@ impl ListenerConfig {
             rate_limit_max_open: None,
             tls: None,
             server_names: BTreeMap::new(),
+            send_proxy_protocol: None,
         }
     }
 

@@ -11,9 +11,10 @@ use std::sync::Arc;
 pub struct TlsHello {
     /// The server name it asked for (normalised: lower case, no trailing dot).
     pub sni: Option<Arc<str>>,
-    /// The application protocols it offered, in its order (after a terminating
-    /// handshake: the one agreed).
+    /// The application protocols it offered, in its order.
     pub alpn: Vec<Arc<str>>,
+    /// The one agreed, where the TLS handshake was ours (termination).
+    pub negotiated: Option<Arc<str>>,
 }
 
 /// Where the connections for a name go.

@@ -18,4 +18,5 @@ mod registration;
 mod routing_cli;
 mod shadow;
 mod support;
+mod tls;
 mod wasi;

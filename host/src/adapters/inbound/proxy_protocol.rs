@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::config::SendVersion;
 use ppp::{HeaderResult, PartialResult, v1, v2};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -27,6 +28,64 @@ pub enum ProxyHeaderError {
     TooLong,
     #[error("reading PROXY header: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// The header a backend is sent first (HAProxy's `send-proxy`/`send-proxy-v2`): the
+/// client's address and the one it connected to, and in v2 the TLS server name
+/// (`PP2_TYPE_AUTHORITY`) and ALPN (`PP2_TYPE_ALPN`) when known.
+pub fn outbound_header(
+    version: SendVersion,
+    source: SocketAddr,
+    destination: SocketAddr,
+    authority: Option<&str>,
+    alpn: Option<&str>,
+) -> Vec<u8> {
+    // One family for both (a v4 client on a v6 listener): the v4 address mapped.
+    let (source, destination) = match (source, destination) {
+        (SocketAddr::V4(s), SocketAddr::V6(d)) => (
+            SocketAddr::new(s.ip().to_ipv6_mapped().into(), s.port()),
+            d.into(),
+        ),
+        (SocketAddr::V6(s), SocketAddr::V4(d)) => (
+            s.into(),
+            SocketAddr::new(d.ip().to_ipv6_mapped().into(), d.port()),
+        ),
+        same => same,
+    };
+    match version {
+        SendVersion::V1 => {
+            let addresses = match (source, destination) {
+                (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+                    v1::Addresses::new_tcp4(*s.ip(), *d.ip(), s.port(), d.port())
+                }
+                (s, d) => v1::Addresses::new_tcp6(to_v6(s.ip()), to_v6(d.ip()), s.port(), d.port()),
+            };
+            addresses.to_string().into_bytes()
+        }
+        SendVersion::V2 => {
+            let mut b = v2::Builder::with_addresses(
+                v2::Version::Two | v2::Command::Proxy,
+                v2::Protocol::Stream,
+                (source, destination),
+            );
+            // Writing to a Vec cannot fail, and each value is far below a TLV's u16 bound.
+            for (kind, value) in [(v2::Type::ALPN, alpn), (v2::Type::Authority, authority)] {
+                if let Some(v) = value.filter(|v| v.len() <= 255) {
+                    b = b
+                        .write_tlv(kind, v.as_bytes())
+                        .unwrap_or_else(|_| unreachable!());
+                }
+            }
+            b.build().unwrap_or_else(|_| unreachable!())
+        }
+    }
+}
+
+fn to_v6(ip: std::net::IpAddr) -> std::net::Ipv6Addr {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        std::net::IpAddr::V6(v6) => v6,
+    }
 }
 
 /// The header's source address (None for LOCAL/UNKNOWN, meaning "use the socket peer")
@@ -102,6 +161,31 @@ pub fn parse(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyHeaderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_sent_read_back_with_their_tlvs() {
+        let (src, dst) = (
+            "203.0.113.7:5000".parse().unwrap(),
+            "[::1]:443".parse().unwrap(),
+        );
+        let v1 = outbound_header(SendVersion::V1, src, dst, Some("a.example.com"), None);
+        assert_eq!(v1, b"PROXY TCP6 ::ffff:203.0.113.7 ::1 5000 443\r\n");
+        let v2 = outbound_header(SendVersion::V2, src, dst, Some("a.example.com"), Some("h2"));
+        let parsed = v2::Header::try_from(&v2[..]).unwrap();
+        let tlvs: Vec<_> = parsed.tlvs().map(|t| t.unwrap()).collect();
+        assert!(
+            tlvs.iter()
+                .any(|t| t.kind == v2::Type::Authority as u8 && &*t.value == b"a.example.com")
+        );
+        assert!(
+            tlvs.iter()
+                .any(|t| t.kind == v2::Type::ALPN as u8 && &*t.value == b"h2")
+        );
+        assert_eq!(
+            parse(&v2).unwrap().unwrap().source,
+            Some("[::ffff:203.0.113.7]:5000".parse().unwrap())
+        );
+    }
 
     #[test]
     fn v1_with_payload_and_partial() {

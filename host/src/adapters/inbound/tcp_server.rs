@@ -162,13 +162,16 @@ async fn connection(
         app,
         early_data: Vec::new(),
         tls: None,
+        send_proxy: None,
     };
+    let mut source = peer;
     if config.proxy_protocol && config.trusts(inbound.client_ip) {
         match proxy_protocol::read_header(&mut stream, PROXY_HEADER_TIMEOUT).await {
             Ok(header) => {
                 if let Some(src) = header.source {
                     inbound.client_ip = src.ip().to_canonical();
                     inbound.via_proxy_protocol = true;
+                    source = src;
                 }
                 inbound.early_data = header.rest;
             }
@@ -199,6 +202,13 @@ async fn connection(
             }
         },
     };
+    if let Some(version) = config.send_proxy_protocol {
+        // The address the client connected to: one getsockname, only where it is sent.
+        let Ok(local) = stream.local_addr() else {
+            return;
+        };
+        inbound.send_proxy = Some((version, source, local));
+    }
     if let Some(mode) = config.tls {
         let Some(terminate) =
             tls_route(&mut stream, &mut inbound, mode, names, service, stats).await

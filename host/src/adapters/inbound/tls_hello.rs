@@ -127,6 +127,7 @@ fn hello_of(hello: &rustls::server::ClientHello<'_>) -> TlsHello {
             .take(MAX_ALPN)
             .map(|p| Arc::from(String::from_utf8_lossy(p)))
             .collect(),
+        negotiated: None,
     }
 }
 
@@ -179,6 +180,61 @@ mod tests {
         let hello = Parser::default().feed(&split).unwrap().unwrap();
         assert_eq!(hello.sni.as_deref(), Some("a.example.com"));
         assert!(hello.alpn.is_empty());
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (client, l.accept().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_hello_that_never_ends_is_cut_at_the_cap() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut server) = pair().await;
+        // A handshake message announcing 60,000 bytes, in records of 4,000.
+        let mut bytes = vec![1, 0, 0xea, 0x60];
+        bytes.resize(24_000, 0);
+        let mut records = Vec::new();
+        for chunk in bytes.chunks(4_000) {
+            records.extend_from_slice(&[0x16, 3, 1]);
+            records.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            records.extend_from_slice(chunk);
+        }
+        let writer = tokio::spawn(async move {
+            let _ = client.write_all(&records).await;
+            client
+        });
+        assert_eq!(
+            read(&mut server, Vec::new()).await.err(),
+            Some(HelloError::TooLarge)
+        );
+        drop(writer.await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_or_short_hello_is_timed_out_or_closed() {
+        use tokio::io::AsyncWriteExt;
+        let bytes = client_hello("a.example.com", &[]);
+        let (mut client, mut server) = pair().await;
+        client.write_all(&bytes[..10]).await.unwrap();
+        assert_eq!(
+            read(&mut server, Vec::new()).await.err(),
+            Some(HelloError::Timeout)
+        );
+        let (mut client, mut server) = pair().await;
+        client.write_all(&bytes[..10]).await.unwrap();
+        drop(client);
+        assert_eq!(
+            read(&mut server, Vec::new()).await.err(),
+            Some(HelloError::Closed)
+        );
+        // Bytes already read (past a PROXY header) count as the hello's start.
+        let (mut client, mut server) = pair().await;
+        client.write_all(&bytes[10..]).await.unwrap();
+        let (hello, all) = read(&mut server, bytes[..10].to_vec()).await.unwrap();
+        assert_eq!(hello.sni.as_deref(), Some("a.example.com"));
+        assert_eq!(all, bytes);
     }
 
     #[test]

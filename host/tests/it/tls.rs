@@ -1,0 +1,300 @@
+//! TLS listeners with real rustls clients and servers on loopback: routing by server
+//! name, passthrough byte for byte, PROXY protocol to backends, bad hellos.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::admin::{scrape, value};
+use crate::support::*;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A self-signed certificate for `names`, and its key.
+pub fn certificate(names: &[&str]) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let c = rcgen::generate_simple_self_signed(names).unwrap();
+    (
+        c.cert.der().clone(),
+        PrivateKeyDer::Pkcs8(c.signing_key.serialize_der().into()),
+    )
+}
+
+/// A TLS echo server: greets with `name` (and the ALPN it agreed) once the handshake is
+/// done, then echoes.
+pub async fn tls_backend(name: &str, names: &[&str]) -> (SocketAddr, CertificateDer<'static>) {
+    let (cert, key) = certificate(names);
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let (acceptor, name) = (acceptor.clone(), name.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let alpn = tls
+                    .get_ref()
+                    .1
+                    .alpn_protocol()
+                    .map(|p| String::from_utf8_lossy(p).into_owned());
+                let (mut r, mut w) = tokio::io::split(tls);
+                let greeting = format!("{name} {}\n", alpn.as_deref().unwrap_or("-"));
+                let _ = w.write_all(greeting.as_bytes()).await;
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, cert)
+}
+
+/// A TLS client to `addr` asking for `sni`, trusting `roots`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&str],
+    roots: &[CertificateDer<'static>],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await?;
+    TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp)
+        .await
+}
+
+/// The greeting of the backend `sni` reaches, after a full TLS handshake.
+pub async fn tls_greeting(
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&str],
+    roots: &[CertificateDer<'static>],
+) -> std::io::Result<String> {
+    let tls = tls_connect(addr, sni, alpn, roots).await?;
+    let mut line = String::new();
+    BufReader::new(tls).read_line(&mut line).await?;
+    Ok(line.trim_end().to_owned())
+}
+
+fn rows<'a>(apps: &[(&'a str, &'a str, SocketAddr)]) -> Vec<Row<'a>> {
+    apps.iter()
+        .map(|(id, app, addr)| Row {
+            app,
+            ..Row::new(id, "eu", "DE", *addr)
+        })
+        .collect()
+}
+
+/// Whether the proxy closes the connection after `bytes` without answering.
+async fn closed_after(addr: SocketAddr, bytes: &[u8]) -> bool {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("closed in time"),
+        Ok(0) | Err(_)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_routes_by_server_name_and_relays_tls_unchanged() {
+    let (api, api_cert) = tls_backend("api-1", &["api.example.com"]).await;
+    let (www, www_cert) = tls_backend("www-1", &["*.example.com", "a.b.example.com"]).await;
+    let db = Db::new(&rows(&[("api-1", "api", api), ("www-1", "www", www)]));
+    let p = Proxy::start(
+        &db,
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        tls = "passthrough"
+        [listener.server_names]
+        "api.example.com" = "api"
+        "*.Example.com." = "www"
+        "#,
+    )
+    .await;
+    let roots = [api_cert, www_cert];
+    // The backends' own certificates answer: nothing was terminated on the way.
+    assert_eq!(
+        tls_greeting(p.addr, "api.example.com", &["h2"], &roots)
+            .await
+            .unwrap(),
+        "api-1 h2"
+    );
+    assert_eq!(
+        tls_greeting(p.addr, "shop.example.com", &[], &roots)
+            .await
+            .unwrap(),
+        "www-1 -"
+    );
+    assert_eq!(
+        tls_greeting(p.addr, "A.B.EXAMPLE.COM", &["http/1.1"], &roots)
+            .await
+            .unwrap(),
+        "www-1 http/1.1"
+    );
+
+    // A megabyte each way through the TLS session (whose records authenticate every
+    // byte), compared whole.
+    let tls = tls_connect(p.addr, "api.example.com", &[], &roots)
+        .await
+        .unwrap();
+    let (r, mut w) = tokio::io::split(tls);
+    let sent: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let writer = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            w.write_all(&sent).await.unwrap();
+            w.shutdown().await.unwrap();
+            w
+        })
+    };
+    let mut r = BufReader::new(r);
+    let mut greeting = String::new();
+    r.read_line(&mut greeting).await.unwrap();
+    let mut echoed = Vec::new();
+    tokio::time::timeout(WAIT, r.read_to_end(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    let _w = writer.await.unwrap();
+    assert!(
+        echoed == sent,
+        "{} bytes back, {} sent",
+        echoed.len(),
+        sent.len()
+    );
+
+    // No route for the name, not TLS at all, a broken hello: closed and counted.
+    assert!(
+        tls_greeting(p.addr, "example.org", &[], &roots)
+            .await
+            .is_err()
+    );
+    assert!(closed_after(p.addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await);
+    let mut hello = tls_hello_bytes("api.example.com");
+    hello[5] = 2; // a ServerHello where a ClientHello belongs
+    assert!(closed_after(p.addr, &hello).await);
+    let s = scrape(p.admin).await;
+    let l = p.addr.to_string();
+    for (reason, n) in [
+        ("unknown_name", 1.0),
+        ("not_tls", 1.0),
+        ("malformed", 1.0),
+        ("timeout", 0.0),
+    ] {
+        let labels = [("listener", l.as_str()), ("reason", reason)];
+        assert_eq!(
+            value(&s, "edgeproxy_tls_rejected_total", &labels),
+            n,
+            "{reason}"
+        );
+    }
+}
+
+/// A ClientHello as a rustls client writes it.
+fn tls_hello_bytes(sni: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = ServerName::try_from(sni.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlisted_names_go_to_the_listeners_app_and_backends_get_a_proxy_v2_header() {
+    // A backend that parses the PROXY header and answers with what it read.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                let header = loop {
+                    n += sock.read(&mut buf[n..]).await.unwrap();
+                    match ppp::v2::Header::try_from(&buf[..n]) {
+                        Ok(h) => break h.to_owned(),
+                        Err(
+                            ppp::v2::ParseError::Incomplete(_) | ppp::v2::ParseError::Partial(..),
+                        ) => continue,
+                        Err(e) => panic!("{e}"),
+                    }
+                };
+                let authority = header
+                    .tlvs()
+                    .flatten()
+                    .find(|t| t.kind == ppp::v2::Type::Authority as u8)
+                    .map(|t| String::from_utf8_lossy(&t.value).into_owned());
+                let source = match header.addresses {
+                    ppp::v2::Addresses::IPv4(a) => a.source_address.to_string(),
+                    other => format!("{other:?}"),
+                };
+                // The client's first bytes follow the header unchanged: its hello.
+                let after = buf[header.len()..n].first().copied();
+                let answer = format!("{source} {authority:?} {after:?}\n");
+                sock.write_all(answer.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    let db = Db::new(&rows(&[("default-1", "default", backend)]));
+    let p = Proxy::start(
+        &db,
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        app = "default"
+        tls = "passthrough"
+        send_proxy_protocol = "v2"
+        [listener.server_names]
+        "api.example.com" = "api"
+        "#,
+    )
+    .await;
+    let mut s = connect_from("127.0.0.2".parse().unwrap(), p.addr).await;
+    s.write_all(&tls_hello_bytes("other.example.org"))
+        .await
+        .unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(WAIT, BufReader::new(&mut s).read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        line.trim_end(),
+        "127.0.0.2 Some(\"other.example.org\") Some(22)"
+    );
+}
