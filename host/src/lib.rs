@@ -69,6 +69,8 @@ pub struct Host {
     client_limits: (application::client_limits::ClientLimits, bool, Duration),
     /// Ends a drain at once (a second SIGTERM/SIGINT): the connections left are closed.
     pub abort: CancellationToken,
+    /// What terminating listeners present, when certificates are configured.
+    pub certificates: Option<Arc<adapters::inbound::tls_certs::Certificates>>,
     admin_token: Option<String>,
     /// Self-registration and heartbeats, when the registration API is on.
     pub registry: Option<Arc<application::registry::Registry>>,
@@ -83,6 +85,25 @@ pub struct Host {
 
 /// The shadow policy's component and its record, when one is configured.
 type Shadowing = Option<(Arc<WasmPolicy>, Arc<application::shadow::Shadow>)>;
+
+/// The certificates of `tls_cert`/`tls_key` and `tls_cert_dir`, when set; any that does
+/// not load stops the start, naming its file.
+fn load_certificates(
+    s: &config::Settings,
+) -> anyhow::Result<Option<Arc<adapters::inbound::tls_certs::Certificates>>> {
+    use adapters::inbound::tls_certs::{CertFiles, Certificates};
+    let files = CertFiles {
+        default: s.tls_cert.clone().zip(s.tls_key.clone()),
+        dir: s.tls_cert_dir.clone(),
+    };
+    if files == CertFiles::default() {
+        return Ok(None);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = Certificates::load(files, provider)
+        .map_err(|e| anyhow::anyhow!("TLS certificates: {e}"))?;
+    Ok(Some(Arc::new(certs)))
+}
 
 /// How a drain ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -363,6 +384,7 @@ impl Host {
                 Duration::from_secs(s.rate_limit_window_secs),
             ),
             abort: CancellationToken::new(),
+            certificates: load_certificates(s)?,
             admin_token: config.admin.as_ref().and_then(|a| a.token.clone()),
             registry,
             api_token: config.api.as_ref().and_then(|a| a.token.clone()),
@@ -497,6 +519,12 @@ impl Host {
             }
         }
 
+        if let Some(certs) = &self.certificates {
+            background.spawn(adapters::inbound::tls_certs::watch(
+                Arc::clone(certs),
+                stop_background.clone(),
+            ));
+        }
         let connections = TaskTracker::new();
         let kill = CancellationToken::new();
         let acceptors = TaskTracker::new();
@@ -539,11 +567,21 @@ impl Host {
                 self.telemetry.add_listener(Arc::clone(&s));
                 s
             });
+            let terminator = match (config.terminates(), &self.certificates) {
+                (false, _) => None,
+                (true, Some(certs)) => Some(tokio_rustls::TlsAcceptor::from(
+                    adapters::inbound::tls_certs::server_config(Arc::clone(certs), &config.alpn)?,
+                )),
+                (true, None) => anyhow::bail!(
+                    "listener {addr} terminates TLS but no certificate is configured (tls_cert and tls_key, or tls_cert_dir)"
+                ),
+            };
             acceptors.spawn(adapters::inbound::tcp_server::serve(
                 listener,
                 config,
                 stats,
                 acceptor.clone(),
+                terminator,
             ));
         }
         acceptors.close();

@@ -23,8 +23,9 @@ use super::health_monitor::Suspects;
 use super::routing::Routing;
 use super::telemetry::{Decision, Telemetry};
 use crate::adapters::inbound::proxy_protocol;
+use crate::adapters::net::downstream::Downstream;
 use crate::adapters::net::{
-    BufferPool, is_local_resource_error, relay, reset_on_close, set_backend_keepalive,
+    BufferPool, is_local_resource_error, reset_on_close, set_backend_keepalive,
 };
 use crate::config::SendVersion;
 
@@ -106,12 +107,17 @@ impl ProxyService {
         }
     }
 
-    pub async fn handle(&self, mut stream: TcpStream, mut inbound: Inbound) {
+    pub async fn handle(&self, stream: TcpStream, inbound: Inbound) {
+        self.serve(Downstream::Plain(stream), inbound).await
+    }
+
+    /// A client's connection, a socket or a TLS session terminated here.
+    pub async fn serve(&self, mut downstream: Downstream, mut inbound: Inbound) {
         let client = Client {
             tls: inbound.tls.take(),
             ..self.locate(inbound.client_ip, inbound.via_proxy_protocol)
         };
-        match self.proxy(&mut stream, &client, &mut inbound).await {
+        match self.proxy(&mut downstream, &client, &mut inbound).await {
             Ok((backend, up, down)) => tracing::debug!(
                 client = %self.shown(client.ip), %backend, bytes_up = up, bytes_down = down, "connection closed"
             ),
@@ -204,7 +210,7 @@ impl ProxyService {
 
     async fn proxy(
         &self,
-        inbound_stream: &mut TcpStream,
+        downstream: &mut Downstream,
         client: &Client,
         inbound: &mut Inbound,
     ) -> Result<(String, u64, u64), ConnError> {
@@ -236,17 +242,17 @@ impl ProxyService {
             target.stats.traffic.up.fetch_add(client_bytes, Relaxed);
         }
         drop(early);
-        let relayed = relay::relay(
-            inbound_stream,
-            &upstream,
-            &self.buffers,
-            self.settings.idle_timeout,
-            &target.stats.traffic,
-        )
-        .await;
+        let relayed = downstream
+            .relay(
+                &mut upstream,
+                &self.buffers,
+                self.settings.idle_timeout,
+                &target.stats.traffic,
+            )
+            .await;
         // An abort on one side (or the idle timeout) is an abort on both.
         if relayed.is_err() {
-            reset_on_close(inbound_stream);
+            reset_on_close(downstream.socket());
             reset_on_close(&upstream);
         }
         let (up, down) = relayed?;

@@ -157,13 +157,20 @@ pub struct ListenerStats {
 }
 
 /// Why a TLS listener closed a connection before routing it.
-pub const TLS_REJECTS: [&str; 7] = [
+pub const TLS_REJECTS: [&str; 11] = [
     "not_tls",
     "malformed",
     "too_large",
     "timeout",
     "closed",
     "unknown_name",
+    // A terminating handshake that failed: timed out, the client refused (an alert: our
+    // certificate, say), nothing in common (versions, ciphers, ALPN), no certificate for
+    // the name, anything else.
+    "handshake_timeout",
+    "peer_alert",
+    "incompatible",
+    "no_certificate",
     "handshake",
 ];
 

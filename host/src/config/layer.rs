@@ -157,7 +157,14 @@ impl Default for Layer {
 }
 
 /// Tables of the config file whose keys are settings named `<table>_<key>`.
-const SECTIONS: &[&str] = &["cluster", "health_check", "ejection", "api", "rate_limit"];
+const SECTIONS: &[&str] = &[
+    "cluster",
+    "health_check",
+    "ejection",
+    "api",
+    "rate_limit",
+    "tls",
+];
 
 /// How the config file spells a setting: `[cluster] x` for `cluster_x`.
 pub fn file_key(key: &str) -> String {
@@ -289,7 +296,7 @@ impl Layer {
                 };
                 layer.values.insert(info.key, Raw::Text(value));
             } else if name.starts_with("EDGEPROXY_") {
-                warnings.push(unknown_variable(&name, &value));
+                warnings.push(unknown_variable(&name));
             }
         }
         warnings.sort();
@@ -321,10 +328,6 @@ impl Layer {
 /// edgeProxy features edgeproxy does not have, by variable prefix, and what it does instead.
 const ELSEWHERE: &[(&str, &str)] = &[
     (
-        "EDGEPROXY_TLS_",
-        "edgeproxy does not terminate TLS: every listener is plain TCP and relays the client's bytes as they are, so TLS passes through to the backends, which must terminate it",
-    ),
-    (
         "EDGEPROXY_DNS_",
         "edgeproxy has no internal DNS server; clients reach the POP by its listener address",
     ),
@@ -355,14 +358,9 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ),
 ];
 
-fn unknown_variable(name: &str, value: &str) -> String {
+fn unknown_variable(name: &str) -> String {
     if let Some((_, instead)) = ELSEWHERE.iter().find(|(p, _)| name.starts_with(p)) {
-        let loud = if name == "EDGEPROXY_TLS_ENABLED" && parse_bool(value) == Ok(true) {
-            " TLS IS NOT TERMINATED HERE."
-        } else {
-            ""
-        };
-        return format!("{name} is ignored: {instead}.{loud}");
+        return format!("{name} is ignored: {instead}.");
     }
     match nearest(name, SETTINGS.iter().map(|i| i.env)) {
         Some(known) => format!("{name} is not a setting (did you mean {known}?); ignored"),

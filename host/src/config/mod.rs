@@ -93,6 +93,10 @@ pub struct ListenerConfig {
     /// server name and ALPN) carrying the client's address.
     #[serde(default)]
     pub send_proxy_protocol: Option<SendVersion>,
+    /// The application protocols a terminating listener agrees to (ALPN), in its order of
+    /// preference; empty: none asked for (clients that offer some go on without).
+    #[serde(default)]
+    pub alpn: Vec<String>,
 }
 
 /// Which PROXY protocol version a listener sends its backends.
@@ -135,6 +139,7 @@ impl ListenerConfig {
             tls: None,
             server_names: BTreeMap::new(),
             send_proxy_protocol: None,
+            alpn: Vec::new(),
         }
     }
 
@@ -329,7 +334,26 @@ impl Config {
             Some(list) => list,
             None => vec![ListenerConfig::plain(s.listen_addr)],
         };
+        let mut listeners = listeners;
+        if s.tls_enabled {
+            listeners.push(ListenerConfig {
+                tls: Some(TlsMode::Terminate),
+                ..ListenerConfig::plain(s.tls_listen_addr)
+            });
+        }
         if serving {
+            if listeners.iter().any(ListenerConfig::terminates)
+                && s.tls_cert.is_none()
+                && s.tls_cert_dir.is_none()
+            {
+                errors.push(invalid(
+                    "tls_cert",
+                    "a listener terminates TLS: set tls_cert and tls_key, or tls_cert_dir",
+                ));
+            }
+            if s.tls_cert.is_some() != s.tls_key.is_some() {
+                errors.push(invalid("tls_key", "tls_cert and tls_key go together"));
+            }
             for (i, lc) in listeners.iter().enumerate() {
                 if lc.proxy_protocol && lc.trusted_proxies.is_empty() {
                     errors.push(invalid(
@@ -885,7 +909,7 @@ mod tests {
     fn unknown_and_unsupported_variables_are_reported() {
         let vars = [
             ("EDGEPROXY_BINDING_TTL", "60"),
-            ("EDGEPROXY_TLS_ENABLED", "true"),
+            ("EDGEPROXY_MDNS_ENABLED", "true"),
             ("EDGEPROXY_DNS_DOMAIN", "internal"),
             ("EDGEPROXY_REGION", "eu"),
             ("HOME", "/root"),
@@ -902,12 +926,49 @@ mod tests {
             "{warnings:#?}"
         );
         assert!(
-            warnings[2].starts_with("EDGEPROXY_TLS_ENABLED is ignored")
-                && warnings[2].contains("TLS IS NOT TERMINATED HERE"),
+            warnings[2].starts_with("EDGEPROXY_MDNS_ENABLED is ignored"),
             "{warnings:#?}"
         );
         let c = Config::resolve(Layer::default(), layer, Layer::default()).unwrap();
         assert_eq!(c.region.as_str(), "eu");
+    }
+
+    #[test]
+    fn edgeproxys_tls_variables_add_a_terminating_listener() {
+        let c = resolve(
+            "",
+            &[
+                ("EDGEPROXY_TLS_ENABLED", "true"),
+                ("EDGEPROXY_TLS_CERT", "/etc/edge/cert.pem"),
+                ("EDGEPROXY_TLS_KEY", "/etc/edge/key.pem"),
+            ],
+        )
+        .unwrap();
+        let tls = &c.listeners[1];
+        assert_eq!(tls.addr, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(
+            (tls.tls, tls.app.as_deref()),
+            (Some(TlsMode::Terminate), None)
+        );
+        let err = resolve("", &[("EDGEPROXY_TLS_ENABLED", "true")]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("tls_cert: a listener terminates TLS"),
+            "{err}"
+        );
+        let names = "[[listener]]\naddr = \"127.0.0.1:1\"\n[listener.server_names]\n\"a.example.com\" = \"a\"";
+        let err = resolve(names, &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("routing by server name needs tls"),
+            "{err}"
+        );
+        let bad = "[[listener]]\naddr = \"127.0.0.1:1\"\ntls = \"passthrough\"\n[listener.server_names]\n\"a.*.com\" = \"a\"";
+        let err = resolve(bad, &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("listener[0].server_names: server name \"a.*.com\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -229,6 +229,19 @@ crate::settings! {
     /// a registration silent for this many heartbeat TTLs is removed (deleted in every
     /// POP); `0`: kept, out of rotation, until deregistered
     api_remove_after_ttls: u32 = 10, env "EDGEPROXY_API_REMOVE_AFTER_TTLS", check |v| at_most(v, 10_000);
+    /// also listen at `tls_listen_addr` and terminate TLS there (edgeProxy's TLS
+    /// listener); any `[[listener]]` may terminate with `tls = "terminate"`
+    tls_enabled: bool = false, env "EDGEPROXY_TLS_ENABLED";
+    /// the terminating listener `tls_enabled` adds; serves every app
+    tls_listen_addr: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8443)), env "EDGEPROXY_TLS_LISTEN_ADDR";
+    /// certificate chain (PEM) for names no pair in `tls_cert_dir` covers; re-read when
+    /// it changes
+    tls_cert: Option<PathBuf> = None, env "EDGEPROXY_TLS_CERT";
+    /// private key (PEM) of `tls_cert`
+    tls_key: Option<PathBuf> = None, env "EDGEPROXY_TLS_KEY";
+    /// directory of `NAME.pem` + `NAME.key` pairs, each serving the DNS names its
+    /// certificate lists; re-read when it changes
+    tls_cert_dir: Option<PathBuf> = None, env "EDGEPROXY_TLS_CERT_DIR";
 }
 
 fn in_range(v: &Seconds, min: f64, max: f64) -> Result<(), String> {

@@ -298,3 +298,193 @@ async fn unlisted_names_go_to_the_listeners_app_and_backends_get_a_proxy_v2_head
         "127.0.0.2 Some(\"other.example.org\") Some(22)"
     );
 }
+
+/// Writes a self-signed pair for `names` as `dir/stem.pem` and `dir/stem.key`; the
+/// certificate.
+fn write_pair(dir: &std::path::Path, stem: &str, names: &[&str]) -> CertificateDer<'static> {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let c = rcgen::generate_simple_self_signed(names).unwrap();
+    // Written aside and renamed in, as certbot and ACME clients replace files.
+    for (ext, body) in [
+        ("key", c.signing_key.serialize_pem()),
+        ("pem", c.cert.pem()),
+    ] {
+        let tmp = dir.join(format!(".{stem}.{ext}.tmp"));
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, dir.join(format!("{stem}.{ext}"))).unwrap();
+    }
+    c.cert.der().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_listener_picks_certificates_by_name_and_rotates_them_live() {
+    let a = Backend::start("a-1").await;
+    let b = Backend::start("b-1").await;
+    let (pass, pass_cert) = tls_backend("pass-1", &["pass.example.com"]).await;
+    let db = Db::new(&rows(&[
+        ("a-1", "a", a.addr),
+        ("b-1", "b", b.addr),
+        ("pass-1", "p", pass),
+    ]));
+    let certs = tempfile::tempdir().unwrap();
+    let a_cert = write_pair(certs.path(), "a", &["a.example.com"]);
+    let b_cert = write_pair(certs.path(), "b", &["b.example.com"]);
+    let p = Proxy::start(
+        &db,
+        &format!(
+            r#"
+            [tls]
+            cert_dir = "{}"
+            [[listener]]
+            addr = "127.0.0.1:0"
+            tls = "terminate"
+            alpn = ["h2", "http/1.1"]
+            [listener.server_names]
+            "a.example.com" = "a"
+            "b.example.com" = "b"
+            "pass.example.com" = {{ app = "p", tls = "passthrough" }}
+            "#,
+            certs.path().display()
+        ),
+    )
+    .await;
+    // Each name gets its own certificate (the client trusts only that one); the
+    // plaintext backends greet through the session.
+    assert_eq!(
+        tls_greeting(
+            p.addr,
+            "a.example.com",
+            &["http/1.1"],
+            std::slice::from_ref(&a_cert)
+        )
+        .await
+        .unwrap(),
+        "a-1"
+    );
+    assert_eq!(
+        tls_greeting(p.addr, "b.example.com", &[], std::slice::from_ref(&b_cert))
+            .await
+            .unwrap(),
+        "b-1"
+    );
+    assert!(
+        tls_greeting(p.addr, "b.example.com", &[], std::slice::from_ref(&a_cert))
+            .await
+            .is_err()
+    );
+    // On the same port, a name passed through: the backend's own certificate answers.
+    assert_eq!(
+        tls_greeting(p.addr, "pass.example.com", &["h2"], &[pass_cert])
+            .await
+            .unwrap(),
+        "pass-1 h2"
+    );
+
+    // Echo through a terminated session, with half-close: the client's EOF reaches the
+    // backend, whose answer still comes back.
+    let tls = tls_connect(p.addr, "a.example.com", &[], std::slice::from_ref(&a_cert))
+        .await
+        .unwrap();
+    let (r, mut w) = tokio::io::split(tls);
+    let sent: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            w.write_all(&sent).await.unwrap();
+            w.shutdown().await.unwrap();
+            w
+        })
+    };
+    let mut r = BufReader::new(r);
+    let mut greeting = String::new();
+    r.read_line(&mut greeting).await.unwrap();
+    let mut echoed = Vec::new();
+    tokio::time::timeout(WAIT, r.read_to_end(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    let _w = writer.await.unwrap();
+    assert!(echoed == sent, "{} bytes back", echoed.len());
+
+    // Rotation under load: clients trusting the old and the new certificate handshake
+    // in a loop while the pair is replaced; none fails, and the new one takes over.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (old, new_dir) = (a_cert.clone(), tempfile::tempdir().unwrap());
+    let new = write_pair(new_dir.path(), "a", &["a.example.com"]);
+    let load = {
+        let (stop, roots, addr) = (stop.clone(), vec![old.clone(), new.clone()], p.addr);
+        tokio::spawn(async move {
+            let mut done = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let tls = tls_connect(addr, "a.example.com", &[], &roots)
+                    .await
+                    .expect("handshake during rotation");
+                drop(tls);
+                done += 1;
+            }
+            done
+        })
+    };
+    for ext in ["key", "pem"] {
+        std::fs::copy(
+            new_dir.path().join(format!("a.{ext}")),
+            certs.path().join(format!(".a.{ext}.tmp")),
+        )
+        .unwrap();
+    }
+    for ext in ["key", "pem"] {
+        std::fs::rename(
+            certs.path().join(format!(".a.{ext}.tmp")),
+            certs.path().join(format!("a.{ext}")),
+        )
+        .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tls_greeting(p.addr, "a.example.com", &[], std::slice::from_ref(&new))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the renewed certificate never served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(load.await.unwrap() > 0);
+
+    // A renewal whose key does not match: refused, the last good pair keeps serving.
+    let stray = rcgen::generate_simple_self_signed(vec!["a.example.com".into()]).unwrap();
+    std::fs::write(
+        certs.path().join("a.key"),
+        stray.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    p.host.certificates.as_ref().unwrap().reload();
+    assert_eq!(
+        tls_greeting(p.addr, "a.example.com", &[], std::slice::from_ref(&new))
+            .await
+            .unwrap(),
+        "a-1"
+    );
+
+    // A client that agrees on no protocol with the listener: refused and counted.
+    assert!(
+        tls_greeting(p.addr, "a.example.com", &["imap"], &[new])
+            .await
+            .is_err()
+    );
+    let s = scrape(p.admin).await;
+    let l = p.addr.to_string();
+    let count = |reason| {
+        value(
+            &s,
+            "edgeproxy_tls_rejected_total",
+            &[("listener", l.as_str()), ("reason", reason)],
+        )
+    };
+    assert_eq!(count("incompatible"), 1.0);
+    // The client that trusted another certificate, and the polls for the renewed one.
+    assert!(count("peer_alert") >= 1.0);
+    assert_eq!(count("handshake"), 0.0);
+}

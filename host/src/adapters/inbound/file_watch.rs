@@ -42,3 +42,20 @@ pub fn watch(path: &Path, changed: Arc<Notify>) -> notify::Result<FileWatch> {
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     Ok(FileWatch { _watcher: watcher })
 }
+
+/// Pokes `changed` on any change in `dir` (certificates renewed by renaming files or
+/// swapping symlinks, as certbot and Kubernetes secrets do).
+pub fn watch_dir(dir: &Path, changed: Arc<Notify>) -> notify::Result<FileWatch> {
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && matches!(
+                ev.kind,
+                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+            )
+        {
+            changed.notify_one();
+        }
+    })?;
+    watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    Ok(FileWatch { _watcher: watcher })
+}

@@ -1,7 +1,8 @@
 //! Inbound adapters: what drives the host.
 //!
 //! - `tcp_server` (accept loops), `proxy_protocol` (the PROXY v1/v2 header on them) and
-//!   `tls_hello` (the ClientHello a TLS listener routes by).
+//!   `tls_hello` (the ClientHello a TLS listener routes by), `tls_certs` (the certificates
+//!   terminating listeners present, reloaded as their files change).
 //! - `file_watch`: file-change notifications that trigger reloads.
 //! - `admin_http` (the admin JSON API) and `prometheus` (its `/metrics` exposition);
 //!   `registration_http` (backends register and beat); `http`: what they share.
@@ -25,4 +26,5 @@ pub mod registration_http;
 pub mod routing_cli;
 pub mod shadow_cli;
 pub mod tcp_server;
+pub mod tls_certs;
 pub mod tls_hello;

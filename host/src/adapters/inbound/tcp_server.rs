@@ -12,12 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{proxy_protocol, tls_hello};
+use crate::adapters::net::downstream::{Downstream, Prefixed, TlsSession};
 use crate::adapters::net::{is_local_resource_error, set_keepalive};
 use crate::application::client_limits::Refused;
 use crate::application::proxy_service::{Inbound, ProxyService};
 use crate::application::telemetry::ListenerStats;
 use crate::config::{ListenerConfig, TlsMode};
 use crate::domain::server_names::ServerNames;
+use tokio_rustls::TlsAcceptor;
 
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pending connections the kernel queues per listening socket.
@@ -69,6 +71,7 @@ pub async fn serve(
     config: ListenerConfig,
     stats: Arc<ListenerStats>,
     acceptor: Acceptor,
+    terminator: Option<TlsAcceptor>,
 ) {
     let Acceptor {
         service,
@@ -107,6 +110,7 @@ pub async fn serve(
                 let (service, config, app) =
                     (Arc::clone(&service), Arc::clone(&config), app.clone());
                 let names = Arc::clone(&names);
+                let terminator = terminator.clone();
                 let kill = kill.clone();
                 let open = stats.opened();
                 if !inherited {
@@ -119,7 +123,7 @@ pub async fn serve(
                 connections.spawn(async move {
                     let _open = open;
                     tokio::select! {
-                        _ = connection(stream, peer, (&config, &names), app, &service, &stats) => {}
+                        _ = connection(stream, peer, (&config, &names, terminator.as_ref()), app, &service, &stats) => {}
                         _ = kill.cancelled() => {}
                     }
                 });
@@ -151,7 +155,7 @@ pub async fn serve(
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
-    (config, names): (&ListenerConfig, &ServerNames),
+    (config, names, terminator): (&ListenerConfig, &ServerNames, Option<&TlsAcceptor>),
     app: Option<Arc<str>>,
     service: &ProxyService,
     stats: &ListenerStats,
@@ -216,11 +220,67 @@ async fn connection(
             return;
         };
         if terminate {
-            // Termination comes with certificates (see `tls_terminate`).
+            // Every terminating listener has one (see `Host::run`).
+            let Some(terminator) = terminator else {
+                return;
+            };
+            if let Some(session) = handshake(stream, &mut inbound, terminator, service, stats).await
+            {
+                service
+                    .serve(Downstream::Tls(Box::new(session)), inbound)
+                    .await;
+            }
             return;
         }
     }
     service.handle(stream, inbound).await;
+}
+
+/// The TLS handshake, over the hello already read; the protocol agreed goes into
+/// `inbound`. None: failed, counted by reason.
+async fn handshake(
+    stream: TcpStream,
+    inbound: &mut Inbound,
+    terminator: &TlsAcceptor,
+    service: &ProxyService,
+    stats: &ListenerStats,
+) -> Option<TlsSession> {
+    let hello = std::mem::take(&mut inbound.early_data);
+    let accept = terminator.accept(Prefixed::new(hello, stream));
+    let failed = match tokio::time::timeout(tls_hello::HELLO_TIMEOUT, accept).await {
+        Ok(Ok(session)) => {
+            if let (Some(tls), Some(agreed)) =
+                (&mut inbound.tls, session.get_ref().1.alpn_protocol())
+            {
+                Arc::make_mut(tls).negotiated = Some(String::from_utf8_lossy(agreed).into());
+            }
+            return Some(session);
+        }
+        Ok(Err(e)) => (handshake_failure(&e), e.to_string()),
+        Err(_) => (
+            "handshake_timeout",
+            "no handshake within the deadline".to_owned(),
+        ),
+    };
+    if let Some(t) = &stats.tls {
+        t.reject(failed.0);
+    }
+    if let Some(suppressed) = service.telemetry.connection_log.allow() {
+        tracing::warn!(listener = %stats.addr, client = %service.shown(inbound.client_ip), reason = failed.0, error = %failed.1, suppressed, "TLS handshake failed");
+    }
+    None
+}
+
+/// A failed handshake's reason, as counted.
+fn handshake_failure(e: &std::io::Error) -> &'static str {
+    match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::AlertReceived(_)) => "peer_alert",
+        Some(rustls::Error::PeerIncompatible(_) | rustls::Error::NoApplicationProtocol) => {
+            "incompatible"
+        }
+        Some(rustls::Error::General(m)) if m.contains("certificate") => "no_certificate",
+        _ => "handshake",
+    }
 }
 
 /// Reads the ClientHello and routes by its server name: the app goes into `inbound`,

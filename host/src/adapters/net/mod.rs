@@ -1,7 +1,9 @@
 //! Socket technology: how bytes move between a client and a backend (`relay`: one poll
 //! loop per connection, splice(2) on Linux) and the buffers and pipes they borrow for it
-//! (`pool`). What a connection means (decide, connect, fail over) is the application's.
+//! (`pool`); `downstream`: the client's side, its socket or a TLS session terminated here.
+//! What a connection means (decide, connect, fail over) is the application's.
 
+pub mod downstream;
 pub mod pool;
 pub mod relay;
 

@@ -1,0 +1,194 @@
+//! The client's side of a connection: its socket, or a TLS session this POP terminated
+//! over it. A socket relays with splice (`relay`); a TLS session's plaintext goes through
+//! user space, copied with tokio's `copy_bidirectional` (half-close included), counted and
+//! timed as it goes.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::BufferPool;
+use crate::domain::model::Traffic;
+
+pub type TlsSession = tokio_rustls::server::TlsStream<Prefixed>;
+
+pub enum Downstream {
+    Plain(TcpStream),
+    /// Boxed: a TLS session is kilobytes, and plain connections should not carry its size.
+    Tls(Box<TlsSession>),
+}
+
+impl Downstream {
+    pub fn socket(&self) -> &TcpStream {
+        match self {
+            Downstream::Plain(s) => s,
+            Downstream::Tls(t) => &t.get_ref().0.inner,
+        }
+    }
+
+    /// Bytes client -> backend and backend -> client until both sides are done.
+    pub async fn relay(
+        &mut self,
+        backend: &mut TcpStream,
+        pool: &BufferPool,
+        idle: Option<Duration>,
+        traffic: &Traffic,
+    ) -> io::Result<(u64, u64)> {
+        match self {
+            Downstream::Plain(s) => super::relay::relay(s, backend, pool, idle, traffic).await,
+            // Boxed, so a plain connection's future is not the size of this one's.
+            Downstream::Tls(t) => Box::pin(copy(&mut **t, backend, idle, traffic)).await,
+        }
+    }
+}
+
+/// A socket whose first bytes were already read (a ClientHello): they are read again
+/// first, then the socket.
+pub struct Prefixed {
+    prefix: Vec<u8>,
+    at: usize,
+    pub inner: TcpStream,
+}
+
+impl Prefixed {
+    pub fn new(prefix: Vec<u8>, inner: TcpStream) -> Self {
+        Self {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.at < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.at);
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.prefix.len() {
+                // Not held for the connection's life.
+                this.prefix = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Copies both ways through user-space buffers; `traffic` sees the bytes as they are
+/// read, and a connection silent both ways for `idle` ends with `TimedOut`.
+async fn copy<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+    backend: &mut TcpStream,
+    idle: Option<Duration>,
+    traffic: &Traffic,
+) -> io::Result<(u64, u64)> {
+    let start = Instant::now();
+    let last = AtomicU64::new(0);
+    let mut client = Counted {
+        inner: client,
+        read: &traffic.up,
+        last: &last,
+        start,
+    };
+    let mut backend = Counted {
+        inner: backend,
+        read: &traffic.down,
+        last: &last,
+        start,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
+    let Some(limit) = idle else {
+        return copy.await;
+    };
+    let watchdog = async {
+        loop {
+            let seen = start + Duration::from_millis(last.load(Relaxed));
+            if seen.elapsed() >= limit {
+                return io::Error::new(io::ErrorKind::TimedOut, format!("idle for {limit:?}"));
+            }
+            tokio::time::sleep_until(seen + limit).await;
+        }
+    };
+    tokio::select! {
+        r = copy => r,
+        e = watchdog => Err(e),
+    }
+}
+
+/// Counts what is read from `inner` and when.
+struct Counted<'a, S> {
+    inner: &'a mut S,
+    read: &'a AtomicU64,
+    last: &'a AtomicU64,
+    start: Instant,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.read.fetch_add(n as u64, Relaxed);
+            let ms = this.start.elapsed().as_millis();
+            this.last
+                .store(u64::try_from(ms).unwrap_or(u64::MAX), Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}
