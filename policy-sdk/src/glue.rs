@@ -50,6 +50,8 @@ fn client(c: bindings::Client) -> Client {
         country: c.country.map(Country),
         region: c.region.map(RegionId),
         via_proxy_protocol: c.via_proxy_protocol,
+        sni: c.sni,
+        alpn: c.alpn,
     }
 }
 

@@ -120,12 +120,32 @@ impl Table {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Client {
     pub ip: IpAddr,
     pub country: Option<Country>,
     pub region: Option<RegionId>,
     pub via_proxy_protocol: bool,
+    /// On listeners that read TLS: the server name the client asked for (lower case, no
+    /// trailing dot).
+    pub sni: Option<String>,
+    /// On listeners that read TLS: the protocols (ALPN) the client offered, in its order;
+    /// where the POP terminated the TLS, only the one agreed.
+    pub alpn: Vec<String>,
+}
+
+/// A client nothing is known of, at 0.0.0.0: for tests, `Client { country, ..Default::default() }`.
+impl Default for Client {
+    fn default() -> Self {
+        Client {
+            ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            country: None,
+            region: None,
+            via_proxy_protocol: false,
+            sni: None,
+            alpn: Vec::new(),
+        }
+    }
 }
 
 /// A backend that may take this connection, with its live state.

@@ -38,6 +38,8 @@ pub fn client(country: Option<&str>) -> Client {
         country,
         region: country.map(|c| region(default_region_of(c))),
         via_proxy_protocol: false,
+        sni: None,
+        alpn: Vec::new(),
     }
 }
 

@@ -179,6 +179,8 @@ pub struct PolicyStatus {
     pub kind: &'static str,
     pub name: String,
     pub hash: Option<String>,
+    /// The version of the WIT contract (`wit/`) the component was built against.
+    pub contract: Option<&'static str>,
     pub path: Option<String>,
     pub loaded_at: Option<String>,
     pub reloads: u64,

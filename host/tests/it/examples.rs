@@ -284,3 +284,81 @@ async fn geo_load_in_python_routes_like_the_default() {
 async fn geo_load_in_javascript_routes_like_the_default() {
     language_example("geo-load-js", &["node", "--test"], "node", "build.mjs").await;
 }
+
+/// A ClientHello naming `sni`, as a rustls client writes it.
+fn client_hello(sni: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_canary_sends_canary_names_to_canaries() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let stable = Backend::start("stable-1").await;
+    let canary = Backend::start("canary-1").await;
+    let db = Db::new(&[
+        Row::new("canary-1", "us", "US", canary.addr),
+        Row::new("stable-1", "sa", "BR", stable.addr),
+    ]);
+    let policy = policy_component("examples/policies/sni-canary");
+    let listener = "[[listener]]\naddr = \"127.0.0.1:0\"\napp = \"app\"\ntls = \"passthrough\"";
+    let p = proxy_with(&db, &policy, &format!("binding_ttl_secs = 0\n{listener}")).await;
+    // The backends greet before reading: who answers the hello is who was chosen.
+    let served = |sni: &'static str| async move {
+        let mut s = connect_from("127.0.0.2".parse().unwrap(), p.addr).await;
+        s.write_all(&client_hello(sni)).await.unwrap();
+        let mut line = String::new();
+        tokio::io::BufReader::new(s)
+            .read_line(&mut line)
+            .await
+            .unwrap();
+        line.trim_end().to_owned()
+    };
+    for _ in 0..3 {
+        assert_eq!(served("canary.api.example.com").await, "canary-1");
+        assert_eq!(served("api.example.com").await, "stable-1");
+    }
+    let faults = p.host.admin.status().policy.faults;
+    assert_eq!(faults.traps + faults.bad_answers, 0);
+    p.stop().await;
+}
+
+/// Contract versions: a component built against 0.1.0 (the default policy as it was
+/// committed then) loads and routes as before; it is not told the TLS fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_built_against_contract_0_1_still_loads_and_routes() {
+    let br = Backend::start("br").await;
+    let jp = Backend::start("jp").await;
+    let db = Db::new(&[
+        Row::new("br", "sa", "BR", br.addr),
+        Row::new("jp", "ap", "JP", jp.addr),
+    ]);
+    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/geo-load-0.1.0.wasm");
+    let listener = "[[listener]]\naddr = \"127.0.0.1:0\"\ntls = \"passthrough\"";
+    let p = proxy_with(&db, &old, listener).await;
+    assert_eq!(p.host.admin.status().policy.contract, Some("0.1.0"));
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    for (source, want) in [("127.0.0.2", "br"), ("127.0.0.5", "jp")] {
+        let mut s = connect_from(source.parse().unwrap(), p.addr).await;
+        s.write_all(&client_hello("api.example.com")).await.unwrap();
+        let mut line = String::new();
+        tokio::io::BufReader::new(s)
+            .read_line(&mut line)
+            .await
+            .unwrap();
+        assert_eq!(line.trim_end(), want, "{source}");
+    }
+    let faults = p.host.admin.status().policy.faults;
+    assert_eq!(faults.traps + faults.bad_answers, 0);
+    p.stop().await;
+}

@@ -68,7 +68,7 @@ mod tests {
             ip: "203.0.113.7".parse().unwrap(),
             country: country.and_then(Country::new),
             region: region.map(RegionId),
-            via_proxy_protocol: false,
+            ..Client::default()
         }
     }
 

@@ -64,6 +64,7 @@ impl PolicyControl for NativeScorer {
             kind: "native",
             name: "native".into(),
             hash: None,
+            contract: None,
             path: None,
             loaded_at: None,
             reloads: 0,

@@ -1,4 +1,5 @@
-//! Host bindings generated from `wit/policy.wit`, and nothing else.
+//! Host bindings generated from `wit/policy.wit` (0.2.0) and `wit/v0.1/policy.wit`
+//! (0.1.0, which components built before 0.2.0 target), and nothing else.
 
 wasmtime::component::bindgen!({
     world: "policy",
@@ -21,4 +22,26 @@ pub mod wasi {
             "edgeproxy:policy/host": super::edgeproxy::policy::host,
         },
     });
+}
+
+/// The 0.1.0 contract: its client has no TLS fields; the rest is the same.
+pub mod v1 {
+    wasmtime::component::bindgen!({
+        world: "policy",
+        path: "../wit/v0.1/policy.wit",
+        imports: { default: trappable },
+    });
+
+    pub mod wasi {
+        wasmtime::component::bindgen!({
+            world: "policy",
+            path: "../wit/v0.1/policy.wit",
+            imports: { default: trappable },
+            exports: { default: async },
+            with: {
+                "edgeproxy:policy/types": super::edgeproxy::policy::types,
+                "edgeproxy:policy/host": super::edgeproxy::policy::host,
+            },
+        });
+    }
 }

@@ -51,13 +51,18 @@ impl Instance {
             &mut self.store,
             set_table_budgets(table.table.backends.len()),
         );
-        self.policy.set_table(&mut self.store, &table.table)?;
+        self.policy.set_table(&mut self.store, table)?;
         self.table_version = Some(table.version);
         Ok(())
     }
 }
 
 impl LoadedPolicy {
+    /// The WIT contract version the component targets.
+    pub fn contract(&self) -> &'static str {
+        self.pre.contract()
+    }
+
     /// Compiles `bytes`, instantiates them and runs a self-test decision. Blocking.
     pub fn load(runtime: &Runtime, name: &str, bytes: &[u8]) -> Result<Self, LoadError> {
         Self::from_compiled(runtime, name, bytes, &runtime.compile(bytes)?)
@@ -95,7 +100,7 @@ impl LoadedPolicy {
         });
         let wit = wit_table::build(&table, &Region::new("sa"), &[]);
         runtime.arm(&mut store, set_table_budgets(wit.table.backends.len()));
-        policy.set_table(&mut store, &wit.table).map_err(fail)?;
+        policy.set_table(&mut store, &wit).map_err(fail)?;
         let n = table.backends().len() as u32;
         let candidates: Vec<u32> = (0..n).flat_map(|i| [i, i, 0]).collect();
         let client = wit.client(&sample::client_in_brazil());

@@ -445,6 +445,7 @@ impl PolicyControl for WasmPolicy {
             kind: "wasm",
             name: current.name.to_string(),
             hash: Some(current.hash.clone()),
+            contract: Some(current.contract()),
             path: self.path.as_ref().map(|p| p.display().to_string()),
             loaded_at: Some(timestamp(current.loaded_at)),
             reloads: count(&self.reloads),

@@ -24,8 +24,10 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{Policy, PolicyPre, wasi};
+use super::bindings::edgeproxy::policy::types as wit;
+use super::bindings::{Policy, PolicyPre, v1, wasi};
 use super::guest_output::GuestOutput;
+use super::wit_table::WitTable;
 
 /// Fuel per millisecond of `timeout`: measured here, 10^6 units of fuel take a tight wasm
 /// loop 0.2-1.5 ms, so a budget never allows much more than the configured time.
@@ -190,6 +192,18 @@ fn deny_all_wasi(policy_name: &Arc<str>) -> WasiCtx {
 // The types interface has no functions; the trait only marks that it is provided.
 impl super::bindings::edgeproxy::policy::types::Host for GuestState {}
 
+impl super::bindings::v1::edgeproxy::policy::types::Host for GuestState {}
+
+impl super::bindings::v1::edgeproxy::policy::host::Host for GuestState {
+    fn log(&mut self, message: String) -> wasmtime::Result<()> {
+        super::bindings::edgeproxy::policy::host::Host::log(self, message)
+    }
+
+    fn random(&mut self) -> wasmtime::Result<u64> {
+        super::bindings::edgeproxy::policy::host::Host::random(self)
+    }
+}
+
 impl super::bindings::edgeproxy::policy::host::Host for GuestState {
     fn log(&mut self, message: String) -> wasmtime::Result<()> {
         // A line counts at least 64 bytes, so empty lines cannot flood either.
@@ -240,6 +254,7 @@ impl Runtime {
             })?;
         let mut linker = Linker::new(&engine);
         Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+        v1::Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
         // Only components that import WASI get these (and with them async calls).
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
 
@@ -328,11 +343,20 @@ impl Runtime {
             .linker
             .instantiate_pre(component)
             .map_err(LoadError::WrongWorld)?;
-        match wasi {
-            false => PolicyPre::new(pre).map(Linked::Plain),
-            true => wasi::PolicyPre::new(pre).map(Linked::Wasi),
-        }
-        .map_err(LoadError::WrongWorld)
+        // The current contract, else 0.1.0 (the error is the current one's).
+        let current = match wasi {
+            false => PolicyPre::new(pre.clone()).map(Linked::Plain),
+            true => wasi::PolicyPre::new(pre.clone()).map(Linked::Wasi),
+        };
+        current
+            .or_else(|e| {
+                match wasi {
+                    false => v1::PolicyPre::new(pre).map(Linked::PlainV1),
+                    true => v1::wasi::PolicyPre::new(pre).map(Linked::WasiV1),
+                }
+                .map_err(|_| e)
+            })
+            .map_err(LoadError::WrongWorld)
     }
 
     /// A fresh sandboxed instance.
@@ -362,6 +386,8 @@ impl Runtime {
         let guest = match pre {
             Linked::Plain(pre) => Guest::Plain(pre.instantiate(&mut store)?),
             Linked::Wasi(pre) => Guest::Wasi(at_once(pre.instantiate_async(&mut store))?),
+            Linked::PlainV1(pre) => Guest::PlainV1(pre.instantiate(&mut store)?),
+            Linked::WasiV1(pre) => Guest::WasiV1(at_once(pre.instantiate_async(&mut store))?),
         };
         Ok((store, guest))
     }
@@ -381,27 +407,44 @@ impl Runtime {
     }
 }
 
-/// A component linked against the policy world, with or without WASI.
+/// A component linked against the policy world, with or without WASI, of the current
+/// contract or 0.1.0.
 pub enum Linked {
     Plain(PolicyPre<GuestState>),
     Wasi(wasi::PolicyPre<GuestState>),
+    PlainV1(v1::PolicyPre<GuestState>),
+    WasiV1(v1::wasi::PolicyPre<GuestState>),
 }
 
-/// An instance of either kind, called alike.
+impl Linked {
+    /// The contract version the component was built against.
+    pub fn contract(&self) -> &'static str {
+        match self {
+            Linked::Plain(_) | Linked::Wasi(_) => "0.2.0",
+            Linked::PlainV1(_) | Linked::WasiV1(_) => "0.1.0",
+        }
+    }
+}
+
+/// An instance of any kind, called alike.
 pub enum Guest {
     Plain(Policy),
     Wasi(wasi::Policy),
+    PlainV1(v1::Policy),
+    WasiV1(v1::wasi::Policy),
 }
 
 impl Guest {
     pub fn set_table(
         &self,
         store: &mut Store<GuestState>,
-        table: &super::bindings::edgeproxy::policy::types::RoutingTable,
+        table: &WitTable,
     ) -> wasmtime::Result<()> {
         match self {
-            Guest::Plain(p) => p.call_set_table(store, table),
-            Guest::Wasi(p) => at_once(p.call_set_table(store, table)),
+            Guest::Plain(p) => p.call_set_table(store, &table.table),
+            Guest::Wasi(p) => at_once(p.call_set_table(store, &table.table)),
+            Guest::PlainV1(p) => p.call_set_table(store, table.v1()),
+            Guest::WasiV1(p) => at_once(p.call_set_table(store, table.v1())),
         }
     }
 
@@ -409,13 +452,31 @@ impl Guest {
         &self,
         store: &mut Store<GuestState>,
         app: Option<u32>,
-        client: super::bindings::edgeproxy::policy::types::Client,
+        client: wit::Client,
         candidates: &[u32],
     ) -> wasmtime::Result<Option<u32>> {
         match self {
-            Guest::Plain(p) => p.call_pick_backend(store, app, client, candidates),
-            Guest::Wasi(p) => at_once(p.call_pick_backend(store, app, client, candidates)),
+            Guest::Plain(p) => p.call_pick_backend(store, app, &client, candidates),
+            Guest::Wasi(p) => at_once(p.call_pick_backend(store, app, &client, candidates)),
+            Guest::PlainV1(p) => p.call_pick_backend(store, app, v1_client(client), candidates),
+            Guest::WasiV1(p) => {
+                at_once(p.call_pick_backend(store, app, v1_client(client), candidates))
+            }
         }
+    }
+}
+
+/// A client as 0.1.0 has it: without the TLS fields.
+fn v1_client(c: wit::Client) -> v1::edgeproxy::policy::types::Client {
+    use v1::edgeproxy::policy::types as old;
+    old::Client {
+        ip: match c.ip {
+            wit::IpAddress::Ipv4(a) => old::IpAddress::Ipv4(a),
+            wit::IpAddress::Ipv6(a) => old::IpAddress::Ipv6(a),
+        },
+        country: c.country,
+        region: c.region,
+        via_proxy_protocol: c.via_proxy_protocol,
     }
 }
 
@@ -483,6 +544,7 @@ fn wasm_kind(bytes: &[u8]) -> Option<WasmKind> {
 
 /// The contract, for core modules that do not carry it.
 static POLICY_WIT: &str = include_str!("../../../../../wit/policy.wit");
+static POLICY_WIT_V1: &str = include_str!("../../../../../wit/v0.1/policy.wit");
 
 /// Wraps a core module into a component, like `wasm-tools component new`. A module from
 /// wit-bindgen carries the WIT world in a `component-type` custom section; one without
@@ -491,12 +553,22 @@ static POLICY_WIT: &str = include_str!("../../../../../wit/policy.wit");
 /// A module that imports WASI preview 1 (`cargo build --target wasm32-wasip1`) gets the
 /// reactor adapter `cargo component` links, which turns those imports into WASI 0.2.
 pub fn componentize(module: &[u8]) -> Result<Vec<u8>, LoadError> {
-    use wasi_preview1_component_adapter_provider as p1;
-    let mut module = module.to_vec();
-    let (typed, preview1) = outline(&module);
-    if !typed {
-        embed_policy_world(&mut module).map_err(LoadError::Componentize)?;
+    let (typed, preview1) = outline(module);
+    if typed {
+        return encode(module.to_vec(), preview1);
     }
+    // Written by hand against one contract: the current one, else 0.1.0 (whose
+    // `pick-backend` has another signature), and the current one's error if neither fits.
+    let with = |wit: &str| -> Result<Vec<u8>, LoadError> {
+        let mut typed = module.to_vec();
+        embed_policy_world(&mut typed, wit).map_err(LoadError::Componentize)?;
+        encode(typed, preview1)
+    };
+    with(POLICY_WIT).or_else(|e| with(POLICY_WIT_V1).map_err(|_| e))
+}
+
+fn encode(module: Vec<u8>, preview1: bool) -> Result<Vec<u8>, LoadError> {
+    use wasi_preview1_component_adapter_provider as p1;
     let mut encoder = wit_component::ComponentEncoder::default()
         .module(&module)
         .map_err(LoadError::Componentize)?
@@ -531,9 +603,9 @@ fn outline(module: &[u8]) -> (bool, bool) {
     (typed, preview1)
 }
 
-fn embed_policy_world(module: &mut Vec<u8>) -> anyhow::Result<()> {
+fn embed_policy_world(module: &mut Vec<u8>, wit: &str) -> anyhow::Result<()> {
     let mut resolve = wit_parser::Resolve::default();
-    let package = resolve.push_source("policy.wit", POLICY_WIT)?;
+    let package = resolve.push_source("policy.wit", wit)?;
     let world = resolve.select_world(&[package], Some("policy"))?;
     wit_component::embed_component_metadata(
         module,

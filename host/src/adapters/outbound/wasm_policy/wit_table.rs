@@ -7,12 +7,15 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::bindings::edgeproxy::policy::types as wit;
+use super::bindings::v1::edgeproxy::policy::types as v1;
 use crate::domain::{Client, CountryCode, Region, RoutingTable};
 
 /// The routing table in its WIT form, built once per version and shared by all instances.
 pub struct WitTable {
     pub version: u64,
     pub table: wit::RoutingTable,
+    /// The same table for components of the 0.1.0 contract, made when one asks.
+    v1: std::sync::OnceLock<v1::RoutingTable>,
     pub regions: Vec<Region>,
     /// `table.apps` by name: every decision looks its app up.
     app_ids: HashMap<Arc<str>, u32>,
@@ -73,6 +76,7 @@ pub fn build(table: &RoutingTable, pop_region: &Region, client_regions: &[Region
         },
         regions,
         app_ids,
+        v1: std::sync::OnceLock::new(),
     }
 }
 
@@ -102,7 +106,45 @@ impl WitTable {
                 .as_ref()
                 .and_then(|r| index_of(&self.regions, r)),
             via_proxy_protocol: client.via_proxy_protocol,
+            sni: client
+                .tls
+                .as_ref()
+                .and_then(|t| t.sni.as_deref().map(str::to_owned)),
+            alpn: match client.tls.as_deref() {
+                None => Vec::new(),
+                Some(t) => match &t.negotiated {
+                    Some(agreed) => vec![agreed.to_string()],
+                    None => t.alpn.iter().map(|p| p.to_string()).collect(),
+                },
+            },
         }
+    }
+
+    /// The table as the 0.1.0 contract has it (the same records, other types).
+    pub fn v1(&self) -> &v1::RoutingTable {
+        self.v1.get_or_init(|| {
+            let t = &self.table;
+            v1::RoutingTable {
+                version: t.version,
+                pop_region: t.pop_region,
+                regions: t.regions.clone(),
+                apps: t.apps.clone(),
+                backends: t
+                    .backends
+                    .iter()
+                    .map(|b| v1::Backend {
+                        id: b.id.clone(),
+                        app: b.app,
+                        region: b.region,
+                        country: b.country,
+                        weight: b.weight,
+                        soft_limit: b.soft_limit,
+                        hard_limit: b.hard_limit,
+                        healthy: b.healthy,
+                    })
+                    .collect(),
+            }
+        })
     }
 
     /// The index of `app` in the table's app list.
