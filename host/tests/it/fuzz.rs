@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::OnceLock;
 
 use edgeproxy::adapters::inbound::proxy_protocol;
+use edgeproxy::adapters::inbound::tls_hello::Parser;
 use edgeproxy::adapters::outbound::maxmind_geo::MaxMindGeo;
 use edgeproxy::adapters::outbound::sqlite_editor::RoutingEditor;
 use edgeproxy::adapters::outbound::wasm_policy::LoadedPolicy;
@@ -90,6 +91,70 @@ proptest! {
     ]) {
         if let Ok(file) = Layer::from_toml(&text) {
             let _ = Config::resolve(file, Layer::default(), Layer::default());
+        }
+    }
+}
+
+/// The ClientHellos real clients sent (OpenSSL, curl), kept as the fuzzing corpus
+/// (`fuzz/`), and one of rustls's.
+fn client_hellos() -> &'static [Vec<u8>] {
+    static HELLOS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    HELLOS.get_or_init(|| {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/client_hello");
+        let mut hellos: Vec<Vec<u8>> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("a.example.com").unwrap();
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        hellos.push(out);
+        hellos
+    })
+}
+
+#[test]
+fn every_client_hello_of_the_corpus_is_read() {
+    for hello in client_hellos() {
+        let read = Parser::default().feed(hello);
+        assert!(
+            matches!(read, Ok(Some(_))),
+            "{read:?} for {} bytes",
+            hello.len()
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(config(2000))]
+
+    /// Any bytes, arriving split anywhere: a hello, a need for more, or a refusal.
+    #[test]
+    fn client_hellos_never_crash(
+        bytes in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..600),
+            (0..4usize).prop_flat_map(|i| mutated(client_hellos()[i % client_hellos().len()].clone())),
+        ],
+        split in any::<usize>(),
+    ) {
+        let mut p = Parser::default();
+        let cut = split % (bytes.len() + 1);
+        if let Ok(None) = p.feed(&bytes[..cut]) {
+            if let Ok(Some(hello)) = p.feed(&bytes) {
+                prop_assert!(hello.alpn.len() <= 8);
+                if let Some(sni) = hello.sni {
+                    prop_assert_eq!(sni.to_string(), sni.to_ascii_lowercase());
+                }
+            }
         }
     }
 }
