@@ -1,6 +1,7 @@
 //! `edgeproxy demo`: a whole POP on loopback in one command. Three echo backends stand in
 //! for backends in São Paulo, Frankfurt and Virginia; clients from different countries are
-//! simulated with PROXY protocol headers, and the tour prints who served whom.
+//! simulated with PROXY protocol headers, and the tour prints who served whom. A second
+//! listener shows TLS: two server names on one port, one terminated, one passed through.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -108,27 +109,37 @@ async fn tour(
         )?;
         tokio::spawn(echo_backend(b.id, listener, stop.clone()));
     }
+
+    let tls = tls::setup(dir, &conn, stop.clone()).await?;
     drop(conn);
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let proxy = listener.local_addr()?;
     let listener_config = ListenerConfig {
+        app: Some("demo".into()),
         proxy_protocol: true,
         trusted_proxies: vec!["127.0.0.0/8".parse()?],
         ..ListenerConfig::plain(proxy)
     };
+    let tls_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let tls_addr = tls_listener.local_addr()?;
+    let tls_config = ListenerConfig {
+        tls: Some(crate::config::TlsMode::Passthrough),
+        server_names: tls::names(),
+        alpn: vec!["h2".into(), "http/1.1".into()],
+        ..ListenerConfig::plain(tls_addr)
+    };
     let file = Layer::default()
         .with("db_path", db.display().to_string())
-        .with("region", "sa");
+        .with("region", "sa")
+        .with("tls_cert_dir", tls.cert_dir.display().to_string());
     let config = Config::resolve(file, Layer::default(), Layer::default())?;
     let host = Arc::new(Host::build(&config).await?);
     let proxy_stop = CancellationToken::new();
     let running = {
         let (host, stop) = (Arc::clone(&host), proxy_stop.clone());
-        tokio::spawn(async move {
-            host.run(vec![(listener, listener_config)], None, None, stop)
-                .await
-        })
+        let listeners = vec![(listener, listener_config), (tls_listener, tls_config)];
+        tokio::spawn(async move { host.run(listeners, None, None, stop).await })
     };
 
     let policy = host.wasm_policy.as_ref().map_or_else(
@@ -163,13 +174,23 @@ async fn tour(
     let again = ask(proxy, CLIENTS[0].0.parse()?).await?;
     println!("\n  {} again -> {again} (sticky binding)", CLIENTS[0].0);
 
+    println!(
+        "\nTLS on {tls_addr}: two names on one port, routed by the ClientHello's server name:"
+    );
+    for name in [tls::TERMINATED, tls::PASSED] {
+        let seen = tls.ask(tls_addr, name).await?;
+        println!("  {name:<18} -> {seen}");
+    }
+
     if hold {
         println!(
             "\nThe proxy keeps running on {proxy} (PROXY protocol from 127.0.0.0/8); Ctrl-C to stop.\n\
-             Try: printf 'PROXY TCP4 85.214.132.117 127.0.0.1 1 {}\\r\\nhello\\n' | nc -q1 {} {}",
+             Try: printf 'PROXY TCP4 85.214.132.117 127.0.0.1 1 {}\\r\\nhello\\n' | nc -q1 {} {}\n\
+             and: openssl s_client -connect {tls_addr} -servername {} -alpn h2 -quiet",
             proxy.port(),
             proxy.ip(),
-            proxy.port()
+            proxy.port(),
+            tls::TERMINATED,
         );
         shutdown.cancelled().await;
     }
@@ -177,4 +198,132 @@ async fn tour(
     running.await??;
     stop.cancel();
     Ok(())
+}
+
+/// The demo's TLS part: `secure.demo.test` terminated here with a certificate the demo
+/// makes, `pass.demo.test` passed through to a backend that holds its own.
+mod tls {
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+
+    use crate::config::{NameEntry, TlsMode};
+
+    pub const TERMINATED: &str = "secure.demo.test";
+    pub const PASSED: &str = "pass.demo.test";
+
+    pub struct DemoTls {
+        pub cert_dir: std::path::PathBuf,
+        pop_cert: CertificateDer<'static>,
+        backend_cert: CertificateDer<'static>,
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    pub fn names() -> BTreeMap<String, NameEntry> {
+        BTreeMap::from([
+            (
+                TERMINATED.to_owned(),
+                NameEntry::Route {
+                    app: "secure".into(),
+                    tls: Some(TlsMode::Terminate),
+                },
+            ),
+            (PASSED.to_owned(), NameEntry::App("pass".into())),
+        ])
+    }
+
+    /// The POP's certificate in a `tls_cert_dir`, a plain backend for the terminated
+    /// name and a TLS one for the other, both in the routing table.
+    pub async fn setup(
+        dir: &std::path::Path,
+        db: &rusqlite::Connection,
+        stop: CancellationToken,
+    ) -> anyhow::Result<DemoTls> {
+        let cert_dir = dir.join("certs");
+        std::fs::create_dir_all(&cert_dir)?;
+        let pop = rcgen::generate_simple_self_signed(vec![TERMINATED.into()])?;
+        std::fs::write(cert_dir.join("secure.pem"), pop.cert.pem())?;
+        std::fs::write(cert_dir.join("secure.key"), pop.signing_key.serialize_pem())?;
+        let backend = rcgen::generate_simple_self_signed(vec![PASSED.into()])?;
+        let key = PrivateKeyDer::Pkcs8(backend.signing_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![backend.cert.der().clone()], key)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+
+        let plain = TcpListener::bind("127.0.0.1:0").await?;
+        let tls = TcpListener::bind("127.0.0.1:0").await?;
+        for (id, app, l) in [("secure-1", "secure", &plain), ("pass-1", "pass", &tls)] {
+            db.execute(
+                "INSERT INTO backends (id, app, region, country, wg_ip, port, healthy, weight, soft_limit, hard_limit)
+                 VALUES (?1, ?2, 'sa', 'BR', '127.0.0.1', ?3, 1, 1, 100, 0)",
+                rusqlite::params![id, app, l.local_addr()?.port()],
+            )?;
+        }
+        tokio::spawn(super::echo_backend("secure-1", plain, stop.clone()));
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = tls.accept() => match r { Ok(c) => c, Err(_) => continue },
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut s) = acceptor.accept(s).await {
+                        let _ = s.write_all(b"pass-1\n").await;
+                        let _ = s.shutdown().await;
+                    }
+                });
+            }
+        });
+        Ok(DemoTls {
+            cert_dir,
+            pop_cert: pop.cert.der().clone(),
+            backend_cert: backend.cert.der().clone(),
+        })
+    }
+
+    impl DemoTls {
+        /// A TLS client (rustls) asking for `name`: who served it, whose certificate
+        /// answered, and the protocol agreed.
+        pub async fn ask(&self, addr: SocketAddr, name: &str) -> anyhow::Result<String> {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.pop_cert.clone())?;
+            roots.add(self.backend_cert.clone())?;
+            let mut config = rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+            let tcp = TcpStream::connect(addr).await?;
+            let tls = connector
+                .connect(ServerName::try_from(name.to_owned())?, tcp)
+                .await?;
+            let (_, session) = tls.get_ref();
+            let whose = match session.peer_certificates().and_then(|c| c.first()) {
+                Some(c) if *c == self.pop_cert => "terminated here, the POP's certificate",
+                Some(c) if *c == self.backend_cert => {
+                    "passed through, the backend's own certificate"
+                }
+                _ => "an unknown certificate",
+            };
+            let alpn = session
+                .alpn_protocol()
+                .map(|p| format!(", ALPN {}", String::from_utf8_lossy(p)))
+                .unwrap_or_default();
+            let mut line = String::new();
+            BufReader::new(tls).read_line(&mut line).await?;
+            Ok(format!("{:<9} ({whose}{alpn})", line.trim()))
+        }
+    }
 }

@@ -169,6 +169,15 @@ fn demo_shows_geo_routing() {
     assert_eq!(served("200.147.3.157"), "sa-gru-1");
     assert_eq!(served("85.214.132.117"), "eu-fra-1");
     assert_eq!(served("8.8.8.8"), "us-iad-1");
+    // Two TLS names on one port: one terminated, one passed through.
+    assert!(
+        served("secure.demo.test").starts_with("secure-1  (terminated here"),
+        "{stdout}"
+    );
+    assert!(
+        served("pass.demo.test").starts_with("pass-1    (passed through"),
+        "{stdout}"
+    );
 }
 
 #[test]
