@@ -148,12 +148,12 @@ proptest! {
     ) {
         let mut p = Parser::default();
         let cut = split % (bytes.len() + 1);
-        if let Ok(None) = p.feed(&bytes[..cut]) {
-            if let Ok(Some(hello)) = p.feed(&bytes) {
-                prop_assert!(hello.alpn.len() <= 8);
-                if let Some(sni) = hello.sni {
-                    prop_assert_eq!(sni.to_string(), sni.to_ascii_lowercase());
-                }
+        if let Ok(None) = p.feed(&bytes[..cut])
+            && let Ok(Some(hello)) = p.feed(&bytes)
+        {
+            prop_assert!(hello.alpn.len() <= 8);
+            if let Some(sni) = hello.sni {
+                prop_assert_eq!(sni.to_string(), sni.to_ascii_lowercase());
             }
         }
     }
