@@ -8,6 +8,7 @@
 #   PROXIES="edgeproxy-decide edgeproxy-shadow edgeproxy-decide edgeproxy-shadow" TESTS=rate bench/compare.sh
 #   PROXIES="edgeproxy-decide edgeproxy-shadow-trap edgeproxy-decide edgeproxy-shadow-trap" TESTS=rate bench/compare.sh
 #   SOURCES=10000 PROXIES="edgeproxy edgeproxy-limited edgeproxy edgeproxy-limited" TESTS=rate bench/compare.sh
+#   PROXIES="edgeproxy-tls haproxy-tls nginx-tls" TESTS="tls-rate tls-bulk1" bench/compare.sh
 #   (EDGEPROXY_BIN=path runs edgeproxy-native and edgeproxy-trap on another build)
 #
 # Installs HAProxy and nginx (Debian packages) when missing, builds edgeproxy and the
@@ -22,6 +23,8 @@
 # proxy CPU seconds per GB), idle (proxy RSS per idle connection, both legs live),
 # idle-scale (the same at each of $IDLE_SCALE connections, through 8 backends, with the
 # time it took to open them; every proxy sized to the fd limit, counts past it skipped).
+# tls-rate and tls-bulk1: rate and bulk1 through a TLS session each proxy terminates (the
+# *-tls proxies, one ECDSA P-256 certificate for all), every connection a full handshake.
 # edgeproxy runs with the embedded wasm policy deciding and bindings on, as deployed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -58,6 +61,12 @@ ulimit -n "$(ulimit -Hn)"
 FDS=$(ulimit -n)
 MAXCONN=$(( (FDS - 200) / 2 ))
 export EDGEPROXY_MAX_CONNECTIONS=$MAXCONN
+
+case " $TESTS " in *" tls-"*)  # one ECDSA P-256 pair for every proxy
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench.test \
+    -addext subjectAltName=DNS:bench.test -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>/dev/null
+  cat "$WORK/tls.pem" "$WORK/tls.key" > "$WORK/tls-combined.pem" ;;
+esac
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -105,6 +114,12 @@ start_proxy() {
       cmd=(env EDGEPROXY="${EDGEPROXY_BIN:-$bin/edgeproxy}" APP=trap BINDINGS=0 EDGEPROXY_POLICY_PATH="$WORK/chaos.wasm" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     baseline)  # another edgeproxy build (BASELINE=path), for before/after runs
       cmd=(env EDGEPROXY="${BASELINE:?set BASELINE to an edgeproxy binary}" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
+    edgeproxy-tls)
+      cmd=(env EDGEPROXY="$bin/edgeproxy" TLS_CERT="$WORK/tls.pem" TLS_KEY="$WORK/tls.key" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
+    haproxy-tls) render "$here/peers/haproxy-tls.cfg" "$WORK/haproxy.cfg" "$backend"
+      cmd=(haproxy -db -f "$WORK/haproxy.cfg") ;;
+    nginx-tls) render "$here/peers/nginx-tls.conf" "$WORK/nginx.conf" "$backend"
+      cmd=(nginx -c "$WORK/nginx.conf") ;;
     haproxy) render "$here/peers/haproxy.cfg" "$WORK/haproxy.cfg" "$backend"
       cmd=(haproxy -db -f "$WORK/haproxy.cfg") ;;
     haproxy-splice) render "$here/peers/haproxy.cfg" "$WORK/haproxy.cfg" "$backend" splice
@@ -141,6 +156,10 @@ for test in $TESTS; do
              out=$(load rate --target $LISTEN --warmup "$WARMUP" --duration "$DURATION" --pid "$proxy_pid" --sources "$SOURCES") ;;
       bulk1) start_proxy "$name" $SINK
              out=$(load bulk --target $LISTEN --streams 1 --duration "$DURATION" --pid "$proxy_pid") ;;
+      tls-rate) settle; start_proxy "$name" $ECHO
+             out=$(load rate --tls --target $LISTEN --warmup "$WARMUP" --duration "$DURATION" --pid "$proxy_pid") ;;
+      tls-bulk1) start_proxy "$name" $SINK
+             out=$(load bulk --tls --target $LISTEN --streams 1 --duration "$DURATION" --pid "$proxy_pid") ;;
       bulk8) start_proxy "$name" $SINK
              out=$(load bulk --target $LISTEN --streams 8 --duration "$DURATION" --pid "$proxy_pid") ;;
       idle)  start_proxy "$name" $ECHO
@@ -172,7 +191,10 @@ proxies = sys.argv[2].split()
 metrics = [("rate", "cps", "connections/s", True), ("rate", "p99_us", "p99 connect+echo (us)", False),
            ("rate", "proxy_cpu_us_per_conn", "proxy CPU per connection (us)", False),
            ("bulk1", "gbps", "bulk, 1 stream (Gbit/s)", True), ("bulk1", "proxy_cpu_s_per_gb", "proxy CPU per GB, 1 stream (s)", False),
-           ("bulk8", "gbps", "bulk, 8 streams (Gbit/s)", True), ("idle", "bytes_per_conn", "RSS per idle connection (B)", False)]
+           ("bulk8", "gbps", "bulk, 8 streams (Gbit/s)", True), ("idle", "bytes_per_conn", "RSS per idle connection (B)", False),
+           ("tls-rate", "cps", "TLS full handshakes/s (+64 B echo)", True), ("tls-rate", "p99_us", "TLS p99 handshake+echo (us)", False),
+           ("tls-rate", "proxy_cpu_us_per_conn", "TLS proxy CPU per handshake (us)", False),
+           ("tls-bulk1", "gbps", "TLS bulk, 1 stream (Gbit/s)", True), ("tls-bulk1", "proxy_cpu_s_per_gb", "TLS proxy CPU per GB (s)", False)]
 for t in sorted({r["test"] for r in rows if r["test"].startswith("idle-")}, key=lambda t: int(t[5:])):
     n = int(t[5:])
     metrics += [(t, "bytes_per_conn", f"RSS per idle connection, {n:,} open (B)", False),
@@ -185,8 +207,10 @@ for test, key, label, higher in metrics:
     if all(v is None for v in vals):
         continue
     cells = ["-" if v is None else f"{v:.3g}" if v < 100 else f"{v:.0f}" for v in vals]
-    ours = get("edgeproxy", test, key)
-    peers = [v for p, v in zip(proxies, vals) if p != "edgeproxy" and v is not None]
+    # edgeproxy, or its variant in this run (edgeproxy-tls), against the other proxies.
+    mine = "edgeproxy" if "edgeproxy" in proxies else next((p for p in proxies if p.startswith("edgeproxy")), None)
+    ours = get(mine, test, key) if mine else None
+    peers = [v for p, v in zip(proxies, vals) if p != mine and v is not None]
     ratio = "-"
     if ours is not None and peers:
         best = max(peers) if higher else min(peers)

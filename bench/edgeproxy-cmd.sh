@@ -4,7 +4,8 @@
 # Env: EDGEPROXY (binary, default target/release/edgeproxy), BINDINGS=0 turns bindings off,
 # POLICY=native decides with the native scorer instead of the embedded wasm policy, APP
 # names the backend's app and the listener's (default: the listener serves every app),
-# and any EDGEPROXY_* setting passes through.
+# TLS_CERT and TLS_KEY make the listener terminate TLS with that pair, and any
+# EDGEPROXY_* setting passes through.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 listen=$1 backend=$2 work=$3
@@ -28,6 +29,11 @@ export EDGEPROXY_WORKER_THREADS=${EDGEPROXY_WORKER_THREADS:-${THREADS:-0}}
 args=()
 if [ -n "${APP:-}" ]; then
   printf '[[listener]]\naddr = "%s"\napp = "%s"\n' "$listen" "$APP" > "$work/edgeproxy.toml"
+  args=(--config "$work/edgeproxy.toml")
+fi
+if [ -n "${TLS_CERT:-}" ]; then  # terminate TLS on the listener with this pair
+  printf '[tls]\ncert = "%s"\nkey = "%s"\n[[listener]]\naddr = "%s"\ntls = "terminate"\n' \
+    "$TLS_CERT" "$TLS_KEY" "$listen" > "$work/edgeproxy.toml"
   args=(--config "$work/edgeproxy.toml")
 fi
 exec "$bin" "${args[@]}" 2>>"$work/edgeproxy.log"

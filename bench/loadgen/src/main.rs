@@ -53,6 +53,9 @@ enum Command {
         /// At most this many new connections a second in all (0: as fast as they go).
         #[arg(long, default_value_t = 0)]
         max_rate: u32,
+        /// Each connection a full TLS handshake (no resumption) before its echo.
+        #[arg(long)]
+        tls: bool,
     },
     /// Throughput: STREAMS connections writing 64 KiB chunks for DURATION seconds to a
     /// sink; counts what the sink received.
@@ -65,6 +68,9 @@ enum Command {
         duration: u64,
         #[arg(long)]
         pid: Option<u32>,
+        /// Through TLS sessions.
+        #[arg(long)]
+        tls: bool,
     },
     /// Opens COUNT connections through the proxy, one echo each so both legs are live,
     /// and reports the proxy's resident memory before and while holding them, and the
@@ -110,6 +116,7 @@ fn main() -> anyhow::Result<()> {
                 pid,
                 sources,
                 max_rate,
+                tls,
             } => {
                 rate(
                     target,
@@ -118,6 +125,7 @@ fn main() -> anyhow::Result<()> {
                     (warmup, duration),
                     pid,
                     (sources, max_rate),
+                    tls.then(tls_client),
                 )
                 .await
             }
@@ -126,7 +134,8 @@ fn main() -> anyhow::Result<()> {
                 streams,
                 duration,
                 pid,
-            } => bulk(target, streams, duration, pid).await,
+                tls,
+            } => bulk(target, streams, duration, pid, tls.then(tls_client)).await,
             Command::Idle { target, count, pid } => idle(target, count, pid).await,
         }
     }))
@@ -202,13 +211,61 @@ fn proc_stat(pid: u32) -> anyhow::Result<ProcStat> {
     })
 }
 
-async fn one_exchange(
+/// A TLS client that does the least a client must (no resumption, no certificate
+/// checks: the proxy's side of the handshake is what is measured), X25519 as the peers'
+/// OpenSSL picks.
+fn tls_client() -> tokio_rustls::TlsConnector {
+    #[derive(Debug)]
+    struct AnyServer(std::sync::Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for AnyServer {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("TLS 1.2 and 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer(provider)))
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// Connects to `target` (from `source`), through a TLS session when `tls` is given.
+async fn connect(
     target: SocketAddr,
     source: Option<std::net::Ipv4Addr>,
-    msg: &[u8],
-    buf: &mut [u8],
-) -> std::io::Result<()> {
-    let mut s = match source {
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> std::io::Result<Box<dyn Stream>> {
+    let s = match source {
         None => TcpStream::connect(target).await?,
         Some(src) => {
             let sock = tokio::net::TcpSocket::new_v4()?;
@@ -217,6 +274,26 @@ async fn one_exchange(
         }
     };
     s.set_nodelay(true)?;
+    match tls {
+        None => Ok(Box::new(s)),
+        Some(c) => {
+            let name = rustls::pki_types::ServerName::try_from("bench.test").expect("a name");
+            Ok(Box::new(c.connect(name, s).await?))
+        }
+    }
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Stream for T {}
+
+async fn one_exchange(
+    target: SocketAddr,
+    source: Option<std::net::Ipv4Addr>,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    msg: &[u8],
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    let mut s = connect(target, source, tls).await?;
     s.write_all(msg).await?;
     s.read_exact(buf).await?;
     Ok(())
@@ -229,6 +306,7 @@ async fn rate(
     (warmup, duration): (u64, u64),
     pid: Option<u32>,
     (sources, max_rate): (u32, u32),
+    tls: Option<tokio_rustls::TlsConnector>,
 ) -> anyhow::Result<()> {
     loopback(target)?;
     let next_source = std::rc::Rc::new(std::cell::Cell::new(0u32));
@@ -242,6 +320,7 @@ async fn rate(
             let mut slots = Vec::new();
             for _ in 0..concurrency {
                 let next_source = next_source.clone();
+                let tls = tls.clone();
                 slots.push(tokio::task::spawn_local(async move {
                     let msg = vec![b'x'; size];
                     let mut buf = vec![0u8; size];
@@ -264,7 +343,9 @@ async fn rate(
                             next_source.set((n + 1) % sources);
                             std::net::Ipv4Addr::from_bits(0x7f02_0000 + n)
                         });
-                        let ok = one_exchange(target, source, &msg, &mut buf).await.is_ok();
+                        let ok = one_exchange(target, source, tls.as_ref(), &msg, &mut buf)
+                            .await
+                            .is_ok();
                         if t >= counted_from {
                             match ok {
                                 true => lat.push(t.elapsed().as_micros() as u32),
@@ -314,6 +395,7 @@ async fn bulk(
     streams: usize,
     duration: u64,
     pid: Option<u32>,
+    tls: Option<tokio_rustls::TlsConnector>,
 ) -> anyhow::Result<()> {
     loopback(target)?;
     let before = pid.map(proc_stat).transpose()?;
@@ -324,8 +406,9 @@ async fn bulk(
         .run_until(async {
             let mut tasks = Vec::new();
             for _ in 0..streams {
+                let tls = tls.clone();
                 tasks.push(tokio::task::spawn_local(async move {
-                    let mut s = TcpStream::connect(target).await?;
+                    let mut s = connect(target, None, tls.as_ref()).await?;
                     let chunk = vec![0x5au8; 64 * 1024];
                     while Instant::now() < end {
                         s.write_all(&chunk).await?;

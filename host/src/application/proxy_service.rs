@@ -3,7 +3,7 @@
 //! sides are done. Every outcome ends here with one tracing event; nothing propagates to
 //! the accept loop.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -22,12 +22,10 @@ use crate::domain::{Client, Region, RoutedBackend};
 use super::health_monitor::Suspects;
 use super::routing::Routing;
 use super::telemetry::{Decision, Telemetry};
-use crate::adapters::inbound::proxy_protocol;
 use crate::adapters::net::downstream::Downstream;
 use crate::adapters::net::{
     BufferPool, is_local_resource_error, reset_on_close, set_backend_keepalive,
 };
-use crate::config::SendVersion;
 
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -71,8 +69,8 @@ pub struct Inbound {
     pub early_data: Vec<u8>,
     /// The ClientHello, on listeners that read it.
     pub tls: Option<Arc<crate::domain::server_names::TlsHello>>,
-    /// Send the backend a PROXY header of this version for (client, local) addresses.
-    pub send_proxy: Option<(SendVersion, SocketAddr, SocketAddr)>,
+    /// A PROXY header for the backend, sent before anything else; empty: none.
+    pub proxy_header: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,15 +222,8 @@ impl ProxyService {
         // Taken, so the connection does not hold it (a ClientHello's buffer) while it lasts.
         let mut early = std::mem::take(&mut inbound.early_data);
         let client_bytes = early.len() as u64;
-        if let Some((version, source, local)) = inbound.send_proxy {
-            let tls = client.tls.as_deref();
-            let header = proxy_protocol::outbound_header(
-                version,
-                source,
-                local,
-                tls.and_then(|t| t.sni.as_deref()),
-                tls.and_then(|t| t.negotiated.as_deref()),
-            );
+        let header = std::mem::take(&mut inbound.proxy_header);
+        if !header.is_empty() {
             // One write (and segment) with whatever the client sent already; the
             // header is the proxy's, not counted as the client's bytes.
             early.splice(0..0, header);

@@ -37,9 +37,13 @@ pub fn outbound_header(
     version: SendVersion,
     source: SocketAddr,
     destination: SocketAddr,
-    authority: Option<&str>,
-    alpn: Option<&str>,
+    hello: Option<&crate::domain::server_names::TlsHello>,
 ) -> Vec<u8> {
+    let authority = hello.and_then(|h| h.sni.as_deref());
+    let alpn = hello.and_then(|h| h.negotiated.as_deref());
+    // v4 clients of a dual-stack listener come as v4-mapped v6: sent as v4 when both are.
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let (source, destination) = (canonical(source), canonical(destination));
     // One family for both (a v4 client on a v6 listener): the v4 address mapped.
     let (source, destination) = match (source, destination) {
         (SocketAddr::V4(s), SocketAddr::V6(d)) => (
@@ -93,6 +97,8 @@ fn to_v6(ip: std::net::IpAddr) -> std::net::Ipv6Addr {
 #[derive(Debug, PartialEq, Eq)]
 pub struct ProxyHeader {
     pub source: Option<SocketAddr>,
+    /// The address the client connected to, as the header says (with `source`).
+    pub destination: Option<SocketAddr>,
     pub rest: Vec<u8>,
 }
 
@@ -127,12 +133,18 @@ pub fn parse(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyHeaderError> {
     if result.is_incomplete() {
         return Ok(None);
     }
-    let (len, source) = match result {
+    let (len, addrs) = match result {
         HeaderResult::V1(Ok(h)) => (
             h.header.len(),
             match h.addresses {
-                v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
-                v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+                v1::Addresses::Tcp4(a) => Some((
+                    SocketAddr::from((a.source_address, a.source_port)),
+                    SocketAddr::from((a.destination_address, a.destination_port)),
+                )),
+                v1::Addresses::Tcp6(a) => Some((
+                    SocketAddr::from((a.source_address, a.source_port)),
+                    SocketAddr::from((a.destination_address, a.destination_port)),
+                )),
                 v1::Addresses::Unknown => None,
             },
         ),
@@ -140,12 +152,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyHeaderError> {
             h.len(),
             match (h.command, h.addresses) {
                 (v2::Command::Local, _) => None,
-                (_, v2::Addresses::IPv4(a)) => {
-                    Some(SocketAddr::from((a.source_address, a.source_port)))
-                }
-                (_, v2::Addresses::IPv6(a)) => {
-                    Some(SocketAddr::from((a.source_address, a.source_port)))
-                }
+                (_, v2::Addresses::IPv4(a)) => Some((
+                    SocketAddr::from((a.source_address, a.source_port)),
+                    SocketAddr::from((a.destination_address, a.destination_port)),
+                )),
+                (_, v2::Addresses::IPv6(a)) => Some((
+                    SocketAddr::from((a.source_address, a.source_port)),
+                    SocketAddr::from((a.destination_address, a.destination_port)),
+                )),
                 (_, v2::Addresses::Unspecified | v2::Addresses::Unix(_)) => None,
             },
         ),
@@ -153,7 +167,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyHeaderError> {
         HeaderResult::V2(Err(e)) => return Err(ProxyHeaderError::Malformed(e.to_string())),
     };
     Ok(Some(ProxyHeader {
-        source,
+        source: addrs.map(|(s, _)| s),
+        destination: addrs.map(|(_, d)| d),
         rest: buf[len..].to_vec(),
     }))
 }
@@ -168,9 +183,21 @@ mod tests {
             "203.0.113.7:5000".parse().unwrap(),
             "[::1]:443".parse().unwrap(),
         );
-        let v1 = outbound_header(SendVersion::V1, src, dst, Some("a.example.com"), None);
+        let hello = crate::domain::server_names::TlsHello {
+            sni: Some("a.example.com".into()),
+            alpn: vec!["h2".into(), "http/1.1".into()],
+            negotiated: Some("h2".into()),
+        };
+        let v1 = outbound_header(SendVersion::V1, src, dst, Some(&hello));
         assert_eq!(v1, b"PROXY TCP6 ::ffff:203.0.113.7 ::1 5000 443\r\n");
-        let v2 = outbound_header(SendVersion::V2, src, dst, Some("a.example.com"), Some("h2"));
+        // A v4 client of a dual-stack listener is sent as v4.
+        let mapped = (
+            "[::ffff:203.0.113.7]:5000".parse().unwrap(),
+            "[::ffff:10.0.0.1]:443".parse().unwrap(),
+        );
+        let v1 = outbound_header(SendVersion::V1, mapped.0, mapped.1, None);
+        assert_eq!(v1, b"PROXY TCP4 203.0.113.7 10.0.0.1 5000 443\r\n");
+        let v2 = outbound_header(SendVersion::V2, src, dst, Some(&hello));
         let parsed = v2::Header::try_from(&v2[..]).unwrap();
         let tlvs: Vec<_> = parsed.tlvs().map(|t| t.unwrap()).collect();
         assert!(

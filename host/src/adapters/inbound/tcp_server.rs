@@ -17,8 +17,8 @@ use crate::adapters::net::{is_local_resource_error, set_keepalive};
 use crate::application::client_limits::Refused;
 use crate::application::proxy_service::{Inbound, ProxyService};
 use crate::application::telemetry::ListenerStats;
-use crate::config::{ListenerConfig, TlsMode};
-use crate::domain::server_names::ServerNames;
+use crate::config::{ListenerConfig, SendVersion, TlsMode};
+use crate::domain::server_names::{ServerNames, TlsHello};
 use tokio_rustls::TlsAcceptor;
 
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -166,9 +166,9 @@ async fn connection(
         app,
         early_data: Vec::new(),
         tls: None,
-        send_proxy: None,
+        proxy_header: Vec::new(),
     };
-    let mut source = peer;
+    let (mut source, mut destination) = (peer, None);
     if config.proxy_protocol && config.trusts(inbound.client_ip) {
         match proxy_protocol::read_header(&mut stream, PROXY_HEADER_TIMEOUT).await {
             Ok(header) => {
@@ -176,6 +176,7 @@ async fn connection(
                     inbound.client_ip = src.ip().to_canonical();
                     inbound.via_proxy_protocol = true;
                     source = src;
+                    destination = header.destination;
                 }
                 inbound.early_data = header.rest;
             }
@@ -206,34 +207,90 @@ async fn connection(
             }
         },
     };
-    if let Some(version) = config.send_proxy_protocol {
-        // The address the client connected to: one getsockname, only where it is sent.
-        let Ok(local) = stream.local_addr() else {
-            return;
-        };
-        inbound.send_proxy = Some((version, source, local));
-    }
-    if let Some(mode) = config.tls {
-        let Some(terminate) =
-            tls_route(&mut stream, &mut inbound, mode, names, service, stats).await
-        else {
-            return;
-        };
-        if terminate {
-            // Every terminating listener has one (see `Host::run`).
-            let Some(terminator) = terminator else {
-                return;
-            };
-            if let Some(session) = handshake(stream, &mut inbound, terminator, service, stats).await
-            {
-                service
-                    .serve(Downstream::Tls(Box::new(session)), inbound)
-                    .await;
+    match config.tls {
+        None => {
+            if let Some(version) = config.send_proxy_protocol {
+                inbound.proxy_header = proxy_header(version, &stream, source, destination, None);
             }
-            return;
+            service.handle(stream, inbound).await
+        }
+        // Boxed: rustls's state is kilobytes, and plain connections' tasks should not
+        // carry room for it.
+        Some(mode) => {
+            let tls = (mode, names, terminator);
+            let addrs = (source, destination);
+            Box::pin(tls_connection(
+                stream, inbound, addrs, config, tls, service, stats,
+            ))
+            .await
         }
     }
-    service.handle(stream, inbound).await;
+}
+
+/// A TLS listener's connection: routed by its hello, then passed through or terminated.
+async fn tls_connection(
+    mut stream: TcpStream,
+    mut inbound: Inbound,
+    (source, destination): (SocketAddr, Option<SocketAddr>),
+    config: &ListenerConfig,
+    (mode, names, terminator): (TlsMode, &ServerNames, Option<&TlsAcceptor>),
+    service: &ProxyService,
+    stats: &ListenerStats,
+) {
+    let Some(terminate) = tls_route(&mut stream, &mut inbound, mode, names, service, stats).await
+    else {
+        return;
+    };
+    if !terminate {
+        if let Some(version) = config.send_proxy_protocol {
+            let hello = inbound.tls.as_deref();
+            inbound.proxy_header = proxy_header(version, &stream, source, destination, hello);
+        }
+        return service.handle(stream, inbound).await;
+    }
+    // Every terminating listener has one (see `Host::run`).
+    let Some(terminator) = terminator else {
+        return;
+    };
+    let header = config
+        .send_proxy_protocol
+        .map(|v| (v, proxy_header_addrs(&stream, source, destination)));
+    if let Some(session) = handshake(stream, &mut inbound, terminator, service, stats).await {
+        // After the handshake: the protocol agreed goes in the header too.
+        if let Some((version, Some((src, dst)))) = header {
+            let hello = inbound.tls.as_deref();
+            inbound.proxy_header = proxy_protocol::outbound_header(version, src, dst, hello);
+        }
+        service
+            .serve(Downstream::Tls(Box::new(session)), inbound)
+            .await;
+    }
+}
+
+/// The addresses a PROXY header to the backend carries: the client's, and the one it
+/// connected to (the inbound header's, else this socket's: one getsockname, only where
+/// a header is sent).
+fn proxy_header_addrs(
+    stream: &TcpStream,
+    source: SocketAddr,
+    destination: Option<SocketAddr>,
+) -> Option<(SocketAddr, SocketAddr)> {
+    let destination = destination.or_else(|| stream.local_addr().ok())?;
+    Some((source, destination))
+}
+
+fn proxy_header(
+    version: SendVersion,
+    stream: &TcpStream,
+    source: SocketAddr,
+    destination: Option<SocketAddr>,
+    hello: Option<&TlsHello>,
+) -> Vec<u8> {
+    match proxy_header_addrs(stream, source, destination) {
+        Some((src, dst)) => proxy_protocol::outbound_header(version, src, dst, hello),
+        // No local address: the socket is gone, and the connect that follows fails alike.
+        None => Vec::new(),
+    }
 }
 
 /// The TLS handshake, over the hello already read; the protocol agreed goes into

@@ -220,6 +220,21 @@ fn read(files: &CertFiles, provider: &CryptoProvider, old: &CertSet) -> (CertSet
     if let Some(dir) = &files.dir {
         match dir_pairs(dir) {
             Ok(found) => {
+                // A served pair half gone (a renewal between unlink and create, a copy
+                // in progress) keeps serving; one wholly removed is dropped.
+                for (stem, pair) in &old.pairs {
+                    if found.contains_key(stem) {
+                        continue;
+                    }
+                    let (cert, key) = &pair.files;
+                    if cert.exists() || key.exists() {
+                        let missing = if cert.exists() { key } else { cert };
+                        errors.push(format!("{}: missing (its pair is kept)", missing.display()));
+                        set.pairs.insert(stem.clone(), Arc::clone(pair));
+                    } else {
+                        tracing::warn!(certificate = %cert.display(), "TLS certificate removed; its names are no longer served by it");
+                    }
+                }
                 for (stem, files) in found {
                     let before = old.pairs.get(&stem);
                     match load_pair(&files, provider, before) {
@@ -240,6 +255,15 @@ fn read(files: &CertFiles, provider: &CryptoProvider, old: &CertSet) -> (CertSet
                 set.pairs = old.pairs.clone();
             }
         }
+    }
+    // Removing every certificate would fail every handshake: refused, as at start.
+    if set.default.is_none()
+        && set.pairs.is_empty()
+        && (old.default.is_some() || !old.pairs.is_empty())
+    {
+        errors.push("no certificate left; the last ones keep serving".into());
+        set.default = old.default.clone();
+        set.pairs = old.pairs.clone();
     }
     // Pairs in file-name order: the first to claim a name serves it.
     for pair in set.pairs.values() {
@@ -428,6 +452,14 @@ mod tests {
         assert!(
             errors[0].contains("api.key: not a PEM private key"),
             "{errors:?}"
+        );
+        // A pair half gone (mid-renewal) keeps serving.
+        std::fs::remove_file(dir.path().join("api.key")).unwrap();
+        let errors = certs.reload();
+        assert!(errors[0].contains("api.key: missing"), "{errors:?}");
+        assert_eq!(
+            served(&certs, Some("api.example.com")),
+            Some(first.cert.der().clone())
         );
         // The renewal done right replaces it.
         let renewed = write_pair(dir.path(), "api", &["api.example.com"]);

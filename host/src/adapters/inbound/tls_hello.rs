@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BufMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -64,18 +65,21 @@ pub async fn read(
     let mut parser = Parser::default();
     loop {
         if let Some(hello) = parser.feed(&read)? {
+            // Kept until sent on: no spare room.
+            read.shrink_to_fit();
             return Ok((hello, read));
         }
         if read.len() >= MAX_HELLO {
             return Err(HelloError::TooLarge);
         }
-        let have = read.len();
-        read.resize(MAX_HELLO, 0);
-        let n = tokio::time::timeout_at(deadline, stream.read(&mut read[have..]))
+        // Room for a typical hello first, more only as it comes (never past the cap).
+        let left = MAX_HELLO - read.len();
+        read.reserve(read.len().max(2048).min(left));
+        let mut room = (&mut read).limit(left);
+        let n = tokio::time::timeout_at(deadline, stream.read_buf(&mut room))
             .await
             .map_err(|_| HelloError::Timeout)?
             .map_err(|_| HelloError::Closed)?;
-        read.truncate(have + n);
         if n == 0 {
             return Err(HelloError::Closed);
         }

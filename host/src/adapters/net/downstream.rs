@@ -97,6 +97,19 @@ impl AsyncWrite for Prefixed {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
+    // rustls writes a flight's records at once: one writev, not one write per record.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
@@ -121,12 +134,15 @@ async fn copy<S: AsyncRead + AsyncWrite + Unpin>(
         read: &traffic.up,
         last: &last,
         start,
+        // Many TLS clients close without close_notify: an end, not an abort to reset.
+        unclean_eof_is_eof: true,
     };
     let mut backend = Counted {
         inner: backend,
         read: &traffic.down,
         last: &last,
         start,
+        unclean_eof_is_eof: false,
     };
     let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
     let Some(limit) = idle else {
@@ -153,6 +169,7 @@ struct Counted<'a, S> {
     read: &'a AtomicU64,
     last: &'a AtomicU64,
     start: Instant,
+    unclean_eof_is_eof: bool,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
@@ -163,7 +180,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        let r = match Pin::new(&mut *this.inner).poll_read(cx, buf) {
+            Poll::Ready(Err(e))
+                if this.unclean_eof_is_eof && e.kind() == io::ErrorKind::UnexpectedEof =>
+            {
+                Poll::Ready(Ok(()))
+            }
+            r => r,
+        };
         let n = buf.filled().len() - before;
         if n > 0 {
             this.read.fetch_add(n as u64, Relaxed);

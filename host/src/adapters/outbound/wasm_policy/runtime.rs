@@ -343,20 +343,24 @@ impl Runtime {
             .linker
             .instantiate_pre(component)
             .map_err(LoadError::WrongWorld)?;
-        // The current contract, else 0.1.0 (the error is the current one's).
-        let current = match wasi {
+        // The contract its imports name (a policy imports its `host` or `types`), else
+        // the current one; the error is the one of the contract it claims.
+        let v1 = ty
+            .imports(&self.engine)
+            .any(|(name, _)| name.starts_with("edgeproxy:policy/") && name.ends_with("@0.1.0"));
+        let current = || match wasi {
             false => PolicyPre::new(pre.clone()).map(Linked::Plain),
             true => wasi::PolicyPre::new(pre.clone()).map(Linked::Wasi),
         };
-        current
-            .or_else(|e| {
-                match wasi {
-                    false => v1::PolicyPre::new(pre).map(Linked::PlainV1),
-                    true => v1::wasi::PolicyPre::new(pre).map(Linked::WasiV1),
-                }
-                .map_err(|_| e)
-            })
-            .map_err(LoadError::WrongWorld)
+        let old = || match wasi {
+            false => v1::PolicyPre::new(pre.clone()).map(Linked::PlainV1),
+            true => v1::wasi::PolicyPre::new(pre.clone()).map(Linked::WasiV1),
+        };
+        match v1 {
+            true => old().or_else(|e| current().map_err(|_| e)),
+            false => current().or_else(|e| old().map_err(|_| e)),
+        }
+        .map_err(LoadError::WrongWorld)
     }
 
     /// A fresh sandboxed instance.
