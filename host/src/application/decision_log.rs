@@ -26,6 +26,11 @@ pub struct DecisionRecord {
     pub region: Option<String>,
     #[serde(default)]
     pub via_proxy_protocol: bool,
+    /// The TLS server name and ALPN the policy was told (TLS listeners).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alpn: Vec<String>,
     pub app: Option<String>,
     pub pop_region: String,
     pub table_version: u64,
@@ -47,6 +52,8 @@ impl DecisionRecord {
         std::mem::size_of::<Self>()
             + self.at.len()
             + self.app.as_ref().map_or(0, String::len)
+            + self.sni.as_ref().map_or(0, String::len)
+            + self.alpn.iter().map(|p| 24 + p.len()).sum::<usize>()
             + self.pop_region.len()
             + self
                 .candidates
@@ -101,6 +108,7 @@ impl DecisionLog {
         if self.size == 0 || fastrand::u32(0..100) >= self.sample_percent {
             return;
         }
+        let tls = req.client.tls.as_deref();
         let record = DecisionRecord {
             at: timestamp(SystemTime::now()),
             client: match self.truncate {
@@ -110,6 +118,10 @@ impl DecisionLog {
             country: req.client.country.map(|c| c.to_string()),
             region: req.client.region.as_ref().map(|r| r.to_string()),
             via_proxy_protocol: req.client.via_proxy_protocol,
+            sni: tls.and_then(|t| t.sni.as_deref().map(str::to_owned)),
+            alpn: tls.map_or_else(Vec::new, |t| {
+                t.policy_alpn().iter().map(|p| p.to_string()).collect()
+            }),
             app: req.app.map(str::to_owned),
             pop_region: req.pop_region.to_string(),
             table_version: req.table.version(),

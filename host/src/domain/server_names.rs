@@ -17,6 +17,17 @@ pub struct TlsHello {
     pub negotiated: Option<Arc<str>>,
 }
 
+impl TlsHello {
+    /// The protocols a policy is told: the one agreed where the TLS was ours, else the
+    /// ones offered.
+    pub fn policy_alpn(&self) -> &[Arc<str>] {
+        match &self.negotiated {
+            Some(agreed) => std::slice::from_ref(agreed),
+            None => &self.alpn,
+        }
+    }
+}
+
 /// Where the connections for a name go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NameRoute {

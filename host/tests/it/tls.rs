@@ -333,6 +333,8 @@ async fn terminating_listener_picks_certificates_by_name_and_rotates_them_live()
         &db,
         &format!(
             r#"
+            decision_log_sample_percent = 100
+            binding_ttl_secs = 0
             [tls]
             cert_dir = "{}"
             [[listener]]
@@ -372,6 +374,12 @@ async fn terminating_listener_picks_certificates_by_name_and_rotates_them_live()
             .await
             .is_err()
     );
+    // The policy was told the name and the protocol agreed; the decision log keeps both
+    // (for `policy replay`).
+    let (_, recorded) = http(p.admin, "GET", "/decisions", &[]).await;
+    let first: serde_json::Value = serde_json::from_str(recorded.lines().next().unwrap()).unwrap();
+    assert_eq!(first["sni"], "a.example.com", "{recorded}");
+    assert_eq!(first["alpn"], serde_json::json!(["http/1.1"]), "{recorded}");
     // On the same port, a name passed through: the backend's own certificate answers.
     assert_eq!(
         tls_greeting(p.addr, "pass.example.com", &["h2"], &[pass_cert])

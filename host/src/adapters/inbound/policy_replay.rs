@@ -68,7 +68,13 @@ pub fn replay(input: ReplayInput) -> anyhow::Result<Replay> {
                     country: record.country.as_deref().and_then(|c| c.parse().ok()),
                     region: record.region.as_deref().map(Region::new),
                     via_proxy_protocol: record.via_proxy_protocol,
-                    tls: None,
+                    tls: (record.sni.is_some() || !record.alpn.is_empty()).then(|| {
+                        std::sync::Arc::new(crate::domain::server_names::TlsHello {
+                            sni: record.sni.as_deref().map(Into::into),
+                            alpn: record.alpn.iter().map(|p| p.as_str().into()).collect(),
+                            negotiated: None,
+                        })
+                    }),
                 };
                 let pop_region = Region::new(&record.pop_region);
                 let req = PickRequest {

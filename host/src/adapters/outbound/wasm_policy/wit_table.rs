@@ -110,13 +110,9 @@ impl WitTable {
                 .tls
                 .as_ref()
                 .and_then(|t| t.sni.as_deref().map(str::to_owned)),
-            alpn: match client.tls.as_deref() {
-                None => Vec::new(),
-                Some(t) => match &t.negotiated {
-                    Some(agreed) => vec![agreed.to_string()],
-                    None => t.alpn.iter().map(|p| p.to_string()).collect(),
-                },
-            },
+            alpn: client.tls.as_deref().map_or_else(Vec::new, |t| {
+                t.policy_alpn().iter().map(|p| p.to_string()).collect()
+            }),
         }
     }
 
