@@ -26,6 +26,8 @@ pub struct CheckReport {
     pub wasi: Vec<WasiImport>,
     pub exports: Vec<String>,
     pub hash: Option<String>,
+    /// The contract version (`wit/`) it was linked against.
+    pub contract: Option<&'static str>,
     pub decisions: Vec<CheckedDecision>,
     /// None when the component may be deployed; else why not.
     pub rejected: Option<String>,
@@ -59,6 +61,7 @@ pub fn check(file: &Path, runtime: Runtime, app: &str) -> anyhow::Result<CheckRe
         wasi: Vec::new(),
         exports: Vec::new(),
         hash: None,
+        contract: None,
         decisions: Vec::new(),
         rejected: None,
     };
@@ -90,6 +93,7 @@ pub fn check(file: &Path, runtime: Runtime, app: &str) -> anyhow::Result<CheckRe
         }
     };
     report.hash = Some(loaded.hash.clone());
+    report.contract = Some(loaded.contract());
     let policy = WasmPolicy::new(runtime, check_regions(), loaded);
     report.decisions = scenarios(&policy, app);
     if let Some(bad) = report.decisions.iter().find(|d| !d.ok) {
@@ -189,6 +193,9 @@ pub fn render_check(r: &CheckReport) -> String {
         .filter(|i| !i.starts_with("wasi:"))
         .cloned()
         .collect();
+    if let Some(contract) = r.contract {
+        let _ = writeln!(out, "contract:  edgeproxy:policy@{contract}");
+    }
     let _ = writeln!(out, "imports:   {}", list(&others));
     if !r.wasi.is_empty() {
         let _ = writeln!(out, "WASI:      granted nothing beyond what each line says");
