@@ -69,8 +69,18 @@ pub struct Inbound {
     pub early_data: Vec<u8>,
     /// The ClientHello, on listeners that read it.
     pub tls: Option<Arc<crate::domain::server_names::TlsHello>>,
-    /// A PROXY header for the backend, sent before anything else; empty: none.
-    pub proxy_header: Vec<u8>,
+    /// How many of `early_data`'s first bytes are a PROXY header for the backend (the
+    /// proxy's bytes, not the client's).
+    pub proxy_header_len: u16,
+}
+
+impl Inbound {
+    /// Sends `header` to the backend before anything else (in the same write).
+    pub fn set_proxy_header(&mut self, header: Vec<u8>) {
+        let len = u16::try_from(header.len()).unwrap_or(u16::MAX);
+        self.early_data.splice(0..0, header);
+        self.proxy_header_len = len;
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +115,14 @@ impl ProxyService {
         }
     }
 
-    pub async fn handle(&self, stream: TcpStream, inbound: Inbound) {
-        self.serve(Downstream::Plain(stream), inbound).await
+    /// A plain fn, not another async layer: an async fn's arguments stay in its future
+    /// beside the one it awaits, and this future is an idle connection's memory.
+    pub fn handle(
+        &self,
+        stream: TcpStream,
+        inbound: Inbound,
+    ) -> impl std::future::Future<Output = ()> + Send + '_ {
+        self.serve(Downstream::Plain(stream), inbound)
     }
 
     /// A client's connection, a socket or a TLS session terminated here.
@@ -219,20 +235,19 @@ impl ProxyService {
         if let Some(idle) = self.settings.keepalive {
             set_backend_keepalive(&upstream, idle);
         }
-        // Taken, so the connection does not hold it (a ClientHello's buffer) while it lasts.
-        let mut early = std::mem::take(&mut inbound.early_data);
-        let client_bytes = early.len() as u64;
-        let header = std::mem::take(&mut inbound.proxy_header);
-        if !header.is_empty() {
-            // One write (and segment) with whatever the client sent already; the
-            // header is the proxy's, not counted as the client's bytes.
-            early.splice(0..0, header);
-        }
-        if !early.is_empty() {
+        // Taken, so the connection does not hold it (a ClientHello's buffer) while it
+        // lasts; in a block, so the relay's future does not sit beside it.
+        if !inbound.early_data.is_empty() {
+            let early = std::mem::take(&mut inbound.early_data);
+            // PROXY header and client bytes in one write (and segment).
             upstream.write_all(&early).await?;
-            target.stats.traffic.up.fetch_add(client_bytes, Relaxed);
+            let client_bytes = early.len() - usize::from(inbound.proxy_header_len);
+            target
+                .stats
+                .traffic
+                .up
+                .fetch_add(client_bytes as u64, Relaxed);
         }
-        drop(early);
         let relayed = downstream
             .relay(
                 &mut upstream,

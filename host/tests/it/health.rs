@@ -127,8 +127,7 @@ async fn consecutive_connect_failures_eject_until_the_backoff_ends() {
         assert_eq!(served_by("127.0.0.1", p.addr).await, "b");
     }
     // The ejection is recorded, then the table republished without it: both seen.
-    let (entry, _) =
-        wait_backend(p.admin, "a-dead", |b| !b["ejection"].is_null() && !up(b)).await;
+    let (entry, _) = wait_backend(p.admin, "a-dead", |b| !b["ejection"].is_null() && !up(b)).await;
     assert!(
         entry["ejection"]["reason"]
             .as_str()

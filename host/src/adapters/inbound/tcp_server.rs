@@ -50,6 +50,20 @@ pub fn bind(addr: SocketAddr, copies: usize) -> std::io::Result<Vec<TcpListener>
     }
     Ok(bound)
 }
+/// A listener's settings as its connections read them.
+struct Listener {
+    config: ListenerConfig,
+    tls: Option<TlsListener>,
+}
+
+/// What a listener that reads TLS routes and terminates with.
+struct TlsListener {
+    mode: TlsMode,
+    names: ServerNames,
+    /// Where any name is terminated.
+    terminator: Option<TlsAcceptor>,
+}
+
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// After any other accept error: enough to stop a tight loop, too short to notice.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(1);
@@ -79,10 +93,15 @@ pub async fn serve(
         connections,
         kill,
     } = acceptor;
-    // Checked when the config was resolved.
-    let names = Arc::new(config.names().unwrap_or_default());
-    let config = Arc::new(config);
+    let tls = config.tls.map(|mode| TlsListener {
+        mode,
+        // Checked when the config was resolved.
+        names: config.names().unwrap_or_default(),
+        terminator,
+    });
     let app: Option<Arc<str>> = config.app.as_deref().map(Arc::from);
+    let addr = config.addr;
+    let config = Arc::new(Listener { config, tls });
     // Accepted sockets inherit TCP_NODELAY and the keepalive settings from the listener
     // on Linux: setsockopt calls here instead of per connection (elsewhere each
     // connection sets them).
@@ -109,8 +128,6 @@ pub async fn serve(
             Ok((stream, peer)) => {
                 let (service, config, app) =
                     (Arc::clone(&service), Arc::clone(&config), app.clone());
-                let names = Arc::clone(&names);
-                let terminator = terminator.clone();
                 let kill = kill.clone();
                 let open = stats.opened();
                 if !inherited {
@@ -123,7 +140,7 @@ pub async fn serve(
                 connections.spawn(async move {
                     let _open = open;
                     tokio::select! {
-                        _ = connection(stream, peer, (&config, &names, terminator.as_ref()), app, &service, &stats) => {}
+                        _ = connection(stream, peer, &config, app, &service, &stats) => {}
                         _ = kill.cancelled() => {}
                     }
                 });
@@ -135,11 +152,11 @@ pub async fn serve(
                 // them must not spin a core either.
                 let pause = match is_local_resource_error(&e) {
                     true => {
-                        tracing::error!(listener = %config.addr, error = %e, "accept failed: out of resources; backing off");
+                        tracing::error!(listener = %addr, error = %e, "accept failed: out of resources; backing off");
                         ACCEPT_BACKOFF
                     }
                     false => {
-                        tracing::debug!(listener = %config.addr, error = %e, "accept failed");
+                        tracing::debug!(listener = %addr, error = %e, "accept failed");
                         ACCEPT_ERROR_PAUSE
                     }
                 };
@@ -155,18 +172,19 @@ pub async fn serve(
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
-    (config, names, terminator): (&ListenerConfig, &ServerNames, Option<&TlsAcceptor>),
+    listener: &Listener,
     app: Option<Arc<str>>,
     service: &ProxyService,
     stats: &ListenerStats,
 ) {
+    let config = &listener.config;
     let mut inbound = Inbound {
         client_ip: peer.ip().to_canonical(),
         via_proxy_protocol: false,
         app,
         early_data: Vec::new(),
         tls: None,
-        proxy_header: Vec::new(),
+        proxy_header_len: 0,
     };
     let (mut source, mut destination) = (peer, None);
     if config.proxy_protocol && config.trusts(inbound.client_ip) {
@@ -207,17 +225,17 @@ async fn connection(
             }
         },
     };
-    match config.tls {
+    match &listener.tls {
         None => {
             if let Some(version) = config.send_proxy_protocol {
-                inbound.proxy_header = proxy_header(version, &stream, source, destination, None);
+                let header = proxy_header(version, &stream, source, destination, None);
+                inbound.set_proxy_header(header);
             }
             service.handle(stream, inbound).await
         }
         // Boxed: rustls's state is kilobytes, and plain connections' tasks should not
         // carry room for it.
-        Some(mode) => {
-            let tls = (mode, names, terminator);
+        Some(tls) => {
             let addrs = (source, destination);
             Box::pin(tls_connection(
                 stream, inbound, addrs, config, tls, service, stats,
@@ -233,10 +251,11 @@ async fn tls_connection(
     mut inbound: Inbound,
     (source, destination): (SocketAddr, Option<SocketAddr>),
     config: &ListenerConfig,
-    (mode, names, terminator): (TlsMode, &ServerNames, Option<&TlsAcceptor>),
+    tls: &TlsListener,
     service: &ProxyService,
     stats: &ListenerStats,
 ) {
+    let (mode, names) = (tls.mode, &tls.names);
     let Some(terminate) = tls_route(&mut stream, &mut inbound, mode, names, service, stats).await
     else {
         return;
@@ -244,12 +263,13 @@ async fn tls_connection(
     if !terminate {
         if let Some(version) = config.send_proxy_protocol {
             let hello = inbound.tls.as_deref();
-            inbound.proxy_header = proxy_header(version, &stream, source, destination, hello);
+            let header = proxy_header(version, &stream, source, destination, hello);
+            inbound.set_proxy_header(header);
         }
         return service.handle(stream, inbound).await;
     }
     // Every terminating listener has one (see `Host::run`).
-    let Some(terminator) = terminator else {
+    let Some(terminator) = &tls.terminator else {
         return;
     };
     let header = config
@@ -259,7 +279,8 @@ async fn tls_connection(
         // After the handshake: the protocol agreed goes in the header too.
         if let Some((version, Some((src, dst)))) = header {
             let hello = inbound.tls.as_deref();
-            inbound.proxy_header = proxy_protocol::outbound_header(version, src, dst, hello);
+            let header = proxy_protocol::outbound_header(version, src, dst, hello);
+            inbound.set_proxy_header(header);
         }
         service
             .serve(Downstream::Tls(Box::new(session)), inbound)

@@ -3,6 +3,7 @@
 //! user space, copied with tokio's `copy_bidirectional` (half-close included), counted and
 //! timed as it goes.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -12,6 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::either::Either;
 
 use super::BufferPool;
 use crate::domain::model::Traffic;
@@ -32,18 +34,21 @@ impl Downstream {
         }
     }
 
-    /// Bytes client -> backend and backend -> client until both sides are done.
-    pub async fn relay(
-        &mut self,
-        backend: &mut TcpStream,
-        pool: &BufferPool,
+    /// Bytes client -> backend and backend -> client until both sides are done. (Not an
+    /// async fn: that would be one more layer holding its arguments.)
+    pub fn relay<'a>(
+        &'a mut self,
+        backend: &'a mut TcpStream,
+        pool: &'a BufferPool,
         idle: Option<Duration>,
-        traffic: &Traffic,
-    ) -> io::Result<(u64, u64)> {
+        traffic: &'a Traffic,
+    ) -> impl Future<Output = io::Result<(u64, u64)>> + Send + 'a {
         match self {
-            Downstream::Plain(s) => super::relay::relay(s, backend, pool, idle, traffic).await,
+            Downstream::Plain(s) => {
+                Either::Left(super::relay::relay(s, backend, pool, idle, traffic))
+            }
             // Boxed, so a plain connection's future is not the size of this one's.
-            Downstream::Tls(t) => Box::pin(copy(&mut **t, backend, idle, traffic)).await,
+            Downstream::Tls(t) => Either::Right(Box::pin(copy(&mut **t, backend, idle, traffic))),
         }
     }
 }
