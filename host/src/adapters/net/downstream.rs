@@ -124,6 +124,10 @@ impl AsyncWrite for Prefixed {
     }
 }
 
+/// Each direction's buffer: a TLS record's worth of plaintext, so one read of the session
+/// is one write to the backend (tokio's default, 8 KiB, took two).
+const BUF: usize = 16 * 1024;
+
 /// Copies both ways through user-space buffers; `traffic` sees the bytes as they are
 /// read, and a connection silent both ways for `idle` ends with `TimedOut`.
 async fn copy<S: AsyncRead + AsyncWrite + Unpin>(
@@ -149,7 +153,7 @@ async fn copy<S: AsyncRead + AsyncWrite + Unpin>(
         start,
         unclean_eof_is_eof: false,
     };
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, BUF, BUF);
     let Some(limit) = idle else {
         return copy.await;
     };
