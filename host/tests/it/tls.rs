@@ -414,6 +414,37 @@ async fn terminating_listener_picks_certificates_by_name_and_rotates_them_live()
     let _w = writer.await.unwrap();
     assert!(echoed == sent, "{} bytes back", echoed.len());
 
+    // Session resumption: a client that keeps its session store resumes.
+    let mut store = rustls::RootCertStore::empty();
+    store.add(a_cert.clone()).unwrap();
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(store)
+            .with_no_client_auth(),
+    );
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let tcp = TcpStream::connect(p.addr).await.unwrap();
+        let name = ServerName::try_from("a.example.com").unwrap();
+        let tls = TlsConnector::from(Arc::clone(&client))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        kinds.push(tls.get_ref().1.handshake_kind());
+        // The greeting comes after the session tickets: the client has them once read.
+        let mut line = String::new();
+        BufReader::new(tls).read_line(&mut line).await.unwrap();
+    }
+    assert_eq!(
+        kinds,
+        [
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ]
+    );
+
     // Rotation under load: clients trusting the old and the new certificate handshake
     // in a loop while the pair is replaced; none fails, and the new one takes over.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
