@@ -576,12 +576,22 @@ impl Host {
                     "listener {addr} terminates TLS but no certificate is configured (tls_cert and tls_key, or tls_cert_dir)"
                 ),
             };
+            let reencrypt = match (&config.backend_ca, config.backend_tls) {
+                (Some(ca), true) => Some(
+                    adapters::inbound::tls_certs::backend_client(
+                        ca,
+                        Arc::new(rustls::crypto::ring::default_provider()),
+                    )
+                    .map_err(|e| anyhow::anyhow!("listener {addr}: backend_ca {e}"))?,
+                ),
+                _ => None,
+            };
             acceptors.spawn(adapters::inbound::tcp_server::serve(
                 listener,
                 config,
                 stats,
                 acceptor.clone(),
-                terminator,
+                (terminator, reencrypt),
             ));
         }
         acceptors.close();

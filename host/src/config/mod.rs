@@ -97,6 +97,14 @@ pub struct ListenerConfig {
     /// preference; empty: none asked for (clients that offer some go on without).
     #[serde(default)]
     pub alpn: Vec<String>,
+    /// Re-encrypt what this listener terminates: TLS to the backend too, verified against
+    /// `backend_ca` (the overlay is WireGuard-encrypted already; this is for backends
+    /// that require TLS).
+    #[serde(default)]
+    pub backend_tls: bool,
+    /// CA certificates (PEM) a re-encrypting listener's backends must chain to.
+    #[serde(default)]
+    pub backend_ca: Option<PathBuf>,
 }
 
 /// Which PROXY protocol version a listener sends its backends.
@@ -140,6 +148,8 @@ impl ListenerConfig {
             server_names: BTreeMap::new(),
             send_proxy_protocol: None,
             alpn: Vec::new(),
+            backend_tls: false,
+            backend_ca: None,
         }
     }
 
@@ -387,6 +397,18 @@ impl Config {
                     errors.push(invalid(
                         format!("listener[{i}].server_names"),
                         format!("{name:?} names an empty app"),
+                    ));
+                }
+                if lc.backend_tls && !lc.terminates() {
+                    errors.push(invalid(
+                        format!("listener[{i}].backend_tls"),
+                        "re-encrypts what the listener terminates: it needs tls = \"terminate\" (or a terminated name)",
+                    ));
+                }
+                if lc.backend_tls && lc.backend_ca.is_none() {
+                    errors.push(invalid(
+                        format!("listener[{i}].backend_ca"),
+                        "backend_tls needs the CA certificates (PEM) the backends' certificates chain to",
                     ));
                 }
                 if listeners[..i].iter().any(|o| o.addr == lc.addr) {

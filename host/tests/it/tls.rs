@@ -30,6 +30,14 @@ pub fn certificate(names: &[&str]) -> (CertificateDer<'static>, PrivateKeyDer<'s
 /// done, then echoes.
 pub async fn tls_backend(name: &str, names: &[&str]) -> (SocketAddr, CertificateDer<'static>) {
     let (cert, key) = certificate(names);
+    tls_backend_with(name, cert, key).await
+}
+
+pub async fn tls_backend_with(
+    name: &str,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> (SocketAddr, CertificateDer<'static>) {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -526,4 +534,42 @@ async fn terminating_listener_picks_certificates_by_name_and_rotates_them_live()
     // The client that trusted another certificate, and the polls for the renewed one.
     assert!(count("peer_alert") >= 1.0);
     assert_eq!(count("handshake"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reencrypting_listener_speaks_tls_to_backends_that_chain_to_its_ca() {
+    // The backend's certificate, self-signed, is the CA the listener trusts.
+    let backend_cert = rcgen::generate_simple_self_signed(vec!["a.example.com".into()]).unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let ca = certs.path().join("backend-ca.pem");
+    std::fs::write(&ca, backend_cert.cert.pem()).unwrap();
+    let key = PrivateKeyDer::Pkcs8(backend_cert.signing_key.serialize_der().into());
+    let (backend, _) = tls_backend_with("a-1", backend_cert.cert.der().clone(), key).await;
+    let pop_dir = certs.path().join("pop");
+    std::fs::create_dir(&pop_dir).unwrap();
+    let pop_cert = write_pair(&pop_dir, "a", &["a.example.com"]);
+    let db = Db::new(&rows(&[("a-1", "a", backend)]));
+    let p = Proxy::start(
+        &db,
+        &format!(
+            "[tls]\ncert_dir = {:?}\n[[listener]]\naddr = \"127.0.0.1:0\"\napp = \"a\"\ntls = \"terminate\"\nbackend_tls = true\nbackend_ca = {:?}\n",
+            pop_dir.display().to_string(),
+            ca.display().to_string()
+        ),
+    )
+    .await;
+    // The client sees the POP's certificate; the backend's greeting came over TLS (it
+    // speaks nothing else): "-" is the ALPN it agreed with the POP, none.
+    let greeting = tokio::time::timeout(
+        WAIT,
+        tls_greeting(
+            p.addr,
+            "a.example.com",
+            &[],
+            std::slice::from_ref(&pop_cert),
+        ),
+    )
+    .await
+    .expect("a greeting: the backend answers only over TLS");
+    assert_eq!(greeting.unwrap(), "a-1 -");
 }

@@ -12,14 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{proxy_protocol, tls_hello};
-use crate::adapters::net::downstream::{Downstream, Prefixed, TlsSession};
+use crate::adapters::net::downstream::{Downstream, Prefixed, Terminated, TlsSession};
 use crate::adapters::net::{is_local_resource_error, set_keepalive};
 use crate::application::client_limits::Refused;
 use crate::application::proxy_service::{Inbound, ProxyService};
 use crate::application::telemetry::ListenerStats;
 use crate::config::{ListenerConfig, SendVersion, TlsMode};
 use crate::domain::server_names::{ServerNames, TlsHello};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pending connections the kernel queues per listening socket.
@@ -62,6 +62,8 @@ struct TlsListener {
     names: ServerNames,
     /// Where any name is terminated.
     terminator: Option<TlsAcceptor>,
+    /// TLS to the backends of terminated connections, where the listener re-encrypts.
+    reencrypt: Option<TlsConnector>,
 }
 
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -85,7 +87,7 @@ pub async fn serve(
     config: ListenerConfig,
     stats: Arc<ListenerStats>,
     acceptor: Acceptor,
-    terminator: Option<TlsAcceptor>,
+    (terminator, reencrypt): (Option<TlsAcceptor>, Option<TlsConnector>),
 ) {
     let Acceptor {
         service,
@@ -98,6 +100,7 @@ pub async fn serve(
         // Checked when the config was resolved.
         names: config.names().unwrap_or_default(),
         terminator,
+        reencrypt,
     });
     let app: Option<Arc<str>> = config.app.as_deref().map(Arc::from);
     let addr = config.addr;
@@ -282,8 +285,12 @@ async fn tls_connection(
             let header = proxy_protocol::outbound_header(version, src, dst, hello);
             inbound.set_proxy_header(header);
         }
+        let terminated = Terminated {
+            session,
+            reencrypt: tls.reencrypt.clone(),
+        };
         service
-            .serve(Downstream::Tls(Box::new(session)), inbound)
+            .serve(Downstream::Tls(Box::new(terminated)), inbound)
             .await;
     }
 }

@@ -161,6 +161,31 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The TLS client a re-encrypting listener connects to backends with: their
+/// certificates must chain to the CAs in `ca` (PEM).
+pub fn backend_client(
+    ca: &Path,
+    provider: Arc<CryptoProvider>,
+) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("{}: {e}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert =
+            cert.map_err(|e| anyhow::anyhow!("{}: not PEM certificates: {e}", ca.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!("{}: no CA certificate in it", ca.display());
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
 /// TLS 1.2 sessions remembered for resumption (about 100 bytes each).
 const SESSION_CACHE: usize = 16_384;
 

@@ -23,14 +23,22 @@ pub type TlsSession = tokio_rustls::server::TlsStream<Prefixed>;
 pub enum Downstream {
     Plain(TcpStream),
     /// Boxed: a TLS session is kilobytes, and plain connections should not carry its size.
-    Tls(Box<TlsSession>),
+    Tls(Box<Terminated>),
+}
+
+/// A TLS session this POP terminated, and how it reaches the backend.
+pub struct Terminated {
+    pub session: TlsSession,
+    /// Some: TLS to the backend too (the client's server name, else the backend's
+    /// address, is what its certificate must name).
+    pub reencrypt: Option<tokio_rustls::TlsConnector>,
 }
 
 impl Downstream {
     pub fn socket(&self) -> &TcpStream {
         match self {
             Downstream::Plain(s) => s,
-            Downstream::Tls(t) => &t.get_ref().0.inner,
+            Downstream::Tls(t) => &t.session.get_ref().0.inner,
         }
     }
 
@@ -48,8 +56,28 @@ impl Downstream {
                 Either::Left(super::relay::relay(s, backend, pool, idle, traffic))
             }
             // Boxed, so a plain connection's future is not the size of this one's.
-            Downstream::Tls(t) => Either::Right(Box::pin(copy(&mut **t, backend, idle, traffic))),
+            Downstream::Tls(t) => Either::Right(Box::pin(t.relay(backend, idle, traffic))),
         }
+    }
+}
+
+impl Terminated {
+    async fn relay(
+        &mut self,
+        backend: &mut TcpStream,
+        idle: Option<Duration>,
+        traffic: &Traffic,
+    ) -> io::Result<(u64, u64)> {
+        let Some(connector) = &self.reencrypt else {
+            return copy(&mut self.session, backend, idle, traffic).await;
+        };
+        let name = match self.session.get_ref().1.server_name() {
+            Some(sni) => rustls::pki_types::ServerName::try_from(sni.to_owned())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            None => rustls::pki_types::ServerName::IpAddress(backend.peer_addr()?.ip().into()),
+        };
+        let mut upstream = connector.connect(name, &mut *backend).await?;
+        copy(&mut self.session, &mut upstream, idle, traffic).await
     }
 }
 
@@ -130,9 +158,9 @@ const BUF: usize = 16 * 1024;
 
 /// Copies both ways through user-space buffers; `traffic` sees the bytes as they are
 /// read, and a connection silent both ways for `idle` ends with `TimedOut`.
-async fn copy<S: AsyncRead + AsyncWrite + Unpin>(
+async fn copy<S: AsyncRead + AsyncWrite + Unpin, B: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
-    backend: &mut TcpStream,
+    backend: &mut B,
     idle: Option<Duration>,
     traffic: &Traffic,
 ) -> io::Result<(u64, u64)> {
