@@ -572,4 +572,31 @@ async fn a_reencrypting_listener_speaks_tls_to_backends_that_chain_to_its_ca() {
     .await
     .expect("a greeting: the backend answers only over TLS");
     assert_eq!(greeting.unwrap(), "a-1 -");
+    p.stop().await;
+
+    // A backend that accepts and never answers its handshake: the client is closed after
+    // the connect timeout, not held.
+    let (silent, _held) = silent_backend().await;
+    let db = Db::new(&rows(&[("a-1", "a", silent)]));
+    let p = Proxy::start(
+        &db,
+        &format!(
+            "connect_timeout_ms = 200\n[tls]\ncert_dir = {:?}\n[[listener]]\naddr = \"127.0.0.1:0\"\napp = \"a\"\ntls = \"terminate\"\nbackend_tls = true\nbackend_ca = {:?}\n",
+            pop_dir.display().to_string(),
+            ca.display().to_string()
+        ),
+    )
+    .await;
+    let closed = tokio::time::timeout(
+        WAIT,
+        tls_greeting(
+            p.addr,
+            "a.example.com",
+            &[],
+            std::slice::from_ref(&pop_cert),
+        ),
+    )
+    .await
+    .expect("closed within the connect timeout, not held");
+    assert!(closed.as_ref().map_or(true, |g| g.is_empty()), "{closed:?}");
 }

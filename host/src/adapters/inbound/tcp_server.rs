@@ -288,6 +288,7 @@ async fn tls_connection(
         let terminated = Terminated {
             session,
             reencrypt: tls.reencrypt.clone(),
+            connect_timeout: service.settings.connect_timeout,
         };
         service
             .serve(Downstream::Tls(Box::new(terminated)), inbound)

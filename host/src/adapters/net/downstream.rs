@@ -32,6 +32,8 @@ pub struct Terminated {
     /// Some: TLS to the backend too (the client's server name, else the backend's
     /// address, is what its certificate must name).
     pub reencrypt: Option<tokio_rustls::TlsConnector>,
+    /// The backend's TLS handshake is part of connecting to it: bounded alike.
+    pub connect_timeout: Duration,
 }
 
 impl Downstream {
@@ -76,7 +78,11 @@ impl Terminated {
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             None => rustls::pki_types::ServerName::IpAddress(backend.peer_addr()?.ip().into()),
         };
-        let mut upstream = connector.connect(name, &mut *backend).await?;
+        // Bounded: a backend that accepts and never answers must not hold the client.
+        let handshake = connector.connect(name, &mut *backend);
+        let mut upstream = tokio::time::timeout(self.connect_timeout, handshake)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "backend TLS handshake"))??;
         copy(&mut self.session, &mut upstream, idle, traffic).await
     }
 }
