@@ -23,8 +23,9 @@
 # proxy CPU seconds per GB), idle (proxy RSS per idle connection, both legs live),
 # idle-scale (the same at each of $IDLE_SCALE connections, through 8 backends, with the
 # time it took to open them; every proxy sized to the fd limit, counts past it skipped).
-# tls-rate and tls-bulk1: rate and bulk1 through a TLS session each proxy terminates (the
-# *-tls proxies, one ECDSA P-256 certificate for all), every connection a full handshake.
+# tls-rate, tls-bulk1 and tls-idle: rate, bulk1 and idle through a TLS session each proxy
+# terminates (the *-tls proxies, one ECDSA P-256 certificate for all), every connection a
+# full handshake.
 # edgeproxy runs with the embedded wasm policy deciding and bindings on, as deployed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -158,6 +159,8 @@ for test in $TESTS; do
              out=$(load bulk --target $LISTEN --streams 1 --duration "$DURATION" --pid "$proxy_pid") ;;
       tls-rate) settle; start_proxy "$name" $ECHO
              out=$(load rate --tls --target $LISTEN --warmup "$WARMUP" --duration "$DURATION" --pid "$proxy_pid") ;;
+      tls-idle) start_proxy "$name" $ECHO
+             out=$(load idle --tls --target $LISTEN --count "$IDLE_CONNS" --pid "$proxy_pid") ;;
       tls-bulk1) start_proxy "$name" $SINK
              out=$(load bulk --tls --target $LISTEN --streams 1 --duration "$DURATION" --pid "$proxy_pid") ;;
       bulk8) start_proxy "$name" $SINK
@@ -194,7 +197,8 @@ metrics = [("rate", "cps", "connections/s", True), ("rate", "p99_us", "p99 conne
            ("bulk8", "gbps", "bulk, 8 streams (Gbit/s)", True), ("idle", "bytes_per_conn", "RSS per idle connection (B)", False),
            ("tls-rate", "cps", "TLS full handshakes/s (+64 B echo)", True), ("tls-rate", "p99_us", "TLS p99 handshake+echo (us)", False),
            ("tls-rate", "proxy_cpu_us_per_conn", "TLS proxy CPU per handshake (us)", False),
-           ("tls-bulk1", "gbps", "TLS bulk, 1 stream (Gbit/s)", True), ("tls-bulk1", "proxy_cpu_s_per_gb", "TLS proxy CPU per GB (s)", False)]
+           ("tls-bulk1", "gbps", "TLS bulk, 1 stream (Gbit/s)", True), ("tls-bulk1", "proxy_cpu_s_per_gb", "TLS proxy CPU per GB (s)", False),
+           ("tls-idle", "bytes_per_conn", "RSS per idle terminated TLS connection (B)", False)]
 for t in sorted({r["test"] for r in rows if r["test"].startswith("idle-")}, key=lambda t: int(t[5:])):
     n = int(t[5:])
     metrics += [(t, "bytes_per_conn", f"RSS per idle connection, {n:,} open (B)", False),

@@ -83,6 +83,9 @@ enum Command {
         count: usize,
         #[arg(long)]
         pid: u32,
+        /// Each connection a TLS session (held after its echo).
+        #[arg(long)]
+        tls: bool,
     },
 }
 
@@ -136,7 +139,12 @@ fn main() -> anyhow::Result<()> {
                 pid,
                 tls,
             } => bulk(target, streams, duration, pid, tls.then(tls_client)).await,
-            Command::Idle { target, count, pid } => idle(target, count, pid).await,
+            Command::Idle {
+                target,
+                count,
+                pid,
+                tls,
+            } => idle(target, count, pid, tls.then(tls_client)).await,
         }
     }))
 }
@@ -283,8 +291,8 @@ async fn connect(
     }
 }
 
-trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Stream for T {}
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
 async fn one_exchange(
     target: SocketAddr,
@@ -439,25 +447,31 @@ async fn bulk(
     Ok(())
 }
 
-async fn idle(target: SocketAddr, count: usize, pid: u32) -> anyhow::Result<()> {
+async fn idle(
+    target: SocketAddr,
+    count: usize,
+    pid: u32,
+    tls: Option<tokio_rustls::TlsConnector>,
+) -> anyhow::Result<()> {
     loopback(target)?;
     let before = proc_stat(pid)?;
     let start = Instant::now();
     let deadline = start + Duration::from_secs(120);
     let mut held = Vec::with_capacity(count);
     let mut opening = tokio::task::JoinSet::new();
-    let open = |i: usize| async move {
-        // 1,024 clients from 127.1.0.0 up (never the proxy's or the backends' address):
-        // a proxy with sticky bindings spreads them over its backends, as it would real
-        // clients, and no source runs out of ports.
-        let src = std::net::Ipv4Addr::from_bits(0x7f01_0000 + (i % 1024) as u32);
-        let sock = tokio::net::TcpSocket::new_v4()?;
-        sock.bind(SocketAddr::new(src.into(), 0))?;
-        let mut s = sock.connect(target).await?;
-        let mut buf = [0u8; 64];
-        s.write_all(&[b'i'; 64]).await?;
-        s.read_exact(&mut buf).await?;
-        anyhow::Ok(s)
+    let open = |i: usize| {
+        let tls = tls.clone();
+        async move {
+            // 1,024 clients from 127.1.0.0 up (never the proxy's or the backends' address):
+            // a proxy with sticky bindings spreads them over its backends, as it would real
+            // clients, and no source runs out of ports.
+            let src = std::net::Ipv4Addr::from_bits(0x7f01_0000 + (i % 1024) as u32);
+            let mut s = connect(target, Some(src), tls.as_ref()).await?;
+            let mut buf = [0u8; 64];
+            s.write_all(&[b'i'; 64]).await?;
+            s.read_exact(&mut buf).await?;
+            anyhow::Ok(s)
+        }
     };
     for i in 0..count {
         if opening.len() >= 64
