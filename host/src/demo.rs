@@ -212,6 +212,7 @@ mod tls {
     use tokio::net::{TcpListener, TcpStream};
     use tokio_util::sync::CancellationToken;
 
+    use crate::adapters::net::tls::provider;
     use crate::config::{NameEntry, TlsMode};
 
     pub const TERMINATED: &str = "secure.demo.test";
@@ -221,10 +222,6 @@ mod tls {
         pub cert_dir: std::path::PathBuf,
         pop_cert: CertificateDer<'static>,
         backend_cert: CertificateDer<'static>,
-    }
-
-    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
     }
 
     pub fn names() -> BTreeMap<String, NameEntry> {

@@ -99,8 +99,7 @@ fn load_certificates(
     if files == CertFiles::default() {
         return Ok(None);
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs = Certificates::load(files, provider)
+    let certs = Certificates::load(files, adapters::net::tls::provider())
         .map_err(|e| anyhow::anyhow!("TLS certificates: {e}"))?;
     Ok(Some(Arc::new(certs)))
 }
@@ -578,11 +577,8 @@ impl Host {
             };
             let reencrypt = match (&config.backend_ca, config.backend_tls) {
                 (Some(ca), true) => Some(
-                    adapters::inbound::tls_certs::backend_client(
-                        ca,
-                        Arc::new(rustls::crypto::ring::default_provider()),
-                    )
-                    .map_err(|e| anyhow::anyhow!("listener {addr}: backend_ca {e}"))?,
+                    adapters::inbound::tls_certs::backend_client(ca)
+                        .map_err(|e| anyhow::anyhow!("listener {addr}: backend_ca {e}"))?,
                 ),
                 _ => None,
             };

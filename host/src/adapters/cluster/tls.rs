@@ -21,6 +21,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::wire;
+use crate::adapters::net::tls::provider;
 
 /// The name every node certificate carries and every client checks: peers are many, their
 /// addresses change, and trust comes from the cluster CA, not from a host name.
@@ -121,21 +122,10 @@ pub fn wrong_cluster(identity: Option<Box<dyn std::any::Any>>, cluster: &str) ->
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
         return Some("an unreadable certificate".into());
     };
-    let uris: Vec<&str> = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => Some(*u),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let uris: Vec<&str> = crate::adapters::net::tls::alt_names(&cert, |n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
     let want = cluster_uri(cluster);
     match uris
         .iter()
@@ -244,10 +234,6 @@ fn write_secret(path: &Path, pem: &str) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(pem.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// The QUIC server and client configs for one node: mutual TLS pinned to the cluster CA,

@@ -163,26 +163,8 @@ pub fn server_config(
 
 /// The TLS client a re-encrypting listener connects to backends with: their
 /// certificates must chain to the CAs in `ca` (PEM).
-pub fn backend_client(
-    ca: &Path,
-    provider: Arc<CryptoProvider>,
-) -> anyhow::Result<tokio_rustls::TlsConnector> {
-    let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("{}: {e}", ca.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert =
-            cert.map_err(|e| anyhow::anyhow!("{}: not PEM certificates: {e}", ca.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", ca.display()))?;
-    }
-    if roots.is_empty() {
-        anyhow::bail!("{}: no CA certificate in it", ca.display());
-    }
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+pub fn backend_client(ca: &Path) -> Result<tokio_rustls::TlsConnector, String> {
+    let config = crate::adapters::net::tls::client_trusting(ca)?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
@@ -363,33 +345,18 @@ fn load_pair(
 fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<String>, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| format!("unreadable certificate: {e}"))?;
-    let names = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::DNSName(d) => {
-                        Some(crate::domain::server_names::normalise(d))
-                    }
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(names)
+    Ok(crate::adapters::net::tls::alt_names(&cert, |n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => {
+            Some(crate::domain::server_names::normalise(d))
+        }
+        _ => None,
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn provider() -> Arc<CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
-    }
+    use crate::adapters::net::tls::provider;
 
     /// Writes a self-signed pair for `names` as `dir/stem.pem` and `.key`.
     pub fn write_pair(

@@ -1,11 +1,13 @@
 //! Socket technology: how bytes move between a client and a backend (`relay`: one poll
 //! loop per connection, splice(2) on Linux) and the buffers and pipes they borrow for it
-//! (`pool`); `downstream`: the client's side, its socket or a TLS session terminated here.
+//! (`pool`); `downstream`: the client's side, its socket or a TLS session terminated here;
+//! `tls`: the provider, CA-file clients and certificate names every TLS use shares.
 //! What a connection means (decide, connect, fail over) is the application's.
 
 pub mod downstream;
 pub mod pool;
 pub mod relay;
+pub mod tls;
 
 pub use pool::BufferPool;
 

@@ -154,22 +154,7 @@ impl PgSettings {
 
 /// rustls verifying the server against the CA in `ca` (and nothing else).
 fn tls_config(ca: &Path) -> Result<rustls::ClientConfig, String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject as _;
-    let bad = |e: &dyn std::fmt::Display| format!("db_ca_file {}: {e}", ca.display());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(&e))? {
-        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
-    }
-    if roots.is_empty() {
-        return Err(bad(&"no certificate in it"));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(&e))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    crate::adapters::net::tls::client_trusting(ca).map_err(|e| format!("db_ca_file {e}"))
 }
 
 /// The server's message when there is one (the driver's own display is terse).
