@@ -8,6 +8,7 @@ use edgeproxy::config::Layer;
 use edgeproxy::domain::BackendStats;
 
 use crate::support::*;
+use crate::tls::client_hello;
 
 /// A proxy deciding with the component at `policy`.
 async fn proxy_with(db: &Db, policy: &Path, extra: &str) -> Proxy {
@@ -283,22 +284,6 @@ async fn geo_load_in_python_routes_like_the_default() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn geo_load_in_javascript_routes_like_the_default() {
     language_example("geo-load-js", &["node", "--test"], "node", "build.mjs").await;
-}
-
-/// A ClientHello naming `sni`, as a rustls client writes it.
-fn client_hello(sni: &str) -> Vec<u8> {
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

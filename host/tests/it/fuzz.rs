@@ -106,18 +106,7 @@ fn client_hellos() -> &'static [Vec<u8>] {
             .unwrap()
             .map(|e| std::fs::read(e.unwrap().path()).unwrap())
             .collect();
-        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from("a.example.com").unwrap();
-        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-        let mut out = Vec::new();
-        conn.write_tls(&mut out).unwrap();
-        hellos.push(out);
+        hellos.push(crate::tls::client_hello("a.example.com"));
         hellos
     })
 }

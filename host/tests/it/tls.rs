@@ -208,7 +208,7 @@ async fn passthrough_routes_by_server_name_and_relays_tls_unchanged() {
             .is_err()
     );
     assert!(closed_after(p.addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await);
-    let mut hello = tls_hello_bytes("api.example.com");
+    let mut hello = client_hello("api.example.com");
     hello[5] = 2; // a ServerHello where a ClientHello belongs
     assert!(closed_after(p.addr, &hello).await);
     let s = scrape(p.admin).await;
@@ -229,7 +229,7 @@ async fn passthrough_routes_by_server_name_and_relays_tls_unchanged() {
 }
 
 /// A ClientHello as a rustls client writes it.
-fn tls_hello_bytes(sni: &str) -> Vec<u8> {
+pub fn client_hello(sni: &str) -> Vec<u8> {
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -293,7 +293,7 @@ async fn unlisted_names_go_to_the_listeners_app_and_backends_get_a_proxy_v2_head
     )
     .await;
     let mut s = connect_from("127.0.0.2".parse().unwrap(), p.addr).await;
-    s.write_all(&tls_hello_bytes("other.example.org"))
+    s.write_all(&client_hello("other.example.org"))
         .await
         .unwrap();
     let mut line = String::new();
@@ -548,55 +548,38 @@ async fn a_reencrypting_listener_speaks_tls_to_backends_that_chain_to_its_ca() {
     let pop_dir = certs.path().join("pop");
     std::fs::create_dir(&pop_dir).unwrap();
     let pop_cert = write_pair(&pop_dir, "a", &["a.example.com"]);
-    let db = Db::new(&rows(&[("a-1", "a", backend)]));
-    let p = Proxy::start(
-        &db,
-        &format!(
-            "[tls]\ncert_dir = {:?}\n[[listener]]\naddr = \"127.0.0.1:0\"\napp = \"a\"\ntls = \"terminate\"\nbackend_tls = true\nbackend_ca = {:?}\n",
+    let config = |extra: &str| {
+        format!(
+            "{extra}\n[tls]\ncert_dir = {:?}\n[[listener]]\naddr = \"127.0.0.1:0\"\napp = \"a\"\ntls = \"terminate\"\nbackend_tls = true\nbackend_ca = {:?}\n",
             pop_dir.display().to_string(),
             ca.display().to_string()
-        ),
-    )
-    .await;
+        )
+    };
+    let greeting = |p: SocketAddr| {
+        let pop_cert = pop_cert.clone();
+        async move {
+            let roots = std::slice::from_ref(&pop_cert);
+            let greeting = tls_greeting(p, "a.example.com", &[], roots);
+            tokio::time::timeout(WAIT, greeting).await
+        }
+    };
+    let db = Db::new(&rows(&[("a-1", "a", backend)]));
+    let p = Proxy::start(&db, &config("")).await;
     // The client sees the POP's certificate; the backend's greeting came over TLS (it
     // speaks nothing else): "-" is the ALPN it agreed with the POP, none.
-    let greeting = tokio::time::timeout(
-        WAIT,
-        tls_greeting(
-            p.addr,
-            "a.example.com",
-            &[],
-            std::slice::from_ref(&pop_cert),
-        ),
-    )
-    .await
-    .expect("a greeting: the backend answers only over TLS");
-    assert_eq!(greeting.unwrap(), "a-1 -");
+    let answer = greeting(p.addr)
+        .await
+        .expect("a greeting: the backend answers only over TLS");
+    assert_eq!(answer.unwrap(), "a-1 -");
     p.stop().await;
 
     // A backend that accepts and never answers its handshake: the client is closed after
     // the connect timeout, not held.
     let (silent, _held) = silent_backend().await;
     let db = Db::new(&rows(&[("a-1", "a", silent)]));
-    let p = Proxy::start(
-        &db,
-        &format!(
-            "connect_timeout_ms = 200\n[tls]\ncert_dir = {:?}\n[[listener]]\naddr = \"127.0.0.1:0\"\napp = \"a\"\ntls = \"terminate\"\nbackend_tls = true\nbackend_ca = {:?}\n",
-            pop_dir.display().to_string(),
-            ca.display().to_string()
-        ),
-    )
-    .await;
-    let closed = tokio::time::timeout(
-        WAIT,
-        tls_greeting(
-            p.addr,
-            "a.example.com",
-            &[],
-            std::slice::from_ref(&pop_cert),
-        ),
-    )
-    .await
-    .expect("closed within the connect timeout, not held");
+    let p = Proxy::start(&db, &config("connect_timeout_ms = 200")).await;
+    let closed = greeting(p.addr)
+        .await
+        .expect("closed within the connect timeout, not held");
     assert!(closed.as_ref().map_or(true, |g| g.is_empty()), "{closed:?}");
 }
