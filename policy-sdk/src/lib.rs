@@ -214,6 +214,12 @@ pub fn geo_score(backend: &Backend, client: &Client, pop_region: RegionId) -> u3
     }
 }
 
+/// The default policy's score, lowest best: `geo_score * 100 + load`, so geography
+/// decides and load breaks ties within it.
+pub fn geo_load_score(c: &Candidate<'_>, client: &Client, pop_region: RegionId) -> f64 {
+    f64::from(geo_score(c.backend, client, pop_region)) * 100.0 + c.load()
+}
+
 /// edgeProxy's default region of a country ("sa", "us", "eu", "ap"; "us" when unlisted).
 /// The client's region from the host already reflects the POP's own configuration.
 pub fn default_region_of(country: Country) -> &'static str {

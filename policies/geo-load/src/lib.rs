@@ -5,13 +5,9 @@
 //! candidate (the host sends them sorted by id). It must agree with the host's native
 //! scorer on every input; a property test in the host checks that.
 
-use policy_sdk::{Candidate, Client, Context, Policy, RegionId, geo_score};
+use policy_sdk::{Candidate, Client, Context, Policy, geo_load_score};
 
 pub struct GeoLoad;
-
-pub fn score(c: &Candidate<'_>, client: &Client, pop_region: RegionId) -> f64 {
-    f64::from(geo_score(c.backend, client, pop_region)) * 100.0 + c.load()
-}
 
 impl Policy for GeoLoad {
     fn pick(ctx: &Context<'_>, client: &Client, candidates: &[Candidate<'_>]) -> Option<usize> {
@@ -21,7 +17,7 @@ impl Policy for GeoLoad {
             if !c.is_eligible() {
                 continue;
             }
-            let s = score(c, client, pop);
+            let s = geo_load_score(c, client, pop);
             if best.is_none_or(|(_, b)| s < b) {
                 best = Some((i, s));
             }
@@ -36,7 +32,7 @@ policy_sdk::export_policy!(GeoLoad);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use policy_sdk::{Backend, Country, Table};
+    use policy_sdk::{Backend, Country, RegionId, Table};
 
     fn table() -> Table {
         let b = |id: &str, region: u32, country: &str| Backend {

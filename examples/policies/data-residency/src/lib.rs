@@ -2,7 +2,7 @@
 //! EU member state; when none is eligible the connection is refused rather than leave
 //! the EU. Other clients get the default geo + load choice.
 
-use policy_sdk::{Candidate, Client, Context, Country, Policy, geo_score, lowest};
+use policy_sdk::{Candidate, Client, Context, Country, Policy, geo_load_score, lowest};
 
 pub struct DataResidency;
 
@@ -22,7 +22,7 @@ impl Policy for DataResidency {
         let pop = ctx.table.pop_region;
         lowest(candidates, |c| {
             let allowed = !resident || in_eu(c.backend.country);
-            allowed.then(|| f64::from(geo_score(c.backend, client, pop)) * 100.0 + c.load())
+            allowed.then(|| geo_load_score(c, client, pop))
         })
     }
 }

@@ -6,7 +6,7 @@
 //! The server name comes from the ClientHello on a listener with `tls` set (contract
 //! 0.2.0); elsewhere there is none and every client is stable.
 
-use policy_sdk::{Candidate, Client, Context, Policy, geo_score, lowest};
+use policy_sdk::{Candidate, Client, Context, Policy, geo_load_score, lowest};
 
 pub struct SniCanary;
 
@@ -32,7 +32,7 @@ fn best(
 ) -> Option<usize> {
     let pop = ctx.table.pop_region;
     lowest(candidates, |c| {
-        side(c).then(|| f64::from(geo_score(c.backend, client, pop)) * 100.0 + c.load())
+        side(c).then(|| geo_load_score(c, client, pop))
     })
 }
 

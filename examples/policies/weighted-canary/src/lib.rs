@@ -3,7 +3,7 @@
 //! load score. The roll uses the host's randomness; bindings then keep each client on
 //! the side it landed on. With no eligible backend on its side a client takes the other.
 
-use policy_sdk::{Candidate, Client, Context, Policy, geo_score, lowest};
+use policy_sdk::{Candidate, Client, Context, Policy, geo_load_score, lowest};
 
 pub struct WeightedCanary;
 
@@ -35,7 +35,7 @@ fn best(
 ) -> Option<usize> {
     let pop = ctx.table.pop_region;
     lowest(candidates, |c| {
-        side(c).then(|| f64::from(geo_score(c.backend, client, pop)) * 100.0 + c.load())
+        side(c).then(|| geo_load_score(c, client, pop))
     })
 }
 
