@@ -235,8 +235,11 @@ fn latency_phase(n: usize) -> Phase {
     let shutdown = CancellationToken::new();
     let served = {
         let (host, shutdown) = (host.clone(), shutdown.clone());
-        let listeners = listener.into_iter().map(|l| (l, lc.clone())).collect();
-        proxy_rt.spawn(async move { host.run(listeners, None, None, shutdown).await })
+        let sockets = edgeproxy::Sockets {
+            listeners: listener.into_iter().map(|l| (l, lc.clone())).collect(),
+            ..Default::default()
+        };
+        proxy_rt.spawn(async move { host.run(sockets, shutdown).await })
     };
     let done = Arc::new(AtomicBool::new(false));
     // The GC task's own sweep, on the proxy's runtime as the GC task runs it, timed.

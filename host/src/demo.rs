@@ -139,7 +139,13 @@ async fn tour(
     let running = {
         let (host, stop) = (Arc::clone(&host), proxy_stop.clone());
         let listeners = vec![(listener, listener_config), (tls_listener, tls_config)];
-        tokio::spawn(async move { host.run(listeners, None, None, stop).await })
+        tokio::spawn(async move {
+            let sockets = crate::Sockets {
+                listeners,
+                ..Default::default()
+            };
+            host.run(sockets, stop).await
+        })
     };
 
     let policy = host.wasm_policy.as_ref().map_or_else(

@@ -81,6 +81,30 @@ pub struct Host {
     db_reload: Duration,
     binding_gc_interval: Duration,
     drain_timeout: Duration,
+    /// The internal DNS server's answers, when it is on.
+    pub dns: Option<Arc<application::dns::Dns>>,
+    dns_front: DnsFront,
+}
+
+/// What the DNS server needs besides its answers: its response rate limit, and this POP's
+/// front-name addresses with the fleet's directory they are published in.
+#[derive(Default)]
+struct DnsFront {
+    limiter: Option<Arc<application::client_limits::ClientLimiter>>,
+    pops: Option<Arc<adapters::cluster::pops::ClusterPops>>,
+    addrs: Vec<std::net::IpAddr>,
+    /// How long a draining POP keeps accepting after leaving the front name's answers:
+    /// resolvers may hold it for one TTL.
+    leave: Duration,
+}
+
+/// The sockets [`Host::run`] serves, bound beforehand.
+#[derive(Default)]
+pub struct Sockets {
+    pub listeners: Vec<(TcpListener, ListenerConfig)>,
+    pub admin: Option<TcpListener>,
+    pub api: Option<TcpListener>,
+    pub dns: Option<adapters::inbound::dns_server::DnsSockets>,
 }
 
 /// The shadow policy's component and its record, when one is configured.
@@ -303,30 +327,10 @@ impl Host {
             }
             None => None,
         };
-        let admin = Arc::new(Admin {
-            health_counters: Arc::clone(&health_counters),
-            registry: registry.clone(),
-            decisions: decisions.clone(),
-            shadow: shadow.clone(),
-            promotion,
-            region: config.region.clone(),
-            routing: Arc::clone(&routing),
-            bindings: bindings.clone().map(|b| b as Arc<dyn BindingRepository>),
-            geo: Arc::clone(&geo),
-            policy: control,
-            telemetry: Arc::clone(&telemetry),
-            cluster: cluster
-                .clone()
-                .map(|c| Arc::new(c) as Arc<dyn domain::ports::ClusterView>),
-            fleet: cluster
-                .clone()
-                .map(|c| Arc::new(c) as Arc<dyn domain::ports::PolicyFleet>),
-            policy_max_bytes: config.policy.max_bytes,
-        });
         let service = Arc::new(ProxyService {
             routing: Arc::clone(&routing),
             bindings: bindings.clone().map(|b| b as Arc<dyn BindingRepository>),
-            geo,
+            geo: Arc::clone(&geo),
             regions: config.regions.clone(),
             policy,
             settings: ProxySettings {
@@ -348,6 +352,28 @@ impl Host {
                 .ejection
                 .enabled
                 .then(|| (Arc::clone(&suspects), config.health.ejection.after)),
+        });
+        let (dns, dns_front) = dns_service(config, &service, cluster.as_ref());
+        let admin = Arc::new(Admin {
+            health_counters: Arc::clone(&health_counters),
+            registry: registry.clone(),
+            decisions: decisions.clone(),
+            shadow: shadow.clone(),
+            promotion,
+            region: config.region.clone(),
+            routing: Arc::clone(&routing),
+            bindings: bindings.clone().map(|b| b as Arc<dyn BindingRepository>),
+            geo: Arc::clone(&geo),
+            policy: control,
+            telemetry: Arc::clone(&telemetry),
+            cluster: cluster
+                .clone()
+                .map(|c| Arc::new(c) as Arc<dyn domain::ports::ClusterView>),
+            fleet: cluster
+                .clone()
+                .map(|c| Arc::new(c) as Arc<dyn domain::ports::PolicyFleet>),
+            policy_max_bytes: config.policy.max_bytes,
+            dns: dns.clone(),
         });
         // Policies copy each new table in before it serves, so no connection waits for it.
         {
@@ -392,6 +418,8 @@ impl Host {
             db_reload: Duration::from_secs(s.db_reload_secs),
             binding_gc_interval: Duration::from_secs(s.binding_gc_interval_secs),
             drain_timeout: Duration::from_secs(s.drain_timeout_secs),
+            dns,
+            dns_front,
         })
     }
 
@@ -401,11 +429,15 @@ impl Host {
     /// (and `/metrics`) answers until the drain ends.
     pub async fn run(
         &self,
-        listeners: Vec<(TcpListener, ListenerConfig)>,
-        admin: Option<TcpListener>,
-        api: Option<TcpListener>,
+        sockets: Sockets,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Drained> {
+        let Sockets {
+            listeners,
+            admin,
+            api,
+            dns,
+        } = sockets;
         let background = TaskTracker::new();
         // Not a child of `shutdown`: reloads and the admin API go on during the drain.
         let stop_background = CancellationToken::new();
@@ -524,12 +556,36 @@ impl Host {
                 stop_background.clone(),
             ));
         }
+        if let (Some(sockets), Some(answers)) = (dns, &self.dns) {
+            tracing::info!(addr = %sockets.local_addr()?, domain = answers.zone().apex(), front = ?answers.zone().front(), "DNS listening (UDP and TCP)");
+            background.spawn(adapters::inbound::dns_server::serve(
+                sockets,
+                Arc::clone(answers),
+                self.dns_front.limiter.clone(),
+                stop_background.clone(),
+            ));
+        }
+        let front = self
+            .dns_front
+            .pops
+            .as_ref()
+            .filter(|_| !self.dns_front.addrs.is_empty());
+        if let Some(pops) = front
+            && let Err(e) = pops
+                .publish_front(self.dns_front.addrs.clone(), false)
+                .await
+        {
+            tracing::warn!(error = %e, "cannot publish this POP's front-name addresses");
+        }
+        // Stops the accept loops: at once on shutdown, or once a front POP has left the
+        // front name's answers and resolvers' caches.
+        let stop_accepting = CancellationToken::new();
         let connections = TaskTracker::new();
         let kill = CancellationToken::new();
         let acceptors = TaskTracker::new();
         let acceptor = adapters::inbound::tcp_server::Acceptor {
             service: Arc::clone(&self.service),
-            shutdown: shutdown.clone(),
+            shutdown: stop_accepting.clone(),
             connections: connections.clone(),
             kill: kill.clone(),
         };
@@ -592,6 +648,19 @@ impl Host {
         }
         acceptors.close();
         shutdown.cancelled().await;
+        if let Some(pops) = front {
+            match pops.publish_front(self.dns_front.addrs.clone(), true).await {
+                Ok(()) => {
+                    tracing::info!(accepting_for = ?self.dns_front.leave, "left the front name's answers; still accepting while resolvers forget this POP");
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.dns_front.leave) => {}
+                        _ = self.abort.cancelled() => {}
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot tell the fleet this POP is draining"),
+            }
+        }
+        stop_accepting.cancel();
         acceptors.wait().await; // listeners closed: no new connections from here on
         connections.close();
         let open = connections.len();
@@ -622,6 +691,78 @@ impl Host {
         background.wait().await;
         Ok(Drained { cut_off })
     }
+}
+
+/// The DNS server's answers and front, when `[dns]` is on: its name server address is
+/// its own when bound to one, else its front addresses, else the cluster's advertised one.
+fn dns_service(
+    config: &Config,
+    service: &Arc<ProxyService>,
+    cluster: Option<&adapters::cluster::Cluster>,
+) -> (Option<Arc<application::dns::Dns>>, DnsFront) {
+    use application::dns::{Dns, DnsSettings, LonePop};
+    let Some(d) = &config.dns else {
+        return (None, DnsFront::default());
+    };
+    let advertised = cluster.map(|c| c.status().transport.ip());
+    let front_addrs = match (d.front_addrs.is_empty(), advertised) {
+        (true, Some(ip)) => vec![ip],
+        _ => d.front_addrs.clone(),
+    };
+    let name_server = match d.addr.ip() {
+        ip if !ip.is_unspecified() => vec![ip],
+        _ if !d.front_addrs.is_empty() => d.front_addrs.clone(),
+        _ => advertised.into_iter().collect(),
+    };
+    let region = config.region.to_string();
+    let (directory, pops): (Arc<dyn domain::ports::PopDirectory>, _) = match cluster {
+        Some(c) => {
+            let pops = Arc::new(adapters::cluster::pops::ClusterPops::new(c.clone(), region));
+            (pops.clone(), Some(pops))
+        }
+        None => {
+            let me = name_server.first().map(|ip| domain::dns::Pop {
+                name: host_name(),
+                region,
+                overlay: *ip,
+                public: front_addrs.clone(),
+                alive: true,
+                draining: false,
+            });
+            (Arc::new(LonePop(Arc::new(me.into_iter().collect()))), None)
+        }
+    };
+    let settings = DnsSettings {
+        zone: d.zone.clone(),
+        ttl: d.ttl,
+        alternates: d.alternates,
+        front_answers: d.front_answers,
+        name_server,
+    };
+    let limiter = d.rate_limit.map(|rate| {
+        application::client_limits::ClientLimiter::new(application::client_limits::ClientLimits {
+            rate: Some((f64::from(rate), f64::from(rate))),
+            max_open: None,
+            v4_prefix: 24,
+            v6_prefix: 56,
+            exempt: Vec::new(),
+            max_tracked: 100_000,
+        })
+    });
+    let front = DnsFront {
+        limiter,
+        pops,
+        addrs: match d.zone.front() {
+            Some(_) => front_addrs,
+            None => Vec::new(),
+        },
+        leave: Duration::from_secs(u64::from(d.ttl))
+            .min(Duration::from_secs(config.settings.drain_timeout_secs)),
+    };
+    (
+        Some(Arc::new(Dns::new(Arc::clone(service), directory, settings))),
+        front,
+    )
 }
 
 /// The cluster's settings when replication is on (credentials are checked by the config).

@@ -662,13 +662,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let dns = match &config.dns {
+        Some(d) => Some(
+            edgeproxy::adapters::inbound::dns_server::bind(d.addr, copies)
+                .with_context(|| format!("binding the DNS server {} (dns_listen_addr)", d.addr))?,
+        ),
+        None => None,
+    };
+    let sockets = edgeproxy::Sockets {
+        listeners,
+        admin,
+        api,
+        dns,
+    };
     let drained = host
-        .run(
-            listeners,
-            admin,
-            api,
-            shutdown_signal_then(host.abort.clone()),
-        )
+        .run(sockets, shutdown_signal_then(host.abort.clone()))
         .await?;
     tracing::info!(cut_off = drained.cut_off, "stopped");
     Ok(())

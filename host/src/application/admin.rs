@@ -30,6 +30,37 @@ pub struct Status {
     pub routing: RoutingStatus,
     pub geoip: GeoStatus,
     pub bindings: BindingsStatus,
+    /// The internal DNS server, when it is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DnsStatus {
+    pub domain: String,
+    pub front_name: Option<String>,
+    pub ttl: u32,
+    pub queries: u64,
+    /// By type and response code, those seen.
+    pub by_type: Vec<DnsCount>,
+    pub truncated: u64,
+    pub malformed: u64,
+    pub rate_limited: DnsLimited,
+    pub tcp_connections: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DnsCount {
+    #[serde(rename = "type")]
+    pub qtype: &'static str,
+    pub rcode: &'static str,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DnsLimited {
+    pub dropped: u64,
+    pub slipped: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -106,6 +137,8 @@ pub struct BackendStatus {
     pub rtt_us: Option<u64>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// DNS answers that named it.
+    pub dns_answers: u64,
 }
 
 impl From<&RoutedBackend> for BackendStatus {
@@ -132,6 +165,7 @@ impl From<&RoutedBackend> for BackendStatus {
             rtt_us: Some(s.rtt_us()).filter(|&r| r > 0),
             bytes_up: s.traffic.up.load(std::sync::atomic::Ordering::Relaxed),
             bytes_down: s.traffic.down.load(std::sync::atomic::Ordering::Relaxed),
+            dns_answers: s.dns_answers.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -197,6 +231,8 @@ pub struct Admin {
     pub fleet: Option<Arc<dyn crate::domain::ports::PolicyFleet>>,
     /// Largest component a deployment may carry.
     pub policy_max_bytes: u64,
+    /// The internal DNS server, when it is on.
+    pub dns: Option<Arc<super::dns::Dns>>,
 }
 
 /// Why a deployment or a fleet rollback was not made.
@@ -325,6 +361,33 @@ impl Admin {
                     .load(std::sync::atomic::Ordering::Relaxed),
                 evicted: self.bindings.as_ref().map_or(0, |b| b.evicted()),
             },
+            dns: self.dns.as_ref().map(|d| {
+                let load =
+                    |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+                let st = &d.stats;
+                DnsStatus {
+                    domain: d.zone().apex().to_owned(),
+                    front_name: d.zone().front().map(str::to_owned),
+                    ttl: d.settings.ttl,
+                    queries: st.total(),
+                    by_type: st
+                        .queries()
+                        .into_iter()
+                        .map(|(qtype, rcode, count)| DnsCount {
+                            qtype,
+                            rcode,
+                            count,
+                        })
+                        .collect(),
+                    truncated: load(&st.truncated),
+                    malformed: load(&st.malformed),
+                    rate_limited: DnsLimited {
+                        dropped: load(&st.rate_dropped),
+                        slipped: load(&st.rate_slipped),
+                    },
+                    tcp_connections: load(&st.tcp_connections),
+                }
+            }),
         }
     }
 

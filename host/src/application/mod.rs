@@ -2,6 +2,7 @@
 //! with no socket code of their own (bytes move in `adapters::net`).
 //!
 //! - `proxy_service`: one connection, from decision to close, with failover.
+//! - `dns`: what the internal DNS server answers (the policy's pick by name).
 //! - `client_limits`: new-connection rate and open connections per client prefix.
 //! - `shadow`: a second policy deciding beside the live one, only for the record.
 //! - `rollout`: this POP's side of fleet policy deployments: fetch, load, swap, report.
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod bindings_gc;
 pub mod client_limits;
 pub mod decision_log;
+pub mod dns;
 pub mod health_monitor;
 pub mod proxy_service;
 pub mod registry;

@@ -197,6 +197,32 @@ impl ProxyService {
         choice
     }
 
+    /// The policy's pick, then its next picks with the earlier ones left out (the order a
+    /// connection fails over in), `n` at most: what a DNS lookup answers. No binding is
+    /// read or made and nothing is logged: a lookup is not a connection.
+    pub fn ranked(
+        &self,
+        req: &PickRequest<'_>,
+        candidates: &[RoutedBackend],
+        n: usize,
+    ) -> Vec<RoutedBackend> {
+        let mut out = Vec::with_capacity(n.min(candidates.len()));
+        let Some(first) = self.live_pick(req, candidates) else {
+            return out;
+        };
+        out.push(candidates[first].clone());
+        if n > 1 {
+            let mut left: Vec<RoutedBackend> = candidates.to_vec();
+            left.remove(first);
+            while out.len() < n
+                && let Some(i) = self.live_pick(req, &left)
+            {
+                out.push(left.remove(i));
+            }
+        }
+        out
+    }
+
     fn live_pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
         match self.policy.pick(req, candidates) {
             Some(i) if candidates.get(i).is_some_and(RoutedBackend::is_eligible) => {

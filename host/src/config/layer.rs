@@ -164,6 +164,7 @@ const SECTIONS: &[&str] = &[
     "api",
     "rate_limit",
     "tls",
+    "dns",
 ];
 
 /// How the config file spells a setting: `[cluster] x` for `cluster_x`.
@@ -327,10 +328,6 @@ impl Layer {
 
 /// edgeProxy features edgeproxy does not have, by variable prefix, and what it does instead.
 const ELSEWHERE: &[(&str, &str)] = &[
-    (
-        "EDGEPROXY_DNS_",
-        "edgeproxy has no internal DNS server; clients reach the POP by its listener address",
-    ),
     (
         "EDGEPROXY_CORROSION_",
         "edgeproxy does not read Corrosion; POPs share the routing table by built-in replication (EDGEPROXY_REPLICATION_*)",

@@ -232,6 +232,22 @@ pub struct Config {
     pub health: HealthRules,
     /// None: no registration API.
     pub api: Option<ApiConfig>,
+    /// None: no DNS server.
+    pub dns: Option<DnsConfig>,
+}
+
+/// The internal DNS server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    pub addr: SocketAddr,
+    pub zone: crate::domain::dns::Zone,
+    pub ttl: u32,
+    pub alternates: usize,
+    /// UDP answers per second per client prefix; None: no limit.
+    pub rate_limit: Option<u32>,
+    /// This POP's addresses under the front name (empty: the cluster's advertised one).
+    pub front_addrs: Vec<IpAddr>,
+    pub front_answers: usize,
 }
 
 /// The registration API (edgeProxy's auto-discovery).
@@ -551,12 +567,37 @@ impl Config {
                 remove_after: (s.api_remove_after_ttls > 0).then(|| ttl * s.api_remove_after_ttls),
             }
         });
+        let dns = s.dns_enabled.then(|| {
+            let zone = crate::domain::dns::Zone::new(&s.dns_domain, s.dns_front_name.as_deref())
+                .map_err(|e| errors.push(invalid("dns_domain", e)))
+                .ok()?;
+            let mut front_addrs = Vec::new();
+            for a in s.dns_front_addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+                match a.parse::<IpAddr>() {
+                    Ok(ip) if !ip.is_unspecified() => front_addrs.push(ip),
+                    _ => errors.push(invalid(
+                        "dns_front_addrs",
+                        format!("{a:?} is not an IP address (comma-separated, like 203.0.113.10, 2001:db8::10)"),
+                    )),
+                }
+            }
+            Some(DnsConfig {
+                addr: s.dns_listen_addr,
+                zone,
+                ttl: s.dns_ttl_secs,
+                alternates: s.dns_alternates as usize,
+                rate_limit: Some(s.dns_rate_limit).filter(|r| *r > 0),
+                front_addrs,
+                front_answers: s.dns_front_answers as usize,
+            })
+        }).flatten();
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
         Ok(Self {
             health,
             api,
+            dns,
             region: Region::new(&s.region),
             settings: s,
             origins,

@@ -242,6 +242,29 @@ crate::settings! {
     /// directory of `NAME.pem` + `NAME.key` pairs, each serving the DNS names its
     /// certificate lists; re-read when it changes
     tls_cert_dir: Option<PathBuf> = None, env "EDGEPROXY_TLS_CERT_DIR";
+    /// serve the internal DNS (edgeProxy's): `<app>.<domain>` answers the live policy's pick
+    /// for the asking client, `<region>.backends`, `<region>.pops`, `_<app>._tcp` (SRV)
+    dns_enabled: bool = false, env "EDGEPROXY_DNS_ENABLED";
+    /// UDP and TCP address of the DNS server
+    dns_listen_addr: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 5353)), env "EDGEPROXY_DNS_LISTEN_ADDR";
+    /// the domain answered, authoritatively; names outside it are refused
+    dns_domain: String = "internal".to_owned(), env "EDGEPROXY_DNS_DOMAIN", check |v| crate::domain::dns::normalise(v).map(|_| ());
+    /// TTL of every answer (and of negative ones): short, so a backend drained or down
+    /// leaves resolvers' caches within seconds and load moves with the policy
+    dns_ttl_secs: u32 = 10, env "EDGEPROXY_DNS_TTL_SECS", check |v| at_most(v, 3600);
+    /// backends an `<app>` answer gives after the policy's pick, in failover order
+    dns_alternates: u32 = 1, env "EDGEPROXY_DNS_ALTERNATES", check |v| at_most(v, 16);
+    /// UDP answers per second one client prefix (/24, /56) gets; past it they are dropped,
+    /// every second one sent truncated (so real clients retry over TCP); `0`: no limit
+    dns_rate_limit: u32 = 200, env "EDGEPROXY_DNS_RATE_LIMIT", check |v| at_most(v, 10_000_000);
+    /// the fleet's public name (delegated to the POPs' DNS listeners), answered with the
+    /// live POPs nearest the client; unset: none
+    dns_front_name: Option<String> = None, env "EDGEPROXY_DNS_FRONT_NAME", check |v| v.as_deref().map_or(Ok(()), |n| crate::domain::dns::normalise(n).map(|_| ()));
+    /// this POP's addresses under the front name (comma-separated); empty: the cluster's
+    /// advertised address
+    dns_front_addrs: String = String::new(), env "EDGEPROXY_DNS_FRONT_ADDRS";
+    /// POPs a front-name answer gives
+    dns_front_answers: u32 = 2, env "EDGEPROXY_DNS_FRONT_ANSWERS", check |v| positive(v).and(at_most(v, 8));
 }
 
 fn in_range(v: &Seconds, min: f64, max: f64) -> Result<(), String> {

@@ -11,12 +11,14 @@
 //! - `rollout`: policies deployed across the fleet: which one each POP runs, by role.
 //! - `registration`: what a self-registration may ask for (ids, bounds, destinations).
 //! - `server_names`: TLS server names (SNI) to the app and mode that serve them.
+//! - `dns`: the names the internal DNS server answers, and the fleet's front name.
 //! - `sample`: the synthetic table the policy self-test, `policy check` and tests share.
 //!
 //! Nothing here does I/O or awaits; adapters feed it immutable snapshots and it answers
 //! synchronously, so everything in it is testable without a runtime.
 
 pub mod breaker;
+pub mod dns;
 pub mod health;
 pub mod live_stats;
 pub mod model;

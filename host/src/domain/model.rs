@@ -145,6 +145,8 @@ pub struct BackendStats {
     failures_in_row: AtomicU32,
     /// Bytes relayed through this backend, counted per chunk so long connections show.
     pub traffic: Traffic,
+    /// DNS answers that named it.
+    pub dns_answers: AtomicU64,
 }
 
 /// Bytes relayed client -> backend (`up`) and backend -> client (`down`).

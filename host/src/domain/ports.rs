@@ -227,6 +227,12 @@ pub fn timestamp(t: SystemTime) -> String {
 }
 
 /// What the fleet looks like from this POP (`GET /cluster`, `edgeproxy cluster status`).
+/// The POPs of the fleet as DNS answers them (`<region>.pops`, the front name): this one
+/// and every member SWIM knows, with its region and addresses.
+pub trait PopDirectory: Send + Sync {
+    fn pops(&self) -> Arc<Vec<super::dns::Pop>>;
+}
+
 pub trait ClusterView: Send + Sync {
     fn status(&self) -> ClusterStatus;
 }

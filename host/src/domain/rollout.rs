@@ -116,10 +116,24 @@ pub struct PopPolicies {
 /// Refusals a POP keeps in its report.
 pub const REFUSALS_KEPT: usize = 4;
 
+/// Where a POP takes clients under the fleet's front name (DNS), and whether it still
+/// does: a draining POP says so before it stops accepting.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PopFront {
+    pub pop: String,
+    pub region: String,
+    pub addrs: Vec<std::net::IpAddr>,
+    pub draining: bool,
+}
+
+/// Addresses one POP may give under the front name.
+pub const FRONT_ADDRS: usize = 8;
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum FleetValue {
     Deployment(Deployment),
     Pop(PopPolicies),
+    Front(PopFront),
 }
 
 impl FleetValue {
@@ -127,6 +141,16 @@ impl FleetValue {
         match self {
             FleetValue::Deployment(d) => format!("deployment/{}", d.id),
             FleetValue::Pop(p) => format!("pop/{}", p.pop),
+            FleetValue::Front(f) => format!("front/{}", f.pop),
+        }
+    }
+
+    /// The POP a report or front record speaks for; None for a deployment (the fleet's).
+    pub fn pop(&self) -> Option<&str> {
+        match self {
+            FleetValue::Deployment(_) => None,
+            FleetValue::Pop(p) => Some(&p.pop),
+            FleetValue::Front(f) => Some(&f.pop),
         }
     }
 }
@@ -188,6 +212,14 @@ impl FleetRecord {
                         n => Err(format!("a target is {n} bytes (1 to 64 allowed)")),
                     })
             }
+            FleetValue::Front(f) => {
+                short("POP name", &f.pop)?;
+                at_most("region", &f.region)?;
+                match f.addrs.len() {
+                    0..=FRONT_ADDRS => Ok(()),
+                    n => Err(format!("{n} front addresses ({FRONT_ADDRS} allowed)")),
+                }
+            }
             FleetValue::Pop(p) => {
                 short("POP name", &p.pop)?;
                 at_most("region", &p.region)?;
@@ -240,7 +272,7 @@ pub fn deployments<'a>(records: impl IntoIterator<Item = &'a FleetRecord>) -> Ve
         .into_iter()
         .filter_map(|r| match &r.value {
             FleetValue::Deployment(d) => Some(d),
-            FleetValue::Pop(_) => None,
+            _ => None,
         })
         .collect();
     out.sort_by_key(|d| d.created);

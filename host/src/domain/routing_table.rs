@@ -115,6 +115,18 @@ impl RoutingTable {
         }
     }
 
+    /// The app `name` names, compared without case (DNS names have none): its name as
+    /// the table spells it and its backends.
+    pub fn app_named(&self, name: &str) -> Option<(&str, &[RoutedBackend])> {
+        if let Some((app, b)) = self.by_app.get_key_value(name) {
+            return Some((app, b));
+        }
+        self.by_app
+            .iter()
+            .find(|(app, _)| app.eq_ignore_ascii_case(name))
+            .map(|(app, b)| (&**app, &b[..]))
+    }
+
     /// True when `backends` describe the same table as this snapshot (reloads that change
     /// nothing keep the version).
     pub fn same_rows(&self, backends: &[Backend]) -> bool {

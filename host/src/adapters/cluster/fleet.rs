@@ -52,10 +52,7 @@ impl Snapshot {
         let records: Vec<FleetRecord> = self
             .records
             .iter()
-            .filter(|r| match &r.value {
-                FleetValue::Deployment(_) => true,
-                FleetValue::Pop(p) => p.pop == pop,
-            })
+            .filter(|r| r.value.pop().is_none_or(|p| p == pop))
             .cloned()
             .collect();
         let digest = rollout::digest(&records);
@@ -138,10 +135,7 @@ impl Inner {
         mut records: Vec<FleetRecord>,
     ) -> Vec<FleetRecord> {
         let before = records.len();
-        records.retain(|r| match &r.value {
-            FleetValue::Deployment(_) => true,
-            FleetValue::Pop(p) => Some(p.pop.as_str()) == pop,
-        });
+        records.retain(|r| r.value.pop().is_none_or(|p| Some(p) == pop));
         if records.len() < before {
             self.protocol_refusal(
                 from,
@@ -233,7 +227,7 @@ impl Inner {
         self.push_records(vec![record.clone()]);
         match record.value {
             FleetValue::Deployment(d) => d,
-            FleetValue::Pop(_) => unreachable!("only deployments are published this way"),
+            _ => unreachable!("only deployments are published this way"),
         }
     }
 
@@ -542,8 +536,8 @@ impl Inner {
         })
     }
 
-    async fn report(self: Arc<Self>, report: PopPolicies) -> Result<(), String> {
-        let value = FleetValue::Pop(report);
+    /// Publishes one of this POP's own records (its report, its front), unless unchanged.
+    pub(super) async fn publish_own(self: Arc<Self>, value: FleetValue) -> Result<(), String> {
         if self
             .fleet
             .records()
@@ -560,7 +554,7 @@ impl Inner {
 
     /// Runs `work` on the cluster's runtime (its connections and their tasks live there),
     /// whichever runtime asks.
-    async fn on_cluster<T: Send + 'static>(
+    pub(super) async fn on_cluster<T: Send + 'static>(
         &self,
         work: impl std::future::Future<Output = T> + Send + 'static,
     ) -> Option<T> {
@@ -621,7 +615,7 @@ impl PolicyFleet for Cluster {
     }
 
     fn report(&self, report: PopPolicies) -> BoxFuture<'_, Result<(), String>> {
-        let work = self.inner.clone().report(report);
+        let work = self.inner.clone().publish_own(FleetValue::Pop(report));
         Box::pin(async move {
             self.inner
                 .on_cluster(work)

@@ -16,6 +16,7 @@
 
 pub mod fleet;
 pub mod membership;
+pub mod pops;
 pub mod quic;
 mod store;
 pub mod sync;

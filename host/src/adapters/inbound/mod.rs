@@ -3,6 +3,7 @@
 //! - `tcp_server` (accept loops), `proxy_protocol` (the PROXY v1/v2 header on them) and
 //!   `tls_hello` (the ClientHello a TLS listener routes by), `tls_certs` (the certificates
 //!   terminating listeners present, reloaded as their files change).
+//! - `dns_server`: the internal DNS server's UDP and TCP sockets and wire format.
 //! - `file_watch`: file-change notifications that trigger reloads.
 //! - `admin_http` (the admin JSON API) and `prometheus` (its `/metrics` exposition);
 //!   `registration_http` (backends register and beat); `http`: what they share.
@@ -13,6 +14,7 @@ pub mod admin_http;
 pub mod cli_output;
 pub mod cluster_cli;
 pub mod config_cli;
+pub mod dns_server;
 pub mod file_watch;
 pub mod http;
 pub mod policy_build;

@@ -403,6 +403,58 @@ impl Collector for HostCollector {
             "Bytes relayed from the backend to clients",
             counters(per_backend(|b| b.bytes_down)),
         )?;
+        if let (Some(dns), Some(answers)) = (&status.dns, &admin.dns) {
+            family(
+                e,
+                "dns_queries",
+                "DNS queries by type and response code",
+                dns.by_type.iter().map(|c| {
+                    (
+                        vec![("type", c.qtype), ("rcode", c.rcode)],
+                        counter(c.count),
+                    )
+                }),
+            )?;
+            family(
+                e,
+                "dns_answers",
+                "DNS answers naming the backend (the pick or an alternate)",
+                counters(per_backend(|b| b.dns_answers)),
+            )?;
+            family(
+                e,
+                "dns_rate_limited",
+                "UDP DNS answers over a client prefix's rate: dropped, or sent truncated (slipped)",
+                [
+                    (
+                        vec![("action", "dropped")],
+                        counter(dns.rate_limited.dropped),
+                    ),
+                    (
+                        vec![("action", "slipped")],
+                        counter(dns.rate_limited.slipped),
+                    ),
+                ],
+            )?;
+            family(
+                e,
+                "dns_truncated",
+                "UDP DNS answers that did not fit and were sent truncated",
+                [(vec![], counter(dns.truncated))],
+            )?;
+            family(
+                e,
+                "dns_malformed",
+                "Packets to the DNS server that were no query (not answered)",
+                [(vec![], counter(dns.malformed))],
+            )?;
+            histogram(
+                e,
+                "dns_query_seconds",
+                "Time to answer a DNS query (parse, decide, encode)",
+                &answers.stats.time.snapshot(),
+            )?;
+        }
         histogram(
             e,
             "backend_connect_seconds",

@@ -215,6 +215,8 @@ pub struct Proxy {
     pub admin: SocketAddr,
     /// The registration API, when the config turns it on.
     pub api: Option<SocketAddr>,
+    /// The DNS server (UDP and TCP), when the config turns it on.
+    pub dns: Option<SocketAddr>,
     pub host: Arc<Host>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<edgeproxy::Drained>>,
@@ -285,11 +287,21 @@ impl Proxy {
             None => None,
         };
         let api_addr = api_listener.as_ref().map(|l| l.local_addr().unwrap());
+        let dns = config.dns.as_ref().map(|_| {
+            edgeproxy::adapters::inbound::dns_server::bind("127.0.0.1:0".parse().unwrap(), 1)
+                .unwrap()
+        });
+        let dns_addr = dns.as_ref().map(|d| d.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let task = {
             let (host, shutdown) = (host.clone(), shutdown.clone());
-            let listeners = copies.into_iter().map(|l| (l, lc.clone())).collect();
-            tokio::spawn(async move { host.run(listeners, admin, api_listener, shutdown).await })
+            let sockets = edgeproxy::Sockets {
+                listeners: copies.into_iter().map(|l| (l, lc.clone())).collect(),
+                admin,
+                api: api_listener,
+                dns,
+            };
+            tokio::spawn(async move { host.run(sockets, shutdown).await })
         };
         // Running once the admin API answers: the file watchers, started before it, are
         // in place, so a change the test makes next is seen.
@@ -300,6 +312,7 @@ impl Proxy {
             addr,
             admin: admin_addr,
             api: api_addr,
+            dns: dns_addr,
             host,
             shutdown,
             task,

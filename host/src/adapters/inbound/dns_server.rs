@@ -1,0 +1,445 @@
+//! The internal DNS server on the wire: UDP (one socket per worker thread, SO_REUSEPORT)
+//! and TCP (RFC 7766 framing, several queries per connection), messages read and written
+//! by hickory-proto. The loop is ours rather than hickory-server's: answers are computed
+//! per query (no zone to load), and the EDNS Client Subnet scope, the per-prefix response
+//! rate limit and truncation are decided here.
+//!
+//! Authoritative only: names outside the domain get REFUSED, never a recursive answer.
+//! Over UDP a client prefix past its response rate gets nothing, or every second time a
+//! truncated empty answer (BIND's RRL "slip"), so a real client behind a spoofed flood
+//! retries over TCP, which cannot be spoofed.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
+use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, SRV};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::application::client_limits::ClientLimiter;
+use crate::application::dns::{Answer, Dns, Family, QTYPES, RCODES, Wanted};
+
+/// What a UDP answer may take without EDNS (RFC 1035), and at most with it: 1232 bytes
+/// fit any path's MTU unfragmented (DNS flag day 2020).
+const UDP_PLAIN: usize = 512;
+const UDP_MAX: usize = 1232;
+/// TCP connections served at once; past it new ones wait in the backlog.
+const TCP_MAX: usize = 256;
+/// A TCP connection with no complete query for this long is closed (RFC 7766 asks for
+/// seconds, not minutes).
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// The listening sockets: UDP copies sharing the port, and one TCP listener.
+pub struct DnsSockets {
+    pub udp: Vec<UdpSocket>,
+    pub tcp: TcpListener,
+}
+
+impl DnsSockets {
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// Binds `copies` UDP sockets (SO_REUSEPORT: the kernel spreads queries over them) and a
+/// TCP listener on `addr`; port 0 picks one port for both.
+pub fn bind(addr: SocketAddr, copies: usize) -> std::io::Result<DnsSockets> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let tcp = crate::adapters::inbound::tcp_server::bind(addr, 1)?
+        .pop()
+        .expect("one listener bound");
+    let addr = tcp.local_addr()?;
+    let mut udp = Vec::new();
+    for _ in 0..copies.max(1) {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if addr.is_ipv6() {
+            s.set_only_v6(false)?;
+        }
+        #[cfg(unix)]
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        // Bursts queue in the kernel rather than being dropped while a worker is busy.
+        let _ = s.set_recv_buffer_size(4 << 20);
+        s.bind(&addr.into())?;
+        udp.push(UdpSocket::from_std(s.into())?);
+    }
+    Ok(DnsSockets { udp, tcp })
+}
+
+/// Serves until `stop`.
+pub async fn serve(
+    sockets: DnsSockets,
+    dns: Arc<Dns>,
+    limiter: Option<Arc<ClientLimiter>>,
+    stop: CancellationToken,
+) {
+    let tasks = tokio_util::task::TaskTracker::new();
+    let slip = Arc::new(AtomicU64::new(0));
+    for socket in sockets.udp {
+        let (dns, limiter, stop, slip) = (
+            Arc::clone(&dns),
+            limiter.clone(),
+            stop.clone(),
+            Arc::clone(&slip),
+        );
+        tasks.spawn(async move { udp_loop(socket, dns, limiter, slip, stop).await });
+    }
+    tasks.spawn(tcp_loop(sockets.tcp, dns, stop));
+    tasks.close();
+    tasks.wait().await;
+}
+
+async fn udp_loop(
+    socket: UdpSocket,
+    dns: Arc<Dns>,
+    limiter: Option<Arc<ClientLimiter>>,
+    slip: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    // A query longer than this is not one we answer (a question and an OPT record).
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                // ICMP errors of earlier sends surface here; nothing to do with them.
+                Err(e) => {
+                    tracing::debug!(error = %e, "dns: udp receive");
+                    continue;
+                }
+            },
+        };
+        let now = Instant::now();
+        let limited = limiter
+            .as_ref()
+            .is_some_and(|l| l.admit(peer.ip(), now).is_err());
+        let reply = match limited {
+            false => respond(&dns, &buf[..n], peer.ip(), Some(UDP_PLAIN), now),
+            // Every second refused response goes out truncated and empty.
+            true if slip.fetch_add(1, Relaxed).is_multiple_of(2) => {
+                dns.stats.rate_slipped.fetch_add(1, Relaxed);
+                slipped(&buf[..n])
+            }
+            true => {
+                dns.stats.rate_dropped.fetch_add(1, Relaxed);
+                None
+            }
+        };
+        if let Some(reply) = reply
+            && let Err(e) = socket.send_to(&reply, peer).await
+        {
+            tracing::debug!(error = %e, %peer, "dns: udp send");
+        }
+    }
+}
+
+async fn tcp_loop(listener: TcpListener, dns: Arc<Dns>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(TCP_MAX));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = Arc::clone(&slots).acquire_owned() => p,
+        };
+        let Ok(permit) = permit else { return };
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "dns: tcp accept");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        dns.stats.tcp_connections.fetch_add(1, Relaxed);
+        let (dns, stop) = (Arc::clone(&dns), stop.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tcp_connection(stream, peer.ip(), &dns) => {}
+            }
+        });
+    }
+}
+
+/// Queries one after another on one connection, each a two-byte length and a message.
+async fn tcp_connection(mut stream: TcpStream, peer: IpAddr, dns: &Dns) -> std::io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let mut buf = vec![0u8; u16::MAX as usize];
+    loop {
+        let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
+            Ok(r) => usize::from(r?),
+            Err(_) => return Ok(()),
+        };
+        tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut buf[..len]))
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)??;
+        let Some(reply) = respond(dns, &buf[..len], peer, None, Instant::now()) else {
+            return Ok(());
+        };
+        let mut framed = Vec::with_capacity(reply.len() + 2);
+        framed.extend_from_slice(&(reply.len() as u16).to_be_bytes());
+        framed.extend_from_slice(&reply);
+        tokio::time::timeout(TCP_IDLE, stream.write_all(&framed))
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)??;
+    }
+}
+
+/// The reply to one query packet, or None for a packet that gets none (not a query).
+/// `udp`: the payload a reply may take without EDNS; None over TCP (no limit).
+fn respond(
+    dns: &Dns,
+    packet: &[u8],
+    source: IpAddr,
+    udp: Option<usize>,
+    started: Instant,
+) -> Option<Vec<u8>> {
+    let query = match Message::from_vec(packet) {
+        Ok(m) => m,
+        Err(_) => {
+            let reply = header_only(packet, ResponseCode::FormErr);
+            match reply {
+                Some(_) => dns.stats.query(
+                    QTYPES.len() - 1,
+                    rcode_index(ResponseCode::FormErr),
+                    started.elapsed(),
+                ),
+                None => {
+                    dns.stats.malformed.fetch_add(1, Relaxed);
+                }
+            }
+            return reply;
+        }
+    };
+    if query.metadata.message_type != MessageType::Query {
+        dns.stats.malformed.fetch_add(1, Relaxed);
+        return None;
+    }
+    let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+    reply.metadata.recursion_desired = query.metadata.recursion_desired;
+    let limit = udp.map(|plain| match &query.edns {
+        Some(e) => usize::from(e.max_payload()).clamp(plain, UDP_MAX),
+        None => plain,
+    });
+    let (qtype, rcode) = match (query.metadata.op_code, &query.queries[..]) {
+        (OpCode::Query, [q]) => {
+            reply.add_query(q.clone());
+            answer(dns, q, query.edns.as_ref(), source, &mut reply)
+        }
+        (OpCode::Query, _) => (QTYPES.len() - 1, ResponseCode::FormErr),
+        _ => (QTYPES.len() - 1, ResponseCode::NotImp),
+    };
+    reply.metadata.response_code = rcode;
+    let mut bytes = reply.to_vec().ok()?;
+    if let Some(limit) = limit
+        && bytes.len() > limit
+    {
+        dns.stats.truncated.fetch_add(1, Relaxed);
+        bytes = reply.truncate().to_vec().ok()?;
+    }
+    dns.stats
+        .query(qtype, rcode_index(rcode), started.elapsed());
+    Some(bytes)
+}
+
+/// Fills `reply` for question `q`: the type's index in [`QTYPES`] and the response code.
+fn answer(
+    dns: &Dns,
+    q: &Query,
+    edns: Option<&Edns>,
+    source: IpAddr,
+    reply: &mut Message,
+) -> (usize, ResponseCode) {
+    let (wanted, qtype) = match q.query_type() {
+        RecordType::A => (Wanted::Addr(Family::V4), 0),
+        RecordType::AAAA => (Wanted::Addr(Family::V6), 1),
+        RecordType::SRV => (Wanted::Srv, 2),
+        RecordType::SOA => (Wanted::Soa, 3),
+        RecordType::NS => (Wanted::Ns, 4),
+        RecordType::ANY => (Wanted::Any, 5),
+        _ => (Wanted::Other, 6),
+    };
+    // The client the answer is for: the EDNS Client Subnet when the resolver sent one
+    // (RFC 7871; a source prefix of 0 asks for an answer fit for anyone), else the source.
+    let subnet = edns.and_then(|e| match e.option(EdnsCode::Subnet) {
+        Some(EdnsOption::Subnet(s)) => Some(*s),
+        _ => None,
+    });
+    let client = match subnet {
+        Some(s) if s.source_prefix() > 0 => masked(s.addr(), s.source_prefix()),
+        _ => source,
+    };
+    let qname = q
+        .name()
+        .to_ascii()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let result = match q.query_class() {
+        DNSClass::IN => dns.answer(&qname, wanted, client),
+        _ => Answer::Refused,
+    };
+    let ttl = dns.settings.ttl;
+    let owner = q.name().clone();
+    let mut per_client = false;
+    let rcode = match result {
+        Answer::Refused => return (qtype, ResponseCode::Refused),
+        Answer::NxDomain => {
+            reply.add_authority(soa(dns));
+            ResponseCode::NXDomain
+        }
+        Answer::NoData => {
+            reply.add_authority(soa(dns));
+            ResponseCode::NoError
+        }
+        Answer::Addrs {
+            addrs,
+            per_client: p,
+        } => {
+            per_client = p;
+            if addrs.is_empty() {
+                reply.add_authority(soa(dns));
+            }
+            for ip in addrs {
+                reply.add_answer(address(owner.clone(), ttl, ip));
+            }
+            ResponseCode::NoError
+        }
+        Answer::Srv(targets) => {
+            per_client = true;
+            if targets.is_empty() {
+                reply.add_authority(soa(dns));
+            }
+            for t in targets {
+                let Ok(target) = Name::from_ascii(format!("{}.", t.target)) else {
+                    continue;
+                };
+                let srv = SRV::new(t.priority, 1, t.port, target.clone());
+                reply.add_answer(Record::from_rdata(owner.clone(), ttl, RData::SRV(srv)));
+                reply.add_additional(address(target, ttl, t.addr));
+            }
+            ResponseCode::NoError
+        }
+        Answer::Soa => {
+            reply.add_answer(soa(dns));
+            ResponseCode::NoError
+        }
+        Answer::Ns => {
+            let ns = ns_name(dns);
+            reply.add_answer(Record::from_rdata(owner, ttl, RData::NS(NS(ns.clone()))));
+            for ip in &dns.settings.name_server {
+                reply.add_additional(address(ns.clone(), ttl, *ip));
+            }
+            ResponseCode::NoError
+        }
+    };
+    reply.metadata.authoritative = true;
+    if edns.is_some() {
+        let mut out = Edns::new();
+        out.set_max_payload(UDP_MAX as u16);
+        out.set_dnssec_ok(false);
+        if let Some(s) = subnet {
+            // Scope: the answer holds for the whole subnet the resolver sent (the policy
+            // saw no more of the address), or for anyone when it did not depend on who asked.
+            let scope = match per_client {
+                true => s.source_prefix(),
+                false => 0,
+            };
+            out.options_mut()
+                .insert(EdnsOption::Subnet(ClientSubnet::new(
+                    masked(s.addr(), s.source_prefix()),
+                    s.source_prefix(),
+                    scope,
+                )));
+        }
+        reply.set_edns(out);
+    }
+    (qtype, rcode)
+}
+
+fn address(name: Name, ttl: u32, ip: IpAddr) -> Record {
+    let data = match ip {
+        IpAddr::V4(a) => RData::A(A(a)),
+        IpAddr::V6(a) => RData::AAAA(AAAA(a)),
+    };
+    Record::from_rdata(name, ttl, data)
+}
+
+fn apex(dns: &Dns) -> Name {
+    Name::from_ascii(format!("{}.", dns.zone().apex())).unwrap_or_else(|_| Name::root())
+}
+
+fn ns_name(dns: &Dns) -> Name {
+    Name::from_ascii(format!("ns.{}.", dns.zone().apex())).unwrap_or_else(|_| Name::root())
+}
+
+/// The zone's SOA: its serial is the routing table's version, so it moves with every
+/// change; negative answers are cached for the TTL.
+fn soa(dns: &Dns) -> Record {
+    let ttl = dns.settings.ttl;
+    let serial = dns.routing_version() as u32;
+    let rname = Name::from_ascii(format!("hostmaster.{}.", dns.zone().apex()))
+        .unwrap_or_else(|_| Name::root());
+    let data = SOA::new(ns_name(dns), rname, serial, 3600, 600, 86_400, ttl);
+    Record::from_rdata(apex(dns), ttl, RData::SOA(data))
+}
+
+fn masked(ip: IpAddr, prefix: u8) -> IpAddr {
+    ipnet::IpNet::new(ip, prefix).map_or(ip, |n| n.trunc().addr())
+}
+
+fn rcode_index(rcode: ResponseCode) -> usize {
+    let name = match rcode {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::Refused => "REFUSED",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::NotImp => "NOTIMP",
+        _ => "SERVFAIL",
+    };
+    RCODES
+        .iter()
+        .position(|r| *r == name)
+        .unwrap_or(RCODES.len() - 1)
+}
+
+/// A reply of just the header (FORMERR for a query hickory cannot read): the query's id
+/// and opcode, no question. None when the packet is no query (a response, or shorter
+/// than a header): answering those could loop between two servers.
+fn header_only(packet: &[u8], rcode: ResponseCode) -> Option<Vec<u8>> {
+    let header: [u8; 12] = packet.get(..12)?.try_into().ok()?;
+    if header[2] & 0x80 != 0 {
+        return None;
+    }
+    let mut reply = [0u8; 12];
+    reply[..2].copy_from_slice(&header[..2]);
+    // QR set, the query's opcode and RD kept.
+    reply[2] = 0x80 | (header[2] & 0x79);
+    reply[3] = u16::from(rcode) as u8 & 0x0f;
+    Some(reply.to_vec())
+}
+
+/// The truncated empty reply a rate-limited query gets every second time: the question
+/// echoed with TC set, so a real client retries over TCP. Nothing for a non-query.
+fn slipped(packet: &[u8]) -> Option<Vec<u8>> {
+    let query = Message::from_vec(packet).ok()?;
+    if query.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+    reply.metadata.recursion_desired = query.metadata.recursion_desired;
+    reply.metadata.truncation = true;
+    reply.add_queries(query.queries.iter().cloned());
+    reply.to_vec().ok()
+}

@@ -1,0 +1,384 @@
+//! What the internal DNS server answers (edgeProxy's `EDGEPROXY_DNS_*`), in the domain's
+//! terms: addresses, SRV targets, or why there are none. The wire format, sockets and rate
+//! limits are the adapter's (`adapters::inbound::dns_server`).
+//!
+//! `<app>` answers the decision a connection from the asking client would get: the live
+//! policy's pick among the eligible backends (table health, this POP's checks and
+//! ejections, hard limits), then its next picks as a connection would fail over, with no
+//! binding read or made. Answers follow the routing snapshot, so a backend drained or
+//! down is gone at the next lookup.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::domain::dns::{Name, Pop, Zone, front_pops};
+use crate::domain::ports::{PickRequest, PopDirectory};
+use crate::domain::{Client, RoutedBackend};
+
+use super::proxy_service::ProxyService;
+use super::telemetry::Histogram;
+
+#[derive(Debug, Clone)]
+pub struct DnsSettings {
+    pub zone: Zone,
+    /// Of every answer and of the SOA's negative caching.
+    pub ttl: u32,
+    /// Backends an `<app>` answer gives after the pick.
+    pub alternates: usize,
+    /// POPs a front-name answer gives.
+    pub front_answers: usize,
+    /// `ns.<domain>`: where this POP's DNS listener is reached.
+    pub name_server: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn has(self, ip: IpAddr) -> bool {
+        matches!(
+            (self, ip),
+            (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
+        )
+    }
+}
+
+/// The record types answered; anything else gets no data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    Addr(Family),
+    Srv,
+    Soa,
+    Ns,
+    /// ANY: answered as A (RFC 8482's minimal answer), never everything.
+    Any,
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Srv {
+    /// 0 for the pick, then 1, 2... in the order a connection fails over.
+    pub priority: u16,
+    pub port: u16,
+    /// `<id>.<app>.<domain>`, answered in the additional section too.
+    pub target: String,
+    pub addr: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Outside the domain: never resolved (not an open resolver).
+    Refused,
+    NxDomain,
+    /// The name exists without records of that type.
+    NoData,
+    /// `per_client`: the answer depends on who asks (the ECS scope is then the source's).
+    Addrs {
+        addrs: Vec<IpAddr>,
+        per_client: bool,
+    },
+    Srv(Vec<Srv>),
+    Soa,
+    Ns,
+}
+
+/// Queries by type and response code, for `/metrics` and `/status`.
+pub const QTYPES: [&str; 7] = ["A", "AAAA", "SRV", "SOA", "NS", "ANY", "other"];
+pub const RCODES: [&str; 6] = [
+    "NOERROR", "NXDOMAIN", "REFUSED", "FORMERR", "NOTIMP", "SERVFAIL",
+];
+
+#[derive(Debug)]
+pub struct DnsStats {
+    queries: [[AtomicU64; RCODES.len()]; QTYPES.len()],
+    /// Responses over UDP that did not fit and were sent truncated (TC).
+    pub truncated: AtomicU64,
+    /// Over a client prefix's rate: dropped, or sent truncated so a real client retries
+    /// over TCP (the slip).
+    pub rate_dropped: AtomicU64,
+    pub rate_slipped: AtomicU64,
+    /// Packets that are no DNS query at all (no answer is sent).
+    pub malformed: AtomicU64,
+    pub tcp_connections: AtomicU64,
+    pub time: Histogram,
+}
+
+/// Lookups take from a microsecond to a WebAssembly policy's budget.
+const DNS_BUCKETS: &[f64] = &[
+    1e-6, 2.5e-6, 5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 1e-3, 10e-3,
+];
+
+impl Default for DnsStats {
+    fn default() -> Self {
+        Self {
+            queries: Default::default(),
+            truncated: AtomicU64::new(0),
+            rate_dropped: AtomicU64::new(0),
+            rate_slipped: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+            tcp_connections: AtomicU64::new(0),
+            time: Histogram::new(DNS_BUCKETS),
+        }
+    }
+}
+
+impl DnsStats {
+    /// `qtype` and `rcode` index [`QTYPES`] and [`RCODES`].
+    pub fn query(&self, qtype: usize, rcode: usize, took: Duration) {
+        if let Some(n) = self.queries.get(qtype).and_then(|r| r.get(rcode)) {
+            n.fetch_add(1, Relaxed);
+        }
+        self.time.observe(took);
+    }
+
+    /// (type, rcode, count) for every count above zero.
+    pub fn queries(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut out = Vec::new();
+        for (t, row) in QTYPES.iter().zip(&self.queries) {
+            for (r, n) in RCODES.iter().zip(row) {
+                match n.load(Relaxed) {
+                    0 => {}
+                    n => out.push((*t, *r, n)),
+                }
+            }
+        }
+        out
+    }
+
+    pub fn total(&self) -> u64 {
+        self.queries.iter().flatten().map(|n| n.load(Relaxed)).sum()
+    }
+}
+
+pub struct Dns {
+    proxy: Arc<ProxyService>,
+    pops: Arc<dyn PopDirectory>,
+    pub settings: DnsSettings,
+    pub stats: DnsStats,
+}
+
+impl Dns {
+    pub fn new(
+        proxy: Arc<ProxyService>,
+        pops: Arc<dyn PopDirectory>,
+        settings: DnsSettings,
+    ) -> Self {
+        Self {
+            proxy,
+            pops,
+            settings,
+            stats: DnsStats::default(),
+        }
+    }
+
+    pub fn zone(&self) -> &Zone {
+        &self.settings.zone
+    }
+
+    /// The routing table's version (the SOA serial moves with it).
+    pub fn routing_version(&self) -> u64 {
+        self.proxy.routing.current().version()
+    }
+
+    /// The answer for `qname` (lower case, no trailing dot) asked by a client at `client`
+    /// (its EDNS Client Subnet address, else the query's source).
+    pub fn answer(&self, qname: &str, wanted: Wanted, client: IpAddr) -> Answer {
+        let family = match wanted {
+            Wanted::Addr(f) => Some(f),
+            Wanted::Any => Some(Family::V4),
+            _ => None,
+        };
+        match self.settings.zone.classify(qname) {
+            Name::Outside => Answer::Refused,
+            Name::Unknown => Answer::NxDomain,
+            Name::Interior => Answer::NoData,
+            Name::Apex => match wanted {
+                Wanted::Soa | Wanted::Any => Answer::Soa,
+                Wanted::Ns => Answer::Ns,
+                _ => Answer::NoData,
+            },
+            Name::NameServer => addrs(&self.settings.name_server, family, false),
+            Name::App(app) => self.app(app, family, wanted, client),
+            Name::Service(app) => match wanted {
+                Wanted::Srv => self.service(app, client),
+                _ => match self.proxy.routing.current().app_named(app) {
+                    Some(_) => Answer::NoData,
+                    None => Answer::NxDomain,
+                },
+            },
+            Name::Backend { app, id } => self.backend(app, id, family),
+            Name::RegionBackends(region) => self.region_backends(region, family),
+            Name::RegionPops(region) => {
+                let pops = self.pops.pops();
+                let there: Vec<&Pop> = pops.iter().filter(|p| p.region == region).collect();
+                if there.is_empty() {
+                    return Answer::NxDomain;
+                }
+                let ips: Vec<IpAddr> = there
+                    .iter()
+                    .filter(|p| p.alive)
+                    .map(|p| p.overlay)
+                    .collect();
+                addrs(&ips, family, false)
+            }
+            Name::Front => {
+                let pops = self.pops.pops();
+                let located = self.proxy.locate(client, false);
+                let prefix = crate::application::client_limits::client_prefix(client, 24, 56);
+                let front = front_pops(
+                    &pops,
+                    located.region.as_ref().map(|r| r.as_str()),
+                    &prefix_bytes(prefix),
+                    self.settings.front_answers,
+                );
+                let ips: Vec<IpAddr> = front
+                    .iter()
+                    .flat_map(|p| p.public.iter().copied())
+                    .collect();
+                addrs(&ips, family, true)
+            }
+        }
+    }
+
+    fn app(&self, app: &str, family: Option<Family>, wanted: Wanted, client: IpAddr) -> Answer {
+        let table = self.proxy.routing.current();
+        let Some((app, candidates)) = table.app_named(app) else {
+            return Answer::NxDomain;
+        };
+        let (Some(family), false) = (family, wanted == Wanted::Srv) else {
+            return Answer::NoData;
+        };
+        // Filtered only when the app mixes families.
+        let same: Vec<RoutedBackend>;
+        let candidates = match candidates.iter().all(|c| family.has(c.backend.addr.ip())) {
+            true => candidates,
+            false => {
+                same = candidates
+                    .iter()
+                    .filter(|c| family.has(c.backend.addr.ip()))
+                    .cloned()
+                    .collect();
+                &same
+            }
+        };
+        let picks = self.picks(&table, app, candidates, client);
+        Answer::Addrs {
+            addrs: picks.iter().map(|b| b.backend.addr.ip()).collect(),
+            per_client: true,
+        }
+    }
+
+    fn picks(
+        &self,
+        table: &crate::domain::RoutingTable,
+        app: &str,
+        candidates: &[RoutedBackend],
+        client: IpAddr,
+    ) -> Vec<RoutedBackend> {
+        let client: Client = self.proxy.locate(client, false);
+        let req = PickRequest {
+            table,
+            pop_region: &self.proxy.settings.pop_region,
+            app: Some(app),
+            client: &client,
+        };
+        let picks = self
+            .proxy
+            .ranked(&req, candidates, 1 + self.settings.alternates);
+        for b in &picks {
+            b.stats.dns_answers.fetch_add(1, Relaxed);
+        }
+        picks
+    }
+
+    fn service(&self, app: &str, client: IpAddr) -> Answer {
+        let table = self.proxy.routing.current();
+        let Some((app, candidates)) = table.app_named(app) else {
+            return Answer::NxDomain;
+        };
+        let picks = self.picks(&table, app, candidates, client);
+        let apex = self.settings.zone.apex();
+        Answer::Srv(
+            picks
+                .iter()
+                .zip(0u16..)
+                .map(|(b, priority)| Srv {
+                    priority,
+                    port: b.backend.addr.port(),
+                    target: format!(
+                        "{}.{}.{apex}",
+                        b.backend.id.as_str().to_ascii_lowercase(),
+                        app.to_ascii_lowercase()
+                    ),
+                    addr: b.backend.addr.ip(),
+                })
+                .collect(),
+        )
+    }
+
+    fn backend(&self, app: &str, id: &str, family: Option<Family>) -> Answer {
+        let table = self.proxy.routing.current();
+        let Some((_, candidates)) = table.app_named(app) else {
+            return Answer::NxDomain;
+        };
+        let Some(b) = candidates
+            .iter()
+            .find(|c| c.backend.id.as_str().eq_ignore_ascii_case(id))
+        else {
+            return Answer::NxDomain;
+        };
+        match b.is_eligible() {
+            true => addrs(&[b.backend.addr.ip()], family, false),
+            false => Answer::NoData,
+        }
+    }
+
+    fn region_backends(&self, region: &str, family: Option<Family>) -> Answer {
+        let table = self.proxy.routing.current();
+        let there: Vec<&RoutedBackend> = table
+            .backends()
+            .iter()
+            .filter(|b| b.backend.region.as_str().eq_ignore_ascii_case(region))
+            .collect();
+        if there.is_empty() {
+            return Answer::NxDomain;
+        }
+        let mut ips: Vec<IpAddr> = there
+            .iter()
+            .filter(|b| b.is_eligible())
+            .map(|b| b.backend.addr.ip())
+            .collect();
+        ips.dedup();
+        addrs(&ips, family, false)
+    }
+}
+
+/// `ips` of `family`; no family (another type asked of an address name): no data.
+fn addrs(ips: &[IpAddr], family: Option<Family>, per_client: bool) -> Answer {
+    let Some(family) = family else {
+        return Answer::NoData;
+    };
+    let addrs: Vec<IpAddr> = ips.iter().copied().filter(|ip| family.has(*ip)).collect();
+    Answer::Addrs { addrs, per_client }
+}
+
+fn prefix_bytes(net: ipnet::IpNet) -> Vec<u8> {
+    match net.network() {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// This POP alone, when it is in no fleet: `<region>.pops` and the front name give it.
+pub struct LonePop(pub Arc<Vec<Pop>>);
+
+impl PopDirectory for LonePop {
+    fn pops(&self) -> Arc<Vec<Pop>> {
+        Arc::clone(&self.0)
+    }
+}

@@ -1,0 +1,439 @@
+//! The internal DNS server over real UDP and TCP sockets on loopback, with the embedded
+//! WebAssembly policy deciding and the test GeoIP file locating clients.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
+use hickory_proto::rr::{Name, RData, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+use crate::support::*;
+
+const DNS: &str = "[dns]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n";
+
+fn rows() -> Vec<Row<'static>> {
+    let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+    vec![
+        Row::new("br-1", "sa", "BR", at("10.1.0.1:7001")),
+        Row::new("de-1", "eu", "DE", at("10.2.0.1:7002")),
+        Row::new("us-1", "us", "US", at("10.3.0.1:7003")),
+    ]
+}
+
+fn question(name: &str, rtype: RecordType, ecs: Option<&str>) -> Message {
+    let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    if let Some(subnet) = ecs {
+        let mut edns = Edns::new();
+        edns.set_max_payload(1232);
+        let s: ClientSubnet = subnet.parse().unwrap();
+        edns.options_mut().insert(EdnsOption::Subnet(s));
+        m.set_edns(edns);
+    }
+    m
+}
+
+/// One query over UDP from `source`, its answer.
+async fn ask(dns: SocketAddr, source: &str, m: &Message) -> Message {
+    let sock = UdpSocket::bind((source.parse::<IpAddr>().unwrap(), 0))
+        .await
+        .unwrap();
+    sock.send_to(&m.to_vec().unwrap(), dns).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    let (n, _) = tokio::time::timeout(WAIT, sock.recv_from(&mut buf))
+        .await
+        .expect("a DNS answer")
+        .unwrap();
+    Message::from_vec(&buf[..n]).unwrap()
+}
+
+async fn ask_tcp(dns: SocketAddr, m: &Message) -> Message {
+    let mut s = TcpStream::connect(dns).await.unwrap();
+    let bytes = m.to_vec().unwrap();
+    s.write_u16(bytes.len() as u16).await.unwrap();
+    s.write_all(&bytes).await.unwrap();
+    let len = s.read_u16().await.unwrap();
+    let mut buf = vec![0u8; usize::from(len)];
+    s.read_exact(&mut buf).await.unwrap();
+    Message::from_vec(&buf).unwrap()
+}
+
+fn addrs(m: &Message) -> Vec<IpAddr> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn subnet(m: &Message) -> Option<ClientSubnet> {
+    match m.edns.as_ref()?.option(EdnsCode::Subnet)? {
+        EdnsOption::Subnet(s) => Some(*s),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn app_names_answer_the_policys_pick_for_the_asking_clients_location() {
+    let db = Db::new(&rows());
+    let proxy = Proxy::start(&db, DNS).await;
+    let dns = proxy.dns.unwrap();
+
+    // By source address: Brazil, then Germany; the pick first, then one alternate.
+    let a = ask(
+        dns,
+        "127.0.0.2",
+        &question("app.internal.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+    assert!(a.metadata.authoritative);
+    assert_eq!(addrs(&a).len(), 2, "{a:?}");
+    assert_eq!(addrs(&a)[0], ip("10.1.0.1"));
+    assert_eq!(a.answers[0].ttl, 10);
+    let a = ask(
+        dns,
+        "127.0.0.6",
+        &question("APP.internal.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(addrs(&a)[0], ip("10.2.0.1"));
+
+    // By EDNS Client Subnet: the subnet decides, not the source, and the scope says the
+    // answer holds for the whole subnet sent.
+    let a = ask(
+        dns,
+        "127.0.0.2",
+        &question("app.internal.", RecordType::A, Some("203.0.113.0/24")),
+    )
+    .await;
+    assert_eq!(addrs(&a)[0], ip("10.2.0.1"));
+    let s = subnet(&a).expect("ECS echoed");
+    assert_eq!(
+        (s.addr(), s.source_prefix(), s.scope_prefix()),
+        (ip("203.0.113.0"), 24, 24)
+    );
+    let a = ask(
+        dns,
+        "127.0.0.6",
+        &question("app.internal.", RecordType::A, Some("198.51.100.77/24")),
+    )
+    .await;
+    assert_eq!(addrs(&a)[0], ip("10.1.0.1"));
+
+    // A lookup makes no binding: the client's next connection is decided afresh.
+    use edgeproxy::domain::ports::BindingRepository as _;
+    assert_eq!(proxy.host.bindings.as_ref().unwrap().len(), 0);
+    let metrics = http(proxy.admin, "GET", "/metrics", &[]).await.1;
+    assert!(
+        metrics.contains("edgeproxy_dns_queries_total{type=\"A\",rcode=\"NOERROR\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("edgeproxy_dns_answers_total{backend=\"br-1\",app=\"app\",region=\"sa\"}"),
+        "{metrics}"
+    );
+    let status = admin_json(proxy.admin, "/status").await;
+    assert_eq!(status["dns"]["domain"], "internal");
+    assert_eq!(status["dns"]["queries"], 4);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn answers_follow_the_table_drained_and_down_backends_leave_at_the_next_lookup() {
+    let db = Db::new(&rows());
+    let proxy = Proxy::start(&db, "[dns]\nenabled = true\nalternates = 5\n").await;
+    let dns = proxy.dns.unwrap();
+    let q = question("app.internal.", RecordType::A, None);
+    assert_eq!(addrs(&ask(dns, "127.0.0.2", &q).await).len(), 3);
+
+    let v = proxy.version();
+    db.exec("UPDATE backends SET healthy = 0 WHERE id = 'br-1'", []);
+    proxy.wait_version_after(v).await;
+    let a = ask(dns, "127.0.0.2", &q).await;
+    assert!(!addrs(&a).contains(&ip("10.1.0.1")), "{a:?}");
+    assert_eq!(addrs(&a).len(), 2);
+    let sa = ask(
+        dns,
+        "127.0.0.2",
+        &question("sa.backends.internal.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(sa.metadata.response_code, ResponseCode::NoError);
+    assert!(addrs(&sa).is_empty(), "a drained backend is in no answer");
+
+    let v = proxy.version();
+    db.exec("UPDATE backends SET deleted = 1 WHERE id != 'br-1'", []);
+    proxy.wait_version_after(v).await;
+    let a = ask(dns, "127.0.0.2", &q).await;
+    assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+    assert!(addrs(&a).is_empty(), "{a:?}");
+    assert!(
+        matches!(a.authorities[0].data, RData::SOA(_)),
+        "NODATA carries the SOA"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_zone_is_authoritative_and_refuses_other_names() {
+    let db = Db::new(&rows());
+    let proxy = Proxy::start(&db, DNS).await;
+    let dns = proxy.dns.unwrap();
+    let rcode = |m: &Message| m.metadata.response_code;
+
+    let out = ask(
+        dns,
+        "127.0.0.2",
+        &question("example.com.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(rcode(&out), ResponseCode::Refused);
+    assert!(out.answers.is_empty() && !out.metadata.authoritative);
+    let none = ask(
+        dns,
+        "127.0.0.2",
+        &question("nope.internal.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(rcode(&none), ResponseCode::NXDomain);
+    assert!(matches!(none.authorities[0].data, RData::SOA(_)));
+    // The app has IPv4 backends only: the name exists, AAAA has no data.
+    let v6 = ask(
+        dns,
+        "127.0.0.2",
+        &question("app.internal.", RecordType::AAAA, None),
+    )
+    .await;
+    assert_eq!(rcode(&v6), ResponseCode::NoError);
+    assert!(v6.answers.is_empty());
+    let soa = ask(
+        dns,
+        "127.0.0.2",
+        &question("internal.", RecordType::SOA, None),
+    )
+    .await;
+    let RData::SOA(s) = &soa.answers[0].data else {
+        panic!("{soa:?}")
+    };
+    assert_eq!(u64::from(s.serial), proxy.version());
+    let ns = ask(
+        dns,
+        "127.0.0.2",
+        &question("internal.", RecordType::NS, None),
+    )
+    .await;
+    assert!(matches!(ns.answers[0].data, RData::NS(_)), "{ns:?}");
+
+    // SRV: ports and targets, the targets' addresses in the additional section.
+    let srv = ask(
+        dns,
+        "127.0.0.6",
+        &question("_app._tcp.internal.", RecordType::SRV, None),
+    )
+    .await;
+    let RData::SRV(first) = &srv.answers[0].data else {
+        panic!("{srv:?}")
+    };
+    assert_eq!((first.priority, first.port), (0, 7002));
+    assert_eq!(first.target.to_ascii(), "de-1.app.internal.");
+    assert!(
+        srv.additionals
+            .iter()
+            .any(|r| matches!(&r.data, RData::A(a) if IpAddr::V4(a.0) == ip("10.2.0.1")))
+    );
+    let target = ask(
+        dns,
+        "127.0.0.6",
+        &question("de-1.app.internal.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(addrs(&target), [ip("10.2.0.1")]);
+    let region = ask(
+        dns,
+        "127.0.0.6",
+        &question("us.backends.internal.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(addrs(&region), [ip("10.3.0.1")]);
+    assert_eq!(
+        rcode(
+            &ask(
+                dns,
+                "127.0.0.6",
+                &question("mars.backends.internal.", RecordType::A, None)
+            )
+            .await
+        ),
+        ResponseCode::NXDomain
+    );
+    // A lone POP is its region's only POP; the name server is where the DNS listens.
+    let pops = ask(
+        dns,
+        "127.0.0.6",
+        &question("eu.pops.internal.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(addrs(&pops), [ip("127.0.0.1")]);
+    assert_eq!(
+        addrs(&ask_tcp(dns, &question("ns.internal.", RecordType::A, None)).await),
+        [ip("127.0.0.1")]
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn bad_packets_get_formerr_or_nothing_and_the_server_keeps_answering() {
+    let db = Db::new(&rows());
+    let proxy = Proxy::start(&db, DNS).await;
+    let dns = proxy.dns.unwrap();
+    let sock = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let good = question("app.internal.", RecordType::A, None)
+        .to_vec()
+        .unwrap();
+    let mut response = good.clone();
+    response[2] |= 0x80;
+    let mut two = question("app.internal.", RecordType::A, None);
+    two.add_query(Query::query(
+        Name::from_ascii("x.internal.").unwrap(),
+        RecordType::A,
+    ));
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0x42],
+        good[..good.len() - 3].to_vec(), // cut short
+        vec![0xff; 600],
+        response, // a response is never answered (no loops between servers)
+    ];
+    for g in &garbage {
+        sock.send_to(g, dns).await.unwrap();
+    }
+    // The cut-short query has a header: FORMERR with its id. Nothing else answers.
+    let mut buf = vec![0u8; 2048];
+    let (n, _) = tokio::time::timeout(WAIT, sock.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let formerr = Message::from_vec(&buf[..n]).unwrap();
+    assert_eq!(formerr.metadata.response_code, ResponseCode::FormErr);
+    assert_eq!(formerr.metadata.id, 0x4242);
+    let two = ask(dns, "127.0.0.2", &two).await;
+    assert_eq!(two.metadata.response_code, ResponseCode::FormErr);
+    // Still serving, and nothing else came back on the first socket.
+    let again = ask(
+        dns,
+        "127.0.0.2",
+        &question("app.internal.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(addrs(&again)[0], ip("10.1.0.1"), "{again:?}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf))
+            .await
+            .is_err()
+    );
+    let status = admin_json(proxy.admin, "/status").await;
+    assert!(
+        status["dns"]["malformed"].as_u64().unwrap() >= 3,
+        "{status}"
+    );
+
+    // A TCP client that sends half a message and goes quiet holds nothing for long, and
+    // garbage over TCP ends that connection only.
+    let mut quiet = TcpStream::connect(dns).await.unwrap();
+    quiet.write_all(&[0, 40, 1, 2]).await.unwrap();
+    let mut junk = TcpStream::connect(dns).await.unwrap();
+    junk.write_all(&[0, 3, 1, 2, 3]).await.unwrap();
+    let mut end = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, junk.read(&mut end))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed");
+    // From 127.0.0.1, a client of no known country: the POP's own region (eu).
+    assert_eq!(
+        addrs(&ask_tcp(dns, &question("app.internal.", RecordType::A, None)).await)[0],
+        ip("10.2.0.1")
+    );
+    drop(quiet);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_answer_too_big_for_udp_is_truncated_and_whole_over_tcp() {
+    let at = |i: u32| SocketAddr::from(([10, 9, (i / 200) as u8, (i % 200) as u8 + 1], 7000));
+    let ids: Vec<String> = (0..120).map(|i| format!("big-{i:03}")).collect();
+    let rows: Vec<Row<'_>> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Row::new(id, "eu", "DE", at(i as u32)))
+        .collect();
+    let db = Db::new(&rows);
+    let proxy = Proxy::start(&db, DNS).await;
+    let dns = proxy.dns.unwrap();
+    let q = question("eu.backends.internal.", RecordType::A, None);
+    let udp = ask(dns, "127.0.0.6", &q).await;
+    assert!(
+        udp.metadata.truncation,
+        "120 A records do not fit 512 bytes"
+    );
+    assert!(udp.answers.is_empty());
+    let tcp = ask_tcp(dns, &q).await;
+    assert!(!tcp.metadata.truncation);
+    assert_eq!(addrs(&tcp).len(), 120);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_from_one_prefix_is_limited_while_another_client_is_answered() {
+    let db = Db::new(&rows());
+    let proxy = Proxy::start(&db, "[dns]\nenabled = true\nrate_limit = 20\n").await;
+    let dns = proxy.dns.unwrap();
+    let flood = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let q = question("app.internal.", RecordType::A, None)
+        .to_vec()
+        .unwrap();
+    for _ in 0..500 {
+        flood.send_to(&q, dns).await.unwrap();
+    }
+    // Whatever came back: at most the bucket answered in full, the rest at most half
+    // (truncated, empty: the slip).
+    let mut buf = vec![0u8; 2048];
+    let (mut full, mut slipped) = (0, 0);
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(300), flood.recv_from(&mut buf)).await
+    {
+        let m = Message::from_vec(&buf[..n]).unwrap();
+        match m.metadata.truncation {
+            true => slipped += 1,
+            false => full += 1,
+        }
+    }
+    assert!(full <= 40, "{full} full answers");
+    assert!(slipped > 0 && slipped <= 260, "{slipped}");
+    // Another prefix (127.0.1.x is another /24) is answered meanwhile.
+    let other = ask(
+        dns,
+        "127.0.1.9",
+        &question("app.internal.", RecordType::A, None),
+    )
+    .await;
+    assert!(!other.metadata.truncation && !addrs(&other).is_empty());
+    let status = admin_json(proxy.admin, "/status").await;
+    assert!(
+        status["dns"]["rate_limited"]["dropped"].as_u64().unwrap() > 100,
+        "{status}"
+    );
+    proxy.stop().await;
+}
