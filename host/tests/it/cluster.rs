@@ -1480,3 +1480,123 @@ async fn policy_deploys_reach_the_selected_pops_and_corrupt_ones_are_refused_eve
         "{text}"
     );
 }
+
+/// What POP `pop`'s DNS answers for `name` (A) asked for a client in `subnet` (ECS).
+async fn dns_a(pop: &Pop, name: &str, subnet: &str) -> Vec<IpAddr> {
+    use hickory_proto::rr::RecordType;
+    let server = SocketAddr::new(pop.listen.ip(), 5353);
+    let q = crate::dns::question(name, RecordType::A, Some(subnet));
+    crate::dns::addrs(&crate::dns::ask(server, "127.0.0.1", &q).await)
+}
+
+async fn wait_dns(
+    pop: &Pop,
+    name: &str,
+    subnet: &str,
+    what: &str,
+    cond: impl Fn(&[IpAddr]) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    loop {
+        let got = dns_a(pop, name, subnet).await;
+        if cond(&got) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: {name} for {subnet}: {what} not reached; last {got:?}\nlog:\n{}",
+            pop.name,
+            pop.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pops_names_and_the_front_name_follow_the_fleets_liveness() {
+    let fleet = Fleet::new();
+    let geo = fleet.dir.path().join("geo.mmdb");
+    crate::support::write_mmdb(
+        &geo,
+        crate::support::GeoFormat::IpLocationDb,
+        crate::support::TEST_GEO,
+    );
+    let (brazil, germany) = ("198.51.100.0/24", "203.0.113.0/24");
+    let pop = |name: &str, n: u8, region: &str, seeds: &[u8]| {
+        let env = [
+            ("EDGEPROXY_REGION", region.to_owned()),
+            ("EDGEPROXY_GEOIP_PATH", geo.display().to_string()),
+            ("EDGEPROXY_DNS_ENABLED", "true".to_owned()),
+            ("EDGEPROXY_DNS_LISTEN_ADDR", format!("{}:5353", fleet.ip(n))),
+            ("EDGEPROXY_DNS_FRONT_NAME", "edge.example.com".to_owned()),
+            ("EDGEPROXY_DNS_FRONT_ANSWERS", "3".to_owned()),
+            ("EDGEPROXY_DNS_TTL_SECS", "3".to_owned()),
+            ("EDGEPROXY_DRAIN_TIMEOUT_SECS", "10".to_owned()),
+        ];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        fleet.pop_with(name, n, seeds, &env)
+    };
+    let a = pop("a", 1, "eu", &[]);
+    let mut b = pop("b", 2, "eu", &[1]);
+    let c = pop("c", 3, "sa", &[1]);
+    for p in [&a, &b, &c] {
+        p.wait_members(2).await;
+    }
+    let (ia, ib, ic) = (fleet.ip(1), fleet.ip(2), fleet.ip(3));
+
+    // <region>.pops: every POP answers with the POPs SWIM sees alive there.
+    for p in [&a, &b, &c] {
+        wait_dns(p, "eu.pops.internal.", germany, "a and b", |got| {
+            let mut got = got.to_vec();
+            got.sort();
+            got == [ia, ib]
+        })
+        .await;
+    }
+    wait_dns(&a, "sa.pops.internal.", brazil, "c", |got| got == [ic]).await;
+    // The front name: the client's region first, and the same answer from every POP.
+    wait_dns(&a, "edge.example.com.", brazil, "c first", |got| {
+        got.first() == Some(&ic) && got.len() == 3
+    })
+    .await;
+    let from_a = dns_a(&a, "edge.example.com.", germany).await;
+    assert_eq!(from_a.len(), 3);
+    assert!(
+        from_a[..2].contains(&ia) && from_a[..2].contains(&ib),
+        "{from_a:?}"
+    );
+    assert_eq!(dns_a(&c, "edge.example.com.", germany).await, from_a);
+
+    // A frozen POP leaves the answers within SWIM's detection time, and comes back.
+    c.signal("-STOP");
+    wait_dns(&a, "edge.example.com.", brazil, "no c", |got| {
+        !got.contains(&ic) && got.len() == 2
+    })
+    .await;
+    wait_dns(
+        &b,
+        "sa.pops.internal.",
+        brazil,
+        "no live POP in sa",
+        <[IpAddr]>::is_empty,
+    )
+    .await;
+    c.signal("-CONT");
+    wait_dns(&a, "edge.example.com.", brazil, "c back first", |got| {
+        got.first() == Some(&ic)
+    })
+    .await;
+
+    // A draining POP leaves the answers while it still accepts.
+    b.signal("-TERM");
+    wait_dns(&a, "edge.example.com.", germany, "no b", |got| {
+        !got.contains(&ib) && got.len() == 2
+    })
+    .await;
+    let still = tokio::net::TcpStream::connect(b.listen).await;
+    assert!(
+        still.is_ok(),
+        "b stopped accepting before it left the front name's answers"
+    );
+    b.stop();
+}

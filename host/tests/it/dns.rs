@@ -23,7 +23,7 @@ fn rows() -> Vec<Row<'static>> {
     ]
 }
 
-fn question(name: &str, rtype: RecordType, ecs: Option<&str>) -> Message {
+pub(crate) fn question(name: &str, rtype: RecordType, ecs: Option<&str>) -> Message {
     let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
     m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
@@ -38,7 +38,7 @@ fn question(name: &str, rtype: RecordType, ecs: Option<&str>) -> Message {
 }
 
 /// One query over UDP from `source`, its answer.
-async fn ask(dns: SocketAddr, source: &str, m: &Message) -> Message {
+pub(crate) async fn ask(dns: SocketAddr, source: &str, m: &Message) -> Message {
     let sock = UdpSocket::bind((source.parse::<IpAddr>().unwrap(), 0))
         .await
         .unwrap();
@@ -62,7 +62,7 @@ async fn ask_tcp(dns: SocketAddr, m: &Message) -> Message {
     Message::from_vec(&buf).unwrap()
 }
 
-fn addrs(m: &Message) -> Vec<IpAddr> {
+pub(crate) fn addrs(m: &Message) -> Vec<IpAddr> {
     m.answers
         .iter()
         .filter_map(|r| match &r.data {

@@ -97,6 +97,10 @@ pub async fn serve(
     tasks.wait().await;
 }
 
+/// Queries read at once before the answers go out in one `sendmmsg`: a busy socket costs
+/// one send call (and one wake-up of each client) per batch, not per answer.
+const BATCH: usize = 32;
+
 async fn udp_loop(
     socket: UdpSocket,
     dns: Arc<Dns>,
@@ -106,40 +110,100 @@ async fn udp_loop(
 ) {
     // A query longer than this is not one we answer (a question and an OPT record).
     let mut buf = vec![0u8; 4096];
+    let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(BATCH);
     loop {
-        let (n, peer) = tokio::select! {
+        tokio::select! {
             _ = stop.cancelled() => return,
-            r = socket.recv_from(&mut buf) => match r {
+            r = socket.readable() => if let Err(e) = r {
+                tracing::warn!(error = %e, "dns: udp socket");
+                return;
+            },
+        }
+        while replies.len() < BATCH {
+            let (n, peer) = match socket.try_recv_from(&mut buf) {
                 Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 // ICMP errors of earlier sends surface here; nothing to do with them.
                 Err(e) => {
                     tracing::debug!(error = %e, "dns: udp receive");
                     continue;
                 }
-            },
-        };
-        let now = Instant::now();
-        let limited = limiter
-            .as_ref()
-            .is_some_and(|l| l.admit(peer.ip(), now).is_err());
-        let reply = match limited {
-            false => respond(&dns, &buf[..n], peer.ip(), Some(UDP_PLAIN), now),
-            // Every second refused response goes out truncated and empty.
-            true if slip.fetch_add(1, Relaxed).is_multiple_of(2) => {
-                dns.stats.rate_slipped.fetch_add(1, Relaxed);
-                slipped(&buf[..n])
+            };
+            let now = Instant::now();
+            let limited = limiter
+                .as_ref()
+                .is_some_and(|l| l.admit(peer.ip(), now).is_err());
+            let reply = match limited {
+                false => respond(&dns, &buf[..n], peer.ip(), Some(UDP_PLAIN), now),
+                // Every second refused response goes out truncated and empty.
+                true if slip.fetch_add(1, Relaxed).is_multiple_of(2) => {
+                    dns.stats.rate_slipped.fetch_add(1, Relaxed);
+                    slipped(&buf[..n])
+                }
+                true => {
+                    dns.stats.rate_dropped.fetch_add(1, Relaxed);
+                    None
+                }
+            };
+            if let Some(reply) = reply {
+                replies.push((reply, peer));
             }
-            true => {
-                dns.stats.rate_dropped.fetch_add(1, Relaxed);
-                None
+        }
+        send_all(&socket, &mut replies).await;
+    }
+}
+
+/// Sends `replies` (emptying it), as few calls as the kernel takes; a reply the kernel
+/// refuses (its client's port unreachable, say) is dropped.
+async fn send_all(socket: &UdpSocket, replies: &mut Vec<(Vec<u8>, SocketAddr)>) {
+    let mut sent = 0;
+    while sent < replies.len() {
+        match socket.try_io(tokio::io::Interest::WRITABLE, || {
+            send_batch(socket, &replies[sent..])
+        }) {
+            Ok(n) => sent += n.max(1),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if socket.writable().await.is_err() {
+                    break;
+                }
             }
-        };
-        if let Some(reply) = reply
-            && let Err(e) = socket.send_to(&reply, peer).await
-        {
-            tracing::debug!(error = %e, %peer, "dns: udp send");
+            Err(e) => {
+                tracing::debug!(error = %e, peer = %replies[sent].1, "dns: udp send");
+                sent += 1;
+            }
         }
     }
+    replies.clear();
+}
+
+#[cfg(target_os = "linux")]
+fn send_batch(socket: &UdpSocket, replies: &[(Vec<u8>, SocketAddr)]) -> std::io::Result<usize> {
+    use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny, sendmmsg};
+    let addrs: Vec<SocketAddrAny> = replies
+        .iter()
+        .map(|(_, a)| SocketAddrAny::from(*a))
+        .collect();
+    let iovs: Vec<[std::io::IoSlice<'_>; 1]> = replies
+        .iter()
+        .map(|(r, _)| [std::io::IoSlice::new(r)])
+        .collect();
+    let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> = replies
+        .iter()
+        .map(|_| SendAncillaryBuffer::default())
+        .collect();
+    let mut msgs: Vec<MMsgHdr<'_>> = addrs
+        .iter()
+        .zip(&iovs)
+        .zip(controls.iter_mut())
+        .map(|((addr, iov), control)| MMsgHdr::new_with_addr(addr, iov, control))
+        .collect();
+    Ok(sendmmsg(socket, &mut msgs, SendFlags::empty())?)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_batch(socket: &UdpSocket, replies: &[(Vec<u8>, SocketAddr)]) -> std::io::Result<usize> {
+    let (reply, peer) = &replies[0];
+    socket.try_send_to(reply, *peer).map(|_| 1)
 }
 
 async fn tcp_loop(listener: TcpListener, dns: Arc<Dns>, stop: CancellationToken) {
