@@ -973,7 +973,7 @@ mod tests {
         let vars = [
             ("EDGEPROXY_BINDING_TTL", "60"),
             ("EDGEPROXY_MDNS_ENABLED", "true"),
-            ("EDGEPROXY_DNS_DOMAIN", "internal"),
+            ("EDGEPROXY_CORROSION_ENABLED", "true"),
             ("EDGEPROXY_REGION", "eu"),
             ("HOME", "/root"),
         ]
@@ -985,7 +985,7 @@ mod tests {
             "{warnings:#?}"
         );
         assert!(
-            warnings[1].starts_with("EDGEPROXY_DNS_DOMAIN is ignored"),
+            warnings[1].starts_with("EDGEPROXY_CORROSION_ENABLED is ignored"),
             "{warnings:#?}"
         );
         assert!(
@@ -1231,6 +1231,25 @@ mod tests {
             ],
         )
         .unwrap();
+        let dns = resolve(
+            "",
+            &[
+                ("EDGEPROXY_DNS_ENABLED", "true"),
+                ("EDGEPROXY_DNS_DOMAIN", "Mesh.Internal."),
+                ("EDGEPROXY_DNS_LISTEN_ADDR", "127.0.0.1:53"),
+                ("EDGEPROXY_DNS_FRONT_NAME", "edge.example.com"),
+                ("EDGEPROXY_DNS_FRONT_ADDRS", "203.0.113.10, 2001:db8::10"),
+            ],
+        )
+        .unwrap()
+        .dns
+        .unwrap();
+        assert_eq!(dns.zone.apex(), "mesh.internal");
+        assert_eq!(dns.zone.front(), Some("edge.example.com"));
+        assert_eq!(dns.front_addrs.len(), 2);
+        assert_eq!((dns.ttl, dns.alternates, dns.rate_limit), (10, 1, Some(200)));
+        let bad = resolve("[dns]\nenabled = true\ndomain = \"a..b\"\nfront_addrs = \"edge\"", &[]).unwrap_err().to_string();
+        assert!(bad.contains("dns_domain") && bad.contains("dns_front_addrs: \"edge\" is not an IP"), "{bad}");
         let api = c.api.unwrap();
         assert_eq!(
             (api.addr, api.narrowed_from),
