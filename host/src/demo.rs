@@ -1,7 +1,8 @@
 //! `edgeproxy demo`: a whole POP on loopback in one command. Three echo backends stand in
 //! for backends in São Paulo, Frankfurt and Virginia; clients from different countries are
 //! simulated with PROXY protocol headers, and the tour prints who served whom. A second
-//! listener shows TLS: two server names on one port, one terminated, one passed through.
+//! listener shows TLS: two server names on one port, one terminated, one passed through;
+//! the POP's DNS answers the same decisions by name.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -132,9 +133,13 @@ async fn tour(
     let file = Layer::default()
         .with("db_path", db.display().to_string())
         .with("region", "sa")
-        .with("tls_cert_dir", tls.cert_dir.display().to_string());
+        .with("tls_cert_dir", tls.cert_dir.display().to_string())
+        .with("dns_enabled", true)
+        .with("dns_listen_addr", "127.0.0.1:0");
     let config = Config::resolve(file, Layer::default(), Layer::default())?;
     let host = Arc::new(Host::build(&config).await?);
+    let dns_sockets = crate::adapters::inbound::dns_server::bind("127.0.0.1:0".parse()?, 1)?;
+    let dns = dns_sockets.local_addr()?;
     let proxy_stop = CancellationToken::new();
     let running = {
         let (host, stop) = (Arc::clone(&host), proxy_stop.clone());
@@ -142,6 +147,7 @@ async fn tour(
         tokio::spawn(async move {
             let sockets = crate::Sockets {
                 listeners,
+                dns: Some(dns_sockets),
                 ..Default::default()
             };
             host.run(sockets, stop).await
@@ -181,6 +187,18 @@ async fn tour(
     println!("\n  {} again -> {again} (sticky binding)", CLIENTS[0].0);
 
     println!(
+        "\nDNS on {dns}: the same decision by name (_demo._tcp.internal SRV, the client as EDNS Client Subnet):"
+    );
+    for (ip, _) in &CLIENTS[..3] {
+        let targets = srv_lookup(dns, "_demo._tcp.internal.", &format!("{ip}/24")).await?;
+        println!(
+            "  for {:<18} => {}",
+            format!("{ip}/24"),
+            targets.join(", then ")
+        );
+    }
+
+    println!(
         "\nTLS on {tls_addr}: two names on one port, routed by the ClientHello's server name:"
     );
     for name in [tls::TERMINATED, tls::PASSED] {
@@ -204,6 +222,54 @@ async fn tour(
     running.await??;
     stop.cancel();
     Ok(())
+}
+
+/// Asks `server` for `name`'s SRV records over UDP as a client in `subnet` (EDNS Client
+/// Subnet): each target's backend id and address, in priority order.
+async fn srv_lookup(server: SocketAddr, name: &str, subnet: &str) -> anyhow::Result<Vec<String>> {
+    use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut q = Message::new(1, MessageType::Query, OpCode::Query);
+    q.add_query(Query::query(Name::from_ascii(name)?, RecordType::SRV));
+    let mut edns = Edns::new();
+    let subnet: ClientSubnet = subnet.parse()?;
+    edns.options_mut().insert(EdnsOption::Subnet(subnet));
+    q.set_edns(edns);
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    socket.send_to(&q.to_vec()?, server).await?;
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        socket.recv_from(&mut buf),
+    )
+    .await
+    .context("no DNS answer")??;
+    let answer = Message::from_vec(&buf[..n])?;
+    let mut srv: Vec<_> = answer
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::SRV(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    srv.sort_by_key(|s| s.priority);
+    Ok(srv
+        .iter()
+        .map(|s| {
+            let target = s.target.to_ascii();
+            let id = target.split('.').next().unwrap_or_default().to_owned();
+            let ip = answer.additionals.iter().find_map(|r| match &r.data {
+                RData::A(a) if r.name == s.target => Some(IpAddr::V4(a.0)),
+                _ => None,
+            });
+            match ip {
+                Some(ip) => format!("{id} ({})", SocketAddr::new(ip, s.port)),
+                None => id,
+            }
+        })
+        .collect())
 }
 
 /// The demo's TLS part: `secure.demo.test` terminated here with a certificate the demo

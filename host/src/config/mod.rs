@@ -1247,9 +1247,20 @@ mod tests {
         assert_eq!(dns.zone.apex(), "mesh.internal");
         assert_eq!(dns.zone.front(), Some("edge.example.com"));
         assert_eq!(dns.front_addrs.len(), 2);
-        assert_eq!((dns.ttl, dns.alternates, dns.rate_limit), (10, 1, Some(200)));
-        let bad = resolve("[dns]\nenabled = true\ndomain = \"a..b\"\nfront_addrs = \"edge\"", &[]).unwrap_err().to_string();
-        assert!(bad.contains("dns_domain") && bad.contains("dns_front_addrs: \"edge\" is not an IP"), "{bad}");
+        assert_eq!(
+            (dns.ttl, dns.alternates, dns.rate_limit),
+            (10, 1, Some(200))
+        );
+        let bad = resolve(
+            "[dns]\nenabled = true\ndomain = \"a..b\"\nfront_addrs = \"edge\"",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.contains("dns_domain") && bad.contains("dns_front_addrs: \"edge\" is not an IP"),
+            "{bad}"
+        );
         let api = c.api.unwrap();
         assert_eq!(
             (api.addr, api.narrowed_from),

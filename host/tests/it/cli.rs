@@ -169,6 +169,22 @@ fn demo_shows_geo_routing() {
     assert_eq!(served("200.147.3.157"), "sa-gru-1");
     assert_eq!(served("85.214.132.117"), "eu-fra-1");
     assert_eq!(served("8.8.8.8"), "us-iad-1");
+    // The DNS lookup beside it: the same pick, by name.
+    let dns = |ip: &str| {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("for {ip}/24")))
+            .unwrap_or_else(|| panic!("no DNS line for {ip}: {stdout}"));
+        line.split("=> ").nth(1).unwrap().to_owned()
+    };
+    assert!(
+        dns("200.147.3.157").starts_with("sa-gru-1 (127.0.0.1:"),
+        "{stdout}"
+    );
+    assert!(
+        dns("85.214.132.117").starts_with("eu-fra-1 (127.0.0.1:"),
+        "{stdout}"
+    );
     // Two TLS names on one port: one terminated, one passed through.
     assert!(
         served("secure.demo.test").starts_with("secure-1  (terminated here"),
