@@ -89,8 +89,8 @@ pub enum Answer {
 
 /// Queries by type and response code, for `/metrics` and `/status`.
 pub const QTYPES: [&str; 7] = ["A", "AAAA", "SRV", "SOA", "NS", "ANY", "other"];
-pub const RCODES: [&str; 6] = [
-    "NOERROR", "NXDOMAIN", "REFUSED", "FORMERR", "NOTIMP", "SERVFAIL",
+pub const RCODES: [&str; 7] = [
+    "NOERROR", "NXDOMAIN", "REFUSED", "FORMERR", "NOTIMP", "BADVERS", "SERVFAIL",
 ];
 
 #[derive(Debug)]
@@ -226,8 +226,19 @@ impl Dns {
                     .collect();
                 addrs(&ips, family, false)
             }
+            Name::Front if matches!(wanted, Wanted::Soa) => Answer::Soa,
             Name::Front => {
-                let pops = self.pops.pops();
+                let Some(family) = family else {
+                    return Answer::NoData;
+                };
+                // Only POPs reachable in the family asked count towards the answer's size.
+                let pops: Vec<Pop> = self
+                    .pops
+                    .pops()
+                    .iter()
+                    .filter(|p| p.public.iter().any(|ip| family.has(*ip)))
+                    .cloned()
+                    .collect();
                 let located = self.proxy.locate(client, false);
                 let prefix = crate::application::client_limits::client_prefix(client, 24, 56);
                 let front = front_pops(
@@ -240,7 +251,7 @@ impl Dns {
                     .iter()
                     .flat_map(|p| p.public.iter().copied())
                     .collect();
-                addrs(&ips, family, true)
+                addrs(&ips, Some(family), true)
             }
         }
     }
@@ -267,8 +278,15 @@ impl Dns {
             }
         };
         let picks = self.picks(&table, app, candidates, client);
+        // Two backends on one address (different ports) are one A record.
+        let mut addrs: Vec<IpAddr> = Vec::with_capacity(picks.len());
+        for ip in picks.iter().map(|b| b.backend.addr.ip()) {
+            if !addrs.contains(&ip) {
+                addrs.push(ip);
+            }
+        }
         Answer::Addrs {
-            addrs: picks.iter().map(|b| b.backend.addr.ip()).collect(),
+            addrs,
             per_client: true,
         }
     }
@@ -300,6 +318,23 @@ impl Dns {
         let table = self.proxy.routing.current();
         let Some((app, candidates)) = table.app_named(app) else {
             return Answer::NxDomain;
+        };
+        // A target must be a name this server answers: backends whose id is no DNS
+        // label (a dot, a space) are left out of SRV answers.
+        if !is_label(app) {
+            return Answer::NoData;
+        }
+        let named: Vec<RoutedBackend>;
+        let candidates = match candidates.iter().all(|c| is_label(c.backend.id.as_str())) {
+            true => candidates,
+            false => {
+                named = candidates
+                    .iter()
+                    .filter(|c| is_label(c.backend.id.as_str()))
+                    .cloned()
+                    .collect();
+                &named
+            }
         };
         let picks = self.picks(&table, app, candidates, client);
         let apex = self.settings.zone.apex();
@@ -353,6 +388,7 @@ impl Dns {
             .filter(|b| b.is_eligible())
             .map(|b| b.backend.addr.ip())
             .collect();
+        ips.sort();
         ips.dedup();
         addrs(&ips, family, false)
     }
@@ -365,6 +401,13 @@ fn addrs(ips: &[IpAddr], family: Option<Family>, per_client: bool) -> Answer {
     };
     let addrs: Vec<IpAddr> = ips.iter().copied().filter(|ip| family.has(*ip)).collect();
     Answer::Addrs { addrs, per_client }
+}
+
+/// One DNS label as this server reads names: what `<id>.<app>.<domain>` can hold.
+fn is_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn prefix_bytes(net: ipnet::IpNet) -> Vec<u8> {

@@ -581,6 +581,13 @@ impl Config {
                     )),
                 }
             }
+            let most = crate::domain::rollout::FRONT_ADDRS;
+            if front_addrs.len() > most {
+                errors.push(invalid(
+                    "dns_front_addrs",
+                    format!("{} addresses; a POP may give at most {most}", front_addrs.len()),
+                ));
+            }
             Some(DnsConfig {
                 addr: s.dns_listen_addr,
                 zone,

@@ -289,7 +289,7 @@ fn config_check_names_every_bad_key_and_show_says_where_values_came_from() {
         .args(["--region", "ap", "config", "show", "--json", "--config"])
         .arg(&cfg)
         .env("EDGEPROXY_ADMIN_TOKEN", "s3cret")
-        .env("EDGEPROXY_DNS_ENABLED", "true")
+        .env("EDGEPROXY_MDNS_ENABLED", "true")
         .output()
         .unwrap();
     assert!(
@@ -313,7 +313,7 @@ fn config_check_names_every_bad_key_and_show_says_where_values_came_from() {
     assert_eq!(setting("connect_attempts"), (3.into(), "default".into()));
     let warnings = shown["warnings"].to_string();
     assert!(
-        warnings.contains("EDGEPROXY_DNS_ENABLED is ignored"),
+        warnings.contains("EDGEPROXY_MDNS_ENABLED is ignored"),
         "{warnings}"
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret"));
@@ -366,13 +366,13 @@ fn start_up_warns_about_unknown_and_unsupported_variables() {
     let dir = tempfile::tempdir().unwrap();
     let log = start_up_log(
         edgeproxy()
-            .env("EDGEPROXY_DNS_ENABLED", "true")
+            .env("EDGEPROXY_MDNS_ENABLED", "true")
             .env("EDGEPROXY_BINDNIG_TTL_SECS", "5"),
         dir.path(),
     )
     .join("\n");
     assert!(
-        log.contains("EDGEPROXY_DNS_ENABLED is ignored: edgeproxy has no internal DNS server"),
+        log.contains("EDGEPROXY_MDNS_ENABLED is ignored: edgeproxy has no mDNS discovery"),
         "{log}"
     );
     assert!(

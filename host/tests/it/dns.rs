@@ -437,3 +437,95 @@ async fn a_flood_from_one_prefix_is_limited_while_another_client_is_answered() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn replies_keep_edns_and_the_front_name_is_its_own_zone() {
+    let db = Db::new(&rows());
+    let toml = format!("{DNS}front_name = \"edge.example.com\"\nfront_addrs = \"192.0.2.10\"\n");
+    let proxy = Proxy::start(&db, &toml).await;
+    let dns = proxy.dns.unwrap();
+    let with_edns = |name: &str, rtype| question(name, rtype, Some("198.51.100.0/24"));
+
+    // EDNS version 1: BADVERS, with an OPT of version 0.
+    let mut v1 = with_edns("app.internal.", RecordType::A);
+    let mut e = v1.edns.clone().unwrap();
+    e.set_version(1);
+    v1.set_edns(e);
+    let bad = ask(dns, "127.0.0.2", &v1).await;
+    // 16 is BADVERS in an answer to a query without TSIG (hickory reads it as BADSIG).
+    assert_eq!(u16::from(bad.metadata.response_code), 16, "{bad:?}");
+    assert_eq!(bad.edns.as_ref().map(Edns::version), Some(0));
+    // A refusal still carries the OPT the query had.
+    let refused = ask(dns, "127.0.0.2", &with_edns("example.com.", RecordType::A)).await;
+    assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
+    assert!(refused.edns.is_some(), "{refused:?}");
+    // One label that only looks like a name of ours is not one.
+    let escaped = ask(
+        dns,
+        "127.0.0.2",
+        &question("app\\.internal.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(escaped.metadata.response_code, ResponseCode::Refused);
+
+    // A lone POP is the front name's only POP; its negative answers and SOA are the front
+    // name's own zone, not the internal domain's.
+    let front = ask(
+        dns,
+        "127.0.0.2",
+        &with_edns("edge.example.com.", RecordType::A),
+    )
+    .await;
+    assert_eq!(addrs(&front), [ip("192.0.2.10")]);
+    assert_eq!(subnet(&front).unwrap().scope_prefix(), 24);
+    let v6 = ask(
+        dns,
+        "127.0.0.2",
+        &question("edge.example.com.", RecordType::AAAA, None),
+    )
+    .await;
+    assert_eq!(v6.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(v6.authorities[0].name.to_ascii(), "edge.example.com.");
+    let soa = ask(
+        dns,
+        "127.0.0.2",
+        &question("edge.example.com.", RecordType::SOA, None),
+    )
+    .await;
+    assert_eq!(soa.answers[0].name.to_ascii(), "edge.example.com.");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn one_client_prefix_cannot_hold_every_tcp_slot() {
+    let db = Db::new(&rows());
+    let proxy = Proxy::start(&db, DNS).await;
+    let dns = proxy.dns.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(TcpStream::connect(dns).await.unwrap());
+    }
+    // The 17th from the same /24 is closed at once; another prefix still gets in.
+    let mut extra = TcpStream::connect(dns).await.unwrap();
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(WAIT, extra.read(&mut b))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let mut other = connect_from(ip("127.0.1.3"), dns).await;
+    let mut framed = question("app.internal.", RecordType::A, None)
+        .to_vec()
+        .unwrap();
+    framed.splice(0..0, (framed.len() as u16).to_be_bytes());
+    other.write_all(&framed).await.unwrap();
+    let len = other.read_u16().await.unwrap();
+    let mut reply = vec![0u8; usize::from(len)];
+    other.read_exact(&mut reply).await.unwrap();
+    assert!(!addrs(&Message::from_vec(&reply).unwrap()).is_empty());
+    // Held connections still answer.
+    let first = &mut held[0];
+    first.write_all(&framed).await.unwrap();
+    assert!(first.read_u16().await.unwrap() > 0);
+    proxy.stop().await;
+}

@@ -33,6 +33,8 @@ const UDP_PLAIN: usize = 512;
 const UDP_MAX: usize = 1232;
 /// TCP connections served at once; past it new ones wait in the backlog.
 const TCP_MAX: usize = 256;
+/// Of which one client prefix (/24, /56) may hold this many.
+const TCP_PER_CLIENT: u32 = 16;
 /// A TCP connection with no complete query for this long is closed (RFC 7766 asks for
 /// seconds, not minutes).
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -119,7 +121,11 @@ async fn udp_loop(
                 return;
             },
         }
-        while replies.len() < BATCH {
+        // Every packet read counts, answered or not: a flood of packets that get no
+        // answer must not keep this task (and the worker the proxy shares) from yielding.
+        let mut read = 0;
+        while read < BATCH {
+            read += 1;
             let (n, peer) = match socket.try_recv_from(&mut buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -130,11 +136,12 @@ async fn udp_loop(
                 }
             };
             let now = Instant::now();
+            let source = peer.ip().to_canonical();
             let limited = limiter
                 .as_ref()
-                .is_some_and(|l| l.admit(peer.ip(), now).is_err());
+                .is_some_and(|l| l.admit(source, now).is_err());
             let reply = match limited {
-                false => respond(&dns, &buf[..n], peer.ip(), Some(UDP_PLAIN), now),
+                false => respond(&dns, &buf[..n], source, Some(UDP_PLAIN), now),
                 // Every second refused response goes out truncated and empty.
                 true if slip.fetch_add(1, Relaxed).is_multiple_of(2) => {
                     dns.stats.rate_slipped.fetch_add(1, Relaxed);
@@ -150,6 +157,9 @@ async fn udp_loop(
             }
         }
         send_all(&socket, &mut replies).await;
+        if read == BATCH {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -208,6 +218,16 @@ fn send_batch(socket: &UdpSocket, replies: &[(Vec<u8>, SocketAddr)]) -> std::io:
 
 async fn tcp_loop(listener: TcpListener, dns: Arc<Dns>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(TCP_MAX));
+    // One client prefix cannot take every slot (and with them the TCP fallback the rate
+    // limit's slip sends real clients to).
+    let per_client = ClientLimiter::new(crate::application::client_limits::ClientLimits {
+        rate: None,
+        max_open: Some(TCP_PER_CLIENT),
+        v4_prefix: 24,
+        v6_prefix: 56,
+        exempt: Vec::new(),
+        max_tracked: 10_000,
+    });
     loop {
         let permit = tokio::select! {
             _ = stop.cancelled() => return,
@@ -225,13 +245,17 @@ async fn tcp_loop(listener: TcpListener, dns: Arc<Dns>, stop: CancellationToken)
                 }
             },
         };
+        let client = peer.ip().to_canonical();
+        let Ok(admitted) = per_client.admit(client, Instant::now()) else {
+            continue; // dropped: closed at once
+        };
         dns.stats.tcp_connections.fetch_add(1, Relaxed);
         let (dns, stop) = (Arc::clone(&dns), stop.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, admitted);
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = tcp_connection(stream, peer.ip(), &dns) => {}
+                _ = tcp_connection(stream, client, &dns) => {}
             }
         });
     }
@@ -297,15 +321,45 @@ fn respond(
         Some(e) => usize::from(e.max_payload()).clamp(plain, UDP_MAX),
         None => plain,
     });
-    let (qtype, rcode) = match (query.metadata.op_code, &query.queries[..]) {
+    let other = QTYPES.len() - 1;
+    let subnet = query
+        .edns
+        .as_ref()
+        .and_then(|e| match e.option(EdnsCode::Subnet) {
+            Some(EdnsOption::Subnet(s)) => Some(*s),
+            _ => None,
+        });
+    let (qtype, rcode, per_client) = match (query.metadata.op_code, &query.queries[..]) {
+        // RFC 6891: an EDNS version this server does not speak.
+        _ if query.edns.as_ref().is_some_and(|e| e.version() > 0) => {
+            (other, ResponseCode::BADVERS, false)
+        }
         (OpCode::Query, [q]) => {
             reply.add_query(q.clone());
-            answer(dns, q, query.edns.as_ref(), source, &mut reply)
+            answer(dns, q, subnet, source, &mut reply)
         }
-        (OpCode::Query, _) => (QTYPES.len() - 1, ResponseCode::FormErr),
-        _ => (QTYPES.len() - 1, ResponseCode::NotImp),
+        (OpCode::Query, _) => (other, ResponseCode::FormErr, false),
+        _ => (other, ResponseCode::NotImp, false),
     };
     reply.metadata.response_code = rcode;
+    // An OPT in the reply exactly when the query had one (RFC 6891), whatever the answer.
+    if query.edns.is_some() {
+        let mut out = Edns::new();
+        out.set_max_payload(UDP_MAX as u16);
+        if let Some(s) = subnet {
+            // Scope: the answer holds for the whole subnet the resolver sent (the policy
+            // saw no more of the address), or for anyone when it did not depend on who
+            // asked (RFC 7871).
+            let scope = if per_client { s.source_prefix() } else { 0 };
+            out.options_mut()
+                .insert(EdnsOption::Subnet(ClientSubnet::new(
+                    masked(s.addr(), s.source_prefix()),
+                    s.source_prefix(),
+                    scope,
+                )));
+        }
+        reply.set_edns(out);
+    }
     let mut bytes = reply.to_vec().ok()?;
     if let Some(limit) = limit
         && bytes.len() > limit
@@ -318,14 +372,15 @@ fn respond(
     Some(bytes)
 }
 
-/// Fills `reply` for question `q`: the type's index in [`QTYPES`] and the response code.
+/// Fills `reply` for question `q`: the type's index in [`QTYPES`], the response code,
+/// and whether the answer depends on who asked.
 fn answer(
     dns: &Dns,
     q: &Query,
-    edns: Option<&Edns>,
+    subnet: Option<ClientSubnet>,
     source: IpAddr,
     reply: &mut Message,
-) -> (usize, ResponseCode) {
+) -> (usize, ResponseCode, bool) {
     let (wanted, qtype) = match q.query_type() {
         RecordType::A => (Wanted::Addr(Family::V4), 0),
         RecordType::AAAA => (Wanted::Addr(Family::V6), 1),
@@ -337,34 +392,39 @@ fn answer(
     };
     // The client the answer is for: the EDNS Client Subnet when the resolver sent one
     // (RFC 7871; a source prefix of 0 asks for an answer fit for anyone), else the source.
-    let subnet = edns.and_then(|e| match e.option(EdnsCode::Subnet) {
-        Some(EdnsOption::Subnet(s)) => Some(*s),
-        _ => None,
-    });
     let client = match subnet {
         Some(s) if s.source_prefix() > 0 => masked(s.addr(), s.source_prefix()),
         _ => source,
     };
+    // A label holding a dot (`a\.internal`, one label) is no name of ours, whatever its
+    // text looks like.
+    let plain = !q.name().iter().any(|label| label.contains(&b'.'));
     let qname = q
         .name()
         .to_ascii()
         .trim_end_matches('.')
         .to_ascii_lowercase();
-    let result = match q.query_class() {
-        DNSClass::IN => dns.answer(&qname, wanted, client),
+    let result = match (q.query_class(), plain) {
+        (DNSClass::IN, true) => dns.answer(&qname, wanted, client),
         _ => Answer::Refused,
+    };
+    // Negative answers carry the SOA of the zone asked about: the front name's own, or
+    // the domain's.
+    let zone = match dns.zone().front() {
+        Some(front) if front == qname => front,
+        _ => dns.zone().apex(),
     };
     let ttl = dns.settings.ttl;
     let owner = q.name().clone();
     let mut per_client = false;
     let rcode = match result {
-        Answer::Refused => return (qtype, ResponseCode::Refused),
+        Answer::Refused => return (qtype, ResponseCode::Refused, false),
         Answer::NxDomain => {
-            reply.add_authority(soa(dns));
+            reply.add_authority(soa(dns, zone));
             ResponseCode::NXDomain
         }
         Answer::NoData => {
-            reply.add_authority(soa(dns));
+            reply.add_authority(soa(dns, zone));
             ResponseCode::NoError
         }
         Answer::Addrs {
@@ -373,7 +433,7 @@ fn answer(
         } => {
             per_client = p;
             if addrs.is_empty() {
-                reply.add_authority(soa(dns));
+                reply.add_authority(soa(dns, zone));
             }
             for ip in addrs {
                 reply.add_answer(address(owner.clone(), ttl, ip));
@@ -382,9 +442,6 @@ fn answer(
         }
         Answer::Srv(targets) => {
             per_client = true;
-            if targets.is_empty() {
-                reply.add_authority(soa(dns));
-            }
             for t in targets {
                 let Ok(target) = Name::from_ascii(format!("{}.", t.target)) else {
                     continue;
@@ -393,10 +450,13 @@ fn answer(
                 reply.add_answer(Record::from_rdata(owner.clone(), ttl, RData::SRV(srv)));
                 reply.add_additional(address(target, ttl, t.addr));
             }
+            if reply.answers.is_empty() {
+                reply.add_authority(soa(dns, zone));
+            }
             ResponseCode::NoError
         }
         Answer::Soa => {
-            reply.add_answer(soa(dns));
+            reply.add_answer(soa(dns, zone));
             ResponseCode::NoError
         }
         Answer::Ns => {
@@ -409,27 +469,7 @@ fn answer(
         }
     };
     reply.metadata.authoritative = true;
-    if edns.is_some() {
-        let mut out = Edns::new();
-        out.set_max_payload(UDP_MAX as u16);
-        out.set_dnssec_ok(false);
-        if let Some(s) = subnet {
-            // Scope: the answer holds for the whole subnet the resolver sent (the policy
-            // saw no more of the address), or for anyone when it did not depend on who asked.
-            let scope = match per_client {
-                true => s.source_prefix(),
-                false => 0,
-            };
-            out.options_mut()
-                .insert(EdnsOption::Subnet(ClientSubnet::new(
-                    masked(s.addr(), s.source_prefix()),
-                    s.source_prefix(),
-                    scope,
-                )));
-        }
-        reply.set_edns(out);
-    }
-    (qtype, rcode)
+    (qtype, rcode, per_client)
 }
 
 fn address(name: Name, ttl: u32, ip: IpAddr) -> Record {
@@ -440,23 +480,19 @@ fn address(name: Name, ttl: u32, ip: IpAddr) -> Record {
     Record::from_rdata(name, ttl, data)
 }
 
-fn apex(dns: &Dns) -> Name {
-    Name::from_ascii(format!("{}.", dns.zone().apex())).unwrap_or_else(|_| Name::root())
-}
-
 fn ns_name(dns: &Dns) -> Name {
     Name::from_ascii(format!("ns.{}.", dns.zone().apex())).unwrap_or_else(|_| Name::root())
 }
 
-/// The zone's SOA: its serial is the routing table's version, so it moves with every
-/// change; negative answers are cached for the TTL.
-fn soa(dns: &Dns) -> Record {
+/// The SOA of `zone` (the domain or the front name): its serial is the routing table's
+/// version, so it moves with every change; negative answers are cached for the TTL.
+fn soa(dns: &Dns, zone: &str) -> Record {
     let ttl = dns.settings.ttl;
     let serial = dns.routing_version() as u32;
-    let rname = Name::from_ascii(format!("hostmaster.{}.", dns.zone().apex()))
-        .unwrap_or_else(|_| Name::root());
+    let name = |n: String| Name::from_ascii(n).unwrap_or_else(|_| Name::root());
+    let rname = name(format!("hostmaster.{zone}."));
     let data = SOA::new(ns_name(dns), rname, serial, 3600, 600, 86_400, ttl);
-    Record::from_rdata(apex(dns), ttl, RData::SOA(data))
+    Record::from_rdata(name(format!("{zone}.")), ttl, RData::SOA(data))
 }
 
 fn masked(ip: IpAddr, prefix: u8) -> IpAddr {
@@ -470,6 +506,7 @@ fn rcode_index(rcode: ResponseCode) -> usize {
         ResponseCode::Refused => "REFUSED",
         ResponseCode::FormErr => "FORMERR",
         ResponseCode::NotImp => "NOTIMP",
+        ResponseCode::BADVERS => "BADVERS",
         _ => "SERVFAIL",
     };
     RCODES
