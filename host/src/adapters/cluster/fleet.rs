@@ -208,6 +208,7 @@ impl Inner {
                 .iter()
                 .filter_map(|r| match &r.value {
                     FleetValue::Pop(p) if !members.contains(&p.pop) => Some(p.pop.clone()),
+                    FleetValue::Front(f) if !members.contains(&f.pop) => Some(f.pop.clone()),
                     _ => None,
                 })
                 .filter(|p| now.duration_since(*seen.entry(p.clone()).or_insert(now)) >= GONE)
@@ -308,15 +309,26 @@ impl Inner {
                 ));
             }
         };
-        // The answer is the POP the certificate names (`call` checks it), and its report is
-        // taken as it says, even older than the one held, or none.
+        // The answer is the POP the certificate names (`call` checks it), and its report and
+        // front record are taken as it says, even older than those held, or none.
         let mut theirs = self.reports_of(&peer.name, Some(&peer.name), theirs);
-        let report = theirs
-            .iter()
-            .position(|r| matches!(r.value, FleetValue::Pop(_)))
-            .map(|i| theirs.swap_remove(i));
+        let mut own = |kind: fn(&FleetValue) -> bool| {
+            theirs
+                .iter()
+                .position(|r| kind(&r.value))
+                .map(|i| theirs.swap_remove(i))
+        };
+        let report = own(|v| matches!(v, FleetValue::Pop(_)));
+        let front = own(|v| matches!(v, FleetValue::Front(_)));
         let pop = peer.name.clone();
-        if let Err(e) = self.fleet.run(move |f| f.take_report(&pop, report)).await {
+        let taken = self
+            .fleet
+            .run(move |f| {
+                f.take_own(&format!("pop/{pop}"), report)?;
+                f.take_own(&format!("front/{pop}"), front)
+            })
+            .await;
+        if let Err(e) = taken {
             tracing::error!("cluster: {e}");
         }
         let known: HashMap<String, FleetRecord> =

@@ -166,15 +166,16 @@ impl SqliteFleet {
         Ok(())
     }
 
-    /// Sets `pop`'s report to what that POP itself answered (`None`: it has none), whatever
-    /// the versions say: a POP is the authority on its own report, even one whose store
-    /// was lost or whose clock went back. True when something changed.
-    pub fn take_report(
+    /// Sets a POP's own record at `key` (`pop/NAME`, its report; `front/NAME`, its front
+    /// addresses) to what that POP itself answered (`None`: it has none), whatever the
+    /// versions say: a POP is the authority on its own records, even one whose store was
+    /// lost or whose clock went back. True when something changed.
+    pub fn take_own(
         &mut self,
-        pop: &str,
+        key: &str,
         report: Option<FleetRecord>,
     ) -> Result<bool, FleetStoreError> {
-        let key = format!("pop/{pop}");
+        let key = key.to_owned();
         match report {
             Some(r) if r.value.key() == key && r.validate().is_ok() => {
                 if self.records.get(&key) == Some(&r) {
@@ -196,7 +197,7 @@ impl SqliteFleet {
     pub fn forget_reports(&mut self, pops: &[String]) -> Result<usize, FleetStoreError> {
         let keys: Vec<String> = pops
             .iter()
-            .map(|p| format!("pop/{p}"))
+            .flat_map(|p| [format!("pop/{p}"), format!("front/{p}")])
             .filter(|k| self.records.contains_key(k))
             .collect();
         self.remove(&keys)?;
@@ -496,6 +497,43 @@ mod tests {
             open(&dir).records().next().is_none(),
             "forgotten on disk too"
         );
+    }
+
+    #[test]
+    fn a_pops_front_record_is_what_it_says_and_leaves_with_it() {
+        use crate::domain::rollout::PopFront;
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = open(&dir);
+        let front = |hlc: u64, draining: bool| FleetRecord {
+            version: Version {
+                hlc: Hlc::from_millis(hlc),
+                node: NodeId(9),
+            },
+            value: FleetValue::Front(PopFront {
+                pop: "b".into(),
+                region: "eu".into(),
+                addrs: vec!["192.0.2.1".parse().unwrap()],
+                draining,
+            }),
+        };
+        f.apply(vec![front(2_000, false)], 10_000).unwrap();
+        // An older record from the POP itself (its store lost) replaces a newer one; none
+        // removes it; a front of more than 8 addresses is refused.
+        assert!(f.take_own("front/b", Some(front(1_000, true))).unwrap());
+        assert!(matches!(&f.records().next().unwrap().value, FleetValue::Front(p) if p.draining));
+        assert!(f.take_own("front/b", None).unwrap());
+        assert_eq!(f.records().count(), 0);
+        let mut many = front(3_000, false);
+        if let FleetValue::Front(p) = &mut many.value {
+            p.addrs = vec!["192.0.2.1".parse().unwrap(); 9];
+        }
+        assert!(
+            f.apply(vec![many], 10_000).unwrap().rejected[0]
+                .1
+                .contains("9 front addresses")
+        );
+        f.apply(vec![front(4_000, false)], 10_000).unwrap();
+        assert_eq!(f.forget_reports(&["b".to_owned()]).unwrap(), 1);
     }
 
     #[test]
