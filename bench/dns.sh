@@ -10,7 +10,8 @@
 # thread), dnsperf on CPU $LOAD_CPU; the servers take turns within each round, in reverse
 # order every other round. Each turn runs dnsperf flat out for $DURATION s (queries/s,
 # and the server's CPU time per query from /proc, which stays fair if dnsperf is the one
-# saturated), then at a fixed $LAT_QPS for latency percentiles. The question is
+# saturated), then for 5 s at a fixed $LAT_QPS (below every server's most) for latency
+# percentiles and CPU per query at equal load. The question is
 # `app.internal A`: edgeproxy answers the policy's pick and one alternate (two A records),
 # the zones hold the same two. Loopback only; every load is bounded; it stops only the
 # processes it started, by PID.
@@ -24,7 +25,7 @@ root=$(cd "$here/.." && pwd)
 SERVERS=${SERVERS:-"edgeproxy edgeproxy-native knot gdnsd"}
 ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-10}
-LAT_QPS=${LAT_QPS:-20000}
+LAT_QPS=${LAT_QPS:-50000}
 SERVER_CPU=${SERVER_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 WORK=${WORK:-$(mktemp -d /tmp/edgeproxy-dns-bench.XXXXXX)}
@@ -131,12 +132,14 @@ for round in $(seq "$ROUNDS"); do
     out=$(taskset -c "$LOAD_CPU" dnsperf -s 127.0.0.1 -p $PORT -d "$WORK/queries.txt" -l "$DURATION" -q 200 -c 4 2>&1)
     t1=$(cpu_ticks "$server_pid")
     # At a fixed rate, every query's latency (-v), for percentiles.
-    taskset -c "$LOAD_CPU" dnsperf -s 127.0.0.1 -p $PORT -d "$WORK/queries.txt" -l 3 -Q "$LAT_QPS" -v 2>&1 \
+    t2=$(cpu_ticks "$server_pid")
+    taskset -c "$LOAD_CPU" dnsperf -s 127.0.0.1 -p $PORT -d "$WORK/queries.txt" -l 5 -Q "$LAT_QPS" -v 2>&1 \
       | awk '/^> NOERROR/ {print $NF}' > "$WORK/latency.txt"
+    t3=$(cpu_ticks "$server_pid")
     stop_server
-    python3 - "$name" "$round" "$((t1 - t0))" "$(getconf CLK_TCK)" "$out" "$WORK/latency.txt" >>"$results" <<'PY'
+    python3 - "$name" "$round" "$((t1 - t0))" "$(getconf CLK_TCK)" "$out" "$WORK/latency.txt" "$((t3 - t2))" >>"$results" <<'PY'
 import json, re, sys
-name, rnd, ticks, hz, out, lat = sys.argv[1:7]
+name, rnd, ticks, hz, out, lat, fixed_ticks = sys.argv[1:8]
 qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))
 done = int(re.search(r"Queries completed:\s+(\d+)", out).group(1))
 lost = int(re.search(r"Queries lost:\s+(\d+)", out).group(1))
@@ -145,6 +148,7 @@ pct = lambda p: round(lats[min(len(lats) - 1, int(p * len(lats)))] * 1e6, 1) if 
 cpu_s = int(ticks) / int(hz)
 print(json.dumps({"server": name, "round": int(rnd), "qps": qps, "lost": lost,
                   "cpu_us_per_query": round(cpu_s * 1e6 / max(done, 1), 2),
+                  "cpu_us_per_query_fixed": round(int(fixed_ticks) / int(hz) * 1e6 / max(len(lats), 1), 2),
                   "p50_us": pct(0.5), "p99_us": pct(0.99), "p999_us": pct(0.999)}))
 PY
     tail -1 "$results" >&2
@@ -161,6 +165,7 @@ def col(s, k):
 print("| | " + " | ".join(servers) + " |")
 print("|---|" + "---|" * len(servers))
 for k, label in [("qps", "queries/s (dnsperf flat out)"), ("cpu_us_per_query", "server CPU per query (us)"),
+                 ("cpu_us_per_query_fixed", "server CPU per query at the fixed rate (us)"),
                  ("p50_us", "p50 latency at fixed rate (us)"), ("p99_us", "p99 (us)"), ("p999_us", "p99.9 (us)")]:
     cells = []
     for s in servers:

@@ -19,7 +19,7 @@ use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
 use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +41,7 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// The listening sockets: UDP copies sharing the port, and one TCP listener.
 pub struct DnsSockets {
-    pub udp: Vec<UdpSocket>,
+    pub udp: Vec<std::net::UdpSocket>,
     pub tcp: TcpListener,
 }
 
@@ -50,6 +50,9 @@ impl DnsSockets {
         self.tcp.local_addr()
     }
 }
+
+/// How often a UDP thread waiting for queries looks whether it should stop.
+const UDP_STOP_CHECK: Duration = Duration::from_millis(200);
 
 /// Binds `copies` UDP sockets (SO_REUSEPORT: the kernel spreads queries over them) and a
 /// TCP listener on `addr`; port 0 picks one port for both.
@@ -67,16 +70,19 @@ pub fn bind(addr: SocketAddr, copies: usize) -> std::io::Result<DnsSockets> {
         }
         #[cfg(unix)]
         s.set_reuse_port(true)?;
-        s.set_nonblocking(true)?;
-        // Bursts queue in the kernel rather than being dropped while a worker is busy.
+        s.set_read_timeout(Some(UDP_STOP_CHECK))?;
+        // Bursts queue in the kernel rather than being dropped while a thread is busy.
         let _ = s.set_recv_buffer_size(4 << 20);
         s.bind(&addr.into())?;
-        udp.push(UdpSocket::from_std(s.into())?);
+        udp.push(s.into());
     }
     Ok(DnsSockets { udp, tcp })
 }
 
-/// Serves until `stop`.
+/// Serves until `stop`. Each UDP socket has a thread of its own that blocks in the
+/// kernel for queries (no readiness events, no task switches: a query costs its receive,
+/// its answer and a share of one send), as Knot's and gdnsd's UDP workers do; the
+/// proxy's workers never run UDP queries, nor wait behind a flood of them.
 pub async fn serve(
     sockets: DnsSockets,
     dns: Arc<Dns>,
@@ -92,7 +98,7 @@ pub async fn serve(
             stop.clone(),
             Arc::clone(&slip),
         );
-        tasks.spawn(async move { udp_loop(socket, dns, limiter, slip, stop).await });
+        tasks.spawn_blocking(move || udp_thread(socket, &dns, limiter.as_ref(), &slip, &stop));
     }
     tasks.spawn(tcp_loop(sockets.tcp, dns, stop));
     tasks.close();
@@ -103,32 +109,35 @@ pub async fn serve(
 /// one send call (and one wake-up of each client) per batch, not per answer.
 const BATCH: usize = 32;
 
-async fn udp_loop(
-    socket: UdpSocket,
-    dns: Arc<Dns>,
-    limiter: Option<Arc<ClientLimiter>>,
-    slip: Arc<AtomicU64>,
-    stop: CancellationToken,
+fn udp_thread(
+    socket: std::net::UdpSocket,
+    dns: &Dns,
+    limiter: Option<&Arc<ClientLimiter>>,
+    slip: &AtomicU64,
+    stop: &CancellationToken,
 ) {
     // A query longer than this is not one we answer (a question and an OPT record).
     let mut buf = vec![0u8; 4096];
     let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(BATCH);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = socket.readable() => if let Err(e) = r {
-                tracing::warn!(error = %e, "dns: udp socket");
-                return;
-            },
-        }
-        // Every packet read counts, answered or not: a flood of packets that get no
-        // answer must not keep this task (and the worker the proxy shares) from yielding.
+    while !stop.is_cancelled() {
+        // The first query of a batch is waited for; the rest are those already queued.
         let mut read = 0;
         while read < BATCH {
+            let got = match read {
+                0 => socket.recv_from(&mut buf),
+                _ => recv_queued(&socket, &mut buf),
+            };
             read += 1;
-            let (n, peer) = match socket.try_recv_from(&mut buf) {
+            let (n, peer) = match got {
                 Ok(r) => r,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
                 // ICMP errors of earlier sends surface here; nothing to do with them.
                 Err(e) => {
                     tracing::debug!(error = %e, "dns: udp receive");
@@ -137,11 +146,9 @@ async fn udp_loop(
             };
             let now = Instant::now();
             let source = peer.ip().to_canonical();
-            let limited = limiter
-                .as_ref()
-                .is_some_and(|l| l.admit(source, now).is_err());
+            let limited = limiter.is_some_and(|l| l.admit(source, now).is_err());
             let reply = match limited {
-                false => respond(&dns, &buf[..n], source, Some(UDP_PLAIN), now),
+                false => respond(dns, &buf[..n], source, Some(UDP_PLAIN), now),
                 // Every second refused response goes out truncated and empty.
                 true if slip.fetch_add(1, Relaxed).is_multiple_of(2) => {
                     dns.stats.rate_slipped.fetch_add(1, Relaxed);
@@ -156,27 +163,39 @@ async fn udp_loop(
                 replies.push((reply, peer));
             }
         }
-        send_all(&socket, &mut replies).await;
-        if read == BATCH {
-            tokio::task::yield_now().await;
-        }
+        send_all(&socket, &mut replies);
     }
+}
+
+/// A query already queued on the socket, without waiting for one.
+#[cfg(target_os = "linux")]
+fn recv_queued(
+    socket: &std::net::UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr)> {
+    use rustix::net::{RecvFlags, recvfrom};
+    let (n, _, addr) = recvfrom(socket, buf, RecvFlags::DONTWAIT)?;
+    let addr = addr
+        .and_then(|a| SocketAddr::try_from(a).ok())
+        .ok_or_else(|| std::io::Error::other("a datagram without an IP source"))?;
+    Ok((n, addr))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn recv_queued(
+    _: &std::net::UdpSocket,
+    _: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr)> {
+    Err(std::io::ErrorKind::WouldBlock.into())
 }
 
 /// Sends `replies` (emptying it), as few calls as the kernel takes; a reply the kernel
 /// refuses (its client's port unreachable, say) is dropped.
-async fn send_all(socket: &UdpSocket, replies: &mut Vec<(Vec<u8>, SocketAddr)>) {
+fn send_all(socket: &std::net::UdpSocket, replies: &mut Vec<(Vec<u8>, SocketAddr)>) {
     let mut sent = 0;
     while sent < replies.len() {
-        match socket.try_io(tokio::io::Interest::WRITABLE, || {
-            send_batch(socket, &replies[sent..])
-        }) {
+        match send_batch(socket, &replies[sent..]) {
             Ok(n) => sent += n.max(1),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if socket.writable().await.is_err() {
-                    break;
-                }
-            }
             Err(e) => {
                 tracing::debug!(error = %e, peer = %replies[sent].1, "dns: udp send");
                 sent += 1;
@@ -187,7 +206,10 @@ async fn send_all(socket: &UdpSocket, replies: &mut Vec<(Vec<u8>, SocketAddr)>) 
 }
 
 #[cfg(target_os = "linux")]
-fn send_batch(socket: &UdpSocket, replies: &[(Vec<u8>, SocketAddr)]) -> std::io::Result<usize> {
+fn send_batch(
+    socket: &std::net::UdpSocket,
+    replies: &[(Vec<u8>, SocketAddr)],
+) -> std::io::Result<usize> {
     use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny, sendmmsg};
     let addrs: Vec<SocketAddrAny> = replies
         .iter()
@@ -211,9 +233,12 @@ fn send_batch(socket: &UdpSocket, replies: &[(Vec<u8>, SocketAddr)]) -> std::io:
 }
 
 #[cfg(not(target_os = "linux"))]
-fn send_batch(socket: &UdpSocket, replies: &[(Vec<u8>, SocketAddr)]) -> std::io::Result<usize> {
+fn send_batch(
+    socket: &std::net::UdpSocket,
+    replies: &[(Vec<u8>, SocketAddr)],
+) -> std::io::Result<usize> {
     let (reply, peer) = &replies[0];
-    socket.try_send_to(reply, *peer).map(|_| 1)
+    socket.send_to(reply, *peer).map(|_| 1)
 }
 
 async fn tcp_loop(listener: TcpListener, dns: Arc<Dns>, stop: CancellationToken) {
