@@ -529,3 +529,44 @@ async fn one_client_prefix_cannot_hold_every_tcp_slot() {
     assert!(first.read_u16().await.unwrap() > 0);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_backend_this_pops_checks_find_down_leaves_the_answers() {
+    let (up_1, up_2) = (Backend::start("up-1").await, Backend::start("up-2").await);
+    let down = refusing_addr().await;
+    let db = Db::new(&[
+        Row::new("up-1", "eu", "DE", up_1.addr),
+        Row::new("up-2", "eu", "DE", up_2.addr),
+        Row::new("down-1", "eu", "DE", down),
+    ]);
+    let toml = format!(
+        "{DNS}alternates = 5\n[health_check]\nenabled = true\ninterval_secs = 0.1\ntimeout_secs = 0.5\nfall = 1\n"
+    );
+    let proxy = Proxy::start(&db, &toml).await;
+    let dns = proxy.dns.unwrap();
+    wait_backend(proxy.admin, "down-1", |b| b["up_here"] == false).await;
+    let srv = ask(
+        dns,
+        "127.0.0.6",
+        &question("_app._tcp.internal.", RecordType::SRV, None),
+    )
+    .await;
+    let targets: Vec<String> = srv
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::SRV(s) => Some(s.target.to_ascii()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(targets.len(), 2, "{targets:?}");
+    assert!(targets.iter().all(|t| t.starts_with("up-")), "{targets:?}");
+    let one = ask(
+        dns,
+        "127.0.0.6",
+        &question("down-1.app.internal.", RecordType::A, None),
+    )
+    .await;
+    assert!(addrs(&one).is_empty(), "{one:?}");
+    proxy.stop().await;
+}

@@ -182,10 +182,7 @@ fn recv_queued(
 }
 
 #[cfg(not(target_os = "linux"))]
-fn recv_queued(
-    _: &std::net::UdpSocket,
-    _: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr)> {
+fn recv_queued(_: &std::net::UdpSocket, _: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
     Err(std::io::ErrorKind::WouldBlock.into())
 }
 
