@@ -354,6 +354,7 @@ impl Host {
                 .then(|| (Arc::clone(&suspects), config.health.ejection.after)),
         });
         let (dns, dns_front) = dns_service(config, &service, cluster.as_ref());
+        let certificates = load_certificates(s)?;
         let admin = Arc::new(Admin {
             health_counters: Arc::clone(&health_counters),
             registry: registry.clone(),
@@ -374,6 +375,9 @@ impl Host {
                 .map(|c| Arc::new(c) as Arc<dyn domain::ports::PolicyFleet>),
             policy_max_bytes: config.policy.max_bytes,
             dns: dns.clone(),
+            certificates: certificates
+                .clone()
+                .map(|c| c as Arc<dyn domain::ports::CertificateExpiries>),
         });
         // Policies copy each new table in before it serves, so no connection waits for it.
         {
@@ -409,7 +413,7 @@ impl Host {
                 Duration::from_secs(s.rate_limit_window_secs),
             ),
             abort: CancellationToken::new(),
-            certificates: load_certificates(s)?,
+            certificates,
             admin_token: config.admin.as_ref().and_then(|a| a.token.clone()),
             registry,
             api_token: config.api.as_ref().and_then(|a| a.token.clone()),

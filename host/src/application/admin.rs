@@ -233,6 +233,8 @@ pub struct Admin {
     pub policy_max_bytes: u64,
     /// The internal DNS server, when it is on.
     pub dns: Option<Arc<super::dns::Dns>>,
+    /// The certificates TLS listeners present, when any are configured.
+    pub certificates: Option<Arc<dyn crate::domain::ports::CertificateExpiries>>,
 }
 
 /// Why a deployment or a fleet rollback was not made.

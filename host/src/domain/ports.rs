@@ -227,6 +227,12 @@ pub fn timestamp(t: SystemTime) -> String {
 }
 
 /// What the fleet looks like from this POP (`GET /cluster`, `edgeproxy cluster status`).
+/// The certificates TLS listeners present: each one's file and expiry (seconds since
+/// the epoch), for alerts before a renewal is missed.
+pub trait CertificateExpiries: Send + Sync {
+    fn expiries(&self) -> Vec<(String, i64)>;
+}
+
 /// The POPs of the fleet as DNS answers them (`<region>.pops`, the front name): this one
 /// and every member SWIM knows, with its region and addresses.
 pub trait PopDirectory: Send + Sync {

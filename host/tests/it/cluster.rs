@@ -1600,3 +1600,77 @@ async fn pops_names_and_the_front_name_follow_the_fleets_liveness() {
     );
     b.stop();
 }
+
+/// Every `edgeproxy_*` series `file` (under `deploy/`) queries.
+fn queried_metrics(file: &str) -> std::collections::BTreeSet<String> {
+    let text = std::fs::read_to_string(format!("{}/../deploy/{file}", env!("CARGO_MANIFEST_DIR")))
+        .unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("edgeproxy_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        names.insert(name);
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_and_the_alerts_query_is_served() {
+    let fleet = Fleet::new();
+    let (cert, key) = fleet.cert(&fleet.dir.path().join("ca"), "a");
+    let pop = |name: &str, n: u8, seeds: &[u8]| {
+        let env = [
+            ("EDGEPROXY_DNS_ENABLED", "true".to_owned()),
+            ("EDGEPROXY_DNS_LISTEN_ADDR", format!("{}:5353", fleet.ip(n))),
+            ("EDGEPROXY_TLS_ENABLED", "true".to_owned()),
+            ("EDGEPROXY_TLS_LISTEN_ADDR", format!("{}:8443", fleet.ip(n))),
+            ("EDGEPROXY_TLS_CERT", cert.display().to_string()),
+            ("EDGEPROXY_TLS_KEY", key.display().to_string()),
+            ("EDGEPROXY_HEALTH_CHECK_ENABLED", "true".to_owned()),
+            ("EDGEPROXY_HEALTH_CHECK_INTERVAL_SECS", "0.2".to_owned()),
+        ];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        fleet.pop_with(name, n, seeds, &env)
+    };
+    let a = pop("a", 1, &[]);
+    let b = pop("b", 2, &[1]);
+    for p in [&a, &b] {
+        p.wait_members(1).await;
+    }
+    let backend = Backend::start("web-1").await;
+    add(&a, "web-1", backend.addr);
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    let wanted: std::collections::BTreeSet<String> = queried_metrics("grafana/edgeproxy.json")
+        .into_iter()
+        .chain(queried_metrics("prometheus/alerts.yml"))
+        .collect();
+    loop {
+        // A connection through (the connect histogram and RTT), a DNS query; then every
+        // family must be in the text.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), served_by("127.0.0.1", a.listen)).await;
+        let _ = dns_a(&a, "web.internal.", "198.51.100.0/24").await;
+        let (_, text) = crate::support::http(a.admin, "GET", "/metrics", &[]).await;
+        let missing: Vec<&String> = wanted
+            .iter()
+            .filter(|m| {
+                !text
+                    .lines()
+                    .any(|l| l.starts_with(m.as_str()) && l[m.len()..].starts_with(['{', ' ']))
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not in /metrics: {missing:?}\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(wanted.len() > 35, "{wanted:?}");
+}

@@ -6,6 +6,7 @@ mod admin;
 mod cli;
 mod cluster;
 mod cluster_memory;
+mod deploy;
 mod dns;
 mod examples;
 mod fuzz;

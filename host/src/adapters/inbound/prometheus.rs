@@ -330,10 +330,10 @@ impl Collector for HostCollector {
             ]
             .map(|(outcome, n)| (vec![("outcome", outcome)], counter(n))),
         )?;
-        let panicking: std::collections::BTreeSet<&str> = backends
+        // Every app, 0 or 1: a dashboard tells "not in panic" from "not scraped".
+        let panicking: std::collections::BTreeMap<&str, bool> = backends
             .iter()
-            .filter(|b| b.app_in_panic)
-            .map(|b| b.app.as_str())
+            .map(|b| (b.app.as_str(), b.app_in_panic))
             .collect();
         family(
             e,
@@ -341,7 +341,7 @@ impl Collector for HostCollector {
             "1 for an app with nothing up from this POP: local verdicts are set aside and it is routed by the table alone",
             panicking
                 .into_iter()
-                .map(|app| (vec![("app", app)], gauge(1))),
+                .map(|(app, on)| (vec![("app", app)], gauge(i64::from(on)))),
         )?;
         if let Some(s) = &admin.shadow {
             let (compared, agreed) = s.counts();
@@ -403,6 +403,17 @@ impl Collector for HostCollector {
             "Bytes relayed from the backend to clients",
             counters(per_backend(|b| b.bytes_down)),
         )?;
+        if let Some(certs) = &admin.certificates {
+            let expiries = certs.expiries();
+            family(
+                e,
+                "tls_certificate_expiry_timestamp_seconds",
+                "When each certificate serving now expires (its notAfter, Unix time)",
+                expiries
+                    .iter()
+                    .map(|(file, at)| (vec![("file", file.as_str())], gauge(*at))),
+            )?;
+        }
         if let (Some(dns), Some(answers)) = (&status.dns, &admin.dns) {
             family(
                 e,

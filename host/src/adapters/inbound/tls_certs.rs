@@ -37,6 +37,8 @@ struct Pair {
     bytes: (Vec<u8>, Vec<u8>),
     key: Arc<CertifiedKey>,
     names: Vec<String>,
+    /// The leaf certificate's notAfter, seconds since the epoch.
+    not_after: i64,
 }
 
 #[derive(Default)]
@@ -84,7 +86,20 @@ impl Certificates {
             current: ArcSwap::from_pointee(set),
         })
     }
+}
 
+impl crate::domain::ports::CertificateExpiries for Certificates {
+    fn expiries(&self) -> Vec<(String, i64)> {
+        let set = self.current.load();
+        set.default
+            .iter()
+            .chain(set.pairs.values())
+            .map(|p| (p.files.0.display().to_string(), p.not_after))
+            .collect()
+    }
+}
+
+impl Certificates {
     /// Re-reads the files: changed pairs that load replace theirs; the others keep
     /// serving. The problems found, each naming its file.
     pub fn reload(&self) -> Vec<String> {
@@ -322,7 +337,8 @@ fn load_pair(
     let leaf = chain
         .first()
         .ok_or_else(|| format!("{}: no certificate in it", cert_path.display()))?;
-    let names = dns_names(leaf).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    let (names, not_after) =
+        leaf_facts(leaf).map_err(|e| format!("{}: {e}", cert_path.display()))?;
     let key = PrivateKeyDer::from_pem_slice(&bytes.1)
         .map_err(|e| format!("{}: not a PEM private key: {e}", key_path.display()))?;
     let key = CertifiedKey::from_der(chain, key, provider).map_err(|e| match e {
@@ -338,19 +354,22 @@ fn load_pair(
         bytes,
         key: Arc::new(key),
         names,
+        not_after,
     }))
 }
 
-/// The DNS names a certificate is for (its subject alternative names, lower case).
-fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+/// The DNS names a certificate is for (its subject alternative names, lower case), and
+/// when it expires (seconds since the epoch).
+fn leaf_facts(der: &CertificateDer<'_>) -> Result<(Vec<String>, i64), String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| format!("unreadable certificate: {e}"))?;
-    Ok(crate::adapters::net::tls::alt_names(&cert, |n| match n {
+    let names = crate::adapters::net::tls::alt_names(&cert, |n| match n {
         x509_parser::extensions::GeneralName::DNSName(d) => {
             Some(crate::domain::server_names::normalise(d))
         }
         _ => None,
-    }))
+    });
+    Ok((names, cert.validity().not_after.timestamp()))
 }
 
 #[cfg(test)]
