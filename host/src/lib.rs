@@ -84,6 +84,8 @@ pub struct Host {
     /// The internal DNS server's answers, when it is on.
     pub dns: Option<Arc<application::dns::Dns>>,
     dns_front: DnsFront,
+    /// Where the metrics are served; None: `metrics_enabled = false`.
+    metrics_path: Option<String>,
 }
 
 /// What the DNS server needs besides its answers: its response rate limit, and this POP's
@@ -105,6 +107,8 @@ pub struct Sockets {
     pub admin: Option<TcpListener>,
     pub api: Option<TcpListener>,
     pub dns: Option<adapters::inbound::dns_server::DnsSockets>,
+    /// The metrics alone (`metrics_listen_addr`).
+    pub metrics: Option<TcpListener>,
 }
 
 /// The shadow policy's component and its record, when one is configured.
@@ -424,6 +428,7 @@ impl Host {
             drain_timeout: Duration::from_secs(s.drain_timeout_secs),
             dns,
             dns_front,
+            metrics_path: config.metrics.as_ref().map(|m| m.path.clone()),
         })
     }
 
@@ -441,6 +446,7 @@ impl Host {
             admin,
             api,
             dns,
+            metrics,
         } = sockets;
         let background = TaskTracker::new();
         // Not a child of `shutdown`: reloads and the admin API go on during the drain.
@@ -534,8 +540,26 @@ impl Host {
             background.spawn(adapters::inbound::admin_http::serve(
                 listener,
                 Arc::clone(&self.admin),
-                self.admin_token.clone(),
-                self.http_idle,
+                adapters::inbound::admin_http::Serving {
+                    token: self.admin_token.clone(),
+                    idle: self.http_idle,
+                    metrics: self.metrics_path.clone(),
+                    metrics_only: false,
+                },
+                stop_background.clone(),
+            ));
+        }
+        if let Some(listener) = metrics {
+            tracing::info!(addr = %listener.local_addr()?, path = ?self.metrics_path, "metrics listening");
+            background.spawn(adapters::inbound::admin_http::serve(
+                listener,
+                Arc::clone(&self.admin),
+                adapters::inbound::admin_http::Serving {
+                    token: self.admin_token.clone(),
+                    idle: self.http_idle,
+                    metrics: self.metrics_path.clone(),
+                    metrics_only: true,
+                },
                 stop_background.clone(),
             ));
         }

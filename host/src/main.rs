@@ -616,6 +616,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ),
         (config.admin.is_some(), http),
         (config.api.is_some(), http),
+        (
+            config.metrics.as_ref().is_some_and(|m| m.listen.is_some()),
+            http,
+        ),
     ]
     .iter()
     .filter(|(on, _)| *on)
@@ -669,11 +673,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let metrics = match config.metrics.as_ref().and_then(|m| Some((m.listen?, m))) {
+        Some((addr, m)) => {
+            if let Some(wanted) = m.narrowed_from {
+                tracing::warn!(%wanted, serving = %addr, "the metrics listener has no admin_token (EDGEPROXY_ADMIN_TOKEN) nor admin_allow_remote, so it is served on loopback only");
+            }
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("binding the metrics listener {addr} (metrics_listen_addr)")
+            })?)
+        }
+        None => None,
+    };
     let sockets = edgeproxy::Sockets {
         listeners,
         admin,
         api,
         dns,
+        metrics,
     };
     let drained = host
         .run(sockets, shutdown_signal_then(host.abort.clone()))

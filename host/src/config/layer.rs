@@ -165,6 +165,7 @@ const SECTIONS: &[&str] = &[
     "rate_limit",
     "tls",
     "dns",
+    "metrics",
 ];
 
 /// How the config file spells a setting: `[cluster] x` for `cluster_x`.
@@ -286,7 +287,26 @@ impl Layer {
     pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> (Self, Vec<String>) {
         let mut layer = Self::empty(Origin::Env);
         let mut warnings = Vec::new();
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        for (name, value) in &vars {
+            // edgeProxy's other names for settings: taken unless ours is set too.
+            let Some((_, ours)) = ALIASES.iter().find(|(alias, _)| alias == name) else {
+                continue;
+            };
+            match vars.iter().any(|(n, _)| n == ours) {
+                true => warnings.push(format!("{name} is ignored: {ours} is set too")),
+                false => {
+                    let key = SETTINGS.iter().find(|i| i.env == *ours).map(|i| i.key);
+                    if let Some(key) = key {
+                        layer.values.insert(key, Raw::Text(value.clone()));
+                    }
+                }
+            }
+        }
         for (name, value) in vars {
+            if ALIASES.iter().any(|(alias, _)| *alias == name) {
+                continue;
+            }
             if let Some(info) = SETTINGS.iter().find(|i| i.env == name) {
                 let value = match info.key {
                     // edgeProxy turns debug on for any value; "0" and "false" read as off.
@@ -326,6 +346,12 @@ impl Layer {
     }
 }
 
+/// edgeProxy's variables that name one of our settings differently: (theirs, ours).
+const ALIASES: &[(&str, &str)] = &[(
+    "EDGEPROXY_SHUTDOWN_TIMEOUT_SECS",
+    "EDGEPROXY_DRAIN_TIMEOUT_SECS",
+)];
+
 /// edgeProxy features edgeproxy does not have, by variable prefix, and what it does instead.
 const ELSEWHERE: &[(&str, &str)] = &[
     (
@@ -335,15 +361,7 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ("EDGEPROXY_MDNS_", "edgeproxy has no mDNS discovery"),
     (
         "EDGEPROXY_POSTGRES_",
-        "edgeproxy reads the routing table from SQLite (db_path) only",
-    ),
-    (
-        "EDGEPROXY_METRICS_",
-        "Prometheus metrics are served at /metrics on admin_addr (EDGEPROXY_ADMIN_ADDR)",
-    ),
-    (
-        "EDGEPROXY_SHUTDOWN_TIMEOUT",
-        "use EDGEPROXY_DRAIN_TIMEOUT_SECS",
+        "a PostgreSQL routing table is named by db_url (EDGEPROXY_DB_URL)",
     ),
     (
         "EDGEPROXY_CIRCUIT_SUCCESS_THRESHOLD",

@@ -234,6 +234,8 @@ pub struct Config {
     pub api: Option<ApiConfig>,
     /// None: no DNS server.
     pub dns: Option<DnsConfig>,
+    /// None: no metrics served.
+    pub metrics: Option<MetricsConfig>,
 }
 
 /// The internal DNS server.
@@ -272,6 +274,15 @@ pub struct AdminConfig {
     pub addr: SocketAddr,
     /// Required as `Authorization: Bearer <token>` on every request when set.
     pub token: Option<String>,
+}
+
+/// Prometheus metrics: their path on the admin listener, and a listener of their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub path: String,
+    pub listen: Option<SocketAddr>,
+    /// The address asked for, when it was not loopback and nothing allowed it.
+    pub narrowed_from: Option<SocketAddr>,
 }
 
 /// Which scoring policy decides, and its bounds.
@@ -598,6 +609,27 @@ impl Config {
                 front_answers: s.dns_front_answers as usize,
             })
         }).flatten();
+        let metrics = s.metrics_enabled.then(|| {
+            let wanted = s.metrics_listen_addr;
+            let trusted =
+                s.admin_token.as_ref().is_some_and(|t| !t.is_empty()) || s.admin_allow_remote;
+            // As the registration API: off loopback only with a token or the operator's say.
+            let listen = wanted.map(|w| match (trusted, w.ip().is_loopback()) {
+                (false, false) => SocketAddr::new(
+                    match w {
+                        SocketAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
+                        SocketAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+                    },
+                    w.port(),
+                ),
+                _ => w,
+            });
+            MetricsConfig {
+                path: s.metrics_path.clone(),
+                listen,
+                narrowed_from: wanted.filter(|w| Some(*w) != listen),
+            }
+        });
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -605,6 +637,7 @@ impl Config {
             health,
             api,
             dns,
+            metrics,
             region: Region::new(&s.region),
             settings: s,
             origins,
@@ -1251,6 +1284,49 @@ mod tests {
         .unwrap()
         .dns
         .unwrap();
+        // edgeProxy's metrics server and shutdown timeout, under their names.
+        let edge = resolve(
+            "",
+            &[
+                ("EDGEPROXY_METRICS_LISTEN_ADDR", "0.0.0.0:9091"),
+                ("EDGEPROXY_METRICS_PATH", "/prom"),
+                ("EDGEPROXY_SHUTDOWN_TIMEOUT_SECS", "7"),
+            ],
+        )
+        .unwrap();
+        let m = edge.metrics.unwrap();
+        assert_eq!(m.path, "/prom");
+        assert_eq!(
+            m.listen,
+            Some("127.0.0.1:9091".parse().unwrap()),
+            "no token: loopback"
+        );
+        assert_eq!(m.narrowed_from, Some("0.0.0.0:9091".parse().unwrap()));
+        assert_eq!(edge.settings.drain_timeout_secs, 7);
+        let (_, warned) = Layer::from_env(
+            [
+                ("EDGEPROXY_SHUTDOWN_TIMEOUT_SECS", "7"),
+                ("EDGEPROXY_DRAIN_TIMEOUT_SECS", "9"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        assert_eq!(
+            warned,
+            ["EDGEPROXY_SHUTDOWN_TIMEOUT_SECS is ignored: EDGEPROXY_DRAIN_TIMEOUT_SECS is set too"]
+        );
+        assert!(
+            resolve("", &[("EDGEPROXY_METRICS_ENABLED", "false")])
+                .unwrap()
+                .metrics
+                .is_none()
+        );
+        let bad = resolve("[metrics]\npath = \"prom\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("metrics_path: must be a path starting with /"),
+            "{bad}"
+        );
         assert_eq!(dns.zone.apex(), "mesh.internal");
         assert_eq!(dns.zone.front(), Some("edge.example.com"));
         assert_eq!(dns.front_addrs.len(), 2);

@@ -109,6 +109,14 @@ crate::settings! {
     admin_token: Option<String> = None, env "EDGEPROXY_ADMIN_TOKEN", secret true;
     /// serve a non-loopback `admin_addr` without a token (otherwise refused at start-up)
     admin_allow_remote: bool = false, env "EDGEPROXY_ADMIN_ALLOW_REMOTE";
+    /// serve Prometheus metrics (on the admin listener and `metrics_listen_addr`)
+    metrics_enabled: bool = true, env "EDGEPROXY_METRICS_ENABLED";
+    /// also serve the metrics alone on this address (edgeProxy's metrics server), behind
+    /// `admin_token`; without a token (or `admin_allow_remote`) it is served on loopback
+    /// only
+    metrics_listen_addr: Option<SocketAddr> = None, env "EDGEPROXY_METRICS_LISTEN_ADDR";
+    /// the metrics' path, on both listeners
+    metrics_path: String = "/metrics".to_owned(), env "EDGEPROXY_METRICS_PATH", check |v| if v.starts_with('/') && !v.contains(char::is_whitespace) { Ok(()) } else { Err("must be a path starting with /".into()) };
     /// join the fleet: share the routing table with the other POPs (docs/CLUSTER.md)
     cluster_enabled: bool = false, env "EDGEPROXY_REPLICATION_ENABLED";
     /// this POP's name in the cluster, the one its certificate carries; unset: the host

@@ -305,3 +305,29 @@ async fn reuseport_copies_of_a_listener_serve_and_count_as_one() {
     assert_eq!(listeners[0]["accepted"], 40);
     p.stop().await;
 }
+
+#[tokio::test]
+async fn edgeproxys_metrics_server_is_a_listener_of_its_own_at_its_path() {
+    let backend = Backend::start("a").await;
+    let db = Db::new(&[Row::new("a", "eu", "DE", backend.addr)]);
+    let p = Proxy::start(
+        &db,
+        "[metrics]\nlisten_addr = \"127.0.0.1:0\"\npath = \"/prom\"\n",
+    )
+    .await;
+    let metrics = p.metrics.unwrap();
+    let (code, body) = http(metrics, "GET", "/prom", &[]).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("edgeproxy_build_info"), "{body}");
+    // The metrics alone there; the admin API keeps the rest, with the metrics at the path.
+    assert_eq!(http(metrics, "GET", "/status", &[]).await.0, 404);
+    assert_eq!(http(p.admin, "GET", "/metrics", &[]).await.0, 404);
+    assert_eq!(http(p.admin, "GET", "/prom", &[]).await.0, 200);
+    assert_eq!(http(metrics, "POST", "/prom", &[]).await.0, 405);
+    p.stop().await;
+
+    let off = Proxy::start(&db, "[metrics]\nenabled = false\n").await;
+    assert_eq!(http(off.admin, "GET", "/metrics", &[]).await.0, 404);
+    assert_eq!(http(off.admin, "GET", "/status", &[]).await.0, 200);
+    off.stop().await;
+}

@@ -2,7 +2,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /metrics` | Prometheus text format |
+//! | `GET /metrics` | Prometheus text format (`metrics_path`; none with `metrics_enabled = false`) |
 //! | `GET /status` | version, region, uptime, listeners, policy, routing table, GeoIP, bindings |
 //! | `GET /backends` | the routing table joined with live state |
 //! | `GET /bindings?offset=0&limit=100` | one page of bindings, ordered by client |
@@ -41,45 +41,80 @@ struct State {
     registry: Arc<Registry>,
     token: Option<String>,
     idle: std::time::Duration,
+    /// Where the metrics are served (`metrics_path`); None: not at all.
+    metrics: Option<String>,
+}
+
+/// What one listener serves: the admin API (with the metrics at `metrics`, when set), or
+/// the metrics alone (edgeProxy's metrics server).
+pub struct Serving {
+    pub token: Option<String>,
+    pub idle: std::time::Duration,
+    pub metrics: Option<String>,
+    pub metrics_only: bool,
 }
 
 /// Serves admin requests on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     admin: Arc<Admin>,
-    token: Option<String>,
-    idle: std::time::Duration,
+    serving: Serving,
     shutdown: CancellationToken,
 ) {
     let state = Arc::new(State {
         registry: Arc::new(prometheus::registry(Arc::clone(&admin))),
         admin,
-        token,
-        idle,
+        token: serving.token,
+        idle: serving.idle,
+        metrics: serving.metrics,
     });
-    http::serve(listener, "admin", idle, shutdown, move |req| {
+    let (name, only) = match serving.metrics_only {
+        true => ("metrics", true),
+        false => ("admin", false),
+    };
+    http::serve(listener, name, serving.idle, shutdown, move |req| {
         let state = Arc::clone(&state);
-        async move { state.handle(req).await }
+        async move {
+            match only {
+                true => state.metrics_only(req).await,
+                false => state.handle(req).await,
+            }
+        }
     })
     .await
 }
 
 impl State {
+    async fn metrics_only(&self, req: Request<Incoming>) -> Reply {
+        if !self.authorized(&req) {
+            return http::unauthorized();
+        }
+        match (req.uri().path(), req.method()) {
+            (p, &Method::GET) if self.metrics.as_deref() == Some(p) => self.render().await,
+            (p, _) if self.metrics.as_deref() == Some(p) => not_allowed("GET"),
+            (p, _) => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {p}")),
+        }
+    }
+
+    /// Rendering walks every backend: off the proxy's worker threads.
+    async fn render(&self) -> Reply {
+        let registry = Arc::clone(&self.registry);
+        match tokio::task::spawn_blocking(move || prometheus::render(&registry)).await {
+            Ok(text) => reply(StatusCode::OK, prometheus::CONTENT_TYPE, text),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        }
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Reply {
         if !self.authorized(&req) {
             return http::unauthorized();
         }
         let path = req.uri().path();
         let method = req.method();
+        let metrics = self.metrics.as_deref();
         match (path, method) {
-            // Rendering walks every backend: off the proxy's worker threads.
-            ("/metrics", &Method::GET) => {
-                let registry = Arc::clone(&self.registry);
-                match tokio::task::spawn_blocking(move || prometheus::render(&registry)).await {
-                    Ok(text) => reply(StatusCode::OK, prometheus::CONTENT_TYPE, text),
-                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-                }
-            }
+            (p, &Method::GET) if metrics == Some(p) => self.render().await,
+            (p, _) if metrics == Some(p) => not_allowed("GET"),
             ("/status", &Method::GET) => json(StatusCode::OK, &self.admin.status()),
             ("/backends", &Method::GET) => json(StatusCode::OK, &self.admin.backends()),
             ("/decisions", &Method::GET) => match &self.admin.decisions {
@@ -167,10 +202,9 @@ impl State {
             (p, &Method::DELETE) if p.starts_with("/bindings/") => {
                 self.unbind(&p["/bindings/".len()..])
             }
-            (
-                "/metrics" | "/status" | "/backends" | "/bindings" | "/cluster" | "/policy/shadow",
-                _,
-            ) => not_allowed("GET"),
+            ("/status" | "/backends" | "/bindings" | "/cluster" | "/policy/shadow", _) => {
+                not_allowed("GET")
+            }
             ("/reload", _) => not_allowed("POST"),
             (p, _) if p.starts_with("/bindings/") => not_allowed("DELETE"),
             _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),

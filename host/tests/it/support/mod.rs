@@ -217,6 +217,8 @@ pub struct Proxy {
     pub api: Option<SocketAddr>,
     /// The DNS server (UDP and TCP), when the config turns it on.
     pub dns: Option<SocketAddr>,
+    /// The metrics-only listener, when the config asks for one.
+    pub metrics: Option<SocketAddr>,
     pub host: Arc<Host>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<edgeproxy::Drained>>,
@@ -292,6 +294,11 @@ impl Proxy {
                 .unwrap()
         });
         let dns_addr = dns.as_ref().map(|d| d.local_addr().unwrap());
+        let metrics = match config.metrics.as_ref().and_then(|m| m.listen) {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().map(|l| l.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let task = {
             let (host, shutdown) = (host.clone(), shutdown.clone());
@@ -300,6 +307,7 @@ impl Proxy {
                 admin,
                 api: api_listener,
                 dns,
+                metrics,
             };
             tokio::spawn(async move { host.run(sockets, shutdown).await })
         };
@@ -313,6 +321,7 @@ impl Proxy {
             admin: admin_addr,
             api: api_addr,
             dns: dns_addr,
+            metrics: metrics_addr,
             host,
             shutdown,
             task,
