@@ -17,10 +17,18 @@ use edgeproxy::config::{Config, Flags, Layer, LogFormat, PolicySource, Scope};
 use edgeproxy::domain::Region;
 use edgeproxy::{Host, demo, policy_limits, policy_runtime};
 
+/// The version, the commit it was built from and the policy contracts it loads.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("EDGEPROXY_COMMIT"),
+    "; policy contract edgeproxy:policy@0.2.0, and 0.1.0)"
+);
+
 #[derive(Parser)]
 #[command(
     name = "edgeproxy",
-    version,
+    version = VERSION,
     about = "Geo- and load-aware L4 edge proxy"
 )]
 struct Cli {

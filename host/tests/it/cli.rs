@@ -557,3 +557,27 @@ fn connect_failures_are_logged_at_most_once_a_second() {
         lines.len()
     );
 }
+
+#[test]
+fn version_names_the_commit_and_the_policy_contracts() {
+    let out = edgeproxy().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with(&format!("edgeproxy {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    let commit = text
+        .split("commit ")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap();
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{text}"
+    );
+    assert!(text.contains("edgeproxy:policy@0.2.0, and 0.1.0"), "{text}");
+}

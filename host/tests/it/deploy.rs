@@ -55,3 +55,31 @@ fn the_dashboard_is_grafana_json_with_a_query_in_every_panel() {
         }
     }
 }
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/systemd/edgeproxy.service"
+    ))
+    .unwrap();
+    // The binary as built here, where the package puts it at /usr/bin/edgeproxy.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edgeproxy.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/bin/edgeproxy", env!("CARGO_BIN_EXE_edgeproxy")),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze runs (Debian's systemd package)");
+    let said = String::from_utf8_lossy(&out.stderr);
+    // It reports bad values and keeps going: anything said about the unit is a failure.
+    assert!(
+        out.status.success() && !said.contains("edgeproxy.service"),
+        "{said}"
+    );
+}
