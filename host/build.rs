@@ -13,13 +13,15 @@ fn main() {
     };
     let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=EDGEPROXY_COMMIT={commit}");
-    // Rebuilt when HEAD moves: its file (a branch switch) and the branch's ref (a commit).
-    if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
-        println!("cargo:rerun-if-changed={dir}/HEAD");
-        if let Some(head) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            println!("cargo:rerun-if-changed={dir}/{head}");
+    // Rebuilt when HEAD moves: HEAD itself (a checkout) and its reflog (every commit,
+    // checkout and reset). Only paths that exist: cargo reruns a script whose watched
+    // path is missing on every build.
+    for path in ["HEAD", "logs/HEAD"] {
+        if let Some(p) = git(&["rev-parse", "--git-path", path])
+            && std::path::Path::new(&p).exists()
+        {
+            println!("cargo:rerun-if-changed={p}");
         }
-        println!("cargo:rerun-if-changed={dir}/packed-refs");
     }
     println!("cargo:rerun-if-changed=build.rs");
 }

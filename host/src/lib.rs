@@ -86,6 +86,8 @@ pub struct Host {
     dns_front: DnsFront,
     /// Where the metrics are served; None: `metrics_enabled = false`.
     metrics_path: Option<String>,
+    /// What the metrics listener asks for (`admin_token`, even with the admin API off).
+    metrics_token: Option<String>,
 }
 
 /// What the DNS server needs besides its answers: its response rate limit, and this POP's
@@ -429,6 +431,7 @@ impl Host {
             dns,
             dns_front,
             metrics_path: config.metrics.as_ref().map(|m| m.path.clone()),
+            metrics_token: config.metrics.as_ref().and_then(|m| m.token.clone()),
         })
     }
 
@@ -555,7 +558,7 @@ impl Host {
                 listener,
                 Arc::clone(&self.admin),
                 adapters::inbound::admin_http::Serving {
-                    token: self.admin_token.clone(),
+                    token: self.metrics_token.clone(),
                     idle: self.http_idle,
                     metrics: self.metrics_path.clone(),
                     metrics_only: true,
@@ -604,6 +607,12 @@ impl Host {
                 .await
         {
             tracing::warn!(error = %e, "cannot publish this POP's front-name addresses");
+        }
+        // A front name turned off since: the fleet stops giving this POP out under it.
+        if let (None, Some(cluster)) = (front, &self.cluster)
+            && let Err(e) = cluster.withdraw_front().await
+        {
+            tracing::warn!(error = %e, "cannot withdraw this POP's front-name addresses");
         }
         // Stops the accept loops: at once on shutdown, or once a front POP has left the
         // front name's answers and resolvers' caches.

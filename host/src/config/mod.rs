@@ -281,6 +281,8 @@ pub struct AdminConfig {
 pub struct MetricsConfig {
     pub path: String,
     pub listen: Option<SocketAddr>,
+    /// `admin_token`, which the metrics listener asks for even with the admin API off.
+    pub token: Option<String>,
     /// The address asked for, when it was not loopback and nothing allowed it.
     pub narrowed_from: Option<SocketAddr>,
 }
@@ -611,8 +613,8 @@ impl Config {
         }).flatten();
         let metrics = s.metrics_enabled.then(|| {
             let wanted = s.metrics_listen_addr;
-            let trusted =
-                s.admin_token.as_ref().is_some_and(|t| !t.is_empty()) || s.admin_allow_remote;
+            let token = s.admin_token.clone().filter(|t| !t.is_empty());
+            let trusted = token.is_some() || s.admin_allow_remote;
             // As the registration API: off loopback only with a token or the operator's say.
             let listen = wanted.map(|w| match (trusted, w.ip().is_loopback()) {
                 (false, false) => SocketAddr::new(
@@ -627,6 +629,7 @@ impl Config {
             MetricsConfig {
                 path: s.metrics_path.clone(),
                 listen,
+                token,
                 narrowed_from: wanted.filter(|w| Some(*w) != listen),
             }
         });

@@ -116,7 +116,7 @@ crate::settings! {
     /// only
     metrics_listen_addr: Option<SocketAddr> = None, env "EDGEPROXY_METRICS_LISTEN_ADDR";
     /// the metrics' path, on both listeners
-    metrics_path: String = "/metrics".to_owned(), env "EDGEPROXY_METRICS_PATH", check |v| if v.starts_with('/') && !v.contains(char::is_whitespace) { Ok(()) } else { Err("must be a path starting with /".into()) };
+    metrics_path: String = "/metrics".to_owned(), env "EDGEPROXY_METRICS_PATH", check |v| metrics_path(v);
     /// join the fleet: share the routing table with the other POPs (docs/CLUSTER.md)
     cluster_enabled: bool = false, env "EDGEPROXY_REPLICATION_ENABLED";
     /// this POP's name in the cluster, the one its certificate carries; unset: the host
@@ -273,6 +273,29 @@ crate::settings! {
     dns_front_addrs: String = String::new(), env "EDGEPROXY_DNS_FRONT_ADDRS";
     /// POPs a front-name answer gives
     dns_front_answers: u32 = 2, env "EDGEPROXY_DNS_FRONT_ANSWERS", check |v| positive(v).and(at_most(v, 8));
+}
+
+/// A path of its own: not one of the admin API's, which it would hide.
+fn metrics_path(v: &str) -> Result<(), String> {
+    const ADMIN: &[&str] = &[
+        "/status",
+        "/backends",
+        "/bindings",
+        "/decisions",
+        "/reload",
+        "/cluster",
+    ];
+    if !v.starts_with('/') || v.contains(char::is_whitespace) {
+        return Err("must be a path starting with /".into());
+    }
+    if ADMIN.contains(&v)
+        || ["/bindings/", "/policy/", "/fleet/"]
+            .iter()
+            .any(|p| v.starts_with(p))
+    {
+        return Err(format!("{v} is an admin API route"));
+    }
+    Ok(())
 }
 
 fn in_range(v: &Seconds, min: f64, max: f64) -> Result<(), String> {

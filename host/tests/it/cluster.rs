@@ -1587,10 +1587,27 @@ async fn pops_names_and_the_front_name_follow_the_fleets_liveness() {
     })
     .await;
 
+    // A POP killed (its record still says it takes clients) and back without a front name
+    // withdraws its record: alive under its region, gone from the front name.
+    let mut c = c;
+    c.kill();
+    c.env.retain(|(k, _)| k != "EDGEPROXY_DNS_FRONT_NAME");
+    let c = c.start();
+    wait_dns(&a, "sa.pops.internal.", brazil, "c alive again", |got| {
+        got == [ic]
+    })
+    .await;
+    // (Alive from here on: only a withdrawn record keeps it out.)
+    wait_dns(&a, "edge.example.com.", brazil, "c withdrawn", |got| {
+        !got.contains(&ic)
+    })
+    .await;
+    drop(c);
+
     // A draining POP leaves the answers while it still accepts.
     b.signal("-TERM");
     wait_dns(&a, "edge.example.com.", germany, "no b", |got| {
-        !got.contains(&ib) && got.len() == 2
+        !got.contains(&ib) && got == [ia]
     })
     .await;
     let still = tokio::net::TcpStream::connect(b.listen).await;

@@ -548,6 +548,25 @@ impl Inner {
         })
     }
 
+    /// Removes this POP's own record at `key` (a front record it no longer gives): peers
+    /// drop theirs at their next round with it.
+    pub(super) async fn withdraw_own(self: Arc<Self>, key: String) -> Result<(), String> {
+        let held = self
+            .fleet
+            .records()
+            .records
+            .iter()
+            .any(|r| r.value.key() == key);
+        if !held {
+            return Ok(());
+        }
+        self.fleet
+            .run(move |f| f.take_own(&key, None))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// Publishes one of this POP's own records (its report, its front), unless unchanged.
     pub(super) async fn publish_own(self: Arc<Self>, value: FleetValue) -> Result<(), String> {
         if self

@@ -101,6 +101,19 @@ impl ClusterPops {
     }
 }
 
+impl Cluster {
+    /// Removes this POP's front record, for a POP that gives no front addresses now (its
+    /// front name turned off since the record was published).
+    pub async fn withdraw_front(&self) -> Result<(), String> {
+        let key = format!("front/{}", self.inner.identity.name);
+        let work = self.inner.clone().withdraw_own(key);
+        self.inner
+            .on_cluster(work)
+            .await
+            .unwrap_or_else(|| Err("the cluster is stopping".into()))
+    }
+}
+
 impl PopDirectory for ClusterPops {
     fn pops(&self) -> Arc<Vec<Pop>> {
         let now = Instant::now();

@@ -91,11 +91,14 @@ impl Certificates {
 impl crate::domain::ports::CertificateExpiries for Certificates {
     fn expiries(&self) -> Vec<(String, i64)> {
         let set = self.current.load();
-        set.default
+        // The default pair may also be one of the directory's: one series per file.
+        let by_file: BTreeMap<String, i64> = set
+            .default
             .iter()
             .chain(set.pairs.values())
             .map(|p| (p.files.0.display().to_string(), p.not_after))
-            .collect()
+            .collect();
+        by_file.into_iter().collect()
     }
 }
 
