@@ -320,12 +320,21 @@ impl Inner {
         };
         let report = own(|v| matches!(v, FleetValue::Pop(_)));
         let front = own(|v| matches!(v, FleetValue::Front(_)));
-        let pop = peer.name.clone();
+        // Unless the record changed here while the round was out (the POP pushed a newer
+        // one: its draining flag, say): this answer is then the older news.
+        let keys = [format!("pop/{}", peer.name), format!("front/{}", peer.name)];
+        let held = keys
+            .clone()
+            .map(|k| ours.records.iter().find(|r| r.value.key() == k).cloned());
         let taken = self
             .fleet
             .run(move |f| {
-                f.take_own(&format!("pop/{pop}"), report)?;
-                f.take_own(&format!("front/{pop}"), front)
+                for ((key, held), record) in keys.iter().zip(held).zip([report, front]) {
+                    if f.records().find(|r| r.value.key() == *key) == held.as_ref() {
+                        f.take_own(key, record)?;
+                    }
+                }
+                Ok::<(), crate::adapters::outbound::sqlite_fleet::FleetStoreError>(())
             })
             .await;
         if let Err(e) = taken {
