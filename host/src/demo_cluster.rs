@@ -14,8 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::adapters::cli::cluster::get;
 use crate::adapters::cluster::tls;
-use crate::adapters::inbound::cluster_cli::get;
 use crate::adapters::outbound::sqlite_editor::{BackendRow, RoutingEditor};
 use crate::domain::ports::ClusterStatus;
 

@@ -8,11 +8,12 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use edgeproxy::adapters::inbound::cli_output::emit;
-use edgeproxy::adapters::inbound::{
-    cluster_cli, config_cli, policy_build, policy_check, policy_new, policy_replay,
-    policy_simulate, routing_cli, shadow_cli, tcp_server,
+use edgeproxy::adapters::cli::output::emit;
+use edgeproxy::adapters::cli::{
+    cluster as cluster_cli, config as config_cli, policy_build, policy_check, policy_new,
+    policy_replay, policy_simulate, routing as routing_cli, shadow as shadow_cli,
 };
+use edgeproxy::adapters::inbound::tcp_server;
 use edgeproxy::config::{Config, Flags, Layer, LogFormat, PolicySource, Scope};
 use edgeproxy::domain::Region;
 use edgeproxy::{Host, demo, policy_limits, policy_runtime};

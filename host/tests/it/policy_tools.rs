@@ -188,7 +188,7 @@ fn a_policy_crate_outside_the_workspace_builds_and_passes_its_check() {
     )
     .unwrap();
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-fixtures/outside");
-    let out = edgeproxy::adapters::inbound::policy_build::build(dir.path(), None, Some(&target))
+    let out = edgeproxy::adapters::cli::policy_build::build(dir.path(), None, Some(&target))
         .expect("an out-of-tree policy crate builds");
     assert_eq!(out, dir.path().join("my-policy.wasm"));
     let (ok, stdout, err) = run(&["policy", "check", out.to_str().unwrap()], &[]);
@@ -238,7 +238,7 @@ fn new_policy_projects_in_every_language_test_build_and_pass_their_check() {
         match lang {
             "rust" => {
                 step("cargo", &["test", "--quiet"], &project);
-                edgeproxy::adapters::inbound::policy_build::build(&project, None, Some(&target))
+                edgeproxy::adapters::cli::policy_build::build(&project, None, Some(&target))
                     .expect("the new crate builds");
             }
             "c" => step("sh", &["build.sh"], &project),
@@ -280,7 +280,7 @@ fn new_policy_projects_in_every_language_test_build_and_pass_their_check() {
 fn the_committed_default_policy_is_what_its_sources_build_to() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = tempfile::tempdir().unwrap();
-    let built = edgeproxy::adapters::inbound::policy_build::build(
+    let built = edgeproxy::adapters::cli::policy_build::build(
         &root.join("policies/geo-load"),
         Some(&out.path().join("geo-load.wasm")),
         Some(&root.join("target/test-fixtures/cargo")),

@@ -7,26 +7,14 @@
 //! - `file_watch`: file-change notifications that trigger reloads.
 //! - `admin_http` (the admin JSON API) and `prometheus` (its `/metrics` exposition);
 //!   `registration_http` (backends register and beat); `http`: what they share.
-//! - CLI commands: `routing_cli` (backend, db), `config_cli` (config check, show),
-//!   `policy_build`, `policy_check`, `policy_simulate`, `policy_replay`, `shadow_cli`; `cli_output` formats their answers.
 
 pub mod admin_http;
-pub mod cli_output;
-pub mod cluster_cli;
-pub mod config_cli;
 pub mod dns_server;
 pub mod file_watch;
 pub mod http;
-pub mod policy_build;
-pub mod policy_check;
-pub mod policy_new;
-pub mod policy_replay;
-pub mod policy_simulate;
 pub mod prometheus;
 pub mod proxy_protocol;
 pub mod registration_http;
-pub mod routing_cli;
-pub mod shadow_cli;
 pub mod tcp_server;
 pub mod tls_certs;
 pub mod tls_hello;

@@ -425,7 +425,7 @@ pub fn policy_component(dir: &str) -> PathBuf {
     std::fs::create_dir_all(&out_dir).unwrap();
     let name = Path::new(dir).file_name().unwrap().to_str().unwrap();
     let out = out_dir.join(format!("{name}.wasm"));
-    let path = edgeproxy::adapters::inbound::policy_build::build(
+    let path = edgeproxy::adapters::cli::policy_build::build(
         &root.join(dir),
         Some(&out),
         Some(&out_dir.join("cargo")),

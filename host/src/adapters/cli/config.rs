@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::cli_output::render;
+use super::output::render;
 use crate::config::{Config, ListenerConfig, Origin};
 
 #[derive(Debug, Serialize)]

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use std::fmt::Write as _;
 
-use super::cli_output::{self, yes_no};
+use super::output::{self, yes_no};
 use crate::adapters::outbound::maxmind_geo::MaxMindGeo;
 use crate::adapters::outbound::sqlite_routing::SqliteBackendRepository;
 use crate::adapters::outbound::wasm_policy::reload::load_file;
@@ -215,7 +215,7 @@ pub fn render_simulation(s: &Simulation) -> String {
             ]
         })
         .collect();
-    out += &cli_output::render(&header, &rows);
+    out += &output::render(&header, &rows);
     if s.candidates.is_empty() {
         let _ = writeln!(out, "(no backends for this app)");
     }

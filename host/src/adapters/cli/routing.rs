@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::cli_output::{self, emit, yes_no};
+use super::output::{self, emit, yes_no};
 use crate::adapters::outbound::postgres::{PgEditor, PgSettings};
 use crate::adapters::outbound::sqlite_editor::{BackendRow, RoutingEditor, RowChanges};
 use crate::domain::ports::BackendEditor;
@@ -323,7 +323,7 @@ fn print_live(rows: &[BackendRow], live: &Live, json: bool) -> anyhow::Result<()
             ]
         })
         .collect();
-    emit(false, &rows, || cli_output::render(&header, &cells))
+    emit(false, &rows, || output::render(&header, &cells))
 }
 
 fn print_rows(rows: &[BackendRow], with_deleted: bool, json: bool) -> anyhow::Result<()> {
@@ -362,5 +362,5 @@ fn table(rows: &[BackendRow], with_deleted: bool) -> String {
             row
         })
         .collect();
-    cli_output::render(&header, &cells)
+    output::render(&header, &cells)
 }

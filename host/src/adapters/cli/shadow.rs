@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::cli_output;
+use super::output;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ShadowCommand {
@@ -50,7 +50,7 @@ pub fn render(r: &Value) -> String {
             })
             .collect();
         out += &format!("\n{title}:\n");
-        out += &cli_output::render(&["LIVE", "SHADOW", "DECISIONS"], &rows);
+        out += &output::render(&["LIVE", "SHADOW", "DECISIONS"], &rows);
     }
     let recent: Vec<Vec<String>> = r["recent_disagreements"]
         .as_array()
@@ -67,6 +67,6 @@ pub fn render(r: &Value) -> String {
         })
         .collect();
     out += "\nrecent disagreements:\n";
-    out += &cli_output::render(&["AT", "COUNTRY", "LIVE", "SHADOW"], &recent);
+    out += &output::render(&["AT", "COUNTRY", "LIVE", "SHADOW"], &recent);
     out
 }

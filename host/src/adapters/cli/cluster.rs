@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use http_body_util::{BodyExt as _, Full};
 
-use super::cli_output::{emit, render};
+use super::output::{emit, render};
 use crate::adapters::cluster::tls;
 use crate::domain::ports::ClusterStatus;
 
