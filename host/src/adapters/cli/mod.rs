@@ -5,8 +5,10 @@
 //! - `routing` (backend, db), `config` (config check, show), `cluster` (cluster ca, cert,
 //!   status; the admin API client the other commands share), `shadow` (policy shadow).
 //! - `policy_build`, `policy_check`, `policy_new`, `policy_simulate`, `policy_replay`.
+//! - `commands`: the command line itself (clap) and what runs each command.
 
 pub mod cluster;
+pub mod commands;
 pub mod config;
 pub mod output;
 pub mod policy_build;
