@@ -741,7 +741,7 @@ fn dns_service(
     let Some(d) = &config.dns else {
         return (None, DnsFront::default());
     };
-    let advertised = cluster.map(|c| c.status().transport.ip());
+    let advertised = cluster.map(|c| c.advertised().ip());
     let front_addrs = match (d.front_addrs.is_empty(), advertised) {
         (true, Some(ip)) => vec![ip],
         _ => d.front_addrs.clone(),
@@ -776,16 +776,9 @@ fn dns_service(
         front_answers: d.front_answers,
         name_server,
     };
-    let limiter = d.rate_limit.map(|rate| {
-        application::client_limits::ClientLimiter::new(application::client_limits::ClientLimits {
-            rate: Some((f64::from(rate), f64::from(rate))),
-            max_open: None,
-            v4_prefix: 24,
-            v6_prefix: 56,
-            exempt: Vec::new(),
-            max_tracked: 100_000,
-        })
-    });
+    let limiter = d
+        .rate_limit
+        .map(|rate| application::dns::prefix_limiter(Some(f64::from(rate)), None, 100_000));
     let front = DnsFront {
         limiter,
         pops,

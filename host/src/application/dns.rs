@@ -17,8 +17,28 @@ use crate::domain::dns::{Name, Pop, Zone, front_pops};
 use crate::domain::ports::{PickRequest, PopDirectory};
 use crate::domain::{Client, RoutedBackend};
 
+use super::client_limits::{ClientLimiter, ClientLimits, client_prefix};
 use super::proxy_service::ProxyService;
 use super::telemetry::Histogram;
+
+/// The client prefixes DNS counts and orders by (BIND's RRL defaults): /24 and /56.
+const PREFIX: (u8, u8) = (24, 56);
+
+/// A limiter per client prefix ([`PREFIX`]), tracking at most `tracked` of them.
+pub fn prefix_limiter(
+    rate: Option<f64>,
+    max_open: Option<u32>,
+    tracked: usize,
+) -> Arc<ClientLimiter> {
+    ClientLimiter::new(ClientLimits {
+        rate: rate.map(|r| (r, r)),
+        max_open,
+        v4_prefix: PREFIX.0,
+        v6_prefix: PREFIX.1,
+        exempt: Vec::new(),
+        max_tracked: tracked,
+    })
+}
 
 #[derive(Debug, Clone)]
 pub struct DnsSettings {
@@ -203,7 +223,7 @@ impl Dns {
                 _ => Answer::NoData,
             },
             Name::NameServer => addrs(&self.settings.name_server, family, false),
-            Name::App(app) => self.app(app, family, wanted, client),
+            Name::App(app) => self.app(app, family, client),
             Name::Service(app) => match wanted {
                 Wanted::Srv => self.service(app, client),
                 _ => match self.proxy.routing.current().app_named(app) {
@@ -240,7 +260,7 @@ impl Dns {
                     .cloned()
                     .collect();
                 let located = self.proxy.locate(client, false);
-                let prefix = crate::application::client_limits::client_prefix(client, 24, 56);
+                let prefix = client_prefix(client, PREFIX.0, PREFIX.1);
                 let front = front_pops(
                     &pops,
                     located.region.as_ref().map(|r| r.as_str()),
@@ -256,28 +276,16 @@ impl Dns {
         }
     }
 
-    fn app(&self, app: &str, family: Option<Family>, wanted: Wanted, client: IpAddr) -> Answer {
+    fn app(&self, app: &str, family: Option<Family>, client: IpAddr) -> Answer {
         let table = self.proxy.routing.current();
         let Some((app, candidates)) = table.app_named(app) else {
             return Answer::NxDomain;
         };
-        let (Some(family), false) = (family, wanted == Wanted::Srv) else {
+        let Some(family) = family else {
             return Answer::NoData;
         };
-        // Filtered only when the app mixes families.
-        let same: Vec<RoutedBackend>;
-        let candidates = match candidates.iter().all(|c| family.has(c.backend.addr.ip())) {
-            true => candidates,
-            false => {
-                same = candidates
-                    .iter()
-                    .filter(|c| family.has(c.backend.addr.ip()))
-                    .cloned()
-                    .collect();
-                &same
-            }
-        };
-        let picks = self.picks(&table, app, candidates, client);
+        let candidates = keeping(candidates, |c| family.has(c.backend.addr.ip()));
+        let picks = self.picks(&table, app, &candidates, client);
         // Two backends on one address (different ports) are one A record.
         let mut addrs: Vec<IpAddr> = Vec::with_capacity(picks.len());
         for ip in picks.iter().map(|b| b.backend.addr.ip()) {
@@ -324,19 +332,8 @@ impl Dns {
         if !is_label(app) {
             return Answer::NoData;
         }
-        let named: Vec<RoutedBackend>;
-        let candidates = match candidates.iter().all(|c| is_label(c.backend.id.as_str())) {
-            true => candidates,
-            false => {
-                named = candidates
-                    .iter()
-                    .filter(|c| is_label(c.backend.id.as_str()))
-                    .cloned()
-                    .collect();
-                &named
-            }
-        };
-        let picks = self.picks(&table, app, candidates, client);
+        let candidates = keeping(candidates, |c| is_label(c.backend.id.as_str()));
+        let picks = self.picks(&table, app, &candidates, client);
         let apex = self.settings.zone.apex();
         Answer::Srv(
             picks
@@ -401,6 +398,22 @@ fn addrs(ips: &[IpAddr], family: Option<Family>, per_client: bool) -> Answer {
     };
     let addrs: Vec<IpAddr> = ips.iter().copied().filter(|ip| family.has(*ip)).collect();
     Answer::Addrs { addrs, per_client }
+}
+
+/// The candidates `keep` accepts, copied only when it refuses some.
+fn keeping(
+    candidates: &[RoutedBackend],
+    keep: impl Fn(&RoutedBackend) -> bool,
+) -> std::borrow::Cow<'_, [RoutedBackend]> {
+    match candidates.iter().all(&keep) {
+        true => candidates.into(),
+        false => candidates
+            .iter()
+            .filter(|c| keep(c))
+            .cloned()
+            .collect::<Vec<_>>()
+            .into(),
+    }
 }
 
 /// One DNS label as this server reads names: what `<id>.<app>.<domain>` can hold.

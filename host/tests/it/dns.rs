@@ -153,7 +153,7 @@ async fn app_names_answer_the_policys_pick_for_the_asking_clients_location() {
 #[tokio::test]
 async fn answers_follow_the_table_drained_and_down_backends_leave_at_the_next_lookup() {
     let db = Db::new(&rows());
-    let proxy = Proxy::start(&db, "[dns]\nenabled = true\nalternates = 5\n").await;
+    let proxy = Proxy::start(&db, &format!("{DNS}alternates = 5\n")).await;
     let dns = proxy.dns.unwrap();
     let q = question("app.internal.", RecordType::A, None);
     assert_eq!(addrs(&ask(dns, "127.0.0.2", &q).await).len(), 3);
@@ -398,7 +398,7 @@ async fn an_answer_too_big_for_udp_is_truncated_and_whole_over_tcp() {
 #[tokio::test]
 async fn a_flood_from_one_prefix_is_limited_while_another_client_is_answered() {
     let db = Db::new(&rows());
-    let proxy = Proxy::start(&db, "[dns]\nenabled = true\nrate_limit = 20\n").await;
+    let proxy = Proxy::start(&db, &format!("{DNS}rate_limit = 20\n")).await;
     let dns = proxy.dns.unwrap();
     let flood = UdpSocket::bind("127.0.0.2:0").await.unwrap();
     let q = question("app.internal.", RecordType::A, None)

@@ -556,6 +556,11 @@ impl Cluster {
         }
     }
 
+    /// Where peers reach this POP's transport (its cluster address).
+    pub fn advertised(&self) -> SocketAddr {
+        self.inner.identity.transport
+    }
+
     pub fn status(&self) -> ClusterStatus {
         let inner = &self.inner;
         let last_sync = inner.last_sync.lock().expect("sync times lock").clone();

@@ -43,6 +43,8 @@ struct State {
     idle: std::time::Duration,
     /// Where the metrics are served (`metrics_path`); None: not at all.
     metrics: Option<String>,
+    /// The metrics alone: every other path is unknown here.
+    metrics_only: bool,
 }
 
 /// What one listener serves: the admin API (with the metrics at `metrics`, when set), or
@@ -67,35 +69,21 @@ pub async fn serve(
         token: serving.token,
         idle: serving.idle,
         metrics: serving.metrics,
+        metrics_only: serving.metrics_only,
     });
-    let (name, only) = match serving.metrics_only {
-        true => ("metrics", true),
-        false => ("admin", false),
+    let name = if serving.metrics_only {
+        "metrics"
+    } else {
+        "admin"
     };
     http::serve(listener, name, serving.idle, shutdown, move |req| {
         let state = Arc::clone(&state);
-        async move {
-            match only {
-                true => state.metrics_only(req).await,
-                false => state.handle(req).await,
-            }
-        }
+        async move { state.handle(req).await }
     })
     .await
 }
 
 impl State {
-    async fn metrics_only(&self, req: Request<Incoming>) -> Reply {
-        if !self.authorized(&req) {
-            return http::unauthorized();
-        }
-        match (req.uri().path(), req.method()) {
-            (p, &Method::GET) if self.metrics.as_deref() == Some(p) => self.render().await,
-            (p, _) if self.metrics.as_deref() == Some(p) => not_allowed("GET"),
-            (p, _) => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {p}")),
-        }
-    }
-
     /// Rendering walks every backend: off the proxy's worker threads.
     async fn render(&self) -> Reply {
         let registry = Arc::clone(&self.registry);
@@ -112,6 +100,9 @@ impl State {
         let path = req.uri().path();
         let method = req.method();
         let metrics = self.metrics.as_deref();
+        if self.metrics_only && metrics != Some(path) {
+            return error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}"));
+        }
         match (path, method) {
             (p, &Method::GET) if metrics == Some(p) => self.render().await,
             (p, _) if metrics == Some(p) => not_allowed("GET"),

@@ -242,14 +242,7 @@ async fn tcp_loop(listener: TcpListener, dns: Arc<Dns>, stop: CancellationToken)
     let slots = Arc::new(Semaphore::new(TCP_MAX));
     // One client prefix cannot take every slot (and with them the TCP fallback the rate
     // limit's slip sends real clients to).
-    let per_client = ClientLimiter::new(crate::application::client_limits::ClientLimits {
-        rate: None,
-        max_open: Some(TCP_PER_CLIENT),
-        v4_prefix: 24,
-        v6_prefix: 56,
-        exempt: Vec::new(),
-        max_tracked: 10_000,
-    });
+    let per_client = crate::application::dns::prefix_limiter(None, Some(TCP_PER_CLIENT), 10_000);
     loop {
         let permit = tokio::select! {
             _ = stop.cancelled() => return,
