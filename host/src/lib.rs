@@ -111,6 +111,31 @@ pub struct Sockets {
     pub dns: Option<adapters::inbound::dns_server::DnsSockets>,
     /// The metrics alone (`metrics_listen_addr`).
     pub metrics: Option<TcpListener>,
+    /// Where a successor takes these sockets over (`handover_socket`), and the process
+    /// they were taken from, told once these accept.
+    #[cfg(target_os = "linux")]
+    pub handover: Option<Handover>,
+}
+
+#[cfg(target_os = "linux")]
+pub struct Handover {
+    pub endpoint: adapters::inbound::handover::Endpoint,
+    pub shared: adapters::inbound::handover::Shared,
+    pub inherited: Option<adapters::inbound::handover::Inherited>,
+}
+
+/// The process a new one takes over from (see `adapters::inbound::handover`).
+pub trait TakeOver {
+    /// Stops its replication, so this process can start its own on the gossip and
+    /// transport sockets returned (none: it ran no cluster).
+    fn release_cluster(&self) -> anyhow::Result<Option<[std::net::UdpSocket; 2]>>;
+}
+
+#[cfg(target_os = "linux")]
+impl TakeOver for adapters::inbound::handover::Inherited {
+    fn release_cluster(&self) -> anyhow::Result<Option<[std::net::UdpSocket; 2]>> {
+        adapters::inbound::handover::Inherited::release_cluster(self)
+    }
 }
 
 /// The shadow policy's component and its record, when one is configured.
@@ -145,6 +170,16 @@ impl Host {
     /// Opens the inputs (creating the routing database if missing), loads the routing table
     /// and the policy once, and builds the proxy service.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        Self::build_taking_over(config, None).await
+    }
+
+    /// [`Self::build`] in a process taking over from `from`: every start-up check passes
+    /// before `from` is asked to stop replicating (one process at a time holds the
+    /// cluster port and writes the replica).
+    pub async fn build_taking_over(
+        config: &Config,
+        from: Option<&dyn TakeOver>,
+    ) -> anyhow::Result<Self> {
         let wasm_policy = load_policy(config).await?;
         let policy: Arc<dyn ScoringPolicy> = match &wasm_policy {
             Some(w) => w.clone(),
@@ -190,7 +225,7 @@ impl Host {
                 as Arc<dyn domain::ports::PolicyPromotion>),
             _ => None,
         };
-        let mut host = Self::assemble(config, policy, control, shadow, promotion).await?;
+        let mut host = Self::assemble(config, policy, control, shadow, promotion, from).await?;
         host.wasm_policy = wasm_policy;
         host.slots = slots;
         Ok(host)
@@ -221,7 +256,7 @@ impl Host {
         policy: Arc<dyn ScoringPolicy>,
     ) -> anyhow::Result<Self> {
         let shadow = Self::load_shadow(config, None).await?;
-        Self::assemble(config, policy, Arc::new(NativeScorer), shadow, None).await
+        Self::assemble(config, policy, Arc::new(NativeScorer), shadow, None, None).await
     }
 
     async fn assemble(
@@ -230,8 +265,10 @@ impl Host {
         control: Arc<dyn PolicyControl>,
         shadow_policy: Shadowing,
         promotion: Option<Arc<dyn domain::ports::PolicyPromotion>>,
+        from: Option<&dyn TakeOver>,
     ) -> anyhow::Result<Self> {
         let s = &config.settings;
+        let certificates = load_certificates(s)?;
         let geo: Arc<dyn GeoResolver> = Arc::new(match &s.geoip_path {
             Some(path) => MaxMindGeo::open(path)?,
             None => MaxMindGeo::embedded()?,
@@ -260,11 +297,15 @@ impl Host {
         });
         let cluster_stop = CancellationToken::new();
         let cluster = match cluster_config(config) {
-            Some(cfg) => Some(
-                adapters::cluster::Cluster::start(cfg, cluster_stop.clone())
+            Some(cfg) => Some({
+                let sockets = match from {
+                    Some(from) => from.release_cluster()?,
+                    None => None,
+                };
+                adapters::cluster::Cluster::start(cfg, sockets, cluster_stop.clone())
                     .await
-                    .context("starting replication (cluster_enabled)")?,
-            ),
+                    .context("starting replication (cluster_enabled)")?
+            }),
             None => None,
         };
         let metrics = Arc::new(domain::live_stats::LiveStats::default());
@@ -360,7 +401,6 @@ impl Host {
                 .then(|| (Arc::clone(&suspects), config.health.ejection.after)),
         });
         let (dns, dns_front) = dns_service(config, &service, cluster.as_ref());
-        let certificates = load_certificates(s)?;
         let admin = Arc::new(Admin {
             health_counters: Arc::clone(&health_counters),
             registry: registry.clone(),
@@ -450,10 +490,15 @@ impl Host {
             api,
             dns,
             metrics,
+            #[cfg(target_os = "linux")]
+            handover,
         } = sockets;
         let background = TaskTracker::new();
         // Not a child of `shutdown`: reloads and the admin API go on during the drain.
         let stop_background = CancellationToken::new();
+        // The HTTP and DNS servers and registrations' expiry: also stopped once a new
+        // process took the sockets over (it answers there; this one only drains).
+        let stop_serving = stop_background.child_token();
 
         let db_changed = Arc::new(Notify::new());
         // PostgreSQL announces its changes; a file is watched.
@@ -549,7 +594,7 @@ impl Host {
                     metrics: self.metrics_path.clone(),
                     metrics_only: false,
                 },
-                stop_background.clone(),
+                stop_serving.clone(),
             ));
         }
         if let Some(listener) = metrics {
@@ -563,12 +608,12 @@ impl Host {
                     metrics: self.metrics_path.clone(),
                     metrics_only: true,
                 },
-                stop_background.clone(),
+                stop_serving.clone(),
             ));
         }
 
         if let Some(registry) = &self.registry {
-            background.spawn(Arc::clone(registry).run_expiry(stop_background.clone()));
+            background.spawn(Arc::clone(registry).run_expiry(stop_serving.clone()));
             if let Some(listener) = api {
                 tracing::info!(addr = %listener.local_addr()?, ttl = ?registry.ttl, "registration API listening");
                 background.spawn(adapters::inbound::registration_http::serve(
@@ -576,7 +621,7 @@ impl Host {
                     Arc::clone(registry),
                     self.api_token.clone(),
                     self.http_idle,
-                    stop_background.clone(),
+                    stop_serving.clone(),
                 ));
             }
         }
@@ -593,7 +638,7 @@ impl Host {
                 sockets,
                 Arc::clone(answers),
                 self.dns_front.limiter.clone(),
-                stop_background.clone(),
+                stop_serving.clone(),
             ));
         }
         let front = self
@@ -684,8 +729,23 @@ impl Host {
             ));
         }
         acceptors.close();
-        shutdown.cancelled().await;
-        if let Some(pops) = front {
+        let handed_over = CancellationToken::new();
+        #[cfg(target_os = "linux")]
+        if let Some(handover) = handover {
+            self.hand_over(handover, &handed_over, &background, &stop_background)
+                .await;
+        }
+        #[cfg(target_os = "linux")]
+        adapters::inbound::handover::notify_systemd();
+        let handed_over = tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = handed_over.cancelled() => true,
+        };
+        if handed_over {
+            stop_serving.cancel();
+        }
+        // A successor publishes its own front record; this one's is no longer ours to change.
+        if let Some(pops) = front.filter(|_| !handed_over) {
             match pops.publish_front(self.dns_front.addrs.clone(), true).await {
                 Ok(()) => {
                     tracing::info!(accepting_for = ?self.dns_front.leave, "left the front name's answers; still accepting while resolvers forget this POP");
@@ -727,6 +787,59 @@ impl Host {
         background.close();
         background.wait().await;
         Ok(Drained { cut_off })
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Host {
+    /// Once this process accepts: tells the process it took over from (which then stops
+    /// accepting), and serves the next successor from here on.
+    async fn hand_over(
+        &self,
+        handover: Handover,
+        handed_over: &CancellationToken,
+        background: &TaskTracker,
+        stop: &CancellationToken,
+    ) {
+        if let Some(from) = handover.inherited {
+            match tokio::task::spawn_blocking(move || from.ready()).await {
+                Ok(Ok(())) => {
+                    tracing::info!("took over; the old process stopped accepting and drains")
+                }
+                Ok(Err(e)) => tracing::warn!(
+                    "handover: {e:#}; the old process may accept beside this one until it exits"
+                ),
+                Err(e) => tracing::warn!(error = %e, "handover: telling the old process failed"),
+            }
+        }
+        if let Err(e) = handover.endpoint.publish() {
+            tracing::error!(error = %e, "cannot take the handover socket's path; a later process cannot take over from this one");
+        }
+        let (cluster, cluster_stop) = (self.cluster.clone(), self.cluster_stop.clone());
+        let release = Box::new(move || {
+            cluster_stop.cancel();
+            match &cluster {
+                Some(c) => {
+                    c.join();
+                    c.release()
+                }
+                None => Vec::new(),
+            }
+        });
+        let handing = adapters::inbound::handover::Handing {
+            sockets: handover.shared,
+            release,
+            bindings: self
+                .bindings
+                .clone()
+                .map(|b| b as Arc<dyn BindingRepository>),
+        };
+        background.spawn(adapters::inbound::handover::serve(
+            handover.endpoint,
+            handing,
+            handed_over.clone(),
+            stop.clone(),
+        ));
     }
 }
 

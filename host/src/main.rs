@@ -4,12 +4,17 @@
 
 use std::process::ExitCode;
 
+use std::net::SocketAddr;
+
 use anyhow::Context as _;
 use clap::Parser;
+use tokio::net::TcpListener;
 
 use edgeproxy::Host;
 use edgeproxy::adapters::cli::commands::{self, Cli};
-use edgeproxy::adapters::inbound::tcp_server;
+#[cfg(target_os = "linux")]
+use edgeproxy::adapters::inbound::handover::{self, Inherited, Role, Shared};
+use edgeproxy::adapters::inbound::{dns_server, tcp_server};
 use edgeproxy::config::Config;
 
 fn main() -> ExitCode {
@@ -44,7 +49,36 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     .map(|(_, n)| n)
     .sum();
     raise_fd_limit(config.settings.max_connections, others);
-    let host = Host::build(&config).await?;
+    let mut binder = Binder::default();
+    #[cfg(target_os = "linux")]
+    let endpoint = match &config.settings.handover_socket {
+        Some(path) => {
+            let endpoint = handover::Endpoint::bind(path)?;
+            binder.inherited = handover::Inherited::connect(path)?;
+            if binder.inherited.is_some() {
+                tracing::info!(socket = %path.display(), "taking over from the process serving now");
+            }
+            handover::successor_on_sighup();
+            Some(endpoint)
+        }
+        None => None,
+    };
+    #[cfg(target_os = "linux")]
+    let from = binder
+        .inherited
+        .as_ref()
+        .map(|i| i as &dyn edgeproxy::TakeOver);
+    #[cfg(not(target_os = "linux"))]
+    let from = None;
+    let host = Host::build_taking_over(&config, from).await?;
+    // Sticky bindings carry over: a client keeps its backend across the upgrade.
+    #[cfg(target_os = "linux")]
+    if let (Some(from), Some(table)) = (&binder.inherited, &host.bindings) {
+        match from.bindings(table.as_ref()) {
+            Ok(n) => tracing::info!(bindings = n, "took the bindings over"),
+            Err(e) => tracing::warn!("handover: the bindings: {e:#}; clients are decided anew"),
+        }
+    }
     // One accept loop per worker thread, each on its own SO_REUSEPORT socket.
     let copies = match config.settings.worker_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -52,21 +86,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let mut listeners = Vec::new();
     for lc in &config.listeners {
-        let bound = tcp_server::bind(lc.addr, copies)
+        let bound = binder
+            .tcp(Role::Listener, lc.addr, copies)
             .with_context(|| format!("binding listener {}", lc.addr))?;
         listeners.extend(bound.into_iter().map(|l| (l, lc.clone())));
     }
     let admin = match &config.admin {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a.addr)
-                .await
-                .with_context(|| {
-                    format!(
-                        "binding the admin listener {} (admin_addr; set it empty to turn the admin API off)",
-                        a.addr
-                    )
-                })?,
-        ),
+        Some(a) => Some(binder.tcp_one(Role::Admin, a.addr).with_context(|| {
+            format!(
+                "binding the admin listener {} (admin_addr; set it empty to turn the admin API off)",
+                a.addr
+            )
+        })?),
         None => None,
     };
     let api = match &config.api {
@@ -74,19 +105,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             if let Some(wanted) = a.narrowed_from {
                 tracing::warn!(%wanted, serving = %a.addr, "the registration API has no token (api_token / EDGEPROXY_API_TOKEN), so it is served on loopback only");
             }
-            Some(
-                tokio::net::TcpListener::bind(a.addr)
-                    .await
-                    .with_context(|| {
-                        format!("binding the registration API {} (api_listen_addr)", a.addr)
-                    })?,
-            )
+            Some(binder.tcp_one(Role::Api, a.addr).with_context(|| {
+                format!("binding the registration API {} (api_listen_addr)", a.addr)
+            })?)
         }
         None => None,
     };
     let dns = match &config.dns {
         Some(d) => Some(
-            edgeproxy::adapters::inbound::dns_server::bind(d.addr, copies)
+            binder
+                .dns(d.addr, copies)
                 .with_context(|| format!("binding the DNS server {} (dns_listen_addr)", d.addr))?,
         ),
         None => None,
@@ -96,7 +124,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             if let Some(wanted) = m.narrowed_from {
                 tracing::warn!(%wanted, serving = %addr, "the metrics listener has no admin_token (EDGEPROXY_ADMIN_TOKEN) nor admin_allow_remote, so it is served on loopback only");
             }
-            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            Some(binder.tcp_one(Role::Metrics, addr).with_context(|| {
                 format!("binding the metrics listener {addr} (metrics_listen_addr)")
             })?)
         }
@@ -108,6 +136,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         api,
         dns,
         metrics,
+        #[cfg(target_os = "linux")]
+        handover: endpoint.map(|endpoint| edgeproxy::Handover {
+            endpoint,
+            shared: binder.shared,
+            inherited: binder.inherited,
+        }),
     };
     let drained = host
         .run(sockets, commands::shutdown_signal_then(host.abort.clone()))
@@ -143,4 +177,93 @@ fn raise_fd_limit(max_connections: usize, others: usize) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (max_connections, others);
+}
+
+/// Binds the sockets the settings ask for, or takes those a process being taken over
+/// handed over, and keeps a copy of each for a later successor.
+#[derive(Default)]
+struct Binder {
+    #[cfg(target_os = "linux")]
+    inherited: Option<Inherited>,
+    #[cfg(target_os = "linux")]
+    shared: Shared,
+}
+
+#[cfg(not(target_os = "linux"))]
+#[derive(Clone, Copy)]
+enum Role {
+    Listener,
+    Admin,
+    Api,
+    Metrics,
+}
+
+impl Binder {
+    /// The stream sockets for `role` at `addr`: handed over, or `copies` bound here.
+    fn tcp(
+        &mut self,
+        role: Role,
+        addr: SocketAddr,
+        copies: usize,
+    ) -> std::io::Result<Vec<TcpListener>> {
+        #[cfg(target_os = "linux")]
+        {
+            let taken = self.inherited.as_mut().map(|i| i.tcp(role, addr));
+            let bound = match taken.filter(|t| !t.is_empty()) {
+                Some(taken) => taken.into_iter().map(to_tokio).collect::<Result<_, _>>()?,
+                None => tcp_server::bind(addr, copies)?,
+            };
+            for l in &bound {
+                self.shared.add(role, addr, l);
+            }
+            Ok(bound)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = role;
+            tcp_server::bind(addr, copies)
+        }
+    }
+
+    fn tcp_one(&mut self, role: Role, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let mut bound = self.tcp(role, addr, 1)?;
+        match bound.len() {
+            1 => Ok(bound.remove(0)),
+            n => Err(std::io::Error::other(format!(
+                "{n} sockets handed over where one serves"
+            ))),
+        }
+    }
+
+    fn dns(&mut self, addr: SocketAddr, copies: usize) -> std::io::Result<dns_server::DnsSockets> {
+        #[cfg(target_os = "linux")]
+        {
+            let taken = self
+                .inherited
+                .as_mut()
+                .map(|i| (i.tcp(Role::DnsTcp, addr), i.udp(Role::DnsUdp, addr)));
+            let sockets = match taken {
+                Some((mut tcp, udp)) if tcp.len() == 1 && !udp.is_empty() => {
+                    dns_server::DnsSockets {
+                        tcp: to_tokio(tcp.remove(0))?,
+                        udp,
+                    }
+                }
+                _ => dns_server::bind(addr, copies)?,
+            };
+            self.shared.add(Role::DnsTcp, addr, &sockets.tcp);
+            for u in &sockets.udp {
+                self.shared.add(Role::DnsUdp, addr, u);
+            }
+            Ok(sockets)
+        }
+        #[cfg(not(target_os = "linux"))]
+        dns_server::bind(addr, copies)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn to_tokio(l: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
 }

@@ -58,6 +58,10 @@ crate::settings! {
     max_connections: usize = 50_000, env "EDGEPROXY_MAX_CONNECTIONS", check |v| at_most(v, 10_000_000);
     /// on SIGTERM/SIGINT, how long open connections may finish
     drain_timeout_secs: u64 = 30, env "EDGEPROXY_DRAIN_TIMEOUT_SECS", check |v| at_most(v, DAY);
+    /// Unix socket through which a new edgeproxy (an upgrade, or new settings) takes the
+    /// listening sockets over from this one without refusing a connection; `SIGHUP` starts
+    /// one (docs/OPERATING.md, "Upgrades"); unset: no handover
+    handover_socket: Option<PathBuf> = None, env "EDGEPROXY_HANDOVER_SOCKET";
     /// `human` or `json` (to stderr)
     log_format: LogFormat = LogFormat::Human, env "EDGEPROXY_LOG_FORMAT";
     /// verbose logs (`RUST_LOG` overrides the filter); edgeProxy's `DEBUG` is on when set

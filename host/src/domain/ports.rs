@@ -73,6 +73,11 @@ pub trait BindingRepository: Send + Sync {
     /// Live bindings ordered by client then app, `limit` of them from `offset`, and how
     /// many there are in all.
     fn page(&self, offset: usize, limit: usize, now: Instant) -> (usize, Vec<BindingEntry>);
+    /// Every live binding, in no order (handed to a process taking over).
+    fn export(&self, now: Instant) -> Vec<BindingEntry>;
+    /// Puts a binding another process held, with what was left of its lifetime (at most
+    /// this table's TTL).
+    fn restore(&self, entry: BindingEntry, now: Instant);
     /// Drops every binding of `client` (all apps); returns how many.
     fn remove_client(&self, client: IpAddr) -> usize;
     /// Drops every binding; returns how many. Bumps `generation` first.

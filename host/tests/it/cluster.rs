@@ -543,6 +543,55 @@ async fn restarts_wiped_databases_and_late_joiners_catch_up() {
     c.wait_members(2).await;
 }
 
+/// A POP upgraded in place (the handover socket): the old process stops replicating
+/// before the new one starts, the fleet takes the new incarnation, and writes go on
+/// reaching it and leaving it, while its listener never closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pop_taken_over_by_a_new_process_goes_on_replicating_both_ways() {
+    let fleet = Fleet::new();
+    let socket = fleet.dir.path().join("a-handover.sock");
+    let mut a = fleet.pop_with(
+        "a",
+        1,
+        &[],
+        &[("EDGEPROXY_HANDOVER_SOCKET", socket.to_str().unwrap())],
+    );
+    let b = fleet.pop("b", 2, &[1]);
+    for p in [&a, &b] {
+        p.wait_members(1).await;
+    }
+    let backend = Backend::start("berlin").await;
+    add(&b, "berlin-1", backend.addr);
+    converged(&[&a, &b], 1).await;
+
+    let mut old = a.child.take().unwrap();
+    a.child = Some(a.spawn(edgeproxy()));
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    let status = loop {
+        if let Some(s) = old.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old process is still running:\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{}", a.logs());
+    let logs = a.logs();
+    assert!(
+        logs.contains("stopping replication for the new process") && logs.contains("took over"),
+        "{logs}"
+    );
+    add(&b, "berlin-2", backend.addr);
+    converged(&[&a, &b], 2).await;
+    add(&a, "berlin-3", backend.addr);
+    converged(&[&a, &b], 3).await;
+    b.wait_members(1).await;
+    assert_eq!(served_by("127.0.0.1", a.listen).await, "berlin");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_the_clusters_credentials_or_name_cannot_join() {
     let fleet = Fleet::new();

@@ -10,6 +10,7 @@ mod deploy;
 mod dns;
 mod examples;
 mod fuzz;
+mod handover;
 mod hardening;
 mod health;
 mod policy;

@@ -290,6 +290,8 @@ pub struct Cluster {
     inner: Arc<Inner>,
     /// The thread the cluster runs on (none for an in-memory node).
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// Copies of the gossip and transport sockets, for a process taking this POP over.
+    udp: Arc<Vec<std::os::fd::OwnedFd>>,
 }
 
 /// The fleet file beside the routing file, for the same node.
@@ -340,7 +342,14 @@ impl Cluster {
     /// The cluster runs on a thread of its own: TLS handshakes (which anyone who can send
     /// a packet may start), SWIM and sync rounds never queue on the proxy's workers, nor
     /// connections behind them.
-    pub async fn start(cfg: ClusterConfig, stop: CancellationToken) -> anyhow::Result<Self> {
+    ///
+    /// `sockets` (gossip, transport) are those of the process this one takes over from;
+    /// none: bound here.
+    pub async fn start(
+        cfg: ClusterConfig,
+        sockets: Option<[std::net::UdpSocket; 2]>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let (started, result) = tokio::sync::oneshot::channel();
         let until = stop.clone();
         let thread = std::thread::Builder::new()
@@ -357,7 +366,7 @@ impl Cluster {
                     }
                 };
                 runtime.block_on(async move {
-                    let cluster = Self::start_here(cfg, until.clone()).await;
+                    let cluster = Self::start_here(cfg, sockets, until.clone()).await;
                     let up = cluster.is_ok();
                     if started.send(cluster).is_err() || !up {
                         return;
@@ -380,7 +389,23 @@ impl Cluster {
         }
     }
 
-    async fn start_here(cfg: ClusterConfig, stop: CancellationToken) -> anyhow::Result<Self> {
+    /// Once joined: leaves the routing file to another process's replicator (the one
+    /// taking this POP over), and returns copies of the gossip and transport sockets for
+    /// it. Nothing reads them here any more (their tasks ended with the thread), so the
+    /// datagrams that arrive meanwhile wait for the new process.
+    pub fn release(&self) -> Vec<std::os::fd::OwnedFd> {
+        self.inner.store.release();
+        self.udp
+            .iter()
+            .filter_map(|fd| fd.try_clone().ok())
+            .collect()
+    }
+
+    async fn start_here(
+        cfg: ClusterConfig,
+        sockets: Option<[std::net::UdpSocket; 2]>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let (server, client) = match &cfg.tls {
             Some(files) => tls::quic_configs(files, &cfg.cluster, &cfg.node_name)?,
             None => {
@@ -396,9 +421,24 @@ impl Cluster {
         };
         let replica = SqliteReplica::open(&cfg.db, cfg.max_skew)?;
         let fleet = open_fleet(&replica, cfg.max_skew)?;
+        // Handed over only where this process is configured alike.
+        let sockets = sockets.filter(|[g, r]| {
+            g.local_addr().ok() == Some(cfg.gossip_addr)
+                && r.local_addr().ok() == Some(cfg.transport_addr)
+        });
+        let [gossip, rows] = match sockets {
+            Some(s) => s,
+            None => [
+                std::net::UdpSocket::bind(cfg.gossip_addr)
+                    .with_context(|| format!("cluster gossip address {}", cfg.gossip_addr))?,
+                std::net::UdpSocket::bind(cfg.transport_addr)
+                    .with_context(|| format!("cluster transport address {}", cfg.transport_addr))?,
+            ],
+        };
+        let udp = vec![gossip.try_clone()?.into(), rows.try_clone()?.into()];
         let gossip = QuicEndpoint::bind(
             "gossip",
-            cfg.gossip_addr,
+            gossip,
             server.clone(),
             client.clone(),
             wire::alpn(&cfg.cluster),
@@ -407,7 +447,7 @@ impl Cluster {
         .with_context(|| format!("cluster gossip address {}", cfg.gossip_addr))?;
         let rows = QuicEndpoint::bind(
             "transport",
-            cfg.transport_addr,
+            rows,
             server,
             client,
             wire::alpn(&cfg.cluster),
@@ -445,7 +485,7 @@ impl Cluster {
             ));
         }
         let serving = quic.clone();
-        let cluster = Self::launch(
+        let mut cluster = Self::launch(
             node,
             replica,
             fleet,
@@ -455,6 +495,7 @@ impl Cluster {
             },
             stop.clone(),
         );
+        cluster.udp = Arc::new(udp);
         tokio::spawn(async move {
             stop.cancelled().await;
             // Let the SWIM leave message go out first.
@@ -553,6 +594,7 @@ impl Cluster {
         Self {
             inner,
             thread: Arc::default(),
+            udp: Arc::default(),
         }
     }
 

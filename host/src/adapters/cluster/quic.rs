@@ -87,14 +87,21 @@ fn transport(role: &str) -> Arc<quinn::TransportConfig> {
 impl QuicEndpoint {
     pub fn bind(
         role: &'static str,
-        addr: SocketAddr,
+        socket: std::net::UdpSocket,
         mut server: quinn::ServerConfig,
         mut client: quinn::ClientConfig,
         alpn: Vec<u8>,
         cluster: Option<String>,
     ) -> std::io::Result<Self> {
         Self::limit(role, &mut server, &mut client);
-        let endpoint = quinn::Endpoint::server(server, addr)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )?;
         Ok(Self {
             client: Mutex::new(client),
             role,

@@ -32,6 +32,11 @@ impl Store {
         }
     }
 
+    /// Once replication stopped: another process may replicate the file.
+    pub(super) fn release(&self) {
+        self.replica.lock().expect("replica lock").release();
+    }
+
     fn summarise(r: &SqliteReplica) -> Summary {
         let (rows, tombstones) = r.counts();
         Summary {

@@ -5,12 +5,15 @@
 //!   terminating listeners present, reloaded as their files change).
 //! - `dns_server`: the internal DNS server's UDP and TCP sockets and wire format.
 //! - `file_watch`: file-change notifications that trigger reloads.
+//! - `handover`: the listening sockets passed to a new process (upgrades, restarts).
 //! - `admin_http` (the admin JSON API) and `prometheus` (its `/metrics` exposition);
 //!   `registration_http` (backends register and beat); `http`: what they share.
 
 pub mod admin_http;
 pub mod dns_server;
 pub mod file_watch;
+#[cfg(target_os = "linux")]
+pub mod handover;
 pub mod http;
 pub mod prometheus;
 pub mod proxy_protocol;

@@ -177,6 +177,28 @@ impl BindingRepository for BindingTable {
         (live, page)
     }
 
+    fn export(&self, now: Instant) -> Vec<BindingEntry> {
+        self.map
+            .iter()
+            .filter(|e| e.expires > now)
+            .map(|e| BindingEntry {
+                key: e.key().clone(),
+                backend: e.backend.clone(),
+                expires_in: e.expires - now,
+            })
+            .collect()
+    }
+
+    fn restore(&self, entry: BindingEntry, now: Instant) {
+        self.put(entry.key.clone(), entry.backend, now);
+        // `put` gave it a whole TTL; it keeps what it had left.
+        if entry.expires_in < self.ttl
+            && let Some(mut b) = self.map.get_mut(&entry.key)
+        {
+            b.expires = now + entry.expires_in;
+        }
+    }
+
     fn remove_client(&self, client: IpAddr) -> usize {
         self.remove_where(|k, _| k.client == client)
     }

@@ -308,6 +308,7 @@ impl Proxy {
                 api: api_listener,
                 dns,
                 metrics,
+                ..Default::default()
             };
             tokio::spawn(async move { host.run(sockets, shutdown).await })
         };

@@ -69,12 +69,19 @@ pub struct SqliteReplica {
     /// loaded their current contents, not what was replicated, so they get a new version
     /// at the first stamp whatever they hold.
     unsure: std::collections::HashSet<String>,
-    /// Held for this replica's life: two replicators of one file would share a node id and
-    /// number different writes alike.
-    _lock: std::fs::File,
+    /// Held for this replica's life (or to [`Self::release`]): two replicators of one file
+    /// would share a node id and number different writes alike.
+    lock: std::fs::File,
 }
 
 impl SqliteReplica {
+    /// Lets another process replicate the file: this one has stopped (a handover).
+    pub fn release(&self) {
+        if let Err(e) = self.lock.unlock() {
+            tracing::warn!(error = %e, path = %self.path.display(), "cannot release the replica lock");
+        }
+    }
+
     /// Opens (creating if missing) the routing file for replication on the system clock.
     pub fn open(path: &Path, max_skew: Duration) -> Result<Self, ReplicaError> {
         Self::open_with(path, max_skew, system_clock())
@@ -118,7 +125,7 @@ impl SqliteReplica {
             wall,
             fleet_offset_ms: 0,
             unsure,
-            _lock: lock,
+            lock,
         })
     }
 
