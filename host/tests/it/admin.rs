@@ -331,3 +331,34 @@ async fn edgeproxys_metrics_server_is_a_listener_of_its_own_at_its_path() {
     assert_eq!(http(off.admin, "GET", "/status", &[]).await.0, 200);
     off.stop().await;
 }
+
+/// The status page (`GET /`) in a real browser: a static page with nothing from
+/// elsewhere, whose script reads the API with the token given in the address, and shows a
+/// backend going down in the table and coming back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_a_backend_going_down_and_coming_back() {
+    let backend = Backend::start("b1").await;
+    let db = Db::new(&[Row::new("b1", "sa", "BR", backend.addr)]);
+    let p = Proxy::start(&db, "admin_token = \"s3cret-token\"").await;
+    let (code, html) = http(p.admin, "GET", "/", &[]).await;
+    assert_eq!(code, 200);
+    for outside in ["src=\"http", "href=\"http", "url(http", "@import"] {
+        assert!(!html.contains(outside), "{outside}");
+    }
+    assert_eq!(http(p.admin, "GET", "/status", &[]).await.0, 401);
+
+    let url = format!("http://{}/#token=s3cret-token", p.admin);
+    let row = |state: &str| format!("<tr data-backend=\"b1\" data-state=\"{state}\">");
+    let dom = rendered(&url, |d| d.contains(&row("up"))).await;
+    assert!(dom.contains(">POP eu<"), "{dom}");
+    db.exec("UPDATE backends SET healthy = 0 WHERE id = 'b1'", []);
+    let dom = rendered(&url, |d| d.contains(&row("table-down"))).await;
+    // Said in words and a symbol, not by colour alone.
+    assert!(dom.contains("✖ down (table)"), "{dom}");
+    db.exec("UPDATE backends SET healthy = 1 WHERE id = 'b1'", []);
+    rendered(&url, |d| d.contains(&row("up"))).await;
+
+    // Without the token the page says what it needs.
+    let url = format!("http://{}/", p.admin);
+    rendered(&url, |d| d.contains("needs its token")).await;
+}

@@ -543,6 +543,27 @@ async fn restarts_wiped_databases_and_late_joiners_catch_up() {
     c.wait_members(2).await;
 }
 
+/// The status page's fleet section in a real browser: a POP alone, then a second POP
+/// joining, alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_a_second_pop_joining() {
+    let fleet = Fleet::new();
+    let a = fleet.pop("a", 1, &[]);
+    a.wait_members(0).await;
+    let url = format!("http://{}/", a.admin);
+    let dom = crate::support::rendered(&url, |d| {
+        d.contains("<tr data-member=\"a\" data-state=\"self\">")
+    })
+    .await;
+    assert!(!dom.contains("<tr data-member=\"b\""), "{dom}");
+    let b = fleet.pop("b", 2, &[1]);
+    b.wait_members(1).await;
+    crate::support::rendered(&url, |d| {
+        d.contains("<tr data-member=\"b\" data-state=\"alive\">")
+    })
+    .await;
+}
+
 /// A POP upgraded in place (the handover socket): the old process stops replicating
 /// before the new one starts, the fleet takes the new incarnation, and writes go on
 /// reaching it and leaving it, while its listener never closed.

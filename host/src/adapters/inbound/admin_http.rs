@@ -94,6 +94,14 @@ impl State {
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Reply {
+        // The status page is a static shell; what it shows comes from the API below,
+        // token and all.
+        if !self.metrics_only && req.uri().path() == "/" {
+            return match *req.method() {
+                Method::GET => status_page(),
+                _ => not_allowed("GET"),
+            };
+        }
         if !self.authorized(&req) {
             return http::unauthorized();
         }
@@ -416,4 +424,22 @@ mod tests {
         assert!(page(Some("limit=-1")).unwrap_err().contains("limit"));
         assert!(page(Some("cursor=x")).unwrap_err().contains("cursor"));
     }
+}
+
+/// The status page (`GET /`): one self-contained HTML file, no external assets.
+fn status_page() -> Reply {
+    let mut r = reply(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        include_str!("status.html").to_owned(),
+    );
+    // Its own inline script and style, and requests to this listener only.
+    r.headers_mut().insert(
+        hyper::header::CONTENT_SECURITY_POLICY,
+        hyper::header::HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+    );
+    r
 }

@@ -607,3 +607,40 @@ pub async fn edgeproxy_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The page at `url` as headless Chromium (Debian's `chromium`) renders it, scripts run
+/// and their requests answered: the DOM once `ready` holds of it, rendered again until it
+/// does (bounded).
+pub async fn rendered(url: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let url = url.to_owned();
+        let out = tokio::task::spawn_blocking(move || {
+            // Bounded: a page that never settles is a failure, not a hang.
+            std::process::Command::new("timeout")
+                .args([
+                    "60",
+                    "chromium",
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--virtual-time-budget=2000",
+                    "--dump-dom",
+                    &url,
+                ])
+                .output()
+        })
+        .await
+        .unwrap()
+        .expect("chromium (Debian's `chromium` package)");
+        let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+        if ready(&dom) {
+            return dom;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never rendered as expected:\n{dom}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
