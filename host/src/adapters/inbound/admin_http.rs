@@ -373,6 +373,24 @@ fn page(query: Option<&str>) -> Result<(usize, usize), String> {
     Ok((offset, limit))
 }
 
+/// The status page (`GET /`): one self-contained HTML file, no external assets.
+fn status_page() -> Reply {
+    let mut r = reply(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        include_str!("status.html").to_owned(),
+    );
+    // Its own inline script and style, and requests to this listener only.
+    r.headers_mut().insert(
+        hyper::header::CONTENT_SECURITY_POLICY,
+        hyper::header::HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+    );
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,22 +442,4 @@ mod tests {
         assert!(page(Some("limit=-1")).unwrap_err().contains("limit"));
         assert!(page(Some("cursor=x")).unwrap_err().contains("cursor"));
     }
-}
-
-/// The status page (`GET /`): one self-contained HTML file, no external assets.
-fn status_page() -> Reply {
-    let mut r = reply(
-        StatusCode::OK,
-        "text/html; charset=utf-8",
-        include_str!("status.html").to_owned(),
-    );
-    // Its own inline script and style, and requests to this listener only.
-    r.headers_mut().insert(
-        hyper::header::CONTENT_SECURITY_POLICY,
-        hyper::header::HeaderValue::from_static(
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-             connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-        ),
-    );
-    r
 }
