@@ -127,7 +127,8 @@ pub struct Handover {
 /// The process a new one takes over from (see `adapters::inbound::handover`).
 pub trait TakeOver {
     /// Stops its replication, so this process can start its own on the gossip and
-    /// transport sockets returned (none: it ran no cluster).
+    /// transport sockets returned (none: it ran no cluster). Asked last of the start-up:
+    /// a failure after it leaves the old process serving without replication.
     fn release_cluster(&self) -> anyhow::Result<Option<[std::net::UdpSocket; 2]>>;
 }
 
@@ -269,6 +270,9 @@ impl Host {
     ) -> anyhow::Result<Self> {
         let s = &config.settings;
         let certificates = load_certificates(s)?;
+        for listener in &config.listeners {
+            listener_tls(listener, certificates.as_ref())?;
+        }
         let geo: Arc<dyn GeoResolver> = Arc::new(match &s.geoip_path {
             Some(path) => MaxMindGeo::open(path)?,
             None => MaxMindGeo::embedded()?,
@@ -295,19 +299,6 @@ impl Host {
                 s.decision_log_truncate_clients,
             ))
         });
-        let cluster_stop = CancellationToken::new();
-        let cluster = match cluster_config(config) {
-            Some(cfg) => Some({
-                let sockets = match from {
-                    Some(from) => from.release_cluster()?,
-                    None => None,
-                };
-                adapters::cluster::Cluster::start(cfg, sockets, cluster_stop.clone())
-                    .await
-                    .context("starting replication (cluster_enabled)")?
-            }),
-            None => None,
-        };
         let metrics = Arc::new(domain::live_stats::LiveStats::default());
         let health = Arc::new(domain::health::LocalHealth::new(config.health.clone()));
         let suspects = Arc::new(application::health_monitor::Suspects::default());
@@ -372,6 +363,23 @@ impl Host {
                 .context("reading this POP's registrations")?;
                 Some(Arc::new(registry))
             }
+            None => None,
+        };
+        let cluster_stop = CancellationToken::new();
+        let cluster = match cluster_config(config) {
+            Some(cfg) => Some({
+                // Last of the start-up: from here a failure leaves the process taken over
+                // from serving without replication.
+                adapters::cluster::Cluster::check(&cfg)
+                    .context("starting replication (cluster_enabled)")?;
+                let sockets = match from {
+                    Some(from) => from.release_cluster()?,
+                    None => None,
+                };
+                adapters::cluster::Cluster::start(cfg, sockets, cluster_stop.clone())
+                    .await
+                    .context("starting replication (cluster_enabled)")?
+            }),
             None => None,
         };
         let service = Arc::new(ProxyService {
@@ -671,6 +679,12 @@ impl Host {
             connections: connections.clone(),
             kill: kill.clone(),
         };
+        #[cfg(target_os = "linux")]
+        let mut handover = handover;
+        #[cfg(target_os = "linux")]
+        if let Some(h) = &mut handover {
+            self.take_bindings(h).await;
+        }
         let mut shared = None;
         for (listener, config) in listeners {
             let addr = listener.local_addr()?;
@@ -704,39 +718,25 @@ impl Host {
                 self.telemetry.add_listener(Arc::clone(&s));
                 s
             });
-            let terminator = match (config.terminates(), &self.certificates) {
-                (false, _) => None,
-                (true, Some(certs)) => Some(tokio_rustls::TlsAcceptor::from(
-                    adapters::inbound::tls_certs::server_config(Arc::clone(certs), &config.alpn)?,
-                )),
-                (true, None) => anyhow::bail!(
-                    "listener {addr} terminates TLS but no certificate is configured (tls_cert and tls_key, or tls_cert_dir)"
-                ),
-            };
-            let reencrypt = match (&config.backend_ca, config.backend_tls) {
-                (Some(ca), true) => Some(
-                    adapters::inbound::tls_certs::backend_client(ca)
-                        .map_err(|e| anyhow::anyhow!("listener {addr}: backend_ca {e}"))?,
-                ),
-                _ => None,
-            };
+            let tls = listener_tls(&config, self.certificates.as_ref())?;
             acceptors.spawn(adapters::inbound::tcp_server::serve(
                 listener,
                 config,
                 stats,
                 acceptor.clone(),
-                (terminator, reencrypt),
+                tls,
             ));
         }
         acceptors.close();
         let handed_over = CancellationToken::new();
         #[cfg(target_os = "linux")]
-        if let Some(handover) = handover {
-            self.hand_over(handover, &handed_over, &background, &stop_background)
-                .await;
+        match handover {
+            Some(handover) => {
+                self.hand_over(handover, &handed_over, &background, &stop_accepting)
+                    .await;
+            }
+            None => adapters::inbound::handover::notify_ready(),
         }
-        #[cfg(target_os = "linux")]
-        adapters::inbound::handover::notify_systemd();
         let handed_over = tokio::select! {
             _ = shutdown.cancelled() => false,
             _ = handed_over.cancelled() => true,
@@ -792,29 +792,62 @@ impl Host {
 
 #[cfg(target_os = "linux")]
 impl Host {
+    /// The sticky bindings of the process taken over from, taken in just before this one
+    /// accepts (a client keeps its backend across the handover).
+    async fn take_bindings(&self, handover: &mut Handover) {
+        let (Some(from), Some(table)) = (handover.inherited.take(), self.bindings.clone()) else {
+            return;
+        };
+        let taken = tokio::task::spawn_blocking(move || {
+            let n = from.bindings(table.as_ref());
+            (from, n)
+        })
+        .await;
+        match taken {
+            Ok((from, n)) => {
+                handover.inherited = Some(from);
+                match n {
+                    Ok(n) => tracing::info!(bindings = n, "took the bindings over"),
+                    Err(e) => {
+                        tracing::warn!("handover: the bindings: {e:#}; clients are decided anew")
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "handover: the bindings"),
+        }
+    }
+
     /// Once this process accepts: tells the process it took over from (which then stops
-    /// accepting), and serves the next successor from here on.
+    /// accepting), and serves the next successor from here on, until `stop_accepting`
+    /// (the copies of the sockets must not outlive this process's accepting). One whose
+    /// predecessor does not confirm stops at once: two processes never go on accepting.
     async fn hand_over(
         &self,
         handover: Handover,
         handed_over: &CancellationToken,
         background: &TaskTracker,
-        stop: &CancellationToken,
+        stop_accepting: &CancellationToken,
     ) {
         if let Some(from) = handover.inherited {
-            match tokio::task::spawn_blocking(move || from.ready()).await {
-                Ok(Ok(())) => {
-                    tracing::info!("took over; the old process stopped accepting and drains")
-                }
-                Ok(Err(e)) => tracing::warn!(
-                    "handover: {e:#}; the old process may accept beside this one until it exits"
-                ),
-                Err(e) => tracing::warn!(error = %e, "handover: telling the old process failed"),
+            let why = match tokio::task::spawn_blocking(move || from.ready()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(why) = why {
+                tracing::error!(
+                    "handover: the old process did not confirm it stopped accepting ({why}); \
+                     this one stops and drains, so that one process accepts"
+                );
+                handed_over.cancel();
+                return;
             }
+            tracing::info!("took over; the old process stopped accepting and drains");
         }
         if let Err(e) = handover.endpoint.publish() {
             tracing::error!(error = %e, "cannot take the handover socket's path; a later process cannot take over from this one");
         }
+        adapters::inbound::handover::notify_ready();
         let (cluster, cluster_stop) = (self.cluster.clone(), self.cluster_stop.clone());
         let release = Box::new(move || {
             cluster_stop.cancel();
@@ -838,9 +871,39 @@ impl Host {
             handover.endpoint,
             handing,
             handed_over.clone(),
-            stop.clone(),
+            stop_accepting.clone(),
         ));
     }
+}
+
+/// What a listener terminates TLS with and re-encrypts to its backends with, where it does.
+type ListenerTls = (
+    Option<tokio_rustls::TlsAcceptor>,
+    Option<tokio_rustls::TlsConnector>,
+);
+
+fn listener_tls(
+    config: &ListenerConfig,
+    certs: Option<&Arc<adapters::inbound::tls_certs::Certificates>>,
+) -> anyhow::Result<ListenerTls> {
+    let addr = config.addr;
+    let terminator = match (config.terminates(), &certs) {
+        (false, _) => None,
+        (true, Some(certs)) => Some(tokio_rustls::TlsAcceptor::from(
+            adapters::inbound::tls_certs::server_config(Arc::clone(certs), &config.alpn)?,
+        )),
+        (true, None) => anyhow::bail!(
+            "listener {addr} terminates TLS but no certificate is configured (tls_cert and tls_key, or tls_cert_dir)"
+        ),
+    };
+    let reencrypt = match (&config.backend_ca, config.backend_tls) {
+        (Some(ca), true) => Some(
+            adapters::inbound::tls_certs::backend_client(ca)
+                .map_err(|e| anyhow::anyhow!("listener {addr}: backend_ca {e}"))?,
+        ),
+        _ => None,
+    };
+    Ok((terminator, reencrypt))
 }
 
 /// The DNS server's answers and front, when `[dns]` is on: its name server address is

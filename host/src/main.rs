@@ -58,27 +58,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             if binder.inherited.is_some() {
                 tracing::info!(socket = %path.display(), "taking over from the process serving now");
             }
-            handover::successor_on_sighup();
             Some(endpoint)
         }
         None => None,
     };
+    // Always handled: SIGHUP's default would end the process.
     #[cfg(target_os = "linux")]
-    let from = binder
-        .inherited
-        .as_ref()
-        .map(|i| i as &dyn edgeproxy::TakeOver);
-    #[cfg(not(target_os = "linux"))]
-    let from = None;
-    let host = Host::build_taking_over(&config, from).await?;
-    // Sticky bindings carry over: a client keeps its backend across the upgrade.
-    #[cfg(target_os = "linux")]
-    if let (Some(from), Some(table)) = (&binder.inherited, &host.bindings) {
-        match from.bindings(table.as_ref()) {
-            Ok(n) => tracing::info!(bindings = n, "took the bindings over"),
-            Err(e) => tracing::warn!("handover: the bindings: {e:#}; clients are decided anew"),
-        }
-    }
+    handover::successor_on_sighup(config.settings.handover_socket.is_some());
     // One accept loop per worker thread, each on its own SO_REUSEPORT socket.
     let copies = match config.settings.worker_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -130,6 +116,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Every socket is bound (or taken) before the host is built: the start-up checks that
+    // can fail come before the process taken over from stops replicating.
+    #[cfg(target_os = "linux")]
+    let from = binder
+        .inherited
+        .as_ref()
+        .map(|i| i as &dyn edgeproxy::TakeOver);
+    #[cfg(not(target_os = "linux"))]
+    let from = None;
+    let host = Host::build_taking_over(&config, from).await?;
     let sockets = edgeproxy::Sockets {
         listeners,
         admin,
@@ -210,7 +206,19 @@ impl Binder {
         {
             let taken = self.inherited.as_mut().map(|i| i.tcp(role, addr));
             let bound = match taken.filter(|t| !t.is_empty()) {
-                Some(taken) => taken.into_iter().map(to_tokio).collect::<Result<_, _>>()?,
+                Some(taken) => {
+                    // More workers than the old process had copies: more copies beside
+                    // them, where they share the port (SO_REUSEPORT).
+                    let more = copies.saturating_sub(taken.len());
+                    let at = taken[0].local_addr()?;
+                    let shared = rustix::net::sockopt::socket_reuseport(&taken[0])?;
+                    let mut all: Vec<TcpListener> =
+                        taken.into_iter().map(to_tokio).collect::<Result<_, _>>()?;
+                    if more > 0 && shared {
+                        all.extend(tcp_server::bind_shared(at, more)?);
+                    }
+                    all
+                }
                 None => tcp_server::bind(addr, copies)?,
             };
             for l in &bound {

@@ -401,6 +401,14 @@ impl Cluster {
             .collect()
     }
 
+    /// What [`Self::start`] reads before it binds: the credentials.
+    pub fn check(cfg: &ClusterConfig) -> anyhow::Result<()> {
+        match &cfg.tls {
+            Some(files) => tls::quic_configs(files, &cfg.cluster, &cfg.node_name).map(drop),
+            None => tls::plaintext_configs(&cfg.cluster).map(drop),
+        }
+    }
+
     async fn start_here(
         cfg: ClusterConfig,
         sockets: Option<[std::net::UdpSocket; 2]>,

@@ -5,7 +5,8 @@
 //! new one accepts, then drains as on SIGTERM.
 //!
 //! The conversation, one `SOCK_SEQPACKET` message each (boundaries kept, in order):
-//! - successor `sockets`; old: the manifest (JSON), its descriptors attached in order;
+//! - successor `sockets`; old: manifests (JSON), each with up to 253 descriptors attached
+//!   in order (SCM_MAX_FD), then `end`;
 //! - successor `cluster` (when it replicates); old stops replicating, so one process at a
 //!   time writes the replica and holds the cluster port; old: `released`;
 //! - successor `bindings`; old: its sticky bindings, in messages of at most 64 KiB, then
@@ -46,6 +47,9 @@ pub enum Role {
     Metrics,
     DnsTcp,
     DnsUdp,
+    /// A role a later version hands over: not taken, closed at `ready`.
+    #[serde(other)]
+    Other,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -66,7 +70,8 @@ const VERSION: u32 = 1;
 const MAX_FDS: usize = 253;
 /// A manifest of 253 sockets is under 16 KiB.
 const MAX_MESSAGE: usize = 64 * 1024;
-/// The old process answers at once, or after its replication stopped (a few seconds).
+/// The old process answers at once, or after its replication stopped (a few seconds);
+/// either side writing to a peer that stopped reading gives up as late.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// A successor compiles its policy between `sockets` and `ready`; one silent for longer is
 /// given up on, so a later one can take over.
@@ -100,28 +105,37 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Whoever connects may take every listening socket: the socket is this user's only
+    /// (0600), and belongs in a directory only this user can write (systemd's
+    /// `RuntimeDirectory`).
     pub fn bind(path: &Path) -> anyhow::Result<Self> {
         let temporary = path.with_extension(format!("{}.new", std::process::id()));
         let _ = std::fs::remove_file(&temporary);
         let listener = seqpacket(SocketFlags::NONBLOCK)?;
-        rustix::net::bind(&listener, &SocketAddrUnix::new(temporary.as_path())?)
-            .with_context(|| format!("binding the handover socket {}", temporary.display()))?;
-        // Whoever connects gets every listening socket: this user only.
-        std::fs::set_permissions(
-            &temporary,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )?;
-        rustix::net::listen(&listener, 4)?;
-        Ok(Self {
+        // Created 0600: no moment in which another user may connect.
+        let umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+        let bound = rustix::net::bind(&listener, &SocketAddrUnix::new(temporary.as_path())?);
+        rustix::process::umask(umask);
+        bound.with_context(|| format!("binding the handover socket {}", temporary.display()))?;
+        let endpoint = Self {
             listener,
             temporary,
             path: path.to_owned(),
-        })
+        };
+        rustix::net::listen(&endpoint.listener, 4)?;
+        Ok(endpoint)
     }
 
     /// Makes this process the one the next successor finds (an atomic rename).
     pub fn publish(&self) -> std::io::Result<()> {
         std::fs::rename(&self.temporary, &self.path)
+    }
+}
+
+impl Drop for Endpoint {
+    /// A process that never published (it failed to start) leaves no file behind.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.temporary);
     }
 }
 
@@ -144,8 +158,12 @@ pub async fn serve(
     let handing = Arc::new(handing);
     // Tokio's listener only accepts here (the syscall does not care for the socket type);
     // the conversations are blocking, on SOCK_SEQPACKET connections.
-    let listener = std::os::unix::net::UnixListener::from(endpoint.listener);
-    let listener = match tokio::net::UnixListener::from_std(listener) {
+    let listener = endpoint
+        .listener
+        .try_clone()
+        .map(std::os::unix::net::UnixListener::from)
+        .and_then(tokio::net::UnixListener::from_std);
+    let listener = match listener {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "cannot serve the handover socket");
@@ -158,17 +176,27 @@ pub async fn serve(
             r = listener.accept() => r.and_then(|(c, _)| c.into_std()),
         };
         let conn = match conn.and_then(|c| c.set_nonblocking(false).map(|()| c)) {
-            Ok(c) => OwnedFd::from(c),
+            Ok(c) => Arc::new(OwnedFd::from(c)),
             Err(e) => {
                 tracing::warn!(error = %e, "handover socket: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let handing = Arc::clone(&handing);
-        let outcome = tokio::task::spawn_blocking(move || converse(&conn, &handing)).await;
+        let (handing, talking) = (Arc::clone(&handing), Arc::clone(&conn));
+        let mut conversation = tokio::task::spawn_blocking(move || converse(&talking, &handing));
+        let outcome = tokio::select! {
+            r = &mut conversation => r,
+            _ = stop.cancelled() => {
+                // Stopping: the conversation's blocked read ends, and with it the copies
+                // of the sockets (nothing may keep them listening while this one drains).
+                let _ = rustix::net::shutdown(&*conn, rustix::net::Shutdown::Both);
+                let _ = conversation.await;
+                return;
+            }
+        };
         match outcome {
-            Ok(Ok(Some(pid))) => {
+            Ok(Ok(pid)) => {
                 tracing::info!(
                     successor = pid,
                     "handed the listening sockets over; stopping accepting and draining"
@@ -176,27 +204,18 @@ pub async fn serve(
                 handed_over.cancel();
                 return;
             }
-            Ok(Ok(None)) => {}
             Ok(Err(e)) => tracing::warn!("handover: {e:#}; still serving"),
             Err(e) => tracing::error!(error = %e, "handover: the conversation failed"),
         }
     }
 }
 
-/// One successor, to its `ready` (its pid) or its end (`None` when it only looked).
-fn converse(conn: &OwnedFd, handing: &Handing) -> anyhow::Result<Option<u32>> {
+/// One successor, to its `ready` (its pid) or an error.
+fn converse(conn: &OwnedFd, handing: &Handing) -> anyhow::Result<u32> {
     let shared = &handing.sockets;
-    let peer = sockopt::socket_peercred(conn)?;
-    let me = rustix::process::geteuid();
-    if peer.uid != me && !peer.uid.is_root() {
-        bail!(
-            "refused a successor (pid {}) running as another user (uid {})",
-            peer.pid.as_raw_nonzero(),
-            peer.uid.as_raw()
-        );
-    }
-    let pid = peer.pid.as_raw_nonzero().get() as u32;
+    let pid = same_user(conn).context("refused a new process")?;
     sockopt::set_socket_timeout(conn, sockopt::Timeout::Recv, Some(SUCCESSOR_TIMEOUT))?;
+    sockopt::set_socket_timeout(conn, sockopt::Timeout::Send, Some(ANSWER_TIMEOUT))?;
     let mut released = false;
     let result = (|| loop {
         match receive(conn, &mut Vec::new())?.as_deref() {
@@ -204,15 +223,18 @@ fn converse(conn: &OwnedFd, handing: &Handing) -> anyhow::Result<Option<u32>> {
                 bail!("the new process (pid {pid}) ended the handover before accepting")
             }
             Some("sockets") => {
-                let manifest = Manifest {
-                    version: VERSION,
-                    sockets: shared.slots.iter().map(|(s, _)| *s).collect(),
-                };
-                let fds: Vec<_> = shared.slots.iter().map(|(_, fd)| fd.as_fd()).collect();
-                send(conn, &serde_json::to_string(&manifest)?, &fds)?;
+                for chunk in shared.slots.chunks(MAX_FDS) {
+                    let manifest = Manifest {
+                        version: VERSION,
+                        sockets: chunk.iter().map(|(s, _)| *s).collect(),
+                    };
+                    let fds: Vec<_> = chunk.iter().map(|(_, fd)| fd.as_fd()).collect();
+                    send(conn, &serde_json::to_string(&manifest)?, &fds)?;
+                }
+                send(conn, "end", &[])?;
                 tracing::info!(
                     successor = pid,
-                    sockets = fds.len(),
+                    sockets = shared.slots.len(),
                     "a new process is taking over"
                 );
             }
@@ -253,8 +275,11 @@ fn converse(conn: &OwnedFd, handing: &Handing) -> anyhow::Result<Option<u32>> {
                 );
             }
             Some("ready") => {
+                // Before this process may exit: systemd must follow the new main process
+                // first, or it takes the service for stopped and stops the new one too.
+                notify_systemd(&format!("MAINPID={pid}\n"));
                 send(conn, "bye", &[])?;
-                return Ok(Some(pid));
+                return Ok(pid);
             }
             // A later version asking for more than this one hands over.
             Some(other) => {
@@ -285,6 +310,8 @@ impl Inherited {
     /// start, or a socket file left by a process gone).
     pub fn connect(path: &Path) -> anyhow::Result<Option<Self>> {
         let conn = seqpacket(SocketFlags::empty())?;
+        // Bounds the connect too (a listener whose queue is full).
+        sockopt::set_socket_timeout(&conn, sockopt::Timeout::Send, Some(ANSWER_TIMEOUT))?;
         match rustix::net::connect(&conn, &SocketAddrUnix::new(path)?) {
             Ok(()) => {}
             Err(rustix::io::Errno::NOENT | rustix::io::Errno::CONNREFUSED) => return Ok(None),
@@ -294,31 +321,38 @@ impl Inherited {
                 });
             }
         }
+        same_user(&conn).with_context(|| {
+            format!("the process serving the handover socket {}", path.display())
+        })?;
         sockopt::set_socket_timeout(&conn, sockopt::Timeout::Recv, Some(ANSWER_TIMEOUT))?;
         send(&conn, "sockets", &[])?;
-        let mut fds = Vec::new();
-        let manifest =
-            receive(&conn, &mut fds)?.context("the running process closed the handover socket")?;
-        let manifest: Manifest =
-            serde_json::from_str(&manifest).context("the running process's socket list")?;
-        if manifest.version != VERSION || manifest.sockets.len() != fds.len() {
-            bail!(
-                "the running process speaks handover version {} with {} of {} sockets; this one speaks {VERSION}",
-                manifest.version,
-                fds.len(),
-                manifest.sockets.len()
-            );
+        let mut slots = Vec::new();
+        loop {
+            let mut fds = Vec::new();
+            let message = receive(&conn, &mut fds)?
+                .context("the running process closed the handover socket")?;
+            if message == "end" {
+                break;
+            }
+            let manifest: Manifest =
+                serde_json::from_str(&message).context("the running process's socket list")?;
+            if manifest.version != VERSION || manifest.sockets.len() != fds.len() {
+                bail!(
+                    "the running process speaks handover version {} with {} of {} sockets; this one speaks {VERSION}",
+                    manifest.version,
+                    fds.len(),
+                    manifest.sockets.len()
+                );
+            }
+            slots.extend(manifest.sockets.into_iter().zip(fds.into_iter().map(Some)));
         }
-        let slots = manifest.sockets.into_iter().zip(fds.into_iter().map(Some));
-        Ok(Some(Self {
-            conn,
-            slots: slots.collect(),
-        }))
+        Ok(Some(Self { conn, slots }))
     }
 
     /// The stream sockets handed over for `role` at `configured`.
     pub fn tcp(&mut self, role: Role, configured: SocketAddr) -> Vec<std::net::TcpListener> {
         self.take(role, configured, SocketType::STREAM)
+            .filter(|fd| sockopt::socket_acceptconn(fd).unwrap_or(false))
             .map(std::net::TcpListener::from)
             .collect()
     }
@@ -409,6 +443,16 @@ impl Inherited {
     }
 }
 
+/// The peer's pid, when it runs as this user or root (each side checks the other).
+fn same_user(conn: &OwnedFd) -> anyhow::Result<u32> {
+    let peer = sockopt::socket_peercred(conn)?;
+    let pid = peer.pid.as_raw_nonzero().get() as u32;
+    if peer.uid != rustix::process::geteuid() && !peer.uid.is_root() {
+        bail!("pid {pid} runs as another user (uid {})", peer.uid.as_raw());
+    }
+    Ok(pid)
+}
+
 fn seqpacket(flags: SocketFlags) -> std::io::Result<OwnedFd> {
     Ok(rustix::net::socket_with(
         AddressFamily::UNIX,
@@ -468,11 +512,14 @@ fn receive(conn: &OwnedFd, fds: &mut Vec<OwnedFd>) -> anyhow::Result<Option<Stri
 /// Tells systemd (`Type=notify`, `NotifyAccess=all`) this process is ready and is now
 /// the service's main process, so a successor started by `systemctl reload` (SIGHUP)
 /// becomes the service when the old one exits. Nothing outside systemd.
-pub fn notify_systemd() {
+pub fn notify_ready() {
+    notify_systemd(&format!("MAINPID={}\nREADY=1\n", std::process::id()));
+}
+
+fn notify_systemd(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
-    let state = format!("MAINPID={}\nREADY=1\n", std::process::id());
     let sent = (|| {
         use std::os::linux::net::SocketAddrExt as _;
         let socket = std::os::unix::net::UnixDatagram::unbound()?;
@@ -488,18 +535,13 @@ pub fn notify_systemd() {
     }
 }
 
-/// On each SIGHUP, starts the program this process was started from (as it is on disk
-/// now: the upgrade case), with the same arguments and environment, to take over. Its
-/// output is this process's; one that fails to start says why there and this one serves
-/// on.
-pub fn successor_on_sighup() {
-    let program = match std::env::current_exe() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(error = %e, "SIGHUP will not start a successor: this program's path is unknown");
-            return;
-        }
-    };
+/// On each SIGHUP, starts the program this process was started as (`argv[0]`, found as
+/// the shell found it: after an upgrade in place, the new version) with the same arguments
+/// and environment, to take over (`enabled`: a handover socket is set; else SIGHUP is
+/// only logged). Its output is this process's; one that fails to start says why there and
+/// this one serves on.
+pub fn successor_on_sighup(enabled: bool) {
+    let program = std::env::args_os().next().unwrap_or_default();
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
@@ -512,13 +554,20 @@ pub fn successor_on_sighup() {
             if hup.recv().await.is_none() {
                 return;
             }
+            if !enabled {
+                tracing::warn!(
+                    "SIGHUP: nothing done; set handover_socket to restart or upgrade without \
+                     refusing a connection"
+                );
+                continue;
+            }
             let child = std::process::Command::new(&program)
                 .args(std::env::args_os().skip(1))
                 .stdin(std::process::Stdio::null())
                 .spawn();
             match child {
                 Ok(mut child) => {
-                    tracing::info!(pid = child.id(), program = %program.display(), "SIGHUP: started a new process to take over");
+                    tracing::info!(pid = child.id(), program = ?program, "SIGHUP: started a new process to take over");
                     // Reaped if it exits first; a detached thread, since the runtime waits
                     // for its own blocking tasks before this process may exit.
                     std::thread::spawn(move || match child.wait() {
@@ -529,7 +578,7 @@ pub fn successor_on_sighup() {
                     });
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, program = %program.display(), "SIGHUP: cannot start a new process");
+                    tracing::error!(error = %e, program = ?program, "SIGHUP: cannot start a new process");
                 }
             }
         }

@@ -30,15 +30,28 @@ const BACKLOG: i32 = 4096;
 /// them instead of one loop accepting for all. With port 0 every copy gets the port the
 /// first one was given.
 pub fn bind(addr: SocketAddr, copies: usize) -> std::io::Result<Vec<TcpListener>> {
-    use socket2::{Domain, Socket, Type};
     let copies = if cfg!(unix) { copies.max(1) } else { 1 };
+    bind_copies(addr, copies, copies > 1)
+}
+
+/// `copies` more listeners beside ones already bound to `addr` with SO_REUSEPORT.
+pub fn bind_shared(addr: SocketAddr, copies: usize) -> std::io::Result<Vec<TcpListener>> {
+    bind_copies(addr, copies, true)
+}
+
+fn bind_copies(
+    addr: SocketAddr,
+    copies: usize,
+    reuse_port: bool,
+) -> std::io::Result<Vec<TcpListener>> {
+    use socket2::{Domain, Socket, Type};
     let mut bound = Vec::with_capacity(copies);
     let mut at = addr;
     for _ in 0..copies {
         let socket = Socket::new(Domain::for_address(at), Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
         #[cfg(unix)]
-        if copies > 1 {
+        if reuse_port {
             socket.set_reuse_port(true)?;
         }
         socket.set_nonblocking(true)?;
