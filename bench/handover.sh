@@ -30,7 +30,7 @@ free() { for _ in $(seq 100); do ss -Hltn "( sport = :$1 )" | grep -q . || retur
 
 "$bin" db init --db "$work/routing.db" >/dev/null
 "$bin" backend add echo --db "$work/routing.db" --app bench --region sa --country BR \
-  --wg-ip 127.0.0.1 --port $bport --soft-limit 1000 >/dev/null
+  --wg-ip 127.0.0.1 --port $bport --soft-limit 1000 >/dev/null 2>&1
 edgeproxy() {
   EDGEPROXY_LISTEN_ADDR=127.0.0.1:$port EDGEPROXY_DB_PATH=$work/routing.db EDGEPROXY_REGION=sa \
     EDGEPROXY_ADMIN_ADDR= EDGEPROXY_WORKER_THREADS=1 EDGEPROXY_DRAIN_TIMEOUT_SECS=5 \
