@@ -77,6 +77,9 @@ enum Command {
     /// Validate or print the configuration without starting the proxy.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Write the manual pages (roff, one per command) into DIR, for packages.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// The fleet: make its credentials, see what this POP sees of it.
     #[command(subcommand)]
     Cluster(cluster_cli::ClusterCommand),
@@ -286,6 +289,12 @@ pub fn run(cli: Cli, serve: Serve) -> anyhow::Result<()> {
         }
         Some(Command::Demo { hold, .. }) => {
             runtime(0)?.block_on(async { demo::run(hold, shutdown_signal()).await })
+        }
+        Some(Command::Man { dir }) => {
+            std::fs::create_dir_all(&dir)?;
+            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &dir)
+                .with_context(|| format!("writing the manual pages into {}", dir.display()))?;
+            Ok(())
         }
         Some(Command::Config(command)) => {
             let config = sources.resolve(Scope::Serve);
