@@ -732,7 +732,8 @@ impl Host {
         #[cfg(target_os = "linux")]
         match handover {
             Some(handover) => {
-                self.hand_over(handover, &handed_over, &background, &stop_accepting)
+                let stops = (&stop_accepting, &stop_background);
+                self.hand_over(handover, &handed_over, &background, stops)
                     .await;
             }
             None => adapters::inbound::handover::notify_ready(),
@@ -826,10 +827,23 @@ impl Host {
         handover: Handover,
         handed_over: &CancellationToken,
         background: &TaskTracker,
-        stop_accepting: &CancellationToken,
+        (stop_accepting, drained): (&CancellationToken, &CancellationToken),
     ) {
         if let Some(from) = handover.inherited {
-            let why = match tokio::task::spawn_blocking(move || from.ready()).await {
+            // The old process's connections count here, per backend, while it drains.
+            let stats = Arc::clone(&self.metrics);
+            let mut counted: Vec<domain::BackendId> = Vec::new();
+            let on_held = move |held: Vec<(String, u32)>| {
+                for id in counted.drain(..) {
+                    stats.backend_stats(&id).set_inherited(0);
+                }
+                for (id, n) in held {
+                    let id = domain::BackendId::new(&id);
+                    stats.backend_stats(&id).set_inherited(n);
+                    counted.push(id);
+                }
+            };
+            let why = match tokio::task::spawn_blocking(move || from.ready(on_held)).await {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(format!("{e:#}")),
                 Err(e) => Some(e.to_string()),
@@ -866,6 +880,14 @@ impl Host {
                 .bindings
                 .clone()
                 .map(|b| b as Arc<dyn BindingRepository>),
+            held: {
+                let stats = Arc::clone(&self.metrics);
+                Arc::new(move || {
+                    let held = stats.held().into_iter();
+                    held.map(|(id, n)| (id.as_str().to_owned(), n)).collect()
+                })
+            },
+            drained: drained.clone(),
         };
         background.spawn(adapters::inbound::handover::serve(
             handover.endpoint,

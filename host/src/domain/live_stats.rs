@@ -14,12 +14,22 @@ pub struct LiveStats {
 }
 
 impl LiveStats {
-    /// Active connections summed over every backend known.
+    /// This process's active connections summed over every backend known.
     pub fn total_active(&self) -> u64 {
         self.backends
             .iter()
-            .map(|e| u64::from(e.value().active()))
+            .map(|e| u64::from(e.value().own_active()))
             .sum()
+    }
+
+    /// This process's connections by backend, where it holds any (for a process taking
+    /// over, while this one drains).
+    pub fn held(&self) -> Vec<(BackendId, u32)> {
+        self.backends
+            .iter()
+            .map(|e| (e.key().clone(), e.value().own_active()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     /// The stats of `id`, created on first use; the same `Arc` for the same id.
@@ -34,6 +44,6 @@ impl LiveStats {
     pub fn retain(&self, keep: &dyn Fn(&BackendId) -> bool) {
         // Backends still serving connections stay, so their counts never drift.
         self.backends
-            .retain(|id, s| keep(id) || s.active() > 0 || Arc::strong_count(s) > 1);
+            .retain(|id, s| keep(id) || s.own_active() > 0 || Arc::strong_count(s) > 1);
     }
 }

@@ -137,6 +137,10 @@ impl Backend {
 #[derive(Debug, Default)]
 pub struct BackendStats {
     active: AtomicU32,
+    /// Connections to it another process of this POP still holds: the one this process
+    /// took the sockets over from, while it drains. They count against the hard limit and
+    /// in the load the policy sees.
+    inherited: AtomicU32,
     /// Connect round-trip time EWMA in microseconds; 0 until the first connect.
     rtt_us: AtomicU64,
     connect_attempts: AtomicU64,
@@ -157,8 +161,19 @@ pub struct Traffic {
 }
 
 impl BackendStats {
+    /// Connections this POP holds to it (this process's and those it inherited).
     pub fn active(&self) -> u32 {
+        self.own_active()
+            .saturating_add(self.inherited.load(Ordering::Relaxed))
+    }
+
+    /// This process's connections only.
+    pub fn own_active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn set_inherited(&self, n: u32) {
+        self.inherited.store(n, Ordering::Relaxed);
     }
 
     pub fn rtt_us(&self) -> u64 {
@@ -192,9 +207,10 @@ impl BackendStats {
     /// atomic step: a check of `active` followed by an add lets two threads take the last
     /// slot together.
     pub fn try_acquire(self: &Arc<Self>, hard_limit: u32) -> Option<ActiveGuard> {
+        let inherited = self.inherited.load(Ordering::Relaxed);
         self.active
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (hard_limit == 0 || n < hard_limit).then_some(n + 1)
+                (hard_limit == 0 || n.saturating_add(inherited) < hard_limit).then_some(n + 1)
             })
             .ok()
             .map(|_| ActiveGuard(Arc::clone(self)))
@@ -285,6 +301,19 @@ mod tests {
 
     /// Eight threads race for two slots: never more than two are held. The same loop with
     /// `if !at_hard_limit(active()) { acquire() }` (what the proxy did) overshoots.
+    #[test]
+    fn inherited_connections_count_in_the_load_and_against_the_hard_limit() {
+        let stats = Arc::new(BackendStats::default());
+        stats.set_inherited(2);
+        assert_eq!(stats.active(), 2);
+        assert!(stats.try_acquire(2).is_none());
+        let held = stats.try_acquire(3).expect("room for one more");
+        assert_eq!((stats.active(), stats.own_active()), (3, 1));
+        stats.set_inherited(0);
+        drop(held);
+        assert_eq!(stats.active(), 0);
+    }
+
     #[test]
     fn try_acquire_never_exceeds_the_hard_limit() {
         let stats = Arc::new(BackendStats::default());

@@ -431,3 +431,43 @@ fn sigterm_refuses_new_connections_at_once_while_draining() {
     signal(p.pid(), "-TERM");
     assert!(p.wait_exit().0.success());
 }
+
+/// The old process's connections still count while it drains: a backend at its hard
+/// limit through the old process takes none from the new one, and takes one again once
+/// an old connection closes.
+#[test]
+fn connections_the_old_process_holds_count_against_hard_limits_while_it_drains() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let backend = rt.block_on(Backend::start("b"));
+    let mut row = Row::new("b", "sa", "BR", backend.addr);
+    row.hard_limit = 2;
+    let db = Db::new(&[row]);
+    let dir = tempfile::tempdir().unwrap();
+    let drain = [("EDGEPROXY_DRAIN_TIMEOUT_SECS", "60")];
+    let mut old = Process::start(dir.path(), &db.path, &drain);
+    let addr = old.listening();
+    let (_, first) = rt.block_on(open("127.0.0.1", addr));
+    let (_, _second) = rt.block_on(open("127.0.0.2", addr));
+    let mut new = Process::start(dir.path(), &db.path, &drain);
+    new.wait_log("took over;");
+    old.wait_log("handed the listening sockets over");
+    rt.block_on(async {
+        let deadline = Instant::now() + WAIT;
+        while !refused("127.0.0.3", addr).await {
+            assert!(
+                Instant::now() < deadline,
+                "the new process went past the hard limit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(first);
+        let deadline = Instant::now() + WAIT;
+        while refused("127.0.0.4", addr).await {
+            assert!(
+                Instant::now() < deadline,
+                "a closed old connection never freed a slot"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}

@@ -11,7 +11,10 @@
 //!   time writes the replica and holds the cluster port; old: `released`;
 //! - successor `bindings`; old: its sticky bindings, in messages of at most 64 KiB, then
 //!   `end` (bindings made in the moments until it stops accepting are not carried);
-//! - successor `ready` once it accepts; old: `bye`, stops accepting and drains.
+//! - successor `ready` once it accepts; old: `bye`, stops accepting and drains; until it
+//!   has drained it reports its connections per backend every 200 ms (`held` messages, a
+//!   snapshot ending with `held-end`), which the successor counts as its own against hard
+//!   limits and in the load the policy sees.
 //!
 //! A successor that exits or closes early (bad settings, a policy that does not load)
 //! leaves the old process serving.
@@ -146,7 +149,16 @@ pub struct Handing {
     /// the sockets it hands over for it.
     pub release: Box<dyn Fn() -> Vec<OwnedFd> + Send + Sync>,
     pub bindings: Option<Arc<dyn BindingRepository>>,
+    /// This process's connections by backend id.
+    pub held: Held,
+    /// Fires once this process has drained.
+    pub drained: CancellationToken,
 }
+
+pub type Held = Arc<dyn Fn() -> Vec<(String, u32)> + Send + Sync>;
+
+/// How often a draining process tells its successor what it still holds.
+const HELD_EVERY: Duration = Duration::from_millis(200);
 
 /// Serves successors until one takes over (then `handed_over` fires) or `stop` does.
 pub async fn serve(
@@ -184,7 +196,8 @@ pub async fn serve(
             }
         };
         let (handing, talking) = (Arc::clone(&handing), Arc::clone(&conn));
-        let mut conversation = tokio::task::spawn_blocking(move || converse(&talking, &handing));
+        let conversing = Arc::clone(&handing);
+        let mut conversation = tokio::task::spawn_blocking(move || converse(&talking, &conversing));
         let outcome = tokio::select! {
             r = &mut conversation => r,
             _ = stop.cancelled() => {
@@ -202,11 +215,50 @@ pub async fn serve(
                     "handed the listening sockets over; stopping accepting and draining"
                 );
                 handed_over.cancel();
+                // Detached: it ends when the drain does or the successor goes away. It
+                // keeps no copy of the sockets (handing's go with this task).
+                let (held, drained) = (Arc::clone(&handing.held), handing.drained.clone());
+                std::thread::spawn(move || report_held(&conn, &held, &drained));
                 return;
             }
             Ok(Err(e)) => tracing::warn!("handover: {e:#}; still serving"),
             Err(e) => tracing::error!(error = %e, "handover: the conversation failed"),
         }
+    }
+}
+
+/// Tells the successor what this process holds per backend until it has drained (then an
+/// empty snapshot, and the connection closes).
+fn report_held(conn: &OwnedFd, held: &Held, drained: &CancellationToken) {
+    loop {
+        let drained = drained.is_cancelled();
+        let held = if drained { Vec::new() } else { held() };
+        let mut chunk = Vec::new();
+        let mut sent = Ok(());
+        for pair in held {
+            chunk.push(pair);
+            if chunk.len() == 1024 {
+                sent = sent.and_then(|()| held_message(conn, &std::mem::take(&mut chunk)));
+            }
+        }
+        sent = sent
+            .and_then(|()| held_message(conn, &chunk))
+            .and_then(|()| send(conn, "held-end", &[]));
+        if drained || sent.is_err() {
+            return;
+        }
+        std::thread::sleep(HELD_EVERY);
+    }
+}
+
+fn held_message(conn: &OwnedFd, held: &[(String, u32)]) -> anyhow::Result<()> {
+    match held.is_empty() {
+        true => Ok(()),
+        false => send(
+            conn,
+            &format!("held\n{}", serde_json::to_string(held)?),
+            &[],
+        ),
     }
 }
 
@@ -428,18 +480,38 @@ impl Inherited {
     }
 
     /// Tells the old process this one accepts, so it stops. Sockets not taken (their
-    /// listener is gone from the settings) close here.
-    pub fn ready(self) -> anyhow::Result<()> {
-        for (slot, fd) in &self.slots {
+    /// listener is gone from the settings) close here. Then, until the old process has
+    /// drained, `on_held` gets what it still holds per backend (an empty list at its end).
+    pub fn ready(
+        self,
+        mut on_held: impl FnMut(Vec<(String, u32)>) + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self { conn, slots } = self;
+        for (slot, fd) in slots {
             if fd.is_some() {
                 tracing::info!(role = ?slot.role, addr = %slot.configured, "no longer configured; closed");
             }
         }
-        send(&self.conn, "ready", &[])?;
-        match receive(&self.conn, &mut Vec::new())?.as_deref() {
-            Some("bye") => Ok(()),
+        send(&conn, "ready", &[])?;
+        match receive(&conn, &mut Vec::new())?.as_deref() {
+            Some("bye") => {}
             other => bail!("the old process did not confirm: {other:?}"),
         }
+        std::thread::spawn(move || {
+            let mut snapshot = Vec::new();
+            // Ends when the old process closes (drained, or gone) or goes silent.
+            while let Ok(Some(message)) = receive(&conn, &mut Vec::new()) {
+                if message == "held-end" {
+                    on_held(std::mem::take(&mut snapshot));
+                } else if let Some(list) = message.strip_prefix("held\n")
+                    && let Ok(mut more) = serde_json::from_str::<Vec<(String, u32)>>(list)
+                {
+                    snapshot.append(&mut more);
+                }
+            }
+            on_held(Vec::new());
+        });
+        Ok(())
     }
 }
 
