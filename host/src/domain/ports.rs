@@ -256,6 +256,10 @@ pub struct MemberStatus {
     pub transport: std::net::SocketAddr,
     pub state: String,
     pub last_sync_secs_ago: Option<f64>,
+    /// Whether its table's digest equalled this POP's at its last sync request (none
+    /// before one).
+    #[serde(default)]
+    pub same_table: Option<bool>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

@@ -552,14 +552,15 @@ async fn the_status_page_shows_a_second_pop_joining() {
     a.wait_members(0).await;
     let url = format!("http://{}/", a.admin);
     let dom = crate::support::rendered(&url, |d| {
-        d.contains("<tr data-member=\"a\" data-state=\"self\">")
+        d.contains("<tr data-member=\"a\" data-state=\"self\" data-table=\"self\">")
     })
     .await;
     assert!(!dom.contains("<tr data-member=\"b\""), "{dom}");
     let b = fleet.pop("b", 2, &[1]);
     b.wait_members(1).await;
+    // Alive, and once it has synced, holding the same table.
     crate::support::rendered(&url, |d| {
-        d.contains("<tr data-member=\"b\" data-state=\"alive\">")
+        d.contains("<tr data-member=\"b\" data-state=\"alive\" data-table=\"same\">")
     })
     .await;
 }

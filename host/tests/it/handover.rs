@@ -471,3 +471,30 @@ fn connections_the_old_process_holds_count_against_hard_limits_while_it_drains()
         }
     });
 }
+
+/// Restarts with other settings: a socket the new settings add (the DNS server) is bound
+/// beside those taken over, and one they drop is closed; the listener serves throughout.
+#[test]
+fn a_successor_with_other_settings_binds_what_they_add_and_closes_what_they_drop() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let backend = rt.block_on(Backend::start("b"));
+    let db = Db::new(&[Row::new("b", "sa", "BR", backend.addr)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = Process::start(dir.path(), &db.path, &[]);
+    let addr = old.listening();
+    let dns = [
+        ("EDGEPROXY_DNS_ENABLED", "true"),
+        ("EDGEPROXY_DNS_LISTEN_ADDR", "127.0.0.1:0"),
+    ];
+    let mut with_dns = Process::start(dir.path(), &db.path, &dns);
+    with_dns.wait_log("DNS listening");
+    with_dns.wait_log("took over;");
+    assert!(old.wait_exit().0.success());
+    assert_eq!(rt.block_on(served_by("127.0.0.1", addr)), "b");
+    let mut without = Process::start(dir.path(), &db.path, &[]);
+    let closed = without.wait_log("no longer configured; closed");
+    assert!(closed.contains("Dns"), "{closed}");
+    without.wait_log("took over;");
+    assert!(with_dns.wait_exit().0.success());
+    assert_eq!(rt.block_on(served_by("127.0.0.1", addr)), "b");
+}

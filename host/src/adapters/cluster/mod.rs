@@ -110,6 +110,8 @@ pub struct Inner {
     last_sync: Mutex<HashMap<NodeId, SystemTime>>,
     /// Each peer's wall clock less this POP's, as last reported in a sync (ms).
     clocks: Mutex<HashMap<NodeId, i64>>,
+    /// Whether each peer's table digest equalled this POP's at its last sync request.
+    same_table: Mutex<HashMap<NodeId, bool>>,
     /// The runtime the cluster's tasks and connections run on: work asked for from the
     /// proxy's runtime (deploys, fetches, reports) is handed to it.
     runtime: tokio::runtime::Handle,
@@ -579,6 +581,7 @@ impl Cluster {
                 stats: Stats::default(),
                 last_sync: Mutex::default(),
                 clocks: Mutex::default(),
+                same_table: Mutex::default(),
                 runtime: tokio::runtime::Handle::current(),
                 members_seen: Mutex::default(),
                 wall: node.wall.clone(),
@@ -614,6 +617,7 @@ impl Cluster {
     pub fn status(&self) -> ClusterStatus {
         let inner = &self.inner;
         let last_sync = inner.last_sync.lock().expect("sync times lock").clone();
+        let same_table = inner.same_table.lock().expect("digests lock").clone();
         let now = SystemTime::now();
         let members = inner
             .members
@@ -629,6 +633,7 @@ impl Cluster {
                     .get(&m.id.node)
                     .and_then(|t| now.duration_since(*t).ok())
                     .map(|d| d.as_secs_f64()),
+                same_table: same_table.get(&m.id.node).copied(),
             })
             .collect();
         let Summary {

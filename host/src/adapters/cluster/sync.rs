@@ -148,20 +148,29 @@ impl Inner {
                         Message::Refused { reason }
                     }
                     Ok(seen) => {
-                        self.store
+                        let (reply, same) = self
+                            .store
                             .run(move |r| {
+                                // A round's first page carries the peer's whole digest.
+                                let same = after.is_none().then(|| r.digest().0 == digest.0);
                                 let head = after.is_none().then(|| r.head_for(&seen, &digest));
                                 let (rows, next) =
                                     r.news_for(&seen, after.as_deref(), wire::PAGE_ROWS);
-                                Message::SyncReply {
+                                let reply = Message::SyncReply {
                                     schema: wire::SCHEMA,
                                     head,
                                     wall: r.now(),
                                     rows,
                                     next,
-                                }
+                                };
+                                (reply, same)
                             })
-                            .await
+                            .await;
+                        if let Some(same) = same {
+                            let mut agreed = self.same_table.lock().expect("digests lock");
+                            agreed.insert(node, same);
+                        }
+                        reply
                     }
                 };
                 Some(self.encode_out(&reply))
