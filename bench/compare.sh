@@ -203,18 +203,26 @@ for t in sorted({r["test"] for r in rows if r["test"].startswith("idle-")}, key=
     n = int(t[5:])
     metrics += [(t, "bytes_per_conn", f"RSS per idle connection, {n:,} open (B)", False),
                 (t, "open_s", f"time to open {n:,} (s)", False)]
-get = lambda p, t, m: next((r["result"].get(m) for r in rows if r["proxy"] == p and r["test"] == t), None)
+def runs(p, t, m):
+    return [r["result"].get(m) for r in rows if r["proxy"] == p and r["test"] == t and r["result"].get(m) is not None]
+def get(p, t, m, k=0):  # the k-th run of p (a name repeated in PROXIES is another round)
+    found = runs(p, t, m)
+    return found[k] if k < len(found) else None
+def mean(p, t, m):
+    found = runs(p, t, m)
+    return sum(found) / len(found) if found else None
 print("| metric | " + " | ".join(proxies) + " | edgeproxy vs best peer |")
 print("|---|" + "---|" * (len(proxies) + 1))
 for test, key, label, higher in metrics:
-    vals = [get(p, test, key) for p in proxies]
+    vals = [get(p, test, key, proxies[:i].count(p)) for i, p in enumerate(proxies)]
     if all(v is None for v in vals):
         continue
     cells = ["-" if v is None else f"{v:.3g}" if v < 100 else f"{v:.0f}" for v in vals]
     # edgeproxy, or its variant in this run (edgeproxy-tls), against the other proxies.
     mine = "edgeproxy" if "edgeproxy" in proxies else next((p for p in proxies if p.startswith("edgeproxy")), None)
-    ours = get(mine, test, key) if mine else None
-    peers = [v for p, v in zip(proxies, vals) if p != mine and v is not None]
+    # Each proxy's mean over its rounds.
+    ours = mean(mine, test, key) if mine else None
+    peers = [v for v in (mean(p, test, key) for p in dict.fromkeys(proxies) if p != mine) if v is not None]
     ratio = "-"
     if ours is not None and peers:
         best = max(peers) if higher else min(peers)
