@@ -85,6 +85,10 @@ struct Beat {
     expired: bool,
     /// Its app, for the per-app cap.
     app: Arc<str>,
+    /// `Routing::source_changes` when its row was last read as this API's: a beat may
+    /// skip the store while the source has not been written since (an operator taking
+    /// the row over writes it).
+    checked: u64,
 }
 
 /// Counters for `/metrics`.
@@ -152,6 +156,7 @@ impl Registry {
                 last: now,
                 expired: false,
                 app: app.into(),
+                checked: u64::MAX,
             };
             beats.insert(BackendId::new(&id), beat);
         }
@@ -280,6 +285,7 @@ impl Registry {
                 last: Instant::now(),
                 expired: false,
                 app: req.app.as_str().into(),
+                checked: u64::MAX,
             },
         );
         self.counters.registrations.fetch_add(1, Relaxed);
@@ -330,9 +336,12 @@ impl Registry {
             ))
         };
         let now = Instant::now();
-        // The common case: registered here and healthy in the snapshot. A row expired
-        // a moment ago may still show healthy there; the next beat then revives it.
+        // The common case: registered here, its row read as this API's since the source
+        // last changed, and healthy in the snapshot. A row expired a moment ago may still
+        // show healthy there; the next beat then revives it.
+        let source = self.routing.source_changes();
         if let Some(known) = self.beats().get_mut(&key)
+            && known.checked == source
             && let table = self.routing.current()
             && let Ok(i) = table
                 .backends()
@@ -387,6 +396,8 @@ impl Registry {
             last: now,
             expired: false,
             app: row.app.as_str().into(),
+            // As read before the row: a write after it makes the next beat read again.
+            checked: source,
         };
         self.beats().insert(key, beat.clone());
         self.counters.heartbeats.fetch_add(1, Relaxed);

@@ -56,6 +56,10 @@ pub struct Routing {
     failing: Mutex<Option<String>>,
     /// Change notifications that found nothing changed since the last read.
     pub notifications_ignored: AtomicU64,
+    /// Reads that found the source written since the previous read (every read, for a
+    /// source without a marker): what was checked beside the table (a row's owner) may
+    /// have changed too.
+    source_changes: AtomicU64,
     prepare: OnceLock<Prepare>,
 }
 
@@ -113,6 +117,7 @@ impl Routing {
             read_at: Mutex::default(),
             failing: Mutex::default(),
             notifications_ignored: AtomicU64::new(0),
+            source_changes: AtomicU64::new(0),
             prepare: OnceLock::new(),
         }
     }
@@ -220,6 +225,11 @@ impl Routing {
             .clone()
     }
 
+    /// How many reads found the source written since the one before.
+    pub fn source_changes(&self) -> u64 {
+        self.source_changes.load(Ordering::Acquire)
+    }
+
     /// Reload attempts that changed the table, found it unchanged, and failed.
     pub fn reload_counts(&self) -> [u64; 3] {
         self.outcomes.each_ref().map(|c| c.load(Ordering::Relaxed))
@@ -316,7 +326,13 @@ impl Routing {
             })?;
         let mut loaded = loaded?;
         self.skip_own(&mut loaded);
-        *self.read_at.lock().unwrap_or_else(PoisonError::into_inner) = marker;
+        {
+            let mut read_at = self.read_at.lock().unwrap_or_else(PoisonError::into_inner);
+            if marker.is_none() || *read_at != marker {
+                self.source_changes.fetch_add(1, Ordering::Release);
+            }
+            *read_at = marker;
+        }
         {
             // Invariant: the lock is never held across a panic-prone call.
             let mut last = self.skipped.lock().unwrap_or_else(PoisonError::into_inner);

@@ -262,18 +262,20 @@ async fn the_api_changes_only_its_own_rows_and_only_sends_traffic_where_allowed(
     // The operator's row is still there, still drained.
     assert_eq!(row("op-1").unwrap(), before);
     // An operator takes over a registered row: its expiry writes nothing, and its next
-    // heartbeat is told the row is no longer the API's.
+    // heartbeat, though the row is healthy and fresh, is told it is no longer the API's.
     assert_eq!(register(api, &at("t1", b.addr)).await.0, 200);
+    assert_eq!(
+        send(api, "POST", "/api/v1/heartbeat/t1", &[], "").await.0,
+        200
+    );
+    assert_eq!(
+        send(api, "POST", "/api/v1/heartbeat/t1", &[], "").await.0,
+        200
+    );
+    let seen = p.host.routing.source_changes();
     db.exec("DELETE FROM _edgeproxy_owners WHERE id = 't1'", []);
-    wait_until(|| {
-        p.host
-            .registry
-            .as_ref()
-            .unwrap()
-            .heartbeat_age(&edgeproxy::domain::BackendId::new("t1"))
-            .is_none_or(|age| age > std::time::Duration::from_millis(1500))
-    })
-    .await;
+    let routing = p.host.routing.clone();
+    wait_until(|| routing.source_changes() > seen).await;
     let (code, body) = send(api, "POST", "/api/v1/heartbeat/t1", &[], "").await;
     assert_eq!(code, 409, "{body}");
     let t1 = row("t1").unwrap();
