@@ -332,9 +332,10 @@ async fn edgeproxys_metrics_server_is_a_listener_of_its_own_at_its_path() {
     off.stop().await;
 }
 
-/// The status page (`GET /`) in a real browser: a static page with nothing from
-/// elsewhere, whose script reads the API with the token given in the address, and shows a
-/// backend going down in the table and coming back.
+/// The status page (`GET /`) in a real browser (headless Chromium over WebDriver): a
+/// static page with nothing from elsewhere, whose script reads the API with the token given
+/// in the address or its form, and, left open, shows a backend going down in the table and
+/// coming back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_a_backend_going_down_and_coming_back() {
     let backend = Backend::start("b1").await;
@@ -347,18 +348,29 @@ async fn the_status_page_shows_a_backend_going_down_and_coming_back() {
     }
     assert_eq!(http(p.admin, "GET", "/status", &[]).await.0, 401);
 
-    let url = format!("http://{}/#token=s3cret-token", p.admin);
-    let row = |state: &str| format!("<tr data-backend=\"b1\" data-state=\"{state}\">");
-    let dom = rendered(&url, |d| d.contains(&row("up"))).await;
-    assert!(dom.contains(">POP eu<"), "{dom}");
+    // One page, left open: it redraws by itself as the table changes.
+    let page = Browser::open(&format!("http://{}/#token=s3cret-token", p.admin)).await;
+    let state = "return document.querySelector('[data-backend=b1]')?.dataset.state ?? null";
+    let text = page.wait_for(state, "up".into()).await;
+    assert!(text.contains("POP eu"), "{text}");
+    // The token left the address once read.
+    assert_eq!(page.eval("return location.hash").await, "");
     db.exec("UPDATE backends SET healthy = 0 WHERE id = 'b1'", []);
-    let dom = rendered(&url, |d| d.contains(&row("table-down"))).await;
+    let text = page.wait_for(state, "table-down".into()).await;
     // Said in words and a symbol, not by colour alone.
-    assert!(dom.contains("✖ down (table)"), "{dom}");
+    assert!(text.contains("✖ down (table)"), "{text}");
     db.exec("UPDATE backends SET healthy = 1 WHERE id = 'b1'", []);
-    rendered(&url, |d| d.contains(&row("up"))).await;
+    page.wait_for(state, "up".into()).await;
+    drop(page);
 
-    // Without the token the page says what it needs.
-    let url = format!("http://{}/", p.admin);
-    rendered(&url, |d| d.contains("needs its token")).await;
+    // Without the token the page says what it needs, and takes it in its form.
+    let page = Browser::open(&format!("http://{}/", p.admin)).await;
+    let login = "return document.getElementById('login').hidden";
+    page.wait_for(login, false.into()).await;
+    page.eval(
+        "document.getElementById('token').value = 's3cret-token'; \
+         document.getElementById('login').requestSubmit()",
+    )
+    .await;
+    page.wait_for(state, "up".into()).await;
 }

@@ -550,19 +550,19 @@ async fn the_status_page_shows_a_second_pop_joining() {
     let fleet = Fleet::new();
     let a = fleet.pop("a", 1, &[]);
     a.wait_members(0).await;
-    let url = format!("http://{}/", a.admin);
-    let dom = crate::support::rendered(&url, |d| {
-        d.contains("<tr data-member=\"a\" data-state=\"self\" data-table=\"self\">")
-    })
-    .await;
-    assert!(!dom.contains("<tr data-member=\"b\""), "{dom}");
+    let page = crate::support::Browser::open(&format!("http://{}/", a.admin)).await;
+    let member = |name: &str| {
+        format!(
+            "const m = document.querySelector('[data-member={name}]'); \
+             return m ? m.dataset.state + ' ' + m.dataset.table : null"
+        )
+    };
+    page.wait_for(&member("a"), "self self".into()).await;
+    assert_eq!(page.eval(&member("b")).await, serde_json::Value::Null);
     let b = fleet.pop("b", 2, &[1]);
     b.wait_members(1).await;
-    // Alive, and once it has synced, holding the same table.
-    crate::support::rendered(&url, |d| {
-        d.contains("<tr data-member=\"b\" data-state=\"alive\" data-table=\"same\">")
-    })
-    .await;
+    // The open page shows it joining: alive, and once it has synced, the same table.
+    page.wait_for(&member("b"), "alive same".into()).await;
 }
 
 /// A POP upgraded in place (the handover socket): the old process stops replicating

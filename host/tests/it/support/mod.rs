@@ -608,39 +608,157 @@ pub async fn edgeproxy_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The page at `url` as headless Chromium (Debian's `chromium`) renders it, scripts run
-/// and their requests answered: the DOM once `ready` holds of it, rendered again until it
-/// does (bounded).
-pub async fn rendered(url: &str, ready: impl Fn(&str) -> bool) -> String {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let url = url.to_owned();
-        let out = tokio::task::spawn_blocking(move || {
-            // Bounded: a page that never settles is a failure, not a hang.
-            std::process::Command::new("timeout")
-                .args([
-                    "60",
-                    "chromium",
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--virtual-time-budget=2000",
-                    "--dump-dom",
-                    &url,
-                ])
-                .output()
-        })
-        .await
-        .unwrap()
-        .expect("chromium (Debian's `chromium` package)");
-        let dom = String::from_utf8_lossy(&out.stdout).into_owned();
-        if ready(&dom) {
-            return dom;
+/// One page in headless Chromium, driven over WebDriver (Debian's `chromium-driver`): it
+/// stays open, so what the page does by itself (polling, redrawing) can be watched.
+pub struct Browser {
+    driver: std::process::Child,
+    addr: SocketAddr,
+    session: String,
+}
+
+impl Browser {
+    pub async fn open(url: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = {
+            std::process::Command::new("chromedriver")
+                .arg(format!("--port={port}"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("chromedriver (Debian's chromium-driver package)")
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while TcpStream::connect(addr).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "chromedriver never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never rendered as expected:\n{dom}\n{}",
-            String::from_utf8_lossy(&out.stderr)
+        let mut browser = Self {
+            driver,
+            addr,
+            session: String::new(),
+        };
+        let args = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1280,900",
+        ];
+        let caps = serde_json::json!({
+            "capabilities": {"alwaysMatch": {"goog:chromeOptions": {"args": args}}}
+        });
+        let created = browser.call("POST", "/session", &caps).await;
+        browser.session = created["sessionId"].as_str().expect("a session").to_owned();
+        browser
+            .call("POST", "/url", &serde_json::json!({ "url": url }))
+            .await;
+        browser
+    }
+
+    /// A WebDriver command (of the session, for paths other than `/session`): its value.
+    async fn call(&self, method: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        let path = match path {
+            "/session" => path.to_owned(),
+            _ => format!("/session/{}{path}", self.session),
+        };
+        let (code, answer) = self.request(method, &path, &body.to_string()).await;
+        let v: serde_json::Value = serde_json::from_str(&answer)
+            .unwrap_or_else(|_| panic!("WebDriver {path}: {code} {answer}"));
+        assert_eq!(code, 200, "WebDriver {path}: {v}");
+        v["value"].clone()
+    }
+
+    /// One HTTP exchange with the driver (which answers only a local `Host`).
+    async fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let host = format!("Host: {}", self.addr);
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\n{host}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
         );
+        let mut s = TcpStream::connect(self.addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        // It keeps the connection open: read to the end of the body its length gives.
+        let read = async {
+            let mut raw = Vec::new();
+            let mut chunk = [0u8; 16384];
+            loop {
+                let n = s.read(&mut chunk).await?;
+                raw.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&raw);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length = head.lines().find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    });
+                    if n == 0 || length.is_some_and(|len| body.len() >= len) {
+                        let code = head.split(' ').nth(1).and_then(|c| c.parse().ok());
+                        return Ok::<_, std::io::Error>((code.unwrap_or(0), body.to_owned()));
+                    }
+                } else if n == 0 {
+                    return Ok((0, String::new()));
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, read)
+            .await
+            .expect("the driver answers")
+            .unwrap()
+    }
+
+    /// What `script` (a function body) returns in the page; null while it cannot run
+    /// (the page is loading anew).
+    pub async fn eval(&self, script: &str) -> serde_json::Value {
+        let body = serde_json::json!({ "script": script, "args": [] });
+        let path = format!("/session/{}/execute/sync", self.session);
+        let (code, answer) = self.request("POST", &path, &body.to_string()).await;
+        match (code, serde_json::from_str::<serde_json::Value>(&answer)) {
+            (200, Ok(v)) => v["value"].clone(),
+            _ => serde_json::Value::Null,
+        }
+    }
+
+    /// Waits (bounded) until `script` returns `want`, and returns the page's text then.
+    pub async fn wait_for(&self, script: &str, want: serde_json::Value) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let got = self.eval(script).await;
+            if got == want {
+                let text = self.eval("return document.body.innerText").await;
+                return text.as_str().unwrap_or_default().to_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{script} is {got}, never {want}; the page: {}",
+                self.eval("return document.body.innerText").await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Browser {
+    /// Ends the session (the driver stops its browser), then stops the driver by its pid.
+    fn drop(&mut self) {
+        use std::io::{Read as _, Write as _};
+        if let Ok(mut c) = std::net::TcpStream::connect(self.addr) {
+            let _ = c.set_read_timeout(Some(WAIT));
+            let request = format!(
+                "DELETE /session/{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                self.session, self.addr
+            );
+            let _ = c.write_all(request.as_bytes());
+            let _ = c.read_to_end(&mut Vec::new());
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
     }
 }
