@@ -203,13 +203,13 @@ for t in sorted({r["test"] for r in rows if r["test"].startswith("idle-")}, key=
     n = int(t[5:])
     metrics += [(t, "bytes_per_conn", f"RSS per idle connection, {n:,} open (B)", False),
                 (t, "open_s", f"time to open {n:,} (s)", False)]
-def runs(p, t, m):
-    return [r["result"].get(m) for r in rows if r["proxy"] == p and r["test"] == t and r["result"].get(m) is not None]
+def runs(p, t):
+    return [r["result"] for r in rows if r["proxy"] == p and r["test"] == t]
 def get(p, t, m, k=0):  # the k-th run of p (a name repeated in PROXIES is another round)
-    found = runs(p, t, m)
-    return found[k] if k < len(found) else None
+    found = runs(p, t)
+    return found[k].get(m) if k < len(found) else None
 def mean(p, t, m):
-    found = runs(p, t, m)
+    found = [r.get(m) for r in runs(p, t) if r.get(m) is not None]
     return sum(found) / len(found) if found else None
 print("| metric | " + " | ".join(proxies) + " | edgeproxy vs best peer |")
 print("|---|" + "---|" * (len(proxies) + 1))

@@ -833,15 +833,21 @@ impl Host {
             // The old process's connections count here, per backend, while it drains.
             let stats = Arc::clone(&self.metrics);
             let mut counted: Vec<domain::BackendId> = Vec::new();
+            // The new counts first, then the backends no longer held zeroed: no moment
+            // in which a backend counts none of them.
             let on_held = move |held: Vec<(String, u32)>| {
-                for id in counted.drain(..) {
-                    stats.backend_stats(&id).set_inherited(0);
+                let now: Vec<domain::BackendId> = held
+                    .into_iter()
+                    .map(|(id, n)| {
+                        let id = domain::BackendId::new(&id);
+                        stats.backend_stats(&id).set_inherited(n);
+                        id
+                    })
+                    .collect();
+                for gone in counted.iter().filter(|id| !now.contains(id)) {
+                    stats.backend_stats(gone).set_inherited(0);
                 }
-                for (id, n) in held {
-                    let id = domain::BackendId::new(&id);
-                    stats.backend_stats(&id).set_inherited(n);
-                    counted.push(id);
-                }
+                counted = now;
             };
             let why = match tokio::task::spawn_blocking(move || from.ready(on_held)).await {
                 Ok(Ok(())) => None,

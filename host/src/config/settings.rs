@@ -282,6 +282,7 @@ crate::settings! {
 /// A path of its own: not one of the admin API's, which it would hide.
 fn metrics_path(v: &str) -> Result<(), String> {
     const ADMIN: &[&str] = &[
+        "/",
         "/status",
         "/backends",
         "/bindings",

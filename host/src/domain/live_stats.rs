@@ -22,12 +22,13 @@ impl LiveStats {
             .sum()
     }
 
-    /// This process's connections by backend, where it holds any (for a process taking
-    /// over, while this one drains).
+    /// The connections this POP holds by backend, where it holds any: this process's and
+    /// those it inherited from a predecessor still draining (for a process taking over
+    /// from this one while it drains).
     pub fn held(&self) -> Vec<(BackendId, u32)> {
         self.backends
             .iter()
-            .map(|e| (e.key().clone(), e.value().own_active()))
+            .map(|e| (e.key().clone(), e.value().active()))
             .filter(|(_, n)| *n > 0)
             .collect()
     }

@@ -299,8 +299,7 @@ mod tests {
         assert_eq!(stats.active(), 0);
     }
 
-    /// Eight threads race for two slots: never more than two are held. The same loop with
-    /// `if !at_hard_limit(active()) { acquire() }` (what the proxy did) overshoots.
+    /// A predecessor's connections (a handover) count in the load and against the limit.
     #[test]
     fn inherited_connections_count_in_the_load_and_against_the_hard_limit() {
         let stats = Arc::new(BackendStats::default());
@@ -314,6 +313,8 @@ mod tests {
         assert_eq!(stats.active(), 0);
     }
 
+    /// Eight threads race for two slots: never more than two are held. The same loop with
+    /// `if !at_hard_limit(active()) { acquire() }` (what the proxy did) overshoots.
     #[test]
     fn try_acquire_never_exceeds_the_hard_limit() {
         let stats = Arc::new(BackendStats::default());

@@ -139,6 +139,11 @@ fn the_debian_package_unpacks_into_a_binary_that_runs() {
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
         .expect("a .deb");
     let control = run_ok("dpkg-deb", &["-f".as_ref(), deb.as_os_str()]);
+    // The unit's scripts: removing the package stops the service.
+    let scripts = run_ok("dpkg-deb", &["-I".as_ref(), deb.as_os_str()]);
+    for script in ["postinst", "prerm", "postrm", "conffiles"] {
+        assert!(scripts.contains(script), "no {script}: {scripts}");
+    }
     assert!(control.contains("Package: edgeproxy"), "{control}");
     assert!(control.contains("Depends: adduser"), "{control}");
     let root = out.path().join("root");
@@ -148,7 +153,7 @@ fn the_debian_package_unpacks_into_a_binary_that_runs() {
     );
     for installed in [
         "usr/bin/edgeproxy",
-        "lib/systemd/system/edgeproxy.service",
+        "usr/lib/systemd/system/edgeproxy.service",
         "etc/edgeproxy/edgeproxy.toml",
         "usr/share/man/man1/edgeproxy.1.gz",
         "usr/share/man/man1/edgeproxy-backend-add.1.gz",

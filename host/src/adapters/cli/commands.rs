@@ -292,6 +292,14 @@ pub fn run(cli: Cli, serve: Serve) -> anyhow::Result<()> {
         }
         Some(Command::Man { dir }) => {
             std::fs::create_dir_all(&dir)?;
+            // Pages of commands gone since the last run are not packaged.
+            for old in std::fs::read_dir(&dir)?.flatten() {
+                let name = old.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with("edgeproxy") && name.ends_with(".1") {
+                    std::fs::remove_file(old.path())?;
+                }
+            }
             clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &dir)
                 .with_context(|| format!("writing the manual pages into {}", dir.display()))?;
             Ok(())

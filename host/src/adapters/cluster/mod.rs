@@ -633,7 +633,11 @@ impl Cluster {
                     .get(&m.id.node)
                     .and_then(|t| now.duration_since(*t).ok())
                     .map(|d| d.as_secs_f64()),
-                same_table: same_table.get(&m.id.node).copied(),
+                // A member not alive holds what it held: not compared any more.
+                same_table: same_table
+                    .get(&m.id.node)
+                    .copied()
+                    .filter(|_| m.state == foca::State::Alive),
             })
             .collect();
         let Summary {

@@ -373,20 +373,42 @@ fn page(query: Option<&str>) -> Result<(usize, usize), String> {
     Ok((offset, limit))
 }
 
+const STATUS_PAGE: &str = include_str!("status.html");
+
 /// The status page (`GET /`): one self-contained HTML file, no external assets.
 fn status_page() -> Reply {
+    use hyper::header::{CONTENT_SECURITY_POLICY, HeaderName, HeaderValue};
+    // Its own script (by its hash: nothing injected could run) and style, requests to
+    // this listener only.
+    static POLICY: std::sync::OnceLock<HeaderValue> = std::sync::OnceLock::new();
+    let policy = POLICY.get_or_init(|| {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let script = STATUS_PAGE
+            .split_once("<script>")
+            .and_then(|(_, rest)| rest.split_once("</script>"))
+            .map_or("", |(script, _)| script);
+        let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script));
+        let policy = format!(
+            "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; \
+             connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        );
+        HeaderValue::from_str(&policy).expect("a header value")
+    });
     let mut r = reply(
         StatusCode::OK,
         "text/html; charset=utf-8",
-        include_str!("status.html").to_owned(),
+        STATUS_PAGE.to_owned(),
     );
-    // Its own inline script and style, and requests to this listener only.
-    r.headers_mut().insert(
-        hyper::header::CONTENT_SECURITY_POLICY,
-        hyper::header::HeaderValue::from_static(
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-             connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-        ),
+    let headers = r.headers_mut();
+    headers.insert(CONTENT_SECURITY_POLICY, policy.clone());
+    headers.insert(
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        HeaderName::from_static("referrer-policy"),
+        HeaderValue::from_static("no-referrer"),
     );
     r
 }

@@ -233,13 +233,16 @@ fn report_held(conn: &OwnedFd, held: &Held, drained: &CancellationToken) {
     loop {
         let drained = drained.is_cancelled();
         let held = if drained { Vec::new() } else { held() };
-        let mut chunk = Vec::new();
+        // In messages under the size a read takes (ids have no length limit).
+        let mut chunk = String::new();
         let mut sent = Ok(());
-        for pair in held {
-            chunk.push(pair);
-            if chunk.len() == 1024 {
+        for pair in &held {
+            let item = serde_json::to_string(pair).unwrap_or_default();
+            if chunk.len() + item.len() + 1 > MAX_MESSAGE - 16 {
                 sent = sent.and_then(|()| held_message(conn, &std::mem::take(&mut chunk)));
             }
+            chunk.push_str(&item);
+            chunk.push('\n');
         }
         sent = sent
             .and_then(|()| held_message(conn, &chunk))
@@ -251,14 +254,11 @@ fn report_held(conn: &OwnedFd, held: &Held, drained: &CancellationToken) {
     }
 }
 
-fn held_message(conn: &OwnedFd, held: &[(String, u32)]) -> anyhow::Result<()> {
-    match held.is_empty() {
+/// One `(id, count)` JSON pair per line.
+fn held_message(conn: &OwnedFd, lines: &str) -> anyhow::Result<()> {
+    match lines.is_empty() {
         true => Ok(()),
-        false => send(
-            conn,
-            &format!("held\n{}", serde_json::to_string(held)?),
-            &[],
-        ),
+        false => send(conn, &format!("held\n{lines}"), &[]),
     }
 }
 
@@ -503,10 +503,15 @@ impl Inherited {
             while let Ok(Some(message)) = receive(&conn, &mut Vec::new()) {
                 if message == "held-end" {
                     on_held(std::mem::take(&mut snapshot));
-                } else if let Some(list) = message.strip_prefix("held\n")
-                    && let Ok(mut more) = serde_json::from_str::<Vec<(String, u32)>>(list)
-                {
-                    snapshot.append(&mut more);
+                } else if let Some(lines) = message.strip_prefix("held\n") {
+                    for line in lines.lines() {
+                        match serde_json::from_str::<(String, u32)>(line) {
+                            Ok(pair) => snapshot.push(pair),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "handover: a count from the old process")
+                            }
+                        }
+                    }
                 }
             }
             on_held(Vec::new());
