@@ -34,7 +34,8 @@ pub struct DecisionRecord {
     pub app: Option<String>,
     pub pop_region: String,
     pub table_version: u64,
-    /// In the order the policy got them (at most [`MAX_CANDIDATES`]).
+    /// In the order of the table (at most [`MAX_CANDIDATES`]), those down here too
+    /// (marked; a policy is not offered them).
     pub candidates: Vec<RecordedCandidate>,
     /// Candidates the policy got that were not recorded (a replay skips such a record).
     #[serde(default)]
@@ -68,6 +69,13 @@ pub struct RecordedCandidate {
     pub id: String,
     pub active: u32,
     pub rtt_us: u64,
+    /// False when this POP's checks or ejection had it down (written only then).
+    #[serde(default = "yes", skip_serializing_if = "Clone::clone")]
+    pub up: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 struct Ring {
@@ -130,6 +138,7 @@ impl DecisionLog {
                     id: c.backend.id.to_string(),
                     active: c.stats.active(),
                     rtt_us: c.stats.rtt_us(),
+                    up: c.up,
                 })
                 .collect(),
             omitted: candidates.len().saturating_sub(MAX_CANDIDATES),

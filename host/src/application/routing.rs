@@ -30,13 +30,14 @@ pub struct Routing {
     /// This POP's checks and ejections, joined into every snapshot.
     health: Arc<LocalHealth>,
     version: watch::Sender<u64>,
+    /// The last version handed out: reloads and local verdicts publish without waiting
+    /// for each other, so each takes its version from here.
+    versions: AtomicU64,
     /// Skipped rows of the last load, so each bad row is reported once, not every period.
     skipped: Mutex<Vec<SkippedRow>>,
     /// This POP's listeners as bound: a row pointing at one would make the proxy connect
     /// to itself (a registration through another POP, an operator's mistake).
     own: Mutex<Vec<std::net::SocketAddr>>,
-    /// Local verdicts changed and not yet in the snapshot.
-    local_pending: std::sync::atomic::AtomicBool,
     history: Mutex<History>,
     /// Reload attempts by outcome: changed, unchanged, failed.
     outcomes: [AtomicU64; 3],
@@ -106,9 +107,9 @@ impl Routing {
             metrics,
             health: Arc::new(LocalHealth::new(HealthRules::off())),
             version: watch::Sender::new(0),
+            versions: AtomicU64::new(0),
             skipped: Mutex::default(),
             own: Mutex::default(),
-            local_pending: std::sync::atomic::AtomicBool::new(false),
             history: Mutex::default(),
             outcomes: Default::default(),
             reloading: tokio::sync::Mutex::new(()),
@@ -122,20 +123,57 @@ impl Routing {
         }
     }
 
-    /// Runs `prepare` (on a blocking thread) with every new snapshot before connections
-    /// see it: the policies copy it in while the previous one still serves.
+    /// Runs `prepare` (on a blocking thread) with every snapshot of new rows before
+    /// connections see it: the policies copy it in while the previous one still serves.
+    /// (This POP's verdicts alone change no rows, and prepare nothing.)
     pub fn prepare_with(&self, prepare: impl Fn(&RoutingTable) + Send + Sync + 'static) {
         let _ = self.prepare.set(Arc::new(prepare));
     }
 
-    /// Publishes `table`, prepared first.
-    async fn publish(&self, table: RoutingTable) {
-        let table = Arc::new(table);
+    /// A version above every one handed out.
+    fn next_version(&self) -> u64 {
+        self.versions.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Prepares `table` (see `prepare_with`).
+    async fn prepare(&self, table: &Arc<RoutingTable>) {
         if let Some(prepare) = self.prepare.get() {
-            let (prepare, t) = (Arc::clone(prepare), Arc::clone(&table));
+            let (prepare, t) = (Arc::clone(prepare), Arc::clone(table));
             let _ = tokio::task::spawn_blocking(move || prepare(&t)).await;
         }
-        self.table.store(table);
+    }
+
+    /// Publishes `table` (new rows), prepared first, in place of `current`. Verdicts
+    /// published meanwhile (they take no lock) are joined to it under a newer version, so
+    /// neither is lost and versions only grow. Returns the version stored.
+    async fn publish(&self, current: &Arc<RoutingTable>, table: RoutingTable) -> u64 {
+        let mut table = Arc::new(table);
+        self.prepare(&table).await;
+        let mut current = Arc::clone(current);
+        loop {
+            let version = table.version();
+            let before = self.table.compare_and_swap(&current, Arc::clone(&table));
+            if Arc::ptr_eq(&before, &current) {
+                self.announce(version);
+                return version;
+            }
+            current = arc_swap::Guard::into_inner(before);
+            let (up, panicking) = self.local_changes(&table, &current).unwrap_or_else(|| {
+                let up = table.backends().iter().map(|b| b.up).collect();
+                (up, table.panicking().to_vec())
+            });
+            // The same rows: nothing for the policies to copy again.
+            table = Arc::new(table.with_local(self.next_version(), &up, panicking));
+        }
+    }
+
+    /// Tells subscribers, never going back (publishers race).
+    fn announce(&self, version: u64) {
+        self.version.send_if_modified(|v| {
+            let newer = version > *v;
+            *v = (*v).max(version);
+            newer
+        });
     }
 
     /// Routes by `health`'s verdicts as well as the table.
@@ -148,15 +186,14 @@ impl Routing {
         &self.health
     }
 
-    /// `table` as `version` with this POP's verdicts, or None when they are what `table`
-    /// already holds (no copy is made); apps entering or leaving panic (against `before`)
-    /// are logged once.
-    fn localise(
+    /// This POP's verdicts on `table`'s backends (by position) and the apps in panic, or
+    /// None when they are what `table` already holds; apps entering or leaving panic
+    /// (against `before`) are logged once.
+    fn local_changes(
         &self,
         table: &RoutingTable,
         before: &RoutingTable,
-        version: u64,
-    ) -> Option<RoutingTable> {
+    ) -> Option<(Vec<bool>, Vec<Arc<str>>)> {
         let (up, panicking) = local_view(
             table,
             |id| self.health.up(id),
@@ -169,45 +206,28 @@ impl Routing {
             tracing::info!(%app, "backends of this app are up from this POP again; routing by local health");
         }
         let same = table.backends().iter().map(|b| b.up).eq(up.iter().copied());
-        (!same || panicking != table.panicking()).then(|| table.with_local(version, &up, panicking))
+        (!same || panicking != table.panicking()).then_some((up, panicking))
     }
 
     /// Rebuilds the snapshot after this POP's verdicts changed (not the table): true when
-    /// routing changed here. Never waits for a reload in progress (a source that stalls,
-    /// a PostgreSQL server that stopped answering): that reload applies the verdicts when
-    /// it ends.
+    /// routing changed here. Takes no lock, so it never waits for a reload (a source that
+    /// stalls, a PostgreSQL server that stopped answering): a reload that stores its table
+    /// meanwhile makes the swap fail and this goes again over that table. The rows stay,
+    /// so the policies keep their copy of the table (see `RoutingTable::rows_version`).
     pub async fn refresh_local(&self) -> bool {
-        self.local_pending.store(true, Ordering::SeqCst);
-        self.apply_local_when_free().await
-    }
-
-    /// Applies pending verdicts unless a reload holds the lock (it applies them then);
-    /// checked again after the lock is let go, so a verdict noted meanwhile is not left
-    /// for the next reload.
-    async fn apply_local_when_free(&self) -> bool {
-        let mut changed = false;
-        while self.local_pending.load(Ordering::SeqCst) {
-            let Ok(_one) = self.reloading.try_lock() else {
-                break;
-            };
-            changed |= self.apply_local().await;
-        }
-        changed
-    }
-
-    /// Applies the verdicts changed since the last snapshot (the reload lock held).
-    async fn apply_local(&self) -> bool {
-        let mut changed = false;
-        while self.local_pending.swap(false, Ordering::SeqCst) {
+        loop {
             let current = self.table.load_full();
-            let version = current.version() + 1;
-            if let Some(table) = self.localise(&current, &current, version) {
-                self.publish(table).await;
-                self.version.send_replace(version);
-                changed = true;
+            let Some((up, panicking)) = self.local_changes(&current, &current) else {
+                return false;
+            };
+            let table = Arc::new(current.with_local(self.next_version(), &up, panicking));
+            let version = table.version();
+            let before = self.table.compare_and_swap(&current, table);
+            if Arc::ptr_eq(&before, &current) {
+                self.announce(version);
+                return true;
             }
         }
-        changed
     }
 
     pub fn history(&self) -> History {
@@ -247,17 +267,12 @@ impl Routing {
 
     /// Loads the table once and swaps it in if it changed; counts and records the outcome.
     pub async fn reload(&self) -> Result<Reloaded, RoutingError> {
-        let result = self.reload_locked().await;
-        // Verdicts noted while this reload held the lock and after it applied them.
-        self.apply_local_when_free().await;
-        result
+        self.reload_locked().await
     }
 
     async fn reload_locked(&self) -> Result<Reloaded, RoutingError> {
         let _one = self.reloading.lock().await;
         let result = self.load_and_swap().await;
-        // Verdicts that changed while this reload held the lock.
-        self.apply_local().await;
         let outcome = match &result {
             Ok(Reloaded::Changed { .. }) => 0,
             Ok(Reloaded::Unchanged) => 1,
@@ -341,11 +356,11 @@ impl Routing {
             }
             *last = loaded.skipped;
         }
-        let current = self.table.load();
+        let current = self.table.load_full();
         if current.version() > 0 && current.same_rows(&loaded.backends) {
             return Ok(Reloaded::Unchanged);
         }
-        let version = current.version() + 1;
+        let version = self.next_version();
         let count = loaded.backends.len();
         let table = RoutingTable::new(version, loaded.backends, |id| {
             self.metrics.backend_stats(id)
@@ -364,20 +379,27 @@ impl Routing {
                 self.drop_warn_percent
             );
         }
-        let ids: HashSet<&BackendId> = table.backends().iter().map(|b| &b.backend.id).collect();
-        let known = |id: &_| ids.contains(id);
-        self.metrics.retain(&known);
-        self.health.retain(known);
-        let checked: HashSet<&BackendId> = table
+        let ids: HashSet<BackendId> = table
+            .backends()
+            .iter()
+            .map(|b| b.backend.id.clone())
+            .collect();
+        let checked: HashSet<BackendId> = table
             .backends()
             .iter()
             .filter(|b| self.health.rules.check_for(&b.backend.app).enabled)
-            .map(|b| &b.backend.id)
+            .map(|b| b.backend.id.clone())
             .collect();
+        self.metrics.retain(&|id| ids.contains(id));
         self.health.forget_checks(|id| checked.contains(id));
-        let table = self.localise(&table, &current, version).unwrap_or(table);
-        self.publish(table).await;
-        self.version.send_replace(version);
+        let table = match self.local_changes(&table, &current) {
+            Some((up, panicking)) => table.with_local(version, &up, panicking),
+            None => table,
+        };
+        let version = self.publish(&current, table).await;
+        // Only once the old table is gone: a verdict published over it meanwhile must not
+        // find its removed backends' verdicts forgotten (up).
+        self.health.retain(|id| ids.contains(id));
         Ok(Reloaded::Changed {
             version,
             backends: count,
@@ -558,46 +580,150 @@ mod tests {
         }
     }
 
-    /// A reload whose source stalls must not hold this POP's verdicts back: the health
-    /// monitor does not wait for it, and the reload applies them when it ends.
+    /// A reload whose source stalls must not hold this POP's verdicts back: a verdict is
+    /// published at once, without the reload lock, and the reload's table, stored after
+    /// it, keeps it under a newer version.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_verdict_does_not_wait_for_a_stalled_reload() {
-        struct Stalled(Mutex<Option<mpsc::Receiver<()>>>);
+        struct Stalled {
+            loads: AtomicUsize,
+            release: Mutex<Option<mpsc::Receiver<()>>>,
+        }
         impl BackendRepository for Stalled {
             fn load(&self) -> Result<LoadedBackends, RoutingError> {
-                if let Some(rx) = self.0.lock().unwrap().take() {
-                    let _ = rx.recv_timeout(Duration::from_secs(10));
+                let mut backends = sample::backends("app");
+                // The second load stalls until released, and brings a row less.
+                if self.loads.fetch_add(1, Ordering::SeqCst) == 1 {
+                    if let Some(rx) = self.release.lock().unwrap().take() {
+                        let _ = rx.recv_timeout(Duration::from_secs(10));
+                    }
+                    backends.pop();
                 }
                 Ok(LoadedBackends {
-                    backends: sample::backends("app"),
+                    backends,
                     skipped: Vec::new(),
                 })
             }
         }
-        let health = Arc::new(LocalHealth::new(HealthRules::off()));
+        let mut rules = HealthRules::off();
+        rules.ejection.enabled = true;
+        let health = Arc::new(LocalHealth::new(rules));
         let (tx, rx) = mpsc::channel();
-        let stalled = Arc::new(
+        let routing = Arc::new(
             Routing::new(
-                Arc::new(Stalled(Mutex::new(Some(rx)))),
+                Arc::new(Stalled {
+                    loads: AtomicUsize::new(0),
+                    release: Mutex::new(Some(rx)),
+                }),
                 Arc::new(LiveStats::default()),
                 50,
             )
             .with_health(Arc::clone(&health)),
         );
-        // Its first reload stalls (holding the reload lock) until released.
+        routing.reload().await.unwrap();
+        let loaded = routing.current();
+        let first = loaded.backends()[0].backend.id.clone();
         let reload = tokio::spawn({
-            let r = Arc::clone(&stalled);
+            let r = Arc::clone(&routing);
             async move { r.reload().await }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let refreshed = tokio::time::timeout(Duration::from_secs(2), stalled.refresh_local()).await;
-        assert_eq!(refreshed, Ok(false), "waited for the stalled reload");
-        tx.send(()).unwrap();
-        reload.await.unwrap().unwrap();
-        assert!(
-            !stalled.local_pending.load(Ordering::SeqCst),
-            "applied by the reload"
+        // The reload holds its lock, stalled in the source.
+        while routing.reloading.try_lock().is_ok() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        health
+            .eject(&loaded, &first, 5, tokio::time::Instant::now())
+            .unwrap();
+        let refreshed = tokio::time::timeout(Duration::from_secs(2), routing.refresh_local()).await;
+        assert_eq!(refreshed, Ok(true), "waited for the stalled reload");
+        let ejected = routing.current();
+        assert!(!ejected.backends()[0].up);
+        assert_eq!(
+            ejected.rows_version(),
+            loaded.rows_version(),
+            "a verdict keeps the rows (and the policies' copies)"
         );
+        tx.send(()).unwrap();
+        assert!(matches!(
+            reload.await.unwrap().unwrap(),
+            Reloaded::Changed { .. }
+        ));
+        let reloaded = routing.current();
+        assert_eq!(reloaded.backends().len(), loaded.backends().len() - 1);
+        assert!(!reloaded.backends()[0].up, "the reload lost the verdict");
+        assert!(reloaded.version() > ejected.version());
+        assert!(reloaded.rows_version() > ejected.rows_version());
+        assert_eq!(*routing.subscribe().borrow(), reloaded.version());
+    }
+
+    /// A verdict published while a reload prepares its new rows (the policies copying
+    /// them in) is not lost when the reload's table goes in after it: the reload joins it
+    /// under a newer version, and reports the version it stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_verdict_published_while_a_reload_prepares_is_joined_to_it() {
+        struct Shrinking(AtomicUsize);
+        impl BackendRepository for Shrinking {
+            fn load(&self) -> Result<LoadedBackends, RoutingError> {
+                let mut backends = sample::backends("app");
+                if self.0.fetch_add(1, Ordering::SeqCst) > 0 {
+                    backends.pop();
+                }
+                Ok(LoadedBackends {
+                    backends,
+                    skipped: Vec::new(),
+                })
+            }
+        }
+        let mut rules = HealthRules::off();
+        rules.ejection.enabled = true;
+        let health = Arc::new(LocalHealth::new(rules));
+        let routing = Arc::new(
+            Routing::new(
+                Arc::new(Shrinking(AtomicUsize::new(0))),
+                Arc::new(LiveStats::default()),
+                50,
+            )
+            .with_health(Arc::clone(&health)),
+        );
+        let (entered, preparing) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        routing.prepare_with(move |t| {
+            if t.rows_version() > 1 {
+                let _ = entered.send(());
+                let _ = released
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(10));
+            }
+        });
+        routing.reload().await.unwrap();
+        let loaded = routing.current();
+        let first = loaded.backends()[0].backend.id.clone();
+        let reload = tokio::spawn({
+            let r = Arc::clone(&routing);
+            async move { r.reload().await }
+        });
+        tokio::task::spawn_blocking(move || preparing.recv_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .unwrap();
+        health
+            .eject(&loaded, &first, 5, tokio::time::Instant::now())
+            .unwrap();
+        assert!(routing.refresh_local().await);
+        let ejected = routing.current();
+        assert!(!ejected.backends()[0].up);
+        release.send(()).unwrap();
+        let Reloaded::Changed { version, .. } = reload.await.unwrap().unwrap() else {
+            panic!("the rows changed");
+        };
+        let reloaded = routing.current();
+        assert_eq!(reloaded.version(), version, "reported another version");
+        assert!(version > ejected.version());
+        assert_eq!(reloaded.backends().len(), loaded.backends().len() - 1);
+        assert!(!reloaded.backends()[0].up, "the reload lost the verdict");
+        assert_eq!(*routing.subscribe().borrow(), version);
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,7 +18,8 @@ pub struct RoutedBackend {
 }
 
 impl RoutedBackend {
-    /// Healthy in the table and up here: what a policy is told as `healthy`.
+    /// Healthy in the table and up here (a policy is offered only backends up here, and
+    /// told the table's `healthy`).
     pub fn routable(&self) -> bool {
         self.backend.healthy && self.up
     }
@@ -32,6 +33,9 @@ impl RoutedBackend {
 #[derive(Debug, Default)]
 pub struct RoutingTable {
     version: u64,
+    /// The version of the rows: this POP's verdicts alone change `version`, not this, so
+    /// what is built from the rows (a policy's copy of the table) is kept across them.
+    rows_version: u64,
     /// Sorted by id, so positions (and therefore tie-breaks) are deterministic.
     all: Box<[RoutedBackend]>,
     by_app: HashMap<Arc<str>, Box<[RoutedBackend]>>,
@@ -58,10 +62,15 @@ impl RoutingTable {
                 up: true,
             })
             .collect();
-        Self::group(version, all, Vec::new())
+        Self::group(version, version, all, Vec::new())
     }
 
-    fn group(version: u64, all: Vec<RoutedBackend>, panicking: Vec<Arc<str>>) -> Self {
+    fn group(
+        version: u64,
+        rows_version: u64,
+        all: Vec<RoutedBackend>,
+        panicking: Vec<Arc<str>>,
+    ) -> Self {
         let mut by_app: HashMap<Arc<str>, Vec<RoutedBackend>> = HashMap::new();
         for rb in &all {
             by_app
@@ -71,6 +80,7 @@ impl RoutingTable {
         }
         Self {
             version,
+            rows_version,
             all: all.into(),
             by_app: by_app.into_iter().map(|(k, v)| (k, v.into())).collect(),
             panicking,
@@ -78,7 +88,7 @@ impl RoutingTable {
     }
 
     /// This table as `version`, with this POP's verdicts (`up`, by position) and the apps
-    /// in panic.
+    /// in panic; the rows, and their version, stay.
     pub fn with_local(&self, version: u64, up: &[bool], panicking: Vec<Arc<str>>) -> Self {
         let all = self
             .all
@@ -89,7 +99,7 @@ impl RoutingTable {
                 ..b.clone()
             })
             .collect();
-        Self::group(version, all, panicking)
+        Self::group(version, self.rows_version, all, panicking)
     }
 
     /// Apps whose local verdicts are set aside.
@@ -99,6 +109,11 @@ impl RoutingTable {
 
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// Changes with the rows only (see the field).
+    pub fn rows_version(&self) -> u64 {
+        self.rows_version
     }
 
     /// Every backend, sorted by id.

@@ -254,6 +254,65 @@ async fn a_reloaded_table_is_in_the_policy_before_it_serves() {
     assert_eq!(wasm.faults.total(), 0);
 }
 
+/// This POP's own verdicts reach the policy as the candidates it is offered, not as a new
+/// table: a backend ejected here is never chosen, and no instance copies the table again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_verdict_reaches_the_policy_without_a_table_copy() {
+    use edgeproxy::domain::health::{HealthRules, LocalHealth};
+    let addr: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let db = Db::new(&[
+        Row::new("a", "sa", "BR", addr),
+        Row::new("b", "sa", "BR", addr),
+        Row::new("z", "eu", "DE", addr),
+    ]);
+    let mut rules = HealthRules::off();
+    rules.ejection.enabled = true;
+    let health = Arc::new(LocalHealth::new(rules));
+    let repo =
+        edgeproxy::adapters::outbound::sqlite_routing::SqliteBackendRepository::new(&db.path);
+    let routing = edgeproxy::application::routing::Routing::new(
+        Arc::new(repo),
+        Arc::new(edgeproxy::domain::live_stats::LiveStats::default()),
+        100,
+    )
+    .with_health(Arc::clone(&health));
+    let wasm = Arc::new(default_policy());
+    let pop = Region::new("eu");
+    let (w, p) = (Arc::clone(&wasm), pop.clone());
+    routing.prepare_with(move |t| w.prepare(t, &p));
+    routing.reload().await.unwrap();
+    let client = edgeproxy::domain::sample::client_in_brazil();
+    let decide = || {
+        let t = routing.current();
+        let req = PickRequest {
+            table: &t,
+            pop_region: &pop,
+            app: None,
+            client: &client,
+        };
+        let answer = wasm.pick(&req, t.candidates(None));
+        assert_eq!(answer, NativeScorer.pick(&req, t.candidates(None)));
+        answer
+    };
+    let copies = || {
+        wasm.tables_copied_ahead.load(Ordering::Relaxed)
+            + wasm.tables_copied_on_decision.load(Ordering::Relaxed)
+    };
+    assert_eq!(decide(), Some(0));
+    let copied = copies();
+
+    let ejected = BackendId::new("a");
+    health
+        .eject(&routing.current(), &ejected, 5, tokio::time::Instant::now())
+        .unwrap();
+    assert!(routing.refresh_local().await);
+    for _ in 0..3 {
+        assert_eq!(decide(), Some(1), "the ejected backend is not offered");
+    }
+    assert_eq!(copies(), copied, "a local verdict copied the table");
+    assert_eq!(wasm.faults.total(), 0);
+}
+
 /// The same in a running proxy: `Host` wires its policy to the routing table's reloads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_proxy_prepares_its_policy_for_each_reload() {

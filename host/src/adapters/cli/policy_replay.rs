@@ -106,7 +106,8 @@ pub fn replay(input: ReplayInput) -> anyhow::Result<Replay> {
     })
 }
 
-/// The recorded candidates, as they are in the table now, with the recorded loads.
+/// The recorded candidates, as they are in the table now, with the recorded loads and
+/// local verdicts.
 fn candidates(table: &RoutingTable, record: &DecisionRecord) -> Result<Vec<RoutedBackend>, String> {
     if record.omitted > 0 {
         return Err(format!(
@@ -125,6 +126,7 @@ fn candidates(table: &RoutingTable, record: &DecisionRecord) -> Result<Vec<Route
                 .map_err(|_| format!("candidate {} is no longer in the routing table", c.id))?;
             Ok(RoutedBackend {
                 stats: Arc::new(BackendStats::recorded(c.active, c.rtt_us)),
+                up: c.up,
                 ..table.backends()[i].clone()
             })
         })

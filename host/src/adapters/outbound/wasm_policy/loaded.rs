@@ -33,11 +33,14 @@ pub struct LoadedPolicy {
 pub(super) struct Instance {
     pub store: Store<GuestState>,
     pub policy: Guest,
-    /// Version of the routing table this instance was last given.
+    /// Rows version of the routing table this instance was last given.
     pub table_version: Option<u64>,
     /// Reused per call so a decision allocates nothing once warm: (backend index,
     /// active, rtt) per candidate, flattened as the contract passes them.
     pub candidates: Vec<u32>,
+    /// Where each candidate passed sits among the decision's candidates (those down
+    /// here are not passed).
+    pub positions: Vec<u32>,
 }
 
 impl Instance {
@@ -134,13 +137,15 @@ impl LoadedPolicy {
             policy,
             table_version: None,
             candidates: Vec::new(),
+            positions: Vec::new(),
         })
     }
 
     /// Copies `table` into the idle instances holding another version, one at a time so
     /// decisions go on with the rest. One that faults is dropped: a decision makes a fresh
-    /// one and meets the fault itself, where it is counted.
-    pub(super) fn refresh_idle(&self, runtime: &Runtime, table: &WitTable) {
+    /// one and meets the fault itself, where it is counted. Returns how many took it.
+    pub(super) fn refresh_idle(&self, runtime: &Runtime, table: &WitTable) -> u64 {
+        let mut copied = 0;
         loop {
             let mut stale = {
                 let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
@@ -149,10 +154,11 @@ impl LoadedPolicy {
                     .position(|i| i.table_version != Some(table.version))
                 {
                     Some(at) => idle.swap_remove(at),
-                    None => return,
+                    None => return copied,
                 }
             };
             if stale.take_table(runtime, table).is_ok() {
+                copied += 1;
                 self.put_back(stale);
             }
         }

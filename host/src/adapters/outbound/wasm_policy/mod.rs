@@ -135,6 +135,8 @@ pub struct WasmPolicy {
     /// Decisions that had to copy the table into their instance first (the rest found it
     /// there: see `prepare`).
     pub tables_copied_on_decision: AtomicU64,
+    /// Tables copied into idle instances ahead of decisions (`prepare`).
+    pub tables_copied_ahead: AtomicU64,
     /// A fleet deployment serves: the configured file is not reloaded meanwhile.
     held: AtomicBool,
     /// As a shadow: false while there is nothing to compare (no configured shadow and no
@@ -176,6 +178,7 @@ impl WasmPolicy {
             breaker: breaker::Breaker::default(),
             suspended_decisions: AtomicU64::new(0),
             tables_copied_on_decision: AtomicU64::new(0),
+            tables_copied_ahead: AtomicU64::new(0),
             held: AtomicBool::new(false),
             enabled: AtomicBool::new(true),
         }
@@ -362,7 +365,7 @@ impl WasmPolicy {
         if let Some(t) = self
             .table
             .load_full()
-            .filter(|t| t.version == table.version())
+            .filter(|t| t.version == table.rows_version())
         {
             return t;
         }
@@ -399,10 +402,15 @@ impl WasmPolicy {
             })?;
         }
         inst.candidates.clear();
-        for c in candidates {
+        inst.positions.clear();
+        // Backends down here are left out rather than marked in the table: a verdict then
+        // changes no instance's copy (in panic every one is up, see `health::local_view`).
+        for (at, c) in candidates.iter().enumerate().filter(|(_, c)| c.up) {
             let rtt = u32::try_from(c.stats.rtt_us()).unwrap_or(u32::MAX);
             inst.candidates
                 .extend_from_slice(&[c.index, c.stats.active(), rtt]);
+            // Invariant: candidates come from one table (fewer than 2^32 rows).
+            inst.positions.push(at as u32);
         }
         let client = table.client(req.client);
         let app = table.app(req.app);
@@ -419,15 +427,18 @@ impl WasmPolicy {
         };
         let decision = match answer {
             None => None,
-            Some(i) => match candidates.get(i as usize) {
-                Some(c) if c.is_eligible() => Some(i as usize),
-                Some(c) => {
+            Some(i) => match inst.positions.get(i as usize).map(|&at| at as usize) {
+                Some(at) if candidates[at].is_eligible() => Some(at),
+                Some(at) => {
                     return bad(format!(
                         "chose {} which is unhealthy or at its hard limit",
-                        c.backend.id
+                        candidates[at].backend.id
                     ));
                 }
-                None => return bad(format!("answered {i} of {} candidates", candidates.len())),
+                None => {
+                    let offered = inst.positions.len();
+                    return bad(format!("answered {i} of {offered} candidates"));
+                }
             },
         };
         // A sound answer: the instance goes back to the pool (after a fault it is dropped,
@@ -585,7 +596,9 @@ impl ScoringPolicy for WasmPolicy {
             return;
         }
         let wit = self.wit_table(table, pop_region);
-        self.current.load().refresh_idle(&self.runtime, &wit);
+        let copied = self.current.load().refresh_idle(&self.runtime, &wit);
+        self.tables_copied_ahead
+            .fetch_add(copied, Ordering::Relaxed);
     }
 }
 

@@ -1,6 +1,8 @@
 //! The routing table and the client in their WIT form (`wit/policy.wit`): regions and
 //! apps interned as indices, countries packed as two bytes. A table is converted once per
-//! version and shared by every instance.
+//! version of its rows and shared by every instance: this POP's own verdicts (checks,
+//! ejections) are not in it but leave backends out of a decision's candidates, so a
+//! backend going down here costs no instance a copy of the table.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -12,6 +14,7 @@ use crate::domain::{Client, CountryCode, Region, RoutingTable};
 
 /// The routing table in its WIT form, built once per version and shared by all instances.
 pub struct WitTable {
+    /// The table's rows version ([`RoutingTable::rows_version`]).
     pub version: u64,
     pub table: wit::RoutingTable,
     /// The same table for components of the 0.1.0 contract, made when one asks.
@@ -61,14 +64,14 @@ pub fn build(table: &RoutingTable, pop_region: &Region, client_regions: &[Region
                 weight: b.weight,
                 soft_limit: b.soft_limit,
                 hard_limit: b.hard_limit,
-                healthy: rb.routable(),
+                healthy: b.healthy,
             }
         })
         .collect();
     WitTable {
-        version: table.version(),
+        version: table.rows_version(),
         table: wit::RoutingTable {
-            version: table.version(),
+            version: table.rows_version(),
             pop_region: pop,
             regions: regions.iter().map(|r| r.as_str().to_owned()).collect(),
             apps,
