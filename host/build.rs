@@ -1,4 +1,5 @@
-//! The commit `edgeproxy --version` names: `git rev-parse` of the checkout being built,
+//! The commit `edgeproxy --version` names: `EDGEPROXY_COMMIT` when the build sets it (a
+//! container build, which has no .git), else `git rev-parse` of the checkout being built,
 //! "unknown" outside one (a source tarball).
 use std::process::Command;
 
@@ -11,7 +12,12 @@ fn main() {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
-    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rerun-if-env-changed=EDGEPROXY_COMMIT");
+    let commit = std::env::var("EDGEPROXY_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=EDGEPROXY_COMMIT={commit}");
     // Rebuilt when HEAD moves: HEAD itself (a checkout) and its reflog (every commit,
     // checkout and reset). Only paths that exist: cargo reruns a script whose watched

@@ -5,6 +5,8 @@
 //!   the table in the host (the WIT form, built once per version);
 //! - set-table: the wasm policy's first decision on a new table version minus a warm one
 //!   (copying the table into the instance);
+//! - local verdict: one backend ejected by this POP (or back), published and the next
+//!   decision made, with the policy prepared for every snapshot as in a running proxy;
 //! - decisions among 10, 100 and 1,000 candidates of one app, wasm and native, in the
 //!   10,000 and 100,000 tables.
 //!
@@ -22,6 +24,7 @@ use edgeproxy::adapters::outbound::sqlite_routing::SqliteBackendRepository;
 use edgeproxy::adapters::outbound::wasm_policy::runtime::{Limits, Runtime};
 use edgeproxy::adapters::outbound::wasm_policy::{DEFAULT_POLICY, LoadedPolicy, WasmPolicy};
 use edgeproxy::application::routing::Routing;
+use edgeproxy::domain::health::{HealthRules, LocalHealth};
 use edgeproxy::domain::live_stats::LiveStats;
 use edgeproxy::domain::ports::{BackendRepository, PickRequest, ScoringPolicy};
 use edgeproxy::domain::services::{NativeScorer, RegionMap};
@@ -111,12 +114,12 @@ fn main() {
     let client = edgeproxy::domain::sample::client("190.98.248.1", Some("CL"), Some("sa"));
     let pop = Region::new("eu");
     let dir = tempfile::tempdir().unwrap();
-    let mut csv = String::from("rows,reload_ms,snapshot_bytes,wit_bytes,set_table_us\n");
+    let mut csv = String::from("rows,reload_ms,snapshot_bytes,wit_bytes,set_table_us,verdict_ms\n");
     let mut decisions_csv = String::from("rows,candidates,native_ns,wasm_ns\n");
     println!(
-        "| backends | reload (ms) | snapshot held (bytes/backend) | policy's table copy (bytes/backend) | set-table, per instance (us) |"
+        "| backends | reload (ms) | snapshot held (bytes/backend) | policy's table copy (bytes/backend) | set-table, per instance (us) | local verdict (ms) |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     let mut decision_rows = Vec::new();
     for n in SIZES {
         let path = dir.path().join(format!("routing-{n}.db"));
@@ -189,23 +192,29 @@ fn main() {
             )),
         };
 
+        let verdict_us = match faulted {
+            None => local_verdict_us(&rt, &runtime, &regions, &repo, &pop, &client),
+            Some(_) => f64::NAN,
+        };
         println!(
-            "| {n} | {:.2} | {} | {} | {} |",
+            "| {n} | {:.2} | {} | {} | {} | {:.2} |",
             reload_us / 1e3,
             snapshot / n as isize,
             wit_bytes / n as isize,
             match &faulted {
                 None => format!("{set_table_us:.0}"),
                 Some(why) => format!("does not fit the default limits ({why})"),
-            }
+            },
+            verdict_us / 1e3
         );
         csv += &format!(
-            "{n},{:.3},{snapshot},{wit_bytes},{}\n",
+            "{n},{:.3},{snapshot},{wit_bytes},{},{:.3}\n",
             reload_us / 1e3,
             match faulted {
                 None => format!("{set_table_us:.1}"),
                 Some(_) => String::new(),
-            }
+            },
+            verdict_us / 1e3
         );
 
         if n >= 10_000 && wasm.faults.total() == 0 {
@@ -238,4 +247,57 @@ fn main() {
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
     std::fs::write(out.join("scale.csv"), csv).unwrap();
     std::fs::write(out.join("scale-decisions.csv"), decisions_csv).unwrap();
+}
+
+/// One backend of app a10 ejected by this POP, or returned, then the next decision: the
+/// median over 9 verdicts, in microseconds.
+fn local_verdict_us(
+    rt: &tokio::runtime::Runtime,
+    runtime: &Arc<Runtime>,
+    regions: &RegionMap,
+    repo: &Arc<SqliteBackendRepository>,
+    pop: &Region,
+    client: &edgeproxy::domain::Client,
+) -> f64 {
+    let mut rules = HealthRules::off();
+    rules.ejection.enabled = true;
+    let health = Arc::new(LocalHealth::new(rules));
+    let routing = Routing::new(repo.clone(), Arc::new(LiveStats::default()), 100)
+        .with_health(Arc::clone(&health));
+    let wasm = Arc::new(WasmPolicy::new(
+        runtime.clone(),
+        regions.client_regions(),
+        LoadedPolicy::load(runtime, "geo-load", DEFAULT_POLICY).unwrap(),
+    ));
+    let (w, p) = (Arc::clone(&wasm), pop.clone());
+    routing.prepare_with(move |t| w.prepare(t, &p));
+    rt.block_on(routing.reload()).unwrap();
+    let decide = || {
+        let t = routing.current();
+        let req = PickRequest {
+            table: &t,
+            pop_region: pop,
+            app: Some("a10"),
+            client,
+        };
+        black_box(wasm.pick(&req, t.candidates(Some("a10"))));
+    };
+    decide();
+    let id = routing.current().candidates(Some("a10"))[0]
+        .backend
+        .id
+        .clone();
+    let mut back_at = Instant::now();
+    median_us(9, || {
+        let s = Instant::now();
+        if health.up(&id) {
+            health.eject(&routing.current(), &id, 5, s).unwrap();
+        } else {
+            back_at += Duration::from_secs(86_400);
+            assert_eq!(health.expire_ejections(back_at).len(), 1);
+        }
+        assert!(rt.block_on(routing.refresh_local()));
+        decide();
+        s.elapsed()
+    })
 }

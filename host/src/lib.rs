@@ -583,6 +583,8 @@ impl Host {
             .map(|(l, _)| l.local_addr())
             .chain(admin.iter().map(TcpListener::local_addr))
             .chain(api.iter().map(TcpListener::local_addr))
+            .chain(metrics.iter().map(TcpListener::local_addr))
+            .chain(dns.iter().map(|d| d.tcp.local_addr()))
             .filter_map(Result::ok)
             .collect();
         // A row pointing at this POP (registered elsewhere, or by mistake) is skipped, and

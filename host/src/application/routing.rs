@@ -196,7 +196,7 @@ impl Routing {
     ) -> Option<(Vec<bool>, Vec<Arc<str>>)> {
         let (up, panicking) = local_view(
             table,
-            |id| self.health.up(id),
+            self.health.verdicts(),
             self.health.rules.panic_percent,
         );
         for app in panicking.iter().filter(|a| !before.panicking().contains(a)) {

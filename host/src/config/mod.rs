@@ -658,6 +658,8 @@ impl Config {
         let s = &self.settings;
         let mut own: Vec<SocketAddr> = self.listeners.iter().map(|l| l.addr).collect();
         own.extend(self.admin.as_ref().map(|a| a.addr));
+        own.extend(self.metrics.as_ref().and_then(|m| m.listen));
+        own.extend(self.dns.as_ref().map(|d| d.addr));
         if s.cluster_enabled {
             own.extend([s.cluster_gossip_addr, s.cluster_transport_addr]);
         }
@@ -866,6 +868,25 @@ mod tests {
         assert_eq!(c.settings.tcp_keepalive_secs, 60);
         assert_eq!(c.settings.max_connections, 50_000);
         assert!(c.origins.iter().all(|o| *o == Origin::Default));
+    }
+
+    /// The registration API refuses every address this POP serves on, the metrics-only
+    /// and DNS listeners included.
+    #[test]
+    fn the_apis_own_addresses_are_every_listener() {
+        let c = resolve(
+            "metrics_listen_addr = \"127.0.0.1:9091\"\n[api]\nenabled = true\nlisten_addr = \"127.0.0.1:8081\"\n[dns]\nenabled = true\nlisten_addr = \"127.0.0.1:5354\"",
+            &[],
+        )
+        .unwrap();
+        let own = &c.api.as_ref().unwrap().destinations.own;
+        for addr in ["127.0.0.1:8081", "127.0.0.1:9091", "127.0.0.1:5354"] {
+            assert!(
+                own.contains(&addr.parse().unwrap()),
+                "{addr} not in {own:?}"
+            );
+        }
+        assert!(own.contains(&c.listeners[0].addr));
     }
 
     #[test]

@@ -252,6 +252,13 @@ impl LocalHealth {
         self.state().up(id)
     }
 
+    /// [`Self::up`] for many backends under one lock (a table's worth: the lock is held
+    /// until the closure is dropped).
+    pub fn verdicts(&self) -> impl Fn(&BackendId) -> bool + '_ {
+        let state = self.state();
+        move |id| state.up(id)
+    }
+
     /// Records one check of `id` at `addr`; a transition when the verdict changed.
     /// A passed check also ends an ejection.
     pub fn record_check(
@@ -455,12 +462,7 @@ pub fn local_view(
 ) -> (Vec<bool>, Vec<std::sync::Arc<str>>) {
     let mut flags: Vec<bool> = table.backends().iter().map(|b| up(&b.backend.id)).collect();
     let mut panicking = Vec::new();
-    let mut apps: Vec<&std::sync::Arc<str>> =
-        table.backends().iter().map(|b| &b.backend.app).collect();
-    apps.sort();
-    apps.dedup();
-    for app in apps {
-        let of_app = table.candidates(Some(app));
+    for (app, of_app) in table.apps() {
         let healthy: Vec<usize> = of_app
             .iter()
             .filter(|b| b.backend.healthy)
@@ -477,6 +479,8 @@ pub fn local_view(
             }
         }
     }
+    // In a stable order: snapshots compare their lists.
+    panicking.sort();
     (flags, panicking)
 }
 

@@ -90,16 +90,27 @@ impl RoutingTable {
     /// This table as `version`, with this POP's verdicts (`up`, by position) and the apps
     /// in panic; the rows, and their version, stay.
     pub fn with_local(&self, version: u64, up: &[bool], panicking: Vec<Arc<str>>) -> Self {
-        let all = self
-            .all
-            .iter()
-            .zip(up)
-            .map(|(b, up)| RoutedBackend {
-                up: *up,
-                ..b.clone()
-            })
-            .collect();
-        Self::group(version, self.rows_version, all, panicking)
+        let local = |b: &RoutedBackend| RoutedBackend {
+            up: up[b.index as usize],
+            ..b.clone()
+        };
+        // The groups as they are (the same rows): no row is hashed again.
+        Self {
+            version,
+            rows_version: self.rows_version,
+            all: self.all.iter().map(local).collect(),
+            by_app: self
+                .by_app
+                .iter()
+                .map(|(app, of_app)| (Arc::clone(app), of_app.iter().map(local).collect()))
+                .collect(),
+            panicking,
+        }
+    }
+
+    /// Each app with its backends, in no particular order.
+    pub fn apps(&self) -> impl Iterator<Item = (&Arc<str>, &[RoutedBackend])> {
+        self.by_app.iter().map(|(app, of_app)| (app, &of_app[..]))
     }
 
     /// Apps whose local verdicts are set aside.

@@ -414,7 +414,7 @@ async fn hostile_http_clients_are_bounded_and_cost_the_data_path_nothing() {
     let db = Db::new(&[Row::new("b", "eu", "DE", b.addr)]);
     let p = Proxy::start(
         &db,
-        "http_idle_timeout_secs = 1\n[api]\nenabled = true\ntoken = \"t0ken\"\nallowed_networks = \"127.0.0.0/8\"\n",
+        "http_idle_timeout_secs = 1\nmetrics_listen_addr = \"127.0.0.1:0\"\n[api]\nenabled = true\ntoken = \"t0ken\"\nallowed_networks = \"127.0.0.0/8\"\n",
     )
     .await;
     let api = p.api.unwrap();
@@ -432,7 +432,12 @@ async fn hostile_http_clients_are_bounded_and_cost_the_data_path_nothing() {
     };
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
 
-    for (listener, ok_path) in [(p.admin, "/status"), (api, "/health")] {
+    let metrics = p.metrics.expect("the metrics-only listener");
+    for (listener, ok_path) in [
+        (p.admin, "/status"),
+        (api, "/health"),
+        (metrics, "/metrics"),
+    ] {
         // 5,000 connections from 1,000 addresses (fewer where the descriptor limit
         // cannot hold them and the proxy's): a few from each are held, the rest closed
         // at once, and never more than the listener's cap in all.
