@@ -26,10 +26,21 @@ async fn two_backends(toml: &str) -> (Backend, Backend, Db, Proxy) {
 /// slack for a loaded machine), and clients go elsewhere meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_stops_listening_is_out_and_back_by_the_counts() {
-    let (mut a, _b, _db, p) = two_backends(
-        "native_policy = true\nbinding_ttl_secs = 0\n[ejection]\nenabled = false\n\
+    out_and_back("native_policy = true").await;
+}
+
+/// The same with the WebAssembly policy deciding: the backend down here is left out of
+/// the candidates it is offered (not re-sent in its table), and it never faults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wasm_policy_routes_around_a_backend_down_here() {
+    out_and_back("native_policy = false").await;
+}
+
+async fn out_and_back(policy: &str) {
+    let (mut a, _b, _db, p) = two_backends(&format!(
+        "{policy}\nbinding_ttl_secs = 0\n[ejection]\nenabled = false\n\
          [health_check]\nenabled = true\ninterval_secs = 0.1\ntimeout_secs = 0.5\nrise = 2\nfall = 2\n",
-    )
+    ))
     .await;
     wait_backend(p.admin, "a", |b| b["check"]["state"] == "up").await;
     assert_eq!(
@@ -74,6 +85,9 @@ async fn a_backend_that_stops_listening_is_out_and_back_by_the_counts() {
     // The checks' round trip is the RTT policies see, with no client traffic needed.
     let (entry, _) = wait_backend(p.admin, "b", |_| true).await;
     assert!(entry["rtt_us"].as_u64().is_some(), "{entry:#}");
+    if let Some(wasm) = &p.host.wasm_policy {
+        assert_eq!(wasm.faults.total(), 0, "the policy faulted");
+    }
     p.stop().await;
 }
 
