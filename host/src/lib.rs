@@ -731,15 +731,22 @@ impl Host {
         }
         acceptors.close();
         let handed_over = CancellationToken::new();
+        // Cancelled once the process this one took over from (if any) is gone.
+        let predecessor = CancellationToken::new();
         #[cfg(target_os = "linux")]
         match handover {
             Some(handover) => {
                 let stops = (&stop_accepting, &stop_background);
-                self.hand_over(handover, &handed_over, &background, stops)
+                self.hand_over(handover, (&handed_over, &predecessor), &background, stops)
                     .await;
             }
-            None => adapters::inbound::handover::notify_ready(),
+            None => {
+                adapters::inbound::handover::notify_ready();
+                predecessor.cancel();
+            }
         }
+        #[cfg(not(target_os = "linux"))]
+        predecessor.cancel();
         let handed_over = tokio::select! {
             _ = shutdown.cancelled() => false,
             _ = handed_over.cancelled() => true,
@@ -771,6 +778,17 @@ impl Host {
             r = tokio::time::timeout(self.drain_timeout, connections.wait()) => r.is_ok(),
             _ = self.abort.cancelled() => false,
         };
+        if drained && handed_over && !predecessor.is_cancelled() {
+            // The successor counts the connections of the process before this one through
+            // this one's reports (hard limits, load): they must not vanish with it.
+            tracing::info!(
+                "drained; staying until the process this one took over from has drained too, whose connections the successor counts through this one"
+            );
+            tokio::select! {
+                _ = tokio::time::timeout(self.drain_timeout, predecessor.cancelled()) => {}
+                _ = self.abort.cancelled() => {}
+            }
+        }
         let cut_off = match drained {
             true => 0,
             false => {
@@ -827,7 +845,7 @@ impl Host {
     async fn hand_over(
         &self,
         handover: Handover,
-        handed_over: &CancellationToken,
+        (handed_over, predecessor): (&CancellationToken, &CancellationToken),
         background: &TaskTracker,
         (stop_accepting, drained): (&CancellationToken, &CancellationToken),
     ) {
@@ -851,12 +869,14 @@ impl Host {
                 }
                 counted = now;
             };
-            let why = match tokio::task::spawn_blocking(move || from.ready(on_held)).await {
+            let gone = predecessor.clone();
+            let why = match tokio::task::spawn_blocking(move || from.ready(on_held, gone)).await {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(format!("{e:#}")),
                 Err(e) => Some(e.to_string()),
             };
             if let Some(why) = why {
+                predecessor.cancel();
                 tracing::error!(
                     "handover: the old process did not confirm it stopped accepting ({why}); \
                      this one stops and drains, so that one process accepts"
@@ -865,6 +885,8 @@ impl Host {
                 return;
             }
             tracing::info!("took over; the old process stopped accepting and drains");
+        } else {
+            predecessor.cancel();
         }
         if let Err(e) = handover.endpoint.publish() {
             tracing::error!(error = %e, "cannot take the handover socket's path; a later process cannot take over from this one");

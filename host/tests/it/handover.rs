@@ -434,7 +434,9 @@ fn sigterm_refuses_new_connections_at_once_while_draining() {
 
 /// The old process's connections still count while it drains: a backend at its hard
 /// limit through the old process takes none from the new one, and takes one again once
-/// an old connection closes.
+/// an old connection closes. Through two upgrades in a row too: the middle process holds
+/// no connection and has drained at once, but stays while the first one drains, so the
+/// third goes on counting the first one's connections through it.
 #[test]
 fn connections_the_old_process_holds_count_against_hard_limits_while_it_drains() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -447,10 +449,13 @@ fn connections_the_old_process_holds_count_against_hard_limits_while_it_drains()
     let mut old = Process::start(dir.path(), &db.path, &drain);
     let addr = old.listening();
     let (_, first) = rt.block_on(open("127.0.0.1", addr));
-    let (_, _second) = rt.block_on(open("127.0.0.2", addr));
+    let (_, second) = rt.block_on(open("127.0.0.2", addr));
     let mut new = Process::start(dir.path(), &db.path, &drain);
     new.wait_log("took over;");
     old.wait_log("handed the listening sockets over");
+    let mut third = Process::start(dir.path(), &db.path, &drain);
+    third.wait_log("took over;");
+    new.wait_log("staying until the process this one took over from has drained");
     rt.block_on(async {
         let deadline = Instant::now() + WAIT;
         while !refused("127.0.0.3", addr).await {
@@ -470,6 +475,10 @@ fn connections_the_old_process_holds_count_against_hard_limits_while_it_drains()
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
+    // The first one's last connection closes: it ends, and the middle one with it.
+    drop(second);
+    assert!(old.wait_exit().0.success());
+    assert!(new.wait_exit().0.success());
 }
 
 /// Restarts with other settings: a socket the new settings add (the DNS server) is bound

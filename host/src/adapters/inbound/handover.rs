@@ -481,10 +481,12 @@ impl Inherited {
 
     /// Tells the old process this one accepts, so it stops. Sockets not taken (their
     /// listener is gone from the settings) close here. Then, until the old process has
-    /// drained, `on_held` gets what it still holds per backend (an empty list at its end).
+    /// drained, `on_held` gets what it still holds per backend (an empty list at its end),
+    /// and then `gone` is cancelled.
     pub fn ready(
         self,
         mut on_held: impl FnMut(Vec<(String, u32)>) + Send + 'static,
+        gone: tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<()> {
         let Self { conn, slots } = self;
         for (slot, fd) in slots {
@@ -515,6 +517,7 @@ impl Inherited {
                 }
             }
             on_held(Vec::new());
+            gone.cancel();
         });
         Ok(())
     }
