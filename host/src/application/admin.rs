@@ -154,7 +154,7 @@ impl From<&RoutedBackend> for BackendStatus {
             weight: b.weight,
             soft_limit: b.soft_limit,
             hard_limit: b.hard_limit,
-            up_here: rb.up,
+            up_here: rb.up(),
             eligible: rb.is_eligible(),
             local: HealthReport::default(),
             app_in_panic: false,

@@ -138,7 +138,7 @@ impl DecisionLog {
                     id: c.backend.id.to_string(),
                     active: c.stats.active(),
                     rtt_us: c.stats.rtt_us(),
-                    up: c.up,
+                    up: c.up(),
                 })
                 .collect(),
             omitted: candidates.len().saturating_sub(MAX_CANDIDATES),

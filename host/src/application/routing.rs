@@ -159,7 +159,7 @@ impl Routing {
             }
             current = arc_swap::Guard::into_inner(before);
             let (up, panicking) = self.local_changes(&table, &current).unwrap_or_else(|| {
-                let up = table.backends().iter().map(|b| b.up).collect();
+                let up = table.backends().iter().map(RoutedBackend::up).collect();
                 (up, table.panicking().to_vec())
             });
             // The same rows: nothing for the policies to copy again.
@@ -205,7 +205,11 @@ impl Routing {
         for app in before.panicking().iter().filter(|a| !panicking.contains(a)) {
             tracing::info!(%app, "backends of this app are up from this POP again; routing by local health");
         }
-        let same = table.backends().iter().map(|b| b.up).eq(up.iter().copied());
+        let same = table
+            .backends()
+            .iter()
+            .map(RoutedBackend::up)
+            .eq(up.iter().copied());
         (!same || panicking != table.panicking()).then_some((up, panicking))
     }
 
@@ -637,7 +641,7 @@ mod tests {
         let refreshed = tokio::time::timeout(Duration::from_secs(2), routing.refresh_local()).await;
         assert_eq!(refreshed, Ok(true), "waited for the stalled reload");
         let ejected = routing.current();
-        assert!(!ejected.backends()[0].up);
+        assert!(!ejected.backends()[0].up());
         assert_eq!(
             ejected.rows_version(),
             loaded.rows_version(),
@@ -650,7 +654,7 @@ mod tests {
         ));
         let reloaded = routing.current();
         assert_eq!(reloaded.backends().len(), loaded.backends().len() - 1);
-        assert!(!reloaded.backends()[0].up, "the reload lost the verdict");
+        assert!(!reloaded.backends()[0].up(), "the reload lost the verdict");
         assert!(reloaded.version() > ejected.version());
         assert!(reloaded.rows_version() > ejected.rows_version());
         assert_eq!(*routing.subscribe().borrow(), reloaded.version());
@@ -713,7 +717,7 @@ mod tests {
             .unwrap();
         assert!(routing.refresh_local().await);
         let ejected = routing.current();
-        assert!(!ejected.backends()[0].up);
+        assert!(!ejected.backends()[0].up());
         release.send(()).unwrap();
         let Reloaded::Changed { version, .. } = reload.await.unwrap().unwrap() else {
             panic!("the rows changed");
@@ -722,7 +726,7 @@ mod tests {
         assert_eq!(reloaded.version(), version, "reported another version");
         assert!(version > ejected.version());
         assert_eq!(reloaded.backends().len(), loaded.backends().len() - 1);
-        assert!(!reloaded.backends()[0].up, "the reload lost the verdict");
+        assert!(!reloaded.backends()[0].up(), "the reload lost the verdict");
         assert_eq!(*routing.subscribe().borrow(), version);
     }
 

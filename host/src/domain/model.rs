@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// A backend's primary key in the routing table. Cheap to clone (shared string).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -151,6 +151,9 @@ pub struct BackendStats {
     pub traffic: Traffic,
     /// DNS answers that named it.
     pub dns_answers: AtomicU64,
+    /// This POP's checks or ejection hold it out (and its app is not in panic): the
+    /// verdict every snapshot of the table reads, so a verdict copies no snapshot.
+    down_here: AtomicBool,
 }
 
 /// Bytes relayed client -> backend (`up`) and backend -> client (`down`).
@@ -161,6 +164,15 @@ pub struct Traffic {
 }
 
 impl BackendStats {
+    /// Up by this POP's own view (see `health::local_view`).
+    pub fn up_here(&self) -> bool {
+        !self.down_here.load(Ordering::Relaxed)
+    }
+
+    pub fn set_up_here(&self, up: bool) {
+        self.down_here.store(!up, Ordering::Relaxed);
+    }
+
     /// Connections this POP holds to it (this process's and those it inherited).
     pub fn active(&self) -> u32 {
         self.own_active()

@@ -1,5 +1,7 @@
-//! The immutable routing snapshot the hot path reads: backends joined with their live
-//! stats, grouped by app. Built off the hot path on every reload and swapped in whole.
+//! The routing snapshot the hot path reads: backends joined with their live stats,
+//! grouped by app. Built off the hot path on every reload and swapped in whole. Its rows
+//! never change; this POP's verdicts live beside the live counts (shared by every
+//! snapshot of the same backend), so a verdict is a new version that shares the rows.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,15 +15,18 @@ pub struct RoutedBackend {
     pub index: u32,
     pub backend: Backend,
     pub stats: Arc<BackendStats>,
-    /// This POP's checks and ejections let it route here (see [`super::health`]).
-    pub up: bool,
 }
 
 impl RoutedBackend {
+    /// This POP's checks and ejections let it route here (see [`super::health`]).
+    pub fn up(&self) -> bool {
+        self.stats.up_here()
+    }
+
     /// Healthy in the table and up here (a policy is offered only backends up here, and
     /// told the table's `healthy`).
     pub fn routable(&self) -> bool {
-        self.backend.healthy && self.up
+        self.backend.healthy && self.up()
     }
 
     /// May take a new connection: routable and under its hard limit.
@@ -36,9 +41,10 @@ pub struct RoutingTable {
     /// The version of the rows: this POP's verdicts alone change `version`, not this, so
     /// what is built from the rows (a policy's copy of the table) is kept across them.
     rows_version: u64,
-    /// Sorted by id, so positions (and therefore tie-breaks) are deterministic.
-    all: Box<[RoutedBackend]>,
-    by_app: HashMap<Arc<str>, Box<[RoutedBackend]>>,
+    /// Sorted by id, so positions (and therefore tie-breaks) are deterministic. Shared
+    /// by the versions that differ only in this POP's verdicts.
+    all: Arc<[RoutedBackend]>,
+    by_app: Arc<HashMap<Arc<str>, Box<[RoutedBackend]>>>,
     /// Apps whose local verdicts are set aside (nothing up here).
     panicking: Vec<Arc<str>>,
 }
@@ -59,18 +65,8 @@ impl RoutingTable {
                 index: u32::try_from(i).expect("fewer than 2^32 backends"),
                 stats: stats_for(&backend.id),
                 backend,
-                up: true,
             })
             .collect();
-        Self::group(version, version, all, Vec::new())
-    }
-
-    fn group(
-        version: u64,
-        rows_version: u64,
-        all: Vec<RoutedBackend>,
-        panicking: Vec<Arc<str>>,
-    ) -> Self {
         let mut by_app: HashMap<Arc<str>, Vec<RoutedBackend>> = HashMap::new();
         for rb in &all {
             by_app
@@ -80,30 +76,26 @@ impl RoutingTable {
         }
         Self {
             version,
-            rows_version,
+            rows_version: version,
             all: all.into(),
-            by_app: by_app.into_iter().map(|(k, v)| (k, v.into())).collect(),
-            panicking,
+            by_app: Arc::new(by_app.into_iter().map(|(k, v)| (k, v.into())).collect()),
+            panicking: Vec::new(),
         }
     }
 
     /// This table as `version`, with this POP's verdicts (`up`, by position) and the apps
-    /// in panic; the rows, and their version, stay.
+    /// in panic; the rows, and their version, stay. The verdicts are stored beside the
+    /// backends' live counts, so every snapshot holding them (this one too) reads them at
+    /// once: no row is copied.
     pub fn with_local(&self, version: u64, up: &[bool], panicking: Vec<Arc<str>>) -> Self {
-        let local = |b: &RoutedBackend| RoutedBackend {
-            up: up[b.index as usize],
-            ..b.clone()
-        };
-        // The groups as they are (the same rows): no row is hashed again.
+        for (b, up) in self.all.iter().zip(up) {
+            b.stats.set_up_here(*up);
+        }
         Self {
             version,
             rows_version: self.rows_version,
-            all: self.all.iter().map(local).collect(),
-            by_app: self
-                .by_app
-                .iter()
-                .map(|(app, of_app)| (Arc::clone(app), of_app.iter().map(local).collect()))
-                .collect(),
+            all: Arc::clone(&self.all),
+            by_app: Arc::clone(&self.by_app),
             panicking,
         }
     }

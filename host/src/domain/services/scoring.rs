@@ -105,7 +105,6 @@ mod tests {
             index: 0,
             backend: b,
             stats,
-            up: true,
         }
     }
 

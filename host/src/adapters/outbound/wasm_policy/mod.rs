@@ -405,7 +405,7 @@ impl WasmPolicy {
         inst.positions.clear();
         // Backends down here are left out rather than marked in the table: a verdict then
         // changes no instance's copy (in panic every one is up, see `health::local_view`).
-        for (at, c) in candidates.iter().enumerate().filter(|(_, c)| c.up) {
+        for (at, c) in candidates.iter().enumerate().filter(|(_, c)| c.up()) {
             let rtt = u32::try_from(c.stats.rtt_us()).unwrap_or(u32::MAX);
             inst.candidates
                 .extend_from_slice(&[c.index, c.stats.active(), rtt]);
