@@ -774,8 +774,9 @@ impl Host {
         if open > 0 {
             tracing::info!(open, timeout = ?self.drain_timeout, "draining connections");
         }
+        let drain_ends = tokio::time::Instant::now() + self.drain_timeout;
         let drained = tokio::select! {
-            r = tokio::time::timeout(self.drain_timeout, connections.wait()) => r.is_ok(),
+            r = tokio::time::timeout_at(drain_ends, connections.wait()) => r.is_ok(),
             _ = self.abort.cancelled() => false,
         };
         if drained && handed_over && !predecessor.is_cancelled() {
@@ -785,7 +786,8 @@ impl Host {
                 "drained; staying until the process this one took over from has drained too, whose connections the successor counts through this one"
             );
             tokio::select! {
-                _ = tokio::time::timeout(self.drain_timeout, predecessor.cancelled()) => {}
+                // Within this process's own drain time: a stop is not held up twice.
+                _ = tokio::time::timeout_at(drain_ends, predecessor.cancelled()) => {}
                 _ = self.abort.cancelled() => {}
             }
         }

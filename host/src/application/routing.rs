@@ -143,27 +143,43 @@ impl Routing {
         }
     }
 
-    /// Publishes `table` (new rows), prepared first, in place of `current`. Verdicts
-    /// published meanwhile (they take no lock) are joined to it under a newer version, so
-    /// neither is lost and versions only grow. Returns the version stored.
-    async fn publish(&self, current: &Arc<RoutingTable>, table: RoutingTable) -> u64 {
-        let mut table = Arc::new(table);
-        self.prepare(&table).await;
+    /// Publishes `rows` (a new table), prepared first, in place of `current`, with this
+    /// POP's verdicts worked out and written just before the swap, with no wait between:
+    /// the verdicts live beside the backends' counts, shared with the snapshot still
+    /// serving, which must not route by another table's view while the policies copy
+    /// this one (the panic rule depends on each app's rows). A verdict published
+    /// meanwhile (verdicts take no lock) makes the swap fail, and the verdicts are worked
+    /// out again over it under a newer version, so versions only grow. Returns the
+    /// version stored.
+    async fn publish(&self, current: &Arc<RoutingTable>, rows: RoutingTable) -> u64 {
+        let rows = Arc::new(rows);
+        self.prepare(&rows).await;
         let mut current = Arc::clone(current);
+        let mut first = true;
         loop {
+            let table = match (self.local_changes(&rows, &current), first) {
+                (None, true) => Arc::clone(&rows),
+                (changes, _) => {
+                    let (up, panicking) = changes.unwrap_or_else(|| {
+                        let up = rows.backends().iter().map(RoutedBackend::up).collect();
+                        (up, rows.panicking().to_vec())
+                    });
+                    let version = match first {
+                        true => rows.version(),
+                        false => self.next_version(),
+                    };
+                    // The same rows: nothing for the policies to copy again.
+                    Arc::new(rows.with_local(version, &up, panicking))
+                }
+            };
+            first = false;
             let version = table.version();
-            let before = self.table.compare_and_swap(&current, Arc::clone(&table));
+            let before = self.table.compare_and_swap(&current, table);
             if Arc::ptr_eq(&before, &current) {
                 self.announce(version);
                 return version;
             }
             current = arc_swap::Guard::into_inner(before);
-            let (up, panicking) = self.local_changes(&table, &current).unwrap_or_else(|| {
-                let up = table.backends().iter().map(RoutedBackend::up).collect();
-                (up, table.panicking().to_vec())
-            });
-            // The same rows: nothing for the policies to copy again.
-            table = Arc::new(table.with_local(self.next_version(), &up, panicking));
         }
     }
 
@@ -396,14 +412,13 @@ impl Routing {
             .collect();
         self.metrics.retain(&|id| ids.contains(id));
         self.health.forget_checks(|id| checked.contains(id));
-        let table = match self.local_changes(&table, &current) {
-            Some((up, panicking)) => table.with_local(version, &up, panicking),
-            None => table,
-        };
         let version = self.publish(&current, table).await;
         // Only once the old table is gone: a verdict published over it meanwhile must not
         // find its removed backends' verdicts forgotten (up).
         self.health.retain(|id| ids.contains(id));
+        // A verdict that landed between working the verdicts out and the swap, and
+        // changed nothing on the table then serving (an app in panic there), is applied.
+        self.refresh_local().await;
         Ok(Reloaded::Changed {
             version,
             backends: count,
@@ -728,6 +743,83 @@ mod tests {
         assert_eq!(reloaded.backends().len(), loaded.backends().len() - 1);
         assert!(!reloaded.backends()[0].up(), "the reload lost the verdict");
         assert_eq!(*routing.subscribe().borrow(), version);
+    }
+
+    /// The verdicts live beside the backends' counts, shared with the snapshot serving:
+    /// a reload whose rows take an app out of panic must not write its view while the
+    /// policies copy its table, or the serving snapshot (still in panic) would route to
+    /// nothing. After the swap, the new view holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_writes_its_verdicts_only_as_it_swaps() {
+        struct Growing(AtomicUsize);
+        impl BackendRepository for Growing {
+            fn load(&self) -> Result<LoadedBackends, RoutingError> {
+                let mut backends = sample::backends("app");
+                let n = 2 + self.0.fetch_add(1, Ordering::SeqCst).min(1);
+                backends.truncate(n);
+                Ok(LoadedBackends {
+                    backends,
+                    skipped: Vec::new(),
+                })
+            }
+        }
+        let mut rules = HealthRules::off();
+        rules.ejection.enabled = true;
+        rules.ejection.max_percent = 100;
+        let health = Arc::new(LocalHealth::new(rules));
+        let routing = Arc::new(
+            Routing::new(
+                Arc::new(Growing(AtomicUsize::new(0))),
+                Arc::new(LiveStats::default()),
+                50,
+            )
+            .with_health(Arc::clone(&health)),
+        );
+        let (entered, preparing) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        routing.prepare_with(move |t| {
+            if t.rows_version() > 1 && t.backends().len() == 3 {
+                let _ = entered.send(());
+                let _ = released
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(10));
+            }
+        });
+        routing.reload().await.unwrap();
+        let two = routing.current();
+        let now = tokio::time::Instant::now();
+        for b in two.backends() {
+            health.eject(&two, &b.backend.id, 5, now).unwrap();
+        }
+        routing.refresh_local().await;
+        let serving = routing.current();
+        assert_eq!(
+            serving.panicking().len(),
+            1,
+            "nothing up: the app is in panic"
+        );
+        assert!(serving.backends().iter().all(RoutedBackend::routable));
+
+        let reload = tokio::spawn({
+            let r = Arc::clone(&routing);
+            async move { r.reload().await }
+        });
+        tokio::task::spawn_blocking(move || preparing.recv_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            serving.backends().iter().all(RoutedBackend::routable),
+            "the snapshot serving lost its panic while the next table was prepared"
+        );
+        release.send(()).unwrap();
+        reload.await.unwrap().unwrap();
+        let three = routing.current();
+        assert!(three.panicking().is_empty());
+        let up: Vec<bool> = three.backends().iter().map(RoutedBackend::up).collect();
+        assert_eq!(up, [false, false, true]);
     }
 
     #[tokio::test(start_paused = true)]

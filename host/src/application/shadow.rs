@@ -30,9 +30,9 @@ struct Job {
     /// Candidates of the table the live policy did not see (failed over from).
     excluded: Vec<BackendId>,
     live: Option<BackendId>,
-    /// The candidates' (active, rtt) when the live policy decided, where there are at
+    /// The candidates' (active, rtt, up here) when the live policy decided, where there are at
     /// most [`SNAPSHOT_MAX`] (a larger set is asked with the numbers of its turn).
-    loads: Vec<(u32, u64)>,
+    loads: Vec<(u32, u64, bool)>,
 }
 
 /// Candidates whose live numbers a queued decision keeps.
@@ -197,7 +197,7 @@ impl Shadow {
             loads: match candidates.len() <= SNAPSHOT_MAX {
                 true => candidates
                     .iter()
-                    .map(|c| (c.stats.active(), c.stats.rtt_us()))
+                    .map(|c| (c.stats.active(), c.stats.rtt_us(), c.up()))
                     .collect(),
                 false => Vec::new(),
             },
@@ -230,8 +230,10 @@ impl Shadow {
                     .collect();
                 // As the live policy saw them.
                 if left.len() == job.loads.len() {
-                    for (c, (active, rtt)) in left.iter_mut().zip(&job.loads) {
-                        c.stats = Arc::new(crate::domain::BackendStats::recorded(*active, *rtt));
+                    for (c, (active, rtt, up)) in left.iter_mut().zip(&job.loads) {
+                        let stats = crate::domain::BackendStats::recorded(*active, *rtt);
+                        stats.set_up_here(*up);
+                        c.stats = Arc::new(stats);
                     }
                 }
                 owned = left;

@@ -31,7 +31,12 @@ impl RoutedBackend {
 
     /// May take a new connection: routable and under its hard limit.
     pub fn is_eligible(&self) -> bool {
-        self.routable() && !self.backend.at_hard_limit(self.stats.active())
+        self.up() && self.is_eligible_if_up()
+    }
+
+    /// Healthy in the table and under its hard limit, whatever this POP's verdict.
+    pub fn is_eligible_if_up(&self) -> bool {
+        self.backend.healthy && !self.backend.at_hard_limit(self.stats.active())
     }
 }
 

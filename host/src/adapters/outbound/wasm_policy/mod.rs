@@ -427,8 +427,10 @@ impl WasmPolicy {
         };
         let decision = match answer {
             None => None,
+            // Offered means up here when offered: a verdict landing since is the next
+            // decision's, not this policy's fault.
             Some(i) => match inst.positions.get(i as usize).map(|&at| at as usize) {
-                Some(at) if candidates[at].is_eligible() => Some(at),
+                Some(at) if candidates[at].is_eligible_if_up() => Some(at),
                 Some(at) => {
                     return bad(format!(
                         "chose {} which is unhealthy or at its hard limit",
