@@ -685,7 +685,7 @@ impl Host {
         let mut handover = handover;
         #[cfg(target_os = "linux")]
         if let Some(h) = &mut handover {
-            self.take_bindings(h).await;
+            self.take_bindings(h).await?;
         }
         let mut shared = None;
         for (listener, config) in listeners {
@@ -817,9 +817,9 @@ impl Host {
 impl Host {
     /// The sticky bindings of the process taken over from, taken in just before this one
     /// accepts (a client keeps its backend across the handover).
-    async fn take_bindings(&self, handover: &mut Handover) {
+    async fn take_bindings(&self, handover: &mut Handover) -> anyhow::Result<()> {
         let (Some(from), Some(table)) = (handover.inherited.take(), self.bindings.clone()) else {
-            return;
+            return Ok(());
         };
         let taken = tokio::task::spawn_blocking(move || {
             let n = from.bindings(table.as_ref());
@@ -836,8 +836,13 @@ impl Host {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "handover: the bindings"),
+            // The connection to the old process went with it: this one cannot tell it to
+            // stop accepting, so it must not start (the old one serves on).
+            Err(e) => anyhow::bail!(
+                "handover: taking the bindings over failed ({e}); the old process serves on"
+            ),
         }
+        Ok(())
     }
 
     /// Once this process accepts: tells the process it took over from (which then stops
