@@ -93,8 +93,12 @@ impl RoutingTable {
     /// backends' live counts, so every snapshot holding them (this one too) reads them at
     /// once: no row is copied.
     pub fn with_local(&self, version: u64, up: &[bool], panicking: Vec<Arc<str>>) -> Self {
-        for (b, up) in self.all.iter().zip(up) {
-            b.stats.set_up_here(*up);
+        // Those coming up first, then those going down: never a moment with fewer up
+        // than either view has.
+        for going_up in [true, false] {
+            for (b, up) in self.all.iter().zip(up).filter(|(_, up)| **up == going_up) {
+                b.stats.set_up_here(*up);
+            }
         }
         Self {
             version,
