@@ -155,31 +155,21 @@ impl Routing {
         let rows = Arc::new(rows);
         self.prepare(&rows).await;
         let mut current = Arc::clone(current);
-        let mut first = true;
+        let mut version = rows.version();
         loop {
-            let table = match (self.local_changes(&rows, &current), first) {
-                (None, true) => Arc::clone(&rows),
-                (changes, _) => {
-                    let (up, panicking) = changes.unwrap_or_else(|| {
-                        let up = rows.backends().iter().map(RoutedBackend::up).collect();
-                        (up, rows.panicking().to_vec())
-                    });
-                    let version = match first {
-                        true => rows.version(),
-                        false => self.next_version(),
-                    };
-                    // The same rows: nothing for the policies to copy again.
-                    Arc::new(rows.with_local(version, &up, panicking))
-                }
-            };
-            first = false;
-            let version = table.version();
+            let (up, panicking) = self.local_changes(&rows, &current).unwrap_or_else(|| {
+                let up = rows.backends().iter().map(RoutedBackend::up).collect();
+                (up, rows.panicking().to_vec())
+            });
+            // The same rows: nothing for the policies to copy again.
+            let table = Arc::new(rows.with_local(version, &up, panicking));
             let before = self.table.compare_and_swap(&current, table);
             if Arc::ptr_eq(&before, &current) {
                 self.announce(version);
                 return version;
             }
             current = arc_swap::Guard::into_inner(before);
+            version = self.next_version();
         }
     }
 
@@ -599,45 +589,86 @@ mod tests {
         }
     }
 
+    /// A source whose `n`th load (from 0) reads `tables(n)`.
+    struct ByLoad<F>(AtomicUsize, F);
+
+    impl<F: Fn(usize) -> Vec<crate::domain::Backend> + Send + Sync> BackendRepository for ByLoad<F> {
+        fn load(&self) -> Result<LoadedBackends, RoutingError> {
+            Ok(LoadedBackends {
+                backends: (self.1)(self.0.fetch_add(1, Ordering::SeqCst)),
+                skipped: Vec::new(),
+            })
+        }
+    }
+
+    /// Routing over `tables` (see [`ByLoad`]) with passive ejection on, up to
+    /// `max_percent` of an app, and this POP's health it routes by.
+    fn ejecting(
+        tables: impl Fn(usize) -> Vec<crate::domain::Backend> + Send + Sync + 'static,
+        max_percent: u32,
+    ) -> (Arc<Routing>, Arc<LocalHealth>) {
+        let mut rules = HealthRules::off();
+        rules.ejection.enabled = true;
+        rules.ejection.max_percent = max_percent;
+        let health = Arc::new(LocalHealth::new(rules));
+        let routing = Routing::new(
+            Arc::new(ByLoad(AtomicUsize::new(0), tables)),
+            Arc::new(LiveStats::default()),
+            50,
+        )
+        .with_health(Arc::clone(&health));
+        (Arc::new(routing), health)
+    }
+
+    /// Holds the preparation of each table `when` picks until released: a receiver told
+    /// when one is held, and the sender that releases it.
+    fn hold_prepare(
+        routing: &Routing,
+        when: impl Fn(&RoutingTable) -> bool + Send + Sync + 'static,
+    ) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (entered, preparing) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        routing.prepare_with(move |t| {
+            if when(t) {
+                let _ = entered.send(());
+                let _ = released
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(10));
+            }
+        });
+        (preparing, release)
+    }
+
+    /// Waits (off the runtime) until `held` says a preparation is held.
+    async fn held(held: mpsc::Receiver<()>) {
+        tokio::task::spawn_blocking(move || held.recv_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
     /// A reload whose source stalls must not hold this POP's verdicts back: a verdict is
     /// published at once, without the reload lock, and the reload's table, stored after
     /// it, keeps it under a newer version.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_verdict_does_not_wait_for_a_stalled_reload() {
-        struct Stalled {
-            loads: AtomicUsize,
-            release: Mutex<Option<mpsc::Receiver<()>>>,
-        }
-        impl BackendRepository for Stalled {
-            fn load(&self) -> Result<LoadedBackends, RoutingError> {
+        let (tx, rx) = mpsc::channel::<()>();
+        let release = Mutex::new(Some(rx));
+        // The second load stalls until released, and brings a row less.
+        let (routing, health) = ejecting(
+            move |n| {
                 let mut backends = sample::backends("app");
-                // The second load stalls until released, and brings a row less.
-                if self.loads.fetch_add(1, Ordering::SeqCst) == 1 {
-                    if let Some(rx) = self.release.lock().unwrap().take() {
+                if n == 1 {
+                    if let Some(rx) = release.lock().unwrap().take() {
                         let _ = rx.recv_timeout(Duration::from_secs(10));
                     }
                     backends.pop();
                 }
-                Ok(LoadedBackends {
-                    backends,
-                    skipped: Vec::new(),
-                })
-            }
-        }
-        let mut rules = HealthRules::off();
-        rules.ejection.enabled = true;
-        let health = Arc::new(LocalHealth::new(rules));
-        let (tx, rx) = mpsc::channel();
-        let routing = Arc::new(
-            Routing::new(
-                Arc::new(Stalled {
-                    loads: AtomicUsize::new(0),
-                    release: Mutex::new(Some(rx)),
-                }),
-                Arc::new(LiveStats::default()),
-                50,
-            )
-            .with_health(Arc::clone(&health)),
+                backends
+            },
+            50,
         );
         routing.reload().await.unwrap();
         let loaded = routing.current();
@@ -680,42 +711,17 @@ mod tests {
     /// under a newer version, and reports the version it stored.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_verdict_published_while_a_reload_prepares_is_joined_to_it() {
-        struct Shrinking(AtomicUsize);
-        impl BackendRepository for Shrinking {
-            fn load(&self) -> Result<LoadedBackends, RoutingError> {
+        let (routing, health) = ejecting(
+            |n| {
                 let mut backends = sample::backends("app");
-                if self.0.fetch_add(1, Ordering::SeqCst) > 0 {
+                if n > 0 {
                     backends.pop();
                 }
-                Ok(LoadedBackends {
-                    backends,
-                    skipped: Vec::new(),
-                })
-            }
-        }
-        let mut rules = HealthRules::off();
-        rules.ejection.enabled = true;
-        let health = Arc::new(LocalHealth::new(rules));
-        let routing = Arc::new(
-            Routing::new(
-                Arc::new(Shrinking(AtomicUsize::new(0))),
-                Arc::new(LiveStats::default()),
-                50,
-            )
-            .with_health(Arc::clone(&health)),
+                backends
+            },
+            50,
         );
-        let (entered, preparing) = mpsc::channel();
-        let (release, released) = mpsc::channel::<()>();
-        let released = Mutex::new(released);
-        routing.prepare_with(move |t| {
-            if t.rows_version() > 1 {
-                let _ = entered.send(());
-                let _ = released
-                    .lock()
-                    .unwrap()
-                    .recv_timeout(Duration::from_secs(10));
-            }
-        });
+        let (preparing, release) = hold_prepare(&routing, |t| t.rows_version() > 1);
         routing.reload().await.unwrap();
         let loaded = routing.current();
         let first = loaded.backends()[0].backend.id.clone();
@@ -723,10 +729,7 @@ mod tests {
             let r = Arc::clone(&routing);
             async move { r.reload().await }
         });
-        tokio::task::spawn_blocking(move || preparing.recv_timeout(Duration::from_secs(10)))
-            .await
-            .unwrap()
-            .unwrap();
+        held(preparing).await;
         health
             .eject(&loaded, &first, 5, tokio::time::Instant::now())
             .unwrap();
@@ -751,41 +754,16 @@ mod tests {
     /// nothing. After the swap, the new view holds.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reload_writes_its_verdicts_only_as_it_swaps() {
-        struct Growing(AtomicUsize);
-        impl BackendRepository for Growing {
-            fn load(&self) -> Result<LoadedBackends, RoutingError> {
+        let (routing, health) = ejecting(
+            |n| {
                 let mut backends = sample::backends("app");
-                let n = 2 + self.0.fetch_add(1, Ordering::SeqCst).min(1);
-                backends.truncate(n);
-                Ok(LoadedBackends {
-                    backends,
-                    skipped: Vec::new(),
-                })
-            }
-        }
-        let mut rules = HealthRules::off();
-        rules.ejection.enabled = true;
-        rules.ejection.max_percent = 100;
-        let health = Arc::new(LocalHealth::new(rules));
-        let routing = Arc::new(
-            Routing::new(
-                Arc::new(Growing(AtomicUsize::new(0))),
-                Arc::new(LiveStats::default()),
-                50,
-            )
-            .with_health(Arc::clone(&health)),
+                backends.truncate(2 + n.min(1));
+                backends
+            },
+            100,
         );
-        let (entered, preparing) = mpsc::channel();
-        let (release, released) = mpsc::channel::<()>();
-        let released = Mutex::new(released);
-        routing.prepare_with(move |t| {
-            if t.rows_version() > 1 && t.backends().len() == 3 {
-                let _ = entered.send(());
-                let _ = released
-                    .lock()
-                    .unwrap()
-                    .recv_timeout(Duration::from_secs(10));
-            }
+        let (preparing, release) = hold_prepare(&routing, |t| {
+            t.rows_version() > 1 && t.backends().len() == 3
         });
         routing.reload().await.unwrap();
         let two = routing.current();
@@ -806,10 +784,7 @@ mod tests {
             let r = Arc::clone(&routing);
             async move { r.reload().await }
         });
-        tokio::task::spawn_blocking(move || preparing.recv_timeout(Duration::from_secs(10)))
-            .await
-            .unwrap()
-            .unwrap();
+        held(preparing).await;
         assert!(
             serving.backends().iter().all(RoutedBackend::routable),
             "the snapshot serving lost its panic while the next table was prepared"

@@ -231,8 +231,7 @@ impl Shadow {
                 // As the live policy saw them.
                 if left.len() == job.loads.len() {
                     for (c, (active, rtt, up)) in left.iter_mut().zip(&job.loads) {
-                        let stats = crate::domain::BackendStats::recorded(*active, *rtt);
-                        stats.set_up_here(*up);
+                        let stats = crate::domain::BackendStats::recorded(*active, *rtt, *up);
                         c.stats = Arc::new(stats);
                     }
                 }

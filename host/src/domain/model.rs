@@ -200,11 +200,12 @@ impl BackendStats {
         self.connect_attempts.load(Ordering::Relaxed)
     }
 
-    /// Stats as a recorded decision saw them (replays and simulations).
-    pub fn recorded(active: u32, rtt_us: u64) -> Self {
+    /// Stats as a recorded decision saw them (replays and the shadow).
+    pub fn recorded(active: u32, rtt_us: u64, up_here: bool) -> Self {
         Self {
             active: AtomicU32::new(active),
             rtt_us: AtomicU64::new(rtt_us),
+            down_here: AtomicBool::new(!up_here),
             ..Self::default()
         }
     }

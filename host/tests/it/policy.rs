@@ -198,29 +198,11 @@ async fn a_reloaded_table_is_in_the_policy_before_it_serves() {
         Row::new("a", "sa", "BR", addr),
         Row::new("z", "eu", "DE", addr),
     ]);
-    let repo =
-        edgeproxy::adapters::outbound::sqlite_routing::SqliteBackendRepository::new(&db.path);
-    let routing = edgeproxy::application::routing::Routing::new(
-        Arc::new(repo),
-        Arc::new(edgeproxy::domain::live_stats::LiveStats::default()),
-        100,
-    );
+    let routing = routing_of(&db);
     routing.reload().await.unwrap();
     let wasm = Arc::new(default_policy());
     let pop = Region::new("eu");
-    let client = edgeproxy::domain::sample::client_in_brazil();
-    let decide = || {
-        let t = routing.current();
-        let req = PickRequest {
-            table: &t,
-            pop_region: &pop,
-            app: None,
-            client: &client,
-        };
-        let answer = wasm.pick(&req, t.candidates(None));
-        assert_eq!(answer, NativeScorer.pick(&req, t.candidates(None)));
-        answer
-    };
+    let decide = || decide_for_brazil(&routing, &wasm, &pop);
     let copied = || wasm.tables_copied_on_decision.load(Ordering::Relaxed);
     assert_eq!(decide(), Some(0));
     assert_eq!(
@@ -268,32 +250,13 @@ async fn a_local_verdict_reaches_the_policy_without_a_table_copy() {
     let mut rules = HealthRules::off();
     rules.ejection.enabled = true;
     let health = Arc::new(LocalHealth::new(rules));
-    let repo =
-        edgeproxy::adapters::outbound::sqlite_routing::SqliteBackendRepository::new(&db.path);
-    let routing = edgeproxy::application::routing::Routing::new(
-        Arc::new(repo),
-        Arc::new(edgeproxy::domain::live_stats::LiveStats::default()),
-        100,
-    )
-    .with_health(Arc::clone(&health));
+    let routing = routing_of(&db).with_health(Arc::clone(&health));
     let wasm = Arc::new(default_policy());
     let pop = Region::new("eu");
     let (w, p) = (Arc::clone(&wasm), pop.clone());
     routing.prepare_with(move |t| w.prepare(t, &p));
     routing.reload().await.unwrap();
-    let client = edgeproxy::domain::sample::client_in_brazil();
-    let decide = || {
-        let t = routing.current();
-        let req = PickRequest {
-            table: &t,
-            pop_region: &pop,
-            app: None,
-            client: &client,
-        };
-        let answer = wasm.pick(&req, t.candidates(None));
-        assert_eq!(answer, NativeScorer.pick(&req, t.candidates(None)));
-        answer
-    };
+    let decide = || decide_for_brazil(&routing, &wasm, &pop);
     let copies = || {
         wasm.tables_copied_ahead.load(Ordering::Relaxed)
             + wasm.tables_copied_on_decision.load(Ordering::Relaxed)
@@ -311,6 +274,37 @@ async fn a_local_verdict_reaches_the_policy_without_a_table_copy() {
     }
     assert_eq!(copies(), copied, "a local verdict copied the table");
     assert_eq!(wasm.faults.total(), 0);
+}
+
+/// Routing over `db`'s table, as a POP reads it.
+fn routing_of(db: &Db) -> edgeproxy::application::routing::Routing {
+    let repo =
+        edgeproxy::adapters::outbound::sqlite_routing::SqliteBackendRepository::new(&db.path);
+    edgeproxy::application::routing::Routing::new(
+        Arc::new(repo),
+        Arc::new(edgeproxy::domain::live_stats::LiveStats::default()),
+        100,
+    )
+}
+
+/// `wasm`'s pick for a client in Brazil on `routing`'s table (any app), which must be
+/// the native scorer's too.
+fn decide_for_brazil(
+    routing: &edgeproxy::application::routing::Routing,
+    wasm: &WasmPolicy,
+    pop: &Region,
+) -> Option<usize> {
+    let client = edgeproxy::domain::sample::client_in_brazil();
+    let t = routing.current();
+    let req = PickRequest {
+        table: &t,
+        pop_region: pop,
+        app: None,
+        client: &client,
+    };
+    let answer = wasm.pick(&req, t.candidates(None));
+    assert_eq!(answer, NativeScorer.pick(&req, t.candidates(None)));
+    answer
 }
 
 /// The same in a running proxy: `Host` wires its policy to the routing table's reloads.

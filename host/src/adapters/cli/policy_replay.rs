@@ -124,10 +124,8 @@ fn candidates(table: &RoutingTable, record: &DecisionRecord) -> Result<Vec<Route
                 .backends()
                 .binary_search_by(|b| b.backend.id.as_str().cmp(&c.id))
                 .map_err(|_| format!("candidate {} is no longer in the routing table", c.id))?;
-            let stats = Arc::new(BackendStats::recorded(c.active, c.rtt_us));
-            stats.set_up_here(c.up);
             Ok(RoutedBackend {
-                stats,
+                stats: Arc::new(BackendStats::recorded(c.active, c.rtt_us, c.up)),
                 ..table.backends()[i].clone()
             })
         })
