@@ -81,6 +81,8 @@ pub struct Host {
     db_reload: Duration,
     binding_gc_interval: Duration,
     drain_timeout: Duration,
+    /// Plain listeners accept and relay on io_uring rings (`data_path = "io_uring"`).
+    io_uring: bool,
     /// The internal DNS server's answers, when it is on.
     pub dns: Option<Arc<application::dns::Dns>>,
     dns_front: DnsFront,
@@ -476,6 +478,7 @@ impl Host {
             db_reload: Duration::from_secs(s.db_reload_secs),
             binding_gc_interval: Duration::from_secs(s.binding_gc_interval_secs),
             drain_timeout: Duration::from_secs(s.drain_timeout_secs),
+            io_uring: s.data_path == "io_uring",
             dns,
             dns_front,
             metrics_path: config.metrics.as_ref().map(|m| m.path.clone()),
@@ -688,6 +691,12 @@ impl Host {
             self.take_bindings(h).await?;
         }
         let mut shared = None;
+        // The io_uring data path's threads, and what each accepts on; they stop when
+        // this function returns (or its future is dropped).
+        let mut uring_jobs: Vec<Vec<adapters::inbound::uring_server::Job>> = Vec::new();
+        let uring_gone = CancellationToken::new();
+        let _uring_gone = uring_gone.clone().drop_guard();
+        let io_uring = self.io_uring && data_path_available();
         for (listener, config) in listeners {
             let addr = listener.local_addr()?;
             // SO_REUSEPORT copies of one listener share its counts.
@@ -720,6 +729,23 @@ impl Host {
                 self.telemetry.add_listener(Arc::clone(&s));
                 s
             });
+            #[cfg(target_os = "linux")]
+            if io_uring && config.tls.is_none() {
+                // The n-th copy of a listener goes to the n-th thread.
+                let copy = uring_jobs
+                    .iter()
+                    .position(|jobs| jobs.iter().all(|j| j.config.addr != config.addr));
+                let job = adapters::inbound::uring_server::Job {
+                    listener: listener.into_std()?,
+                    config,
+                    stats,
+                };
+                match copy {
+                    Some(i) => uring_jobs[i].push(job),
+                    None => uring_jobs.push(vec![job]),
+                }
+                continue;
+            }
             let tls = listener_tls(&config, self.certificates.as_ref())?;
             acceptors.spawn(adapters::inbound::tcp_server::serve(
                 listener,
@@ -728,6 +754,10 @@ impl Host {
                 acceptor.clone(),
                 tls,
             ));
+        }
+        #[cfg(target_os = "linux")]
+        if !uring_jobs.is_empty() {
+            adapters::inbound::uring_server::start(uring_jobs, &acceptor, &acceptors, &uring_gone)?;
         }
         acceptors.close();
         let handed_over = CancellationToken::new();
@@ -1094,6 +1124,24 @@ pub fn policy_limits(config: &Config) -> Limits {
 }
 
 /// The engine policies run on, with the configured bounds and compile cache.
+/// Whether the io_uring data path can run here; logs once why not (the epoll path
+/// serves instead).
+fn data_path_available() -> bool {
+    #[cfg(target_os = "linux")]
+    match adapters::net::uring::probe() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "data_path = \"io_uring\" is not available here; serving on epoll");
+            false
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        tracing::warn!("data_path = \"io_uring\" needs Linux; serving on epoll");
+        false
+    }
+}
+
 pub fn policy_runtime(config: &Config) -> anyhow::Result<Runtime> {
     Ok(Runtime::new(policy_limits(config))?.with_cache(config.policy.cache_dir.as_deref()))
 }

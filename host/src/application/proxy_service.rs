@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -23,9 +22,7 @@ use super::health_monitor::Suspects;
 use super::routing::Routing;
 use super::telemetry::{Decision, Telemetry};
 use crate::adapters::net::downstream::Downstream;
-use crate::adapters::net::{
-    BufferPool, is_local_resource_error, reset_on_close, set_backend_keepalive,
-};
+use crate::adapters::net::{BufferPool, is_local_resource_error};
 
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -125,8 +122,8 @@ impl ProxyService {
         self.serve(Downstream::Plain(stream), inbound)
     }
 
-    /// A client's connection, a socket or a TLS session terminated here.
-    pub async fn serve(&self, mut downstream: Downstream, mut inbound: Inbound) {
+    /// A client's connection, on the data path `downstream` belongs to.
+    pub async fn serve<P: DataPath>(&self, mut downstream: P, mut inbound: Inbound) {
         let client = Client {
             tls: inbound.tls.take(),
             ..self.locate(inbound.client_ip, inbound.via_proxy_protocol)
@@ -248,56 +245,45 @@ impl ProxyService {
         }
     }
 
-    async fn proxy(
+    async fn proxy<P: DataPath>(
         &self,
-        downstream: &mut Downstream,
+        downstream: &mut P,
         client: &Client,
         inbound: &mut Inbound,
     ) -> Result<(String, u64, u64), ConnError> {
         // Boxed: the decision and connect state exists only until connected, and the
         // connection's task then holds just what the relay needs, for as long as it lasts.
-        let (mut upstream, target, _guard) = Box::pin(self.connect(client, inbound)).await?;
-        let _ = upstream.set_nodelay(true);
-        if let Some(idle) = self.settings.keepalive {
-            set_backend_keepalive(&upstream, idle);
-        }
+        let (mut upstream, target, _guard) =
+            Box::pin(self.connect(&*downstream, client, inbound)).await?;
         // Taken, so the connection does not hold it (a ClientHello's buffer) while it
         // lasts; in a block, so the relay's future does not sit beside it.
         if !inbound.early_data.is_empty() {
             let early = std::mem::take(&mut inbound.early_data);
-            // PROXY header and client bytes in one write (and segment).
-            upstream.write_all(&early).await?;
             let client_bytes = early.len() - usize::from(inbound.proxy_header_len);
+            // PROXY header and client bytes in one write (and segment).
+            downstream.send_early(&mut upstream, early).await?;
             target
                 .stats
                 .traffic
                 .up
                 .fetch_add(client_bytes as u64, Relaxed);
         }
-        let relayed = downstream
-            .relay(
-                &mut upstream,
-                &self.buffers,
-                self.settings.idle_timeout,
-                &target.stats.traffic,
-            )
-            .await;
-        // An abort on one side (or the idle timeout) is an abort on both.
-        if relayed.is_err() {
-            reset_on_close(downstream.socket());
-            reset_on_close(&upstream);
-        }
-        let (up, down) = relayed?;
+        let traffic = &target.stats.traffic;
+        let idle = self.settings.idle_timeout;
+        let (up, down) = downstream
+            .relay(upstream, &self.buffers, idle, traffic)
+            .await?;
         Ok((target.backend.id.to_string(), up, down))
     }
 
     /// Decides and connects, failing over to the next best backend: the upstream stream,
     /// the backend, and its active-connection count held for the connection's life.
-    async fn connect(
+    async fn connect<P: DataPath>(
         &self,
+        path: &P,
         client: &Client,
         inbound: &Inbound,
-    ) -> Result<(TcpStream, RoutedBackend, ActiveGuard), ConnError> {
+    ) -> Result<(P::Upstream, RoutedBackend, ActiveGuard), ConnError> {
         let table = self.routing.current();
         let all = table.candidates(inbound.app.as_deref());
         let key = BindingKey {
@@ -341,7 +327,7 @@ impl ProxyService {
             let started = Instant::now();
             let result = tokio::time::timeout(
                 self.settings.connect_timeout,
-                TcpStream::connect(target.backend.addr),
+                path.dial(target.backend.addr, self.settings.keepalive),
             )
             .await;
             match result {
@@ -393,6 +379,38 @@ impl ProxyService {
             }
         })
     }
+}
+
+/// A data path: how a connection reaches its backend and moves its bytes. The epoll
+/// path (`net::downstream`) and the io_uring path (`net::uring`) are its adapters; what a
+/// connection means (decide, connect, fail over, count) is the same on both.
+pub trait DataPath {
+    type Upstream;
+
+    /// A connection to `addr`, with TCP_NODELAY and TCP keepalive after `keepalive` idle.
+    fn dial(
+        &self,
+        addr: std::net::SocketAddr,
+        keepalive: Option<Duration>,
+    ) -> impl std::future::Future<Output = std::io::Result<Self::Upstream>>;
+
+    /// The backend's first bytes (a PROXY header, bytes already read from the client), in
+    /// one write.
+    fn send_early(
+        &mut self,
+        upstream: &mut Self::Upstream,
+        bytes: Vec<u8>,
+    ) -> impl std::future::Future<Output = std::io::Result<()>>;
+
+    /// Bytes client -> backend and backend -> client until both sides are done; an abort
+    /// on one side (or the idle timeout) resets both.
+    fn relay(
+        &mut self,
+        upstream: Self::Upstream,
+        pool: &BufferPool,
+        idle: Option<Duration>,
+        traffic: &crate::domain::model::Traffic,
+    ) -> impl std::future::Future<Output = std::io::Result<(u64, u64)>>;
 }
 
 /// Leaves `target` out of later attempts; the candidates are copied only on a failure.

@@ -129,6 +129,11 @@ impl ConnectionSlots {
         }
     }
 
+    /// A slot even past the cap (it is returned like any other).
+    fn force_take(&self) {
+        self.open.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn release(&self) {
         if self.open.fetch_sub(1, Ordering::Relaxed) >= self.max {
             // Every paused loop races for the slot; the losers pause again.
@@ -229,9 +234,23 @@ impl ListenerStats {
         self
     }
 
+    /// A slot if one is free now (see `slot`).
+    pub fn try_slot(&self) -> bool {
+        self.slots.as_ref().is_none_or(|s| s.try_take())
+    }
+
     /// Waits for a connection slot under `max_connections` (at once without a cap); false
     /// when `stop` fires first. Each slot taken is returned by the `OpenConnection` of
     /// the connection accepted with it, or by [`Self::unused_slot`].
+
+    /// A slot even at the cap, for a connection the kernel accepted already (the
+    /// io_uring path's last accepts when it stops).
+    pub fn extra_slot(&self) {
+        if let Some(s) = &self.slots {
+            s.force_take();
+        }
+    }
+
     pub async fn slot(&self, stop: &CancellationToken) -> bool {
         match &self.slots {
             None => true,

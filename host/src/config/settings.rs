@@ -102,6 +102,11 @@ crate::settings! {
     /// runtime threads, each accepting on its own `SO_REUSEPORT` socket; `0`: one per core;
     /// `1` runs a single-threaded runtime
     worker_threads: usize = 0, env "EDGEPROXY_WORKER_THREADS", check |v| at_most(v, 1024);
+    /// how plain listeners move connections: `epoll` (tokio's readiness) or `io_uring` (a
+    /// ring per worker thread: multishot accept, provided buffers; Linux 5.19+, falls back
+    /// to `epoll` with a warning where io_uring is missing or disabled; TLS listeners stay
+    /// on `epoll`). docs/PERFORMANCE.md says when to choose which
+    data_path: String = "epoll".to_owned(), env "EDGEPROXY_DATA_PATH", check |v| one_of(v, &["epoll", "io_uring"]);
     /// admin JSON API and Prometheus `/metrics`; empty turns it off
     admin_addr: Option<SocketAddr> = Some(SocketAddr::from(([127, 0, 0, 1], 9090))), env "EDGEPROXY_ADMIN_ADDR";
     /// admin and registration API connections close after this long without a byte while

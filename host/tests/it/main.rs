@@ -2,6 +2,9 @@
 //! real sockets; `cli` and `routing_cli` run the built `edgeproxy` binary as an operator
 //! would.
 
+#[macro_use]
+mod support;
+
 mod admin;
 mod cli;
 mod cluster;
@@ -20,6 +23,5 @@ mod proxy;
 mod registration;
 mod routing_cli;
 mod shadow;
-mod support;
 mod tls;
 mod wasi;

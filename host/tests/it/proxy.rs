@@ -281,6 +281,7 @@ async fn bad_rows_are_skipped_and_the_rest_loads() {
     p.stop().await;
 }
 
+on_both_data_paths! {
 #[tokio::test]
 async fn half_close_still_delivers_the_reply() {
     let a = Backend::start("a").await;
@@ -296,6 +297,7 @@ async fn half_close_still_delivers_the_reply() {
         .unwrap();
     assert_eq!(reply, "a\nrequest body");
     p.stop().await;
+}
 }
 
 #[tokio::test]
@@ -524,6 +526,7 @@ async fn counts_return_to_zero_after_a_burst_of_1000() {
     }
 }
 
+on_both_data_paths! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_transfers_arrive_intact_both_ways() {
     // Large enough that both directions switch to splice (on Linux) after the first reads.
@@ -548,6 +551,7 @@ async fn bulk_transfers_arrive_intact_both_ways() {
     assert_eq!(&got[..2], b"a\n");
     assert!(got[2..] == data[..], "echoed bytes differ");
     assert_eq!(p.stop().await.cut_off, 0);
+}
 }
 
 /// edgeProxy's `EDGEPROXY_RATE_LIMIT_*`: a client over its new-connection rate or its open

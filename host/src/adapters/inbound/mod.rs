@@ -1,6 +1,6 @@
 //! Inbound adapters: what drives the host.
 //!
-//! - `tcp_server` (accept loops), `proxy_protocol` (the PROXY v1/v2 header on them) and
+//! - `tcp_server` (accept loops; `uring_server` those of the io_uring data path), `proxy_protocol` (the PROXY v1/v2 header on them) and
 //!   `tls_hello` (the ClientHello a TLS listener routes by), `tls_certs` (the certificates
 //!   terminating listeners present, reloaded as their files change).
 //! - `dns_server`: the internal DNS server's UDP and TCP sockets and wire format.
@@ -21,3 +21,5 @@ pub mod registration_http;
 pub mod tcp_server;
 pub mod tls_certs;
 pub mod tls_hello;
+#[cfg(target_os = "linux")]
+pub mod uring_server;

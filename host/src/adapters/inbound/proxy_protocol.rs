@@ -103,7 +103,7 @@ pub struct ProxyHeader {
 }
 
 pub async fn read_header(
-    stream: &mut TcpStream,
+    stream: &mut impl ReadSome,
     timeout: Duration,
 ) -> Result<ProxyHeader, ProxyHeaderError> {
     tokio::time::timeout(timeout, read(stream))
@@ -111,10 +111,26 @@ pub async fn read_header(
         .map_err(|_| ProxyHeaderError::Timeout(timeout))?
 }
 
-async fn read(stream: &mut TcpStream) -> Result<ProxyHeader, ProxyHeaderError> {
+/// A client socket the header is read from, on either data path.
+pub trait ReadSome {
+    /// Appends what one read gives to `buf`: how many bytes, 0 at the end of the stream.
+    fn read_some(
+        &mut self,
+        buf: &mut Vec<u8>,
+    ) -> impl std::future::Future<Output = std::io::Result<usize>>;
+}
+
+impl ReadSome for TcpStream {
+    async fn read_some(&mut self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+        buf.reserve(512);
+        self.read_buf(buf).await
+    }
+}
+
+async fn read(stream: &mut impl ReadSome) -> Result<ProxyHeader, ProxyHeaderError> {
     let mut buf = Vec::with_capacity(256);
     loop {
-        if stream.read_buf(&mut buf).await? == 0 {
+        if stream.read_some(&mut buf).await? == 0 {
             return Err(ProxyHeaderError::Closed);
         }
         if let Some(parsed) = parse(&buf)? {
@@ -123,7 +139,6 @@ async fn read(stream: &mut TcpStream) -> Result<ProxyHeader, ProxyHeaderError> {
         if buf.len() >= MAX_HEADER {
             return Err(ProxyHeaderError::TooLong);
         }
-        buf.reserve(512);
     }
 }
 

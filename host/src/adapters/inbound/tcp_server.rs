@@ -194,52 +194,14 @@ async fn connection(
     stats: &ListenerStats,
 ) {
     let config = &listener.config;
-    let mut inbound = Inbound {
-        client_ip: peer.ip().to_canonical(),
-        via_proxy_protocol: false,
-        app,
-        early_data: Vec::new(),
-        tls: None,
-        proxy_header_len: 0,
-    };
-    let (mut source, mut destination) = (peer, None);
-    if config.proxy_protocol && config.trusts(inbound.client_ip) {
-        match proxy_protocol::read_header(&mut stream, PROXY_HEADER_TIMEOUT).await {
-            Ok(header) => {
-                if let Some(src) = header.source {
-                    inbound.client_ip = src.ip().to_canonical();
-                    inbound.via_proxy_protocol = true;
-                    source = src;
-                    destination = header.destination;
-                }
-                inbound.early_data = header.rest;
-            }
-            Err(e) => {
-                if let Some(suppressed) = service.telemetry.connection_log.allow() {
-                    tracing::warn!(listener = %config.addr, peer = %service.shown(peer.ip()), error = %e, suppressed, "closing connection: bad PROXY header");
-                }
-                return;
-            }
-        }
-    }
-    // Per-client limits, on the client's address (the PROXY header's, where trusted),
-    // before any decision: a refused connection costs an accept and a close.
-    let _admitted = match &stats.limiter {
-        None => None,
-        Some(l) => match l.admit(inbound.client_ip, tokio::time::Instant::now()) {
-            Ok(a) => a,
-            Err(why) => {
-                let counter = match why {
-                    Refused::Rate => &stats.refused_rate,
-                    Refused::Open => &stats.refused_open,
-                };
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if let Some(suppressed) = service.telemetry.connection_log.allow() {
-                    tracing::warn!(listener = %config.addr, client = %service.shown(inbound.client_ip), ?why, suppressed, "connection refused: over the client's limit");
-                }
-                return;
-            }
-        },
+    let Some(Admitted {
+        mut inbound,
+        source,
+        destination,
+        limit: _limit,
+    }) = admit(&mut stream, peer, config, app, service, stats).await
+    else {
+        return;
     };
     match &listener.tls {
         None => {
@@ -259,6 +221,83 @@ async fn connection(
             .await
         }
     }
+}
+
+/// A connection past its PROXY header and the per-client limits.
+pub struct Admitted {
+    pub inbound: Inbound,
+    /// The client's address, the PROXY header's where trusted.
+    pub source: SocketAddr,
+    /// The address the client connected to, as a PROXY header said.
+    pub destination: Option<SocketAddr>,
+    /// Held for the connection's life: counts it against its client's open limit.
+    pub limit: Option<crate::application::client_limits::Admitted>,
+}
+
+/// What every data path does first with an accepted connection: read a PROXY header from
+/// a trusted source, then apply the per-client limits on the client's address. None:
+/// closed, logged and counted.
+pub async fn admit(
+    stream: &mut impl proxy_protocol::ReadSome,
+    peer: SocketAddr,
+    config: &ListenerConfig,
+    app: Option<Arc<str>>,
+    service: &ProxyService,
+    stats: &ListenerStats,
+) -> Option<Admitted> {
+    let mut inbound = Inbound {
+        client_ip: peer.ip().to_canonical(),
+        via_proxy_protocol: false,
+        app,
+        early_data: Vec::new(),
+        tls: None,
+        proxy_header_len: 0,
+    };
+    let (mut source, mut destination) = (peer, None);
+    if config.proxy_protocol && config.trusts(inbound.client_ip) {
+        match proxy_protocol::read_header(stream, PROXY_HEADER_TIMEOUT).await {
+            Ok(header) => {
+                if let Some(src) = header.source {
+                    inbound.client_ip = src.ip().to_canonical();
+                    inbound.via_proxy_protocol = true;
+                    source = src;
+                    destination = header.destination;
+                }
+                inbound.early_data = header.rest;
+            }
+            Err(e) => {
+                if let Some(suppressed) = service.telemetry.connection_log.allow() {
+                    tracing::warn!(listener = %config.addr, peer = %service.shown(peer.ip()), error = %e, suppressed, "closing connection: bad PROXY header");
+                }
+                return None;
+            }
+        }
+    }
+    // Per-client limits, on the client's address (the PROXY header's, where trusted),
+    // before any decision: a refused connection costs an accept and a close.
+    let limit = match &stats.limiter {
+        None => None,
+        Some(l) => match l.admit(inbound.client_ip, tokio::time::Instant::now()) {
+            Ok(a) => a,
+            Err(why) => {
+                let counter = match why {
+                    Refused::Rate => &stats.refused_rate,
+                    Refused::Open => &stats.refused_open,
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(suppressed) = service.telemetry.connection_log.allow() {
+                    tracing::warn!(listener = %config.addr, client = %service.shown(inbound.client_ip), ?why, suppressed, "connection refused: over the client's limit");
+                }
+                return None;
+            }
+        },
+    };
+    Some(Admitted {
+        inbound,
+        source,
+        destination,
+        limit,
+    })
 }
 
 /// A TLS listener's connection: routed by its hello, then passed through or terminated.
@@ -313,17 +352,23 @@ async fn tls_connection(
 /// connected to (the inbound header's, else this socket's: one getsockname, only where
 /// a header is sent).
 fn proxy_header_addrs(
-    stream: &TcpStream,
+    stream: &impl std::os::fd::AsFd,
     source: SocketAddr,
     destination: Option<SocketAddr>,
 ) -> Option<(SocketAddr, SocketAddr)> {
-    let destination = destination.or_else(|| stream.local_addr().ok())?;
+    let local = || {
+        socket2::SockRef::from(stream)
+            .local_addr()
+            .ok()?
+            .as_socket()
+    };
+    let destination = destination.or_else(local)?;
     Some((source, destination))
 }
 
-fn proxy_header(
+pub fn proxy_header(
     version: SendVersion,
-    stream: &TcpStream,
+    stream: &impl std::os::fd::AsFd,
     source: SocketAddr,
     destination: Option<SocketAddr>,
     hello: Option<&TlsHello>,

@@ -16,7 +16,9 @@ use tokio::time::Instant;
 use tokio_util::either::Either;
 
 use super::BufferPool;
+use crate::application::proxy_service::DataPath;
 use crate::domain::model::Traffic;
+use tokio::io::AsyncWriteExt;
 
 pub type TlsSession = tokio_rustls::server::TlsStream<Prefixed>;
 
@@ -84,6 +86,47 @@ impl Terminated {
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "backend TLS handshake"))??;
         copy(&mut self.session, &mut upstream, idle, traffic).await
+    }
+}
+
+/// The epoll data path: tokio's sockets, readiness from epoll.
+impl DataPath for Downstream {
+    type Upstream = TcpStream;
+
+    async fn dial(
+        &self,
+        addr: std::net::SocketAddr,
+        keepalive: Option<Duration>,
+    ) -> std::io::Result<TcpStream> {
+        let stream = TcpStream::connect(addr).await?;
+        let _ = stream.set_nodelay(true);
+        if let Some(idle) = keepalive {
+            super::set_backend_keepalive(&stream, idle);
+        }
+        Ok(stream)
+    }
+
+    async fn send_early(
+        &mut self,
+        upstream: &mut TcpStream,
+        bytes: Vec<u8>,
+    ) -> std::io::Result<()> {
+        upstream.write_all(&bytes).await
+    }
+
+    async fn relay(
+        &mut self,
+        mut upstream: TcpStream,
+        pool: &BufferPool,
+        idle: Option<Duration>,
+        traffic: &Traffic,
+    ) -> std::io::Result<(u64, u64)> {
+        let relayed = Downstream::relay(self, &mut upstream, pool, idle, traffic).await;
+        if relayed.is_err() {
+            super::reset_on_close(self.socket());
+            super::reset_on_close(&upstream);
+        }
+        relayed
     }
 }
 

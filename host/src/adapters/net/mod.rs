@@ -1,13 +1,16 @@
 //! Socket technology: how bytes move between a client and a backend (`relay`: one poll
 //! loop per connection, splice(2) on Linux) and the buffers and pipes they borrow for it
 //! (`pool`); `downstream`: the client's side, its socket or a TLS session terminated here;
-//! `tls`: the provider, CA-file clients and certificate names every TLS use shares.
+//! `tls`: the provider, CA-file clients and certificate names every TLS use shares;
+//! `uring`: the io_uring data path (a ring per thread, its operations and relay).
 //! What a connection means (decide, connect, fail over) is the application's.
 
 pub mod downstream;
 pub mod pool;
 pub mod relay;
 pub mod tls;
+#[cfg(target_os = "linux")]
+pub mod uring;
 
 pub use pool::BufferPool;
 

@@ -18,6 +18,35 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+tokio::task_local! {
+    /// The data path proxies started in this task use (`data_path`); epoll outside
+    /// `on_both_data_paths!`.
+    pub static DATA_PATH: &'static str;
+}
+
+/// The data path a proxy started now uses.
+pub fn data_path() -> &'static str {
+    DATA_PATH.try_with(|p| *p).unwrap_or("epoll")
+}
+
+/// A test of what a connection does, run on both data paths: `<name>::epoll` and
+/// `<name>::io_uring` (the same body, with `data_path` set for the proxies it starts, in
+/// process through `Proxy::start*` and as processes through `edgeproxy_command`).
+macro_rules! on_both_data_paths {
+    ($(#[$attr:meta])* async fn $name:ident() $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$attr])*
+            async fn epoll() $body
+            $(#[$attr])*
+            async fn io_uring() {
+                $crate::support::DATA_PATH.scope("io_uring", async $body).await
+            }
+        }
+    };
+}
+
 /// An echo server that greets with its name, counts connections and holds them open
 /// until the client closes its side.
 pub struct Backend {
@@ -260,6 +289,7 @@ impl Proxy {
             .with("db_path", db.path.display().to_string())
             .with("geoip_path", geo.display().to_string())
             .with("region", "eu")
+            .with("data_path", data_path())
             // Reloads in tests come from file notifications, not the timer.
             .with("db_reload_secs", 3600);
         let config =
