@@ -54,6 +54,7 @@ async fn br_de_pop() -> (Backend, Backend, Db, Proxy) {
     (br, de, db, p)
 }
 
+on_both_data_paths! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_scrape_matches_the_traffic_sent() {
     let (_br, _de, db, p) = br_de_pop().await;
@@ -151,6 +152,7 @@ async fn metrics_scrape_matches_the_traffic_sent() {
         0.0
     );
     p.stop().await;
+}
 }
 
 #[tokio::test]
@@ -283,6 +285,7 @@ async fn a_token_guards_every_endpoint() {
     p.stop().await;
 }
 
+on_both_data_paths! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reuseport_copies_of_a_listener_serve_and_count_as_one() {
     let b = Backend::start("b").await;
@@ -304,6 +307,7 @@ async fn reuseport_copies_of_a_listener_serve_and_count_as_one() {
     assert_eq!(listeners.len(), 1, "{listeners:?}");
     assert_eq!(listeners[0]["accepted"], 40);
     p.stop().await;
+}
 }
 
 #[tokio::test]

@@ -9,7 +9,8 @@ use crate::support::*;
 fn edgeproxy() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_edgeproxy"));
     c.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("EDGEPROXY_DATA_PATH", data_path());
     c
 }
 
@@ -21,7 +22,8 @@ fn edgeproxy_under_ulimit(args: &str) -> Command {
             "ulimit {args} && exec {}",
             env!("CARGO_BIN_EXE_edgeproxy")
         ))
-        .env_clear();
+        .env_clear()
+        .env("EDGEPROXY_DATA_PATH", data_path());
     c
 }
 
@@ -196,6 +198,7 @@ fn demo_shows_geo_routing() {
     );
 }
 
+on_both_data_paths! {
 #[test]
 fn accept_loop_survives_running_out_of_descriptors() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -241,6 +244,7 @@ fn accept_loop_survives_running_out_of_descriptors() {
         assert_eq!(served.as_deref(), Some("b"));
     });
     assert!(child.0.try_wait().unwrap().is_none(), "edgeproxy exited");
+}
 }
 
 #[test]
@@ -381,6 +385,7 @@ fn start_up_warns_about_unknown_and_unsupported_variables() {
     );
 }
 
+on_both_data_paths! {
 /// When this POP runs out of descriptors between accepting a client and connecting to
 /// its backend, the backend is not blamed (no "connect failed", no failover) and the
 /// failure is named as the POP's own. Which descriptor runs out first (the accept's or
@@ -460,6 +465,7 @@ fn connects_that_fail_for_want_of_descriptors_blame_no_backend() {
         return;
     }
     panic!("neither limit ran out on a connect");
+}
 }
 
 /// A soft descriptor limit below the hard one (1024 under a default systemd unit) is

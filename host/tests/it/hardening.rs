@@ -35,6 +35,7 @@ async fn counting_backend() -> Counting {
     Counting { addr, max_open }
 }
 
+on_both_data_paths! {
 /// 200 clients at once through 4 accept loops on 4 worker threads: a backend with
 /// `hard_limit` 2 never holds more than 2 of them. The race this guards against (two
 /// threads see one free slot and both take it) has a window of a few instructions here;
@@ -86,7 +87,9 @@ async fn the_hard_limit_holds_under_simultaneous_clients() {
     assert!(served.load(Ordering::SeqCst) >= 2);
     p.stop().await;
 }
+}
 
+on_both_data_paths! {
 /// Many small exchanges in both directions on 4 worker threads, each bounded in time: a
 /// direction whose wake-up was lost would hang its exchange. The race the relay guards
 /// against (an event arriving between a short read and the readiness clear) is a window
@@ -129,7 +132,9 @@ async fn small_exchanges_on_many_threads_never_stall() {
     }
     p.stop().await;
 }
+}
 
+on_both_data_paths! {
 /// A backend that answers part of a response and then resets: the client sees the reset
 /// too, not a FIN that would make the truncated answer look complete.
 #[tokio::test]
@@ -160,7 +165,9 @@ async fn a_backend_reset_reaches_the_client_as_a_reset() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     p.stop().await;
 }
+}
 
+on_both_data_paths! {
 /// The idle timeout aborts: the client sees a reset, not a FIN.
 #[tokio::test]
 async fn the_idle_timeout_resets_the_client() {
@@ -178,7 +185,9 @@ async fn the_idle_timeout_resets_the_client() {
     );
     p.stop().await;
 }
+}
 
+on_both_data_paths! {
 /// At `max_connections` accepting pauses (once, not in a loop) and resumes when a
 /// connection closes; the client waiting meanwhile is served then.
 #[tokio::test]
@@ -209,7 +218,9 @@ async fn accepting_pauses_at_max_connections() {
     drop((second, third));
     p.stop().await;
 }
+}
 
+on_both_data_paths! {
 /// A client that stops reading while its backend streams: the relay holds one buffer or
 /// pipe, the socket buffers fill, nothing moves, and the idle timeout ends it.
 #[tokio::test]
@@ -236,6 +247,7 @@ async fn a_client_that_stops_reading_is_closed_by_the_idle_timeout() {
     assert!(held < 64 << 20, "{held} bytes were taken from the backend");
     drop(conn);
     p.stop().await;
+}
 }
 
 /// During a drain the admin API and `/metrics` still answer, and `abort` (a second

@@ -10,6 +10,7 @@ use edgeproxy::config::ListenerConfig;
 use edgeproxy::domain::ports::{BindingKey, BindingRepository, PickRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+on_both_data_paths! {
 #[tokio::test]
 async fn geo_preference_country_then_region_then_pop_region() {
     let br = Backend::start("br").await;
@@ -30,6 +31,7 @@ async fn geo_preference_country_then_region_then_pop_region() {
     assert_eq!(served_by("127.0.0.5", p.addr).await, "jp"); // JP: same country
     assert_eq!(served_by("127.0.0.1", p.addr).await, "de"); // unknown: POP region
     p.stop().await;
+}
 }
 
 #[tokio::test]
@@ -76,6 +78,7 @@ async fn load_spreads_by_soft_limit_and_weight() {
     assert_eq!(p.stop().await.cut_off, 0);
 }
 
+on_both_data_paths! {
 #[tokio::test]
 async fn hard_limit_is_never_exceeded() {
     let near = Backend::start("near").await;
@@ -108,7 +111,9 @@ async fn hard_limit_is_never_exceeded() {
     drop((c2, c3, c4));
     p.stop().await;
 }
+}
 
+on_both_data_paths! {
 #[tokio::test]
 async fn bindings_stick_until_the_backend_becomes_unhealthy() {
     let a = Backend::start("a").await;
@@ -141,6 +146,7 @@ async fn bindings_stick_until_the_backend_becomes_unhealthy() {
         "0-better"
     );
     p.stop().await;
+}
 }
 
 #[tokio::test(start_paused = true)]
@@ -181,6 +187,7 @@ async fn binding_holds_until_ttl_then_repicks() {
     assert_eq!(pick(&table), "0-better"); // expired: re-picked
 }
 
+on_both_data_paths! {
 #[tokio::test]
 async fn failover_when_a_backend_refuses() {
     let alive = Backend::start("alive").await;
@@ -205,7 +212,9 @@ async fn failover_when_a_backend_refuses() {
     assert_eq!(dead_stats.connect_failures(), 1);
     p.stop().await;
 }
+}
 
+on_both_data_paths! {
 #[tokio::test]
 async fn every_backend_refusing_closes_the_client_only() {
     let db = Db::new(&[Row::new("dead", "sa", "BR", refusing_addr().await)]);
@@ -214,6 +223,7 @@ async fn every_backend_refusing_closes_the_client_only() {
     assert!(refused("127.0.0.2", p.addr).await);
     assert_eq!(p.active(), 0);
     assert_eq!(p.stop().await.cut_off, 0);
+}
 }
 
 #[tokio::test]
@@ -300,6 +310,7 @@ async fn half_close_still_delivers_the_reply() {
 }
 }
 
+on_both_data_paths! {
 #[tokio::test]
 async fn apps_are_served_by_their_own_listener() {
     let web = Backend::start("web").await;
@@ -334,6 +345,7 @@ async fn apps_are_served_by_their_own_listener() {
     p_api.stop().await;
     p_web.stop().await;
 }
+}
 
 fn proxy_listener(trusted: &str) -> ProxyOptions {
     ProxyOptions {
@@ -346,6 +358,7 @@ fn proxy_listener(trusted: &str) -> ProxyOptions {
     }
 }
 
+on_both_data_paths! {
 #[tokio::test]
 async fn proxy_protocol_from_trusted_sources_sets_the_client() {
     let br = Backend::start("br").await;
@@ -410,7 +423,9 @@ async fn proxy_protocol_from_trusted_sources_sets_the_client() {
     assert_eq!(greeted(s).await.0, "br");
     p.stop().await;
 }
+}
 
+on_both_data_paths! {
 #[tokio::test]
 async fn proxy_protocol_from_untrusted_sources_is_not_honoured() {
     let br = Backend::start("br").await;
@@ -432,7 +447,9 @@ async fn proxy_protocol_from_untrusted_sources_is_not_honoured() {
     assert_eq!(got, "de\nPROXY TCP4 198.51.100.7 10.0.0.1 5555 80\r\n");
     p.stop().await;
 }
+}
 
+on_both_data_paths! {
 #[tokio::test]
 async fn shutdown_drains_open_connections() {
     let a = Backend::start("a").await;
@@ -461,7 +478,9 @@ async fn shutdown_drains_open_connections() {
         .unwrap();
     assert_eq!(drained.cut_off, 0);
 }
+}
 
+on_both_data_paths! {
 #[tokio::test]
 async fn drain_timeout_cuts_off_what_is_left() {
     let a = Backend::start("a").await;
@@ -474,7 +493,9 @@ async fn drain_timeout_cuts_off_what_is_left() {
     let _ = conn.read_to_end(&mut rest).await; // EOF or reset, not a hang
     assert_eq!(host.metrics.total_active(), 0);
 }
+}
 
+on_both_data_paths! {
 #[tokio::test]
 async fn idle_connections_are_closed() {
     let a = Backend::start("a").await;
@@ -489,7 +510,9 @@ async fn idle_connections_are_closed() {
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert_eq!(p.stop().await.cut_off, 0);
 }
+}
 
+on_both_data_paths! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_return_to_zero_after_a_burst_of_1000() {
     let a = Backend::start("a").await;
@@ -525,6 +548,7 @@ async fn counts_return_to_zero_after_a_burst_of_1000() {
         assert_eq!(rb.stats.active(), 0, "{}", rb.backend.id);
     }
 }
+}
 
 on_both_data_paths! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -554,6 +578,7 @@ async fn bulk_transfers_arrive_intact_both_ways() {
 }
 }
 
+on_both_data_paths! {
 /// edgeProxy's `EDGEPROXY_RATE_LIMIT_*`: a client over its new-connection rate or its open
 /// connections is refused at once, before any decision; other clients, and exempt ones,
 /// are served; a listener's own limits apply to the address a trusted PROXY header gives.
@@ -623,4 +648,5 @@ async fn per_client_limits_refuse_one_client_and_serve_the_others() {
     assert_eq!(other, "b", "another client behind the same proxy");
     drop(held);
     p.stop().await;
+}
 }

@@ -48,7 +48,11 @@ pub fn start(
     gone: &CancellationToken,
 ) -> io::Result<()> {
     for (i, jobs) in threads.into_iter().enumerate() {
-        let (acceptor, acceptors, gone) = (acceptor.clone(), acceptors.clone(), gone.clone());
+        let (acceptor, gone) = (acceptor.clone(), gone.clone());
+        // Counted before this returns: the host closes `acceptors` next and then waits.
+        let loops = TaskTracker::new();
+        let waited = loops.clone();
+        let accepting = acceptors.track_future(async move { waited.wait().await });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .on_thread_park(uring::before_park)
@@ -58,14 +62,13 @@ pub fn start(
             .spawn(move || {
                 let local = tokio::task::LocalSet::new();
                 local.block_on(&runtime, async move {
-                    let loops = TaskTracker::new();
                     serve_jobs(jobs, &acceptor, &loops);
                     loops.close();
                     let connections = acceptor.connections.clone();
                     // The host waits for the accept loops before it closes the connections'
                     // tracker; the thread waits for both.
                     let done = async move {
-                        acceptors.track_future(loops.wait()).await;
+                        accepting.await;
                         connections.wait().await;
                     };
                     tokio::select! {

@@ -24,9 +24,16 @@ tokio::task_local! {
     pub static DATA_PATH: &'static str;
 }
 
+thread_local! {
+    /// `DATA_PATH` for tests that are not async (they start processes).
+    pub static SYNC_DATA_PATH: std::cell::Cell<&'static str> = const { std::cell::Cell::new("epoll") };
+}
+
 /// The data path a proxy started now uses.
 pub fn data_path() -> &'static str {
-    DATA_PATH.try_with(|p| *p).unwrap_or("epoll")
+    DATA_PATH
+        .try_with(|p| *p)
+        .unwrap_or_else(|_| SYNC_DATA_PATH.get())
 }
 
 /// A test of what a connection does, run on both data paths: `<name>::epoll` and
@@ -42,6 +49,19 @@ macro_rules! on_both_data_paths {
             $(#[$attr])*
             async fn io_uring() {
                 $crate::support::DATA_PATH.scope("io_uring", async $body).await
+            }
+        }
+    };
+    ($(#[$attr:meta])* fn $name:ident() $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$attr])*
+            fn epoll() $body
+            $(#[$attr])*
+            fn io_uring() {
+                $crate::support::SYNC_DATA_PATH.set("io_uring");
+                $body
             }
         }
     };

@@ -418,6 +418,14 @@ impl Inner {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // What is queued still goes in: closes and cancellations of connections cut
+        // off as the thread ended (the ring's own teardown cancels what is in flight).
+        let _ = self.ring.submit();
+    }
+}
+
 fn wake_all(wakers: &mut Vec<Waker>) {
     for w in wakers.drain(..) {
         w.wake();
