@@ -9,7 +9,14 @@
 #   PROXIES="edgeproxy-decide edgeproxy-shadow-trap edgeproxy-decide edgeproxy-shadow-trap" TESTS=rate bench/compare.sh
 #   SOURCES=10000 PROXIES="edgeproxy edgeproxy-limited edgeproxy edgeproxy-limited" TESTS=rate bench/compare.sh
 #   PROXIES="edgeproxy-tls haproxy-tls nginx-tls" TESTS="tls-rate tls-bulk1" bench/compare.sh
+#   ROUNDS=2 MINE=edgeproxy-uring PROXIES="edgeproxy-uring edgeproxy nginx" TESTS="rate idle bulk1" bench/compare.sh
 #   (EDGEPROXY_BIN=path runs edgeproxy-native and edgeproxy-trap on another build)
+#
+# ROUNDS repeats the list of proxies (alternated within each round, so drift in the
+# machine hits all alike); each rate run starts from the same TIME_WAIT state (settle.sh).
+# The last column is MINE's mean against the best peer's (MINE: edgeproxy, or the first
+# edgeproxy variant listed), with each side's spread over its runs, (max - min) / mean:
+# a difference smaller than the spread is noise.
 #
 # Installs HAProxy and nginx (Debian packages) when missing, builds edgeproxy and the
 # project's load generator (bench/loadgen) in release mode, then for each proxy and test
@@ -26,11 +33,15 @@
 # tls-rate, tls-bulk1 and tls-idle: rate, bulk1 and idle through a TLS session each proxy
 # terminates (the *-tls proxies, one ECDSA P-256 certificate for all), every connection a
 # full handshake.
-# edgeproxy runs with the embedded wasm policy deciding and bindings on, as deployed.
+# edgeproxy runs with the embedded wasm policy deciding and bindings on, as deployed;
+# edgeproxy-uring is the same on the io_uring data path (data_path = "io_uring").
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 PROXIES=${PROXIES:-"edgeproxy haproxy haproxy-splice nginx"}
+ROUNDS=${ROUNDS:-1}
+round=$PROXIES
+for _ in $(seq 2 "$ROUNDS"); do PROXIES="$PROXIES $round"; done
 TESTS=${TESTS:-"rate bulk1 bulk8 idle"}
 DURATION=${DURATION:-10}
 SOURCES=${SOURCES:-0}  # rate from this many client addresses (127.2.0.0 up); 0: 127.0.0.1
@@ -101,6 +112,10 @@ start_proxy() {
     edgeproxy)  # the same adapter the shared harness uses; it execs edgeproxy
       cmd=(env EDGEPROXY="$bin/edgeproxy" THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     # These two decide every connection (bindings off), so the policy runs each time.
+    edgeproxy-uring)  # the io_uring data path
+      cmd=(env EDGEPROXY="$bin/edgeproxy" EDGEPROXY_DATA_PATH=io_uring THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
+    edgeproxy-uring-decide)  # the io_uring data path, the embedded policy deciding every connection
+      cmd=(env EDGEPROXY="$bin/edgeproxy" EDGEPROXY_DATA_PATH=io_uring BINDINGS=0 THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     edgeproxy-native)  # the host's native scorer, no WebAssembly
       cmd=(env EDGEPROXY="${EDGEPROXY_BIN:-$bin/edgeproxy}" POLICY=native BINDINGS=0 THREADS=1 "$here/edgeproxy-cmd.sh" $LISTEN "$backend" "$WORK") ;;
     edgeproxy-decide)  # the embedded policy deciding every connection (bindings off)
@@ -187,8 +202,8 @@ for test in $TESTS; do
 done
 
 cp "$results" "$root/target/compare-results.jsonl"  # for bench/plot_scale.py
-python3 - "$results" "$PROXIES" <<'PY'
-import json, sys
+MINE=${MINE:-} python3 - "$results" "$PROXIES" <<'PY'
+import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 proxies = sys.argv[2].split()
 metrics = [("rate", "cps", "connections/s", True), ("rate", "p99_us", "p99 connect+echo (us)", False),
@@ -211,21 +226,28 @@ def get(p, t, m, k=0):  # the k-th run of p (a name repeated in PROXIES is anoth
 def mean(p, t, m):
     found = [r.get(m) for r in runs(p, t) if r.get(m) is not None]
     return sum(found) / len(found) if found else None
-print("| metric | " + " | ".join(proxies) + " | edgeproxy vs best peer |")
+def spread(p, t, m):
+    found = [r.get(m) for r in runs(p, t) if r.get(m) is not None]
+    if len(found) < 2 or not sum(found):
+        return None
+    return (max(found) - min(found)) / (sum(found) / len(found))
+mine = os.environ.get("MINE") or ("edgeproxy" if "edgeproxy" in proxies else next((p for p in proxies if p.startswith("edgeproxy")), None))
+print("| metric | " + " | ".join(proxies) + f" | {mine} vs best peer (spread: {mine} / peer) |")
 print("|---|" + "---|" * (len(proxies) + 1))
 for test, key, label, higher in metrics:
     vals = [get(p, test, key, proxies[:i].count(p)) for i, p in enumerate(proxies)]
     if all(v is None for v in vals):
         continue
     cells = ["-" if v is None else f"{v:.3g}" if v < 100 else f"{v:.0f}" for v in vals]
-    # edgeproxy, or its variant in this run (edgeproxy-tls), against the other proxies.
-    mine = "edgeproxy" if "edgeproxy" in proxies else next((p for p in proxies if p.startswith("edgeproxy")), None)
     # Each proxy's mean over its rounds.
     ours = mean(mine, test, key) if mine else None
-    peers = [v for v in (mean(p, test, key) for p in dict.fromkeys(proxies) if p != mine) if v is not None]
+    peers = [(v, p) for v, p in ((mean(p, test, key), p) for p in dict.fromkeys(proxies) if p != mine) if v is not None]
     ratio = "-"
     if ours is not None and peers:
-        best = max(peers) if higher else min(peers)
+        best, peer = max(peers) if higher else min(peers)
         ratio = f"{ours / best:.2f}x" if best else "-"
+        s_ours, s_peer = spread(mine, test, key), spread(peer, test, key)
+        if s_ours is not None and s_peer is not None:
+            ratio += f" ({s_ours:.0%} / {s_peer:.0%})"
     print(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
 PY
