@@ -587,3 +587,89 @@ fn version_names_the_commit_and_the_policy_contracts() {
     );
     assert!(text.contains("edgeproxy:policy@0.2.0, and 0.1.0"), "{text}");
 }
+
+/// Where io_uring is refused (here by a seccomp filter, as container runtimes' default
+/// profiles do), `data_path = "io_uring"` serves on epoll, saying so once.
+#[test]
+fn io_uring_refused_by_seccomp_falls_back_to_epoll_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("no-io-uring");
+    let source = dir.path().join("no-io-uring.c");
+    std::fs::write(&source, NO_IO_URING_C).unwrap();
+    let built = Command::new("cc")
+        .arg("-o")
+        .arg(&wrapper)
+        .arg(&source)
+        .status();
+    let Ok(status) = built else {
+        eprintln!("skipped: no C compiler (cc) to build the seccomp wrapper");
+        return;
+    };
+    assert!(status.success(), "building the seccomp wrapper");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let backend = rt.block_on(Backend::start("b"));
+    let db = Db::new(&[Row::new("b", "sa", "BR", backend.addr)]);
+    let child = Command::new(&wrapper)
+        .arg(env!("CARGO_BIN_EXE_edgeproxy"))
+        .env_clear()
+        .env("EDGEPROXY_DATA_PATH", "io_uring")
+        .env("EDGEPROXY_WORKER_THREADS", "2")
+        .env("EDGEPROXY_DB_PATH", &db.path)
+        .env("EDGEPROXY_NATIVE_POLICY", "1")
+        .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
+        .env("EDGEPROXY_ADMIN_ADDR", "")
+        .env("EDGEPROXY_LOG_FORMAT", "json")
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let mut fallbacks = 0;
+    let addr: std::net::SocketAddr = loop {
+        let line = lines
+            .next()
+            .expect("proxy exited before listening")
+            .unwrap();
+        fallbacks += usize::from(line.contains("serving on epoll"));
+        if line.contains("\"listening\"") {
+            let start = line.find("\"addr\":\"").unwrap() + 8;
+            let end = start + line[start..].find('"').unwrap();
+            break line[start..end].parse().unwrap();
+        }
+    };
+    assert_eq!(fallbacks, 1);
+    assert_eq!(rt.block_on(served_by("127.0.0.1", addr)), "b");
+    assert!(child.0.try_wait().unwrap().is_none(), "edgeproxy exited");
+}
+
+/// Runs its arguments with io_uring_setup(2) failing with EPERM.
+const NO_IO_URING_C: &str = r#"
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    struct sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof filter / sizeof filter[0], filter};
+    if (argc < 2 || prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) ||
+        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
+        perror("seccomp");
+        return 1;
+    }
+    execv(argv[1], argv + 1);
+    perror("exec");
+    return 1;
+}
+"#;

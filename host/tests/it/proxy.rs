@@ -2,13 +2,15 @@
 //! GeoIP files. Clients in different countries are loopback source addresses that the test
 //! GeoIP file places (see `support::TEST_GEO`), or PROXY protocol headers.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::*;
 use edgeproxy::config::ListenerConfig;
 use edgeproxy::domain::ports::{BindingKey, BindingRepository, PickRequest};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 
 on_both_data_paths! {
 #[tokio::test]
@@ -647,6 +649,82 @@ async fn per_client_limits_refuse_one_client_and_serve_the_others() {
     let (other, _) = greeted(via_proxy("203.0.113.9").await).await;
     assert_eq!(other, "b", "another client behind the same proxy");
     drop(held);
+    p.stop().await;
+}
+}
+
+on_both_data_paths! {
+/// HAProxy's `send-proxy`: the backend reads the client's address first, then the
+/// client's bytes unchanged.
+#[tokio::test]
+async fn backends_get_a_proxy_header_before_the_clients_bytes() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut r = BufReader::new(sock);
+                let (mut header, mut rest) = (String::new(), String::new());
+                r.read_line(&mut header).await.unwrap();
+                r.read_line(&mut rest).await.unwrap();
+                let answer = format!("{}|{rest}", header.trim_end());
+                r.into_inner().write_all(answer.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    let db = Db::new(&[Row::new("a", "sa", "BR", backend)]);
+    let toml = "[[listener]]\naddr = \"127.0.0.1:0\"\nsend_proxy_protocol = \"v1\"\n";
+    let p = Proxy::start(&db, toml).await;
+    let mut s = connect_from("127.0.0.2".parse().unwrap(), p.addr).await;
+    let port = s.local_addr().unwrap().port();
+    s.write_all(b"hello\n").await.unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(WAIT, BufReader::new(&mut s).read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    let want = format!("PROXY TCP4 127.0.0.2 127.0.0.1 {port} {}|hello\n", p.addr.port());
+    assert_eq!(line, want);
+    drop(s);
+    p.stop().await;
+}
+}
+
+on_both_data_paths! {
+/// A backend that never completes the handshake (its accept queue is full, so the
+/// kernel drops the SYNs) costs the client `connect_timeout_ms`, then the next backend
+/// serves it; the stuck one's failure is counted.
+#[tokio::test]
+async fn a_backend_that_never_answers_the_handshake_times_out_and_fails_over() {
+    let stuck = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    stuck.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    stuck.listen(0).unwrap();
+    let stuck_addr = stuck.local_addr().unwrap().as_socket().unwrap();
+    // Fill the queue until a connect hangs: that one's SYN was dropped.
+    let mut fillers = Vec::new();
+    loop {
+        let attempt = tokio::net::TcpStream::connect(stuck_addr);
+        match tokio::time::timeout(Duration::from_millis(300), attempt).await {
+            Ok(s) => fillers.push(s.unwrap()),
+            Err(_) => break,
+        }
+        assert!(fillers.len() < 64, "the accept queue never filled");
+    }
+    let b = Backend::start("b").await;
+    // The client is in Brazil: the stuck backend is its first choice.
+    let db = Db::new(&[
+        Row::new("stuck", "sa", "BR", stuck_addr),
+        Row::new("b", "eu", "DE", b.addr),
+    ]);
+    let p = Proxy::start(&db, "connect_timeout_ms = 300\nbinding_ttl_secs = 0").await;
+    assert_eq!(served_by("127.0.0.2", p.addr).await, "b");
+    let table = p.host.routing.current();
+    let failures = |id: &str| {
+        let rb = table.backends().iter().find(|rb| rb.backend.id.as_str() == id).unwrap();
+        rb.stats.connect_failures()
+    };
+    assert_eq!(failures("stuck"), 1);
+    assert_eq!(failures("b"), 0);
     p.stop().await;
 }
 }

@@ -76,6 +76,10 @@ pub fn start(
                         _ = gone.cancelled() => {}
                     }
                 });
+                // The connections' tasks are gone with the LocalSet: their operations are
+                // cancelled, and the ring waits for the kernel to let go of them.
+                drop(local);
+                uring::finish_current();
             })?;
     }
     Ok(())
@@ -83,7 +87,7 @@ pub fn start(
 
 /// This thread's accept loops, on its ring, or on epoll where the ring cannot be set up.
 fn serve_jobs(jobs: Vec<Job>, acceptor: &Acceptor, loops: &TaskTracker) {
-    let driver = match Driver::new() {
+    let driver = match Driver::start() {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(error = %e, "cannot set up this thread's io_uring ring; its listener copies run on epoll");
@@ -103,8 +107,6 @@ fn serve_jobs(jobs: Vec<Job>, acceptor: &Acceptor, loops: &TaskTracker) {
             return;
         }
     };
-    driver.install();
-    tokio::task::spawn_local(driver.clone().drive());
     for job in jobs {
         loops.spawn_local(accept_loop(driver.clone(), job, acceptor.clone()));
     }
@@ -224,8 +226,8 @@ async fn connection(
         return;
     };
     let mut client = uring::Downstream {
+        client: uring::RingFd::new(&driver, fd),
         driver,
-        client: Some(fd),
     };
     let Some(Admitted {
         mut inbound,
@@ -236,7 +238,8 @@ async fn connection(
     else {
         return;
     };
-    if let (Some(version), Some(fd)) = (config.send_proxy_protocol, &client.client) {
+    if let Some(version) = config.send_proxy_protocol {
+        let fd = client.client.get();
         let header = tcp_server::proxy_header(version, fd, source, destination, None);
         inbound.set_proxy_header(header);
     }
@@ -249,10 +252,7 @@ fn peer_addr(fd: &OwnedFd) -> Option<SocketAddr> {
 
 impl super::proxy_protocol::ReadSome for uring::Downstream {
     async fn read_some(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
-        let Some(fd) = &self.client else {
-            return Ok(0);
-        };
-        let got = self.driver.recv(fd.as_raw_fd()).await?;
+        let got = self.driver.recv(self.client.get().as_raw_fd()).await?;
         buf.extend_from_slice(got.bytes());
         Ok(got.len())
     }

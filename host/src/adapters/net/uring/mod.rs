@@ -41,6 +41,8 @@ const ENTRIES: u32 = 1024;
 const BUFFERS: u16 = 512;
 pub const BUFFER_SIZE: usize = 16 * 1024;
 const BUFFER_GROUP: u16 = 0;
+/// Queued entries that go to the kernel at once instead of at the runtime's next park.
+const EAGER_BATCH: usize = 32;
 /// The `user_data` of entries whose completion nobody waits for (cancellations).
 const IGNORED: u64 = u64::MAX;
 
@@ -92,9 +94,10 @@ struct Inner {
     ring: IoUring,
     slots: Vec<Slot>,
     free: Vec<usize>,
-    buffers: BufRing,
-    /// Receives waiting for a provided buffer to come back (the ring ran dry).
-    starved: Vec<Waker>,
+    /// Freed with the ring unless the kernel may still use them (`leak`).
+    buffers: std::mem::ManuallyDrop<BufRing>,
+    /// Operations outlived the thread's end: what they may touch is never freed.
+    leak: bool,
 }
 
 #[derive(Default)]
@@ -139,7 +142,7 @@ pub struct Completion {
 }
 
 impl Driver {
-    pub fn new() -> io::Result<Self> {
+    fn new() -> io::Result<Self> {
         let ring = IoUring::builder()
             .setup_cqsize(ENTRIES * 4)
             .setup_clamp()
@@ -149,13 +152,13 @@ impl Driver {
             ring,
             slots: Vec::new(),
             free: Vec::new(),
-            buffers,
-            starved: Vec::new(),
+            buffers: std::mem::ManuallyDrop::new(buffers),
+            leak: false,
         }))))
     }
 
     /// Makes this the ring `before_park` turns on this thread.
-    pub fn install(&self) {
+    fn install(&self) {
         CURRENT.with(|c| *c.borrow_mut() = Some(self.clone()));
     }
 
@@ -163,25 +166,35 @@ impl Driver {
     /// it parks, so a woken operation keeps it from parking.
     pub fn turn(&self) {
         let mut inner = self.0.borrow_mut();
-        let _ = inner.ring.submit();
+        inner.submit();
         inner.reap();
     }
 
-    /// Reads completions whenever the ring's descriptor turns readable. Runs for the
-    /// thread's life.
-    pub async fn drive(self) -> io::Result<()> {
-        let ring = self.0.borrow().ring.as_raw_fd();
-        // SAFETY: the ring's descriptor stays open while `self` (holding the ring) lives,
-        // which outlives this registration.
+    /// A ring for this thread, installed for `before_park` and read whenever its
+    /// descriptor turns readable (a local task, for the thread's life). Must run inside
+    /// the thread's runtime and `LocalSet`.
+    pub fn start() -> io::Result<Self> {
+        let driver = Self::new()?;
+        let ring = driver.0.borrow().ring.as_raw_fd();
+        // SAFETY: the ring's descriptor stays open while the driver (holding the ring)
+        // lives, and the task below holds the driver beside the registration.
         let fd = unsafe {
             tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
         }
         .map_err(io::Error::from)?;
-        loop {
-            let mut ready = fd.readable().await?;
-            ready.clear_ready();
-            self.turn();
-        }
+        driver.install();
+        let reader = driver.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                let Ok(mut ready) = fd.readable().await else {
+                    tracing::error!("the io_uring ring's descriptor failed in epoll");
+                    return;
+                };
+                ready.clear_ready();
+                reader.turn();
+            }
+        });
+        Ok(driver)
     }
 
     fn push(&self, entry: squeue::Entry, keep: Keep) -> Op {
@@ -229,8 +242,24 @@ impl Driver {
         let Keep::Connect(_, socket) = op.take_keep() else {
             unreachable!("a connect's slot keeps its socket");
         };
-        done.result()?;
-        Ok(socket)
+        match done.result() {
+            Ok(_) => Ok(socket),
+            // Some kernels hand a non-blocking connect's progress back: wait for it to
+            // finish and read its outcome.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc_flags::EINPROGRESS | libc_flags::EALREADY)
+                ) =>
+            {
+                self.poll(socket.as_raw_fd(), false).await?;
+                match socket2::SockRef::from(&socket).take_error()? {
+                    None => Ok(socket),
+                    Some(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Waits until `fd` has bytes (or an end) to read: `readable` or for room to write.
@@ -251,32 +280,46 @@ impl Driver {
                 .build()
                 .flags(squeue::Flags::BUFFER_SELECT);
             let done = self.push(entry, Keep::Nothing).await;
+            // A buffer the completion carries is ours, error or not: given back on drop.
+            let mut received = Received {
+                driver: self.clone(),
+                id: cqueue::buffer_select(done.flags),
+                heap: Vec::new(),
+                len: 0,
+            };
             match done.result() {
                 Ok(n) => {
-                    let id = cqueue::buffer_select(done.flags);
-                    return Ok(Received {
-                        driver: self.clone(),
-                        id,
-                        len: if id.is_some() { n as usize } else { 0 },
-                    });
+                    if received.id.is_some() {
+                        received.len = n as usize;
+                    }
+                    return Ok(received);
                 }
-                // Every buffer is out: wait for one to come back, then try again.
+                // Every provided buffer is out (connections whose peers stopped reading
+                // hold them): this receive brings its own rather than wait for one.
                 Err(e) if e.raw_os_error() == Some(libc_flags::ENOBUFS) => {
-                    std::future::poll_fn(|cx| {
-                        let mut inner = self.0.borrow_mut();
-                        match inner.buffers.available() {
-                            true => Poll::Ready(()),
-                            false => {
-                                inner.starved.push(cx.waker().clone());
-                                Poll::Pending
-                            }
-                        }
-                    })
-                    .await
+                    return self.recv_into_heap(fd).await;
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// One receive into a buffer of its own (kept by the slot while the kernel has it).
+    async fn recv_into_heap(&self, fd: RawFd) -> io::Result<Received> {
+        let mut buf = vec![0u8; BUFFER_SIZE];
+        let entry = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), BUFFER_SIZE as u32).build();
+        let mut op = self.push(entry, Keep::Bytes(buf));
+        let done = (&mut op).await;
+        let Keep::Bytes(heap) = op.take_keep() else {
+            unreachable!("a receive's slot keeps its buffer");
+        };
+        let n = done.result()? as usize;
+        Ok(Received {
+            driver: self.clone(),
+            id: None,
+            heap,
+            len: n,
+        })
     }
 
     /// Sends all of `bytes`.
@@ -301,7 +344,8 @@ impl Driver {
     pub async fn send_received(&self, fd: RawFd, mut received: Received) -> io::Result<usize> {
         let len = received.len;
         let Some(mut id) = received.id.take() else {
-            return Ok(0);
+            self.send_all(fd, received.bytes()).await?;
+            return Ok(len);
         };
         let base = self.0.borrow().buffers.address(id);
         let mut sent = 0;
@@ -350,8 +394,31 @@ impl Inner {
         // buffers) until its last completion.
         while unsafe { self.ring.submission().push(&entry) }.is_err() {
             // Full: hand the queue to the kernel and try again.
-            let _ = self.ring.submit();
+            self.submit();
             self.reap();
+        }
+        // A busy runtime may go a while without parking (tokio then polls for events
+        // without its park hook): entries go in batches rather than wait for it.
+        if self.ring.submission().len() >= EAGER_BATCH {
+            self.submit();
+        }
+    }
+
+    /// Hands the queued entries to the kernel; when it is busy (completions it could not
+    /// post yet), completions are read first and it is asked again.
+    fn submit(&mut self) {
+        for _ in 0..8 {
+            match self.ring.submit() {
+                Ok(_) => return,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc_flags::EINTR) => {}
+                    Some(libc_flags::EBUSY | libc_flags::EAGAIN) => self.reap(),
+                    _ => {
+                        tracing::error!(error = %e, "io_uring submission failed");
+                        return;
+                    }
+                },
+            }
         }
     }
 
@@ -374,9 +441,6 @@ impl Inner {
             let index = data as usize;
             let last = !cqueue::more(done.flags);
             let slot = &mut self.slots[index];
-            if cqueue::buffer_select(done.flags).is_some() {
-                self.buffers.available -= 1;
-            }
             if slot.state == State::Abandoned {
                 // Nobody takes what this completion carries: give it back.
                 self.discard(index, done);
@@ -399,7 +463,6 @@ impl Inner {
     fn discard(&mut self, index: usize, done: Completion) {
         if let Some(id) = cqueue::buffer_select(done.flags) {
             self.buffers.give_back(id);
-            wake_all(&mut self.starved);
         }
         if done.result >= 0 && matches!(self.slots[index].keep, Keep::Accepts) {
             // SAFETY: an accept's result is a new descriptor nobody else owns.
@@ -411,7 +474,6 @@ impl Inner {
         let slot = &mut self.slots[index];
         if let Keep::Buffer(id) = std::mem::take(&mut slot.keep) {
             self.buffers.give_back(id);
-            wake_all(&mut self.starved);
         }
         *slot = Slot::default();
         self.free.push(index);
@@ -420,16 +482,52 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // What is queued still goes in: closes and cancellations of connections cut
-        // off as the thread ended (the ring's own teardown cancels what is in flight).
-        let _ = self.ring.submit();
+        // What is queued still goes in: closes of connections cut off as the thread ended.
+        self.submit();
+        match self.leak {
+            true => std::mem::forget(std::mem::take(&mut self.slots)),
+            // SAFETY: nothing is in flight (`finish_current`), so the kernel no longer
+            // writes to the buffers; dropped once, here.
+            false => unsafe { std::mem::ManuallyDrop::drop(&mut self.buffers) },
+        }
     }
 }
 
-fn wake_all(wakers: &mut Vec<Waker>) {
-    for w in wakers.drain(..) {
-        w.wake();
+/// At a data-path thread's end, once its tasks are gone: cancels what is still in flight
+/// and waits (about a second at most) for the kernel to let go of it; what it still
+/// holds after that is leaked rather than freed under it.
+pub fn finish_current() {
+    let Some(driver) = CURRENT.with(|c| c.borrow_mut().take()) else {
+        return;
+    };
+    let mut inner = driver.0.borrow_mut();
+    let busy = |inner: &Inner| {
+        inner
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s.state, State::InFlight | State::Abandoned))
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()
+    };
+    for index in busy(&inner) {
+        let cancel = opcode::AsyncCancel::new(index as u64)
+            .build()
+            .user_data(IGNORED);
+        inner.submit_entry(cancel);
     }
+    let wait = types::Timespec::new().nsec(50_000_000);
+    for _ in 0..20 {
+        inner.submit();
+        inner.reap();
+        if busy(&inner).is_empty() {
+            return;
+        }
+        let args = types::SubmitArgs::new().timespec(&wait);
+        let _ = inner.ring.submitter().submit_with_args(1, &args);
+    }
+    inner.reap();
+    inner.leak = !busy(&inner).is_empty();
 }
 
 /// One submitted operation; awaiting it gives its next completion.
@@ -532,10 +630,12 @@ impl Completion {
     }
 }
 
-/// Bytes a receive put in a provided buffer; the buffer goes back to the ring on drop.
+/// Bytes a receive put in a provided buffer (given back to the ring on drop), or in a
+/// buffer of its own when the ring ran dry.
 pub struct Received {
     driver: Driver,
     id: Option<u16>,
+    heap: Vec<u8>,
     len: usize,
 }
 
@@ -555,7 +655,7 @@ impl Received {
             Some(id) => unsafe {
                 std::slice::from_raw_parts(self.driver.0.borrow().buffers.address(id), self.len)
             },
-            None => &[],
+            None => &self.heap[..self.len],
         }
     }
 }
@@ -565,7 +665,6 @@ impl Drop for Received {
         if let Some(id) = self.id {
             let mut inner = self.driver.0.borrow_mut();
             inner.buffers.give_back(id);
-            wake_all(&mut inner.starved);
         }
     }
 }
@@ -580,8 +679,6 @@ struct BufRing {
     memory: Box<[u8]>,
     count: u16,
     tail: u16,
-    /// Buffers in the ring now.
-    available: u16,
 }
 
 impl BufRing {
@@ -600,7 +697,6 @@ impl BufRing {
             memory: vec![0; usize::from(count) * BUFFER_SIZE].into_boxed_slice(),
             count,
             tail: 0,
-            available: 0,
         };
         // SAFETY: the entries stay allocated (and in place) until this value drops, after
         // the ring (see `Inner`'s field order).
@@ -616,10 +712,6 @@ impl BufRing {
 
     fn address(&self, id: u16) -> *const u8 {
         self.memory[usize::from(id) * BUFFER_SIZE..].as_ptr()
-    }
-
-    fn available(&self) -> bool {
-        self.available > 0
     }
 
     /// Puts buffer `id` back in the ring for the kernel to take.
@@ -639,7 +731,6 @@ impl BufRing {
                 types::BufRingEntry::tail(self.entries).cast::<std::sync::atomic::AtomicU16>();
             (*tail).store(self.tail, std::sync::atomic::Ordering::Release);
         }
-        self.available += 1;
     }
 }
 
@@ -659,30 +750,56 @@ mod libc_flags {
     pub const MSG_NOSIGNAL: i32 = 0x4000;
     pub const SHUT_WR: i32 = 1;
     pub const ENOBUFS: i32 = 105;
+    pub const EINPROGRESS: i32 = 115;
+    pub const EALREADY: i32 = 114;
+    pub const EBUSY: i32 = 16;
+    pub const EAGAIN: i32 = 11;
+    pub const EINTR: i32 = 4;
+}
+
+/// A socket closed through the ring when dropped: the close then comes after every
+/// entry already queued for it (a close(2) could free its number for another socket
+/// while a queued entry still names it).
+pub struct RingFd {
+    driver: Driver,
+    fd: Option<OwnedFd>,
+}
+
+impl RingFd {
+    pub fn new(driver: &Driver, fd: OwnedFd) -> Self {
+        Self {
+            driver: driver.clone(),
+            fd: Some(fd),
+        }
+    }
+
+    pub fn get(&self) -> &OwnedFd {
+        self.fd.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for RingFd {
+    fn drop(&mut self) {
+        if let Some(fd) = self.fd.take() {
+            self.driver.close(fd);
+        }
+    }
 }
 
 /// A client's socket on the io_uring data path (the `DataPath` adapter).
 pub struct Downstream {
     pub driver: Driver,
-    pub client: Option<OwnedFd>,
-}
-
-impl Downstream {
-    fn client(&self) -> io::Result<&OwnedFd> {
-        self.client
-            .as_ref()
-            .ok_or_else(|| io::Error::other("the client's socket is gone"))
-    }
+    pub client: RingFd,
 }
 
 impl crate::application::proxy_service::DataPath for Downstream {
-    type Upstream = OwnedFd;
+    type Upstream = RingFd;
 
     async fn dial(
         &self,
         addr: SocketAddr,
         keepalive: Option<std::time::Duration>,
-    ) -> io::Result<OwnedFd> {
+    ) -> io::Result<RingFd> {
         use rustix::net::{AddressFamily, SocketFlags, SocketType, socket_with};
         let family = match addr {
             SocketAddr::V4(_) => AddressFamily::INET,
@@ -695,37 +812,31 @@ impl crate::application::proxy_service::DataPath for Downstream {
         if let Some(idle) = keepalive {
             super::set_backend_keepalive(&socket, idle);
         }
-        self.driver.connect(socket, addr).await
+        let socket = self.driver.connect(socket, addr).await?;
+        Ok(RingFd::new(&self.driver, socket))
     }
 
-    async fn send_early(&mut self, upstream: &mut OwnedFd, bytes: Vec<u8>) -> io::Result<()> {
-        self.driver.send_all(upstream.as_raw_fd(), &bytes).await
+    async fn send_early(&mut self, upstream: &mut RingFd, bytes: Vec<u8>) -> io::Result<()> {
+        self.driver
+            .send_all(upstream.get().as_raw_fd(), &bytes)
+            .await
     }
 
     async fn relay(
         &mut self,
-        upstream: OwnedFd,
+        upstream: RingFd,
         pool: &super::BufferPool,
         idle: Option<std::time::Duration>,
         traffic: &crate::domain::model::Traffic,
     ) -> io::Result<(u64, u64)> {
-        let client = self.client()?;
-        let relayed = relay::relay(&self.driver, client, &upstream, pool, idle, traffic).await;
+        let (client, backend) = (self.client.get(), upstream.get());
+        let relayed = relay::relay(&self.driver, client, backend, pool, idle, traffic).await;
         if relayed.is_err() {
             // An abort on one side is an abort on both: a reset, not a FIN.
-            for s in [client, &upstream] {
+            for s in [client, backend] {
                 let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
             }
         }
-        self.driver.close(upstream);
         relayed
-    }
-}
-
-impl Drop for Downstream {
-    fn drop(&mut self) {
-        if let Some(fd) = self.client.take() {
-            self.driver.close(fd);
-        }
     }
 }

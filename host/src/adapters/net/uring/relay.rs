@@ -104,83 +104,103 @@ async fn direction(
     // Switched on for good at the first bulk read.
     let mut spliced = false;
     loop {
-        let moved = match spliced {
-            true => splice_burst(driver, (from, to), pool).await?,
-            false => None,
-        };
-        let n = match moved {
-            Some(n) => n,
-            None => {
-                let got = driver.recv(from.as_raw_fd()).await?;
-                spliced |= got.len() >= BUFFER_SIZE / 2;
-                driver.send_received(to.as_raw_fd(), got).await?
-            }
-        };
-        if n == 0 {
-            shared.done[me].set(true);
-            if !shared.done[1 - me].get() {
-                match driver.shutdown_write(to.as_raw_fd()).await {
-                    // The peer may have closed already; nothing is left to tell it.
-                    Err(e) if e.kind() != ErrorKind::NotConnected => return Err(e),
-                    _ => {}
+        if spliced {
+            match splice_burst(driver, (from, to), pool, counted, &shared.moved).await? {
+                Burst::Moved(n) => {
+                    total += n as u64;
+                    continue;
                 }
+                Burst::End => break,
+                Burst::NoPipe => {}
             }
-            return Ok(total);
         }
+        let got = driver.recv(from.as_raw_fd()).await?;
+        if got.is_empty() {
+            break;
+        }
+        spliced |= got.len() >= BUFFER_SIZE / 2;
+        let n = driver.send_received(to.as_raw_fd(), got).await?;
         total += n as u64;
         counted.fetch_add(n as u64, Ordering::Relaxed);
         shared.moved.set(true);
     }
+    shared.done[me].set(true);
+    if !shared.done[1 - me].get() {
+        match driver.shutdown_write(to.as_raw_fd()).await {
+            // The peer may have closed already; nothing is left to tell it.
+            Err(e) if e.kind() != ErrorKind::NotConnected => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(total)
 }
 
-/// Waits for `from` to be readable, then splices until it is read out: the bytes moved
-/// (0 at the end of the stream), or None when no pipe can be had (the caller receives
-/// into a buffer instead).
+enum Burst {
+    /// Bytes moved (counted as they went).
+    Moved(usize),
+    /// `from` ended.
+    End,
+    /// No pipe could be had: the caller receives into a buffer instead.
+    NoPipe,
+}
+
+/// Waits for `from` to be readable, then splices until it is read out (or a burst's
+/// worth moved), counting each write as it lands.
 async fn splice_burst(
     driver: &Driver,
     (from, to): (&OwnedFd, &OwnedFd),
     pool: &BufferPool,
-) -> io::Result<Option<usize>> {
-    driver.poll(from.as_raw_fd(), true).await?;
-    let Some(pipe) = pool.pipes.take() else {
-        return Ok(None);
-    };
-    // A pipe that may hold bytes is never reused: discarded unless drained.
-    let mut pipe = Held {
-        pipe: Some(pipe),
-        pool,
-    };
-    let mut moved = 0;
+    counted: &AtomicU64,
+    moved_flag: &Cell<bool>,
+) -> io::Result<Burst> {
     loop {
-        let n = match pipe.get().fill(from) {
-            Ok(0) if moved == 0 => {
-                pipe.release();
-                return Ok(Some(0));
-            }
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
+        driver.poll(from.as_raw_fd(), true).await?;
+        let Some(pipe) = pool.pipes.take() else {
+            return Ok(Burst::NoPipe);
         };
-        let mut left = n;
-        while left > 0 {
-            match pipe.get().drain(to, left) {
-                Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    driver.poll(to.as_raw_fd(), false).await?
-                }
+        // A pipe that may hold bytes is never reused: discarded unless drained.
+        let mut pipe = Held {
+            pipe: Some(pipe),
+            pool,
+        };
+        let mut moved = 0;
+        let ended = loop {
+            let n = match pipe.get().fill(from) {
+                Ok(0) => break true,
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
                 Err(e) => return Err(e),
+            };
+            let mut left = n;
+            while left > 0 {
+                match pipe.get().drain(to, left) {
+                    Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                    Ok(m) => {
+                        left -= m;
+                        moved += m;
+                        counted.fetch_add(m as u64, Ordering::Relaxed);
+                        moved_flag.set(true);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        driver.poll(to.as_raw_fd(), false).await?
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-        }
-        moved += n;
-        // Not forever on a fast sender: the next burst waits its turn in the ring.
-        if moved >= BURST {
-            break;
+            // Not forever on a fast sender: the next burst waits its turn in the ring.
+            if moved >= BURST {
+                break false;
+            }
+        };
+        pipe.release();
+        match (moved, ended) {
+            (0, true) => return Ok(Burst::End),
+            // Readiness with nothing to read (an error-queue event): wait again.
+            (0, false) => {}
+            // An end after bytes is seen by the next burst.
+            (n, _) => return Ok(Burst::Moved(n)),
         }
     }
-    pipe.release();
-    Ok(Some(moved))
 }
 
 /// What one burst moves at most before the direction yields.
