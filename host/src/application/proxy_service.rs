@@ -261,7 +261,8 @@ impl ProxyService {
             let early = std::mem::take(&mut inbound.early_data);
             let client_bytes = early.len() - usize::from(inbound.proxy_header_len);
             // PROXY header and client bytes in one write (and segment).
-            downstream.send_early(&mut upstream, early).await?;
+            // Boxed: only some connections have early bytes; the rest carry no room for it.
+            Box::pin(downstream.send_early(&mut upstream, early)).await?;
             target
                 .stats
                 .traffic

@@ -239,10 +239,6 @@ impl ListenerStats {
         self.slots.as_ref().is_none_or(|s| s.try_take())
     }
 
-    /// Waits for a connection slot under `max_connections` (at once without a cap); false
-    /// when `stop` fires first. Each slot taken is returned by the `OpenConnection` of
-    /// the connection accepted with it, or by [`Self::unused_slot`].
-
     /// A slot even at the cap, for a connection the kernel accepted already (the
     /// io_uring path's last accepts when it stops).
     pub fn extra_slot(&self) {
@@ -251,6 +247,9 @@ impl ListenerStats {
         }
     }
 
+    /// Waits for a connection slot under `max_connections` (at once without a cap); false
+    /// when `stop` fires first. Each slot taken is returned by the `OpenConnection` of
+    /// the connection accepted with it, or by [`Self::unused_slot`].
     pub async fn slot(&self, stop: &CancellationToken) -> bool {
         match &self.slots {
             None => true,

@@ -11,17 +11,19 @@
 //! hop per chunk, and blocks a worker on an idle socket.
 
 use std::cell::Cell;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io::{self, ErrorKind};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::pin::pin;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{BUFFER_SIZE, Driver};
+use super::{BUFFER_SIZE, Driver, Op};
+
+const ENOBUFS: i32 = 105;
 use crate::adapters::net::BufferPool;
 use crate::adapters::net::pool::Pipe;
 use crate::domain::model::Traffic;
@@ -35,41 +37,30 @@ pub async fn relay(
     idle: Option<Duration>,
     traffic: &Traffic,
 ) -> io::Result<(u64, u64)> {
-    let shared = Shared::default();
-    let mut up = pin!(direction(
+    let moved = Cell::new(false);
+    let ctx = |from, to, counted| Ends {
         driver,
-        (client, backend),
+        from,
+        to,
         pool,
-        &traffic.up,
-        &shared,
-        0
-    ));
-    let mut down = pin!(direction(
-        driver,
-        (backend, client),
-        pool,
-        &traffic.down,
-        &shared,
-        1
-    ));
-    let (mut up_total, mut down_total) = (None, None);
+        counted,
+        moved: &moved,
+    };
+    let (up_ends, down_ends) = (
+        ctx(client, backend, &traffic.up),
+        ctx(backend, client, &traffic.down),
+    );
+    let (mut up, mut down) = (Direction::default(), Direction::default());
+    // A timer only with an idle timeout, boxed so connections without one carry none.
     let mut idle = idle.map(|limit| (limit, Box::pin(tokio::time::sleep(limit))));
     poll_fn(|cx| {
-        if up_total.is_none()
-            && let Poll::Ready(r) = up.as_mut().poll(cx)
-        {
-            up_total = Some(r?);
-        }
-        if down_total.is_none()
-            && let Poll::Ready(r) = down.as_mut().poll(cx)
-        {
-            down_total = Some(r?);
-        }
-        if let (Some(up), Some(down)) = (up_total, down_total) {
-            return Poll::Ready(Ok((up, down)));
+        let up_done = up.poll(cx, &up_ends, down.is_ended())?;
+        let down_done = down.poll(cx, &down_ends, up.is_ended())?;
+        if up_done.is_ready() && down_done.is_ready() {
+            return Poll::Ready(Ok((up.total, down.total)));
         }
         if let Some((limit, timer)) = &mut idle {
-            if shared.moved.take() {
+            if moved.take() {
                 timer.as_mut().reset(Instant::now() + *limit);
             }
             if timer.as_mut().poll(cx).is_ready() {
@@ -82,62 +73,205 @@ pub async fn relay(
     .await
 }
 
-#[derive(Default)]
-struct Shared {
-    /// Bytes moved since the idle timer last looked.
-    moved: Cell<bool>,
-    /// Which directions reached their end.
-    done: [Cell<bool>; 2],
+/// What one direction moves bytes between, and where it reports them.
+struct Ends<'a> {
+    driver: &'a Driver,
+    from: &'a OwnedFd,
+    to: &'a OwnedFd,
+    pool: &'a BufferPool,
+    counted: &'a AtomicU64,
+    /// Bytes moved since the idle timer last looked (both directions).
+    moved: &'a Cell<bool>,
 }
 
-/// One direction until `from` ends (then `to`'s write half is shut, unless the other
-/// direction ended first: the close that follows sends the FIN).
-async fn direction(
-    driver: &Driver,
-    (from, to): (&OwnedFd, &OwnedFd),
-    pool: &BufferPool,
-    counted: &AtomicU64,
-    shared: &Shared,
-    me: usize,
-) -> io::Result<u64> {
-    let mut total = 0;
-    // Switched on for good at the first bulk read.
-    let mut spliced = false;
-    loop {
-        if spliced {
-            match splice_burst(driver, (from, to), pool, counted, &shared.moved).await? {
-                Burst::Moved(n) => {
-                    total += n as u64;
-                    continue;
+/// One direction, a small state machine (not an `async fn`: an idle connection's task is
+/// its memory, and nested futures for both directions were over a kilobyte).
+#[derive(Default)]
+struct Direction<'a> {
+    step: Step<'a>,
+    total: u64,
+    /// Switched on for good at the first bulk read.
+    spliced: bool,
+}
+
+#[derive(Default)]
+enum Step<'a> {
+    /// Nothing in flight.
+    #[default]
+    Start,
+    /// A receive into a provided buffer.
+    Receiving(Op),
+    /// Sending bytes `sent..len` of a provided buffer (which travels with the operation).
+    Sending {
+        op: Op,
+        sent: usize,
+        len: usize,
+    },
+    /// The rare paths, boxed: a burst through a pipe, or a receive that found the
+    /// provided buffers all out. Bytes moved (0: the end of the stream).
+    Other(Pin<Box<dyn Future<Output = io::Result<Burst>> + 'a>>),
+    /// `to`'s write half being shut after `from` ended.
+    Ending(Op),
+    Ended,
+}
+
+impl<'a> Direction<'a> {
+    fn is_ended(&self) -> bool {
+        matches!(self.step, Step::Ended)
+    }
+
+    /// Moves bytes until something is in flight (Pending) or `from` ended and `to` was
+    /// told (Ready): its write half is shut unless the other direction ended first (the
+    /// close that follows sends the FIN).
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        ends: &Ends<'a>,
+        other_ended: bool,
+    ) -> io::Result<Poll<()>> {
+        let driver = ends.driver;
+        loop {
+            match &mut self.step {
+                Step::Ended => return Ok(Poll::Ready(())),
+                Step::Start if self.spliced => {
+                    let burst = splice_burst(
+                        driver,
+                        (ends.from, ends.to),
+                        ends.pool,
+                        ends.counted,
+                        ends.moved,
+                    );
+                    self.step = Step::Other(Box::pin(burst));
                 }
-                Burst::End => break,
-                Burst::NoPipe => {}
+                Step::Start => {
+                    self.step = Step::Receiving(driver.start_recv(ends.from.as_raw_fd()))
+                }
+                Step::Receiving(op) => {
+                    let Poll::Ready(done) = Pin::new(op).poll(cx) else {
+                        return Ok(Poll::Pending);
+                    };
+                    let buffer = done.buffer();
+                    match (done.result(), buffer) {
+                        (Ok(n), Some(id)) if n > 0 => {
+                            let len = n as usize;
+                            self.spliced |= len >= BUFFER_SIZE / 2;
+                            let op = driver.start_send(ends.to.as_raw_fd(), id, 0, len);
+                            self.step = Step::Sending { op, sent: 0, len };
+                        }
+                        (Ok(_), id) => {
+                            if let Some(id) = id {
+                                driver.give_back(id);
+                            }
+                            self.end(ends, other_ended);
+                        }
+                        (Err(e), id) => {
+                            if let Some(id) = id {
+                                driver.give_back(id);
+                            }
+                            if e.raw_os_error() != Some(ENOBUFS) {
+                                return Err(e);
+                            }
+                            // Every provided buffer is out (peers that stopped reading
+                            // hold them): this receive brings its own.
+                            let (from, to) = (ends.from.as_raw_fd(), ends.to.as_raw_fd());
+                            self.step = Step::Other(Box::pin(async move {
+                                let got = driver.recv_into_heap(from).await?;
+                                driver.send_all(to, got.bytes()).await?;
+                                Ok(match got.len() {
+                                    0 => Burst::End,
+                                    n => Burst::Received(n),
+                                })
+                            }));
+                        }
+                    }
+                }
+                Step::Sending { op, sent, len } => {
+                    let Poll::Ready(done) = Pin::new(&mut *op).poll(cx) else {
+                        return Ok(Poll::Pending);
+                    };
+                    let Some(id) = op.take_buffer() else {
+                        unreachable!("a send's slot keeps its buffer");
+                    };
+                    let n = match done.result() {
+                        Ok(0) => Err(ErrorKind::WriteZero.into()),
+                        r => r,
+                    };
+                    let n = match n {
+                        Ok(n) => n as usize,
+                        Err(e) => {
+                            driver.give_back(id);
+                            return Err(e);
+                        }
+                    };
+                    *sent += n;
+                    self.total += n as u64;
+                    ends.counted.fetch_add(n as u64, Ordering::Relaxed);
+                    ends.moved.set(true);
+                    self.step = match *sent < *len {
+                        true => {
+                            let op =
+                                driver.start_send(ends.to.as_raw_fd(), id, *sent, *len - *sent);
+                            Step::Sending {
+                                op,
+                                sent: *sent,
+                                len: *len,
+                            }
+                        }
+                        false => {
+                            driver.give_back(id);
+                            Step::Start
+                        }
+                    };
+                }
+                Step::Other(future) => {
+                    let Poll::Ready(burst) = future.as_mut().poll(cx) else {
+                        return Ok(Poll::Pending);
+                    };
+                    match burst? {
+                        // Counted as it went.
+                        Burst::Moved(n) => {
+                            self.total += n as u64;
+                            self.step = Step::Start;
+                        }
+                        Burst::Received(n) => {
+                            self.total += n as u64;
+                            ends.counted.fetch_add(n as u64, Ordering::Relaxed);
+                            ends.moved.set(true);
+                            self.step = Step::Start;
+                        }
+                        Burst::NoPipe => {
+                            self.step = Step::Receiving(driver.start_recv(ends.from.as_raw_fd()))
+                        }
+                        Burst::End => self.end(ends, other_ended),
+                    }
+                }
+                Step::Ending(op) => {
+                    let Poll::Ready(done) = Pin::new(op).poll(cx) else {
+                        return Ok(Poll::Pending);
+                    };
+                    match done.result() {
+                        // The peer may have closed already; nothing is left to tell it.
+                        Err(e) if e.kind() != ErrorKind::NotConnected => return Err(e),
+                        _ => self.step = Step::Ended,
+                    }
+                }
             }
         }
-        let got = driver.recv(from.as_raw_fd()).await?;
-        if got.is_empty() {
-            break;
-        }
-        spliced |= got.len() >= BUFFER_SIZE / 2;
-        let n = driver.send_received(to.as_raw_fd(), got).await?;
-        total += n as u64;
-        counted.fetch_add(n as u64, Ordering::Relaxed);
-        shared.moved.set(true);
     }
-    shared.done[me].set(true);
-    if !shared.done[1 - me].get() {
-        match driver.shutdown_write(to.as_raw_fd()).await {
-            // The peer may have closed already; nothing is left to tell it.
-            Err(e) if e.kind() != ErrorKind::NotConnected => return Err(e),
-            _ => {}
-        }
+
+    fn end(&mut self, ends: &Ends<'a>, other_ended: bool) {
+        self.step = match other_ended {
+            true => Step::Ended,
+            false => Step::Ending(ends.driver.start_shutdown(ends.to.as_raw_fd())),
+        };
     }
-    Ok(total)
 }
 
 enum Burst {
     /// Bytes moved (counted as they went).
     Moved(usize),
+    /// Bytes received into a buffer of their own and sent (not counted yet).
+    Received(usize),
     /// `from` ended.
     End,
     /// No pipe could be had: the caller receives into a buffer instead.
