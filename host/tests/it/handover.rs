@@ -33,6 +33,7 @@ impl Process {
             .env("EDGEPROXY_ADMIN_ADDR", "127.0.0.1:0")
             .env("EDGEPROXY_LOG_FORMAT", "json")
             .env("EDGEPROXY_REGION", "sa")
+            .env("EDGEPROXY_DATA_PATH", data_path())
             .env("EDGEPROXY_HANDOVER_SOCKET", dir.join("handover.sock"))
             .envs(extra.iter().copied())
             .current_dir(dir)
@@ -229,6 +230,7 @@ async fn transfer(conn: &mut tokio::io::BufReader<tokio::net::TcpStream>, n: usi
     assert!(back == sent, "the echo differs");
 }
 
+on_both_data_paths! {
 /// Five upgrades in a row under a steady stream of clients: no client is refused, reset
 /// or left waiting, and a connection opened before each upgrade finishes its transfer
 /// through the old process, which then exits on its own with nothing cut off.
@@ -278,6 +280,7 @@ fn five_upgrades_in_a_row_refuse_and_reset_nothing() {
     signal(current.pid(), "-TERM");
     let (status, _) = current.wait_exit();
     assert!(status.success());
+}
 }
 
 /// A new process that fails its start-up (here its policy file is missing) says why and
@@ -403,6 +406,7 @@ fn the_new_process_keeps_the_clients_bindings() {
     assert_eq!(rt.block_on(served_by("127.0.0.3", addr)), "near");
 }
 
+on_both_data_paths! {
 /// With a handover socket set, SIGTERM still stops accepting at once: the copies of the
 /// sockets kept for a successor do not keep them listening through the drain (clients
 /// would wait in a queue nobody reads and be reset at its end).
@@ -430,6 +434,7 @@ fn sigterm_refuses_new_connections_at_once_while_draining() {
     );
     signal(p.pid(), "-TERM");
     assert!(p.wait_exit().0.success());
+}
 }
 
 /// The old process's connections still count while it drains: a backend at its hard

@@ -81,11 +81,14 @@ thread_local! {
     static CURRENT: RefCell<Option<Driver>> = const { RefCell::new(None) };
 }
 
-/// What a data-path thread's runtime runs before it parks: see `Driver::turn`.
+/// What a data-path thread's runtime runs before it parks: the queued entries go to the
+/// kernel. (Completions are read by the ring's reader task, inside the `LocalSet`: a
+/// connection woken from here would wake the `LocalSet` from outside, a write to the
+/// runtime's eventfd per park.)
 pub fn before_park() {
     CURRENT.with(|c| {
         if let Some(d) = &*c.borrow() {
-            d.turn();
+            d.0.borrow_mut().submit();
         }
     });
 }
@@ -162,9 +165,8 @@ impl Driver {
         CURRENT.with(|c| *c.borrow_mut() = Some(self.clone()));
     }
 
-    /// Sends what is queued and hands out what completed: the runtime calls it before
-    /// it parks, so a woken operation keeps it from parking.
-    pub fn turn(&self) {
+    /// Sends what is queued and hands out what completed.
+    fn turn(&self) {
         let mut inner = self.0.borrow_mut();
         inner.submit();
         inner.reap();
