@@ -767,7 +767,9 @@ impl Host {
         match handover {
             Some(handover) => {
                 let stops = (&stop_accepting, &stop_background);
-                self.hand_over(handover, (&handed_over, &predecessor), &background, stops)
+                // Among the acceptors: its copies of the listening sockets are closed
+                // before the drain says no new connection gets in.
+                self.hand_over(handover, (&handed_over, &predecessor), &acceptors, stops)
                     .await;
             }
             None => {
@@ -883,7 +885,7 @@ impl Host {
         &self,
         handover: Handover,
         (handed_over, predecessor): (&CancellationToken, &CancellationToken),
-        background: &TaskTracker,
+        acceptors: &TaskTracker,
         (stop_accepting, drained): (&CancellationToken, &CancellationToken),
     ) {
         if let Some(from) = handover.inherited {
@@ -956,7 +958,7 @@ impl Host {
             },
             drained: drained.clone(),
         };
-        background.spawn(adapters::inbound::handover::serve(
+        acceptors.spawn(adapters::inbound::handover::serve(
             handover.endpoint,
             handing,
             handed_over.clone(),

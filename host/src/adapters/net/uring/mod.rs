@@ -296,11 +296,36 @@ impl Driver {
                 Ok(received)
             }
             // Every provided buffer is out (connections whose peers stopped reading hold
-            // them): this receive brings its own rather than wait for one.
+            // them; the kernel says so at once, bytes or not): wait for bytes holding
+            // nothing, then take one if it came back, else bring one of its own.
             Err(e) if e.raw_os_error() == Some(libc_flags::ENOBUFS) => {
-                Box::pin(self.recv_into_heap(fd)).await
+                Box::pin(self.recv_when_dry(fd)).await
             }
             Err(e) => Err(e),
+        }
+    }
+
+    async fn recv_when_dry(&self, fd: RawFd) -> io::Result<Received> {
+        self.poll(fd, true).await?;
+        let done = self.start_recv(fd).await;
+        let id = done.buffer();
+        match done.result() {
+            Err(e) if e.raw_os_error() == Some(libc_flags::ENOBUFS) => {
+                self.recv_into_heap(fd).await
+            }
+            result => {
+                let mut received = Received {
+                    driver: self.clone(),
+                    id,
+                    heap: Vec::new(),
+                    len: 0,
+                };
+                let n = result?;
+                if id.is_some() {
+                    received.len = n as usize;
+                }
+                Ok(received)
+            }
         }
     }
 

@@ -116,8 +116,9 @@ enum Step<'a> {
 }
 
 impl<'a> Direction<'a> {
+    /// Whether `from` ended (its FIN may still be on its way to `to`).
     fn is_ended(&self) -> bool {
-        matches!(self.step, Step::Ended)
+        matches!(self.step, Step::Ending(_) | Step::Ended)
     }
 
     /// Moves bytes until something is in flight (Pending) or `from` ended and `to` was
@@ -172,10 +173,11 @@ impl<'a> Direction<'a> {
                                 return Err(e);
                             }
                             // Every provided buffer is out (peers that stopped reading
-                            // hold them): this receive brings its own.
+                            // hold them): wait for bytes holding nothing, then receive
+                            // (into a buffer of its own if the ring is still dry).
                             let (from, to) = (ends.from.as_raw_fd(), ends.to.as_raw_fd());
                             self.step = Step::Other(Box::pin(async move {
-                                let got = driver.recv_into_heap(from).await?;
+                                let got = driver.recv(from).await?;
                                 driver.send_all(to, got.bytes()).await?;
                                 Ok(match got.len() {
                                     0 => Burst::End,
@@ -274,7 +276,8 @@ enum Burst {
     Received(usize),
     /// `from` ended.
     End,
-    /// No pipe could be had: the caller receives into a buffer instead.
+    /// No pipe could be had, or nothing could be spliced: the caller receives into a
+    /// buffer instead.
     NoPipe,
 }
 
@@ -287,54 +290,55 @@ async fn splice_burst(
     counted: &AtomicU64,
     moved_flag: &Cell<bool>,
 ) -> io::Result<Burst> {
+    driver.poll(from.as_raw_fd(), true).await?;
+    let Some(pipe) = pool.pipes.take() else {
+        return Ok(Burst::NoPipe);
+    };
+    // A pipe that may hold bytes is never reused: discarded unless drained.
+    let mut pipe = Held {
+        pipe: Some(pipe),
+        pool,
+    };
+    let mut moved = 0;
     loop {
-        driver.poll(from.as_raw_fd(), true).await?;
-        let Some(pipe) = pool.pipes.take() else {
-            return Ok(Burst::NoPipe);
+        let n = match pipe.get().fill(from) {
+            // The end of the stream: told by the receive that follows.
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
         };
-        // A pipe that may hold bytes is never reused: discarded unless drained.
-        let mut pipe = Held {
-            pipe: Some(pipe),
-            pool,
-        };
-        let mut moved = 0;
-        let ended = loop {
-            let n = match pipe.get().fill(from) {
-                Ok(0) => break true,
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
-                Err(e) => return Err(e),
-            };
-            let mut left = n;
-            while left > 0 {
-                match pipe.get().drain(to, left) {
-                    Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                    Ok(m) => {
-                        left -= m;
-                        moved += m;
-                        counted.fetch_add(m as u64, Ordering::Relaxed);
-                        moved_flag.set(true);
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        driver.poll(to.as_raw_fd(), false).await?
-                    }
-                    Err(e) => return Err(e),
+        let mut left = n;
+        while left > 0 {
+            match pipe.get().drain(to, left) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(m) => {
+                    left -= m;
+                    moved += m;
+                    counted.fetch_add(m as u64, Ordering::Relaxed);
+                    moved_flag.set(true);
                 }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    driver.poll(to.as_raw_fd(), false).await?
+                }
+                Err(e) => return Err(e),
             }
-            // Not forever on a fast sender: the next burst waits its turn in the ring.
-            if moved >= BURST {
-                break false;
-            }
-        };
-        pipe.release();
-        match (moved, ended) {
-            (0, true) => return Ok(Burst::End),
-            // Readiness with nothing to read (an error-queue event): wait again.
-            (0, false) => {}
-            // An end after bytes is seen by the next burst.
-            (n, _) => return Ok(Burst::Moved(n)),
+        }
+        // Not forever on a fast sender: the next burst waits its turn in the ring.
+        if moved >= BURST {
+            break;
         }
     }
+    pipe.release();
+    Ok(match moved {
+        // Readable yet nothing spliced: an end of stream, an error-queue event, or
+        // urgent data (splice stops at it, poll keeps saying readable). A plain
+        // receive tells which, and steps over urgent data, where waiting again would
+        // spin.
+        0 => Burst::NoPipe,
+        // An end after bytes is seen by the next burst.
+        n => Burst::Moved(n),
+    })
 }
 
 /// What one burst moves at most before the direction yields.
