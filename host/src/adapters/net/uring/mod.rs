@@ -4,9 +4,9 @@
 //! futures over it.
 //!
 //! Submissions queue up in the ring and go to the kernel in one `io_uring_enter` just
-//! before the runtime parks (or when the queue is full); completions are read then too,
-//! and whenever the ring's descriptor turns readable in tokio's epoll. Under load one
-//! system call thus carries the accepts, connects, receives and sends of many
+//! before the runtime parks (or 32 at a time while it is busy); completions are read by
+//! a task woken when the ring's descriptor turns readable in tokio's epoll. Under load
+//! one system call thus carries the accepts, connects, receives and sends of many
 //! connections.
 //!
 //! Drop safety: an operation's future may be dropped while the kernel still works on it
