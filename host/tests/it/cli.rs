@@ -94,8 +94,12 @@ fn start_logged(
         .unwrap();
     let mut child = Running(child);
     let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let addr = listening_addr(&mut lines);
+    let (addr, before) = listening_addr(&mut lines);
+    // The log from the start: what came before "listening" first.
     let (tx, rx) = std::sync::mpsc::channel();
+    for line in before {
+        let _ = tx.send(line);
+    }
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             let _ = tx.send(line);
@@ -104,10 +108,11 @@ fn start_logged(
     (child, addr, rx)
 }
 
-/// Reads the JSON log until the "listening" event and returns its address.
+/// Reads the JSON log until the "listening" event: its address, and the lines before it.
 fn listening_addr(
     lines: &mut impl Iterator<Item = std::io::Result<String>>,
-) -> std::net::SocketAddr {
+) -> (std::net::SocketAddr, Vec<String>) {
+    let mut before = Vec::new();
     loop {
         let line = lines
             .next()
@@ -116,8 +121,9 @@ fn listening_addr(
         if line.contains("\"listening\"") {
             let start = line.find("\"addr\":\"").unwrap() + 8;
             let end = start + line[start..].find('"').unwrap();
-            return line[start..end].parse().unwrap();
+            return (line[start..end].parse().unwrap(), before);
         }
+        before.push(line);
     }
 }
 
@@ -609,37 +615,19 @@ fn io_uring_refused_by_seccomp_falls_back_to_epoll_with_one_line() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let backend = rt.block_on(Backend::start("b"));
     let db = Db::new(&[Row::new("b", "sa", "BR", backend.addr)]);
-    let child = Command::new(&wrapper)
-        .arg(env!("CARGO_BIN_EXE_edgeproxy"))
-        .env_clear()
-        .env("EDGEPROXY_DATA_PATH", "io_uring")
-        .env("EDGEPROXY_WORKER_THREADS", "2")
-        .env("EDGEPROXY_DB_PATH", &db.path)
-        .env("EDGEPROXY_NATIVE_POLICY", "1")
-        .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
-        .env("EDGEPROXY_ADMIN_ADDR", "")
-        .env("EDGEPROXY_LOG_FORMAT", "json")
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Running(child);
-    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let mut fallbacks = 0;
-    let addr: std::net::SocketAddr = loop {
-        let line = lines
-            .next()
-            .expect("proxy exited before listening")
-            .unwrap();
-        fallbacks += usize::from(line.contains("serving on epoll"));
-        if line.contains("\"listening\"") {
-            let start = line.find("\"addr\":\"").unwrap() + 8;
-            let end = start + line[start..].find('"').unwrap();
-            break line[start..end].parse().unwrap();
-        }
-    };
-    assert_eq!(fallbacks, 1);
+    let (mut child, addr, log_rx) = start_logged(
+        Command::new(&wrapper)
+            .arg(env!("CARGO_BIN_EXE_edgeproxy"))
+            .env_clear()
+            .env("EDGEPROXY_DATA_PATH", "io_uring")
+            .env("EDGEPROXY_WORKER_THREADS", "2")
+            .env("EDGEPROXY_DB_PATH", &db.path)
+            .env("EDGEPROXY_NATIVE_POLICY", "1")
+            .current_dir(dir.path()),
+    );
+    // The lines up to "listening" are in the channel already (and any since).
+    let fallbacks = log_rx.try_iter().filter(|l| l.contains("serving on epoll"));
+    assert_eq!(fallbacks.count(), 1);
     assert_eq!(rt.block_on(served_by("127.0.0.1", addr)), "b");
     assert!(child.0.try_wait().unwrap().is_none(), "edgeproxy exited");
 }

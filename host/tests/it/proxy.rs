@@ -200,13 +200,7 @@ async fn failover_when_a_backend_refuses() {
     ]);
     let p = Proxy::start(&db, "").await;
     assert_eq!(served_by("127.0.0.2", p.addr).await, "alive");
-    let table = p.host.routing.current();
-    let dead_stats = &table
-        .backends()
-        .iter()
-        .find(|b| b.backend.id.as_str() == "dead")
-        .unwrap()
-        .stats;
+    let dead_stats = p.stats("dead");
     assert_eq!(dead_stats.connect_failures(), 1);
     assert_eq!(dead_stats.active(), 0);
     // The binding went to the backend that answered, so the dead one is not retried.
@@ -718,13 +712,8 @@ async fn a_backend_that_never_answers_the_handshake_times_out_and_fails_over() {
     ]);
     let p = Proxy::start(&db, "connect_timeout_ms = 300\nbinding_ttl_secs = 0").await;
     assert_eq!(served_by("127.0.0.2", p.addr).await, "b");
-    let table = p.host.routing.current();
-    let failures = |id: &str| {
-        let rb = table.backends().iter().find(|rb| rb.backend.id.as_str() == id).unwrap();
-        rb.stats.connect_failures()
-    };
-    assert_eq!(failures("stuck"), 1);
-    assert_eq!(failures("b"), 0);
+    assert_eq!(p.stats("stuck").connect_failures(), 1);
+    assert_eq!(p.stats("b").connect_failures(), 0);
     p.stop().await;
 }
 }

@@ -118,15 +118,8 @@ pub async fn serve(
     let app: Option<Arc<str>> = config.app.as_deref().map(Arc::from);
     let addr = config.addr;
     let config = Arc::new(Listener { config, tls });
-    // Accepted sockets inherit TCP_NODELAY and the keepalive settings from the listener
-    // on Linux: setsockopt calls here instead of per connection (elsewhere each
-    // connection sets them).
-    let sock = socket2::SockRef::from(&listener);
-    let inherited = cfg!(target_os = "linux") && sock.set_tcp_nodelay(true).is_ok();
     let keepalive = service.settings.keepalive;
-    if let (true, Some(idle)) = (inherited, keepalive) {
-        set_keepalive(&listener, idle);
-    }
+    let inherited = set_inherited_options(&listener, keepalive);
     loop {
         // At the cap the loop waits here, not in accept(2): new clients queue in the
         // kernel's backlog until a connection closes.
@@ -163,24 +156,42 @@ pub async fn serve(
             }
             Err(e) => {
                 stats.unused_slot();
-                // Out of descriptors (or buffers): nothing to do but wait for some to free.
-                // Anything else (an aborted handshake) concerns one client, but a loop of
-                // them must not spin a core either.
-                let pause = match is_local_resource_error(&e) {
-                    true => {
-                        tracing::error!(listener = %addr, error = %e, "accept failed: out of resources; backing off");
-                        ACCEPT_BACKOFF
-                    }
-                    false => {
-                        tracing::debug!(listener = %addr, error = %e, "accept failed");
-                        ACCEPT_ERROR_PAUSE
-                    }
-                };
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(pause) => {}
+                    _ = tokio::time::sleep(accept_pause(addr, &e)) => {}
                 }
             }
+        }
+    }
+}
+
+/// Sets on a listener what the sockets it accepts inherit on Linux, TCP_NODELAY and
+/// keepalive: setsockopt calls once here instead of per connection. Whether they are
+/// inherited (elsewhere each connection sets them).
+pub fn set_inherited_options(
+    listener: &impl std::os::fd::AsFd,
+    keepalive: Option<Duration>,
+) -> bool {
+    let sock = socket2::SockRef::from(listener);
+    let inherited = cfg!(target_os = "linux") && sock.set_tcp_nodelay(true).is_ok();
+    if let (true, Some(idle)) = (inherited, keepalive) {
+        set_keepalive(listener, idle);
+    }
+    inherited
+}
+
+/// How long an accept loop waits after a failed accept, logged. Out of descriptors (or
+/// buffers): nothing to do but wait for some to free. Anything else (an aborted
+/// handshake) concerns one client, but a loop of them must not spin a core either.
+pub fn accept_pause(listener: SocketAddr, e: &std::io::Error) -> Duration {
+    match is_local_resource_error(e) {
+        true => {
+            tracing::error!(%listener, error = %e, "accept failed: out of resources; backing off");
+            ACCEPT_BACKOFF
+        }
+        false => {
+            tracing::debug!(%listener, error = %e, "accept failed");
+            ACCEPT_ERROR_PAUSE
         }
     }
 }

@@ -15,19 +15,15 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::tcp_server::{self, Acceptor, Admitted};
 use crate::adapters::net::uring::{self, Driver};
-use crate::adapters::net::{is_local_resource_error, set_keepalive};
 use crate::application::telemetry::ListenerStats;
 use crate::config::ListenerConfig;
 
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(1);
 const ECANCELED: i32 = 125;
 
 /// One listener copy a data-path thread accepts on.
@@ -118,12 +114,7 @@ async fn accept_loop(driver: Driver, job: Job, acceptor: Acceptor) {
         config,
         stats,
     } = job;
-    let service = &acceptor.service;
-    // Accepted sockets inherit TCP_NODELAY and keepalive from the listener (Linux).
-    let _ = socket2::SockRef::from(&listener).set_tcp_nodelay(true);
-    if let Some(idle) = service.settings.keepalive {
-        set_keepalive(&listener, idle);
-    }
+    tcp_server::set_inherited_options(&listener, acceptor.service.settings.keepalive);
     let config = Arc::new(config);
     let app: Option<Arc<str>> = config.app.as_deref().map(Arc::from);
     let shutdown = &acceptor.shutdown;
@@ -155,16 +146,7 @@ async fn accept_loop(driver: Driver, job: Job, acceptor: Acceptor) {
                 Some(Some(Ok(fd))) => break Some(fd),
                 Some(Some(Err(e))) if e.raw_os_error() == Some(ECANCELED) => {}
                 Some(Some(Err(e))) => {
-                    let pause = match is_local_resource_error(&e) {
-                        true => {
-                            tracing::error!(listener = %config.addr, error = %e, "accept failed: out of resources; backing off");
-                            ACCEPT_BACKOFF
-                        }
-                        false => {
-                            tracing::debug!(listener = %config.addr, error = %e, "accept failed");
-                            ACCEPT_ERROR_PAUSE
-                        }
-                    };
+                    let pause = tcp_server::accept_pause(config.addr, &e);
                     tokio::select! {
                         _ = shutdown.cancelled() => break None,
                         _ = tokio::time::sleep(pause) => {}

@@ -17,6 +17,7 @@
 use std::future::{Future, poll_fn};
 use std::io::{self, ErrorKind};
 use std::net::Shutdown;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -44,8 +45,7 @@ pub async fn relay(
         down: Direction::default(),
         pool,
     };
-    // A timer only with an idle timeout, boxed so connections without one carry none.
-    let mut idle = idle.map(|limit| (limit, Box::pin(tokio::time::sleep(limit))));
+    let mut idle = IdleTimer::new(idle);
     poll_fn(|cx| {
         let Directions { up, down, pool } = &mut dirs;
         let up_done = up.poll(cx, client, backend, pool, &traffic.up, down.is_done())?;
@@ -53,18 +53,37 @@ pub async fn relay(
         if up_done.is_ready() && down_done.is_ready() {
             return Poll::Ready(Ok((up.total, down.total)));
         }
-        if let Some((limit, timer)) = &mut idle {
-            if up.take_moved() | down.take_moved() {
-                timer.as_mut().reset(Instant::now() + *limit);
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                let e = io::Error::new(ErrorKind::TimedOut, format!("idle for {limit:?}"));
-                return Poll::Ready(Err(e));
-            }
-        }
-        Poll::Pending
+        idle.poll(cx, up.take_moved() | down.take_moved()).map(Err)
     })
     .await
+}
+
+/// A relay's idle timeout, restarted whenever bytes move; a timer only with a timeout,
+/// boxed so connections without one carry none. Both data paths' relays use it.
+pub(super) struct IdleTimer(Option<(Duration, Pin<Box<tokio::time::Sleep>>)>);
+
+impl IdleTimer {
+    pub(super) fn new(limit: Option<Duration>) -> Self {
+        Self(limit.map(|limit| (limit, Box::pin(tokio::time::sleep(limit)))))
+    }
+
+    /// The timeout's error once nothing moved for the limit; `moved`: bytes moved since
+    /// the last call.
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>, moved: bool) -> Poll<io::Error> {
+        let Some((limit, timer)) = &mut self.0 else {
+            return Poll::Pending;
+        };
+        if moved {
+            timer.as_mut().reset(Instant::now() + *limit);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(io::Error::new(
+                ErrorKind::TimedOut,
+                format!("idle for {limit:?}"),
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 /// Both directions and the pool their chunks come from; a chunk still in flight when

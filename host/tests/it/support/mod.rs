@@ -398,6 +398,16 @@ impl Proxy {
         self.host.metrics.total_active()
     }
 
+    /// Backend `id`'s live counts in the current table.
+    pub fn stats(&self, id: &str) -> Arc<edgeproxy::domain::model::BackendStats> {
+        let table = self.host.routing.current();
+        let found = table
+            .backends()
+            .iter()
+            .find(|b| b.backend.id.as_str() == id);
+        Arc::clone(&found.unwrap_or_else(|| panic!("no backend {id}")).stats)
+    }
+
     pub async fn stop(self) -> edgeproxy::Drained {
         self.shutdown.cancel();
         tokio::time::timeout(WAIT, self.task)

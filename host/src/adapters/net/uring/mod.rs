@@ -280,53 +280,41 @@ impl Driver {
 
     /// One receive into a provided buffer: the bytes (empty at the end of the stream).
     pub async fn recv(&self, fd: RawFd) -> io::Result<Received> {
-        let done = self.start_recv(fd).await;
-        // A buffer the completion carries is ours, error or not: given back on drop.
-        let mut received = Received {
-            driver: self.clone(),
-            id: done.buffer(),
-            heap: Vec::new(),
-            len: 0,
-        };
-        match done.result() {
-            Ok(n) => {
-                if received.id.is_some() {
-                    received.len = n as usize;
-                }
-                Ok(received)
-            }
+        match self.received(self.start_recv(fd).await) {
             // Every provided buffer is out (connections whose peers stopped reading hold
             // them; the kernel says so at once, bytes or not): wait for bytes holding
             // nothing, then take one if it came back, else bring one of its own.
             Err(e) if e.raw_os_error() == Some(libc_flags::ENOBUFS) => {
                 Box::pin(self.recv_when_dry(fd)).await
             }
-            Err(e) => Err(e),
+            r => r,
         }
     }
 
     async fn recv_when_dry(&self, fd: RawFd) -> io::Result<Received> {
         self.poll(fd, true).await?;
-        let done = self.start_recv(fd).await;
-        let id = done.buffer();
-        match done.result() {
+        match self.received(self.start_recv(fd).await) {
             Err(e) if e.raw_os_error() == Some(libc_flags::ENOBUFS) => {
                 self.recv_into_heap(fd).await
             }
-            result => {
-                let mut received = Received {
-                    driver: self.clone(),
-                    id,
-                    heap: Vec::new(),
-                    len: 0,
-                };
-                let n = result?;
-                if id.is_some() {
-                    received.len = n as usize;
-                }
-                Ok(received)
-            }
+            r => r,
         }
+    }
+
+    /// What a receive into a provided buffer got. A buffer the completion carries is
+    /// ours, error or not: given back when the `Received` drops.
+    fn received(&self, done: Completion) -> io::Result<Received> {
+        let mut received = Received {
+            driver: self.clone(),
+            id: done.buffer(),
+            heap: Vec::new(),
+            len: 0,
+        };
+        let n = done.result()?;
+        if received.id.is_some() {
+            received.len = n as usize;
+        }
+        Ok(received)
     }
 
     /// A receive into a provided buffer, the kernel's pick when bytes arrive.

@@ -19,13 +19,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use super::{BUFFER_SIZE, Driver, Op};
 
 const ENOBUFS: i32 = 105;
 use crate::adapters::net::BufferPool;
 use crate::adapters::net::pool::Pipe;
+use crate::adapters::net::relay::IdleTimer;
 use crate::domain::model::Traffic;
 
 /// Bytes copied client -> backend and backend -> client; `traffic` sees them as they go.
@@ -51,24 +50,14 @@ pub async fn relay(
         ctx(backend, client, &traffic.down),
     );
     let (mut up, mut down) = (Direction::default(), Direction::default());
-    // A timer only with an idle timeout, boxed so connections without one carry none.
-    let mut idle = idle.map(|limit| (limit, Box::pin(tokio::time::sleep(limit))));
+    let mut idle = IdleTimer::new(idle);
     poll_fn(|cx| {
         let up_done = up.poll(cx, &up_ends, down.is_ended())?;
         let down_done = down.poll(cx, &down_ends, up.is_ended())?;
         if up_done.is_ready() && down_done.is_ready() {
             return Poll::Ready(Ok((up.total, down.total)));
         }
-        if let Some((limit, timer)) = &mut idle {
-            if moved.take() {
-                timer.as_mut().reset(Instant::now() + *limit);
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                let e = io::Error::new(ErrorKind::TimedOut, format!("idle for {limit:?}"));
-                return Poll::Ready(Err(e));
-            }
-        }
-        Poll::Pending
+        idle.poll(cx, moved.take()).map(Err)
     })
     .await
 }
