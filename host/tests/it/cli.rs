@@ -263,10 +263,15 @@ fn config_check_names_every_bad_key_and_show_says_where_values_came_from() {
         .arg(&cfg)
         .env("EDGEPROXY_CONNECT_ATTEMPTS", "several")
         .env("EDGEPROXY_BINDING_TTL", "60")
+        .env("EDGEPROXY_DATA_PATH", "uring")
         .output()
         .unwrap();
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("EDGEPROXY_DATA_PATH: must be one of epoll, io_uring"),
+        "{err}"
+    );
     assert!(
         err.contains("db_reload_secs: must be greater than 0"),
         "{err}"
