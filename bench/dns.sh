@@ -5,7 +5,7 @@
 #   bench/dns.sh
 #   SERVERS="edgeproxy edgeproxy-native knot gdnsd" ROUNDS=3 DURATION=10 bench/dns.sh
 #
-# Installs dnsperf, Knot and gdnsd (Debian packages) when missing and builds edgeproxy in
+# Installs dnsperf, Knot, gdnsd and dig (Debian packages) when missing and builds edgeproxy in
 # release mode. Every server runs pinned to CPU $SERVER_CPU with one worker (one UDP
 # thread), dnsperf on CPU $LOAD_CPU; the servers take turns within each round, in reverse
 # order every other round. Each turn runs dnsperf flat out for $DURATION s (queries/s,
@@ -32,9 +32,9 @@ WORK=${WORK:-$(mktemp -d /tmp/edgeproxy-dns-bench.XXXXXX)}
 PORT=15353
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need dnsperf || ! need knotd || ! need gdnsd; then
-  echo "installing dnsperf, knot and gdnsd (Debian packages)" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf knot gdnsd >/dev/null
+if ! need dnsperf || ! need knotd || ! need gdnsd || ! need dig; then
+  echo "installing dnsperf, knot, gdnsd and dig (Debian packages)" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf knot gdnsd bind9-dnsutils >/dev/null
 fi
 (cd "$root" && cargo build --release --locked -q -p edgeproxy)
 bin=$root/target/release/edgeproxy
