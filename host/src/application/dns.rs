@@ -288,7 +288,7 @@ impl Dns {
         let picks = self.picks(&table, app, &candidates, client);
         // Two backends on one address (different ports) are one A record.
         let mut addrs: Vec<IpAddr> = Vec::with_capacity(picks.len());
-        for ip in picks.iter().map(|b| b.backend.addr.ip()) {
+        for ip in picks.iter().map(|&i| candidates[i].backend.addr.ip()) {
             if !addrs.contains(&ip) {
                 addrs.push(ip);
             }
@@ -305,7 +305,7 @@ impl Dns {
         app: &str,
         candidates: &[RoutedBackend],
         client: IpAddr,
-    ) -> Vec<RoutedBackend> {
+    ) -> Vec<usize> {
         let client: Client = self.proxy.locate(client, false);
         let req = PickRequest {
             table,
@@ -316,8 +316,8 @@ impl Dns {
         let picks = self
             .proxy
             .ranked(&req, candidates, 1 + self.settings.alternates);
-        for b in &picks {
-            b.stats.dns_answers.fetch_add(1, Relaxed);
+        for &i in &picks {
+            candidates[i].stats.dns_answers.fetch_add(1, Relaxed);
         }
         picks
     }
@@ -338,6 +338,7 @@ impl Dns {
         Answer::Srv(
             picks
                 .iter()
+                .map(|&i| &candidates[i])
                 .zip(0u16..)
                 .map(|(b, priority)| Srv {
                     priority,

@@ -184,7 +184,7 @@ impl ProxyService {
     /// The policy's pick, checked: an answer naming an ineligible or unknown candidate is
     /// replaced by the native scorer's.
     fn pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
-        let choice = self.live_pick(req, candidates);
+        let choice = self.live_pick(req, candidates, &[]);
         if let Some(log) = &self.decisions {
             log.record(req, candidates, choice);
         }
@@ -202,27 +202,29 @@ impl ProxyService {
         req: &PickRequest<'_>,
         candidates: &[RoutedBackend],
         n: usize,
-    ) -> Vec<RoutedBackend> {
+    ) -> Vec<usize> {
         let mut out = Vec::with_capacity(n.min(candidates.len()));
-        let Some(first) = self.live_pick(req, candidates) else {
-            return out;
-        };
-        out.push(candidates[first].clone());
-        if n > 1 {
-            let mut left: Vec<RoutedBackend> = candidates.to_vec();
-            left.remove(first);
-            while out.len() < n
-                && let Some(i) = self.live_pick(req, &left)
-            {
-                out.push(left.remove(i));
-            }
+        while out.len() < n
+            && let Some(i) = self.live_pick(req, candidates, &out)
+        {
+            out.push(i);
         }
         out
     }
 
-    fn live_pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
-        match self.policy.pick(req, candidates) {
-            Some(i) if candidates.get(i).is_some_and(RoutedBackend::is_eligible) => {
+    /// The policy's pick among the candidates not `left_out`, checked: an answer naming
+    /// an ineligible, unknown or left-out candidate is replaced by the native scorer's.
+    fn live_pick(
+        &self,
+        req: &PickRequest<'_>,
+        candidates: &[RoutedBackend],
+        left_out: &[usize],
+    ) -> Option<usize> {
+        match self.policy.pick_leaving_out(req, candidates, left_out) {
+            Some(i)
+                if !left_out.contains(&i)
+                    && candidates.get(i).is_some_and(RoutedBackend::is_eligible) =>
+            {
                 self.telemetry.decided(Decision::Picked);
                 Some(i)
             }
@@ -240,7 +242,7 @@ impl ProxyService {
                         "policy chose an ineligible backend; using the native scorer"
                     );
                 }
-                NativeScorer.pick(req, candidates)
+                NativeScorer.pick_leaving_out(req, candidates, left_out)
             }
         }
     }
@@ -478,9 +480,31 @@ mod tests {
         let bindings = Arc::new(BindingTable::new(Duration::from_secs(600)));
         let policy = Arc::new(PromotedMidPick(OnceLock::new()));
         let _ = policy.0.set(Arc::clone(&bindings));
-        let service = ProxyService {
+        let service = service(policy, Some(bindings.clone() as Arc<dyn BindingRepository>));
+        let table = RoutingTable::new(1, sample::backends("app"), |_| Arc::default());
+        let client = sample::client_in_brazil();
+        let req = PickRequest {
+            table: &table,
+            pop_region: &service.settings.pop_region,
+            app: Some("app"),
+            client: &client,
+        };
+        let key = BindingKey {
+            client: client.ip,
+            app: Some("app".into()),
+        };
+        let candidates = table.candidates(Some("app"));
+        assert_eq!(service.choose(&req, &key, candidates), Some(0));
+        assert_eq!(bindings.get(&key, Instant::now()), None);
+    }
+
+    fn service(
+        policy: Arc<dyn ScoringPolicy>,
+        bindings: Option<Arc<dyn BindingRepository>>,
+    ) -> ProxyService {
+        ProxyService {
             routing: Arc::new(Routing::new(Arc::new(NoRows), Arc::default(), 50)),
-            bindings: Some(bindings.clone() as Arc<dyn BindingRepository>),
+            bindings,
             geo: Arc::new(crate::adapters::outbound::maxmind_geo::MaxMindGeo::embedded().unwrap()),
             regions: RegionMap::default(),
             policy,
@@ -497,21 +521,55 @@ mod tests {
             shadow: None,
             decisions: None,
             suspects: None,
-        };
+        }
+    }
+
+    /// Always the first candidate offered, or one past the last.
+    struct Fixed(bool);
+    impl ScoringPolicy for Fixed {
+        fn name(&self) -> &str {
+            "fixed"
+        }
+        fn pick(&self, _: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
+            match self.0 {
+                true => (!candidates.is_empty()).then_some(0),
+                false => Some(candidates.len()),
+            }
+        }
+    }
+
+    #[test]
+    fn ranked_picks_leave_each_earlier_pick_out_and_a_bad_answer_goes_native() {
         let table = RoutingTable::new(1, sample::backends("app"), |_| Arc::default());
         let client = sample::client_in_brazil();
-        let req = PickRequest {
-            table: &table,
-            pop_region: &service.settings.pop_region,
-            app: Some("app"),
-            client: &client,
-        };
-        let key = BindingKey {
-            client: client.ip,
-            app: Some("app".into()),
-        };
         let candidates = table.candidates(Some("app"));
-        assert_eq!(service.choose(&req, &key, candidates), Some(0));
-        assert_eq!(bindings.get(&key, Instant::now()), None);
+        for (policy, n, want) in [
+            // A policy that cannot skip is offered the rest, each pick in its own place.
+            (Fixed(true), 3, vec![0, 1, 2]),
+            (Fixed(true), 9, vec![0, 1, 2, 3]),
+            // Out of range every time: the native scorer's order (Brazil's first).
+            (Fixed(false), 2, {
+                let req = PickRequest {
+                    table: &table,
+                    pop_region: &Region::new("eu"),
+                    app: Some("app"),
+                    client: &client,
+                };
+                let first = NativeScorer.pick(&req, candidates).unwrap();
+                let second = NativeScorer
+                    .pick_leaving_out(&req, candidates, &[first])
+                    .unwrap();
+                vec![first, second]
+            }),
+        ] {
+            let service = service(Arc::new(policy), None);
+            let req = PickRequest {
+                table: &table,
+                pop_region: &service.settings.pop_region,
+                app: Some("app"),
+                client: &client,
+            };
+            assert_eq!(service.ranked(&req, candidates, n), want);
+        }
     }
 }

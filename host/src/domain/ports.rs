@@ -129,6 +129,26 @@ pub trait ScoringPolicy: Send + Sync {
     /// Index into `candidates` of the chosen backend, or None to refuse the connection.
     /// Must never choose an ineligible candidate (unhealthy or at its hard limit).
     fn pick(&self, request: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize>;
+    /// As [`ScoringPolicy::pick`], among the candidates whose positions are not in
+    /// `left_out`: the next pick of a connection failing over, or a DNS answer's next
+    /// alternate. The default copies the rest; policies that can skip do.
+    fn pick_leaving_out(
+        &self,
+        request: &PickRequest<'_>,
+        candidates: &[RoutedBackend],
+        left_out: &[usize],
+    ) -> Option<usize> {
+        if left_out.is_empty() {
+            return self.pick(request, candidates);
+        }
+        let rest: Vec<usize> = (0..candidates.len())
+            .filter(|i| !left_out.contains(i))
+            .collect();
+        let copy: Vec<RoutedBackend> = rest.iter().map(|&i| candidates[i].clone()).collect();
+        // An answer out of range stays out of range, for the caller to refuse.
+        self.pick(request, &copy)
+            .map(|i| rest.get(i).copied().unwrap_or(candidates.len()))
+    }
     /// Gets ready for `table` before it serves, off the data path (a wasm policy copies
     /// it into its idle instances, 70 ms at 100,000 backends), so no connection waits.
     fn prepare(&self, _table: &RoutingTable, _pop_region: &Region) {}

@@ -43,9 +43,18 @@ impl ScoringPolicy for NativeScorer {
     }
 
     fn pick(&self, request: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
+        self.pick_leaving_out(request, candidates, &[])
+    }
+
+    fn pick_leaving_out(
+        &self,
+        request: &PickRequest<'_>,
+        candidates: &[RoutedBackend],
+        left_out: &[usize],
+    ) -> Option<usize> {
         let mut best: Option<(usize, f64)> = None;
         for (i, c) in candidates.iter().enumerate() {
-            if !c.is_eligible() {
+            if !c.is_eligible() || left_out.contains(&i) {
                 continue;
             }
             let s = score(c, request.client, request.pop_region);

@@ -357,7 +357,7 @@ impl WasmPolicy {
         candidates: &[RoutedBackend],
     ) -> Result<Option<usize>, String> {
         let loaded = self.current.load();
-        self.decide(&loaded, req, candidates)
+        self.decide(&loaded, req, candidates, &[])
             .map_err(|f| format!("{}: {}", f.kind, f.cause))
     }
 
@@ -379,6 +379,7 @@ impl WasmPolicy {
         loaded: &LoadedPolicy,
         req: &PickRequest<'_>,
         candidates: &[RoutedBackend],
+        left_out: &[usize],
     ) -> Result<Option<usize>, Fault> {
         let table = self.wit_table(req.table, req.pop_region);
         let mut inst = loaded
@@ -405,7 +406,8 @@ impl WasmPolicy {
         inst.positions.clear();
         // Backends down here are left out rather than marked in the table: a verdict then
         // changes no instance's copy (in panic every one is up, see `health::local_view`).
-        for (at, c) in candidates.iter().enumerate().filter(|(_, c)| c.up()) {
+        let offered = |(at, c): &(usize, &RoutedBackend)| c.up() && !left_out.contains(at);
+        for (at, c) in candidates.iter().enumerate().filter(offered) {
             let rtt = u32::try_from(c.stats.rtt_us()).unwrap_or(u32::MAX);
             inst.candidates
                 .extend_from_slice(&[c.index, c.stats.active(), rtt]);
@@ -538,7 +540,7 @@ impl crate::domain::ports::ShadowPolicy for WasmPolicy {
         candidates: &[RoutedBackend],
     ) -> Result<Option<usize>, String> {
         let loaded = self.current.load();
-        match self.decide(&loaded, req, candidates) {
+        match self.decide(&loaded, req, candidates, &[]) {
             Ok(answer) => {
                 loaded.decisions.fetch_add(1, Ordering::Relaxed);
                 Ok(answer)
@@ -569,12 +571,21 @@ impl ScoringPolicy for WasmPolicy {
     }
 
     fn pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
+        self.pick_leaving_out(req, candidates, &[])
+    }
+
+    fn pick_leaving_out(
+        &self,
+        req: &PickRequest<'_>,
+        candidates: &[RoutedBackend],
+        left_out: &[usize],
+    ) -> Option<usize> {
         if self.breaker.suspended_for().is_some() {
             self.suspended_decisions.fetch_add(1, Ordering::Relaxed);
-            return NativeScorer.pick(req, candidates);
+            return NativeScorer.pick_leaving_out(req, candidates, left_out);
         }
         let loaded = self.current.load();
-        match self.decide(&loaded, req, candidates) {
+        match self.decide(&loaded, req, candidates, left_out) {
             Ok(answer) => {
                 loaded.decisions.fetch_add(1, Ordering::Relaxed);
                 answer
@@ -587,7 +598,7 @@ impl ScoringPolicy for WasmPolicy {
                 } else if let Some(suppressed) = self.fault_log.allow() {
                     tracing::warn!(policy = %loaded.name, fault = ?f.kind, cause = %f.cause, suppressed, "policy fault; native scorer decides this connection");
                 }
-                NativeScorer.pick(req, candidates)
+                NativeScorer.pick_leaving_out(req, candidates, left_out)
             }
         }
     }
