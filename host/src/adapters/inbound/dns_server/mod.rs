@@ -131,8 +131,10 @@ fn udp_thread(
             // ICMP errors of earlier sends surface here; nothing to do with them.
             Err(e) => tracing::debug!(error = %e, "dns: udp receive"),
         }
+        // One clock read a batch: its queries arrived together, and a query's time is
+        // counted from then, its wait behind the batch's earlier ones included.
+        let now = Instant::now();
         for (packet, peer) in batch.datagrams() {
-            let now = Instant::now();
             let source = peer.ip().to_canonical();
             let limited = limiter.is_some_and(|l| l.admit(source, now).is_err());
             let reply = match limited {
@@ -652,6 +654,11 @@ mod tests {
                                     0,
                                 )));
                             }
+                            // A client cookie (RFC 7873) every other time, as resolvers send.
+                            if payload == 4096 && i % 2 == 1 {
+                                let cookie = EdnsOption::Unknown(10, vec![7; 8]);
+                                e.options_mut().insert(cookie);
+                            }
                             m.set_edns(e);
                         }
                         out.push(m);
@@ -709,6 +716,10 @@ mod tests {
         let mut e = Edns::new();
         e.set_version(1);
         version.set_edns(e);
+        let mut nsid = q.clone();
+        let mut e = Edns::new();
+        e.options_mut().insert(EdnsOption::Unknown(3, Vec::new()));
+        nsid.set_edns(e);
         let mut trailing = good.clone();
         trailing.push(0);
         let mut response = good.clone();
@@ -717,6 +728,7 @@ mod tests {
             two.to_vec().unwrap(),
             dotted.to_vec().unwrap(),
             version.to_vec().unwrap(),
+            nsid.to_vec().unwrap(),
             trailing,
             response,
             good[..good.len() - 1].to_vec(),
