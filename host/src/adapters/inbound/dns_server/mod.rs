@@ -716,6 +716,9 @@ mod tests {
         let mut e = Edns::new();
         e.set_version(1);
         version.set_edns(e);
+        let mut dash = Message::query();
+        let name = Name::from_labels(vec![&b"-x"[..], b"app", b"internal"]).unwrap();
+        dash.add_query(Query::query(name, RecordType::A));
         let mut nsid = q.clone();
         let mut e = Edns::new();
         e.options_mut().insert(EdnsOption::Unknown(3, Vec::new()));
@@ -729,6 +732,7 @@ mod tests {
             dotted.to_vec().unwrap(),
             version.to_vec().unwrap(),
             nsid.to_vec().unwrap(),
+            dash.to_vec().unwrap(),
             trailing,
             response,
             good[..good.len() - 1].to_vec(),

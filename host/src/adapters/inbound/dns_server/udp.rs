@@ -90,7 +90,8 @@ impl Batch {
                 socket.as_raw_fd(),
                 msgs.as_mut_ptr(),
                 msgs.len() as u32,
-                libc::MSG_WAITFORONE,
+                // c_int on glibc, c_uint on musl.
+                libc::MSG_WAITFORONE as _,
                 std::ptr::null_mut(),
             )
         };

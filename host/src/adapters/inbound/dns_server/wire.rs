@@ -68,11 +68,12 @@ impl<'a> Query<'a> {
             }
             // Compression pointers and extended label types have their top bits set.
             let label = packet.get(at..at + len).filter(|_| len <= 63)?;
-            // Letters, digits, '-' and '_' only: every other byte has an escaped or
-            // case-sensitive reading that hickory's path decides.
-            if !label
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+            // Letters, digits, '-' (not first) and '_' only: hickory's path reads every
+            // other byte, and a leading '-', escaped (`\-x`), and decides those names.
+            if label.first() == Some(&b'-')
+                || !label
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
             {
                 return None;
             }
