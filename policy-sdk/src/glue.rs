@@ -40,6 +40,9 @@ pub fn set_table(t: bindings::RoutingTable) {
 }
 
 fn client(c: bindings::Client) -> Client {
+    // From the host since 0.3.0 (not in the call's arguments, which it would push out of
+    // registers); without TLS it is none and copies nothing.
+    let mut hello = bindings::edgeproxy::policy::host::client_hello();
     Client {
         ip: match c.ip {
             IpAddress::Ipv4(v4) => IpAddr::V4(Ipv4Addr::from_bits(v4)),
@@ -50,8 +53,8 @@ fn client(c: bindings::Client) -> Client {
         country: c.country.map(Country),
         region: c.region.map(RegionId),
         via_proxy_protocol: c.via_proxy_protocol,
-        sni: c.sni,
-        alpn: c.alpn,
+        sni: hello.as_mut().and_then(|h| h.sni.take()),
+        alpn: hello.map_or_else(Vec::new, |h| h.alpn),
     }
 }
 

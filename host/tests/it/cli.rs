@@ -596,7 +596,10 @@ fn version_names_the_commit_and_the_policy_contracts() {
             || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
         "{text}"
     );
-    assert!(text.contains("edgeproxy:policy@0.2.0, and 0.1.0"), "{text}");
+    assert!(
+        text.contains("edgeproxy:policy@0.3.0, and 0.2.0 and 0.1.0"),
+        "{text}"
+    );
 }
 
 /// Where io_uring is refused (here by a seccomp filter, as container runtimes' default

@@ -288,6 +288,19 @@ async fn geo_load_in_javascript_routes_like_the_default() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_canary_sends_canary_names_to_canaries() {
+    let policy = policy_component("examples/policies/sni-canary");
+    sni_canary_routes(&policy, "0.3.0").await;
+}
+
+/// Contract 0.2.0 passed the TLS fields in the client (0.3.0 gives them through
+/// `host.client-hello`): the same example as built then still routes by server name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_built_against_contract_0_2_still_gets_the_server_name() {
+    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sni-canary-0.2.0.wasm");
+    sni_canary_routes(&old, "0.2.0").await;
+}
+
+async fn sni_canary_routes(policy: &Path, contract: &str) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let stable = Backend::start("stable-1").await;
     let canary = Backend::start("canary-1").await;
@@ -295,9 +308,9 @@ async fn sni_canary_sends_canary_names_to_canaries() {
         Row::new("canary-1", "us", "US", canary.addr),
         Row::new("stable-1", "sa", "BR", stable.addr),
     ]);
-    let policy = policy_component("examples/policies/sni-canary");
     let listener = "[[listener]]\naddr = \"127.0.0.1:0\"\napp = \"app\"\ntls = \"passthrough\"";
-    let p = proxy_with(&db, &policy, &format!("binding_ttl_secs = 0\n{listener}")).await;
+    let p = proxy_with(&db, policy, &format!("binding_ttl_secs = 0\n{listener}")).await;
+    assert_eq!(p.host.admin.status().policy.contract, Some(contract));
     // The backends greet before reading: who answers the hello is who was chosen.
     let served = |sni: &'static str| async move {
         let mut s = connect_from("127.0.0.2".parse().unwrap(), p.addr).await;

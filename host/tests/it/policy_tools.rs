@@ -33,7 +33,7 @@ fn check_passes_a_sound_component_and_rejects_broken_ones() {
     let (ok, out, err) = run(&["policy", "check", &geo_load()], &[]);
     assert!(ok, "{err}");
     assert!(
-        out.contains("contract:  edgeproxy:policy@0.2.0\nimports:   edgeproxy:policy/types@0.2.0"),
+        out.contains("contract:  edgeproxy:policy@0.3.0\nimports:   edgeproxy:policy/types@0.3.0, edgeproxy:policy/host@0.3.0"),
         "{out}"
     );
     assert!(out.contains("exports:   set-table, pick-backend"), "{out}");

@@ -26,7 +26,7 @@ const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (commit ",
     env!("EDGEPROXY_COMMIT"),
-    "; policy contract edgeproxy:policy@0.2.0, and 0.1.0)"
+    "; policy contract edgeproxy:policy@0.3.0, and 0.2.0 and 0.1.0)"
 );
 
 #[derive(Parser)]

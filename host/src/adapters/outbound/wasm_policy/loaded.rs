@@ -108,7 +108,13 @@ impl LoadedPolicy {
         let candidates: Vec<u32> = (0..n).flat_map(|i| [i, i, 0]).collect();
         let client = wit.client(&sample::client_in_brazil());
         runtime.arm(&mut store, 1);
-        match policy.pick_backend(&mut store, wit.app(Some("selftest")), client, &candidates) {
+        match policy.pick_backend(
+            &mut store,
+            wit.app(Some("selftest")),
+            client,
+            None,
+            &candidates,
+        ) {
             Ok(None) => Ok(()),
             Ok(Some(i)) if i < n => Ok(()),
             Ok(Some(i)) => Err(LoadError::SelfTest(format!(

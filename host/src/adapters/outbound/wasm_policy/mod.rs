@@ -419,7 +419,13 @@ impl WasmPolicy {
         self.runtime.arm(&mut inst.store, 1);
         let answer = inst
             .policy
-            .pick_backend(&mut inst.store, app, client, &inst.candidates)
+            .pick_backend(
+                &mut inst.store,
+                app,
+                client,
+                req.client.tls.as_ref(),
+                &inst.candidates,
+            )
             .map_err(fault)?;
         let bad = |cause: String| {
             Err(Fault {

@@ -25,9 +25,10 @@ use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::edgeproxy::policy::types as wit;
-use super::bindings::{Policy, PolicyPre, v1, wasi};
+use super::bindings::{Policy, PolicyPre, v1, v2, wasi};
 use super::guest_output::GuestOutput;
 use super::wit_table::WitTable;
+use crate::domain::server_names::TlsHello;
 
 /// Fuel per millisecond of `timeout`: measured here, 10^6 units of fuel take a tight wasm
 /// loop 0.2-1.5 ms, so a budget never allows much more than the configured time.
@@ -158,6 +159,8 @@ pub struct GuestState {
     limits: StoreLimits,
     /// `host.log` bytes in the current call.
     logged: usize,
+    /// The ClientHello of the connection being decided, during a pick (`host.client-hello`).
+    tls: Option<Arc<TlsHello>>,
     /// Built whether or not the policy imports WASI: an empty context is a few
     /// allocations per instance, and instances live long.
     wasi: WasiCtx,
@@ -192,17 +195,24 @@ fn deny_all_wasi(policy_name: &Arc<str>) -> WasiCtx {
 // The types interface has no functions; the trait only marks that it is provided.
 impl super::bindings::edgeproxy::policy::types::Host for GuestState {}
 
-impl super::bindings::v1::edgeproxy::policy::types::Host for GuestState {}
+/// An older contract's host: the current one's functions, under its types.
+macro_rules! older_host {
+    ($m:ident) => {
+        impl super::bindings::$m::edgeproxy::policy::types::Host for GuestState {}
 
-impl super::bindings::v1::edgeproxy::policy::host::Host for GuestState {
-    fn log(&mut self, message: String) -> wasmtime::Result<()> {
-        super::bindings::edgeproxy::policy::host::Host::log(self, message)
-    }
+        impl super::bindings::$m::edgeproxy::policy::host::Host for GuestState {
+            fn log(&mut self, message: String) -> wasmtime::Result<()> {
+                super::bindings::edgeproxy::policy::host::Host::log(self, message)
+            }
 
-    fn random(&mut self) -> wasmtime::Result<u64> {
-        super::bindings::edgeproxy::policy::host::Host::random(self)
-    }
+            fn random(&mut self) -> wasmtime::Result<u64> {
+                super::bindings::edgeproxy::policy::host::Host::random(self)
+            }
+        }
+    };
 }
+older_host!(v1);
+older_host!(v2);
 
 impl super::bindings::edgeproxy::policy::host::Host for GuestState {
     fn log(&mut self, message: String) -> wasmtime::Result<()> {
@@ -221,6 +231,10 @@ impl super::bindings::edgeproxy::policy::host::Host for GuestState {
 
     fn random(&mut self) -> wasmtime::Result<u64> {
         Ok(fastrand::u64(..))
+    }
+
+    fn client_hello(&mut self) -> wasmtime::Result<Option<wit::TlsHello>> {
+        Ok(self.tls.as_deref().map(super::wit_table::tls_hello))
     }
 }
 
@@ -254,6 +268,7 @@ impl Runtime {
             })?;
         let mut linker = Linker::new(&engine);
         Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+        v2::Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
         v1::Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
         // Only components that import WASI get these (and with them async calls).
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -345,20 +360,28 @@ impl Runtime {
             .map_err(LoadError::WrongWorld)?;
         // The contract its imports name (a policy imports its `host` or `types`), else
         // the current one; the error is the one of the contract it claims.
-        let v1 = ty
-            .imports(&self.engine)
-            .any(|(name, _)| name.starts_with("edgeproxy:policy/") && name.ends_with("@0.1.0"));
+        let claims = |version: &str| {
+            ty.imports(&self.engine)
+                .any(|(name, _)| name.starts_with("edgeproxy:policy/") && name.ends_with(version))
+        };
         let current = || match wasi {
             false => PolicyPre::new(pre.clone()).map(Linked::Plain),
             true => wasi::PolicyPre::new(pre.clone()).map(Linked::Wasi),
         };
-        let old = || match wasi {
+        let v2 = || match wasi {
+            false => v2::PolicyPre::new(pre.clone()).map(Linked::PlainV2),
+            true => v2::wasi::PolicyPre::new(pre.clone()).map(Linked::WasiV2),
+        };
+        let v1 = || match wasi {
             false => v1::PolicyPre::new(pre.clone()).map(Linked::PlainV1),
             true => v1::wasi::PolicyPre::new(pre.clone()).map(Linked::WasiV1),
         };
-        match v1 {
-            true => old().or_else(|e| current().map_err(|_| e)),
-            false => current().or_else(|e| old().map_err(|_| e)),
+        match (claims("@0.1.0"), claims("@0.2.0")) {
+            (true, _) => v1().or_else(|e| current().map_err(|_| e)),
+            (_, true) => v2().or_else(|e| current().map_err(|_| e)),
+            _ => current()
+                .or_else(|e| v2().map_err(|_| e))
+                .or_else(|e| v1().map_err(|_| e)),
         }
         .map_err(LoadError::WrongWorld)
     }
@@ -377,6 +400,7 @@ impl Runtime {
                 policy_name: Arc::clone(policy_name),
                 limits: store_limits(self.limits.memory_bytes),
                 logged: 0,
+                tls: None,
                 wasi: deny_all_wasi(policy_name),
                 resources,
             },
@@ -390,6 +414,8 @@ impl Runtime {
         let guest = match pre {
             Linked::Plain(pre) => Guest::Plain(pre.instantiate(&mut store)?),
             Linked::Wasi(pre) => Guest::Wasi(at_once(pre.instantiate_async(&mut store))?),
+            Linked::PlainV2(pre) => Guest::PlainV2(pre.instantiate(&mut store)?),
+            Linked::WasiV2(pre) => Guest::WasiV2(at_once(pre.instantiate_async(&mut store))?),
             Linked::PlainV1(pre) => Guest::PlainV1(pre.instantiate(&mut store)?),
             Linked::WasiV1(pre) => Guest::WasiV1(at_once(pre.instantiate_async(&mut store))?),
         };
@@ -412,10 +438,12 @@ impl Runtime {
 }
 
 /// A component linked against the policy world, with or without WASI, of the current
-/// contract or 0.1.0.
+/// contract, 0.2.0 or 0.1.0.
 pub enum Linked {
     Plain(PolicyPre<GuestState>),
     Wasi(wasi::PolicyPre<GuestState>),
+    PlainV2(v2::PolicyPre<GuestState>),
+    WasiV2(v2::wasi::PolicyPre<GuestState>),
     PlainV1(v1::PolicyPre<GuestState>),
     WasiV1(v1::wasi::PolicyPre<GuestState>),
 }
@@ -424,7 +452,8 @@ impl Linked {
     /// The contract version the component was built against.
     pub fn contract(&self) -> &'static str {
         match self {
-            Linked::Plain(_) | Linked::Wasi(_) => "0.2.0",
+            Linked::Plain(_) | Linked::Wasi(_) => "0.3.0",
+            Linked::PlainV2(_) | Linked::WasiV2(_) => "0.2.0",
             Linked::PlainV1(_) | Linked::WasiV1(_) => "0.1.0",
         }
     }
@@ -434,6 +463,8 @@ impl Linked {
 pub enum Guest {
     Plain(Policy),
     Wasi(wasi::Policy),
+    PlainV2(v2::Policy),
+    WasiV2(v2::wasi::Policy),
     PlainV1(v1::Policy),
     WasiV1(v1::wasi::Policy),
 }
@@ -447,26 +478,64 @@ impl Guest {
         match self {
             Guest::Plain(p) => p.call_set_table(store, &table.table),
             Guest::Wasi(p) => at_once(p.call_set_table(store, &table.table)),
+            Guest::PlainV2(p) => p.call_set_table(store, table.v2()),
+            Guest::WasiV2(p) => at_once(p.call_set_table(store, table.v2())),
             Guest::PlainV1(p) => p.call_set_table(store, table.v1()),
             Guest::WasiV1(p) => at_once(p.call_set_table(store, table.v1())),
         }
     }
 
+    /// `tls`: the connection's ClientHello, which 0.3.0 gives through `host.client-hello`
+    /// and 0.2.0 in the client.
     pub fn pick_backend(
         &self,
         store: &mut Store<GuestState>,
         app: Option<u32>,
         client: wit::Client,
+        tls: Option<&Arc<TlsHello>>,
         candidates: &[u32],
     ) -> wasmtime::Result<Option<u32>> {
         match self {
-            Guest::Plain(p) => p.call_pick_backend(store, app, &client, candidates),
-            Guest::Wasi(p) => at_once(p.call_pick_backend(store, app, &client, candidates)),
+            Guest::Plain(_) | Guest::Wasi(_) => {
+                store.data_mut().tls = tls.cloned();
+                let answer = match self {
+                    Guest::Plain(p) => p.call_pick_backend(&mut *store, app, client, candidates),
+                    Guest::Wasi(p) => {
+                        at_once(p.call_pick_backend(&mut *store, app, client, candidates))
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                store.data_mut().tls = None;
+                answer
+            }
+            Guest::PlainV2(p) => {
+                p.call_pick_backend(store, app, &v2_client(client, tls), candidates)
+            }
+            Guest::WasiV2(p) => {
+                at_once(p.call_pick_backend(store, app, &v2_client(client, tls), candidates))
+            }
             Guest::PlainV1(p) => p.call_pick_backend(store, app, v1_client(client), candidates),
             Guest::WasiV1(p) => {
                 at_once(p.call_pick_backend(store, app, v1_client(client), candidates))
             }
         }
+    }
+}
+
+/// A client as 0.2.0 has it: with the TLS fields.
+fn v2_client(c: wit::Client, tls: Option<&Arc<TlsHello>>) -> v2::edgeproxy::policy::types::Client {
+    use v2::edgeproxy::policy::types as old;
+    let hello = tls.map(|t| super::wit_table::tls_hello(t));
+    old::Client {
+        ip: match c.ip {
+            wit::IpAddress::Ipv4(a) => old::IpAddress::Ipv4(a),
+            wit::IpAddress::Ipv6(a) => old::IpAddress::Ipv6(a),
+        },
+        country: c.country,
+        region: c.region,
+        via_proxy_protocol: c.via_proxy_protocol,
+        sni: hello.as_ref().and_then(|h| h.sni.clone()),
+        alpn: hello.map_or_else(Vec::new, |h| h.alpn),
     }
 }
 
@@ -548,6 +617,7 @@ fn wasm_kind(bytes: &[u8]) -> Option<WasmKind> {
 
 /// The contract, for core modules that do not carry it.
 static POLICY_WIT: &str = include_str!("../../../../../wit/policy.wit");
+static POLICY_WIT_V2: &str = include_str!("../../../../../wit/v0.2/policy.wit");
 static POLICY_WIT_V1: &str = include_str!("../../../../../wit/v0.1/policy.wit");
 
 /// Wraps a core module into a component, like `wasm-tools component new`. A module from
@@ -561,14 +631,18 @@ pub fn componentize(module: &[u8]) -> Result<Vec<u8>, LoadError> {
     if typed {
         return encode(module.to_vec(), preview1);
     }
-    // Written by hand against one contract: the current one, else 0.1.0 (whose
-    // `pick-backend` has another signature), and the current one's error if neither fits.
+    // Written by hand against one contract: the current one, else 0.2.0 (whose
+    // `pick-backend` takes its arguments through memory), else 0.1.0 (whose signature is
+    // the current one's, so the current contract types it), and the current one's error
+    // if none fits.
     let with = |wit: &str| -> Result<Vec<u8>, LoadError> {
         let mut typed = module.to_vec();
         embed_policy_world(&mut typed, wit).map_err(LoadError::Componentize)?;
         encode(typed, preview1)
     };
-    with(POLICY_WIT).or_else(|e| with(POLICY_WIT_V1).map_err(|_| e))
+    with(POLICY_WIT)
+        .or_else(|e| with(POLICY_WIT_V2).map_err(|_| e))
+        .or_else(|e| with(POLICY_WIT_V1).map_err(|_| e))
 }
 
 fn encode(module: Vec<u8>, preview1: bool) -> Result<Vec<u8>, LoadError> {

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use super::bindings::edgeproxy::policy::types as wit;
 use super::bindings::v1::edgeproxy::policy::types as v1;
+use super::bindings::v2::edgeproxy::policy::types as v2;
+use crate::domain::server_names::TlsHello;
 use crate::domain::{Client, CountryCode, Region, RoutingTable};
 
 /// The routing table in its WIT form, built once per version and shared by all instances.
@@ -17,8 +19,10 @@ pub struct WitTable {
     /// The table's rows version ([`RoutingTable::rows_version`]).
     pub version: u64,
     pub table: wit::RoutingTable,
-    /// The same table for components of the 0.1.0 contract, made when one asks.
+    /// The same table for components of the 0.1.0 and 0.2.0 contracts, made when one
+    /// asks.
     v1: std::sync::OnceLock<v1::RoutingTable>,
+    v2: std::sync::OnceLock<v2::RoutingTable>,
     pub regions: Vec<Region>,
     /// `table.apps` by name: every decision looks its app up.
     app_ids: HashMap<Arc<str>, u32>,
@@ -80,6 +84,7 @@ pub fn build(table: &RoutingTable, pop_region: &Region, client_regions: &[Region
         regions,
         app_ids,
         v1: std::sync::OnceLock::new(),
+        v2: std::sync::OnceLock::new(),
     }
 }
 
@@ -109,41 +114,17 @@ impl WitTable {
                 .as_ref()
                 .and_then(|r| index_of(&self.regions, r)),
             via_proxy_protocol: client.via_proxy_protocol,
-            sni: client
-                .tls
-                .as_ref()
-                .and_then(|t| t.sni.as_deref().map(str::to_owned)),
-            alpn: client.tls.as_deref().map_or_else(Vec::new, |t| {
-                t.policy_alpn().iter().map(|p| p.to_string()).collect()
-            }),
         }
     }
 
     /// The table as the 0.1.0 contract has it (the same records, other types).
     pub fn v1(&self) -> &v1::RoutingTable {
-        self.v1.get_or_init(|| {
-            let t = &self.table;
-            v1::RoutingTable {
-                version: t.version,
-                pop_region: t.pop_region,
-                regions: t.regions.clone(),
-                apps: t.apps.clone(),
-                backends: t
-                    .backends
-                    .iter()
-                    .map(|b| v1::Backend {
-                        id: b.id.clone(),
-                        app: b.app,
-                        region: b.region,
-                        country: b.country,
-                        weight: b.weight,
-                        soft_limit: b.soft_limit,
-                        hard_limit: b.hard_limit,
-                        healthy: b.healthy,
-                    })
-                    .collect(),
-            }
-        })
+        self.v1.get_or_init(|| older_table!(&self.table, v1))
+    }
+
+    /// The table as the 0.2.0 contract has it (the same records, other types).
+    pub fn v2(&self) -> &v2::RoutingTable {
+        self.v2.get_or_init(|| older_table!(&self.table, v2))
     }
 
     /// The index of `app` in the table's app list.
@@ -151,3 +132,40 @@ impl WitTable {
         self.app_ids.get(app?).copied()
     }
 }
+
+/// The TLS ClientHello as the contract passes it (0.3.0's `host.client-hello`, 0.2.0's
+/// client fields).
+pub fn tls_hello(hello: &TlsHello) -> wit::TlsHello {
+    wit::TlsHello {
+        sni: hello.sni.as_deref().map(str::to_owned),
+        alpn: hello.policy_alpn().iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+/// A table in an older contract's types: the same records, generated anew per version.
+macro_rules! older_table {
+    ($t:expr, $m:ident) => {{
+        let t: &wit::RoutingTable = $t;
+        $m::RoutingTable {
+            version: t.version,
+            pop_region: t.pop_region,
+            regions: t.regions.clone(),
+            apps: t.apps.clone(),
+            backends: t
+                .backends
+                .iter()
+                .map(|b| $m::Backend {
+                    id: b.id.clone(),
+                    app: b.app,
+                    region: b.region,
+                    country: b.country,
+                    weight: b.weight,
+                    soft_limit: b.soft_limit,
+                    hard_limit: b.hard_limit,
+                    healthy: b.healthy,
+                })
+                .collect(),
+        }
+    }};
+}
+use older_table;
