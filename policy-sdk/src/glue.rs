@@ -40,9 +40,12 @@ pub fn set_table(t: bindings::RoutingTable) {
 }
 
 fn client(c: bindings::Client) -> Client {
-    // From the host since 0.3.0 (not in the call's arguments, which it would push out of
-    // registers); without TLS it is none and copies nothing.
-    let mut hello = bindings::edgeproxy::policy::host::client_hello();
+    // From the host since 0.3.0 (in the call's arguments it pushed them out of
+    // registers), asked only where there is one: a call into the host costs as much.
+    let mut hello = match c.tls {
+        true => bindings::edgeproxy::policy::host::client_hello(),
+        false => None,
+    };
     Client {
         ip: match c.ip {
             IpAddress::Ipv4(v4) => IpAddr::V4(Ipv4Addr::from_bits(v4)),

@@ -13,7 +13,7 @@ const table = (backends) => ({
   version: 1n, popRegion: EU, regions: ["sa", "us", "eu", "ap"], apps: ["web"], backends,
 });
 const client = (country, region) => ({
-  ip: { tag: "ipv4", val: 0x0a000001 }, country, region, viaProxyProtocol: false,
+  ip: { tag: "ipv4", val: 0x0a000001 }, country, region, viaProxyProtocol: false, tls: false,
 });
 const cands = (...active) => new Uint32Array(active.flatMap((a, i) => [i, a, 0]));
 const three = table([backend("br", SA, BR), backend("de", EU, DE), backend("jp", AP, JP)]);

@@ -36,7 +36,7 @@ TABLE = types.RoutingTable(
 
 def client(country=None, region=None):
     return types.Client(ip=types.IpAddress_Ipv4(0x0A000001), country=country,
-                        region=region, via_proxy_protocol=False)
+                        region=region, via_proxy_protocol=False, tls=False)
 
 
 def cands(*active):

@@ -114,6 +114,7 @@ impl WitTable {
                 .as_ref()
                 .and_then(|r| index_of(&self.regions, r)),
             via_proxy_protocol: client.via_proxy_protocol,
+            tls: client.tls.is_some(),
         }
     }
 
