@@ -62,6 +62,37 @@ fn client(c: bindings::Client) -> Client {
 }
 
 pub fn pick<P: Policy>(app: Option<u32>, c: bindings::Client, candidates: Vec<u32>) -> Option<u32> {
+    let answer = decide(app, c, &candidates, |ctx, client, views| {
+        P::pick(ctx, client, views)
+    })??;
+    u32::try_from(answer).ok()
+}
+
+pub fn rank<P: Policy>(
+    app: Option<u32>,
+    c: bindings::Client,
+    candidates: Vec<u32>,
+    count: u32,
+) -> Vec<u32> {
+    let count = usize::try_from(count).unwrap_or(usize::MAX);
+    let ranked = decide(app, c, &candidates, |ctx, client, views| {
+        P::rank(ctx, client, views, count)
+    });
+    ranked
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|i| u32::try_from(i).ok())
+        .collect()
+}
+
+/// Runs `f` over the candidates' views; None without a table or with a candidate the
+/// table does not have.
+fn decide<R>(
+    app: Option<u32>,
+    c: bindings::Client,
+    candidates: &[u32],
+    f: impl FnOnce(&Context<'_>, &Client, &[Candidate<'_>]) -> R,
+) -> Option<R> {
     let client = client(c);
     TABLE.with(|t| {
         let guard = t.borrow();
@@ -86,14 +117,10 @@ pub fn pick<P: Policy>(app: Option<u32>, c: bindings::Client, candidates: Vec<u3
             let app = app
                 .and_then(|a| table.apps.get(a as usize))
                 .map(String::as_str);
-            let answer = if valid {
-                P::pick(&Context { table, app }, &client, &views)
-            } else {
-                None
-            };
+            let answer = valid.then(|| f(&Context { table, app }, &client, &views));
             views.clear();
             v.replace(views.into_iter().map(|_| unreachable!()).collect());
-            u32::try_from(answer?).ok()
+            answer
         })
     })
 }

@@ -36,7 +36,7 @@ pub mod testing;
 #[allow(clippy::too_many_arguments)] // generated: the flattened canonical ABI signatures
 pub mod bindings {
     wit_bindgen::generate!({
-        world: "policy",
+        world: "ranking-policy",
         path: "wit",
         pub_export_macro: true,
         export_macro_name: "__export_policy_world",
@@ -252,6 +252,39 @@ pub trait Policy {
     /// Index into `candidates` of the backend for this client, or None to refuse it.
     /// Answering with an ineligible candidate (see [`Candidate::is_eligible`]) is a fault.
     fn pick(ctx: &Context<'_>, client: &Client, candidates: &[Candidate<'_>]) -> Option<usize>;
+
+    /// Up to `count` candidates' indices, best first, in the order a connection fails
+    /// over through them: what a DNS answer gives (the pick and its alternates), in one
+    /// call. The default picks again with each pick left out; a policy that sorts its
+    /// candidates anyway can answer at once.
+    fn rank(
+        ctx: &Context<'_>,
+        client: &Client,
+        candidates: &[Candidate<'_>],
+        count: usize,
+    ) -> Vec<usize> {
+        rank_by_picks::<Self>(ctx, client, candidates, count)
+    }
+}
+
+/// [`Policy::rank`] by asking `P::pick` again with each pick left out, as a connection
+/// failing over would: for a `rank` that answers some apps itself and leaves the rest.
+pub fn rank_by_picks<P: Policy + ?Sized>(
+    ctx: &Context<'_>,
+    client: &Client,
+    candidates: &[Candidate<'_>],
+    count: usize,
+) -> Vec<usize> {
+    let mut left: Vec<usize> = (0..candidates.len()).collect();
+    let mut rest = candidates.to_vec();
+    let mut ranked = Vec::new();
+    while ranked.len() < count
+        && let Some(i) = P::pick(ctx, client, &rest).filter(|&i| i < rest.len())
+    {
+        ranked.push(left.remove(i));
+        rest.remove(i);
+    }
+    ranked
 }
 
 /// Writes to the host's log (debug level, under the policy's name).
@@ -264,7 +297,8 @@ pub fn random_u64() -> u64 {
     bindings::edgeproxy::policy::host::random()
 }
 
-/// Exports `$policy` (a type implementing [`Policy`]) as the component's `pick-backend`.
+/// Exports `$policy` (a type implementing [`Policy`]) as the component's `pick-backend`
+/// and `rank-backends` (the `ranking-policy` world).
 #[macro_export]
 macro_rules! export_policy {
     ($policy:ty) => {
@@ -280,6 +314,14 @@ macro_rules! export_policy {
                 candidates: ::std::vec::Vec<u32>,
             ) -> ::std::option::Option<u32> {
                 $crate::glue::pick::<$policy>(app, client, candidates)
+            }
+            fn rank_backends(
+                app: ::std::option::Option<u32>,
+                client: $crate::bindings::Client,
+                candidates: ::std::vec::Vec<u32>,
+                count: u32,
+            ) -> ::std::vec::Vec<u32> {
+                $crate::glue::rank::<$policy>(app, client, candidates, count)
             }
         }
 

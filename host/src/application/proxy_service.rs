@@ -203,11 +203,30 @@ impl ProxyService {
         candidates: &[RoutedBackend],
         n: usize,
     ) -> Vec<usize> {
-        let mut out = Vec::with_capacity(n.min(candidates.len()));
-        while out.len() < n
-            && let Some(i) = self.live_pick(req, candidates, &out)
-        {
-            out.push(i);
+        let mut out = self.policy.rank(req, candidates, n);
+        out.truncate(n);
+        // Checked like a pick: from the first ineligible, unknown or repeated answer on,
+        // the native scorer ranks.
+        let bad = (0..out.len()).find(|&k| {
+            out[..k].contains(&out[k])
+                || !candidates
+                    .get(out[k])
+                    .is_some_and(RoutedBackend::is_eligible)
+        });
+        for _ in 0..bad.unwrap_or(out.len()) {
+            self.telemetry.decided(Decision::Picked);
+        }
+        if let Some(k) = bad {
+            self.overridden(out[k]);
+            out.truncate(k);
+            while out.len() < n
+                && let Some(i) = NativeScorer.pick_leaving_out(req, candidates, &out)
+            {
+                out.push(i);
+            }
+        }
+        if out.is_empty() {
+            self.telemetry.decided(Decision::Refused);
         }
         out
     }
@@ -233,17 +252,23 @@ impl ProxyService {
                 None
             }
             Some(bad) => {
-                self.telemetry.decided(Decision::Overridden);
-                if let Some(suppressed) = self.telemetry.override_log.allow() {
-                    tracing::warn!(
-                        policy = self.policy.name(),
-                        answer = bad,
-                        suppressed,
-                        "policy chose an ineligible backend; using the native scorer"
-                    );
-                }
+                self.overridden(bad);
                 NativeScorer.pick_leaving_out(req, candidates, left_out)
             }
+        }
+    }
+
+    /// The policy answered `bad` (ineligible, unknown or left out): counted and logged;
+    /// the native scorer decides instead.
+    fn overridden(&self, bad: usize) {
+        self.telemetry.decided(Decision::Overridden);
+        if let Some(suppressed) = self.telemetry.override_log.allow() {
+            tracing::warn!(
+                policy = self.policy.name(),
+                answer = bad,
+                suppressed,
+                "policy chose an ineligible backend; using the native scorer"
+            );
         }
     }
 

@@ -149,9 +149,41 @@ pub trait ScoringPolicy: Send + Sync {
         self.pick(request, &copy)
             .map(|i| rest.get(i).copied().unwrap_or(candidates.len()))
     }
+    /// Up to `n` picks, best first, in the order a connection fails over through them:
+    /// what a DNS answer gives. Unchecked (the caller checks each); a policy that ranks in
+    /// one step does; the default picks again with the earlier picks left out.
+    fn rank(
+        &self,
+        request: &PickRequest<'_>,
+        candidates: &[RoutedBackend],
+        n: usize,
+    ) -> Vec<usize> {
+        rank_by_picks(self, request, candidates, n)
+    }
     /// Gets ready for `table` before it serves, off the data path (a wasm policy copies
     /// it into its idle instances, 70 ms at 100,000 backends), so no connection waits.
     fn prepare(&self, _table: &RoutingTable, _pop_region: &Region) {}
+}
+
+/// [`ScoringPolicy::rank`] by picking again with the earlier picks left out.
+pub fn rank_by_picks<P: ScoringPolicy + ?Sized>(
+    policy: &P,
+    request: &PickRequest<'_>,
+    candidates: &[RoutedBackend],
+    n: usize,
+) -> Vec<usize> {
+    let mut out: Vec<usize> = Vec::with_capacity(n.min(candidates.len()));
+    while out.len() < n
+        && let Some(i) = policy.pick_leaving_out(request, candidates, &out)
+    {
+        // A repeated answer would be asked again forever: the caller sees it.
+        let again = out.contains(&i);
+        out.push(i);
+        if again {
+            break;
+        }
+    }
+    out
 }
 
 /// A policy run beside the live one, whose answers are only recorded: it never routes,

@@ -272,6 +272,9 @@ pub struct Proxy {
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<edgeproxy::Drained>>,
     _geo_dir: tempfile::TempDir,
+    /// A test that fails before `stop` still stops the proxy, whose blocking threads (DNS
+    /// over UDP) the runtime would otherwise wait for at its end, hanging the test.
+    _stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 #[derive(Default)]
@@ -374,6 +377,7 @@ impl Proxy {
             dns: dns_addr,
             metrics: metrics_addr,
             host,
+            _stop_on_drop: shutdown.clone().drop_guard(),
             shutdown,
             task,
             _geo_dir: geo_dir,

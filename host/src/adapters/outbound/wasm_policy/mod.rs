@@ -32,7 +32,7 @@ pub use self::slots::Slots;
 use self::wit_table::WitTable;
 use crate::domain::breaker;
 use crate::domain::ports::{ErrorAt, PolicyControl, PolicyFaults, PolicyStatus, timestamp};
-use crate::domain::ports::{PickRequest, ScoringPolicy};
+use crate::domain::ports::{PickRequest, ScoringPolicy, rank_by_picks};
 use crate::domain::services::NativeScorer;
 use crate::domain::{Region, RoutedBackend, RoutingTable};
 use crate::log_throttle::LogThrottle;
@@ -374,13 +374,27 @@ impl WasmPolicy {
         built
     }
 
-    fn decide(
+    /// A fault of the live policy: counted, logged (throttled), and past the breaker's
+    /// limit the policy is suspended.
+    fn faulted(&self, loaded: &LoadedPolicy, f: &Fault) {
+        self.faults.count(f.kind);
+        loaded.faults.fetch_add(1, Ordering::Relaxed);
+        if let Some(backoff) = self.breaker.fault() {
+            tracing::error!(policy = %loaded.name, faults = breaker::TRIP, within = ?breaker::WINDOW, ?backoff, cause = %f.cause, "policy suspended: the native scorer decides until the backoff ends, then the policy is tried again");
+        } else if let Some(suppressed) = self.fault_log.allow() {
+            tracing::warn!(policy = %loaded.name, fault = ?f.kind, cause = %f.cause, suppressed, "policy fault; native scorer decides this connection");
+        }
+    }
+
+    /// An instance ready to decide among `candidates` less `left_out`: its copy of the
+    /// table current, the candidates' numbers and positions filled in.
+    fn ready(
         &self,
         loaded: &LoadedPolicy,
         req: &PickRequest<'_>,
         candidates: &[RoutedBackend],
         left_out: &[usize],
-    ) -> Result<Option<usize>, Fault> {
+    ) -> Result<(loaded::Instance, Arc<WitTable>), Fault> {
         let table = self.wit_table(req.table, req.pop_region);
         let mut inst = loaded
             .instance(&self.runtime, table.version)
@@ -388,10 +402,6 @@ impl WasmPolicy {
                 kind: FaultKind::Instantiate,
                 cause: describe(&e).1,
             })?;
-        let fault = |e: wasmtime::Error| {
-            let (kind, cause) = describe(&e);
-            Fault { kind, cause }
-        };
         if inst.table_version != Some(table.version) {
             self.tables_copied_on_decision
                 .fetch_add(1, Ordering::Relaxed);
@@ -414,6 +424,17 @@ impl WasmPolicy {
             // Invariant: candidates come from one table (fewer than 2^32 rows).
             inst.positions.push(at as u32);
         }
+        Ok((inst, table))
+    }
+
+    fn decide(
+        &self,
+        loaded: &LoadedPolicy,
+        req: &PickRequest<'_>,
+        candidates: &[RoutedBackend],
+        left_out: &[usize],
+    ) -> Result<Option<usize>, Fault> {
+        let (mut inst, table) = self.ready(loaded, req, candidates, left_out)?;
         let client = table.client(req.client);
         let app = table.app(req.app);
         self.runtime.arm(&mut inst.store, 1);
@@ -427,34 +448,84 @@ impl WasmPolicy {
                 &inst.candidates,
             )
             .map_err(fault)?;
-        let bad = |cause: String| {
-            Err(Fault {
-                kind: FaultKind::BadAnswer,
-                cause,
-            })
-        };
-        let decision = match answer {
-            None => None,
-            // Offered means up here when offered: a verdict landing since is the next
-            // decision's, not this policy's fault.
-            Some(i) => match inst.positions.get(i as usize).map(|&at| at as usize) {
-                Some(at) if candidates[at].is_eligible_if_up() => Some(at),
-                Some(at) => {
-                    return bad(format!(
-                        "chose {} which is unhealthy or at its hard limit",
-                        candidates[at].backend.id
-                    ));
-                }
-                None => {
-                    let offered = inst.positions.len();
-                    return bad(format!("answered {i} of {offered} candidates"));
-                }
-            },
-        };
+        let decision = answer
+            .map(|i| offered_at(&inst.positions, candidates, i))
+            .transpose()?;
         // A sound answer: the instance goes back to the pool (after a fault it is dropped,
         // so the next decision gets a fresh one).
         loaded.put_back(inst);
         Ok(decision)
+    }
+
+    /// The component's ranking of up to `n` candidates in one call, checked; None when it
+    /// has no `rank-backends`.
+    fn decide_ranked(
+        &self,
+        loaded: &LoadedPolicy,
+        req: &PickRequest<'_>,
+        candidates: &[RoutedBackend],
+        n: usize,
+    ) -> Result<Option<Vec<usize>>, Fault> {
+        let (mut inst, table) = self.ready(loaded, req, candidates, &[])?;
+        if !inst.policy.ranks() {
+            loaded.put_back(inst);
+            return Ok(None);
+        }
+        let client = table.client(req.client);
+        let app = table.app(req.app);
+        // A ranking may do the work of `n` picks.
+        self.runtime.arm(&mut inst.store, n as u64);
+        let count = u32::try_from(n).unwrap_or(u32::MAX);
+        let answer = inst
+            .policy
+            .rank_backends(
+                &mut inst.store,
+                app,
+                client,
+                req.client.tls.as_ref(),
+                inst.candidates.clone(),
+                count,
+            )
+            .map_err(fault)?;
+        let mut ranked = Vec::with_capacity(answer.len().min(n));
+        for i in answer.into_iter().take(n) {
+            let at = offered_at(&inst.positions, candidates, i)?;
+            if ranked.contains(&at) {
+                return Err(Fault {
+                    kind: FaultKind::BadAnswer,
+                    cause: format!("ranked {} twice", candidates[at].backend.id),
+                });
+            }
+            ranked.push(at);
+        }
+        loaded.put_back(inst);
+        Ok(Some(ranked))
+    }
+}
+
+fn fault(e: wasmtime::Error) -> Fault {
+    let (kind, cause) = describe(&e);
+    Fault { kind, cause }
+}
+
+/// The candidate the policy's answer `i` names, checked: one it was offered, and
+/// eligible. (Offered means up here when offered: a verdict landing since is the next
+/// decision's, not this policy's fault.)
+fn offered_at(positions: &[u32], candidates: &[RoutedBackend], i: u32) -> Result<usize, Fault> {
+    let bad = |cause: String| Fault {
+        kind: FaultKind::BadAnswer,
+        cause,
+    };
+    match positions.get(i as usize).map(|&at| at as usize) {
+        Some(at) if candidates[at].is_eligible_if_up() => Ok(at),
+        Some(at) => Err(bad(format!(
+            "chose {} which is unhealthy or at its hard limit",
+            candidates[at].backend.id
+        ))),
+        None => Err(bad(format!(
+            "answered {i} of {} candidates",
+            positions.len()
+        ))),
     }
 }
 
@@ -597,14 +668,28 @@ impl ScoringPolicy for WasmPolicy {
                 answer
             }
             Err(f) => {
-                self.faults.count(f.kind);
-                loaded.faults.fetch_add(1, Ordering::Relaxed);
-                if let Some(backoff) = self.breaker.fault() {
-                    tracing::error!(policy = %loaded.name, faults = breaker::TRIP, within = ?breaker::WINDOW, ?backoff, cause = %f.cause, "policy suspended: the native scorer decides until the backoff ends, then the policy is tried again");
-                } else if let Some(suppressed) = self.fault_log.allow() {
-                    tracing::warn!(policy = %loaded.name, fault = ?f.kind, cause = %f.cause, suppressed, "policy fault; native scorer decides this connection");
-                }
+                self.faulted(&loaded, &f);
                 NativeScorer.pick_leaving_out(req, candidates, left_out)
+            }
+        }
+    }
+
+    fn rank(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend], n: usize) -> Vec<usize> {
+        if self.breaker.suspended_for().is_some() {
+            self.suspended_decisions.fetch_add(1, Ordering::Relaxed);
+            return NativeScorer.rank(req, candidates, n);
+        }
+        let loaded = self.current.load();
+        match self.decide_ranked(&loaded, req, candidates, n) {
+            Ok(Some(ranked)) => {
+                loaded.decisions.fetch_add(1, Ordering::Relaxed);
+                ranked
+            }
+            // A component of the plain `policy` world: one pick at a time.
+            Ok(None) => rank_by_picks(self, req, candidates, n),
+            Err(f) => {
+                self.faulted(&loaded, &f);
+                NativeScorer.rank(req, candidates, n)
             }
         }
     }

@@ -412,8 +412,16 @@ impl Runtime {
         // set-table gets.
         self.arm(&mut store, super::SET_TABLE_BUDGETS);
         let guest = match pre {
-            Linked::Plain(pre) => Guest::Plain(pre.instantiate(&mut store)?),
-            Linked::Wasi(pre) => Guest::Wasi(at_once(pre.instantiate_async(&mut store))?),
+            Linked::Plain(pre) => {
+                let instance = pre.instance_pre().instantiate(&mut store)?;
+                let rank = rank_export(&mut store, &instance)?;
+                Guest::Plain(Policy::new(&mut store, &instance)?, rank)
+            }
+            Linked::Wasi(pre) => {
+                let instance = at_once(pre.instance_pre().instantiate_async(&mut store))?;
+                let rank = rank_export(&mut store, &instance)?;
+                Guest::Wasi(wasi::Policy::new(&mut store, &instance)?, rank)
+            }
             Linked::PlainV2(pre) => Guest::PlainV2(pre.instantiate(&mut store)?),
             Linked::WasiV2(pre) => Guest::WasiV2(at_once(pre.instantiate_async(&mut store))?),
             Linked::PlainV1(pre) => Guest::PlainV1(pre.instantiate(&mut store)?),
@@ -461,8 +469,9 @@ impl Linked {
 
 /// An instance of any kind, called alike.
 pub enum Guest {
-    Plain(Policy),
-    Wasi(wasi::Policy),
+    /// With `rank-backends` when the component is of the `ranking-policy` world.
+    Plain(Policy, Option<RankFunc>),
+    Wasi(wasi::Policy, Option<RankFunc>),
     PlainV2(v2::Policy),
     WasiV2(v2::wasi::Policy),
     PlainV1(v1::Policy),
@@ -476,8 +485,8 @@ impl Guest {
         table: &WitTable,
     ) -> wasmtime::Result<()> {
         match self {
-            Guest::Plain(p) => p.call_set_table(store, &table.table),
-            Guest::Wasi(p) => at_once(p.call_set_table(store, &table.table)),
+            Guest::Plain(p, _) => p.call_set_table(store, &table.table),
+            Guest::Wasi(p, _) => at_once(p.call_set_table(store, &table.table)),
             Guest::PlainV2(p) => p.call_set_table(store, table.v2()),
             Guest::WasiV2(p) => at_once(p.call_set_table(store, table.v2())),
             Guest::PlainV1(p) => p.call_set_table(store, table.v1()),
@@ -496,18 +505,12 @@ impl Guest {
         candidates: &[u32],
     ) -> wasmtime::Result<Option<u32>> {
         match self {
-            Guest::Plain(_) | Guest::Wasi(_) => {
-                store.data_mut().tls = tls.cloned();
-                let answer = match self {
-                    Guest::Plain(p) => p.call_pick_backend(&mut *store, app, client, candidates),
-                    Guest::Wasi(p) => {
-                        at_once(p.call_pick_backend(&mut *store, app, client, candidates))
-                    }
-                    _ => unreachable!("matched above"),
-                };
-                store.data_mut().tls = None;
-                answer
-            }
+            Guest::Plain(p, _) => with_tls(store, tls, |store| {
+                p.call_pick_backend(store, app, client, candidates)
+            }),
+            Guest::Wasi(p, _) => with_tls(store, tls, |store| {
+                at_once(p.call_pick_backend(store, app, client, candidates))
+            }),
             Guest::PlainV2(p) => {
                 p.call_pick_backend(store, app, &v2_client(client, tls), candidates)
             }
@@ -520,6 +523,63 @@ impl Guest {
             }
         }
     }
+
+    /// Whether the component ranks in one call (`rank-backends`).
+    pub fn ranks(&self) -> bool {
+        matches!(self, Guest::Plain(_, Some(_)) | Guest::Wasi(_, Some(_)))
+    }
+
+    /// The component's `rank-backends` answer; an empty one from a component without it
+    /// (ask [`Guest::ranks`] first).
+    pub fn rank_backends(
+        &self,
+        store: &mut Store<GuestState>,
+        app: Option<u32>,
+        client: wit::Client,
+        tls: Option<&Arc<TlsHello>>,
+        candidates: Vec<u32>,
+        count: u32,
+    ) -> wasmtime::Result<Vec<u32>> {
+        let args = (app, client, candidates, count);
+        let answer = match self {
+            Guest::Plain(_, Some(rank)) => with_tls(store, tls, |store| rank.call(store, args)),
+            Guest::Wasi(_, Some(rank)) => {
+                with_tls(store, tls, |store| at_once(rank.call_async(store, args)))
+            }
+            _ => return Ok(Vec::new()),
+        };
+        answer.map(|(ranked,)| ranked)
+    }
+}
+
+/// `rank-backends` of the `ranking-policy` world.
+pub type RankFunc =
+    wasmtime::component::TypedFunc<(Option<u32>, wit::Client, Vec<u32>, u32), (Vec<u32>,)>;
+
+/// The component's `rank-backends`, when it exports one; one of another type refuses it.
+fn rank_export(
+    store: &mut Store<GuestState>,
+    instance: &wasmtime::component::Instance,
+) -> wasmtime::Result<Option<RankFunc>> {
+    let Some(func) = instance.get_func(&mut *store, "rank-backends") else {
+        return Ok(None);
+    };
+    let typed = func
+        .typed(&*store)
+        .map_err(|e| e.context("rank-backends"))?;
+    Ok(Some(typed))
+}
+
+/// Runs a 0.3.0 call with the connection's ClientHello where `host.client-hello` finds it.
+fn with_tls<R>(
+    store: &mut Store<GuestState>,
+    tls: Option<&Arc<TlsHello>>,
+    call: impl FnOnce(&mut Store<GuestState>) -> wasmtime::Result<R>,
+) -> wasmtime::Result<R> {
+    store.data_mut().tls = tls.cloned();
+    let answer = call(store);
+    store.data_mut().tls = None;
+    answer
 }
 
 /// A client as 0.2.0 has it: with the TLS fields.
