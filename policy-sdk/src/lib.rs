@@ -279,8 +279,13 @@ pub fn rank_by_picks<P: Policy + ?Sized>(
     let mut rest = candidates.to_vec();
     let mut ranked = Vec::new();
     while ranked.len() < count
-        && let Some(i) = P::pick(ctx, client, &rest).filter(|&i| i < rest.len())
+        && let Some(i) = P::pick(ctx, client, &rest)
     {
+        if i >= rest.len() {
+            // Out of range, as `pick` answered: the host sees the fault it would have.
+            ranked.push(candidates.len());
+            break;
+        }
         ranked.push(left.remove(i));
         rest.remove(i);
     }

@@ -571,26 +571,33 @@ async fn a_backend_this_pops_checks_find_down_leaves_the_answers() {
     proxy.stop().await;
 }
 
-/// A policy of the ranking world answers the pick and its alternates in one call; one
-/// that ranks a backend twice is a fault, and the native scorer answers instead.
+/// A policy of the ranking world answers the pick and its alternates in one call, with
+/// the budgets of as many picks; one that ranks a backend twice, or whose pick is out of
+/// range, is a fault, and the native scorer answers instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policys_ranking_answers_in_one_call_and_a_bad_ranking_is_answered_natively() {
     let at = |s: &str| s.parse::<SocketAddr>().unwrap();
     let mut rows = rows();
-    for (id, region, country, addr) in [
-        ("br-2", "sa", "BR", "10.1.0.2:7001"),
-        ("de-2", "eu", "DE", "10.2.0.2:7002"),
-    ] {
-        let mut row = Row::new(id, region, country, at(addr));
-        row.app = "rank-twice";
-        rows.push(row);
+    for app in ["rank-twice", "garbage", "log-some"] {
+        for (id, region, country, addr) in [
+            ("br", "sa", "BR", "10.1.0.2:7001"),
+            ("de", "eu", "DE", "10.2.0.2:7002"),
+        ] {
+            let id = format!("{id}-{app}").leak();
+            let mut row = Row::new(id, region, country, at(addr));
+            row.app = app;
+            rows.push(row);
+        }
     }
     let db = Db::new(&rows);
     let policy = chaos_component();
     let config = format!("policy_path = {:?}\n{DNS}", policy.display().to_string());
     let proxy = Proxy::start(&db, &config).await;
     let dns = proxy.dns.unwrap();
-    let faults = || proxy.host.admin.status().policy.faults.bad_answers;
+    let faults = || {
+        let f = proxy.host.admin.status().policy.faults;
+        f.traps + f.bad_answers
+    };
 
     // The chaos policy picks the last eligible backend: its ranking is the ids backwards,
     // wherever the client is.
@@ -603,14 +610,23 @@ async fn a_policys_ranking_answers_in_one_call_and_a_bad_ranking_is_answered_nat
     assert_eq!(addrs(&a), [ip("10.3.0.1"), ip("10.2.0.1")], "{a:?}");
     assert_eq!(faults(), 0);
 
-    // Ranked twice: a fault, and Brazil's client gets the native scorer's ranking.
+    // Logging 6 KiB a pick, two picks in one ranking: within its budget, no fault.
     let a = ask(
         dns,
         "127.0.0.2",
-        &question("rank-twice.internal.", RecordType::A, None),
+        &question("log-some.internal.", RecordType::A, None),
     )
     .await;
-    assert_eq!(addrs(&a), [ip("10.1.0.2"), ip("10.2.0.2")], "{a:?}");
-    assert_eq!(faults(), 1);
+    assert_eq!(addrs(&a), [ip("10.2.0.2"), ip("10.1.0.2")], "{a:?}");
+    assert_eq!(faults(), 0);
+
+    // Ranked twice, or a pick out of range: a fault each, and Brazil's client gets the
+    // native scorer's ranking.
+    for (app, n) in [("rank-twice", 1), ("garbage", 2)] {
+        let name = format!("{app}.internal.");
+        let a = ask(dns, "127.0.0.2", &question(&name, RecordType::A, None)).await;
+        assert_eq!(addrs(&a), [ip("10.1.0.2"), ip("10.2.0.2")], "{app}: {a:?}");
+        assert_eq!(faults(), n, "{app}");
+    }
     proxy.stop().await;
 }

@@ -108,19 +108,33 @@ impl LoadedPolicy {
         let candidates: Vec<u32> = (0..n).flat_map(|i| [i, i, 0]).collect();
         let client = wit.client(&sample::client_in_brazil());
         runtime.arm(&mut store, 1);
-        match policy.pick_backend(
-            &mut store,
-            wit.app(Some("selftest")),
-            client,
-            None,
-            &candidates,
-        ) {
-            Ok(None) => Ok(()),
-            Ok(Some(i)) if i < n => Ok(()),
-            Ok(Some(i)) => Err(LoadError::SelfTest(format!(
-                "answered {i} of {n} candidates"
+        let app = wit.app(Some("selftest"));
+        match policy.pick_backend(&mut store, app, client, None, &candidates) {
+            Ok(None) => {}
+            Ok(Some(i)) if i < n => {}
+            Ok(Some(i)) => {
+                return Err(LoadError::SelfTest(format!(
+                    "answered {i} of {n} candidates"
+                )));
+            }
+            Err(e) => return Err(fail(e)),
+        }
+        if !policy.ranks() {
+            return Ok(());
+        }
+        runtime.arm(&mut store, u64::from(n));
+        let ranked = policy
+            .rank_backends(&mut store, app, client, None, candidates, n)
+            .map_err(fail)?;
+        match ranked
+            .iter()
+            .enumerate()
+            .find(|&(k, i)| *i >= n || ranked[..k].contains(i))
+        {
+            None => Ok(()),
+            Some((_, i)) => Err(LoadError::SelfTest(format!(
+                "ranked {ranked:?}: {i} is out of {n} candidates or repeated"
             ))),
-            Err(e) => Err(fail(e)),
         }
     }
 

@@ -157,8 +157,10 @@ pub enum LoadError {
 pub struct GuestState {
     policy_name: Arc<str>,
     limits: StoreLimits,
-    /// `host.log` bytes in the current call.
+    /// `host.log` bytes in the current call, and what it may log (a ranking, `n` picks'
+    /// worth).
     logged: usize,
+    log_budget: usize,
     /// The ClientHello of the connection being decided, during a pick (`host.client-hello`).
     tls: Option<Arc<TlsHello>>,
     /// Built whether or not the policy imports WASI: an empty context is a few
@@ -218,8 +220,9 @@ impl super::bindings::edgeproxy::policy::host::Host for GuestState {
     fn log(&mut self, message: String) -> wasmtime::Result<()> {
         // A line counts at least 64 bytes, so empty lines cannot flood either.
         self.logged += message.len().max(64);
-        if self.logged > LOG_BYTES_PER_CALL {
-            wasmtime::bail!("logged more than {LOG_BYTES_PER_CALL} bytes in one call");
+        if self.logged > self.log_budget {
+            let budget = self.log_budget;
+            wasmtime::bail!("logged more than {budget} bytes in one call");
         }
         let mut end = message.len().min(LOG_LINE_MAX);
         while !message.is_char_boundary(end) {
@@ -400,6 +403,7 @@ impl Runtime {
                 policy_name: Arc::clone(policy_name),
                 limits: store_limits(self.limits.memory_bytes),
                 logged: 0,
+                log_budget: LOG_BYTES_PER_CALL,
                 tls: None,
                 wasi: deny_all_wasi(policy_name),
                 resources,
@@ -442,6 +446,7 @@ impl Runtime {
         let ticks = budget.saturating_mul(BACKSTOP_BUDGETS).as_millis() / EPOCH_TICK.as_millis();
         store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(2));
         store.data_mut().logged = 0;
+        store.data_mut().log_budget = LOG_BYTES_PER_CALL.saturating_mul(scale as usize);
     }
 }
 
@@ -692,9 +697,8 @@ pub fn componentize(module: &[u8]) -> Result<Vec<u8>, LoadError> {
         return encode(module.to_vec(), preview1);
     }
     // Written by hand against one contract: the current one, else 0.2.0 (whose
-    // `pick-backend` takes its arguments through memory), else 0.1.0 (whose signature is
-    // the current one's, so the current contract types it), and the current one's error
-    // if none fits.
+    // `pick-backend` takes its arguments through memory), else 0.1.0 (whose client has
+    // no `tls`), and the current one's error if none fits.
     let with = |wit: &str| -> Result<Vec<u8>, LoadError> {
         let mut typed = module.to_vec();
         embed_policy_world(&mut typed, wit).map_err(LoadError::Componentize)?;
