@@ -18,7 +18,9 @@
 #
 # Servers: edgeproxy (the embedded WebAssembly policy deciding every answer),
 # edgeproxy-native (the native scorer), edgeproxy-rrl (the WebAssembly policy with the
-# response rate limit on, set high enough to refuse nothing: its cost), knot, gdnsd.
+# response rate limit on, set high enough to refuse nothing: its cost), knot, gdnsd,
+# and edgeproxy=FILE (that policy component instead of the embedded one: two builds of a
+# policy side by side).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -90,13 +92,14 @@ echo "app.internal A" > "$WORK/queries.txt"
 start_server() {
   local name=$1 cmd
   case $name in
-    edgeproxy|edgeproxy-native|edgeproxy-rrl)
+    edgeproxy|edgeproxy-native|edgeproxy-rrl|edgeproxy=*)
       cmd=(env EDGEPROXY_DB_PATH="$db" EDGEPROXY_REGION=sa EDGEPROXY_LISTEN_ADDR=127.0.0.1:18000
            EDGEPROXY_ADMIN_ADDR= EDGEPROXY_WORKER_THREADS=1 EDGEPROXY_DNS_ENABLED=true
            EDGEPROXY_DNS_LISTEN_ADDR=127.0.0.1:$PORT EDGEPROXY_DNS_RATE_LIMIT=0)
       case $name in
         edgeproxy-native) cmd+=(EDGEPROXY_NATIVE_POLICY=true) ;;
         edgeproxy-rrl) cmd+=(EDGEPROXY_DNS_RATE_LIMIT=10000000) ;;
+        edgeproxy=*) cmd+=(EDGEPROXY_POLICY_PATH="${name#edgeproxy=}") ;;
       esac
       cmd+=("$bin") ;;
     knot) cmd=(knotd -c "$WORK/knot.conf") ;;
