@@ -184,7 +184,7 @@ impl ProxyService {
     /// The policy's pick, checked: an answer naming an ineligible or unknown candidate is
     /// replaced by the native scorer's.
     fn pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
-        let choice = self.live_pick(req, candidates, &[]);
+        let choice = self.live_pick(req, candidates);
         if let Some(log) = &self.decisions {
             log.record(req, candidates, choice);
         }
@@ -231,19 +231,9 @@ impl ProxyService {
         out
     }
 
-    /// The policy's pick among the candidates not `left_out`, checked: an answer naming
-    /// an ineligible, unknown or left-out candidate is replaced by the native scorer's.
-    fn live_pick(
-        &self,
-        req: &PickRequest<'_>,
-        candidates: &[RoutedBackend],
-        left_out: &[usize],
-    ) -> Option<usize> {
-        match self.policy.pick_leaving_out(req, candidates, left_out) {
-            Some(i)
-                if !left_out.contains(&i)
-                    && candidates.get(i).is_some_and(RoutedBackend::is_eligible) =>
-            {
+    fn live_pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
+        match self.policy.pick(req, candidates) {
+            Some(i) if candidates.get(i).is_some_and(RoutedBackend::is_eligible) => {
                 self.telemetry.decided(Decision::Picked);
                 Some(i)
             }
@@ -253,13 +243,13 @@ impl ProxyService {
             }
             Some(bad) => {
                 self.overridden(bad);
-                NativeScorer.pick_leaving_out(req, candidates, left_out)
+                NativeScorer.pick(req, candidates)
             }
         }
     }
 
-    /// The policy answered `bad` (ineligible, unknown or left out): counted and logged;
-    /// the native scorer decides instead.
+    /// The policy answered `bad` (ineligible, unknown, or repeated in a ranking): counted
+    /// and logged; the native scorer decides instead.
     fn overridden(&self, bad: usize) {
         self.telemetry.decided(Decision::Overridden);
         if let Some(suppressed) = self.telemetry.override_log.allow() {
@@ -468,6 +458,38 @@ fn bind(
     }
 }
 
+/// A service over `routing` in region "eu", with the embedded GeoIP database, one connect
+/// attempt and nothing else on: for unit tests here and in the adapters.
+#[cfg(test)]
+impl ProxyService {
+    pub(crate) fn for_tests(
+        routing: Arc<Routing>,
+        policy: Arc<dyn ScoringPolicy>,
+        bindings: Option<Arc<dyn BindingRepository>>,
+    ) -> Self {
+        ProxyService {
+            routing,
+            bindings,
+            geo: Arc::new(crate::adapters::outbound::maxmind_geo::MaxMindGeo::embedded().unwrap()),
+            regions: RegionMap::default(),
+            policy,
+            settings: ProxySettings {
+                pop_region: Region::new("eu"),
+                connect_timeout: Duration::from_secs(1),
+                connect_attempts: 1,
+                idle_timeout: None,
+                keepalive: None,
+                truncate_clients: false,
+            },
+            buffers: BufferPool::new(1, 1),
+            telemetry: Arc::default(),
+            shadow: None,
+            decisions: None,
+            suspects: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::OnceLock;
@@ -527,26 +549,8 @@ mod tests {
         policy: Arc<dyn ScoringPolicy>,
         bindings: Option<Arc<dyn BindingRepository>>,
     ) -> ProxyService {
-        ProxyService {
-            routing: Arc::new(Routing::new(Arc::new(NoRows), Arc::default(), 50)),
-            bindings,
-            geo: Arc::new(crate::adapters::outbound::maxmind_geo::MaxMindGeo::embedded().unwrap()),
-            regions: RegionMap::default(),
-            policy,
-            settings: ProxySettings {
-                pop_region: Region::new("eu"),
-                connect_timeout: Duration::from_secs(1),
-                connect_attempts: 1,
-                idle_timeout: None,
-                keepalive: None,
-                truncate_clients: false,
-            },
-            buffers: BufferPool::new(1, 1),
-            telemetry: Arc::default(),
-            shadow: None,
-            decisions: None,
-            suspects: None,
-        }
+        let routing = Arc::new(Routing::new(Arc::new(NoRows), Arc::default(), 50));
+        ProxyService::for_tests(routing, policy, bindings)
     }
 
     /// Always the first candidate offered, or one past the last.

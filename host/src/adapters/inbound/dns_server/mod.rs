@@ -247,10 +247,7 @@ fn respond(
             };
             let mut reply = Vec::with_capacity(128);
             q.answer(addrs, dns.settings.ttl, UDP_MAX as u16, scope, &mut reply);
-            let limit = udp.map(|plain| match q.edns {
-                Some(e) => usize::from(e.payload).clamp(plain, UDP_MAX),
-                None => plain,
-            });
+            let limit = reply_limit(udp, q.edns.map(|e| e.payload));
             if limit.is_none_or(|l| reply.len() <= l) {
                 dns.stats.query(qtype, RCODE_NOERROR, started.elapsed());
                 return Some(reply);
@@ -294,10 +291,7 @@ fn respond_any(
     }
     let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
     reply.metadata.recursion_desired = query.metadata.recursion_desired;
-    let limit = udp.map(|plain| match &query.edns {
-        Some(e) => usize::from(e.max_payload()).clamp(plain, UDP_MAX),
-        None => plain,
-    });
+    let limit = reply_limit(udp, query.edns.as_ref().map(Edns::max_payload));
     let other = QTYPES.len() - 1;
     let subnet = query
         .edns
@@ -350,6 +344,15 @@ fn respond_any(
     dns.stats
         .query(qtype, rcode_index(rcode), started.elapsed());
     Some(bytes)
+}
+
+/// What a reply may take: over UDP the client's EDNS payload size within [512, 1232], or
+/// 512 without EDNS; no limit over TCP (`udp` None).
+fn reply_limit(udp: Option<usize>, edns_payload: Option<u16>) -> Option<usize> {
+    udp.map(|plain| match edns_payload {
+        Some(payload) => usize::from(payload).clamp(plain, UDP_MAX),
+        None => plain,
+    })
 }
 
 const CLASS_IN: u16 = 1;
@@ -538,7 +541,6 @@ fn slipped(packet: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Duration;
 
     use hickory_proto::op::{Edns, Message, Query};
     use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
@@ -547,12 +549,12 @@ mod tests {
 
     use super::{respond, respond_any, wire};
     use crate::application::dns::{Dns, DnsSettings, LonePop};
-    use crate::application::proxy_service::{ProxyService, ProxySettings};
+    use crate::application::proxy_service::ProxyService;
     use crate::application::routing::Routing;
     use crate::domain::dns::Zone;
     use crate::domain::ports::{BackendRepository, LoadedBackends, RoutingError};
-    use crate::domain::services::{NativeScorer, RegionMap};
-    use crate::domain::{Region, sample};
+    use crate::domain::sample;
+    use crate::domain::services::NativeScorer;
 
     struct Rows;
     impl BackendRepository for Rows {
@@ -577,26 +579,7 @@ mod tests {
     async fn dns() -> Dns {
         let routing = Arc::new(Routing::new(Arc::new(Rows), Arc::default(), 50));
         routing.reload().await.unwrap();
-        let service = ProxyService {
-            routing,
-            bindings: None,
-            geo: Arc::new(crate::adapters::outbound::maxmind_geo::MaxMindGeo::embedded().unwrap()),
-            regions: RegionMap::default(),
-            policy: Arc::new(NativeScorer),
-            settings: ProxySettings {
-                pop_region: Region::new("eu"),
-                connect_timeout: Duration::from_secs(1),
-                connect_attempts: 1,
-                idle_timeout: None,
-                keepalive: None,
-                truncate_clients: false,
-            },
-            buffers: crate::adapters::net::pool::BufferPool::new(1, 1),
-            telemetry: Arc::default(),
-            shadow: None,
-            decisions: None,
-            suspects: None,
-        };
+        let service = ProxyService::for_tests(routing, Arc::new(NativeScorer), None);
         let settings = DnsSettings {
             zone: Zone::new("internal", None).unwrap(),
             ttl: 10,
