@@ -238,16 +238,18 @@ fn accept_loop_survives_running_out_of_descriptors() {
             assert!(tokio::time::Instant::now() < deadline);
         }
         drop(held);
-        // ... and serves again once descriptors are free.
-        let mut served = None;
+        // ... and serves again once descriptors are free. Until the backlog's stale
+        // connections are gone, some clients may still be closed without a backend
+        // (served_by reads "").
+        let mut served = String::new();
         for _ in 0..500 {
-            if !refused("127.0.0.1", addr).await {
-                served = Some(served_by("127.0.0.1", addr).await);
+            served = served_by("127.0.0.1", addr).await;
+            if !served.is_empty() {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        assert_eq!(served.as_deref(), Some("b"));
+        assert_eq!(served, "b");
     });
     assert!(child.0.try_wait().unwrap().is_none(), "edgeproxy exited");
 }
