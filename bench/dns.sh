@@ -10,8 +10,9 @@
 # thread), dnsperf on CPU $LOAD_CPU; the servers take turns within each round, in reverse
 # order every other round. Each turn runs dnsperf flat out for $DURATION s (queries/s,
 # and the server's CPU time per query from /proc, which stays fair if dnsperf is the one
-# saturated), then for 5 s at a fixed $LAT_QPS (below every server's most) for latency
-# percentiles and CPU per query at equal load. The question is
+# saturated, and how much of it is user space: the rest is the kernel's UDP work,
+# delivering the replies included), then for 5 s at a fixed $LAT_QPS (below every
+# server's most) for latency percentiles and CPU per query at equal load. The question is
 # `app.internal A`: edgeproxy answers the policy's pick and one alternate (two A records),
 # the zones hold the same two. Loopback only; every load is bounded; it stops only the
 # processes it started, by PID.
@@ -121,6 +122,7 @@ stop_server() {
 }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+user_ticks() { awk '{print $14}' "/proc/$1/stat"; }
 
 results=$WORK/results.jsonl
 : > "$results"
@@ -131,18 +133,18 @@ for round in $(seq "$ROUNDS"); do
     start_server "$name"
     # Warm up (the policy's instances, caches), then flat out.
     taskset -c "$LOAD_CPU" dnsperf -s 127.0.0.1 -p $PORT -d "$WORK/queries.txt" -l 2 -q 200 >/dev/null 2>&1
-    t0=$(cpu_ticks "$server_pid")
+    t0=$(cpu_ticks "$server_pid"); u0=$(user_ticks "$server_pid")
     out=$(taskset -c "$LOAD_CPU" dnsperf -s 127.0.0.1 -p $PORT -d "$WORK/queries.txt" -l "$DURATION" -q 200 -c 4 2>&1)
-    t1=$(cpu_ticks "$server_pid")
+    t1=$(cpu_ticks "$server_pid"); u1=$(user_ticks "$server_pid")
     # At a fixed rate, every query's latency (-v), for percentiles.
     t2=$(cpu_ticks "$server_pid")
     taskset -c "$LOAD_CPU" dnsperf -s 127.0.0.1 -p $PORT -d "$WORK/queries.txt" -l 5 -Q "$LAT_QPS" -v 2>&1 \
       | awk '/^> NOERROR/ {print $NF}' > "$WORK/latency.txt"
     t3=$(cpu_ticks "$server_pid")
     stop_server
-    python3 - "$name" "$round" "$((t1 - t0))" "$(getconf CLK_TCK)" "$out" "$WORK/latency.txt" "$((t3 - t2))" >>"$results" <<'PY'
+    python3 - "$name" "$round" "$((t1 - t0))" "$(getconf CLK_TCK)" "$out" "$WORK/latency.txt" "$((t3 - t2))" "$((u1 - u0))" >>"$results" <<'PY'
 import json, re, sys
-name, rnd, ticks, hz, out, lat, fixed_ticks = sys.argv[1:8]
+name, rnd, ticks, hz, out, lat, fixed_ticks, user_ticks = sys.argv[1:9]
 qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))
 done = int(re.search(r"Queries completed:\s+(\d+)", out).group(1))
 lost = int(re.search(r"Queries lost:\s+(\d+)", out).group(1))
@@ -151,6 +153,7 @@ pct = lambda p: round(lats[min(len(lats) - 1, int(p * len(lats)))] * 1e6, 1) if 
 cpu_s = int(ticks) / int(hz)
 print(json.dumps({"server": name, "round": int(rnd), "qps": qps, "lost": lost,
                   "cpu_us_per_query": round(cpu_s * 1e6 / max(done, 1), 2),
+                  "user_us_per_query": round(int(user_ticks) / int(hz) * 1e6 / max(done, 1), 2),
                   "cpu_us_per_query_fixed": round(int(fixed_ticks) / int(hz) * 1e6 / max(len(lats), 1), 2),
                   "p50_us": pct(0.5), "p99_us": pct(0.99), "p999_us": pct(0.999)}))
 PY
@@ -168,6 +171,7 @@ def col(s, k):
 print("| | " + " | ".join(servers) + " |")
 print("|---|" + "---|" * len(servers))
 for k, label in [("qps", "queries/s (dnsperf flat out)"), ("cpu_us_per_query", "server CPU per query (us)"),
+                 ("user_us_per_query", "of which in user space (us)"),
                  ("cpu_us_per_query_fixed", "server CPU per query at the fixed rate (us)"),
                  ("p50_us", "p50 latency at fixed rate (us)"), ("p99_us", "p99 (us)"), ("p999_us", "p99.9 (us)")]:
     cells = []
