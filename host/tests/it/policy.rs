@@ -503,3 +503,22 @@ fn a_plain_core_module_from_cargo_build_loads_too() {
     let runtime = Runtime::new(Limits::default()).unwrap();
     LoadedPolicy::load(&runtime, "core module", &bytes).unwrap();
 }
+
+#[test]
+fn a_ranking_that_repeats_itself_or_a_mistyped_rank_backends_is_refused_at_load() {
+    let runtime = Runtime::new(Limits::default()).unwrap();
+    for (fixture, expected) in [
+        // Its picks pass; its ranking names one backend twice.
+        ("repeating-ranker", "repeated"),
+        // `rank-backends` without its `count`: refused, not called with the wrong arguments.
+        ("mistyped-ranker", "rank-backends"),
+    ] {
+        let component = policy_component(&format!("host/tests/fixtures/{fixture}"));
+        let bytes = std::fs::read(&component).unwrap();
+        let err = LoadedPolicy::load(&runtime, fixture, &bytes)
+            .err()
+            .unwrap_or_else(|| panic!("{fixture} loaded"))
+            .to_string();
+        assert!(err.contains(expected), "{fixture}: {err}");
+    }
+}
