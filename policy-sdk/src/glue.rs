@@ -62,38 +62,43 @@ fn client(c: bindings::Client) -> Client {
 }
 
 pub fn pick<P: Policy>(app: Option<u32>, c: bindings::Client, candidates: Vec<u32>) -> Option<u32> {
-    let answer = decide(app, c, &candidates, |ctx, client, views| {
-        P::pick(ctx, client, views)
+    let answer = decide(app, &candidates, |ctx, views| {
+        P::pick(ctx, &client(c), views)
     })??;
     u32::try_from(answer).ok()
 }
 
+/// One ranking per client, over one set of candidate views.
 pub fn rank<P: Policy>(
     app: Option<u32>,
-    c: bindings::Client,
+    clients: Vec<bindings::Client>,
     candidates: Vec<u32>,
     count: u32,
-) -> Vec<u32> {
+) -> Vec<Vec<u32>> {
     let count = usize::try_from(count).unwrap_or(usize::MAX);
-    let ranked = decide(app, c, &candidates, |ctx, client, views| {
-        P::rank(ctx, client, views, count)
+    let asked = clients.len();
+    let ranked = decide(app, &candidates, |ctx, views| {
+        clients
+            .into_iter()
+            .map(|c| {
+                P::rank(ctx, &client(c), views, count)
+                    .into_iter()
+                    .filter_map(|i| u32::try_from(i).ok())
+                    .collect()
+            })
+            .collect()
     });
-    ranked
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|i| u32::try_from(i).ok())
-        .collect()
+    // As a pick without a table refuses: every client refused.
+    ranked.unwrap_or_else(|| vec![Vec::new(); asked])
 }
 
 /// Runs `f` over the candidates' views; None without a table or with a candidate the
 /// table does not have.
 fn decide<R>(
     app: Option<u32>,
-    c: bindings::Client,
     candidates: &[u32],
-    f: impl FnOnce(&Context<'_>, &Client, &[Candidate<'_>]) -> R,
+    f: impl FnOnce(&Context<'_>, &[Candidate<'_>]) -> R,
 ) -> Option<R> {
-    let client = client(c);
     TABLE.with(|t| {
         let guard = t.borrow();
         // The host always sends a table first; without one there is nothing to choose from.
@@ -117,7 +122,7 @@ fn decide<R>(
             let app = app
                 .and_then(|a| table.apps.get(a as usize))
                 .map(String::as_str);
-            let answer = valid.then(|| f(&Context { table, app }, &client, &views));
+            let answer = valid.then(|| f(&Context { table, app }, &views));
             views.clear();
             v.replace(views.into_iter().map(|_| unreachable!()).collect());
             answer

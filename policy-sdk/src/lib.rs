@@ -254,9 +254,10 @@ pub trait Policy {
     fn pick(ctx: &Context<'_>, client: &Client, candidates: &[Candidate<'_>]) -> Option<usize>;
 
     /// Up to `count` candidates' indices, best first, in the order a connection fails
-    /// over through them: what a DNS answer gives (the pick and its alternates), in one
-    /// call. The default picks again with each pick left out; a policy that sorts its
-    /// candidates anyway can answer at once.
+    /// over through them: what a DNS answer gives (the pick and its alternates). The
+    /// host asks for a batch of DNS clients in one call and this runs for each. The
+    /// default picks again with each pick left out; a policy that sorts its candidates
+    /// anyway can answer at once.
     fn rank(
         ctx: &Context<'_>,
         client: &Client,
@@ -322,11 +323,11 @@ macro_rules! export_policy {
             }
             fn rank_backends(
                 app: ::std::option::Option<u32>,
-                client: $crate::bindings::Client,
+                clients: ::std::vec::Vec<$crate::bindings::Client>,
                 candidates: ::std::vec::Vec<u32>,
                 count: u32,
-            ) -> ::std::vec::Vec<u32> {
-                $crate::glue::rank::<$policy>(app, client, candidates, count)
+            ) -> ::std::vec::Vec<::std::vec::Vec<u32>> {
+                $crate::glue::rank::<$policy>(app, clients, candidates, count)
             }
         }
 

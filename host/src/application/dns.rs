@@ -80,6 +80,16 @@ pub enum Wanted {
     Other,
 }
 
+/// A question as [`Dns::answer_many`] takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct Question<'a> {
+    /// Lower case, no trailing dot.
+    pub name: &'a str,
+    pub wanted: Wanted,
+    /// The EDNS Client Subnet address, else the query's source.
+    pub client: IpAddr,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Srv {
     /// 0 for the pick, then 1, 2... in the order a connection fails over.
@@ -205,6 +215,39 @@ impl Dns {
         self.proxy.routing.current().version()
     }
 
+    /// The answers to `questions`, in their order: each as [`Dns::answer`] gives it, but
+    /// the `<app>` address questions of one app and family are decided together, by one
+    /// call of the policy (one read of a busy UDP socket takes in dozens of queries).
+    pub fn answer_many(&self, questions: &[Question<'_>]) -> Vec<Answer> {
+        let mut answers: Vec<Option<Answer>> = questions.iter().map(|_| None).collect();
+        let mut apps: Vec<(&str, Family, Vec<usize>)> = Vec::new();
+        for (i, q) in questions.iter().enumerate() {
+            match (self.settings.zone.classify(q.name), q.wanted) {
+                (Name::App(app), Wanted::Addr(family)) => {
+                    match apps.iter_mut().find(|(a, f, _)| *a == app && *f == family) {
+                        Some((.., asking)) => asking.push(i),
+                        None => apps.push((app, family, vec![i])),
+                    }
+                }
+                _ => answers[i] = Some(self.answer(q.name, q.wanted, q.client)),
+            }
+        }
+        for (app, family, asking) in apps {
+            let clients: Vec<IpAddr> = asking.iter().map(|&i| questions[i].client).collect();
+            for (i, answer) in asking
+                .into_iter()
+                .zip(self.app(app, Some(family), &clients))
+            {
+                answers[i] = Some(answer);
+            }
+        }
+        // (Every question was answered above.)
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or(Answer::Refused))
+            .collect()
+    }
+
     /// The answer for `qname` (lower case, no trailing dot) asked by a client at `client`
     /// (its EDNS Client Subnet address, else the query's source).
     pub fn answer(&self, qname: &str, wanted: Wanted, client: IpAddr) -> Answer {
@@ -223,7 +266,10 @@ impl Dns {
                 _ => Answer::NoData,
             },
             Name::NameServer => addrs(&self.settings.name_server, family, false),
-            Name::App(app) => self.app(app, family, client),
+            Name::App(app) => self
+                .app(app, family, &[client])
+                .pop()
+                .unwrap_or(Answer::NxDomain),
             Name::Service(app) => match wanted {
                 Wanted::Srv => self.service(app, client),
                 _ => match self.proxy.routing.current().app_named(app) {
@@ -276,50 +322,63 @@ impl Dns {
         }
     }
 
-    fn app(&self, app: &str, family: Option<Family>, client: IpAddr) -> Answer {
+    /// The answers to `<app>` address questions from `clients`, decided together.
+    fn app(&self, app: &str, family: Option<Family>, clients: &[IpAddr]) -> Vec<Answer> {
         let table = self.proxy.routing.current();
         let Some((app, candidates)) = table.app_named(app) else {
-            return Answer::NxDomain;
+            return clients.iter().map(|_| Answer::NxDomain).collect();
         };
         let Some(family) = family else {
-            return Answer::NoData;
+            return clients.iter().map(|_| Answer::NoData).collect();
         };
         let candidates = keeping(candidates, |c| family.has(c.backend.addr.ip()));
-        let picks = self.picks(&table, app, &candidates, client);
-        // Two backends on one address (different ports) are one A record.
-        let mut addrs: Vec<IpAddr> = Vec::with_capacity(picks.len());
-        for ip in picks.iter().map(|&i| candidates[i].backend.addr.ip()) {
-            if !addrs.contains(&ip) {
-                addrs.push(ip);
-            }
-        }
-        Answer::Addrs {
-            addrs,
-            per_client: true,
-        }
+        let rankings = self.picks(&table, app, &candidates, clients);
+        rankings
+            .into_iter()
+            .map(|picks| {
+                // Two backends on one address (different ports) are one A record.
+                let mut addrs: Vec<IpAddr> = Vec::with_capacity(picks.len());
+                for ip in picks.iter().map(|&i| candidates[i].backend.addr.ip()) {
+                    if !addrs.contains(&ip) {
+                        addrs.push(ip);
+                    }
+                }
+                Answer::Addrs {
+                    addrs,
+                    per_client: true,
+                }
+            })
+            .collect()
     }
 
+    /// For each client, the pick and its alternates.
     fn picks(
         &self,
         table: &crate::domain::RoutingTable,
         app: &str,
         candidates: &[RoutedBackend],
-        client: IpAddr,
-    ) -> Vec<usize> {
-        let client: Client = self.proxy.locate(client, false);
-        let req = PickRequest {
-            table,
-            pop_region: &self.proxy.settings.pop_region,
-            app: Some(app),
-            client: &client,
-        };
-        let picks = self
+        clients: &[IpAddr],
+    ) -> Vec<Vec<usize>> {
+        let located: Vec<Client> = clients
+            .iter()
+            .map(|&ip| self.proxy.locate(ip, false))
+            .collect();
+        let requests: Vec<PickRequest<'_>> = located
+            .iter()
+            .map(|client| PickRequest {
+                table,
+                pop_region: &self.proxy.settings.pop_region,
+                app: Some(app),
+                client,
+            })
+            .collect();
+        let rankings = self
             .proxy
-            .ranked(&req, candidates, 1 + self.settings.alternates);
-        for &i in &picks {
+            .ranked(&requests, candidates, 1 + self.settings.alternates);
+        for &i in rankings.iter().flatten() {
             candidates[i].stats.dns_answers.fetch_add(1, Relaxed);
         }
-        picks
+        rankings
     }
 
     fn service(&self, app: &str, client: IpAddr) -> Answer {
@@ -333,7 +392,10 @@ impl Dns {
             return Answer::NoData;
         }
         let candidates = keeping(candidates, |c| is_label(c.backend.id.as_str()));
-        let picks = self.picks(&table, app, &candidates, client);
+        let picks = self
+            .picks(&table, app, &candidates, &[client])
+            .pop()
+            .unwrap_or_default();
         let apex = self.settings.zone.apex();
         Answer::Srv(
             picks

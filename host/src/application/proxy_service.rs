@@ -194,19 +194,36 @@ impl ProxyService {
         choice
     }
 
-    /// The policy's pick, then its next picks with the earlier ones left out (the order a
-    /// connection fails over in), `n` at most: what a DNS lookup answers. No binding is
-    /// read or made and nothing is logged: a lookup is not a connection.
+    /// For each request, the policy's pick, then its next picks with the earlier ones left
+    /// out (the order a connection fails over in), `n` at most: what a DNS lookup answers.
+    /// The requests differ only in their client (see [`ScoringPolicy::rank`]). No binding
+    /// is read or made and nothing is logged: a lookup is not a connection.
     pub fn ranked(
+        &self,
+        requests: &[PickRequest<'_>],
+        candidates: &[RoutedBackend],
+        n: usize,
+    ) -> Vec<Vec<usize>> {
+        let mut rankings = self.policy.rank(requests, candidates, n);
+        // A ranking missing is an empty one, a refusal: policies' answers are checked here.
+        rankings.resize_with(requests.len(), Vec::new);
+        rankings.truncate(requests.len());
+        for (req, out) in requests.iter().zip(&mut rankings) {
+            self.checked(req, candidates, n, out);
+        }
+        rankings
+    }
+
+    /// A ranking checked like a pick: from its first ineligible, unknown or repeated answer
+    /// on, the native scorer ranks.
+    fn checked(
         &self,
         req: &PickRequest<'_>,
         candidates: &[RoutedBackend],
         n: usize,
-    ) -> Vec<usize> {
-        let mut out = self.policy.rank(req, candidates, n);
+        out: &mut Vec<usize>,
+    ) {
         out.truncate(n);
-        // Checked like a pick: from the first ineligible, unknown or repeated answer on,
-        // the native scorer ranks.
         let bad = (0..out.len()).find(|&k| {
             out[..k].contains(&out[k])
                 || !candidates
@@ -220,7 +237,7 @@ impl ProxyService {
             self.overridden(out[k]);
             out.truncate(k);
             while out.len() < n
-                && let Some(i) = NativeScorer.pick_leaving_out(req, candidates, &out)
+                && let Some(i) = NativeScorer.pick_leaving_out(req, candidates, out)
             {
                 out.push(i);
             }
@@ -228,7 +245,6 @@ impl ProxyService {
         if out.is_empty() {
             self.telemetry.decided(Decision::Refused);
         }
-        out
     }
 
     fn live_pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
@@ -598,7 +614,7 @@ mod tests {
                 app: Some("app"),
                 client: &client,
             };
-            assert_eq!(service.ranked(&req, candidates, n), want);
+            assert_eq!(service.ranked(&[req], candidates, n), [want]);
         }
     }
 }

@@ -149,16 +149,21 @@ pub trait ScoringPolicy: Send + Sync {
         self.pick(request, &copy)
             .map(|i| rest.get(i).copied().unwrap_or(candidates.len()))
     }
-    /// Up to `n` picks, best first, in the order a connection fails over through them:
-    /// what a DNS answer gives. Unchecked (the caller checks each); a policy that ranks in
-    /// one step does; the default picks again with the earlier picks left out.
+    /// For each request, up to `n` picks, best first, in the order a connection fails
+    /// over through them: what a DNS answer gives. The requests differ only in their
+    /// client (one app, one table: the DNS queries for an app one read took in), so a
+    /// policy can rank them all in one step. Unchecked (the caller checks each); the
+    /// default picks again with the earlier picks left out.
     fn rank(
         &self,
-        request: &PickRequest<'_>,
+        requests: &[PickRequest<'_>],
         candidates: &[RoutedBackend],
         n: usize,
-    ) -> Vec<usize> {
-        rank_by_picks(self, request, candidates, n)
+    ) -> Vec<Vec<usize>> {
+        requests
+            .iter()
+            .map(|r| rank_by_picks(self, r, candidates, n))
+            .collect()
     }
     /// Gets ready for `table` before it serves, off the data path (a wasm policy copies
     /// it into its idle instances, 70 ms at 100,000 backends), so no connection waits.

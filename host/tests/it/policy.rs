@@ -121,6 +121,18 @@ fn wasm_default_policy_agrees_with_the_native_scorer() {
         let req = PickRequest { table: &t, pop_region: &pop, app, client: &client };
         let candidates = t.candidates(app);
         prop_assert_eq!(wasm.pick(&req, candidates), NativeScorer.pick(&req, candidates));
+        // A DNS batch, this client among others, ranked in one call as natively each.
+        let others: Vec<Client> = ["DE", "BR", "JP"]
+            .map(|c| {
+                let country = c.parse().unwrap();
+                Client { country: Some(country), region: Some(regions.region_of(country)), ..client.clone() }
+            })
+            .into();
+        let requests: Vec<PickRequest<'_>> = std::iter::once(&client)
+            .chain(&others)
+            .map(|client| PickRequest { client, ..req })
+            .collect();
+        prop_assert_eq!(wasm.rank(&requests, candidates, 3), NativeScorer.rank(&requests, candidates, 3));
         prop_assert_eq!(wasm.faults.total(), 0);
     });
 }
@@ -510,7 +522,7 @@ fn a_ranking_that_repeats_itself_or_a_mistyped_rank_backends_is_refused_at_load(
     for (fixture, expected) in [
         // Its picks pass; its ranking names one backend twice.
         ("repeating-ranker", "repeated"),
-        // `rank-backends` without its `count`: refused, not called with the wrong arguments.
+        // `rank-backends` of another type: refused, not called with the wrong arguments.
         ("mistyped-ranker", "rank-backends"),
     ] {
         let component = policy_component(&format!("host/tests/fixtures/{fixture}"));

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::application::client_limits::ClientLimiter;
-use crate::application::dns::{Answer, Dns, Family, QTYPES, RCODES, Wanted};
+use crate::application::dns::{Answer, Dns, Family, QTYPES, Question, RCODES, Wanted};
 
 mod udp;
 mod wire;
@@ -134,11 +134,28 @@ fn udp_thread(
         // One clock read a batch: its queries arrived together, and a query's time is
         // counted from then, its wait behind the batch's earlier ones included.
         let now = Instant::now();
+        // Queries of the common shape wait for the batch's decisions, made together.
+        let mut common = Vec::with_capacity(BATCH);
         for (packet, peer) in batch.datagrams() {
             let source = peer.ip().to_canonical();
             let limited = limiter.is_some_and(|l| l.admit(source, now).is_err());
             let reply = match limited {
-                false => respond(dns, packet, source, Some(UDP_PLAIN), now),
+                false => match wire::Query::parse(packet) {
+                    Some(q) if q.qclass == CLASS_IN => {
+                        common.push((q, packet, peer, source));
+                        continue;
+                    }
+                    Some(q) => finish(
+                        dns,
+                        &q,
+                        packet,
+                        source,
+                        Some(UDP_PLAIN),
+                        now,
+                        Answer::Refused,
+                    ),
+                    None => respond_any(dns, packet, source, Some(UDP_PLAIN), now, None),
+                },
                 // Every second refused response goes out truncated and empty.
                 true if slip.fetch_add(1, Relaxed).is_multiple_of(2) => {
                     dns.stats.rate_slipped.fetch_add(1, Relaxed);
@@ -149,6 +166,18 @@ fn udp_thread(
                     None
                 }
             };
+            if let Some(reply) = reply {
+                replies.push((reply, peer));
+            }
+        }
+        let questions: Vec<Question<'_>> = common
+            .iter()
+            .map(|(q, _, _, source)| question(q, *source))
+            .collect();
+        let answers = dns.answer_many(&questions);
+        drop(questions);
+        for ((q, packet, peer, source), answer) in common.into_iter().zip(answers) {
+            let reply = finish(dns, &q, packet, source, Some(UDP_PLAIN), now, answer);
             if let Some(reply) = reply {
                 replies.push((reply, peer));
             }
@@ -228,34 +257,59 @@ fn respond(
     udp: Option<usize>,
     started: Instant,
 ) -> Option<Vec<u8>> {
-    // The common query is answered in place; what it decided goes on to hickory's path
-    // when the answer is one only that path writes, so no lookup is decided twice.
-    let mut decided = None;
-    if let Some(q) = wire::Query::parse(packet) {
-        let (qtype, wanted) = wanted(q.qtype);
-        let subnet = q.edns.and_then(|e| e.subnet);
-        let result = match q.qclass {
-            CLASS_IN => dns.answer(q.name(), wanted, client(subnet, source)),
-            _ => Answer::Refused,
-        };
-        if let (Wanted::Addr(_), Answer::Addrs { addrs, per_client }) = (wanted, &result)
-            && !addrs.is_empty()
-        {
-            let scope = match subnet {
-                Some(s) if *per_client => s.source,
-                _ => 0,
+    match wire::Query::parse(packet) {
+        Some(q) => {
+            let answer = match q.qclass {
+                CLASS_IN => {
+                    let asked = question(&q, source);
+                    dns.answer(asked.name, asked.wanted, asked.client)
+                }
+                _ => Answer::Refused,
             };
-            let mut reply = Vec::with_capacity(128);
-            q.answer(addrs, dns.settings.ttl, UDP_MAX as u16, scope, &mut reply);
-            let limit = reply_limit(udp, q.edns.map(|e| e.payload));
-            if limit.is_none_or(|l| reply.len() <= l) {
-                dns.stats.query(qtype, RCODE_NOERROR, started.elapsed());
-                return Some(reply);
-            }
+            finish(dns, &q, packet, source, udp, started, answer)
         }
-        decided = Some(result);
+        None => respond_any(dns, packet, source, udp, started, None),
     }
-    respond_any(dns, packet, source, udp, started, decided)
+}
+
+/// A query of the common shape (class IN) as the application asks it.
+fn question<'a>(q: &'a wire::Query<'_>, source: IpAddr) -> Question<'a> {
+    Question {
+        name: q.name(),
+        wanted: wanted(q.qtype).1,
+        client: client(q.edns.and_then(|e| e.subnet), source),
+    }
+}
+
+/// The reply to query `q` (of `packet`) with its `answer` decided: written in place when
+/// it is an address answer that fits, else by hickory's path, which takes the answer
+/// so no lookup is decided twice.
+fn finish(
+    dns: &Dns,
+    q: &wire::Query<'_>,
+    packet: &[u8],
+    source: IpAddr,
+    udp: Option<usize>,
+    started: Instant,
+    answer: Answer,
+) -> Option<Vec<u8>> {
+    let (qtype, wanted) = wanted(q.qtype);
+    if let (Wanted::Addr(_), Answer::Addrs { addrs, per_client }) = (wanted, &answer)
+        && !addrs.is_empty()
+    {
+        let scope = match q.edns.and_then(|e| e.subnet) {
+            Some(s) if *per_client => s.source,
+            _ => 0,
+        };
+        let mut reply = Vec::with_capacity(128);
+        q.answer(addrs, dns.settings.ttl, UDP_MAX as u16, scope, &mut reply);
+        let limit = reply_limit(udp, q.edns.map(|e| e.payload));
+        if limit.is_none_or(|l| reply.len() <= l) {
+            dns.stats.query(qtype, RCODE_NOERROR, started.elapsed());
+            return Some(reply);
+        }
+    }
+    respond_any(dns, packet, source, udp, started, Some(answer))
 }
 
 /// Any query, read and written by hickory-proto; `decided`: the answer already decided
@@ -548,11 +602,14 @@ mod tests {
     use tokio::time::Instant;
 
     use super::{respond, respond_any, wire};
-    use crate::application::dns::{Dns, DnsSettings, LonePop};
+    use crate::application::dns::{Dns, DnsSettings, Family, LonePop, Question, Wanted};
     use crate::application::proxy_service::ProxyService;
     use crate::application::routing::Routing;
+    use crate::domain::RoutedBackend;
     use crate::domain::dns::Zone;
-    use crate::domain::ports::{BackendRepository, LoadedBackends, RoutingError};
+    use crate::domain::ports::{
+        BackendRepository, LoadedBackends, PickRequest, RoutingError, ScoringPolicy,
+    };
     use crate::domain::sample;
     use crate::domain::services::NativeScorer;
 
@@ -577,9 +634,13 @@ mod tests {
     }
 
     async fn dns() -> Dns {
+        dns_deciding_by(Arc::new(NativeScorer)).await
+    }
+
+    async fn dns_deciding_by(policy: Arc<dyn ScoringPolicy>) -> Dns {
         let routing = Arc::new(Routing::new(Arc::new(Rows), Arc::default(), 50));
         routing.reload().await.unwrap();
-        let service = ProxyService::for_tests(routing, Arc::new(NativeScorer), None);
+        let service = ProxyService::for_tests(routing, policy, None);
         let settings = DnsSettings {
             zone: Zone::new("internal", None).unwrap(),
             ttl: 10,
@@ -723,5 +784,73 @@ mod tests {
         ] {
             assert!(wire::Query::parse(&packet).is_none(), "{packet:?}");
         }
+    }
+
+    /// The native scorer, recording how many clients each `rank` call was for.
+    #[derive(Default)]
+    struct Batches(std::sync::Mutex<Vec<usize>>);
+    impl ScoringPolicy for Batches {
+        fn name(&self) -> &str {
+            "batches"
+        }
+        fn pick(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend]) -> Option<usize> {
+            NativeScorer.pick(req, candidates)
+        }
+        fn rank(
+            &self,
+            requests: &[PickRequest<'_>],
+            candidates: &[RoutedBackend],
+            n: usize,
+        ) -> Vec<Vec<usize>> {
+            self.0.lock().unwrap().push(requests.len());
+            NativeScorer.rank(requests, candidates, n)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batchs_address_questions_for_one_app_are_ranked_in_one_call() {
+        let batches = Arc::new(Batches::default());
+        let batched = dns_deciding_by(batches.clone()).await;
+        let one_by_one = dns().await;
+        let (brazil, britain) = ("177.0.0.1", "81.2.69.142");
+        let asked = [
+            ("app", Wanted::Addr(Family::V4), brazil),
+            ("internal", Wanted::Ns, brazil),
+            ("app", Wanted::Addr(Family::V4), britain),
+            ("app", Wanted::Addr(Family::V6), britain),
+            ("nope", Wanted::Addr(Family::V4), brazil),
+            ("app", Wanted::Any, britain),
+            ("app", Wanted::Addr(Family::V4), "81.2.69.143"),
+        ];
+        let names: Vec<String> = asked
+            .iter()
+            .map(|(n, ..)| match *n {
+                "internal" => "internal".to_owned(),
+                n => format!("{n}.internal"),
+            })
+            .collect();
+        let questions: Vec<Question<'_>> = asked
+            .iter()
+            .zip(&names)
+            .map(|(&(_, wanted, ip), name)| Question {
+                name,
+                wanted,
+                client: ip.parse().unwrap(),
+            })
+            .collect();
+        let answers = batched.answer_many(&questions);
+        // Each answer is the one its question gets alone ...
+        for (q, answer) in questions.iter().zip(&answers) {
+            assert_eq!(
+                *answer,
+                one_by_one.answer(q.name, q.wanted, q.client),
+                "{q:?}"
+            );
+        }
+        // ... which differ by client (Brazil's backend first for Brazil) ...
+        assert_ne!(answers[0], answers[2]);
+        // ... and app's address questions were ranked in one call per family (after ANY,
+        // answered on its own as it comes).
+        assert_eq!(*batches.0.lock().unwrap(), [1, 3, 1]);
     }
 }

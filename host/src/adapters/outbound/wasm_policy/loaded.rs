@@ -122,20 +122,29 @@ impl LoadedPolicy {
         if !policy.ranks() {
             return Ok(());
         }
-        runtime.arm(&mut store, u64::from(n));
-        let ranked = policy
-            .rank_backends(&mut store, app, client, None, candidates, n)
+        // Two clients, as a DNS batch asks: two rankings.
+        runtime.arm(&mut store, 2 * u64::from(n));
+        let rankings = policy
+            .rank_backends(&mut store, app, vec![client; 2], candidates, n)
             .map_err(fail)?;
-        match ranked
-            .iter()
-            .enumerate()
-            .find(|&(k, i)| *i >= n || ranked[..k].contains(i))
-        {
-            None => Ok(()),
-            Some((_, i)) => Err(LoadError::SelfTest(format!(
-                "ranked {ranked:?}: {i} is out of {n} candidates or repeated"
-            ))),
+        if rankings.len() != 2 {
+            return Err(LoadError::SelfTest(format!(
+                "ranked for {} clients of 2",
+                rankings.len()
+            )));
         }
+        for ranked in &rankings {
+            if let Some((_, i)) = ranked
+                .iter()
+                .enumerate()
+                .find(|&(k, i)| *i >= n || ranked[..k].contains(i))
+            {
+                return Err(LoadError::SelfTest(format!(
+                    "ranked {ranked:?}: {i} is out of {n} candidates or repeated"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// An idle instance, one holding table `version` if there is one, or a new one.

@@ -457,49 +457,62 @@ impl WasmPolicy {
         Ok(decision)
     }
 
-    /// The component's ranking of up to `n` candidates in one call, checked; None when it
-    /// has no `rank-backends`.
+    /// The component's rankings of up to `n` candidates for each request, in one call,
+    /// checked; None when it has no `rank-backends`.
     fn decide_ranked(
         &self,
         loaded: &LoadedPolicy,
-        req: &PickRequest<'_>,
+        requests: &[PickRequest<'_>],
         candidates: &[RoutedBackend],
         n: usize,
-    ) -> Result<Option<Vec<usize>>, Fault> {
-        let (mut inst, table) = self.ready(loaded, req, candidates, &[])?;
+    ) -> Result<Option<Vec<Vec<usize>>>, Fault> {
+        let Some(first) = requests.first() else {
+            return Ok(Some(Vec::new()));
+        };
+        let (mut inst, table) = self.ready(loaded, first, candidates, &[])?;
         if !inst.policy.ranks() {
             loaded.put_back(inst);
             return Ok(None);
         }
-        let client = table.client(req.client);
-        let app = table.app(req.app);
-        // A ranking may do the work of `n` picks.
-        self.runtime.arm(&mut inst.store, n as u64);
+        let clients = requests.iter().map(|r| table.client(r.client)).collect();
+        let app = table.app(first.app);
+        // A ranking may do the work of `n` picks, for each client.
+        self.runtime
+            .arm(&mut inst.store, (n * requests.len()) as u64);
         let count = u32::try_from(n).unwrap_or(u32::MAX);
-        let answer = inst
+        let answers = inst
             .policy
             .rank_backends(
                 &mut inst.store,
                 app,
-                client,
-                req.client.tls.as_ref(),
+                clients,
                 inst.candidates.clone(),
                 count,
             )
             .map_err(fault)?;
-        let mut ranked = Vec::with_capacity(answer.len().min(n));
-        for i in answer.into_iter().take(n) {
-            let at = offered_at(&inst.positions, candidates, i)?;
-            if ranked.contains(&at) {
-                return Err(Fault {
-                    kind: FaultKind::BadAnswer,
-                    cause: format!("ranked {} twice", candidates[at].backend.id),
-                });
+        if answers.len() < requests.len() {
+            return Err(Fault {
+                kind: FaultKind::BadAnswer,
+                cause: format!("ranked for {} clients of {}", answers.len(), requests.len()),
+            });
+        }
+        let mut rankings = Vec::with_capacity(requests.len());
+        for answer in answers.into_iter().take(requests.len()) {
+            let mut ranked = Vec::with_capacity(answer.len().min(n));
+            for i in answer.into_iter().take(n) {
+                let at = offered_at(&inst.positions, candidates, i)?;
+                if ranked.contains(&at) {
+                    return Err(Fault {
+                        kind: FaultKind::BadAnswer,
+                        cause: format!("ranked {} twice", candidates[at].backend.id),
+                    });
+                }
+                ranked.push(at);
             }
-            ranked.push(at);
+            rankings.push(ranked);
         }
         loaded.put_back(inst);
-        Ok(Some(ranked))
+        Ok(Some(rankings))
     }
 }
 
@@ -674,22 +687,33 @@ impl ScoringPolicy for WasmPolicy {
         }
     }
 
-    fn rank(&self, req: &PickRequest<'_>, candidates: &[RoutedBackend], n: usize) -> Vec<usize> {
+    fn rank(
+        &self,
+        requests: &[PickRequest<'_>],
+        candidates: &[RoutedBackend],
+        n: usize,
+    ) -> Vec<Vec<usize>> {
         if self.breaker.suspended_for().is_some() {
-            self.suspended_decisions.fetch_add(1, Ordering::Relaxed);
-            return NativeScorer.rank(req, candidates, n);
+            self.suspended_decisions
+                .fetch_add(requests.len() as u64, Ordering::Relaxed);
+            return NativeScorer.rank(requests, candidates, n);
         }
         let loaded = self.current.load();
-        match self.decide_ranked(&loaded, req, candidates, n) {
-            Ok(Some(ranked)) => {
-                loaded.decisions.fetch_add(1, Ordering::Relaxed);
-                ranked
+        match self.decide_ranked(&loaded, requests, candidates, n) {
+            Ok(Some(rankings)) => {
+                loaded
+                    .decisions
+                    .fetch_add(requests.len() as u64, Ordering::Relaxed);
+                rankings
             }
             // A component of the plain `policy` world: one pick at a time.
-            Ok(None) => rank_by_picks(self, req, candidates, n),
+            Ok(None) => requests
+                .iter()
+                .map(|r| rank_by_picks(self, r, candidates, n))
+                .collect(),
             Err(f) => {
                 self.faulted(&loaded, &f);
-                NativeScorer.rank(req, candidates, n)
+                NativeScorer.rank(requests, candidates, n)
             }
         }
     }

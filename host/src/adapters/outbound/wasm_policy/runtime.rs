@@ -534,23 +534,21 @@ impl Guest {
         matches!(self, Guest::Plain(_, Some(_)) | Guest::Wasi(_, Some(_)))
     }
 
-    /// The component's `rank-backends` answer; an empty one from a component without it
-    /// (ask [`Guest::ranks`] first).
+    /// The component's `rank-backends` answer, one ranking per client; none from a
+    /// component without it (ask [`Guest::ranks`] first). No ClientHello: rankings are
+    /// for DNS answers.
     pub fn rank_backends(
         &self,
         store: &mut Store<GuestState>,
         app: Option<u32>,
-        client: wit::Client,
-        tls: Option<&Arc<TlsHello>>,
+        clients: Vec<wit::Client>,
         candidates: Vec<u32>,
         count: u32,
-    ) -> wasmtime::Result<Vec<u32>> {
-        let args = (app, client, candidates, count);
+    ) -> wasmtime::Result<Vec<Vec<u32>>> {
+        let args = (app, clients, candidates, count);
         let answer = match self {
-            Guest::Plain(_, Some(rank)) => with_tls(store, tls, |store| rank.call(store, args)),
-            Guest::Wasi(_, Some(rank)) => {
-                with_tls(store, tls, |store| at_once(rank.call_async(store, args)))
-            }
+            Guest::Plain(_, Some(rank)) => rank.call(store, args),
+            Guest::Wasi(_, Some(rank)) => at_once(rank.call_async(store, args)),
             _ => return Ok(Vec::new()),
         };
         answer.map(|(ranked,)| ranked)
@@ -558,8 +556,10 @@ impl Guest {
 }
 
 /// `rank-backends` of the `ranking-policy` world.
-pub type RankFunc =
-    wasmtime::component::TypedFunc<(Option<u32>, wit::Client, Vec<u32>, u32), (Vec<u32>,)>;
+pub type RankFunc = wasmtime::component::TypedFunc<
+    (Option<u32>, Vec<wit::Client>, Vec<u32>, u32),
+    (Vec<Vec<u32>>,),
+>;
 
 /// The component's `rank-backends`, when it exports one; one of another type refuses it.
 fn rank_export(
