@@ -201,6 +201,33 @@ pub fn lowest<K: PartialOrd>(
     best.map(|(i, _)| i)
 }
 
+/// The [`Policy::rank`] of a policy that picks by [`lowest`] with the same `key`: up to
+/// `count` eligible candidates, lowest key first (equal keys in candidate order), which
+/// is what `lowest` would pick with each earlier pick left out. Each key is computed once.
+pub fn lowest_ranked<K: PartialOrd>(
+    candidates: &[Candidate<'_>],
+    count: usize,
+    key: impl Fn(&Candidate<'_>) -> Option<K>,
+) -> Vec<usize> {
+    let keys: Vec<Option<K>> = candidates
+        .iter()
+        .map(|c| c.is_eligible().then(|| key(c)).flatten())
+        .collect();
+    let mut ranked = Vec::with_capacity(count.min(candidates.len()));
+    while ranked.len() < count {
+        let mut best: Option<(usize, &K)> = None;
+        for (i, k) in keys.iter().enumerate() {
+            let Some(k) = k else { continue };
+            if !ranked.contains(&i) && best.is_none_or(|(_, b)| k < b) {
+                best = Some((i, k));
+            }
+        }
+        let Some((i, _)) = best else { break };
+        ranked.push(i);
+    }
+    ranked
+}
+
 /// 0: the client's country; 1: the client's region; 2: the POP's region; 3: elsewhere.
 pub fn geo_score(backend: &Backend, client: &Client, pop_region: RegionId) -> u32 {
     if client.country == Some(backend.country) {

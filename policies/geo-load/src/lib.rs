@@ -5,7 +5,7 @@
 //! candidate (the host sends them sorted by id). It must agree with the host's native
 //! scorer on every input; a property test in the host checks that.
 
-use policy_sdk::{Candidate, Client, Context, Policy, geo_load_score};
+use policy_sdk::{Candidate, Client, Context, Policy, geo_load_score, lowest_ranked};
 
 pub struct GeoLoad;
 
@@ -23,6 +23,16 @@ impl Policy for GeoLoad {
             }
         }
         best.map(|(i, _)| i)
+    }
+
+    fn rank(
+        ctx: &Context<'_>,
+        client: &Client,
+        candidates: &[Candidate<'_>],
+        count: usize,
+    ) -> Vec<usize> {
+        let pop = ctx.table.pop_region;
+        lowest_ranked(candidates, count, |c| Some(geo_load_score(c, client, pop)))
     }
 }
 
