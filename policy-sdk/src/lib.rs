@@ -209,7 +209,7 @@ pub fn lowest_ranked<K: PartialOrd>(
     count: usize,
     key: impl Fn(&Candidate<'_>) -> Option<K>,
 ) -> Vec<usize> {
-    let keys: Vec<Option<K>> = candidates
+    let mut keys: Vec<Option<K>> = candidates
         .iter()
         .map(|c| c.is_eligible().then(|| key(c)).flatten())
         .collect();
@@ -218,12 +218,13 @@ pub fn lowest_ranked<K: PartialOrd>(
         let mut best: Option<(usize, &K)> = None;
         for (i, k) in keys.iter().enumerate() {
             let Some(k) = k else { continue };
-            if !ranked.contains(&i) && best.is_none_or(|(_, b)| k < b) {
+            if best.is_none_or(|(_, b)| k < b) {
                 best = Some((i, k));
             }
         }
         let Some((i, _)) = best else { break };
         ranked.push(i);
+        keys[i] = None; // left out of the next picks
     }
     ranked
 }

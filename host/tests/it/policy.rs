@@ -534,3 +534,119 @@ fn a_ranking_that_repeats_itself_or_a_mistyped_rank_backends_is_refused_at_load(
         assert!(err.contains(expected), "{fixture}: {err}");
     }
 }
+
+/// A ranking that faults for one client of a DNS batch: that client is answered natively
+/// and counted once; the others keep the policy's rankings.
+#[test]
+fn one_clients_faulting_ranking_costs_the_others_nothing() {
+    let runtime = Arc::new(Runtime::new(Limits::default()).unwrap());
+    let bytes = std::fs::read(chaos_component()).unwrap();
+    let loaded = LoadedPolicy::load(&runtime, "chaos", &bytes).unwrap();
+    let regions = RegionMap::default();
+    let wasm = WasmPolicy::new(
+        runtime,
+        ["sa", "us", "eu", "ap"].map(Region::new).to_vec(),
+        loaded,
+    );
+    let app = "rank-traps-for-kenya";
+    let spec = |region, country| Spec {
+        app,
+        region,
+        country,
+        healthy: true,
+        weight: 1,
+        soft: 0,
+        hard: 0,
+        active: 0,
+    };
+    let t = table(1, &[spec("sa", "BR"), spec("eu", "DE"), spec("ap", "JP")]);
+    let candidates = t.candidates(Some(app));
+    let clients: Vec<Client> = ["BR", "KE", "DE"]
+        .map(|c| {
+            let country = c.parse().unwrap();
+            Client {
+                ip: "203.0.113.7".parse().unwrap(),
+                country: Some(country),
+                region: Some(regions.region_of(country)),
+                via_proxy_protocol: false,
+                tls: None,
+            }
+        })
+        .into();
+    let pop = Region::new("sa");
+    let requests: Vec<PickRequest<'_>> = clients
+        .iter()
+        .map(|client| PickRequest {
+            table: &t,
+            pop_region: &pop,
+            app: Some(app),
+            client,
+        })
+        .collect();
+    let ranked = wasm.rank(&requests, candidates, 2);
+    // The chaos policy ranks from the last eligible backend; the native scorer geo first.
+    assert_eq!(ranked[0], [2, 1], "Brazil: the policy's ranking");
+    assert_eq!(
+        ranked[1],
+        NativeScorer.rank(&requests[1..2], candidates, 2)[0]
+    );
+    assert_eq!(ranked[2], [2, 1], "Germany: the policy's ranking");
+    assert_eq!(wasm.faults.total(), 1);
+}
+
+/// More clients than one ranking call takes: cut into calls, answered in order.
+#[test]
+fn a_batch_larger_than_one_call_is_ranked_in_order() {
+    let wasm = default_policy();
+    let regions = RegionMap::default();
+    let spec = |region, country| Spec {
+        app: "a",
+        region,
+        country,
+        healthy: true,
+        weight: 1,
+        soft: 0,
+        hard: 0,
+        active: 0,
+    };
+    let t = table(
+        1,
+        &[
+            spec("sa", "BR"),
+            spec("eu", "DE"),
+            spec("ap", "JP"),
+            spec("us", "US"),
+        ],
+    );
+    let candidates = t.candidates(Some("a"));
+    let clients: Vec<Client> = ["BR", "DE", "JP", "US", "KE"]
+        .iter()
+        .cycle()
+        .take(50)
+        .map(|c| {
+            let country = c.parse().unwrap();
+            Client {
+                ip: "203.0.113.7".parse().unwrap(),
+                country: Some(country),
+                region: Some(regions.region_of(country)),
+                via_proxy_protocol: false,
+                tls: None,
+            }
+        })
+        .collect();
+    let pop = Region::new("sa");
+    let requests: Vec<PickRequest<'_>> = clients
+        .iter()
+        .map(|client| PickRequest {
+            table: &t,
+            pop_region: &pop,
+            app: Some("a"),
+            client,
+        })
+        .collect();
+    let ranked = wasm.rank(&requests, candidates, 2);
+    assert_eq!(ranked, NativeScorer.rank(&requests, candidates, 2));
+    // Each client's own country first: the rankings differ along the batch.
+    assert_eq!((ranked[0][0], ranked[1][0], ranked[47][0]), (0, 1, 2));
+    assert_eq!(wasm.faults.total(), 0);
+}

@@ -44,6 +44,12 @@ use crate::log_throttle::LogThrottle;
 pub(crate) const SET_TABLE_BUDGETS: u64 = 20;
 const ROWS_PER_BUDGET: u64 = 1_000;
 
+/// Call budgets a `rank-backends` call gets at most (one per record of each client's
+/// answer): a DNS batch is cut into calls of this many, 16 clients at the default one
+/// alternate, so one call's cost is bounded while the guest is entered once per dozen
+/// queries instead of once per query.
+const RANK_BUDGETS: usize = 32;
+
 /// Call budgets for `set-table` of a table with `rows` backends.
 pub(crate) fn set_table_budgets(rows: usize) -> u64 {
     SET_TABLE_BUDGETS + rows as u64 / ROWS_PER_BUDGET
@@ -469,6 +475,7 @@ impl WasmPolicy {
         let Some(first) = requests.first() else {
             return Ok(Some(Vec::new()));
         };
+        debug_assert!(requests.iter().all(|r| r.app == first.app));
         let (mut inst, table) = self.ready(loaded, first, candidates, &[])?;
         if !inst.policy.ranks() {
             loaded.put_back(inst);
@@ -490,7 +497,7 @@ impl WasmPolicy {
                 count,
             )
             .map_err(fault)?;
-        if answers.len() < requests.len() {
+        if answers.len() != requests.len() {
             return Err(Fault {
                 kind: FaultKind::BadAnswer,
                 cause: format!("ranked for {} clients of {}", answers.len(), requests.len()),
@@ -693,6 +700,15 @@ impl ScoringPolicy for WasmPolicy {
         candidates: &[RoutedBackend],
         n: usize,
     ) -> Vec<Vec<usize>> {
+        // A call's budget is its clients' together: bounded, so a policy that runs out of
+        // it stalls the DNS thread no longer than one of RANK_BUDGETS decisions would.
+        let per_call = (RANK_BUDGETS / n.max(1)).max(1);
+        if requests.len() > per_call {
+            return requests
+                .chunks(per_call)
+                .flat_map(|some| self.rank(some, candidates, n))
+                .collect();
+        }
         if self.breaker.suspended_for().is_some() {
             self.suspended_decisions
                 .fetch_add(requests.len() as u64, Ordering::Relaxed);
@@ -710,6 +726,13 @@ impl ScoringPolicy for WasmPolicy {
             Ok(None) => requests
                 .iter()
                 .map(|r| rank_by_picks(self, r, candidates, n))
+                .collect(),
+            // Which client's ranking faulted is unknown: each is asked again alone, so the
+            // fault is counted, and answered natively, for the clients whose it was and
+            // the others keep the policy's answers.
+            Err(_) if requests.len() > 1 => requests
+                .chunks(1)
+                .flat_map(|one| self.rank(one, candidates, n))
                 .collect(),
             Err(f) => {
                 self.faulted(&loaded, &f);
