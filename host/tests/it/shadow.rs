@@ -216,8 +216,10 @@ async fn promote_and_rollback_under_load_lose_no_connection() {
             let (addr, stop) = (p.addr, stop.clone());
             tokio::spawn(async move {
                 let mut served = 0u32;
+                // Another client than the bound one checked below: a load connection
+                // decided just before a drop would bind it again.
                 while !stop.is_cancelled() {
-                    served_by("127.0.0.6", addr).await;
+                    served_by("127.0.0.7", addr).await;
                     served += 1;
                 }
                 served

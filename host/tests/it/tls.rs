@@ -521,14 +521,24 @@ async fn terminating_listener_picks_certificates_by_name_and_rotates_them_live()
             .await
             .is_err()
     );
-    let s = scrape(p.admin).await;
-    let l = p.addr.to_string();
-    let count = |reason| {
-        value(
-            &s,
-            "edgeproxy_tls_rejected_total",
-            &[("listener", l.as_str()), ("reason", reason)],
-        )
+    // Counted once the server's side of the handshake ends, which can be after the
+    // client has read the alert.
+    let listener = p.addr.to_string();
+    let l = listener.as_str();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let count = loop {
+        let s = scrape(p.admin).await;
+        let count = move |reason| {
+            value(
+                &s,
+                "edgeproxy_tls_rejected_total",
+                &[("listener", l), ("reason", reason)],
+            )
+        };
+        if count("incompatible") > 0.0 || tokio::time::Instant::now() > deadline {
+            break count;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     assert_eq!(count("incompatible"), 1.0);
     // The client that trusted another certificate, and the polls for the renewed one.
