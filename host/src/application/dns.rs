@@ -359,10 +359,15 @@ impl Dns {
         candidates: &[RoutedBackend],
         clients: &[IpAddr],
     ) -> Vec<Vec<usize>> {
-        let located: Vec<Client> = clients
-            .iter()
-            .map(|&ip| self.proxy.locate(ip, false))
-            .collect();
+        let mut located: Vec<Client> = Vec::with_capacity(clients.len());
+        for &ip in clients {
+            // A resolver sends many queries from one address: located once a run of them.
+            let client = match located.last() {
+                Some(last) if last.ip == ip => last.clone(),
+                _ => self.proxy.locate(ip, false),
+            };
+            located.push(client);
+        }
         let requests: Vec<PickRequest<'_>> = located
             .iter()
             .map(|client| PickRequest {
