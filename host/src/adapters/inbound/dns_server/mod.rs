@@ -817,6 +817,7 @@ mod tests {
             ("app", Wanted::Addr(Family::V4), brazil),
             ("internal", Wanted::Ns, brazil),
             ("app", Wanted::Addr(Family::V4), britain),
+            ("app", Wanted::Addr(Family::V4), britain),
             ("app", Wanted::Addr(Family::V6), britain),
             ("nope", Wanted::Addr(Family::V4), brazil),
             ("app", Wanted::Any, britain),
@@ -851,6 +852,6 @@ mod tests {
         assert_ne!(answers[0], answers[2]);
         // ... and app's address questions were ranked in one call per family (after ANY,
         // answered on its own as it comes).
-        assert_eq!(*batches.0.lock().unwrap(), [1, 3, 1]);
+        assert_eq!(*batches.0.lock().unwrap(), [1, 4, 1]);
     }
 }
