@@ -20,8 +20,9 @@
 # Servers: edgeproxy (the embedded WebAssembly policy deciding every answer),
 # edgeproxy-native (the native scorer), edgeproxy-rrl (the WebAssembly policy with the
 # response rate limit on, set high enough to refuse nothing: its cost), knot, gdnsd,
-# and edgeproxy=FILE (that policy component instead of the embedded one: two builds of a
-# policy side by side).
+# edgeproxy=FILE (that policy component instead of the embedded one: two builds of a
+# policy side by side) and edgeproxy@BINARY (that edgeproxy binary with its embedded
+# policy: two builds of edgeproxy side by side).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -93,7 +94,7 @@ echo "app.internal A" > "$WORK/queries.txt"
 start_server() {
   local name=$1 cmd
   case $name in
-    edgeproxy|edgeproxy-native|edgeproxy-rrl|edgeproxy=*)
+    edgeproxy|edgeproxy-native|edgeproxy-rrl|edgeproxy=*|edgeproxy@*)
       cmd=(env EDGEPROXY_DB_PATH="$db" EDGEPROXY_REGION=sa EDGEPROXY_LISTEN_ADDR=127.0.0.1:18000
            EDGEPROXY_ADMIN_ADDR= EDGEPROXY_WORKER_THREADS=1 EDGEPROXY_DNS_ENABLED=true
            EDGEPROXY_DNS_LISTEN_ADDR=127.0.0.1:$PORT EDGEPROXY_DNS_RATE_LIMIT=0)
@@ -102,18 +103,21 @@ start_server() {
         edgeproxy-rrl) cmd+=(EDGEPROXY_DNS_RATE_LIMIT=10000000) ;;
         edgeproxy=*) cmd+=(EDGEPROXY_POLICY_PATH="${name#edgeproxy=}") ;;
       esac
-      cmd+=("$bin") ;;
+      case $name in
+        edgeproxy@*) cmd+=("${name#edgeproxy@}") ;;
+        *) cmd+=("$bin") ;;
+      esac ;;
     knot) cmd=(knotd -c "$WORK/knot.conf") ;;
     gdnsd) cmd=(gdnsd -c "$WORK/gdnsd" -D start) ;;
     *) echo "unknown server $name" >&2; exit 2 ;;
   esac
-  taskset -c "$SERVER_CPU" "${cmd[@]}" >"$WORK/$name.log" 2>&1 & server_pid=$!
+  taskset -c "$SERVER_CPU" "${cmd[@]}" >"$WORK/${name//\//_}.log" 2>&1 & server_pid=$!
   pids+=("$server_pid")
   for _ in $(seq 100); do  # up to 5 s for an answer
     dig +short +time=1 +tries=1 -p $PORT @127.0.0.1 app.internal A 2>/dev/null | grep -q . && return
     sleep 0.05
   done
-  echo "$name did not answer; its log:" >&2; cat "$WORK/$name.log" >&2; exit 1
+  echo "$name did not answer; its log:" >&2; cat "$WORK/${name//\//_}.log" >&2; exit 1
 }
 
 stop_server() {
