@@ -104,7 +104,10 @@ start_server() {
         edgeproxy=*) cmd+=(EDGEPROXY_POLICY_PATH="${name#edgeproxy=}") ;;
       esac
       case $name in
-        edgeproxy@*) cmd+=("${name#edgeproxy@}") ;;
+        # A path (env would take a bare name from PATH, and a word with = as a setting).
+        edgeproxy@*/*=*|edgeproxy@*=*) echo "$name: a binary's path may not hold =" >&2; exit 2 ;;
+        edgeproxy@*/*) cmd+=("${name#edgeproxy@}") ;;
+        edgeproxy@*) echo "$name: give the binary as a path (./edgeproxy)" >&2; exit 2 ;;
         *) cmd+=("$bin") ;;
       esac ;;
     knot) cmd=(knotd -c "$WORK/knot.conf") ;;

@@ -471,18 +471,42 @@ impl WasmPolicy {
         requests: &[PickRequest<'_>],
         candidates: &[RoutedBackend],
         n: usize,
-    ) -> Result<Option<Vec<Vec<usize>>>, Fault> {
+    ) -> Result<Option<Vec<Vec<usize>>>, RankFault> {
         let Some(first) = requests.first() else {
             return Ok(Some(Vec::new()));
         };
         debug_assert!(requests.iter().all(|r| r.app == first.app));
-        let (mut inst, table) = self.ready(loaded, first, candidates, &[])?;
+        let (mut inst, table) = self
+            .ready(loaded, first, candidates, &[])
+            .map_err(|fault| RankFault {
+                fault,
+                in_call: false,
+            })?;
         if !inst.policy.ranks() {
             loaded.put_back(inst);
             return Ok(None);
         }
+        let rankings = self
+            .call_ranking(&mut inst, &table, requests, candidates, n)
+            .map_err(|fault| RankFault {
+                fault,
+                in_call: true,
+            })?;
+        // A sound answer: the instance goes back (after a fault it is dropped).
+        loaded.put_back(inst);
+        Ok(Some(rankings))
+    }
+
+    fn call_ranking(
+        &self,
+        inst: &mut loaded::Instance,
+        table: &WitTable,
+        requests: &[PickRequest<'_>],
+        candidates: &[RoutedBackend],
+        n: usize,
+    ) -> Result<Vec<Vec<usize>>, Fault> {
         let clients = requests.iter().map(|r| table.client(r.client)).collect();
-        let app = table.app(first.app);
+        let app = table.app(requests[0].app);
         // A ranking may do the work of `n` picks, for each client.
         self.runtime
             .arm(&mut inst.store, (n * requests.len()) as u64);
@@ -504,7 +528,7 @@ impl WasmPolicy {
             });
         }
         let mut rankings = Vec::with_capacity(requests.len());
-        for answer in answers.into_iter().take(requests.len()) {
+        for answer in answers {
             let mut ranked = Vec::with_capacity(answer.len().min(n));
             for i in answer.into_iter().take(n) {
                 let at = offered_at(&inst.positions, candidates, i)?;
@@ -518,9 +542,74 @@ impl WasmPolicy {
             }
             rankings.push(ranked);
         }
-        loaded.put_back(inst);
-        Ok(Some(rankings))
+        Ok(rankings)
     }
+
+    /// One ranking call's answers (the native scorer's where it faulted or the breaker is
+    /// open), and whether a fault was counted.
+    fn rank_call(
+        &self,
+        requests: &[PickRequest<'_>],
+        candidates: &[RoutedBackend],
+        n: usize,
+    ) -> (Vec<Vec<usize>>, bool) {
+        if self.breaker.suspended_for().is_some() {
+            self.suspended_decisions
+                .fetch_add(requests.len() as u64, Ordering::Relaxed);
+            return (NativeScorer.rank(requests, candidates, n), false);
+        }
+        let loaded = self.current.load();
+        match self.decide_ranked(&loaded, requests, candidates, n) {
+            Ok(Some(rankings)) => {
+                loaded
+                    .decisions
+                    .fetch_add(requests.len() as u64, Ordering::Relaxed);
+                (rankings, false)
+            }
+            // A component of the plain `policy` world: one pick at a time.
+            Ok(None) => {
+                let rankings = requests
+                    .iter()
+                    .map(|r| rank_by_picks(self, r, candidates, n))
+                    .collect();
+                (rankings, false)
+            }
+            // Which client's ranking faulted the call is unknown: each is asked again
+            // alone, so the fault is counted, and answered natively, for its own client.
+            // One that no client's call shows alone (an answer only a batch gets wrong) is
+            // counted once.
+            Err(RankFault {
+                fault,
+                in_call: true,
+            }) if requests.len() > 1 => {
+                let mut shown = false;
+                let rankings = requests
+                    .chunks(1)
+                    .map(|one| {
+                        let (mut ranked, faulted) = self.rank_call(one, candidates, n);
+                        shown |= faulted;
+                        ranked.pop().unwrap_or_default()
+                    })
+                    .collect();
+                if !shown {
+                    self.faulted(&loaded, &fault);
+                }
+                (rankings, true)
+            }
+            // Not the clients' (no instance, or its table would not go in): once.
+            Err(RankFault { fault, .. }) => {
+                self.faulted(&loaded, &fault);
+                (NativeScorer.rank(requests, candidates, n), true)
+            }
+        }
+    }
+}
+
+/// Why a ranking call decided nothing, and whether it was the call (its answer
+/// included) rather than getting an instance ready for it.
+struct RankFault {
+    fault: Fault,
+    in_call: bool,
 }
 
 fn fault(e: wasmtime::Error) -> Fault {
@@ -700,45 +789,14 @@ impl ScoringPolicy for WasmPolicy {
         candidates: &[RoutedBackend],
         n: usize,
     ) -> Vec<Vec<usize>> {
-        // A call's budget is its clients' together: bounded, so a policy that runs out of
-        // it stalls the DNS thread no longer than one of RANK_BUDGETS decisions would.
+        // A call's budget is its clients' together, so calls are cut to RANK_BUDGETS
+        // records: a policy that runs out stalls the DNS thread that long (and, after a
+        // fault, as long again in its clients' calls alone), not for a whole read.
         let per_call = (RANK_BUDGETS / n.max(1)).max(1);
-        if requests.len() > per_call {
-            return requests
-                .chunks(per_call)
-                .flat_map(|some| self.rank(some, candidates, n))
-                .collect();
-        }
-        if self.breaker.suspended_for().is_some() {
-            self.suspended_decisions
-                .fetch_add(requests.len() as u64, Ordering::Relaxed);
-            return NativeScorer.rank(requests, candidates, n);
-        }
-        let loaded = self.current.load();
-        match self.decide_ranked(&loaded, requests, candidates, n) {
-            Ok(Some(rankings)) => {
-                loaded
-                    .decisions
-                    .fetch_add(requests.len() as u64, Ordering::Relaxed);
-                rankings
-            }
-            // A component of the plain `policy` world: one pick at a time.
-            Ok(None) => requests
-                .iter()
-                .map(|r| rank_by_picks(self, r, candidates, n))
-                .collect(),
-            // Which client's ranking faulted is unknown: each is asked again alone, so the
-            // fault is counted, and answered natively, for the clients whose it was and
-            // the others keep the policy's answers.
-            Err(_) if requests.len() > 1 => requests
-                .chunks(1)
-                .flat_map(|one| self.rank(one, candidates, n))
-                .collect(),
-            Err(f) => {
-                self.faulted(&loaded, &f);
-                NativeScorer.rank(requests, candidates, n)
-            }
-        }
+        requests
+            .chunks(per_call)
+            .flat_map(|some| self.rank_call(some, candidates, n).0)
+            .collect()
     }
 
     fn prepare(&self, table: &RoutingTable, pop_region: &Region) {
