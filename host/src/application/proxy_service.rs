@@ -468,10 +468,7 @@ fn bind(
     now: Instant,
     generation: u64,
 ) {
-    bindings.put(key.clone(), target.backend.id.clone(), now);
-    if bindings.generation() != generation {
-        bindings.remove(key);
-    }
+    bindings.put_unless_cleared(key.clone(), target.backend.id.clone(), now, generation);
 }
 
 /// A service over `routing` in region "eu", with the embedded GeoIP database, one connect

@@ -83,8 +83,23 @@ pub trait BindingRepository: Send + Sync {
     /// Drops every binding; returns how many. Bumps `generation` first.
     fn clear(&self) -> usize;
     /// How many `clear`s so far. A pick made before a clear must not stay bound after
-    /// it: a caller reads this before deciding, and undoes its `put` if it moved.
+    /// it: a caller reads this before deciding and binds with `put_unless_cleared`.
     fn generation(&self) -> u64;
+    /// `put`, unless a `clear` came since `generation` was read. The default puts, then
+    /// undoes it: another connection of the client can see the binding in between (and
+    /// refresh it for good); a table that can check under its own lock does.
+    fn put_unless_cleared(
+        &self,
+        key: BindingKey,
+        backend: BackendId,
+        now: Instant,
+        generation: u64,
+    ) {
+        self.put(key.clone(), backend, now);
+        if self.generation() != generation {
+            self.remove(&key);
+        }
+    }
     fn len(&self) -> usize;
     /// Bindings evicted because the table was full.
     fn evicted(&self) -> u64 {

@@ -216,8 +216,8 @@ async fn promote_and_rollback_under_load_lose_no_connection() {
             let (addr, stop) = (p.addr, stop.clone());
             tokio::spawn(async move {
                 let mut served = 0u32;
-                // Another client than the bound one checked below: a load connection
-                // decided just before a drop would bind it again.
+                // Another client than the bound one checked below, whose binding is
+                // then the promotion's alone.
                 while !stop.is_cancelled() {
                     served_by("127.0.0.7", addr).await;
                     served += 1;

@@ -41,6 +41,14 @@ pub struct BindingTable {
 }
 
 impl BindingTable {
+    /// Counts a new binding; past the cap, evicts.
+    fn added(&self, now: Instant) {
+        let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.max > 0 && n > self.max {
+            self.evict(now);
+        }
+    }
+
     pub fn new(ttl: Duration) -> Self {
         Self::with_cap(ttl, 0)
     }
@@ -120,10 +128,37 @@ impl BindingRepository for BindingTable {
             expires: now + self.ttl,
         };
         if self.map.insert(key, binding).is_none() {
-            let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
-            if self.max > 0 && n > self.max {
-                self.evict(now);
+            self.added(now);
+        }
+    }
+
+    /// The generation is checked under the key's shard lock: `clear` moves it before
+    /// sweeping, so a put either sees the new generation or is swept after it, and no
+    /// other connection ever sees a binding made before the clear.
+    fn put_unless_cleared(
+        &self,
+        key: BindingKey,
+        backend: BackendId,
+        now: Instant,
+        generation: u64,
+    ) {
+        let binding = Binding {
+            backend,
+            expires: now + self.ttl,
+        };
+        let added = match self.map.entry(key) {
+            _ if self.generation.load(Ordering::SeqCst) != generation => return,
+            dashmap::Entry::Occupied(mut e) => {
+                e.insert(binding);
+                false
             }
+            dashmap::Entry::Vacant(e) => {
+                e.insert(binding);
+                true
+            }
+        };
+        if added {
+            self.added(now);
         }
     }
 
@@ -231,6 +266,30 @@ mod tests {
             client: ip.parse().unwrap(),
             app: None,
         }
+    }
+
+    /// A connection decided before a `clear` binds nothing another connection can see,
+    /// even for an instant (seen before: that one then refreshed it for good).
+    #[test]
+    fn a_binding_made_before_a_clear_is_never_seen() {
+        let t = std::sync::Arc::new(BindingTable::new(Duration::from_secs(10)));
+        let before = t.generation();
+        t.clear();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let putting = {
+            let (t, stop) = (t.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let stale = BackendId::new("stale");
+                    t.put_unless_cleared(key("1.1.1.1"), stale, Instant::now(), before);
+                }
+            })
+        };
+        let seen = (0..200_000).find(|_| t.get(&key("1.1.1.1"), Instant::now()).is_some());
+        stop.store(true, Ordering::Relaxed);
+        putting.join().unwrap();
+        assert_eq!(seen, None);
+        assert_eq!(t.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
