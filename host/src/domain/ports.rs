@@ -85,21 +85,16 @@ pub trait BindingRepository: Send + Sync {
     /// How many `clear`s so far. A pick made before a clear must not stay bound after
     /// it: a caller reads this before deciding and binds with `put_unless_cleared`.
     fn generation(&self) -> u64;
-    /// `put`, unless a `clear` came since `generation` was read. The default puts, then
-    /// undoes it: another connection of the client can see the binding in between (and
-    /// refresh it for good); a table that can check under its own lock does.
+    /// `put`, unless a `clear` came since `generation` was read, checked atomically with
+    /// the put: put-then-undo would let another connection of the client see the binding
+    /// in between (and refresh it for good).
     fn put_unless_cleared(
         &self,
         key: BindingKey,
         backend: BackendId,
         now: Instant,
         generation: u64,
-    ) {
-        self.put(key.clone(), backend, now);
-        if self.generation() != generation {
-            self.remove(&key);
-        }
-    }
+    );
     fn len(&self) -> usize;
     /// Bindings evicted because the table was full.
     fn evicted(&self) -> u64 {
@@ -175,35 +170,36 @@ pub trait ScoringPolicy: Send + Sync {
         candidates: &[RoutedBackend],
         n: usize,
     ) -> Vec<Vec<usize>> {
-        requests
-            .iter()
-            .map(|r| rank_by_picks(self, r, candidates, n))
-            .collect()
+        rank_by_picks(self, requests, candidates, n)
     }
     /// Gets ready for `table` before it serves, off the data path (a wasm policy copies
     /// it into its idle instances, 70 ms at 100,000 backends), so no connection waits.
     fn prepare(&self, _table: &RoutingTable, _pop_region: &Region) {}
 }
 
-/// [`ScoringPolicy::rank`] by picking again with the earlier picks left out.
+/// [`ScoringPolicy::rank`] by picking again with the earlier picks left out, for each
+/// request.
 pub fn rank_by_picks<P: ScoringPolicy + ?Sized>(
     policy: &P,
-    request: &PickRequest<'_>,
+    requests: &[PickRequest<'_>],
     candidates: &[RoutedBackend],
     n: usize,
-) -> Vec<usize> {
-    let mut out: Vec<usize> = Vec::with_capacity(n.min(candidates.len()));
-    while out.len() < n
-        && let Some(i) = policy.pick_leaving_out(request, candidates, &out)
-    {
-        // A repeated answer would be asked again forever: the caller sees it.
-        let again = out.contains(&i);
-        out.push(i);
-        if again {
-            break;
+) -> Vec<Vec<usize>> {
+    let ranking = |request| {
+        let mut out: Vec<usize> = Vec::with_capacity(n.min(candidates.len()));
+        while out.len() < n
+            && let Some(i) = policy.pick_leaving_out(request, candidates, &out)
+        {
+            // A repeated answer would be asked again forever: the caller sees it.
+            let again = out.contains(&i);
+            out.push(i);
+            if again {
+                break;
+            }
         }
-    }
-    out
+        out
+    };
+    requests.iter().map(ranking).collect()
 }
 
 /// A policy run beside the live one, whose answers are only recorded: it never routes,

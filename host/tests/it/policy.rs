@@ -17,8 +17,12 @@ use proptest::prelude::*;
 use crate::support::*;
 
 fn default_policy() -> WasmPolicy {
+    wasm_policy("default", DEFAULT_POLICY)
+}
+
+fn wasm_policy(name: &str, bytes: &[u8]) -> WasmPolicy {
     let runtime = Arc::new(Runtime::new(Limits::default()).unwrap());
-    let loaded = LoadedPolicy::load(&runtime, "default", DEFAULT_POLICY).unwrap();
+    let loaded = LoadedPolicy::load(&runtime, name, bytes).unwrap();
     let regions = ["sa", "us", "eu", "ap"].map(Region::new).to_vec();
     WasmPolicy::new(runtime, regions, loaded)
 }
@@ -535,21 +539,9 @@ fn a_ranking_that_repeats_itself_or_a_mistyped_rank_backends_is_refused_at_load(
     }
 }
 
-/// A ranking that faults for one client of a DNS batch: that client is answered natively
-/// and counted once; the others keep the policy's rankings.
-#[test]
-fn one_clients_faulting_ranking_costs_the_others_nothing() {
-    let runtime = Arc::new(Runtime::new(Limits::default()).unwrap());
-    let bytes = std::fs::read(chaos_component()).unwrap();
-    let loaded = LoadedPolicy::load(&runtime, "chaos", &bytes).unwrap();
-    let regions = RegionMap::default();
-    let wasm = WasmPolicy::new(
-        runtime,
-        ["sa", "us", "eu", "ap"].map(Region::new).to_vec(),
-        loaded,
-    );
-    let app = "rank-traps-for-kenya";
-    let spec = |region, country| Spec {
+/// A backend of `app` in `region` and `country`: healthy, weight 1, no limits, idle.
+fn plain(app: &'static str, region: &'static str, country: &'static str) -> Spec {
+    Spec {
         app,
         region,
         country,
@@ -558,10 +550,14 @@ fn one_clients_faulting_ranking_costs_the_others_nothing() {
         soft: 0,
         hard: 0,
         active: 0,
-    };
-    let t = table(1, &[spec("sa", "BR"), spec("eu", "DE"), spec("ap", "JP")]);
-    let candidates = t.candidates(Some(app));
-    let clients: Vec<Client> = ["BR", "KE", "DE"]
+    }
+}
+
+/// Clients in `countries` (with their regions), all at one address.
+fn clients_in<'a>(countries: impl IntoIterator<Item = &'a str>) -> Vec<Client> {
+    let regions = RegionMap::default();
+    countries
+        .into_iter()
         .map(|c| {
             let country = c.parse().unwrap();
             Client {
@@ -572,17 +568,45 @@ fn one_clients_faulting_ranking_costs_the_others_nothing() {
                 tls: None,
             }
         })
-        .into();
-    let pop = Region::new("sa");
-    let requests: Vec<PickRequest<'_>> = clients
+        .collect()
+}
+
+/// A DNS batch: `clients` asking about `app` on `t` at a POP in `pop`.
+fn batch<'a>(
+    t: &'a RoutingTable,
+    pop: &'a Region,
+    app: &'a str,
+    clients: &'a [Client],
+) -> Vec<PickRequest<'a>> {
+    clients
         .iter()
         .map(|client| PickRequest {
-            table: &t,
-            pop_region: &pop,
+            table: t,
+            pop_region: pop,
             app: Some(app),
             client,
         })
-        .collect();
+        .collect()
+}
+
+/// A ranking that faults for one client of a DNS batch: that client is answered natively
+/// and counted once; the others keep the policy's rankings.
+#[test]
+fn one_clients_faulting_ranking_costs_the_others_nothing() {
+    let wasm = wasm_policy("chaos", &std::fs::read(chaos_component()).unwrap());
+    let app = "rank-traps-for-kenya";
+    let t = table(
+        1,
+        &[
+            plain(app, "sa", "BR"),
+            plain(app, "eu", "DE"),
+            plain(app, "ap", "JP"),
+        ],
+    );
+    let candidates = t.candidates(Some(app));
+    let clients = clients_in(["BR", "KE", "DE"]);
+    let pop = Region::new("sa");
+    let requests = batch(&t, &pop, app, &clients);
     let ranked = wasm.rank(&requests, candidates, 2);
     // The chaos policy ranks from the last eligible backend; the native scorer geo first.
     assert_eq!(ranked[0], [2, 1], "Brazil: the policy's ranking");
@@ -598,52 +622,19 @@ fn one_clients_faulting_ranking_costs_the_others_nothing() {
 #[test]
 fn a_batch_larger_than_one_call_is_ranked_in_order() {
     let wasm = default_policy();
-    let regions = RegionMap::default();
-    let spec = |region, country| Spec {
-        app: "a",
-        region,
-        country,
-        healthy: true,
-        weight: 1,
-        soft: 0,
-        hard: 0,
-        active: 0,
-    };
     let t = table(
         1,
         &[
-            spec("sa", "BR"),
-            spec("eu", "DE"),
-            spec("ap", "JP"),
-            spec("us", "US"),
+            plain("a", "sa", "BR"),
+            plain("a", "eu", "DE"),
+            plain("a", "ap", "JP"),
+            plain("a", "us", "US"),
         ],
     );
     let candidates = t.candidates(Some("a"));
-    let clients: Vec<Client> = ["BR", "DE", "JP", "US", "KE"]
-        .iter()
-        .cycle()
-        .take(50)
-        .map(|c| {
-            let country = c.parse().unwrap();
-            Client {
-                ip: "203.0.113.7".parse().unwrap(),
-                country: Some(country),
-                region: Some(regions.region_of(country)),
-                via_proxy_protocol: false,
-                tls: None,
-            }
-        })
-        .collect();
+    let clients = clients_in(["BR", "DE", "JP", "US", "KE"].into_iter().cycle().take(50));
     let pop = Region::new("sa");
-    let requests: Vec<PickRequest<'_>> = clients
-        .iter()
-        .map(|client| PickRequest {
-            table: &t,
-            pop_region: &pop,
-            app: Some("a"),
-            client,
-        })
-        .collect();
+    let requests = batch(&t, &pop, "a", &clients);
     let ranked = wasm.rank(&requests, candidates, 2);
     assert_eq!(ranked, NativeScorer.rank(&requests, candidates, 2));
     // Each client's own country first: the rankings differ along the batch.

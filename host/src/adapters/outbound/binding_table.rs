@@ -41,11 +41,33 @@ pub struct BindingTable {
 }
 
 impl BindingTable {
-    /// Counts a new binding; past the cap, evicts.
-    fn added(&self, now: Instant) {
-        let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.max > 0 && n > self.max {
-            self.evict(now);
+    /// Binds `key`; with `generation`, only if no `clear` came since. The generation is
+    /// checked under the key's shard lock: `clear` moves it before sweeping, so a put
+    /// either sees the new generation or is swept after it, and no other connection ever
+    /// sees a binding made before the clear.
+    fn store(&self, key: BindingKey, backend: BackendId, now: Instant, generation: Option<u64>) {
+        let binding = Binding {
+            backend,
+            expires: now + self.ttl,
+        };
+        let added = match self.map.entry(key) {
+            _ if generation.is_some_and(|g| g != self.generation.load(Ordering::SeqCst)) => {
+                return;
+            }
+            dashmap::Entry::Occupied(mut e) => {
+                e.insert(binding);
+                false
+            }
+            dashmap::Entry::Vacant(e) => {
+                e.insert(binding);
+                true
+            }
+        };
+        if added {
+            let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+            if self.max > 0 && n > self.max {
+                self.evict(now);
+            }
         }
     }
 
@@ -123,18 +145,9 @@ impl BindingRepository for BindingTable {
     }
 
     fn put(&self, key: BindingKey, backend: BackendId, now: Instant) {
-        let binding = Binding {
-            backend,
-            expires: now + self.ttl,
-        };
-        if self.map.insert(key, binding).is_none() {
-            self.added(now);
-        }
+        self.store(key, backend, now, None);
     }
 
-    /// The generation is checked under the key's shard lock: `clear` moves it before
-    /// sweeping, so a put either sees the new generation or is swept after it, and no
-    /// other connection ever sees a binding made before the clear.
     fn put_unless_cleared(
         &self,
         key: BindingKey,
@@ -142,24 +155,7 @@ impl BindingRepository for BindingTable {
         now: Instant,
         generation: u64,
     ) {
-        let binding = Binding {
-            backend,
-            expires: now + self.ttl,
-        };
-        let added = match self.map.entry(key) {
-            _ if self.generation.load(Ordering::SeqCst) != generation => return,
-            dashmap::Entry::Occupied(mut e) => {
-                e.insert(binding);
-                false
-            }
-            dashmap::Entry::Vacant(e) => {
-                e.insert(binding);
-                true
-            }
-        };
-        if added {
-            self.added(now);
-        }
+        self.store(key, backend, now, Some(generation));
     }
 
     fn remove(&self, key: &BindingKey) {

@@ -134,28 +134,17 @@ fn udp_thread(
         // One clock read a batch: its queries arrived together, and a query's time is
         // counted from then, its wait behind the batch's earlier ones included.
         let now = Instant::now();
-        // Queries of the common shape wait for the batch's decisions, made together.
-        let mut common = Vec::with_capacity(BATCH);
+        // The admitted queries are answered together: one policy call per app.
+        let mut admitted: Vec<(&[u8], IpAddr)> = Vec::with_capacity(BATCH);
+        let mut peers = Vec::with_capacity(BATCH);
         for (packet, peer) in batch.datagrams() {
             let source = peer.ip().to_canonical();
-            let limited = limiter.is_some_and(|l| l.admit(source, now).is_err());
-            let reply = match limited {
-                false => match wire::Query::parse(packet) {
-                    Some(q) if q.qclass == CLASS_IN => {
-                        common.push((q, packet, peer, source));
-                        continue;
-                    }
-                    Some(q) => finish(
-                        dns,
-                        &q,
-                        packet,
-                        source,
-                        Some(UDP_PLAIN),
-                        now,
-                        Answer::Refused,
-                    ),
-                    None => respond_any(dns, packet, source, Some(UDP_PLAIN), now, None),
-                },
+            let reply = match limiter.is_some_and(|l| l.admit(source, now).is_err()) {
+                false => {
+                    admitted.push((packet, source));
+                    peers.push(peer);
+                    continue;
+                }
                 // Every second refused response goes out truncated and empty.
                 true if slip.fetch_add(1, Relaxed).is_multiple_of(2) => {
                     dns.stats.rate_slipped.fetch_add(1, Relaxed);
@@ -170,14 +159,8 @@ fn udp_thread(
                 replies.push((reply, peer));
             }
         }
-        let questions: Vec<Question<'_>> = common
-            .iter()
-            .map(|(q, _, _, source)| question(q, *source))
-            .collect();
-        let answers = dns.answer_many(&questions);
-        drop(questions);
-        for ((q, packet, peer, source), answer) in common.into_iter().zip(answers) {
-            let reply = finish(dns, &q, packet, source, Some(UDP_PLAIN), now, answer);
+        let answered = respond_all(dns, &admitted, Some(UDP_PLAIN), now);
+        for (reply, peer) in answered.into_iter().zip(peers) {
             if let Some(reply) = reply {
                 replies.push((reply, peer));
             }
@@ -257,19 +240,46 @@ fn respond(
     udp: Option<usize>,
     started: Instant,
 ) -> Option<Vec<u8>> {
-    match wire::Query::parse(packet) {
-        Some(q) => {
-            let answer = match q.qclass {
-                CLASS_IN => {
-                    let asked = question(&q, source);
-                    dns.answer(asked.name, asked.wanted, asked.client)
-                }
-                _ => Answer::Refused,
-            };
-            finish(dns, &q, packet, source, udp, started, answer)
-        }
-        None => respond_any(dns, packet, source, udp, started, None),
-    }
+    respond_all(dns, &[(packet, source)], udp, started)
+        .pop()
+        .flatten()
+}
+
+/// The replies to query packets from their sources, in their order, as [`respond`] gives
+/// each; the common queries' questions are answered together (one policy call per app).
+fn respond_all(
+    dns: &Dns,
+    packets: &[(&[u8], IpAddr)],
+    udp: Option<usize>,
+    started: Instant,
+) -> Vec<Option<Vec<u8>>> {
+    // A class other than IN is for no name of ours: refused without asking.
+    let ours = |q: &wire::Query<'_>| q.qclass == CLASS_IN;
+    let queries: Vec<Option<wire::Query<'_>>> = packets
+        .iter()
+        .map(|(packet, _)| wire::Query::parse(packet))
+        .collect();
+    let questions: Vec<Question<'_>> = queries
+        .iter()
+        .zip(packets)
+        .filter_map(|(q, &(_, source))| Some(question(q.as_ref().filter(|q| ours(q))?, source)))
+        .collect();
+    // In the order of the queries that are ours.
+    let mut answers = dns.answer_many(&questions).into_iter();
+    queries
+        .iter()
+        .zip(packets)
+        .map(|(q, &(packet, source))| match q {
+            Some(q) => {
+                let answer = match ours(q) {
+                    true => answers.next().unwrap_or(Answer::Refused),
+                    false => Answer::Refused,
+                };
+                finish(dns, q, packet, source, udp, started, answer)
+            }
+            None => respond_any(dns, packet, source, udp, started, None),
+        })
+        .collect()
 }
 
 /// A query of the common shape (class IN) as the application asks it.

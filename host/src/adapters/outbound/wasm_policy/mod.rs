@@ -567,13 +567,7 @@ impl WasmPolicy {
                 (rankings, false)
             }
             // A component of the plain `policy` world: one pick at a time.
-            Ok(None) => {
-                let rankings = requests
-                    .iter()
-                    .map(|r| rank_by_picks(self, r, candidates, n))
-                    .collect();
-                (rankings, false)
-            }
+            Ok(None) => (rank_by_picks(self, requests, candidates, n), false),
             // Which client's ranking faulted the call is unknown: each is asked again
             // alone, so the fault is counted, and answered natively, for its own client.
             // One that no client's call shows alone (an answer only a batch gets wrong) is
